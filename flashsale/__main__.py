@@ -1,0 +1,3 @@
+from flashsale.cli import main
+
+raise SystemExit(main())
