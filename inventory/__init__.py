@@ -1,0 +1,64 @@
+"""inventory: atomic stock reservation in Redis for flash sales, embeddable in any
+asyncio service. It never oversells: every change of stock is one Lua script that
+validates first, then writes, and appends the change to the sale's event stream.
+
+    from redis.asyncio import Redis
+    from inventory import Inventory, Line, SoldOut
+
+    inv = Inventory(Redis(), "d11")
+    await inv.stock("phone", 100, reserve=20, limit_per_user=2)
+    hold = await inv.reserve("alice", [Line("phone", 1)], request_id="r-1")
+    await inv.confirm(hold.hold_id, user="alice")
+
+The only dependency is redis-py.
+"""
+
+from ._engine import DEFAULT_HOLD_TTL, Inventory
+from ._errors import (
+    HoldCancelled,
+    HoldClosed,
+    HoldExpired,
+    HoldNotFound,
+    HoldPaid,
+    InsufficientStock,
+    InvalidQuantity,
+    InvalidRequest,
+    InventoryError,
+    LimitExceeded,
+    OutcomeUnknown,
+    Refused,
+    RequestConflict,
+    SkuExists,
+    SoldOut,
+    UnknownSku,
+)
+from ._keys import SaleKeys
+from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, StockState
+
+__all__ = [
+    "DEFAULT_HOLD_TTL",
+    "ExpiryBatch",
+    "Hold",
+    "HoldCancelled",
+    "HoldClosed",
+    "HoldExpired",
+    "HoldNotFound",
+    "HoldPaid",
+    "HoldState",
+    "InsufficientStock",
+    "InvalidQuantity",
+    "InvalidRequest",
+    "Inventory",
+    "InventoryError",
+    "LimitExceeded",
+    "Line",
+    "OutcomeUnknown",
+    "Refused",
+    "RequestConflict",
+    "SaleKeys",
+    "SkuExists",
+    "Snapshot",
+    "SoldOut",
+    "StockState",
+    "UnknownSku",
+]

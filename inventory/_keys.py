@@ -1,0 +1,76 @@
+"""The key layout: every Redis key the engine touches is built here, and nowhere else.
+
+All keys of one sale share the hash tag ``{<prefix>:<sale>}``, so they live in one
+Redis Cluster hash slot and every script (which may touch any of them) runs on one
+shard. The event stream a script appends to is in that slot too.
+
+=================================  ======  =============================================
+key                                type    holds
+=================================  ======  =============================================
+``{fs:<sale>}:stock``              hash    ``<sku>:total|available|held|sold|reserve|
+                                           limit|low`` counters of every SKU of the sale
+``{fs:<sale>}:holds``              hash    hold id -> JSON hold record (user, lines,
+                                           state, deadline, created, request id)
+``{fs:<sale>}:requests``           hash    request id -> JSON {hold id, fingerprint}:
+                                           the idempotency record
+``{fs:<sale>}:users``              hash    ``<user>:<sku>`` -> units held or bought
+``{fs:<sale>}:deadlines``          zset    open hold ids scored by deadline (ms)
+``{fs:<sale>}:events``             stream  one entry per state change, appended by the
+                                           same script that made the change
+=================================  ======  =============================================
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["SaleKeys"]
+
+
+@dataclass(frozen=True, slots=True)
+class SaleKeys:
+    """The Redis keys of one sale (all in one hash slot)."""
+
+    prefix: str
+    sale: str
+
+    @property
+    def tag(self) -> str:
+        return "{" + self.prefix + ":" + self.sale + "}"
+
+    @property
+    def stock(self) -> str:
+        return self.tag + ":stock"
+
+    @property
+    def holds(self) -> str:
+        return self.tag + ":holds"
+
+    @property
+    def requests(self) -> str:
+        return self.tag + ":requests"
+
+    @property
+    def users(self) -> str:
+        return self.tag + ":users"
+
+    @property
+    def deadlines(self) -> str:
+        return self.tag + ":deadlines"
+
+    @property
+    def events(self) -> str:
+        return self.tag + ":events"
+
+    def all(self) -> tuple[str, ...]:
+        """Every key of the sale (for dumps, audits and deleting a finished sale)."""
+        return (self.stock, self.holds, self.requests, self.users, self.deadlines, self.events)
+
+    def for_reserve(self) -> list[str]:
+        return [self.stock, self.holds, self.requests, self.users, self.deadlines, self.events]
+
+    def for_hold_close(self) -> list[str]:
+        return [self.stock, self.holds, self.users, self.deadlines, self.events]
+
+    def for_stock_change(self) -> list[str]:
+        return [self.stock, self.events]

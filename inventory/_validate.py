@@ -1,0 +1,80 @@
+"""Input checks done before anything is sent to Redis (the scripts check again)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from ._errors import InvalidQuantity, InvalidRequest
+from ._types import Line
+
+MAX_LINES = 20
+MAX_QTY = 10_000
+MAX_UNITS = 1_000_000_000
+MAX_TTL_MS = 7 * 24 * 3600 * 1000
+
+_SALE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+_SKU = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def sale_id(value: object) -> str:
+    if not isinstance(value, str) or not _SALE.fullmatch(value):
+        raise InvalidRequest(
+            "a sale id is 1-32 characters of a-z, 0-9 and '-', starting with a letter or digit",
+            field="sale",
+        )
+    return value
+
+
+def sku(value: object) -> str:
+    if not isinstance(value, str) or not _SKU.fullmatch(value):
+        raise InvalidRequest(
+            "a SKU is 1-64 ASCII characters of A-Z, a-z, 0-9, '_' and '-'", field="sku"
+        )
+    return value
+
+
+def ident(value: object, field: str) -> str:
+    """A user, request or hold id: 1-64 ASCII characters."""
+    if not isinstance(value, str) or not _ID.fullmatch(value):
+        raise InvalidRequest(
+            f"{field} must be 1-64 ASCII characters of A-Z, a-z, 0-9, '_', '.', '@' and '-'",
+            field=field,
+        )
+    return value
+
+
+def quantity(value: object, *, field: str = "qty", low: int = 1, high: int = MAX_QTY) -> int:
+    if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
+        raise InvalidQuantity(f"{field} must be a whole number from {low} to {high}", field=field)
+    return int(value)  # type: ignore[call-overload,no-any-return]
+
+
+def lines(value: Iterable[Line | tuple[str, int]] | Line | str) -> tuple[Line, ...]:
+    """A cart: 1-20 lines, one per SKU, sorted so the same cart has one fingerprint."""
+    if isinstance(value, str):
+        value = [Line(value, 1)]
+    elif isinstance(value, Line):
+        value = [value]
+    out: list[Line] = []
+    for item in value:
+        line = item if isinstance(item, Line) else Line(*item)
+        out.append(Line(sku(line.sku), quantity(line.qty)))
+    if not out:
+        raise InvalidRequest("a cart needs at least one line", field="lines")
+    if len(out) > MAX_LINES:
+        raise InvalidRequest(f"a cart has at most {MAX_LINES} lines", field="lines")
+    if len({line.sku for line in out}) != len(out):
+        raise InvalidRequest("each SKU may appear on one line only", field="lines")
+    return tuple(sorted(out, key=lambda line: line.sku))
+
+
+def ttl_ms(value: object) -> int:
+    if not _is_int(value) or not 1 <= value <= MAX_TTL_MS:  # type: ignore[operator]
+        raise InvalidRequest(f"hold TTL must be 1 ms to {MAX_TTL_MS} ms", field="hold_ttl")
+    return int(value)  # type: ignore[call-overload,no-any-return]

@@ -1,0 +1,34 @@
+--[[
+adjust: change a SKU's stock on sale — restock (delta > 0) or write off units
+(delta < 0, e.g. damaged). total and available move together in this one script, so
+conservation (available + held + sold + reserve == total) holds at every instant.
+Units already held or sold are never taken back: a negative delta larger than what is
+available is refused (INSUFFICIENT_STOCK) and changes nothing.
+
+KEYS[1] stock   KEYS[2] events
+ARGV[1] sku  ARGV[2] delta (non-zero integer)
+
+Returns {OK, total, available, held, sold, reserve} | {UNKNOWN_SKU, sku}
+     | {INSUFFICIENT_STOCK, sku, available} | {INVALID, reason}
+]]
+-- @include codes
+-- @include clock
+-- @include stock_fields
+
+local stock_key, events_key = KEYS[1], KEYS[2]
+local sku, delta = ARGV[1], tonumber(ARGV[2])
+if delta == nil or delta == 0 or delta ~= math.floor(delta) then
+  return {INVALID, 'bad_delta'}
+end
+if not stock_exists(stock_key, sku) then return {UNKNOWN_SKU, sku} end
+local available = stock_get(stock_key, sku, 'available')
+if available + delta < 0 then return {INSUFFICIENT_STOCK, sku, available} end
+
+stock_incr(stock_key, sku, 'total', delta)
+stock_incr(stock_key, sku, 'available', delta)
+local event_type = 'restocked'
+if delta < 0 then event_type = 'written_off' end
+redis.call('XADD', events_key, '*', 'type', event_type, 'sku', sku, 'delta', delta,
+  'at', tostring(now_ms()))
+local row = stock_row(stock_key, sku)
+return {OK, row[1], row[2], row[3], row[4], row[5]}

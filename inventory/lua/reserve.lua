@@ -1,0 +1,119 @@
+--[[
+reserve: hold stock for a batch of reservation requests, each all-or-nothing.
+
+Many concurrent callers' requests are coalesced into one call (inventory/_batching.py);
+each request is decided on its own, in order, against the stock the previous ones left.
+For each request: validate every line first, then write; nothing is written for a
+refused request.
+
+Idempotency lives here, not in the client: the first outcome of a request id that made
+a hold is stored in the requests hash, so a retry — or a command the client library
+re-sent after a timeout — returns that hold and never makes a second one. A request id
+reused with another user or other lines is refused (REQUEST_CONFLICT). Refusals are not
+stored: they changed nothing, so a retry is decided afresh.
+
+KEYS[1] stock      hash  "<sku>:total|available|held|sold|reserve|limit|low"
+KEYS[2] holds      hash  hold id -> JSON hold record
+KEYS[3] requests   hash  request id -> JSON {h = hold id, f = fingerprint}
+KEYS[4] users      hash  "<user>:<sku>" -> units held or bought (per-user limit)
+KEYS[5] deadlines  zset  hold id scored by its deadline (ms)
+KEYS[6] events     stream, one "reserved" entry per hold made
+
+ARGV[1]   number of requests N
+then N groups: request_id, hold_id, user, ttl_ms, n_lines, sku_1, qty_1, ..., sku_n, qty_n
+
+Returns one array per request:
+  {OK, hold_id, deadline_ms, 'held', created_ms}
+  {REPLAYED, hold_id, deadline_ms, state, created_ms}   same request id seen before
+  {SOLD_OUT, sku, available}
+  {LIMIT_EXCEEDED, sku, limit, already_counted}
+  {UNKNOWN_SKU, sku}
+  {INVALID, reason}
+  {REQUEST_CONFLICT, hold_id}
+Bounded: at most 1000 requests of at most 20 lines per call (checked by the caller).
+]]
+-- @include codes
+-- @include clock
+-- @include stock_fields
+
+local stock_key, holds_key, requests_key, users_key, deadlines_key, events_key =
+  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local now = now_ms()
+local n = tonumber(ARGV[1])
+local results = {}
+local pos = 2
+
+local function decide(request_id, hold_id, user, ttl, lines)
+  if ttl == nil or ttl < 1 or #lines == 0 then
+    return {INVALID, 'bad_request'}
+  end
+  local fingerprint = user
+  for i, line in ipairs(lines) do
+    if line[2] == nil or line[2] < 1 or line[2] ~= math.floor(line[2]) then
+      return {INVALID, 'invalid_quantity'}
+    end
+    for j = 1, i - 1 do
+      if lines[j][1] == line[1] then return {INVALID, 'duplicate_line'} end
+    end
+    fingerprint = fingerprint .. '|' .. line[1] .. ':' .. line[2]
+  end
+
+  local seen = redis.call('HGET', requests_key, request_id)
+  if seen then
+    local first = cjson.decode(seen)
+    if first.f ~= fingerprint then return {REQUEST_CONFLICT, first.h} end
+    local hold = cjson.decode(redis.call('HGET', holds_key, first.h))
+    return {REPLAYED, first.h, hold.d, hold.s, hold.c}
+  end
+  if redis.call('HEXISTS', holds_key, hold_id) == 1 then
+    return {INVALID, 'hold_id_taken'}
+  end
+
+  -- Validate every line before the first write.
+  for _, line in ipairs(lines) do
+    local sku, qty = line[1], line[2]
+    if not stock_exists(stock_key, sku) then return {UNKNOWN_SKU, sku} end
+    local available = stock_get(stock_key, sku, 'available')
+    if available < qty then return {SOLD_OUT, sku, available} end
+    local limit = stock_get(stock_key, sku, 'limit')
+    if limit > 0 then
+      local counted = tonumber(redis.call('HGET', users_key, user .. ':' .. sku) or '0')
+      if counted + qty > limit then return {LIMIT_EXCEEDED, sku, limit, counted} end
+    end
+  end
+
+  -- Write.
+  local parts, record_lines = {}, {}
+  for _, line in ipairs(lines) do
+    local sku, qty = line[1], line[2]
+    stock_incr(stock_key, sku, 'available', -qty)
+    stock_incr(stock_key, sku, 'held', qty)
+    redis.call('HINCRBY', users_key, user .. ':' .. sku, qty)
+    parts[#parts + 1] = sku .. ':' .. qty
+    record_lines[#record_lines + 1] = {sku, qty}
+  end
+  local deadline = now + ttl
+  redis.call('HSET', holds_key, hold_id, cjson.encode({
+    u = user, l = record_lines, s = 'held', d = tostring(deadline), c = tostring(now),
+    r = request_id}))
+  redis.call('HSET', requests_key, request_id, cjson.encode({h = hold_id, f = fingerprint}))
+  redis.call('ZADD', deadlines_key, deadline, hold_id)
+  redis.call('XADD', events_key, '*', 'type', 'reserved', 'order', hold_id, 'user', user,
+    'lines', table.concat(parts, ','), 'request', request_id, 'deadline', tostring(deadline),
+    'at', tostring(now))
+  return {OK, hold_id, tostring(deadline), 'held', tostring(now)}
+end
+
+for _ = 1, n do
+  local request_id, hold_id, user = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
+  local ttl = tonumber(ARGV[pos + 3])
+  local n_lines = tonumber(ARGV[pos + 4]) or 0
+  pos = pos + 5
+  local lines = {}
+  for i = 1, n_lines do
+    lines[i] = {ARGV[pos], tonumber(ARGV[pos + 1])}
+    pos = pos + 2
+  end
+  results[#results + 1] = decide(request_id, hold_id, user, ttl, lines)
+end
+return results
