@@ -1,0 +1,167 @@
+"""What the service counts, and how it is read: Prometheus exposition at ``/metrics``
+and the live numbers behind ``/api/admin/stats`` (progress lines, the war room).
+
+Request counters and latency histograms live in each process (prometheus-client; in
+multi-process mode they are merged through ``PROMETHEUS_MULTIPROC_DIR``). Numbers that
+belong to the whole deployment — stock per SKU, holds pending, stream backlog, the
+order writer's progress — are read from Redis at scrape time, so every process reports
+the same truth.
+
+Each process also publishes its outcome counters and recent latency percentiles to
+Redis once a second (``<prefix>:stats:proc:<pid>``, expiring), so ``/api/admin/stats``
+can add up all processes whichever one answers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+__all__ = ["OUTCOMES", "ServiceMetrics", "stream_backlog"]
+
+#: Outcomes of POST /api/orders, as counted everywhere (metrics, stats, the war room).
+OUTCOMES = (
+    "created",
+    "replayed",
+    "sold_out",
+    "limit_exceeded",
+    "rate_limited",
+    "not_open",
+    "invalid",
+    "shed",
+    "unknown",
+    "fenced",
+)
+
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+)
+
+
+class _SaleGauges(Collector):
+    """Deployment-wide gauges, filled just before each scrape."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, list[str], float]] = []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        families: dict[str, GaugeMetricFamily] = {}
+        for name, doc, labels, value in self.rows:
+            label_names = _LABELS[name]
+            family = families.get(name)
+            if family is None:
+                family = families[name] = GaugeMetricFamily(name, doc, labels=label_names)
+            family.add_metric(labels, value)
+        yield from families.values()
+
+
+_LABELS = {
+    "flashsale_stock_units": ["sale", "sku", "state"],
+    "flashsale_holds_pending": ["sale"],
+    "flashsale_stream_backlog": ["sale"],
+    "flashsale_writer_rows_total": [],
+    "flashsale_dead_letters_total": [],
+}
+
+
+async def stream_backlog(redis: Any, stream: str, group: str = "writers") -> int:
+    """Entries the order writer has not committed yet: its consumer group's lag plus
+    pending entries (Redis >= 7). On Redis 6.2, which reports no lag, the stream length
+    — an upper bound, exact when the writer trims up to what it committed."""
+    try:
+        groups = await redis.xinfo_groups(stream)
+    except Exception:  # no stream or no group yet
+        return int(await redis.xlen(stream))
+    for info in groups:
+        name = info.get("name")
+        if (name.decode() if isinstance(name, bytes) else name) != group:
+            continue
+        lag = info.get("lag")
+        if lag is not None:
+            return int(lag) + int(info.get("pending", 0))
+        return int(await redis.xlen(stream))
+    return int(await redis.xlen(stream))
+
+
+class ServiceMetrics:
+    """One per process."""
+
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = CollectorRegistry()
+        self.orders = Counter(
+            "flashsale_orders", "POST /api/orders answers by outcome", ["outcome"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "flashsale_request_seconds",
+            "time to answer, by route",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.gauges = _SaleGauges()
+        self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self._recent: list[float] = []  # order latencies since the last publish
+
+    def count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        self.orders.labels(outcome).inc()
+
+    def observe(self, route: str, seconds: float) -> None:
+        self.latency.labels(route).observe(seconds)
+        if route == "orders" and len(self._recent) < 50_000:
+            self._recent.append(seconds)
+
+    def exposition(self) -> bytes:
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            registry.register(self.gauges)
+            return generate_latest(registry)
+        if self.gauges not in getattr(self.registry, "_collector_to_names", {}):
+            self.registry.register(self.gauges)
+        return generate_latest(self.registry)
+
+    def take_percentiles(self) -> dict[str, float | int]:
+        samples = sorted(self._recent)
+        self._recent = []
+        if not samples:
+            return {"n": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+
+        def pct(q: float) -> float:
+            return round(samples[min(len(samples) - 1, int(q * len(samples)))] * 1000, 3)
+
+        return {"n": len(samples), "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(samples[-1] * 1000, 3)}
+
+    async def publish_forever(self, redis: Any, prefix: str, in_flight: Any, interval_s: float = 1.0) -> None:
+        """Publish this process's numbers to Redis once a second (until cancelled)."""
+        key = f"{prefix}:stats:proc:{os.getpid()}"
+        while True:
+            await asyncio.sleep(interval_s)
+            payload = {
+                "at": time.time(),
+                "counts": self.counts,
+                "latency": self.take_percentiles(),
+                "in_flight": in_flight.current,
+            }
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    pipe.set(key, json.dumps(payload), ex=max(3, int(interval_s * 5)))
+                    pipe.sadd(f"{prefix}:stats:procs", key)
+                    await pipe.execute()
+            except Exception:  # stats are best effort; never take the process down
+                continue

@@ -1,0 +1,54 @@
+"""What one service process holds: clients, caches and counters, reachable from every
+handler through one typed application key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+import inventory
+
+from .admission import InFlight, RateLimiter, SoldOutCache
+from .metrics import ServiceMetrics
+from .sales import SaleBook
+from .settings import Settings
+
+__all__ = ["ServiceState", "STATE"]
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    redis: Any
+    sales: SaleBook
+    metrics: ServiceMetrics
+    rate: RateLimiter
+    in_flight: InFlight
+    sold_out: SoldOutCache
+    pg: Any = None  # asyncpg pool, when a database is configured
+    _inventories: dict[str, inventory.Inventory] = field(default_factory=dict)
+    _sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+
+    def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> inventory.Inventory:
+        """The engine for one sale (one per sale per process, so reservations coalesce)."""
+        inv = self._inventories.get(sale)
+        if inv is None:
+            inv = self._inventories[sale] = inventory.Inventory(
+                self.redis, sale, prefix=self.settings.key_prefix
+            )
+        if hold_ttl_ms is not None and inv.hold_ttl_ms != hold_ttl_ms:
+            inv.hold_ttl_ms = hold_ttl_ms
+        return inv
+
+    def probe_inventory(self) -> inventory.Inventory:
+        """Any engine instance, for probes that only need the scripts."""
+        return next(iter(self._inventories.values()), None) or self.inventory("probe")
+
+    async def aclose(self) -> None:
+        for inv in self._inventories.values():
+            await inv.aclose()
+
+
+STATE = web.AppKey("flashsale_state", ServiceState)
