@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from collections.abc import Iterable
 from datetime import timedelta
@@ -33,7 +34,8 @@ def _text(value: Any) -> str:
 
 def _ttl_ms(value: float | timedelta) -> int:
     seconds = value.total_seconds() if isinstance(value, timedelta) else value
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+    # round() raises ValueError/OverflowError on nan and inf: refuse them as bad input.
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
         raise InvalidRequest("hold TTL must be a number of seconds or a timedelta", field="hold_ttl")
     return check.ttl_ms(round(seconds * 1000))
 
@@ -56,8 +58,8 @@ class Inventory:
         coalesce: bool = True,
         max_batch: int = 256,
     ) -> None:
-        if not 1 <= max_batch <= 1000:
-            raise ValueError("max_batch must be 1..1000")
+        if not 1 <= max_batch <= check.MAX_BATCH:
+            raise ValueError(f"max_batch must be 1..{check.MAX_BATCH}")
         self.redis = redis
         self.sale = check.sale_id(sale)
         self.keys = SaleKeys(prefix, self.sale)
@@ -84,7 +86,7 @@ class Inventory:
         reserve = check.quantity(reserve, field="reserve", low=0, high=total)
         limit_per_user = check.quantity(limit_per_user, field="limit_per_user", low=0, high=check.MAX_UNITS)
         low_stock_line = check.quantity(low_stock_line, field="low_stock_line", low=0, high=check.MAX_UNITS)
-        reply = await self._mutate("stock", self._stock_keys, [sku, total, reserve, limit_per_user, low_stock_line], sku)
+        reply = await self._stock_change("stock", [sku, total, reserve, limit_per_user, low_stock_line], sku)
         return await self._row_snapshot(sku, reply)
 
     async def restock(self, sku: str, units: int) -> Snapshot:
@@ -96,14 +98,14 @@ class Inventory:
         sku = check.sku(sku)
         if not isinstance(delta, int) or isinstance(delta, bool) or delta == 0 or abs(delta) > check.MAX_UNITS:
             raise InvalidRequest("delta must be a non-zero whole number", field="delta")
-        reply = await self._mutate("adjust", self._stock_keys, [sku, delta], sku)
+        reply = await self._stock_change("adjust", [sku, delta], sku)
         return await self._row_snapshot(sku, reply)
 
     async def release_reserve(self, sku: str, units: int | None = None) -> Snapshot:
         """Move ``units`` (default: the whole pool) from the reserve pool into sale."""
         sku = check.sku(sku)
         n = 0 if units is None else check.quantity(units, field="units", high=check.MAX_UNITS)
-        reply = await self._mutate("release_reserve", self._stock_keys, [sku, n], sku)
+        reply = await self._stock_change("release_reserve", [sku, n], sku)
         return await self._row_snapshot(sku, reply)
 
     # ------------------------------------------------------------- reservations
@@ -121,9 +123,7 @@ class Inventory:
         Raises a :class:`Refused` (sold out, over the limit), an :class:`InvalidRequest`,
         or :class:`OutcomeUnknown` when Redis did not answer: retry with the same id.
         """
-        user = check.ident(user, "user")
-        request_id = check.ident(request_id, "request_id")
-        cart = check.lines(lines)
+        cart = self.check_reserve(user, lines, request_id)
         ttl = self.hold_ttl_ms if hold_ttl is None else _ttl_ms(hold_ttl)
         hold_id = f"{self.sale}.{secrets.token_hex(12)}"
         group: list[Any] = [request_id, hold_id, user, ttl, len(cart)]
@@ -154,6 +154,17 @@ class Inventory:
             replayed=code == REPLAYED,
         )
 
+    @staticmethod
+    def check_reserve(
+        user: str, lines: str | Line | Iterable[Line | tuple[str, int]], request_id: str
+    ) -> tuple[Line, ...]:
+        """Validate a reservation without sending it: the cart, normalised (sorted by SKU),
+        or :class:`InvalidRequest`. :meth:`reserve` does this too; a service calls it
+        first to refuse bad input before any cheaper shortcut answers."""
+        check.ident(user, "user")
+        check.ident(request_id, "request_id")
+        return check.lines(lines)
+
     async def _reserve_call(self, argv: list[Any]) -> list[Any]:
         result: list[Any] = await self._scripts["reserve"](keys=self._reserve_keys, args=argv)
         return result
@@ -181,7 +192,7 @@ class Inventory:
 
     async def expire_due(self, *, limit: int = 100) -> ExpiryBatch:
         """The sweeper: lapse up to ``limit`` holds whose deadline has passed."""
-        limit = check.quantity(limit, field="limit", high=1000)
+        limit = check.quantity(limit, field="limit", high=check.MAX_BATCH)
         reply = await self._mutate("expire", self._close_keys, [limit], "")
         return ExpiryBatch(expired=tuple(_text(h) for h in reply[2:]), more=bool(int(reply[1])))
 
@@ -240,17 +251,36 @@ class Inventory:
             raise InvalidRequest(f"hold {hold_id!r} is not from sale {self.sale!r}", field="hold_id")
         return hold_id
 
-    async def _mutate(self, script: str, keys: list[str], args: list[Any], subject: str) -> list[Any]:
+    async def _mutate(
+        self,
+        script: str,
+        keys: list[str],
+        args: list[Any],
+        subject: str,
+        *,
+        retry_advice: str = "It is safe to retry.",
+    ) -> list[Any]:
         try:
             reply: list[Any] = await self._scripts[script](keys=keys, args=args)
         except _UNCERTAIN as exc:
             raise OutcomeUnknown(
-                f"Redis did not answer in time; {script} may or may not have happened. "
-                "It is safe to retry.",
+                f"Redis did not answer in time; {script} may or may not have happened. {retry_advice}",
             ) from exc
-        if int(reply[0]) != OK:
+        if int(reply[0]) not in (OK, REPLAYED):
             raise error_for(reply, subject=subject)
         return reply
+
+    async def _stock_change(self, script: str, args: list[Any], sku: str) -> list[Any]:
+        # A fresh operation id per call: redis-py re-sends a command that timed out, and
+        # the script records the id, so a re-sent restock is not applied twice. A retry
+        # by the caller is a new operation, hence the advice to look before retrying.
+        return await self._mutate(
+            script,
+            self._stock_keys,
+            [*args, secrets.token_hex(12)],
+            sku,
+            retry_advice=f"Check snapshot({sku!r}) before retrying: a retry is a new change.",
+        )
 
     async def _row_snapshot(self, sku: str, reply: list[Any]) -> Snapshot:
         snap = await self.snapshot(sku)

@@ -12,7 +12,8 @@ key                                type    holds
 ``{fs:<sale>}:holds``              hash    hold id -> JSON hold record (user, lines,
                                            state, deadline, created, request id)
 ``{fs:<sale>}:requests``           hash    request id -> JSON {hold id, fingerprint}:
-                                           the idempotency record
+                                           the idempotency record; ``op:<id>`` -> what a
+                                           stock change did (so a re-sent one is a no-op)
 ``{fs:<sale>}:users``              hash    ``<user>:<sku>`` -> units held or bought
 ``{fs:<sale>}:deadlines``          zset    open hold ids scored by deadline (ms)
 ``{fs:<sale>}:events``             stream  one entry per state change, appended by the
@@ -73,4 +74,4 @@ class SaleKeys:
         return [self.stock, self.holds, self.users, self.deadlines, self.events]
 
     def for_stock_change(self) -> list[str]:
-        return [self.stock, self.events]
+        return [self.stock, self.events, self.requests]

@@ -8,10 +8,12 @@ from collections.abc import Iterable
 from ._errors import InvalidQuantity, InvalidRequest
 from ._types import Line
 
+# The same bounds are in lua/includes/counts.lua (tests check the two agree).
 MAX_LINES = 20
 MAX_QTY = 10_000
 MAX_UNITS = 1_000_000_000
 MAX_TTL_MS = 7 * 24 * 3600 * 1000
+MAX_BATCH = 1000
 
 _SALE = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 _SKU = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")

@@ -6,17 +6,19 @@ while "more" is 1.
 KEYS[1] stock  KEYS[2] holds  KEYS[3] users  KEYS[4] deadlines  KEYS[5] events
 ARGV[1] batch limit (1..1000)
 
-Returns {OK, more (0|1), hold_id...} listing the holds this call expired.
+Returns {OK, more (0|1), hold_id...} listing the holds this call expired
+     | {INVALID, 'bad_limit'}
 ]]
 -- @include codes
 -- @include clock
+-- @include counts
 -- @include stock_fields
 -- @include hold_close
 
 local keys = {stock = KEYS[1], holds = KEYS[2], users = KEYS[3], deadlines = KEYS[4],
   events = KEYS[5]}
-local limit = tonumber(ARGV[1])
-if limit == nil or limit < 1 or limit > 1000 then return {INVALID, 'bad_limit'} end
+local limit = whole(ARGV[1], 1, 1000)
+if limit == nil then return {INVALID, 'bad_limit'} end
 local now = now_ms()
 local due = redis.call('ZRANGEBYSCORE', keys.deadlines, '-inf', now, 'LIMIT', 0, limit)
 local expired = {OK, 0}

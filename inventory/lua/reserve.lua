@@ -30,28 +30,24 @@ Returns one array per request:
   {UNKNOWN_SKU, sku}
   {INVALID, reason}
   {REQUEST_CONFLICT, hold_id}
-Bounded: at most 1000 requests of at most 20 lines per call (checked by the caller).
+A malformed batch (count, line counts or ids that do not match ARGV) writes nothing and
+returns the single result {{INVALID, 'bad_batch'}}.
+Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per call.
 ]]
 -- @include codes
 -- @include clock
+-- @include counts
 -- @include stock_fields
 
 local stock_key, holds_key, requests_key, users_key, deadlines_key, events_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local now = now_ms()
-local n = tonumber(ARGV[1])
-local results = {}
-local pos = 2
 
 local function decide(request_id, hold_id, user, ttl, lines)
-  if ttl == nil or ttl < 1 or #lines == 0 then
-    return {INVALID, 'bad_request'}
-  end
+  if ttl == nil then return {INVALID, 'bad_ttl'} end
   local fingerprint = user
   for i, line in ipairs(lines) do
-    if line[2] == nil or line[2] < 1 or line[2] ~= math.floor(line[2]) then
-      return {INVALID, 'invalid_quantity'}
-    end
+    if line[2] == nil then return {INVALID, 'invalid_quantity'} end
     for j = 1, i - 1 do
       if lines[j][1] == line[1] then return {INVALID, 'duplicate_line'} end
     end
@@ -104,16 +100,30 @@ local function decide(request_id, hold_id, user, ttl, lines)
   return {OK, hold_id, tostring(deadline), 'held', tostring(now)}
 end
 
-for _ = 1, n do
+-- Parse the whole batch before deciding any request: a runtime error after one request
+-- wrote its hold would leave that hold in place while every caller is told "error".
+local requests = {}
+local n = whole(ARGV[1], 1, MAX_BATCH)
+local pos = 2
+for r = 1, n or 0 do
   local request_id, hold_id, user = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
-  local ttl = tonumber(ARGV[pos + 3])
-  local n_lines = tonumber(ARGV[pos + 4]) or 0
-  pos = pos + 5
+  local n_lines = whole(ARGV[pos + 4], 1, MAX_LINES)
+  if n_lines == nil or request_id == nil or request_id == '' or hold_id == nil
+      or hold_id == '' or user == nil or user == '' then
+    n = nil
+    break
+  end
   local lines = {}
   for i = 1, n_lines do
-    lines[i] = {ARGV[pos], tonumber(ARGV[pos + 1])}
-    pos = pos + 2
+    lines[i] = {ARGV[pos + 3 + 2 * i], whole(ARGV[pos + 4 + 2 * i], 1, MAX_QTY)}
   end
-  results[#results + 1] = decide(request_id, hold_id, user, ttl, lines)
+  requests[r] = {request_id, hold_id, user, whole(ARGV[pos + 3], 1, MAX_TTL_MS), lines}
+  pos = pos + 5 + 2 * n_lines
+end
+if n == nil or pos - 1 ~= #ARGV then return {{INVALID, 'bad_batch'}} end
+
+local results = {}
+for r, req in ipairs(requests) do
+  results[r] = decide(req[1], req[2], req[3], req[4], req[5])
 end
 return results

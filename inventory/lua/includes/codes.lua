@@ -1,4 +1,4 @@
--- Shared: result codes. inventory/_codes.py holds the same table and is the one
+-- Shared: result codes. inventory/_errors.py holds the same table and is the one
 -- place that maps them to exceptions; tests check the two agree.
 local OK = 0
 local REPLAYED = 1
