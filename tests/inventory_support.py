@@ -1,0 +1,264 @@
+"""What the inventory tests share: a fresh sale per test, a byte-exact dump of a sale's
+keys, the events stream as dicts, an audit of a sale's invariants read straight from
+Redis, and the worker functions that spawned processes run (they must live in an
+importable module, not in a test file)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from inventory import (
+    HoldCancelled,
+    HoldExpired,
+    HoldPaid,
+    Inventory,
+    OutcomeUnknown,
+    SaleKeys,
+    SoldOut,
+)
+
+CLOSING_EVENTS = {"paid": "confirmed", "cancelled": "released", "expired": "expired"}
+HOLD_EVENTS = {"reserved", *CLOSING_EVENTS.values()}
+
+
+def new_sale_id(tag: str) -> str:
+    """A sale id no other test uses (tests share one Redis)."""
+    return f"{tag}-{uuid.uuid4().hex[:12]}"
+
+
+@asynccontextmanager
+async def connect(redis_url: str, *, max_connections: int | None = None) -> AsyncIterator[Redis]:
+    """A client of our own; with ``max_connections`` callers wait for a free connection
+    instead of opening thousands of sockets when thousands of tasks call at once."""
+    if max_connections is None:
+        client = Redis.from_url(redis_url)
+    else:
+        client = Redis.from_pool(
+            BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=60)
+        )
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@asynccontextmanager
+async def open_sale(redis_url: str, tag: str, **options: Any) -> AsyncIterator[Inventory]:
+    """An Inventory on a new sale and its own client; the sale's keys are deleted after."""
+    async with connect(redis_url, max_connections=options.pop("max_connections", None)) as client:
+        inv = Inventory(client, new_sale_id(tag), **options)
+        try:
+            yield inv
+        finally:
+            await inv.aclose()
+            await drop_sale(client, inv.keys)
+
+
+async def drop_sale(client: Redis, keys: SaleKeys) -> None:
+    await client.delete(*keys.all())
+
+
+def _glob_escape(text: str) -> str:
+    return "".join("\\" + c if c in "*?[]\\" else c for c in text)
+
+
+async def dump_sale(client: Redis, keys: SaleKeys) -> dict[bytes, tuple[bytes, bytes | None, int]]:
+    """Every key in the sale's hash tag (not only the six the engine knows about): type,
+    DUMP payload (byte-exact, includes a stream's last id) and TTL."""
+    out: dict[bytes, tuple[bytes, bytes | None, int]] = {}
+    async for key in client.scan_iter(match=_glob_escape(keys.tag) + "*", count=1000):
+        out[key] = (await client.type(key), await client.dump(key), await client.pttl(key))
+    return out
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+async def events(client: Redis, keys: SaleKeys) -> list[dict[str, str]]:
+    """The sale's event stream, oldest first, fields decoded."""
+    return [
+        {_text(k): _text(v) for k, v in fields.items()}
+        for _, fields in await client.xrange(keys.events)
+    ]
+
+
+async def hold_records(client: Redis, keys: SaleKeys) -> dict[str, dict[str, Any]]:
+    raw = await client.hgetall(keys.holds)
+    return {_text(k): json.loads(v) for k, v in raw.items()}
+
+
+async def audit_sale(client: Redis, keys: SaleKeys) -> list[str]:
+    """Every invariant of a sale that can be read from Redis; returns the violations.
+
+    Conservation per SKU; the held counter equals the lines of holds in state held; each
+    buyer's count equals the lines of their held and paid holds and stays within the limit;
+    the deadlines zset lists exactly the held holds; the stream has one "reserved" entry
+    per hold and one closing entry per closed hold, of the type of its state.
+    """
+    problems: list[str] = []
+    stock_raw = await client.hgetall(keys.stock)
+    stock: dict[str, dict[str, int]] = {}
+    for field, value in stock_raw.items():
+        sku, _, name = _text(field).rpartition(":")
+        stock.setdefault(sku, {})[name] = int(value)
+    holds = await hold_records(client, keys)
+    held: Counter[str] = Counter()
+    counted: Counter[str] = Counter()
+    for rec in holds.values():
+        for sku, qty in rec["l"]:
+            if rec["s"] == "held":
+                held[sku] += int(qty)
+            if rec["s"] in ("held", "paid"):
+                counted[f"{rec['u']}:{sku}"] += int(qty)
+    for sku, c in stock.items():
+        terms = (c["available"], c["held"], c["sold"], c["reserve"])
+        if any(t < 0 for t in terms) or sum(terms) != c["total"]:
+            problems.append(f"{sku}: not conserved {c}")
+        if c["held"] != held[sku]:
+            problems.append(f"{sku}: held counter {c['held']} != {held[sku]} in held holds")
+    users = {_text(k): int(v) for k, v in (await client.hgetall(keys.users)).items()}
+    if users != {k: v for k, v in counted.items() if v}:
+        problems.append(f"per-user counts {users} != holds say {dict(counted)}")
+    for user_sku, n in users.items():
+        sku = user_sku.rpartition(":")[2]
+        limit = stock.get(sku, {}).get("limit", 0)
+        if limit and n > limit:
+            problems.append(f"{user_sku}: {n} over the limit {limit}")
+    due = {_text(m) for m in await client.zrange(keys.deadlines, 0, -1)}
+    open_holds = {h for h, rec in holds.items() if rec["s"] == "held"}
+    if due != open_holds:
+        problems.append(f"deadlines zset {sorted(due ^ open_holds)} differ from held holds")
+    per_hold: dict[str, list[str]] = {}
+    for event in await events(client, keys):
+        if event["type"] in HOLD_EVENTS:
+            per_hold.setdefault(event["order"], []).append(event["type"])
+    for hold_id, rec in holds.items():
+        want = ["reserved"] + ([CLOSING_EVENTS[rec["s"]]] if rec["s"] != "held" else [])
+        if per_hold.get(hold_id) != want:
+            problems.append(f"hold {hold_id} ({rec['s']}): events {per_hold.get(hold_id)} != {want}")
+    for hold_id in per_hold.keys() - holds.keys():
+        problems.append(f"events for a hold that does not exist: {hold_id}")
+    replayed = await replay_events(client, keys)
+    for sku, c in stock.items():
+        mine = {k: c[k] for k in ("total", "available", "held", "sold", "reserve")}
+        if replayed.get(sku) != mine:
+            problems.append(f"{sku}: replaying the events gives {replayed.get(sku)}, Redis has {mine}")
+    return problems
+
+
+async def replay_events(client: Redis, keys: SaleKeys) -> dict[str, dict[str, int]]:
+    """Every SKU's counters rebuilt from the event stream alone (what the drain into
+    PostgreSQL relies on: the stream tells the whole story)."""
+    counters: dict[str, dict[str, int]] = {}
+
+    def move(sku: str, **deltas: int) -> None:
+        row = counters.setdefault(sku, dict.fromkeys(("total", "available", "held", "sold", "reserve"), 0))
+        for name, delta in deltas.items():
+            row[name] += delta
+
+    for e in await events(client, keys):
+        kind = e["type"]
+        if kind == "stocked":
+            total, reserve = int(e["total"]), int(e["reserve"])
+            move(e["sku"], total=total, available=total - reserve, reserve=reserve)
+        elif kind in ("restocked", "written_off"):
+            move(e["sku"], total=int(e["delta"]), available=int(e["delta"]))
+        elif kind == "reserve_released":
+            move(e["sku"], reserve=-int(e["units"]), available=int(e["units"]))
+        else:
+            for part in e["lines"].split(","):
+                sku, _, qty_text = part.rpartition(":")
+                qty = int(qty_text)
+                if kind == "reserved":
+                    move(sku, available=-qty, held=qty)
+                elif kind == "confirmed":
+                    move(sku, held=-qty, sold=qty)
+                else:  # released, expired
+                    move(sku, held=-qty, available=qty)
+    return counters
+
+
+# ------------------------------------------------------ spawned-process workers
+# Each runs in a fresh interpreter (multiprocessing "spawn") with its own event loop and
+# client, and returns plain data the parent can check.
+
+
+def _wait_until(start_at: float) -> None:
+    delay = start_at - time.time()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def reserve_worker(redis_url: str, sale: str, sku: str, worker: int, tasks: int, start_at: float) -> dict[str, Any]:
+    """``tasks`` concurrent one-unit reservations of ``sku``; returns the holds made and
+    how many were refused as sold out (anything else is an error)."""
+
+    async def run() -> dict[str, Any]:
+        async with connect(redis_url, max_connections=16) as client:
+            inv = Inventory(client, sale, coalesce=worker % 2 == 0)
+
+            async def one(i: int) -> str | None:
+                try:
+                    return (await inv.reserve(f"w{worker}u{i}", sku, request_id=f"w{worker}r{i}")).hold_id
+                except SoldOut:
+                    return None
+
+            _wait_until(start_at)
+            results = await asyncio.gather(*(one(i) for i in range(tasks)))
+            await inv.aclose()
+        return {"holds": [h for h in results if h], "sold_out": results.count(None)}
+
+    return asyncio.run(run())
+
+
+def close_worker(
+    redis_url: str, sale: str, action: str, hold_ids: list[str], start_at: float
+) -> dict[str, str]:
+    """Races the other workers on the same holds: ``action`` is confirm, release or
+    sweep. Returns hold id -> what this worker saw ("paid", "cancelled", "expired",
+    "hold_paid", "hold_cancelled", "hold_expired", "unknown")."""
+
+    async def run() -> dict[str, str]:
+        async with connect(redis_url, max_connections=8) as client:
+            inv = Inventory(client, sale)
+            seen: dict[str, str] = {}
+            _wait_until(start_at)
+            if action == "sweep":
+                deadline = time.monotonic() + 3.0
+                while time.monotonic() < deadline:
+                    batch = await inv.expire_due(limit=50)
+                    for hold_id in batch.expired:
+                        seen[hold_id] = "expired"
+                    if not await client.zcard(inv.keys.deadlines):
+                        break
+                    await asyncio.sleep(0.002)
+                return seen
+            call = inv.confirm if action == "confirm" else inv.release
+
+            async def one(hold_id: str) -> None:
+                try:
+                    seen[hold_id] = (await call(hold_id)).state.value
+                except (HoldPaid, HoldCancelled, HoldExpired) as exc:
+                    seen[hold_id] = exc.code
+                except OutcomeUnknown:
+                    seen[hold_id] = "unknown"
+
+            await asyncio.gather(*(one(h) for h in hold_ids))
+            return seen
+
+    return asyncio.run(run())
+
+
+def unique(items: Iterable[str]) -> bool:
+    items = list(items)
+    return len(items) == len(set(items))
