@@ -287,6 +287,17 @@ class Inventory:
         assert snap is not None
         return snap
 
+    async def load_scripts(self) -> bool:
+        """Make sure Redis has every script cached (after a restart or a failover its
+        cache is empty; calls would still work, reloading on NOSCRIPT, but a readiness
+        probe wants to know). Returns True if all were already loaded."""
+        scripts = list(self._scripts.values())
+        loaded = await self.redis.script_exists(*[s.sha for s in scripts])
+        for script, present in zip(scripts, loaded):
+            if not present:
+                await self.redis.script_load(script.script)
+        return all(loaded)
+
     async def aclose(self) -> None:
         """Wait for reservations already sent. The Redis client stays open (it is yours)."""
         if self._coalescer is not None:
