@@ -1,0 +1,60 @@
+"""Shared fixtures: real Redis and PostgreSQL, embedded unless the environment names servers.
+
+``FLASHSALE_REDIS_URL`` / ``FLASHSALE_DATABASE_URL`` point the whole suite at existing servers
+instead of starting its own (see ``flashsale.embedded.EmbeddedStack``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+from redis.asyncio import Redis
+
+from flashsale.embedded import EmbeddedStack
+
+ALLOW_FLUSH_ENV = "FLASHSALE_TEST_ALLOW_FLUSH"
+
+
+@pytest.fixture(scope="session")
+def embedded_stack() -> Iterator[EmbeddedStack]:
+    with EmbeddedStack() as stack:
+        yield stack
+
+
+@pytest.fixture
+def redis_url(embedded_stack: EmbeddedStack) -> str:
+    return embedded_stack.redis_url
+
+
+@pytest.fixture
+def database_url(embedded_stack: EmbeddedStack) -> str:
+    return embedded_stack.database_url
+
+
+@pytest.fixture
+async def redis_client(embedded_stack: EmbeddedStack) -> AsyncIterator[Redis]:
+    """A client on an empty database, bytes in and out (``decode_responses=False``).
+
+    An embedded server belongs to the suite and is FLUSHALLed before each test. A server named
+    by FLASHSALE_REDIS_URL may hold someone's data: tests refuse to touch it unless
+    FLASHSALE_TEST_ALLOW_FLUSH=1, and then only FLUSHDB the database the URL names, so
+    ``redis://host:6379/15`` keeps the tests away from database 0.
+    """
+    embedded = embedded_stack.redis is not None
+    if not embedded and os.environ.get(ALLOW_FLUSH_ENV) != "1":
+        pytest.fail(
+            f"refusing to flush the Redis at {embedded_stack.redis_url} (from FLASHSALE_REDIS_URL): "
+            f"set {ALLOW_FLUSH_ENV}=1 if its database may be emptied before each test",
+            pytrace=False,
+        )
+    client = Redis.from_url(embedded_stack.redis_url, decode_responses=False)
+    try:
+        if embedded:
+            await client.flushall()
+        else:
+            await client.flushdb()
+        yield client
+    finally:
+        await client.aclose()
