@@ -57,20 +57,30 @@ def quantity(value: object, *, field: str = "qty", low: int = 1, high: int = MAX
     return int(value)  # type: ignore[call-overload,no-any-return]
 
 
+_CART = "a cart is a SKU, a Line, or a list of Line(sku, qty) or (sku, qty) pairs"
+
+
 def lines(value: Iterable[Line | tuple[str, int]] | Line | str) -> tuple[Line, ...]:
     """A cart: 1-20 lines, one per SKU, sorted so the same cart has one fingerprint."""
     if isinstance(value, str):
         value = [Line(value, 1)]
     elif isinstance(value, Line):
         value = [value]
+    elif not isinstance(value, Iterable):
+        raise InvalidRequest(_CART, field="lines")
     out: list[Line] = []
     for item in value:
-        line = item if isinstance(item, Line) else Line(*item)
+        if len(out) == MAX_LINES:  # stop before reading an endless iterable
+            raise InvalidRequest(f"a cart has at most {MAX_LINES} lines", field="lines")
+        if isinstance(item, Line):
+            line = item
+        elif isinstance(item, (tuple, list)) and len(item) == 2:
+            line = Line(item[0], item[1])
+        else:
+            raise InvalidRequest(_CART, field="lines")
         out.append(Line(sku(line.sku), quantity(line.qty)))
     if not out:
         raise InvalidRequest("a cart needs at least one line", field="lines")
-    if len(out) > MAX_LINES:
-        raise InvalidRequest(f"a cart has at most {MAX_LINES} lines", field="lines")
     if len({line.sku for line in out}) != len(out):
         raise InvalidRequest("each SKU may appear on one line only", field="lines")
     return tuple(sorted(out, key=lambda line: line.sku))

@@ -71,12 +71,25 @@ def _glob_escape(text: str) -> str:
     return "".join("\\" + c if c in "*?[]\\" else c for c in text)
 
 
-async def dump_sale(client: Redis, keys: SaleKeys) -> dict[bytes, tuple[bytes, bytes | None, int]]:
-    """Every key in the sale's hash tag (not only the six the engine knows about): type,
-    DUMP payload (byte-exact, includes a stream's last id) and TTL."""
-    out: dict[bytes, tuple[bytes, bytes | None, int]] = {}
+async def dump_sale(client: Redis, keys: SaleKeys) -> dict[bytes, tuple[Any, ...]]:
+    """Every key in the sale's hash tag (not only the six the engine knows about), read by
+    type: type, encoding, TTL and the full content; for the stream also its length, last
+    id and entries-added counter. (DUMP payloads are not stable: a read of a hash that is
+    being rehashed changes its order, not its content.)"""
+    out: dict[bytes, tuple[Any, ...]] = {}
     async for key in client.scan_iter(match=_glob_escape(keys.tag) + "*", count=1000):
-        out[key] = (await client.type(key), await client.dump(key), await client.pttl(key))
+        kind = _text(await client.type(key))
+        head = (kind, await client.object("encoding", key), await client.pttl(key))
+        if kind == "hash":
+            out[key] = (*head, sorted((await client.hgetall(key)).items()))
+        elif kind == "zset":
+            out[key] = (*head, await client.zrange(key, 0, -1, withscores=True))
+        elif kind == "stream":
+            info = await client.xinfo_stream(key)
+            stats = tuple(info.get(name) for name in ("length", "last-generated-id", "radix-tree-keys"))
+            out[key] = (*head, stats, await client.xrange(key))
+        else:
+            out[key] = (*head, await client.dump(key))
     return out
 
 
