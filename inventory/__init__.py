@@ -13,6 +13,7 @@ validates first, then writes, and appends the change to the sale's event stream.
 The only dependency is redis-py.
 """
 
+from ._buckets import BucketedInventory
 from ._engine import DEFAULT_HOLD_TTL, Inventory
 from ._errors import (
     HoldCancelled,
@@ -37,6 +38,7 @@ from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, StockState
 
 __all__ = [
     "DEFAULT_HOLD_TTL",
+    "BucketedInventory",
     "ExpiryBatch",
     "Hold",
     "HoldCancelled",

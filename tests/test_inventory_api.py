@@ -21,6 +21,7 @@ from inventory._scripts import SCRIPT_NAMES, script_source
 
 EXPECTED_EXPORTS = {
     "DEFAULT_HOLD_TTL",
+    "BucketedInventory",
     "ExpiryBatch",
     "Hold",
     "HoldCancelled",
