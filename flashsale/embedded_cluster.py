@@ -83,9 +83,9 @@ class RedisClusterServer:
             for i, client in enumerate(clients):
                 first = i * share
                 last = CLUSTER_SLOTS - 1 if i == self.masters - 1 else first + share - 1
-                client.execute_command("CLUSTER ADDSLOTS", *range(first, last + 1))
+                client.execute_command("CLUSTER ADDSLOTS", *range(first, last + 1))  # type: ignore[no-untyped-call]
             for node in self.nodes[1:]:
-                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)
+                clients[0].execute_command("CLUSTER MEET", "127.0.0.1", node.port)  # type: ignore[no-untyped-call]
             deadline = time.monotonic() + self.start_timeout
             while True:
                 infos = [c.cluster("INFO") for c in clients]
