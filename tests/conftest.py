@@ -58,3 +58,52 @@ async def redis_client(embedded_stack: EmbeddedStack) -> AsyncIterator[Redis]:
         yield client
     finally:
         await client.aclose()
+
+
+# ----------------------------------------------------------------------------------------
+# Order pipeline fixtures (worker, sweeper, migrations, audit) — owned by the pipeline tests.
+# Each test gets its own PostgreSQL schema (named in the URL's search_path, so processes
+# started with FLASHSALE_DATABASE_URL see it too), migrated, and dropped afterwards.
+# ----------------------------------------------------------------------------------------
+import secrets as _pipeline_secrets  # noqa: E402
+
+import asyncpg as _pipeline_asyncpg  # noqa: E402
+
+
+@pytest.fixture
+async def pipeline_db_url(database_url: str) -> AsyncIterator[str]:
+    """A URL whose connections use a fresh, empty schema (not migrated)."""
+    schema = "pipeline_" + _pipeline_secrets.token_hex(6)
+    admin = await _pipeline_asyncpg.connect(database_url)
+    try:
+        await admin.execute(f"CREATE SCHEMA {schema}")
+        yield database_url + ("&" if "?" in database_url else "?") + f"search_path={schema}"
+        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def pipeline_pool(pipeline_db_url: str) -> AsyncIterator[_pipeline_asyncpg.Pool]:
+    """An asyncpg pool on a fresh schema with every migration applied."""
+    from flashsale.migrate import migrate
+    from flashsale.pgpool import close_pool, create_pool
+
+    pool = await create_pool(pipeline_db_url, max_size=4)
+    try:
+        async with pool.acquire() as conn:
+            await migrate(conn)
+        yield pool
+    finally:
+        await close_pool(pool)
+
+
+@pytest.fixture
+async def text_redis(redis_client: Redis, redis_url: str) -> AsyncIterator[Redis]:
+    """Like ``redis_client`` (same emptied database) but replies decoded to str, as the
+    worker uses it."""
+    client = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        yield client
+    finally:
+        await client.aclose()
