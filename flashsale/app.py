@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
@@ -27,10 +28,18 @@ __all__ = ["create_app", "redis_client"]
 log = logging.getLogger("flashsale.service")
 
 
-def redis_client(settings: Settings) -> Redis:
+def redis_client(settings: Settings) -> Redis | RedisCluster:
     """The service's Redis client. At most one re-send on timeout: the scripts are
     idempotent, so a re-send is safe, but each one adds a whole timeout to the worst case
     before the buyer hears "outcome unknown"."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1),
+            max_connections=1024,
+        )
     return Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
@@ -46,7 +55,9 @@ async def _pg_pool(settings: Settings):  # type: ignore[no-untyped-def]
         return None
     import asyncpg
 
-    return await asyncpg.create_pool(settings.database_url, min_size=1, max_size=4, command_timeout=10)
+    # min_size=0: no connection at startup. Orders never wait on PostgreSQL, so a database
+    # that is down must not stop the service from starting; /readyz reports it instead.
+    return await asyncpg.create_pool(settings.database_url, min_size=0, max_size=4, command_timeout=10)
 
 
 def create_app(settings: Settings) -> web.Application:

@@ -39,6 +39,7 @@ class SaleSettings:
     state: str = "scheduled"  # scheduled (opens at T0) | open | closed
     fenced: str = ""  # non-empty: sales refused until `flashsale recover` (the reason)
     epoch: int = 0
+    buckets: int = 1  # > 1: stock split over that many hash slots (inventory.BucketedInventory)
 
     def opens_for(self, member: bool) -> int:
         return self.opens_at_ms - (self.early_access_ms if member else 0)
@@ -59,6 +60,7 @@ class SaleSettings:
             state=f.get("state", "scheduled"),
             fenced=f.get("fenced", ""),
             epoch=int(f.get("epoch", 0)),
+            buckets=int(f.get("buckets", 1)),
         )
 
 
@@ -130,23 +132,27 @@ class SaleBook:
         self._switches = (0.0, {})
         return await self.switches()
 
-    async def create(self, settings: SaleSettings, skus: list[str]) -> None:
-        """Register a sale and claim its SKUs. The caller checked nothing is taken."""
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(
-                self.sale_key(settings.sale),
-                mapping={
-                    "opens_at_ms": settings.opens_at_ms,
-                    "early_access_ms": settings.early_access_ms,
-                    "hold_ttl_ms": settings.hold_ttl_ms,
-                    "state": settings.state,
-                    "fenced": settings.fenced,
-                    "epoch": 0,
-                },
-            )
-            pipe.hset(self.skus_key, mapping={sku: settings.sale for sku in skus})
-            pipe.sadd(self.sales_key, settings.sale)
-            await pipe.execute()
+    async def create(self, settings: SaleSettings, skus: list[str], engine_sales: list[str] | None = None) -> None:
+        """Register a sale and claim its SKUs. The caller checked nothing is taken.
+
+        ``engine_sales`` are the sale ids whose event streams the order writer must drain:
+        the sale itself, or its buckets (``<sale>-b<k>``). The keys live in different hash
+        slots, so they are written one by one (a Redis Cluster refuses a transaction over
+        them); the settings hash goes last, and it is what makes the sale exist."""
+        await self.redis.hset(self.skus_key, mapping={sku: settings.sale for sku in skus})
+        await self.redis.sadd(self.sales_key, settings.sale, *(engine_sales or []))
+        await self.redis.hset(
+            self.sale_key(settings.sale),
+            mapping={
+                "opens_at_ms": settings.opens_at_ms,
+                "early_access_ms": settings.early_access_ms,
+                "hold_ttl_ms": settings.hold_ttl_ms,
+                "state": settings.state,
+                "fenced": settings.fenced,
+                "epoch": 0,
+                "buckets": settings.buckets,
+            },
+        )
         self._sales.pop(settings.sale, None)
 
     async def update(self, sale: str, **fields: Any) -> SaleSettings | None:

@@ -20,6 +20,7 @@ class SettingsError(ValueError):
 #: Every setting: (environment variable, field, meaning). README's table is built from this.
 ENV_DOC: tuple[tuple[str, str, str], ...] = (
     ("FLASHSALE_REDIS_URL", "redis_url", "Redis to use (default: start an embedded one where a command can)"),
+    ("FLASHSALE_REDIS_CLUSTER", "redis_cluster", "1 when FLASHSALE_REDIS_URL names a node of a Redis Cluster"),
     ("FLASHSALE_DATABASE_URL", "database_url", "PostgreSQL to use (default: start an embedded one where a command can)"),
     ("FLASHSALE_HOST", "host", "address the service binds (default 127.0.0.1)"),
     ("FLASHSALE_PORT", "port", "port the service binds (default 8080)"),
@@ -43,6 +44,7 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
 @dataclass(frozen=True, slots=True)
 class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_cluster: bool = False
     database_url: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080

@@ -12,7 +12,7 @@ import inventory
 
 from .admission import InFlight, RateLimiter, SoldOutCache
 from .metrics import ServiceMetrics
-from .sales import SaleBook
+from .sales import SaleBook, SaleSettings
 from .settings import Settings
 
 __all__ = ["ServiceState", "STATE"]
@@ -29,6 +29,7 @@ class ServiceState:
     sold_out: SoldOutCache
     pg: Any = None  # asyncpg pool, when a database is configured
     _inventories: dict[str, inventory.Inventory] = field(default_factory=dict)
+    _bucketed: dict[str, inventory.BucketedInventory] = field(default_factory=dict)
     _sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
 
     def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> inventory.Inventory:
@@ -42,6 +43,19 @@ class ServiceState:
             inv.hold_ttl_ms = hold_ttl_ms
         return inv
 
+    def engine(self, sale: SaleSettings) -> inventory.Inventory | inventory.BucketedInventory:
+        """The engine a sale's orders go through: one Inventory, or its buckets."""
+        if sale.buckets <= 1:
+            return self.inventory(sale.sale, sale.hold_ttl_ms)
+        engine = self._bucketed.get(sale.sale)
+        if engine is None:
+            engine = self._bucketed[sale.sale] = inventory.BucketedInventory(
+                self.redis, sale.sale, sale.buckets, prefix=self.settings.key_prefix
+            )
+        if engine.hold_ttl_ms != sale.hold_ttl_ms:
+            engine.hold_ttl_ms = sale.hold_ttl_ms
+        return engine
+
     def probe_inventory(self) -> inventory.Inventory:
         """Any engine instance, for probes that only need the scripts."""
         return next(iter(self._inventories.values()), None) or self.inventory("probe")
@@ -49,6 +63,8 @@ class ServiceState:
     async def aclose(self) -> None:
         for inv in self._inventories.values():
             await inv.aclose()
+        for engine in self._bucketed.values():
+            await engine.aclose()
 
 
 STATE = web.AppKey("flashsale_state", ServiceState)
