@@ -26,12 +26,18 @@ routes = web.RouteTableDef()
 _SALE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 MAX_SKUS_PER_SALE = 1000
 MAX_TOKENS_PER_CALL = 100_000
+#: 9999-12-31T23:59:59.999Z. Opening times are printed as ISO dates on every sale view;
+#: one outside 1970..9999 made each of them (stats, product pages) fail with a 500.
+MAX_OPENS_AT_MS = 253_402_300_799_999
 
 
 def require_admin(request: web.Request) -> ServiceState:
     state = request.app[STATE]
     token = bearer(request)
-    if not state.settings.admin_token or not hmac.compare_digest(token.encode(), state.settings.admin_token.encode()):
+    # surrogateescape: aiohttp decodes header bytes that are not UTF-8 into surrogates,
+    # which a plain encode() refuses (a 500 for a garbage token).
+    given = token.encode("utf-8", "surrogateescape")
+    if not state.settings.admin_token or not hmac.compare_digest(given, state.settings.admin_token.encode()):
         raise ApiError(401, "unauthorized", "admin endpoints need 'Authorization: Bearer <FLASHSALE_ADMIN_TOKEN>'")
     return state
 
@@ -48,7 +54,7 @@ def _int(body: dict[str, Any], name: str, default: int | None, *, low: int = 0, 
 def _opens_at_ms(value: Any) -> int:
     if value is None:
         return now_ms()
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_OPENS_AT_MS:
         return value
     if isinstance(value, str):
         try:
@@ -58,8 +64,14 @@ def _opens_at_ms(value: Any) -> int:
         else:
             if parsed.tzinfo is None:
                 raise ApiError(422, "invalid_request", "opens_at needs a time zone (e.g. 2026-11-11T00:00:00+08:00)", field="opens_at")
-            return int(parsed.timestamp() * 1000)
-    raise ApiError(422, "invalid_request", "opens_at is an ISO-8601 time with zone or epoch milliseconds", field="opens_at")
+            ms = int(parsed.timestamp() * 1000)
+            if 0 <= ms <= MAX_OPENS_AT_MS:
+                return ms
+    raise ApiError(
+        422, "invalid_request",
+        "opens_at is an ISO-8601 time with zone or epoch milliseconds, from 1970 to 9999",
+        field="opens_at",
+    )
 
 
 async def _sale_or_404(state: ServiceState, sale: str) -> SaleSettings:

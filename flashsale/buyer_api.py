@@ -46,7 +46,7 @@ async def read_json(request: web.Request) -> dict[str, Any]:
         raise ApiError(422, "malformed_json", "the request needs a JSON object body")
     try:
         body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]] nested deep
         raise ApiError(422, "malformed_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, "malformed_json", "the body must be a JSON object")
@@ -269,17 +269,25 @@ async def _archived_order(state: ServiceState, order_id: str) -> inventory.Hold 
 
 @routes.post("/api/orders/{order_id}/pay")
 async def pay_order(request: web.Request) -> web.Response:
-    state = request.app[STATE]
-    buyer = buyer_of(request, state)
-    order_id, sale = await _order_id(request, state)
-    hold = await state.inventory(sale).confirm(order_id, user=buyer.user)
-    return web.json_response({"order_id": hold.hold_id, "status": hold.state.value})
+    return await _close_order(request, pay=True)
 
 
 @routes.post("/api/orders/{order_id}/cancel")
 async def cancel_order(request: web.Request) -> web.Response:
+    return await _close_order(request, pay=False)
+
+
+async def _close_order(request: web.Request, *, pay: bool) -> web.Response:
     state = request.app[STATE]
     buyer = buyer_of(request, state)
     order_id, sale = await _order_id(request, state)
-    hold = await state.inventory(sale).release(order_id, user=buyer.user)
+    inv = state.inventory(sale)
+    try:
+        if pay:
+            hold = await inv.confirm(order_id, user=buyer.user)
+        else:
+            hold = await inv.release(order_id, user=buyer.user)
+    except inventory.InvalidRequest:
+        # Not an order id at all (too long, odd characters): as for GET, no such order.
+        raise ApiError(404, "order_not_found", "no such order") from None
     return web.json_response({"order_id": hold.hold_id, "status": hold.state.value})

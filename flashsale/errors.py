@@ -93,7 +93,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except inventory.InventoryError as exc:
         return _from_inventory(exc)
     except web.HTTPRequestEntityTooLarge as exc:
-        return error_response(413, "body_too_large", f"request body is larger than {exc.max_size} bytes")
+        # aiohttp raises this while reading a body sent without Content-Length (chunked);
+        # the exception does not keep the limit, the request does.
+        return error_response(413, "body_too_large", f"request body is larger than {request.client_max_size} bytes")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 __all__ = ["Buyer", "InvalidToken", "mint", "verify"]
 
 _USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_@-]{0,63}")
+_EXPIRES = re.compile(r"[0-9]{1,12}")
+_SIGNATURE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
 
 class InvalidToken(Exception):
@@ -47,7 +49,14 @@ def verify(secret: str, token: str, *, now: float | None = None) -> Buyer:
     if len(parts) != 4:
         raise InvalidToken("malformed token")
     user, expires, member, signature = parts
-    if not _USER.fullmatch(user) or not expires.isdigit() or member not in ("0", "1"):
+    # ASCII only: hmac.compare_digest raises TypeError on non-ASCII text, and a header
+    # can carry any byte; str.isdigit() also accepts digits int() refuses ("²").
+    if (
+        not _USER.fullmatch(user)
+        or not _EXPIRES.fullmatch(expires)
+        or member not in ("0", "1")
+        or not _SIGNATURE.fullmatch(signature)
+    ):
         raise InvalidToken("malformed token")
     if not hmac.compare_digest(_sign(secret, f"{user}.{expires}.{member}"), signature):
         raise InvalidToken("bad signature")
