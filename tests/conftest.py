@@ -107,3 +107,66 @@ async def text_redis(redis_client: Redis, redis_url: str) -> AsyncIterator[Redis
         yield client
     finally:
         await client.aclose()
+
+
+@pytest.fixture
+def pipeline_sale(text_redis: Redis):  # type: ignore[no-untyped-def]
+    """Factory: ``await pipeline_sale("d11", {"phone": 100}, limit=2)`` stocks a sale,
+    registers it in ``fs:sales`` (where the worker finds it) and returns its Inventory."""
+    from inventory import Inventory
+
+    async def make(sale: str = "d11", stock: dict[str, int] | None = None, *, reserve: int = 0,
+                   limit: int = 0, hold_ttl: float = 1800.0) -> Inventory:  # fmt: skip
+        inv = Inventory(text_redis, sale, hold_ttl=hold_ttl)
+        for sku, units in (stock or {"phone": 100}).items():
+            await inv.stock(sku, units, reserve=reserve, limit_per_user=limit)
+        await text_redis.sadd("fs:sales", sale)
+        return inv
+
+    return make
+
+
+@pytest.fixture
+def writer_running(text_redis: Redis, pipeline_pool, redis_url: str, pipeline_db_url: str):  # type: ignore[no-untyped-def]
+    """Factory: ``async with writer_running(batch=10) as writer:`` runs an OrderWriter (in
+    this event loop) on the test's Redis and schema; it is stopped on exit."""
+    import asyncio
+    import contextlib
+    import dataclasses
+
+    from flashsale.worker import OrderWriter, WorkerSettings
+
+    @contextlib.asynccontextmanager
+    async def running(pool=None, **overrides):  # type: ignore[no-untyped-def]
+        settings = WorkerSettings(redis_url=redis_url, database_url=pipeline_db_url, consumer="w1", block_ms=20,
+                                  linger_ms=0, sales_refresh_s=0.05, progress_interval_s=0)  # fmt: skip
+        settings = dataclasses.replace(settings, **overrides)
+        writer = OrderWriter(text_redis, pool or pipeline_pool, settings)
+        task = asyncio.ensure_future(writer.run())
+        try:
+            yield writer
+        finally:
+            writer.stop()
+            await asyncio.wait_for(task, 30)
+
+    return running
+
+
+async def wait_until_drained(redis: Redis, sales: list[str], timeout: float = 30.0, prefix: str = "fs") -> None:
+    """Wait until every entry of the sales' streams is committed (pipeline tests)."""
+    import asyncio
+    import time
+
+    from flashsale.worker import events_key, stream_drained
+
+    deadline = time.monotonic() + timeout
+    while not all([await stream_drained(redis, events_key(prefix, s)) for s in sales]):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"streams of {sales} not drained within {timeout} s")
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture
+def drained():  # type: ignore[no-untyped-def]
+    """``await drained(redis, ["d11"])``: wait until the writers committed those streams."""
+    return wait_until_drained
