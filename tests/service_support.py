@@ -1,0 +1,248 @@
+"""What the order-service tests share: a factory that runs the real app (``create_app``)
+behind aiohttp's ``TestServer`` against the suite's Redis, buyer and admin credentials, a
+sale-creating shortcut, and a byte-exact dump of every Redis key for "bad input changes
+nothing" comparisons.
+
+Test modules import the fixtures they use from here (``from service_support import
+start_service``); pytest finds a fixture wherever the test module's namespace has it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import pytest
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from flashsale.app import create_app
+from inventory import SaleKeys
+from flashsale.settings import Settings
+from flashsale.state import STATE, ServiceState
+from flashsale.tokens import mint
+
+TOKEN_SECRET = "service-tests-token-secret"
+ADMIN_TOKEN = "service-tests-admin-token"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+#: Keys no test may compare byte for byte: each process's once-a-second stats heartbeat
+#: (``<prefix>:stats:proc:<pid>`` and the set naming them) changes on its own clock.
+HEARTBEAT_MARKER = b":stats:proc"
+
+
+def service_settings(redis_url: str, **overrides: Any) -> Settings:
+    """Settings for a test app: known secrets, and a per-buyer rate limit high enough
+    that only the tests about rate limiting meet it."""
+    base = Settings(
+        redis_url=redis_url,
+        token_secret=TOKEN_SECRET,
+        admin_token=ADMIN_TOKEN,
+        user_rate=1000.0,
+        user_burst=1000,
+    )
+    return replace(base, **overrides)
+
+
+
+def buyer(user: str, *, member: bool = False, ttl_s: int = 3600, **extra: str) -> dict[str, str]:
+    """Headers of a signed-in buyer (plus any extra headers)."""
+    return {"Authorization": f"Bearer {mint(TOKEN_SECRET, user, ttl_s=ttl_s, member=member)}", **extra}
+
+
+def new_id(tag: str) -> str:
+    """A sale or SKU id no other test uses (ids are lower-case friendly and short)."""
+    return f"{tag}-{uuid.uuid4().hex[:10]}"
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass
+class Service:
+    """One running service process (in this test's event loop) and a client for it."""
+
+    client: TestClient
+    settings: Settings
+
+    @property
+    def app(self) -> web.Application:
+        return self.client.app  # type: ignore[return-value]
+
+    @property
+    def state(self) -> ServiceState:
+        return self.app[STATE]
+
+    @property
+    def url(self) -> str:
+        return str(self.client.make_url(""))
+
+    async def create_sale(
+        self,
+        skus: dict[str, int] | list[dict[str, Any]],
+        *,
+        sale: str | None = None,
+        expect: int = 201,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """POST /api/admin/sales. ``skus`` is ``{sku: stock}`` or full SKU specs; the sale
+        opens now (``open: true``) unless ``opens_at`` is given."""
+        specs = [{"sku": s, "stock": n} for s, n in skus.items()] if isinstance(skus, dict) else skus
+        body = {"sale": sale or new_id("sale"), "skus": specs, **fields}
+        if "opens_at" not in fields:
+            body.setdefault("open", True)
+        resp = await self.client.post("/api/admin/sales", json=body, headers=ADMIN)
+        return await expect_json(resp, expect)
+
+    async def order(
+        self,
+        user: str,
+        sku: str | None = None,
+        qty: int = 1,
+        *,
+        lines: list[dict[str, Any]] | None = None,
+        request_id: str | None = None,
+        member: bool = False,
+        headers: dict[str, str] | None = None,
+    ) -> ClientResponse:
+        """POST /api/orders for ``user`` (one SKU, or ``lines``)."""
+        body: dict[str, Any] = {"request_id": request_id or new_id("r")}
+        if lines is not None:
+            body["lines"] = lines
+        else:
+            body.update(sku=sku, qty=qty)
+        return await self.client.post("/api/orders", json=body, headers=buyer(user, member=member, **(headers or {})))
+
+    async def sku_counters(self, sale: str, sku: str) -> dict[str, Any]:
+        """The SKU's counters from the admin view (not cached)."""
+        resp = await self.client.get(f"/api/admin/sales/{sale}", headers=ADMIN)
+        counters: dict[str, Any] = (await expect_json(resp, 200))["skus"][sku]
+        return counters
+
+
+async def expect_json(resp: ClientResponse, status: int, error: str | None = None) -> Any:
+    """The JSON body of ``resp``, asserting its status (and error code); the message
+    names the body so a failure shows what the service said."""
+    text = await resp.text()
+    assert resp.status == status, f"{resp.method} {resp.url.path}: expected {status}, got {resp.status}: {text}"
+    assert resp.content_type == "application/json", f"{resp.url.path}: {resp.content_type}: {text}"
+    body = json.loads(text)
+    if error is not None:
+        assert body.get("error") == error, body
+        assert isinstance(body.get("message"), str) and body["message"], body
+    return body
+
+
+ServiceFactory = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def start_service(redis_client: Redis, redis_url: str) -> AsyncIterator[ServiceFactory]:
+    """``await start_service(**settings_overrides)`` runs one more service process on the
+    suite's (freshly flushed) Redis; all of them are stopped after the test."""
+    running: list[TestClient] = []
+
+    async def start(**overrides: Any) -> Service:
+        settings = service_settings(redis_url, **overrides)
+        client = TestClient(TestServer(create_app(settings)))
+        await client.start_server()
+        running.append(client)
+        return Service(client, settings)
+
+    try:
+        yield start
+    finally:
+        for client in reversed(running):
+            await client.close()
+
+
+@pytest.fixture
+async def service(start_service: ServiceFactory) -> Service:
+    """One service process with the test settings."""
+    return await start_service()
+
+
+# ------------------------------------------------------------------ Redis state
+
+
+def sale_keys(sale: str, prefix: str = "fs") -> SaleKeys:
+    return SaleKeys(prefix, sale)
+
+
+async def holds_of_request(redis: Redis, sale: str, request_id: str) -> list[str]:
+    """Ids of every hold Redis has for ``request_id`` (an idempotent order path has at most one)."""
+    found = []
+    for hold_id, raw in (await redis.hgetall(sale_keys(sale).holds)).items():
+        if json.loads(raw)["r"] == request_id:
+            found.append(hold_id.decode())
+    return found
+
+
+async def dump_redis(redis: Redis) -> dict[bytes, tuple[bytes, bytes | None, bool]]:
+    """Every key of the database (but the stats heartbeat): its type, its DUMP payload
+    (byte-exact: a stream's entries and last id, a hash's fields) and whether it expires."""
+    out: dict[bytes, tuple[bytes, bytes | None, bool]] = {}
+    async for key in redis.scan_iter(count=1000):
+        if HEARTBEAT_MARKER in key:
+            continue
+        out[key] = (await redis.type(key), await redis.dump(key), await redis.pttl(key) >= 0)
+    return out
+
+
+def changed_keys(before: dict[bytes, Any], after: dict[bytes, Any]) -> list[bytes]:
+    """Keys added, removed or changed between two dumps."""
+    return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
+
+
+async def command_calls(redis: Redis, command: str) -> int:
+    """How many times Redis ran ``command`` so far (INFO commandstats): shows whether a
+    request reached Redis at all."""
+    stats = await redis.info("commandstats")
+    entry = stats.get(f"cmdstat_{command.lower()}")
+    return int(entry["calls"]) if entry else 0
+
+
+class FrozenRedis:
+    """Redis not answering: ``DEBUG SLEEP`` sent on a connection of its own. Entering
+    returns once Redis is really asleep (a probe no longer gets an answer); leaving waits
+    until it is awake again."""
+
+    def __init__(self, redis_url: str, seconds: float) -> None:
+        self.redis_url = redis_url
+        self.seconds = seconds
+        self._sleeper: Redis | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    async def __aenter__(self) -> FrozenRedis:
+        self._sleeper = Redis.from_url(self.redis_url)
+        await self._sleeper.ping()  # connected before the sleep, so the sleep is sent at once
+        self._task = asyncio.ensure_future(self._sleeper.execute_command("DEBUG", "SLEEP", str(self.seconds)))
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            probe = Redis.from_url(
+                self.redis_url, socket_timeout=0.05, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+            )
+            try:
+                await probe.ping()
+            except Exception:  # no answer: asleep
+                return self
+            finally:
+                await probe.aclose()
+            await asyncio.sleep(0.01)
+        raise AssertionError("Redis never went to sleep")
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._task is not None and self._sleeper is not None
+        try:
+            await self._task
+        finally:
+            await self._sleeper.aclose()
