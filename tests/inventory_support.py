@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -36,15 +37,13 @@ def new_sale_id(tag: str) -> str:
 
 
 @asynccontextmanager
-async def connect(redis_url: str, *, max_connections: int | None = None) -> AsyncIterator[Redis]:
-    """A client of our own; with ``max_connections`` callers wait for a free connection
-    instead of opening thousands of sockets when thousands of tasks call at once."""
-    if max_connections is None:
-        client = Redis.from_url(redis_url)
-    else:
-        client = Redis.from_pool(
-            BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=60)
-        )
+async def connect(redis_url: str, *, max_connections: int = 32) -> AsyncIterator[Redis]:
+    """A client of our own whose callers wait for a free connection. (redis-py 8.1's
+    default pool holds 100 connections and raises MaxConnectionsError beyond that, which
+    hundreds of concurrent confirms would hit.)"""
+    client = Redis.from_pool(
+        BlockingConnectionPool.from_url(redis_url, max_connections=max_connections, timeout=60)
+    )
     try:
         yield client
     finally:
@@ -54,7 +53,7 @@ async def connect(redis_url: str, *, max_connections: int | None = None) -> Asyn
 @asynccontextmanager
 async def open_sale(redis_url: str, tag: str, **options: Any) -> AsyncIterator[Inventory]:
     """An Inventory on a new sale and its own client; the sale's keys are deleted after."""
-    async with connect(redis_url, max_connections=options.pop("max_connections", None)) as client:
+    async with connect(redis_url, max_connections=options.pop("max_connections", 32)) as client:
         inv = Inventory(client, new_sale_id(tag), **options)
         try:
             yield inv
@@ -235,11 +234,13 @@ def reserve_worker(redis_url: str, sale: str, sku: str, worker: int, tasks: int,
 
 
 def close_worker(
-    redis_url: str, sale: str, action: str, hold_ids: list[str], start_at: float
+    redis_url: str, sale: str, action: str, hold_ids: list[str], start_at: float, seed: int = 0
 ) -> dict[str, str]:
     """Races the other workers on the same holds: ``action`` is confirm, release or
-    sweep. Returns hold id -> what this worker saw ("paid", "cancelled", "expired",
-    "hold_paid", "hold_cancelled", "hold_expired", "unknown")."""
+    sweep. Confirm and release are launched one every 2 ms in a shuffled order, so over
+    the run they meet the other worker and the deadlines at every possible moment.
+    Returns hold id -> what this worker saw ("paid", "cancelled", "expired", "hold_paid",
+    "hold_cancelled", "hold_expired", "unknown")."""
 
     async def run() -> dict[str, str]:
         async with connect(redis_url, max_connections=8) as client:
@@ -247,14 +248,7 @@ def close_worker(
             seen: dict[str, str] = {}
             _wait_until(start_at)
             if action == "sweep":
-                deadline = time.monotonic() + 3.0
-                while time.monotonic() < deadline:
-                    batch = await inv.expire_due(limit=50)
-                    for hold_id in batch.expired:
-                        seen[hold_id] = "expired"
-                    if not await client.zcard(inv.keys.deadlines):
-                        break
-                    await asyncio.sleep(0.002)
+                await sweep_until_empty(inv, seen)
                 return seen
             call = inv.confirm if action == "confirm" else inv.release
 
@@ -266,12 +260,26 @@ def close_worker(
                 except OutcomeUnknown:
                     seen[hold_id] = "unknown"
 
-            await asyncio.gather(*(one(h) for h in hold_ids))
+            order = list(hold_ids)
+            random.Random(seed).shuffle(order)
+            calls = []
+            for hold_id in order:
+                calls.append(asyncio.create_task(one(hold_id)))
+                await asyncio.sleep(0.002)
+            await asyncio.gather(*calls)
             return seen
 
     return asyncio.run(run())
 
 
-def unique(items: Iterable[str]) -> bool:
-    items = list(items)
-    return len(items) == len(set(items))
+async def sweep_until_empty(inv: Inventory, seen: dict[str, str], *, give_up_after: float = 20.0) -> None:
+    """The sweeper, run flat out until no hold is open; records what it expired."""
+    deadline = time.monotonic() + give_up_after
+    while time.monotonic() < deadline:
+        for hold_id in (await inv.expire_due(limit=50)).expired:
+            assert hold_id not in seen, f"{hold_id} expired twice"
+            seen[hold_id] = "expired"
+        if not await inv.redis.zcard(inv.keys.deadlines):
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("holds still open long after their deadlines")

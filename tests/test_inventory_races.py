@@ -1,0 +1,201 @@
+"""One winner: pay racing cancel, pay racing the deadline (and the sweeper), cancel
+racing the deadline — with real concurrency (many tasks on several clients, and spawned
+processes). Every hold ends in exactly one terminal state, its units are sold or returned
+exactly once, and the stream has exactly one closing event for it."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import random
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ProcessPoolExecutor
+
+from inventory_support import (
+    audit_sale,
+    close_worker,
+    connect,
+    hold_records,
+    new_sale_id,
+    open_sale,
+    sweep_until_empty,
+)
+
+from inventory import Hold, HoldCancelled, HoldExpired, HoldPaid, HoldState, Inventory
+
+HOLDS = 300
+
+
+async def redis_clock_offset(inv: Inventory) -> float:
+    """Redis's clock minus ours, in seconds (deadlines are on Redis's clock)."""
+    seconds, micros = await inv.redis.time()
+    return seconds + micros / 1e6 - time.time()
+
+
+async def make_holds(inv: Inventory, ttls_ms: list[int]) -> list[Hold]:
+    await inv.stock("phone", len(ttls_ms))
+    return list(
+        await asyncio.gather(
+            *(inv.reserve(f"u{i}", "phone", request_id=f"r{i}", hold_ttl=ttl / 1000) for i, ttl in enumerate(ttls_ms))
+        )
+    )
+
+
+async def final_states(inv: Inventory) -> dict[str, str]:
+    return {h: rec["s"] for h, rec in (await hold_records(inv.redis, inv.keys)).items()}
+
+
+async def assert_units_moved_once(inv: Inventory, states: dict[str, str]) -> None:
+    """Stock matches the holds exactly: one unit sold per paid hold, every other unit
+    back on sale; and the audit (one closing event per hold, counters) is clean."""
+    paid = sum(s == "paid" for s in states.values())
+    snap = await inv.snapshot("phone")
+    assert snap is not None
+    assert (snap.sold, snap.held, snap.available) == (paid, 0, len(states) - paid)
+    assert await audit_sale(inv.redis, inv.keys) == []
+
+
+async def at(when: float, call: Callable[[], Awaitable[str]]) -> str:
+    await asyncio.sleep(max(0.0, when - time.time()))
+    return await call()
+
+
+async def outcome(call: Awaitable[Hold]) -> str:
+    try:
+        return (await call).state.value
+    except (HoldPaid, HoldCancelled, HoldExpired) as exc:
+        return exc.code
+
+
+async def test_confirm_racing_release_has_one_winner(redis_url: str) -> None:
+    async with open_sale(redis_url, "payvscancel") as payer, connect(redis_url, max_connections=16) as other:
+        canceller = Inventory(other, payer.sale, coalesce=False)
+        holds = await make_holds(payer, [60_000] * HOLDS)
+        calls: list[tuple[str, str, Awaitable[str]]] = []
+        for h in holds:
+            calls.append((h.hold_id, "confirm", outcome(payer.confirm(h.hold_id, user=h.user))))
+            calls.append((h.hold_id, "release", outcome(canceller.release(h.hold_id, user=h.user))))
+        random.Random(1).shuffle(calls)
+        seen = dict(zip(((h, a) for h, a, _ in calls), await asyncio.gather(*(c for _, _, c in calls))))
+        states = await final_states(payer)
+        for h in holds:
+            pay, cancel = seen[h.hold_id, "confirm"], seen[h.hold_id, "release"]
+            assert (pay, cancel) in {("paid", "hold_paid"), ("hold_cancelled", "cancelled")}, (pay, cancel)
+            assert states[h.hold_id] == ("paid" if pay == "paid" else "cancelled")
+        tally = Counter(states.values())
+        assert tally["paid"] and tally["cancelled"], f"no real race: {tally}"
+        await assert_units_moved_once(payer, states)
+
+
+async def test_confirm_racing_the_deadline_and_the_sweeper_has_one_winner(redis_url: str) -> None:
+    """Deadlines spread over 0.4 s; each confirm fires within ±8 ms of its hold's
+    deadline, on two clients, while a sweeper runs flat out on a third."""
+    async with open_sale(redis_url, "payvsdeadline") as inv, connect(redis_url, max_connections=16) as other:
+        payer2 = Inventory(other, inv.sale, coalesce=False)
+        holds = await make_holds(inv, [300 + i * 400 // HOLDS for i in range(HOLDS)])
+        offset = await redis_clock_offset(inv)
+        rng = random.Random(2)
+        swept: dict[str, str] = {}
+        async with connect(redis_url) as sweeper_client:
+            sweeper = asyncio.create_task(sweep_until_empty(Inventory(sweeper_client, inv.sale), swept))
+            results = await asyncio.gather(
+                *(
+                    at(
+                        h.deadline_ms / 1000 - offset + rng.uniform(-0.008, 0.008),
+                        lambda h=h, i=i: outcome((inv if i % 2 else payer2).confirm(h.hold_id)),
+                    )
+                    for i, h in enumerate(holds)
+                )
+            )
+            await sweeper
+        states = await final_states(inv)
+        for h, seen in zip(holds, results, strict=True):
+            assert seen in ("paid", "hold_expired"), seen
+            assert states[h.hold_id] == ("paid" if seen == "paid" else "expired")
+            if h.hold_id in swept:
+                assert seen == "hold_expired"
+        tally = Counter(states.values())
+        assert tally["paid"] and tally["expired"], f"no real race: {tally}"
+        await assert_units_moved_once(inv, states)
+
+
+async def test_release_racing_the_deadline_and_the_sweeper_has_one_winner(redis_url: str) -> None:
+    async with open_sale(redis_url, "cancelvsdeadline") as inv:
+        holds = await make_holds(inv, [300 + i * 400 // HOLDS for i in range(HOLDS)])
+        offset = await redis_clock_offset(inv)
+        rng = random.Random(3)
+        swept: dict[str, str] = {}
+        async with connect(redis_url) as sweeper_client:
+            sweeper = asyncio.create_task(sweep_until_empty(Inventory(sweeper_client, inv.sale), swept))
+            results = await asyncio.gather(
+                *(
+                    at(
+                        h.deadline_ms / 1000 - offset + rng.uniform(-0.008, 0.008),
+                        lambda h=h: outcome(inv.release(h.hold_id)),
+                    )
+                    for h in holds
+                )
+            )
+            await sweeper
+        states = await final_states(inv)
+        for h, seen in zip(holds, results, strict=True):
+            assert seen in ("cancelled", "expired"), seen
+            assert states[h.hold_id] == seen
+            if h.hold_id in swept:
+                assert seen == "expired"
+        tally = Counter(states.values())
+        assert tally["cancelled"] and tally["expired"], f"no real race: {tally}"
+        await assert_units_moved_once(inv, states)
+
+
+def test_processes_racing_confirm_release_and_sweep_have_one_winner(redis_url: str) -> None:
+    """Three spawned processes on the same 200 holds: one pays every hold, one cancels
+    every hold, one sweeps; deadlines fall while they work."""
+    sale = new_sale_id("procrace")
+    count = 200
+    start_at = time.time() + 3.0  # time for the processes to start
+    # Deadlines spread over the 0.4 s the payer and canceller take to go through the holds.
+    ttls = [int((start_at - time.time()) * 1000) + 50 + i * 400 // count for i in range(count)]
+
+    async def setup() -> list[Hold]:
+        async with connect(redis_url) as client:
+            return await make_holds(Inventory(client, sale), ttls)
+
+    holds = asyncio.run(setup())
+    ids = [h.hold_id for h in holds]
+    try:
+        with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = {
+                action: pool.submit(close_worker, redis_url, sale, action, ids, start_at, seed)
+                for seed, action in enumerate(("confirm", "release", "sweep"))
+            }
+            seen = {action: f.result(timeout=90) for action, f in futures.items()}
+
+        async def check() -> dict[str, str]:
+            async with connect(redis_url) as client:
+                inv = Inventory(client, sale)
+                states = await final_states(inv)
+                await assert_units_moved_once(inv, states)
+                return states
+
+        states = asyncio.run(check())
+    finally:
+
+        async def drop() -> None:
+            async with connect(redis_url) as client:
+                await client.delete(*Inventory(client, sale).keys.all())
+
+        asyncio.run(drop())
+    allowed = {
+        "paid": {("paid", "hold_paid", None)},
+        "cancelled": {("hold_cancelled", "cancelled", None)},
+        "expired": {("hold_expired", "expired", None), ("hold_expired", "expired", "expired")},
+    }
+    for hold_id in ids:
+        saw = (seen["confirm"][hold_id], seen["release"][hold_id], seen["sweep"].get(hold_id))
+        assert saw in allowed[states[hold_id]], (states[hold_id], saw)
+    assert set(seen["sweep"]) <= {h for h, s in states.items() if s == "expired"}
+    tally = Counter(states.values())
+    assert len(tally) >= 2, f"no real race: {tally}"
