@@ -216,7 +216,10 @@ class Backlog:
         return self.pending + self.undelivered
 
 
-async def stream_backlog(redis: Any, key: str) -> Backlog:
+async def stream_backlog(redis: Any, key: str, *, count_up_to: int = 0) -> Backlog:
+    """Entries of ``key`` not yet committed by the writers' group. ``count_up_to`` > 0 counts
+    undelivered entries one by one (XRANGE, at most that many) when Redis reports no lag,
+    so the answer is exact below that bound — at the cost of reading them."""
     length = int(await redis.xlen(key))
     ours = None
     if length:
@@ -230,10 +233,11 @@ async def stream_backlog(redis: Any, key: str) -> Backlog:
     lag = ours.get("lag")
     if lag is not None:  # Redis >= 7
         return Backlog(key, length, pending, int(lag), True)
-    after = await redis.xrange(key, "(" + _text(ours["last-delivered-id"]), "+", count=1)
-    if not after:
-        return Backlog(key, length, pending, 0, True)
-    return Backlog(key, length, pending, max(length - pending, 1), False)
+    after = "(" + _text(ours["last-delivered-id"])
+    counted = len(await redis.xrange(key, after, "+", count=max(count_up_to, 1)))
+    if counted < max(count_up_to, 1):
+        return Backlog(key, length, pending, counted, True)
+    return Backlog(key, length, pending, max(length - pending, counted), False)
 
 
 async def stream_drained(redis: Any, key: str) -> bool:
