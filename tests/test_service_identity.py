@@ -1,0 +1,116 @@
+"""Buyer identity: every buyer endpoint answers 401 JSON (with WWW-Authenticate) to a
+missing, malformed, forged or expired token and touches nothing; a valid token's user
+and member flag are what the service acts on."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+
+import pytest
+from redis.asyncio import Redis
+from service_support import (
+    TOKEN_SECRET,
+    Service,
+    buyer,
+    changed_keys,
+    dump_redis,
+    expect_json,
+    new_id,
+    service,  # noqa: F401  (fixture)
+    start_service,  # noqa: F401  (fixture)
+)
+
+from flashsale.tokens import mint
+
+
+def _signed(payload: str, secret: str = TOKEN_SECRET) -> str:
+    digest = hmac.new(secret.encode(), payload.encode(), hashlib.sha256).digest()
+    return f"{payload}.{base64.urlsafe_b64encode(digest).rstrip(b'=').decode()}"
+
+
+def _bad_tokens() -> list[tuple[str, bytes | None]]:
+    """(what is wrong, the Authorization header) — None: no header at all."""
+    future = int(time.time()) + 3600
+    alice = mint(TOKEN_SECRET, "alice")
+    user, expires, member, signature = alice.split(".")
+    return [
+        ("missing header", None),
+        ("empty header", b""),
+        ("scheme only", b"Bearer"),
+        ("other scheme", b"Basic " + alice.encode()),
+        ("three parts", f"Bearer {user}.{expires}.{signature}".encode()),
+        ("five parts", f"Bearer {alice}.x".encode()),
+        ("expiry not a number", f"Bearer {_signed(f'alice.soon.{member}')}".encode()),
+        ("expiry in other digits", "Bearer " + _signed(f"alice.\u0661\u0662.{member}")),
+        ("member flag not 0/1", f"Bearer {_signed(f'alice.{future}.2')}".encode()),
+        ("user with a space", f"Bearer {_signed(f'al ice.{future}.0')}".encode()),
+        ("forged: signed with another secret", f"Bearer {_signed(f'alice.{future}.0', 'guess')}".encode()),
+        ("tampered user", f"Bearer mallory.{expires}.{member}.{signature}".encode()),
+        ("tampered expiry", f"Bearer {user}.{int(expires) + 1}.{member}.{signature}".encode()),
+        ("tampered member flag", f"Bearer {user}.{expires}.1.{signature}".encode()),
+        ("signature of another token", f"Bearer {user}.{expires}.{member}.{mint(TOKEN_SECRET, 'bob').split('.')[3]}".encode()),
+        ("expired", f"Bearer {mint(TOKEN_SECRET, 'alice', ttl_s=-5)}".encode()),
+        ("non-ASCII signature", f"Bearer {user}.{expires}.{member}.{signature[:-1]}\u00e9".encode()),
+        ("bytes that are not UTF-8", f"Bearer {user}.{expires}.{member}.".encode() + b"\xff\xfe"),
+        ("over-long", b"Bearer " + b"a" * 4000),
+    ]  # type: ignore[list-item]
+
+
+BAD_TOKENS = _bad_tokens()
+
+
+@pytest.mark.parametrize(("label", "header"), BAD_TOKENS, ids=[label for label, _ in BAD_TOKENS])
+async def test_every_buyer_endpoint_answers_401_and_touches_nothing(
+    service: Service, redis_client: Redis, label: str, header: bytes | str | None
+) -> None:
+    sku = new_id("sku")
+    await service.create_sale({sku: 5})
+    order = await expect_json(await service.order("alice", sku), 201)
+    order_id = order["order_id"]
+    raw_header = header.encode() if isinstance(header, str) else header
+    headers = {} if raw_header is None else {"Authorization": raw_header}
+    before = await dump_redis(redis_client)
+    body = f'{{"request_id": "r-{label.replace(" ", "-")[:40]}", "sku": "{sku}", "qty": 1}}'.encode()
+    for method, path in [
+        ("POST", "/api/orders"),
+        ("GET", f"/api/orders/{order_id}"),
+        ("POST", f"/api/orders/{order_id}/pay"),
+        ("POST", f"/api/orders/{order_id}/cancel"),
+    ]:
+        status, reply = await service.raw(method, path, {**headers, "Content-Type": b"application/json"}, body)
+        assert (status, reply.get("error")) == (401, "unauthorized"), f"{method} {path} with {label}: {status} {reply}"
+        assert reply["message"]
+    assert changed_keys(before, await dump_redis(redis_client)) == []
+
+
+async def test_401_says_bearer_and_what_to_do(service: Service) -> None:
+    resp = await service.client.post("/api/orders", json={"request_id": "r", "sku": "x"})
+    body = await expect_json(resp, 401, "unauthorized")
+    assert resp.headers["WWW-Authenticate"] == "Bearer"
+    assert "Bearer" in body["message"]
+    expired = await service.client.get("/api/orders/a.b", headers={"Authorization": f"Bearer {mint(TOKEN_SECRET, 'a', ttl_s=-1)}"})
+    body = await expect_json(expired, 401, "unauthorized")
+    assert "expired" in body["message"] and "new token" in body["message"]
+
+
+async def test_the_token_decides_who_orders(service: Service) -> None:
+    sku = new_id("sku")
+    await service.create_sale({sku: 5})
+    order = await expect_json(await service.order("alice", sku), 201)
+    # The body cannot name another buyer: the order belongs to the token's user.
+    resp = await service.client.post(
+        "/api/orders", json={"request_id": "r-x", "sku": sku, "user": "alice"}, headers=buyer("bob")
+    )
+    bobs = await expect_json(resp, 201)
+    await expect_json(await service.client.get(f"/api/orders/{bobs['order_id']}", headers=buyer("bob")), 200)
+    await expect_json(await service.client.get(f"/api/orders/{bobs['order_id']}", headers=buyer("alice")), 404)
+    await expect_json(await service.client.get(f"/api/orders/{order['order_id']}", headers=buyer("alice")), 200)
+
+
+async def test_a_token_signed_with_another_services_secret_is_refused(start_service: object) -> None:
+    other = await start_service(token_secret="another-secret")  # type: ignore[operator]
+    resp = await other.client.post("/api/orders", json={"request_id": "r", "sku": "x"}, headers=buyer("alice"))
+    await expect_json(resp, 401, "unauthorized")
