@@ -100,7 +100,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        return error_response(exc.status, code, exc.reason, dict(exc.headers) if exc.status == 405 else None)
+        # Only Allow is worth keeping (405); copying all of exc.headers brought its
+        # Content-Type along, which web.Response refuses beside content_type (a 500).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, exc.reason, allow)
     except RedisError as exc:
         log.warning("redis error on %s: %s", request.path, exc)
         return error_response(
