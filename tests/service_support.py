@@ -166,13 +166,18 @@ ServiceFactory = Callable[..., Awaitable[Service]]
 @pytest.fixture
 async def start_service(redis_client: Redis, redis_url: str) -> AsyncIterator[ServiceFactory]:
     """``await start_service(**settings_overrides)`` runs one more service process on the
-    suite's (freshly flushed) Redis; all of them are stopped after the test."""
+    suite's (freshly flushed) Redis — or the ``redis_url`` given; all of them are stopped
+    after the test."""
     running: list[TestClient] = []
 
     async def start(**overrides: Any) -> Service:
-        settings = service_settings(redis_url, **overrides)
+        settings = service_settings(overrides.pop("redis_url", redis_url), **overrides)
         client = TestClient(TestServer(create_app(settings)))
-        await client.start_server()
+        try:
+            await client.start_server()
+        except BaseException:
+            await client.close()
+            raise
         running.append(client)
         return Service(client, settings)
 
