@@ -74,9 +74,9 @@ def is_data_error(exc: BaseException) -> bool:
     return str(getattr(exc, "sqlstate", "") or "")[:2] in ("22", "23")
 
 
-def forget_connections(pool: asyncpg.Pool) -> None:
+async def forget_connections(pool: asyncpg.Pool) -> None:
     """After an outage: close every pooled connection at its next use and open a new one."""
-    pool.expire_connections()
+    await pool.expire_connections()
 
 
 async def close_pool(pool: asyncpg.Pool, timeout_s: float = 5.0) -> None:

@@ -92,9 +92,14 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _configure_logs() -> None:
+    import logging
+
     from .logs import configure
 
     configure(os.environ.get("FLASHSALE_LOG_LEVEL", "INFO") or "INFO")
+    # During an outage asyncpg logs a traceback every time its pool fails to reconnect;
+    # the worker's own postgres_unavailable / postgres_recovered events say it once.
+    logging.getLogger("asyncpg.pool").setLevel(logging.ERROR)
 
 
 def _fail(message: str, code: int = EXIT_SETTINGS) -> int:

@@ -807,7 +807,7 @@ class OrderWriter:
                         _log("postgres_refuses_writes", level=logging.ERROR, error=_describe(exc),
                              hint="entries stay pending until this is fixed (is the schema migrated?)")  # fmt: skip
                 if is_transient(exc):
-                    forget_connections(self.pool)  # every pooled connection is stale now
+                    await forget_connections(self.pool)  # every pooled connection is stale now
                 if self._stop.is_set() and time.monotonic() > self._stop_deadline:
                     _log("stopping_with_batch_pending", level=logging.WARNING, entries=len(changes))
                     raise _Stopped from exc

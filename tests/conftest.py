@@ -74,13 +74,17 @@ import asyncpg as _pipeline_asyncpg  # noqa: E402
 async def pipeline_db_url(database_url: str) -> AsyncIterator[str]:
     """A URL whose connections use a fresh, empty schema (not migrated)."""
     schema = "pipeline_" + _pipeline_secrets.token_hex(6)
-    admin = await _pipeline_asyncpg.connect(database_url)
-    try:
-        await admin.execute(f"CREATE SCHEMA {schema}")
-        yield database_url + ("&" if "?" in database_url else "?") + f"search_path={schema}"
-        await admin.execute(f"DROP SCHEMA {schema} CASCADE")
-    finally:
-        await admin.close()
+
+    async def execute(sql: str) -> None:  # a fresh connection each time: the test may restart PostgreSQL
+        admin = await _pipeline_asyncpg.connect(database_url)
+        try:
+            await admin.execute(sql)
+        finally:
+            await admin.close()
+
+    await execute(f"CREATE SCHEMA {schema}")
+    yield database_url + ("&" if "?" in database_url else "?") + f"search_path={schema}"
+    await execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture
