@@ -1,0 +1,121 @@
+"""The operator's side of a drill, over HTTP (docs/http-api.md, "Operators"): mint buyer
+tokens, create and steer the drill's sale, poll live stats, ask for the audit.
+
+Plain ``urllib`` so it works in a Locust process (gevent-patched sockets) and in a plain
+Python process (the oracle run on its own) alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["AdminClient", "AdminError", "admin_token_from_env", "parse_tokens"]
+
+
+class AdminError(RuntimeError):
+    """An admin call failed; the message says what to do about it."""
+
+    def __init__(self, message: str, *, status: int = 0, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def admin_token_from_env() -> str:
+    return os.environ.get("FLASHSALE_ADMIN_TOKEN", "")
+
+
+def parse_tokens(body: Any) -> dict[str, str]:
+    """Buyer tokens from a ``POST /api/admin/tokens`` answer, as ``{user: token}``.
+
+    Accepts ``{"tokens": {user: token}}``, ``{"tokens": [{"user", "token"}]}``, or a list of
+    token strings (the user is the token's first dot-separated field).
+    """
+    tokens = body.get("tokens", body) if isinstance(body, Mapping) else body
+    if isinstance(tokens, Mapping):
+        return {str(u): str(t) for u, t in tokens.items()}
+    out: dict[str, str] = {}
+    for item in tokens or []:
+        if isinstance(item, Mapping):
+            out[str(item["user"])] = str(item["token"])
+        else:
+            out[str(item).split(".", 1)[0]] = str(item)
+    return out
+
+
+@dataclass(frozen=True)
+class AdminClient:
+    host: str
+    token: str
+    timeout_s: float = 30.0
+
+    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None, *, timeout_s: float | None = None) -> Any:
+        data = json.dumps(body).encode() if body is not None else None
+        req = urllib.request.Request(self.host.rstrip("/") + path, data=data, method=method)
+        req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Accept", "application/json")
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s or self.timeout_s) as resp:
+                raw = resp.read()
+        except urllib.error.HTTPError as exc:
+            payload = exc.read()
+            exc.close()
+            try:
+                err = json.loads(payload)
+            except ValueError:
+                err = {}
+            code = err.get("error", "") if isinstance(err, Mapping) else ""
+            hint = ""
+            if exc.code == 401:
+                hint = " — pass the service's admin token (FLASHSALE_ADMIN_TOKEN or --admin-token)"
+            raise AdminError(
+                f"{method} {path} answered {exc.code} {code or exc.reason}: "
+                f"{err.get('message', '') if isinstance(err, Mapping) else ''}{hint}",
+                status=exc.code, code=code,
+            ) from None
+        except (urllib.error.URLError, OSError) as exc:
+            raise AdminError(
+                f"{method} {path}: cannot reach the service at {self.host} ({exc}); "
+                "check --host and that the service is running"
+            ) from None
+        return json.loads(raw) if raw else {}
+
+    def mint_tokens(self, users: Sequence[str], ttl_s: int = 3600) -> dict[str, str]:
+        tokens: dict[str, str] = {}
+        for i in range(0, len(users), 1000):  # keep each answer small
+            body = self.call("POST", "/api/admin/tokens", {"users": list(users[i : i + 1000]), "ttl_s": ttl_s})
+            tokens.update(parse_tokens(body))
+        missing = set(users) - tokens.keys()
+        if missing:
+            raise AdminError(f"POST /api/admin/tokens returned no token for {len(missing)} users, e.g. {sorted(missing)[:3]}")
+        return tokens
+
+    def create_sale(self, spec: Mapping[str, Any]) -> Any:
+        return self.call("POST", "/api/admin/sales", spec)
+
+    def sale(self, name: str) -> Any:
+        return self.call("GET", f"/api/admin/sales/{name}")
+
+    def release_reserve(self, sale: str, sku: str, units: int | None = None) -> Any:
+        body = {} if units is None else {"units": units}
+        return self.call("POST", f"/api/admin/sales/{sale}/skus/{sku}/release-reserve", body)
+
+    def close_sale(self, sale: str) -> Any:
+        return self.call("POST", f"/api/admin/sales/{sale}/close", {})
+
+    def stats(self) -> Any:
+        return self.call("GET", "/api/admin/stats", timeout_s=5.0)
+
+    def audit(self, acknowledged: Sequence[str], wait_s: float) -> Any:
+        return self.call(
+            "POST", "/api/admin/audit", {"acknowledged": list(acknowledged), "wait_s": wait_s},
+            timeout_s=wait_s + self.timeout_s,
+        )

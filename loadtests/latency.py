@@ -1,0 +1,252 @@
+"""Latency truth: HdrHistogram recording, shipping between Locust processes, merging, and
+HdrHistogram log files.
+
+Every request is recorded twice, in microseconds:
+
+- **raw**: from the moment the request was handed to the HTTP client to the response;
+- **corrected** for coordinated omission: from the instant the open-model schedule meant
+  the request to be sent. A load generator that falls behind (slots all busy, greenlets
+  starved) sends late, and raw latency quietly leaves that waiting out; corrected does not.
+
+Histograms are kept per request name (``order``, ``pay``, ``browse`` …, plus ``all``) for
+the whole run, and per second of the run (by completion time) for the timeline and the log
+files. Locust processes ship what they recorded since their last report as encoded
+histograms; the collector adds them up. HdrHistogram addition is exact, so the merged
+percentiles equal those of one histogram holding every sample.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+from hdrh.log import HistogramLogReader, HistogramLogWriter
+
+__all__ = [
+    "HIGHEST_US",
+    "PERCENTILES",
+    "LatencyBook",
+    "decode",
+    "encode",
+    "merge",
+    "new_histogram",
+    "read_log",
+    "summarize",
+    "to_us",
+    "write_log",
+]
+
+LOWEST_US = 1
+#: Ten minutes: nothing a drill waits for takes longer; larger values are clamped (and counted).
+HIGHEST_US = 600_000_000
+SIGNIFICANT_FIGURES = 3
+#: Per-second histograms only feed plots and logs: two digits keep a long soak in memory.
+INTERVAL_SIGNIFICANT_FIGURES = 2
+PERCENTILES: tuple[float, ...] = (50.0, 90.0, 99.0, 99.9)
+#: Seconds older than this (behind the newest recorded second) are kept compressed.
+SEAL_AFTER_S = 30
+
+
+def new_histogram(significant_figures: int = SIGNIFICANT_FIGURES) -> HdrHistogram:
+    return HdrHistogram(LOWEST_US, HIGHEST_US, significant_figures)
+
+
+def to_us(seconds: float) -> int:
+    """Seconds to whole microseconds, clamped into the histogram's range."""
+    return min(max(int(round(seconds * 1_000_000)), LOWEST_US), HIGHEST_US)
+
+
+def encode(histogram: HdrHistogram) -> str:
+    blob: bytes = histogram.encode()
+    return blob.decode("ascii")
+
+
+def decode(blob: str) -> HdrHistogram:
+    return HdrHistogram.decode(blob.encode("ascii"))
+
+
+def merge(histograms: Iterable[HdrHistogram], significant_figures: int = SIGNIFICANT_FIGURES) -> HdrHistogram:
+    """One histogram holding every sample of ``histograms``."""
+    total = new_histogram(significant_figures)
+    for h in histograms:
+        if h.get_total_count():
+            total.add(h)
+    return total
+
+
+def summarize(histogram: HdrHistogram) -> dict[str, float | int]:
+    """count, p50/p90/p99/p99.9, max and mean, in milliseconds."""
+    count = histogram.get_total_count()
+    out: dict[str, float | int] = {"count": count}
+    for p in PERCENTILES:
+        out[f"p{p:g}_ms"] = histogram.get_value_at_percentile(p) / 1000.0 if count else 0.0
+    out["max_ms"] = histogram.get_max_value() / 1000.0 if count else 0.0
+    out["mean_ms"] = round(histogram.get_mean_value() / 1000.0, 3) if count else 0.0
+    return out
+
+
+@dataclass
+class _Interval:
+    raw: HdrHistogram
+    corrected: HdrHistogram
+
+
+def _new_interval() -> _Interval:
+    return _Interval(new_histogram(INTERVAL_SIGNIFICANT_FIGURES), new_histogram(INTERVAL_SIGNIFICANT_FIGURES))
+
+
+class LatencyBook:
+    """Histograms of one process (recording) or of the whole run (collecting).
+
+    ``record`` adds a request; ``export`` hands over everything recorded since the last
+    export (and forgets it); ``absorb`` adds an export from any process.
+    """
+
+    def __init__(self, start_epoch: float = 0.0) -> None:
+        self.start_epoch = start_epoch
+        self.totals: dict[str, HdrHistogram] = {}
+        self.intervals: dict[int, _Interval] = {}
+        self._sealed: dict[int, tuple[str, str]] = {}
+        self.clamped = 0
+
+    # -- recording -------------------------------------------------------------------
+    def record(self, name: str, *, intended: float, sent: float, done: float) -> None:
+        """One request: ``intended``/``sent``/``done`` are wall-clock epoch seconds."""
+        raw_s, corrected_s = done - sent, done - min(intended, sent)
+        raw, corrected = to_us(raw_s), to_us(corrected_s)
+        self.clamped += (raw_s * 1e6 > HIGHEST_US) + (corrected_s * 1e6 > HIGHEST_US)
+        for key in (f"{name}.raw", "all.raw"):
+            self._total(key).record_value(raw)
+        for key in (f"{name}.corrected", "all.corrected"):
+            self._total(key).record_value(corrected)
+        second = int(done - self.start_epoch)
+        interval = self.intervals.get(second)
+        if interval is None:
+            interval = self.intervals[second] = _new_interval()
+        interval.raw.record_value(raw)
+        interval.corrected.record_value(corrected)
+
+    def record_value(self, key: str, seconds: float) -> None:
+        """A value that is not a request latency (e.g. the dispatcher's own lateness)."""
+        self._total(key).record_value(to_us(seconds))
+
+    def _total(self, key: str) -> HdrHistogram:
+        h = self.totals.get(key)
+        if h is None:
+            h = self.totals[key] = new_histogram()
+        return h
+
+    # -- shipping between processes ------------------------------------------------------
+    def export(self) -> dict[str, Any]:
+        """Everything recorded since the last export, encoded; the book starts afresh."""
+        payload = {
+            "totals": {k: encode(h) for k, h in self.totals.items() if h.get_total_count()},
+            "intervals": {
+                str(s): [encode(i.raw), encode(i.corrected)] for s, i in self.intervals.items()
+            },
+            "clamped": self.clamped,
+        }
+        self.totals, self.intervals, self.clamped = {}, {}, 0
+        return payload
+
+    def absorb(self, payload: Mapping[str, Any]) -> None:
+        for key, blob in payload.get("totals", {}).items():
+            self._total(key).add(decode(blob))
+        for sec, (raw_blob, corr_blob) in payload.get("intervals", {}).items():
+            second = int(sec)
+            interval = self._interval_for_update(second)
+            interval.raw.add(decode(raw_blob))
+            interval.corrected.add(decode(corr_blob))
+        self.clamped += int(payload.get("clamped", 0))
+        self._seal_old()
+
+    def _interval_for_update(self, second: int) -> _Interval:
+        interval = self.intervals.get(second)
+        if interval is not None:
+            return interval
+        sealed = self._sealed.pop(second, None)
+        interval = self.intervals[second] = _new_interval()
+        if sealed:  # a late report for an old second: reopen it
+            interval.raw.add(decode(sealed[0]))
+            interval.corrected.add(decode(sealed[1]))
+        return interval
+
+    def _seal_old(self) -> None:
+        if not self.intervals:
+            return
+        newest = max(self.intervals)
+        for second in [s for s in self.intervals if s < newest - SEAL_AFTER_S]:
+            i = self.intervals.pop(second)
+            self._sealed[second] = (encode(i.raw), encode(i.corrected))
+
+    # -- reading ----------------------------------------------------------------------------
+    def total(self, key: str) -> HdrHistogram:
+        """A whole-run histogram (``all.raw``, ``order.corrected`` …); empty if never recorded."""
+        return self.totals.get(key) or new_histogram()
+
+    def names(self) -> list[str]:
+        return sorted({k.rsplit(".", 1)[0] for k in self.totals if k.endswith(".raw")})
+
+    def seconds(self) -> list[int]:
+        return sorted(set(self.intervals) | set(self._sealed))
+
+    def interval(self, second: int) -> tuple[HdrHistogram, HdrHistogram]:
+        """(raw, corrected) of one second of the run; empty histograms if nothing completed then."""
+        if second in self.intervals:
+            i = self.intervals[second]
+            return i.raw, i.corrected
+        if second in self._sealed:
+            raw_blob, corr_blob = self._sealed[second]
+            return decode(raw_blob), decode(corr_blob)
+        return new_histogram(INTERVAL_SIGNIFICANT_FIGURES), new_histogram(INTERVAL_SIGNIFICANT_FIGURES)
+
+
+def write_log(path: str | os.PathLike[str], book: LatencyBook, which: str, *, comment: str = "") -> None:
+    """An HdrHistogram interval log (format 1.2, one line per second, values in µs, max in ms).
+
+    ``which`` is ``"raw"`` or ``"corrected"``. Readable by HdrHistogram's log tools
+    (HistogramLogProcessor, the online plotter) and by ``read_log``.
+    """
+    if which not in ("raw", "corrected"):
+        raise ValueError("which must be 'raw' or 'corrected'")
+    buf = io.StringIO()
+    writer = HistogramLogWriter(buf)
+    if comment:
+        writer.output_comment(comment)
+    writer.output_comment(f"flashsale latency, {which}, microseconds; timestamps are seconds since StartTime")
+    writer.output_log_format_version()
+    # hdrh's output_start_time is broken in 0.10 (calls a non-existent iso_format): write it here.
+    buf.write(f"#[StartTime: {book.start_epoch:.3f} (seconds since epoch)]\n")
+    writer.output_base_time(int(book.start_epoch * 1000))
+    writer.output_legend()
+    for second in book.seconds():
+        raw, corrected = book.interval(second)
+        h = raw if which == "raw" else corrected
+        if not h.get_total_count():
+            continue
+        # hdrh treats a 0 timestamp as "use the histogram's own": stamp it, in ms.
+        h.set_start_time_stamp(second * 1000)
+        h.set_end_time_stamp((second + 1) * 1000)
+        writer.output_interval_histogram(h, max_value_unit_ratio=1000.0)
+    with open(path, "w", encoding="ascii") as f:
+        f.write(buf.getvalue())
+
+
+def read_log(path: str | os.PathLike[str]) -> HdrHistogram:
+    """All interval histograms of a log added up (as written by ``write_log``)."""
+    reference = new_histogram(INTERVAL_SIGNIFICANT_FIGURES)
+    reader = HistogramLogReader(str(path), reference)
+    total = new_histogram(INTERVAL_SIGNIFICANT_FIGURES)
+    try:
+        while True:
+            h = reader.get_next_interval_histogram()
+            if h is None:
+                break
+            total.add(h)
+    finally:
+        reader.close()
+    return total

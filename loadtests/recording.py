@@ -1,0 +1,207 @@
+"""What each Locust process records during a drill, and how the collector merges it.
+
+A ``ProcessRecorder`` lives in every process that sends load. Per second of the run it
+counts arrivals (intended, started, dropped — by intended second), request outcomes (by
+completion second) and its own CPU use; it records latency into a ``LatencyBook`` and
+appends every order/payment attempt to its request log (JSON lines, one file per
+process). ``export()`` hands everything since the last export to the collector as one
+JSON-able payload: in distributed Locust runs it travels as a message to the master.
+
+The ``RunCollector`` (the master, or the only process) adds the payloads up, appends the
+request-log lines to the merged ``requests.jsonl``, keeps the service's own numbers polled
+from ``GET /api/admin/stats`` once a second, and answers "how is the run going" for the
+live progress line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+from loadtests.latency import LatencyBook
+
+__all__ = ["ProcessRecorder", "RunCollector", "ServiceSample", "parse_stats"]
+
+
+class ProcessRecorder:
+    """Counters, histograms and the request log of one load-generating process."""
+
+    def __init__(self, proc_id: str, start_epoch: float, *, request_log: Path | None = None) -> None:
+        self.proc_id = proc_id
+        self.start_epoch = start_epoch
+        self.book = LatencyBook(start_epoch)
+        self.seconds: dict[int, Counter[str]] = defaultdict(Counter)
+        self.cpu: dict[int, float] = {}
+        self._lines: list[dict[str, Any]] = []
+        self._lock = threading.Lock()  # CPU sampling may come from a thread in some hosts
+        self._file: TextIO | None = None
+        if request_log is not None:
+            request_log.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(request_log, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.done = False
+        self.dispatch: dict[str, Any] = {}
+
+    def second(self, epoch: float) -> int:
+        return int(epoch - self.start_epoch) if epoch >= self.start_epoch else -1 - int(self.start_epoch - epoch)
+
+    def arrival(self, intended: float, started: bool, lag_s: float) -> None:
+        c = self.seconds[self.second(intended)]
+        c["arrivals.started" if started else "arrivals.dropped"] += 1
+        self.book.record_value("dispatch_lag", lag_s)
+
+    def request(self, name: str, *, intended: float, sent: float, done: float, expected: bool, label: str) -> None:
+        """One request finished; ``label`` is its outcome (``201``, ``409:sold_out``, ``0:timeout`` …)."""
+        c = self.seconds[self.second(done)]
+        c[f"req.{name}"] += 1
+        c[f"out.{name}.{label}"] += 1
+        if not expected:
+            c[f"err.{name}"] += 1
+        self.book.record(name, intended=intended, sent=sent, done=done)
+
+    def log(self, line: dict[str, Any]) -> None:
+        line = {"proc": self.proc_id, **line}
+        with self._lock:
+            self._lines.append(line)
+            if self._file is not None:
+                self._file.write(json.dumps(line, separators=(",", ":")) + "\n")
+
+    def sample_cpu(self, epoch: float, percent: float) -> None:
+        s = self.second(epoch)
+        self.cpu[s] = max(self.cpu.get(s, 0.0), percent)
+
+    def export(self) -> dict[str, Any]:
+        with self._lock:
+            lines, self._lines = self._lines, []
+            if self._file is not None:
+                self._file.flush()
+        payload = {
+            "proc": self.proc_id,
+            "seconds": {str(s): dict(c) for s, c in self.seconds.items()},
+            "cpu": {str(s): v for s, v in self.cpu.items()},
+            "latency": self.book.export(),
+            "requests": lines,
+            "done": self.done,
+            "dispatch": dict(self.dispatch),
+        }
+        self.seconds = defaultdict(Counter)
+        self.cpu = {}
+        return payload
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+@dataclass(frozen=True)
+class ServiceSample:
+    """The service's own view at one instant (``GET /api/admin/stats``), as far as it says."""
+
+    t: float
+    skus: dict[str, dict[str, int]] = field(default_factory=dict)
+    backlog: int | None = None
+    written: int | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def parse_stats(body: Mapping[str, Any], t: float) -> ServiceSample:
+    """Reads per-SKU stock, the stream backlog and the writer's progress from a stats body.
+
+    Accepts ``skus`` as ``{sku: {...}}`` or ``[{"sku": …}]``; ``backlog`` at the top or
+    under ``stream``/``queue``; the writer's rows under ``writer.written``/``writer.rows``.
+    Whatever is missing is left ``None`` (the report says "not reported").
+    """
+    skus: dict[str, dict[str, int]] = {}
+    raw_skus = body.get("skus") or {}
+    items: Iterable[tuple[str, Any]]
+    if isinstance(raw_skus, Mapping):
+        items = raw_skus.items()
+    else:
+        items = ((str(s.get("sku")), s) for s in raw_skus if isinstance(s, Mapping))
+    for sku, counters in items:
+        if isinstance(counters, Mapping):
+            skus[sku] = {k: v for k, v in ((k, _int(counters.get(k))) for k in
+                         ("total", "available", "held", "sold", "reserve")) if v is not None}
+    backlog = _int(body.get("backlog"))
+    for key in ("stream", "queue"):
+        sub = body.get(key)
+        if backlog is None and isinstance(sub, Mapping):
+            backlog = _int(sub.get("backlog"))
+    written = None
+    writer = body.get("writer")
+    if isinstance(writer, Mapping):
+        written = _int(writer.get("written", writer.get("rows")))
+    return ServiceSample(t, skus, backlog, written, dict(body))
+
+
+class RunCollector:
+    """The whole run, merged from every process's exports."""
+
+    def __init__(self, start_epoch: float, report_dir: Path | None = None) -> None:
+        self.start_epoch = start_epoch
+        self.book = LatencyBook(start_epoch)
+        self.seconds: dict[int, Counter[str]] = defaultdict(Counter)
+        self.cpu: dict[str, dict[int, float]] = defaultdict(dict)
+        self.done: dict[str, bool] = {}
+        self.dispatch: dict[str, dict[str, Any]] = {}
+        self.service: list[ServiceSample] = []
+        self.request_lines = 0
+        self._requests: TextIO | None = None
+        self.requests_path: Path | None = None
+        if report_dir is not None:
+            report_dir.mkdir(parents=True, exist_ok=True)
+            self.requests_path = report_dir / "requests.jsonl"
+            self._requests = open(self.requests_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def expect(self, procs: Iterable[str]) -> None:
+        """Processes whose final export the run waits for."""
+        for p in procs:
+            self.done.setdefault(p, False)
+
+    def absorb(self, payload: Mapping[str, Any]) -> None:
+        proc = str(payload["proc"])
+        for sec, counts in payload.get("seconds", {}).items():
+            self.seconds[int(sec)].update(counts)
+        for sec, value in payload.get("cpu", {}).items():
+            mine = self.cpu[proc]
+            mine[int(sec)] = max(mine.get(int(sec), 0.0), float(value))
+        self.book.absorb(payload.get("latency", {}))
+        lines = payload.get("requests", [])
+        if self._requests is not None and lines:
+            self._requests.write("".join(json.dumps(x, separators=(",", ":")) + "\n" for x in lines))
+            self._requests.flush()
+        self.request_lines += len(lines)
+        if payload.get("dispatch"):
+            self.dispatch[proc] = dict(payload["dispatch"])
+        self.done[proc] = bool(payload.get("done")) or self.done.get(proc, False)
+
+    def add_service_sample(self, sample: ServiceSample) -> None:
+        self.service.append(sample)
+
+    @property
+    def all_done(self) -> bool:
+        return bool(self.done) and all(self.done.values())
+
+    def totals(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for c in self.seconds.values():
+            total.update(c)
+        return total
+
+    def close(self) -> None:
+        if self._requests is not None:
+            self._requests.close()
+            self._requests = None

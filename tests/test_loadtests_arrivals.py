@@ -1,0 +1,130 @@
+"""The open-model dispatcher: on-time starts, dropped arrivals, coordinated omission, and the
+T0 rendezvous landing at the same instant in separate Locust-like processes."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import gevent
+import pytest
+
+from loadtests.arrivals import Arrival, ArrivalDispatcher, ArrivalPlan
+from loadtests.latency import LatencyBook, summarize
+from loadtests.shapes import Impulse, Segment, Shape
+
+
+def _constant(rate: float, seconds: float) -> Shape:
+    return Shape("constant", (Segment(0.0, seconds, "constant", rate),))
+
+
+def test_arrivals_start_on_time_whatever_the_response_times() -> None:
+    # Visits that take 300 ms would throttle a closed-model user to ~3/s; open model keeps 200/s.
+    shape = _constant(200.0, 1.0)
+    started: list[tuple[float, float]] = []
+
+    def visit(a: Arrival, at: float) -> None:
+        started.append((a.intended, at))
+        gevent.sleep(0.3)
+
+    plan = ArrivalPlan(shape, time.time() + 0.2)
+    totals = ArrivalDispatcher(plan, visit, max_in_flight=500).run()
+    assert totals.scheduled == totals.started == 200 and totals.dropped == 0
+    lateness = sorted(at - intended for intended, at in started)
+    assert lateness[int(0.99 * len(lateness))] < 0.02  # sub-second resolution, not 1 s ticks
+    assert started[-1][1] - started[0][1] < 1.05
+
+
+def test_arrivals_without_a_free_slot_are_dropped_and_counted() -> None:
+    shape = _constant(200.0, 0.25)  # 50 arrivals in 250 ms
+    seen: list[bool] = []
+    dispatcher = ArrivalDispatcher(
+        ArrivalPlan(shape, time.time() + 0.1), lambda a, at: gevent.sleep(0.5),
+        max_in_flight=2, max_queue_wait_s=0.05, on_arrival=lambda a, ok, lag: seen.append(ok),
+    )
+    totals = dispatcher.run()
+    assert (totals.started, totals.dropped, totals.scheduled) == (2, 48, 50)
+    assert seen.count(True) == 2 and seen.count(False) == 48
+
+
+def test_a_full_waiting_room_drops_at_once() -> None:
+    shape = _constant(1000.0, 0.02)  # 20 arrivals
+    dispatcher = ArrivalDispatcher(ArrivalPlan(shape, time.time() + 0.05), lambda a, at: gevent.sleep(0.2),
+                                   max_in_flight=1, max_waiting=3, max_queue_wait_s=5.0)
+    totals = dispatcher.run()
+    # 1 running, 3 waiting (each served in turn within the 5 s wait), 16 dropped on arrival.
+    assert (totals.started, totals.dropped) == (4, 16)
+
+
+def test_corrected_latency_exposes_a_stall_that_raw_latency_hides() -> None:
+    # One slot (like one connection), arrivals every 10 ms, each answered in ~1 ms — except one
+    # answer that stalls 500 ms. Arrivals meant for the stall wait for the slot: raw latency
+    # (from the actual send) stays small, corrected latency (from the intended send) does not.
+    book = LatencyBook(time.time())
+    calls = {"n": 0}
+
+    def visit(a: Arrival, sent: float) -> None:
+        calls["n"] += 1
+        gevent.sleep(0.5 if calls["n"] == 50 else 0.001)
+        book.record("order", intended=a.intended, sent=sent, done=time.time())
+
+    totals = ArrivalDispatcher(ArrivalPlan(_constant(100.0, 3.0), time.time() + 0.1), visit,
+                               max_in_flight=1, max_waiting=1000, max_queue_wait_s=5.0).run()
+    assert totals.dropped == 0 and totals.started == 300
+    raw, corrected = summarize(book.total("order.raw")), summarize(book.total("order.corrected"))
+    assert raw["p99_ms"] < 50
+    assert corrected["p99_ms"] > 400
+    assert corrected["p90_ms"] > 100  # ~50 of 300 arrivals waited behind the stall
+    assert 490 <= raw["max_ms"] <= 700 and corrected["max_ms"] >= raw["max_ms"]
+
+
+def test_stop_ends_visits_in_flight() -> None:
+    finished: list[int] = []
+
+    def visit(a: Arrival, at: float) -> None:
+        gevent.sleep(10)
+        finished.append(a.seq)
+
+    dispatcher = ArrivalDispatcher(ArrivalPlan(_constant(100.0, 5.0), time.time()), visit)
+    runner = gevent.spawn(dispatcher.run)
+    gevent.sleep(0.3)
+    dispatcher.stop()
+    runner.join(timeout=5)
+    assert runner.ready() and dispatcher.in_flight == 0 and finished == []
+    assert dispatcher.totals.started < 100
+
+
+def _rendezvous_process(index: int, count: int, start_epoch: float, out: multiprocessing.Queue) -> None:
+    shape = Shape("t0", (Segment(0.0, 1.0, "constant", 5.0), Segment(1.0, 1.5, "constant", 5.0)),
+                  impulses=(Impulse(1.0, 30.0),), t0_s=1.0)
+    sends: list[float] = []
+
+    def visit(a: Arrival, at: float) -> None:
+        if a.kind == "rendezvous":
+            sends.append(time.time())
+
+    ArrivalDispatcher(ArrivalPlan(shape, start_epoch, index, count), visit).run()
+    out.put((index, min(sends), max(sends), len(sends)))
+
+
+@pytest.mark.timeout(60)
+def test_t0_rendezvous_lands_within_a_bounded_skew_across_processes() -> None:
+    ctx = multiprocessing.get_context("spawn")
+    out: multiprocessing.Queue = ctx.Queue()
+    start_epoch = time.time() + 4.0  # room for the interpreters to start
+    procs = [ctx.Process(target=_rendezvous_process, args=(k, 3, start_epoch, out)) for k in range(3)]
+    for p in procs:
+        p.start()
+    try:
+        results = [out.get(timeout=30) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+        out.close()
+        out.join_thread()
+    t0 = start_epoch + 1.0
+    firsts = [r[1] for r in results]
+    assert sum(r[3] for r in results) == 30 and all(r[3] == 10 for r in results)
+    assert max(firsts) - min(firsts) < 0.05  # bounded skew between processes
+    assert all(0 <= f - t0 < 0.05 for f in firsts)  # and on the wall-clock T0
+    assert all(r[2] - r[1] < 0.05 for r in results)  # each process fires its share together

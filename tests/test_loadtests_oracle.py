@@ -1,0 +1,128 @@
+"""The oracle's verdict on canned audits: clean passes; every planted violation fails."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from loadtests import exit_codes
+from loadtests.oracle import VIOLATION_KINDS, merge_request_logs, read_request_log, verdict_from_audit
+
+
+def _clean_audit() -> dict[str, Any]:
+    return {
+        "ok": True,
+        "violations": {k: [] for k in VIOLATION_KINDS},
+        "skus": {
+            "phone": {"total": 60, "available": 0, "held": 0, "sold": 50, "reserve": 10},
+            "charger": {"total": 500, "available": 320, "held": 0, "sold": 180, "reserve": 0},
+        },
+        "orders": {"redis": 230, "postgres": 230},
+        "drained": True,
+    }
+
+
+def _write_log(path: Path, lines: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    return path
+
+
+def _order(rid: str, oid: str | None, outcome: str = "ok", **kw: Any) -> dict[str, Any]:
+    return {"kind": "order", "rid": rid, "order_id": oid, "outcome": outcome, "status": 201 if oid else 409,
+            "code": "" if oid else "sold_out", **kw}
+
+
+@pytest.fixture
+def log(tmp_path: Path) -> Any:
+    lines = [
+        _order("r1", "o1", pay_by_ms=1_000), _order("r2", "o2", pay_by_ms=2_000),
+        _order("r2", "o2", replayed=True, pay_by_ms=2_000),  # a retry answered with the same order
+        _order("r3", None, outcome="failed"), _order("r4", None, outcome="unknown", status=0),
+        {"kind": "pay", "order_id": "o1", "outcome": "paid"},
+    ]
+    return read_request_log([_write_log(tmp_path / "requests.jsonl", lines)])
+
+
+def test_request_log_summary(log: Any) -> None:
+    assert log.acknowledged == ("o1", "o2")
+    assert (log.attempts, log.ok, log.failed, log.unknown, log.replays) == (5, 3, 1, 1, 1)
+    assert log.paid == ("o1",) and log.last_unpaid_pay_by_ms == 2_000  # o2 was never paid
+    assert log.rid_conflicts == {}
+    assert log.failed_by_code == {"409:sold_out": 1}
+
+
+def test_a_clean_audit_holds(log: Any) -> None:
+    verdict = verdict_from_audit(_clean_audit(), log)
+    assert verdict.invariants_held, verdict.failed
+    assert {c.name for c in verdict.checks} >= {*VIOLATION_KINDS, "conservation", "holds_lapsed", "drained"}
+
+
+@pytest.mark.parametrize("kind", VIOLATION_KINDS)
+def test_each_planted_violation_fails_its_check_and_only_it(kind: str, log: Any) -> None:
+    audit = _clean_audit()
+    audit["ok"] = False
+    audit["violations"][kind] = [{"order_id": "o9", "sku": "phone", "planted": kind}]
+    verdict = verdict_from_audit(audit, log)
+    assert [c.name for c in verdict.failed] == [kind]
+    assert "planted" in verdict.failed[0].detail
+    assert exit_codes.decide(invariants_held=verdict.invariants_held, run_valid=True, slo_passed=True) == 2
+
+
+def test_broken_conservation_fails(log: Any) -> None:
+    audit = _clean_audit()
+    audit["skus"]["phone"]["sold"] = 51  # one unit sold that was never stocked: an oversell
+    verdict = verdict_from_audit(audit, log)
+    assert [c.name for c in verdict.failed] == ["conservation"]
+    assert "phone" in verdict.failed[0].detail
+
+
+def test_negative_counters_fail_conservation(log: Any) -> None:
+    audit = _clean_audit()
+    audit["skus"]["phone"].update(available=-1, sold=51)
+    assert [c.name for c in verdict_from_audit(audit, log).failed] == ["conservation"]
+
+
+def test_holds_that_outlived_their_ttl_fail(log: Any) -> None:
+    audit = _clean_audit()
+    audit["skus"]["charger"].update(available=318, held=2)
+    assert [c.name for c in verdict_from_audit(audit, log).failed] == ["holds_lapsed"]
+
+
+def test_an_undrained_queue_fails(log: Any) -> None:
+    audit = _clean_audit()
+    audit["drained"] = False
+    assert [c.name for c in verdict_from_audit(audit, log).failed] == ["drained"]
+
+
+def test_redis_and_postgres_counts_must_match(log: Any) -> None:
+    audit = _clean_audit()
+    audit["orders"]["postgres"] = 229
+    assert [c.name for c in verdict_from_audit(audit, log).failed] == ["orders_match"]
+
+
+def test_no_skus_in_the_audit_is_not_a_pass(log: Any) -> None:
+    audit = _clean_audit()
+    audit["skus"] = {}
+    assert "conservation" in [c.name for c in verdict_from_audit(audit, log).failed]
+
+
+def test_ok_false_without_a_named_violation_fails(log: Any) -> None:
+    audit = copy.deepcopy(_clean_audit())
+    audit["ok"] = False
+    assert [c.name for c in verdict_from_audit(audit, log).failed] == ["audit_ok"]
+
+
+def test_one_request_id_answered_with_two_orders_is_a_duplicate(tmp_path: Path) -> None:
+    # Seen from the clients alone: a retry that bought again instead of replaying.
+    a = _write_log(tmp_path / "a.jsonl", [_order("r7", "o7")])
+    b = _write_log(tmp_path / "b.jsonl", [_order("r7", "o8", replayed=True)])
+    merged = tmp_path / "requests.jsonl"
+    assert merge_request_logs([a, b], merged) == 2
+    log = read_request_log([merged])
+    assert log.rid_conflicts == {"r7": ["o7", "o8"]}
+    verdict = verdict_from_audit(_clean_audit(), log)
+    assert [c.name for c in verdict.failed] == ["duplicates"]

@@ -1,0 +1,130 @@
+"""The report folder from a synthetic run: schema, timeline, logs, plots, verdict and exit code."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+from loadtests import exit_codes
+from loadtests.arrivals import ArrivalPlan
+from loadtests.latency import read_log
+from loadtests.oracle import VIOLATION_KINDS, read_request_log, verdict_from_audit
+from loadtests.recording import ProcessRecorder, RunCollector, parse_stats
+from loadtests.report import SCHEMA_VERSION, DrillEvent, order_bucket, write_report
+from loadtests.shapes import midnight_surge
+
+START = 1_800_000_000.0
+
+
+def _synthetic_run(tmp_path: Path, *, stall_at: float | None = None) -> tuple[RunCollector, object]:
+    """Two processes replay a small midnight surge against an imaginary service that sells
+    40 phones, answering in ~3 ms (or stalling 800 ms around ``stall_at``)."""
+    shape = midnight_surge(60.0, 0.2)
+    collector = RunCollector(START, tmp_path / "report")
+    collector.expect(["p0", "p1"])
+    rng = random.Random(5)
+    stock = 40
+    recorders = [ProcessRecorder(f"p{k}", START, request_log=tmp_path / f"p{k}.jsonl") for k in range(2)]
+    for k, rec in enumerate(recorders):
+        for a in ArrivalPlan(shape, START, k, 2):
+            rec.arrival(a.intended, True, 0.001)
+            sent = a.intended + 0.0005
+            slow = stall_at is not None and abs(a.offset - stall_at) < 0.5
+            done = sent + (0.8 if slow else rng.uniform(0.001, 0.005))
+            if a.kind == "countdown":
+                rec.request("browse", intended=a.intended, sent=sent, done=done, expected=True, label="200")
+                continue
+            if a.offset >= shape.t0_s and stock > 0:
+                stock -= 1
+                label, oid = "201", f"o{a.seq}"
+            else:
+                label, oid = "409:sold_out", None
+            rec.request("order", intended=a.intended, sent=sent, done=done, expected=True, label=label)
+            rec.log({"kind": "order", "rid": f"r{a.seq}", "order_id": oid, "outcome": "ok" if oid else "failed",
+                     "status": int(label[:3]), "code": "" if oid else "sold_out"})
+        rec.sample_cpu(START + 3, 35.0)
+        rec.done = True
+        collector.absorb(json.loads(json.dumps(rec.export())))
+        rec.close()
+    # The service's stats, polled once a second: the phone sells out within a few seconds of T0.
+    left = 40
+    for s in range(int(shape.duration_s) + 1):
+        if s >= shape.t0_s:
+            left = max(left - 15, 0)
+        body = {"skus": {"phone": {"total": 40, "available": left, "held": 0, "sold": 40 - left, "reserve": 0}},
+                "stream": {"backlog": 3 if left else 0}, "writer": {"written": (40 - left)}}
+        collector.add_service_sample(parse_stats(body, START + s + 0.5))
+    collector.close()
+    return collector, shape
+
+
+def test_report_folder(tmp_path: Path) -> None:
+    collector, shape = _synthetic_run(tmp_path)
+    log = read_request_log([collector.requests_path])  # type: ignore[list-item]
+    audit = {"ok": True, "violations": {k: [] for k in VIOLATION_KINDS}, "drained": True,
+             "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 40, "reserve": 0}},
+             "orders": {"redis": 40, "postgres": 40}}
+    verdict = verdict_from_audit(audit, log)
+    report = write_report(
+        tmp_path / "report", collector, shape, {"id": "t1", "host": "http://test"},  # type: ignore[arg-type]
+        elapsed_s=shape.duration_s, thresholds=["latency:p(99)<500", "arrival_ratio:value>0.95"], verdict=verdict,
+        events=[DrillEvent(START + shape.t0_s + 2, "reserve released")],
+    )
+    folder = tmp_path / "report"
+    for name in ("summary.json", "timeline.csv", "latency-raw.hlog", "latency-corrected.hlog", "report.html",
+                 "requests.jsonl", "plots/arrivals.png", "plots/orders.png", "plots/latency.png", "plots/stock.png",
+                 "plots/queue.png"):
+        assert (folder / name).is_file(), name
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["schema_version"] == SCHEMA_VERSION and summary["schema"] == "flashsale.drill.summary"
+    assert summary["exit_code"] == report.exit_code == exit_codes.OK
+    assert summary["arrivals"]["started"] == round(shape.total) and summary["arrivals"]["dropped"] == 0
+    assert abs(summary["ratios"]["arrival_ratio"] - 1) < 0.01
+    assert summary["requests"]["order"]["outcomes"]["201"] == 40
+    assert summary["oracle"]["invariants_held"] is True
+    assert summary["service"]["sold_out_at_s_from_t0"]["phone"] == [2.0]
+    assert summary["generator"]["cpu_max"] == {"p0": 35.0, "p1": 35.0}
+
+    rows = list(csv.DictReader((folder / "timeline.csv").read_text().splitlines()))
+    assert len(rows) >= int(shape.duration_s)
+    assert abs(sum(float(r["target_arrivals"]) for r in rows) - shape.total) < 0.01  # rounded to 3 places
+    assert sum(int(r["orders_created"]) for r in rows) == 40
+    assert {"p99_ms", "p99_corrected_ms", "backlog", "writer_rows_per_s", "available_phone"} <= set(rows[0])
+    assert read_log(folder / "latency-raw.hlog").get_total_count() == sum(int(r["requests"]) for r in rows)
+
+    page = (folder / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 5
+    assert "exit 0" in page and "all good" in page
+    assert summary["events"] == [{"t_from_t0_s": 2.0, "what": "reserve released"}]
+
+
+def test_planted_violation_and_an_invalid_run_set_the_exit_code(tmp_path: Path) -> None:
+    collector, shape = _synthetic_run(tmp_path, stall_at=6.0)
+    log = read_request_log([collector.requests_path])  # type: ignore[list-item]
+    audit = {"ok": False, "violations": {**{k: [] for k in VIOLATION_KINDS}, "oversold": [{"sku": "phone", "by": 1}]},
+             "drained": True, "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 41, "reserve": 0}}}
+    kwargs = dict(elapsed_s=shape.duration_s, thresholds=["latency:p(99)<500"], plots=False)
+    report = write_report(tmp_path / "r1", collector, shape, {"id": "t2"}, verdict=verdict_from_audit(audit, log),  # type: ignore[arg-type]
+                          **kwargs)  # type: ignore[arg-type]
+    assert report.exit_code == exit_codes.INVARIANT_VIOLATED
+    # Without the oracle able to judge, the run is invalid rather than "all good".
+    report = write_report(tmp_path / "r2", collector, shape, {"id": "t3"}, oracle_error="service unreachable",  # type: ignore[arg-type]
+                          **kwargs)  # type: ignore[arg-type]
+    assert report.exit_code == exit_codes.RUN_INVALID
+    # The stall shows in the SLO: with a clean audit the run only misses its SLO.
+    clean = {**audit, "ok": True, "violations": {k: [] for k in VIOLATION_KINDS},
+             "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 40, "reserve": 0}}}
+    report = write_report(tmp_path / "r3", collector, shape, {"id": "t4"}, verdict=verdict_from_audit(clean, log),  # type: ignore[arg-type]
+                          **kwargs)  # type: ignore[arg-type]
+    assert report.exit_code == exit_codes.SLO_MISSED
+    assert not (tmp_path / "r3" / "report.html").exists()
+
+
+def test_order_buckets() -> None:
+    assert [order_bucket(x) for x in ("201", "201:replayed", "409:sold_out", "429:limit_exceeded",
+                                      "409:sale_not_open", "422:invalid_request", "503:overloaded",
+                                      "504:outcome_unknown", "0:no_answer")] == [
+        "created", "replayed", "sold_out", "limit_exceeded", "not_open", "failed_other", "failed_other",
+        "unknown", "unknown"]
