@@ -1,0 +1,285 @@
+"""``python -m benchmarks``: run every benchmark against one pair of servers, print one
+table, write JSON, and fail when a correctness claim broke.
+
+Benchmarks of this package return figures; benchmarks written as their own programs
+(``writer_bench``, ``buckets_bench``) run as subprocesses pointed at the same servers, and
+their printed tables are shown and kept in the JSON as they printed them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from importlib import metadata
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flashsale.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack, ServerError
+
+from . import ceilings, inventory_bench, strategies
+from .machine import describe_machine, load_average
+from .report import GENERATOR_BOUND, Claim, Figure, check_claims, render_table, write_json
+from .servers import Servers, open_servers
+from .settings import BenchSettings
+
+__all__ = ["BENCHMARKS", "EXTERNAL", "main"]
+
+Measure = Callable[[Servers, BenchSettings, list[Figure]], Awaitable[list[Figure]]]
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    summary: str
+    measure: Measure
+
+
+async def _strategies(servers: Servers, settings: BenchSettings, _done: list[Figure]) -> list[Figure]:
+    return await strategies.compare(servers, settings)
+
+
+async def _inventory(servers: Servers, settings: BenchSettings, _done: list[Figure]) -> list[Figure]:
+    return await inventory_bench.measure_library(servers, settings)
+
+
+def engine_figure(done: Sequence[Figure]) -> Figure | None:
+    """The engine's steady-state rate: the library bench's coalesced figure, else the
+    strategy comparison's engine row."""
+    for section, name in ((inventory_bench.SECTION, inventory_bench.COALESCED),
+                          (strategies.SECTION, strategies.EngineHold.name)):
+        for f in done:
+            if f.section == section and f.name == name:
+                return f
+    return None
+
+
+async def _ceilings(servers: Servers, settings: BenchSettings, done: list[Figure]) -> list[Figure]:
+    return ceilings.with_engine_share(await ceilings.measure_ceilings(servers, settings), engine_figure(done))
+
+
+async def _service(servers: Servers, settings: BenchSettings, done: list[Figure]) -> list[Figure]:
+    from . import service_bench
+
+    return await service_bench.measure_service(servers, settings)
+
+
+BENCHMARKS: tuple[Benchmark, ...] = (
+    Benchmark("strategies", "six ways of holding stock, run until sold out: speed and units oversold", _strategies),
+    Benchmark("inventory", "the inventory library, coalesced and not, beside one raw EVALSHA per reservation", _inventory),
+    Benchmark("ceilings", "raw EVALSHA calls/s against the same Redis; the engine as a share of it", _ceilings),
+    Benchmark("service", "POST /api/orders beside a trivial aiohttp endpoint, same load generator", _service),
+)
+
+#: Benchmarks that are programs of their own, run as ``python -m benchmarks.<module>``.
+EXTERNAL: dict[str, str] = {
+    "writer": "writer_bench",
+    "buckets": "buckets_bench",
+}
+
+
+def _available(name: str) -> bool:
+    if name == "service":
+        return importlib.util.find_spec("benchmarks.service_bench") is not None
+    if name in EXTERNAL:
+        return importlib.util.find_spec(f"benchmarks.{EXTERNAL[name]}") is not None
+    return True
+
+
+def _all_names() -> list[str]:
+    return [b.name for b in BENCHMARKS] + list(EXTERNAL)
+
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _external_args(module: str, settings: BenchSettings) -> list[str]:
+    """Pass on --quick / --seconds when the program accepts them (read from its --help)."""
+    try:
+        helptext = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{module}", "--help"],
+            capture_output=True, text=True, timeout=60, cwd=_ROOT,
+        ).stdout  # fmt: skip
+    except subprocess.TimeoutExpired:
+        helptext = ""
+    args: list[str] = []
+    if settings.quick and "--quick" in helptext:
+        args.append("--quick")
+    elif "--seconds" in helptext:
+        args += ["--seconds", f"{settings.seconds:g}"]
+    return args
+
+
+def _run_external(name: str, module: str, servers: Servers, settings: BenchSettings) -> dict[str, Any]:
+    command = [sys.executable, "-m", f"benchmarks.{module}", *_external_args(module, settings)]
+    env = dict(os.environ, **{REDIS_URL_ENV: servers.redis_url, DATABASE_URL_ENV: servers.database_url})
+    started = time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=_ROOT, timeout=1800)
+    return {
+        "name": name,
+        "command": " ".join(["python", "-m", f"benchmarks.{module}", *command[3:]]),
+        "exit_code": done.returncode,
+        "seconds": round(time.perf_counter() - started, 1),
+        "output": done.stdout,
+        "errors": done.stderr[-4000:] if done.returncode else "",
+    }
+
+
+_COLUMNS_EXPLAINED = f"""\
+rate /s: units reserved (or calls, requests) per second of wall time; in parentheses when
+  the strategy oversold: a wrong answer fast is not a throughput.
+p50/p99 ms: latency of one attempt as its client saw it (closed loop: N clients, one attempt
+  outstanding each, so queueing inside the system is included).
+oversold: units granted minus units stocked, counted from the clients' answers and checked
+  against the store's own counters after the run.
+ratio: this rate over the named reference, both measured in this run.
+gen CPU: CPU time of the process generating the load over wall time (100% = one core);
+  above {GENERATOR_BOUND:.0%} it is SATURATED and the figure is what that process can push,
+  not what the server can take. In-process benchmarks run the client library in the
+  generator, as a service would: there the generator is the application.
+server CPU: Redis's (INFO cpu) or the embedded PostgreSQL's CPU time over wall time."""
+
+
+def _headline(machine: dict[str, Any], settings: BenchSettings) -> str:
+    return (
+        f"flashsale benchmarks ({'quick' if settings.quick else 'full'}) on {machine['cpu_model']}, "
+        f"{machine['cores']} cores, load average {machine['load_average_at_start']} at start; "
+        f"Python {machine['python']} ({machine['event_loop']}), Redis {machine['redis']['version']}, "
+        f"PostgreSQL {machine['postgresql']['version']} (fsync={machine['postgresql']['fsync']})\n"
+        "Absolute figures move with whatever else the machine runs (a shared 2-core machine moves a lot); "
+        "ratios measured in one run are what to compare."
+    )
+
+
+def _summary(figures: Sequence[Figure]) -> list[str]:
+    lines = []
+    for f in figures:
+        if f.claim is Claim.MAY_OVERSELL:
+            if f.oversold:
+                lines.append(
+                    f"{f.name}: OVERSOLD {f.oversold} units of {f.stock} with {f.clients} "
+                    "concurrent clients: it looked fast because it sold what it did not have."
+                )
+            else:
+                lines.append(f"{f.name}: did not oversell this time; it can, and did in other runs.")
+    bound = [f"{f.section}/{f.name}" for f in figures if f.generator_bound]
+    if bound:
+        lines.append("generator-bound (the load generator saturated a core): " + ", ".join(bound))
+    return lines
+
+
+async def _run(selected: list[str], settings: BenchSettings, json_path: Path | None, event_loop: str) -> int:
+    try:
+        stack = EmbeddedStack().start()
+    except ServerError as exc:
+        print(f"benchmarks: cannot start the servers: {exc}", file=sys.stderr)
+        return 2
+    try:
+        servers = open_servers(stack)
+        machine = await describe_machine(servers, event_loop=event_loop)
+        print(_headline(machine, settings), flush=True)
+        figures: list[Figure] = []
+        externals: list[dict[str, Any]] = []
+        skipped: list[str] = []
+        for name in selected:
+            if not _available(name):
+                skipped.append(name)
+                continue
+            print(f"... {name}", file=sys.stderr, flush=True)
+            if name in EXTERNAL:
+                externals.append(await asyncio.to_thread(_run_external, name, EXTERNAL[name], servers, settings))
+                continue
+            bench = next(b for b in BENCHMARKS if b.name == name)
+            figures += await bench.measure(servers, settings, figures)
+        machine["load_average_at_end"] = load_average()
+    finally:
+        stack.stop()
+    problems = check_claims(figures)
+    problems += [f"{e['name']}: `{e['command']}` exited with {e['exit_code']}" for e in externals if e["exit_code"]]
+    print()
+    print(render_table(figures))
+    print()
+    for line in _summary(figures):
+        print(line)
+    for e in externals:
+        print(f"\n{e['name']} (`{e['command']}`, its own table):\n{e['output'].rstrip()}")
+        if e["errors"]:
+            print(textwrap.indent(e["errors"].rstrip(), "  ! "))
+    if skipped:
+        print(f"\nnot run (module not there yet): {', '.join(skipped)}")
+    print("\n" + _COLUMNS_EXPLAINED)
+    if problems:
+        print("\nPROBLEMS (the run fails):")
+        for p in problems:
+            print(f"  - {p}")
+    if json_path is not None:
+        write_json(
+            json_path, machine=machine, settings=settings.as_json(), figures=figures,
+            extra={"external": externals, "skipped": skipped}, problems=problems,
+        )  # fmt: skip
+        print(f"\nJSON written to {json_path}")
+    return 1 if problems else 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    names = "\n".join(f"  {b.name:<11} {b.summary}" for b in BENCHMARKS) + "\n" + "\n".join(
+        f"  {name:<11} benchmarks/{module}.py, run as its own program" for name, module in EXTERNAL.items()
+    )
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=(
+            "Measure, side by side on this machine, the ways of holding stock under a surge and "
+            "the ceilings around them. Servers: embedded Redis and PostgreSQL, or the ones named by "
+            f"{REDIS_URL_ENV} / {DATABASE_URL_ENV} (nothing there is flushed). Exits 1 when a "
+            "strategy broke its correctness claim or the harness's counts disagree with the store."
+        ),
+        epilog="benchmarks:\n" + names,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--quick", action="store_true", help="about a second per figure (CI); same code paths")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write machine, settings and figures here")
+    parser.add_argument("--only", action="append", metavar="NAME",
+                        help="run only this benchmark (repeat or comma-separate for several)")
+    parser.add_argument("--clients", type=int, help="concurrent clients in the strategy comparison (default 32)")
+    parser.add_argument("--callers", type=int, help="concurrent callers in the inventory bench (default 256)")
+    parser.add_argument("--seconds", type=float, help="seconds per figure (default 5, quick 1)")
+    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
+                        help="the loop the generator runs on (default uvloop, as the service does)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    selected = _all_names()
+    if args.only:
+        selected = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
+        unknown = [n for n in selected if n not in _all_names()]
+        if unknown:
+            print(f"benchmarks: unknown benchmark {', '.join(unknown)}; choose from {', '.join(_all_names())}",
+                  file=sys.stderr)
+            return 2
+    try:
+        settings = BenchSettings.from_env(quick=args.quick).with_overrides(
+            clients=args.clients, callers=args.callers, seconds=args.seconds
+        )
+    except ValueError as exc:
+        print(f"benchmarks: {exc}", file=sys.stderr)
+        return 2
+    loop_factory = None
+    event_loop = "asyncio"
+    if args.event_loop == "uvloop":
+        try:
+            import uvloop
+
+            loop_factory, event_loop = uvloop.new_event_loop, f"uvloop {metadata.version('uvloop')}"
+        except ImportError:
+            event_loop = "asyncio (uvloop not installed)"
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(_run(selected, settings, args.json, event_loop))
