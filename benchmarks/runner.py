@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from importlib import metadata
@@ -100,8 +102,9 @@ def _all_names() -> list[str]:
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def _external_args(module: str, settings: BenchSettings) -> list[str]:
-    """Pass on --quick / --seconds when the program accepts them (read from its --help)."""
+def _external_args(module: str, settings: BenchSettings, json_path: Path) -> list[str]:
+    """Pass on --quick (else --seconds) and --json when the program accepts them (read
+    from its --help)."""
     try:
         helptext = subprocess.run(
             [sys.executable, "-m", f"benchmarks.{module}", "--help"],
@@ -114,20 +117,32 @@ def _external_args(module: str, settings: BenchSettings) -> list[str]:
         args.append("--quick")
     elif "--seconds" in helptext:
         args += ["--seconds", f"{settings.seconds:g}"]
+    if "--json" in helptext:
+        args += ["--json", str(json_path)]
     return args
 
 
 def _run_external(name: str, module: str, servers: Servers, settings: BenchSettings) -> dict[str, Any]:
-    command = [sys.executable, "-m", f"benchmarks.{module}", *_external_args(module, settings)]
-    env = dict(os.environ, **{REDIS_URL_ENV: servers.redis_url, DATABASE_URL_ENV: servers.database_url})
-    started = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=_ROOT, timeout=1800)
+    with tempfile.TemporaryDirectory(prefix="flashsale-bench-") as tmp:
+        json_path = Path(tmp) / f"{module}.json"
+        args = _external_args(module, settings, json_path)
+        env = dict(os.environ, **{REDIS_URL_ENV: servers.redis_url, DATABASE_URL_ENV: servers.database_url})
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", f"benchmarks.{module}", *args],
+            capture_output=True, text=True, env=env, cwd=_ROOT, timeout=1800,
+        )  # fmt: skip
+        report = json.loads(json_path.read_text()) if json_path.exists() else None
+    shown = [a for a in args if a != str(json_path)]
+    if "--json" in shown:
+        shown.remove("--json")
     return {
         "name": name,
-        "command": " ".join(["python", "-m", f"benchmarks.{module}", *command[3:]]),
+        "command": " ".join(["python", "-m", f"benchmarks.{module}", *shown]),
         "exit_code": done.returncode,
         "seconds": round(time.perf_counter() - started, 1),
         "output": done.stdout,
+        "report": report,
         "errors": done.stderr[-4000:] if done.returncode else "",
     }
 
@@ -203,8 +218,9 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
         stack.stop()
     problems = check_claims(figures)
     problems += [f"{e['name']}: `{e['command']}` exited with {e['exit_code']}" for e in externals if e["exit_code"]]
-    print()
-    print(render_table(figures))
+    if figures:
+        print()
+        print(render_table(figures))
     print()
     for line in _summary(figures):
         print(line)

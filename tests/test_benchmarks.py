@@ -138,6 +138,27 @@ def test_the_redis_ceiling_is_measured_with_the_engine_as_a_share_of_it(quick: t
         assert f["ratio"] is not None and f["ratio_to"] == "(engine / this)"
 
 
+def test_the_service_is_measured_beside_the_http_ceiling_with_the_same_generator(
+    quick: tuple[Any, dict[str, Any]],
+) -> None:
+    figures = {f["name"]: f for f in _section(quick[1], "service")}
+    ceiling = figures["trivial aiohttp endpoint (HTTP ceiling)"]
+    service = figures["POST /api/orders (the service)"]
+    assert ceiling["rate"] > 0 and service["rate"] > 0
+    assert ceiling["clients"] == service["clients"]
+    assert ceiling["notes"][0] == service["notes"][0] == "wrk, 1 thread"
+    assert service["errors"] == 0, service["notes"]  # every acknowledged order is a hold in Redis
+    assert service["ratio"] == pytest.approx(service["rate"] / ceiling["rate"])
+
+
+def test_the_programs_beside_it_ran_against_the_same_servers(quick: tuple[Any, dict[str, Any]]) -> None:
+    external = {e["name"]: e for e in quick[1]["external"]}
+    for name in set(external) | set(quick[1]["skipped"]):
+        assert name in ("writer", "buckets")
+    for e in external.values():
+        assert e["exit_code"] == 0 and e["output"].strip(), e
+
+
 def test_a_broken_claim_or_a_miscount_fails_the_run() -> None:
     base = dict(section="strategies", name="x", rate=1.0, unit="reservations/s", stock=10)
     honest_race = Figure(**base, claim=Claim.MAY_OVERSELL, granted=12, oversold=2, store_granted=12)
