@@ -3,7 +3,7 @@
 A default drill sale sized from the shape, so that every run shows the same story
 whatever ``--peak-rps`` is:
 
-- a **hot SKU** (``phone``) with far more demand than stock (stock ≈ 5 % of the orders
+- a **hot SKU** (``phone-<run id>``) with far more demand than stock (stock ≈ 5 % of the orders
   expected for it), a per-user limit of 1, and a **reserve pool** of 20 % more held back
   and released mid-surge ("sellers keep ~20 % extra back and release it when sales beat
   the plan", SURGE.md);
@@ -68,12 +68,15 @@ def default_sale(
     ttl = hold_ttl_s if hold_ttl_s is not None else 10.0 * time_scale
     w = weights.as_dict()
     bot_share = w["bot"] * behaviour.bot_burst / max(sum(w[p] * (behaviour.bot_burst if p == "bot" else 1) for p in w if p != "browser"), 1e-9)
-    plan = (("phone", 0.6, 1), ("earbuds", 0.25, 2), ("charger", 0.15, 5))
+    # SKU ids are unique across a deployment's sales, so each drill's carry its run id.
+    plan = tuple((f"{base}-{run_id}", weight, limit) for base, weight, limit in
+                 (("phone", 0.6, 1), ("earbuds", 0.25, 2), ("charger", 0.15, 5)))
+    phone, earbuds, charger = (p[0] for p in plan)
     items = tuple(CatalogueItem(sku, weight, limit) for sku, weight, limit in plan)
-    demand = {sku: orders * ((1 - bot_share) * weight + (bot_share if sku == "phone" else 0.0)) for sku, weight, _ in plan}
-    hot_stock = max(10, math.ceil(0.05 * demand["phone"]))
-    stock = {"phone": hot_stock, "earbuds": max(10, math.ceil(0.6 * demand["earbuds"])), "charger": max(10, math.ceil(2 * demand["charger"]))}
-    reserve = {"phone": max(2, math.ceil(0.2 * hot_stock)), "earbuds": 0, "charger": 0}
+    demand = {sku: orders * ((1 - bot_share) * weight + (bot_share if sku == phone else 0.0)) for sku, weight, _ in plan}
+    hot_stock = max(10, math.ceil(0.05 * demand[phone]))
+    stock = {phone: hot_stock, earbuds: max(10, math.ceil(0.6 * demand[earbuds])), charger: max(10, math.ceil(2 * demand[charger]))}
+    reserve = {phone: max(2, math.ceil(0.2 * hot_stock)), earbuds: 0, charger: 0}
     name = f"d11-{run_id}"
     spec = {
         "sale": name,
@@ -89,7 +92,7 @@ def default_sale(
     # Mid-surge: halfway through the opening plateau (or a third into shapes without one).
     opening = next((win for win in shape.windows if win.name == "opening"), None)
     release_at = (opening.start + opening.end) / 2 if opening else shape.duration_s / 3
-    return DrillSale(name, Catalogue(items, hot="phone"), spec, ttl, release_at)
+    return DrillSale(name, Catalogue(items, hot=phone), spec, ttl, release_at)
 
 
 def sale_from_settings(settings: dict[str, Any], hot: str | None = None) -> DrillSale:

@@ -46,6 +46,8 @@ class ProcessRecorder:
             self._file = open(request_log, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         self.done = False
         self.dispatch: dict[str, Any] = {}
+        #: Why this process could not send its share (the run is then invalid).
+        self.failure = ""
 
     def second(self, epoch: float) -> int:
         return int(epoch - self.start_epoch) if epoch >= self.start_epoch else -1 - int(self.start_epoch - epoch)
@@ -88,6 +90,7 @@ class ProcessRecorder:
             "requests": lines,
             "done": self.done,
             "dispatch": dict(self.dispatch),
+            "failure": self.failure,
         }
         self.seconds = defaultdict(Counter)
         self.cpu = {}
@@ -107,7 +110,6 @@ class ServiceSample:
     skus: dict[str, dict[str, int]] = field(default_factory=dict)
     backlog: int | None = None
     written: int | None = None
-    raw: dict[str, Any] = field(default_factory=dict)
 
 
 def _int(value: Any) -> int | None:
@@ -117,34 +119,48 @@ def _int(value: Any) -> int | None:
         return None
 
 
-def parse_stats(body: Mapping[str, Any], t: float) -> ServiceSample:
-    """Reads per-SKU stock, the stream backlog and the writer's progress from a stats body.
-
-    Accepts ``skus`` as ``{sku: {...}}`` or ``[{"sku": …}]``; ``backlog`` at the top or
-    under ``stream``/``queue``; the writer's rows under ``writer.written``/``writer.rows``.
-    Whatever is missing is left ``None`` (the report says "not reported").
-    """
-    skus: dict[str, dict[str, int]] = {}
-    raw_skus = body.get("skus") or {}
+def _sku_counters(raw_skus: Any) -> dict[str, dict[str, int]]:
     items: Iterable[tuple[str, Any]]
     if isinstance(raw_skus, Mapping):
         items = raw_skus.items()
     else:
-        items = ((str(s.get("sku")), s) for s in raw_skus if isinstance(s, Mapping))
+        items = ((str(s.get("sku")), s) for s in raw_skus or [] if isinstance(s, Mapping))
+    out: dict[str, dict[str, int]] = {}
     for sku, counters in items:
         if isinstance(counters, Mapping):
-            skus[sku] = {k: v for k, v in ((k, _int(counters.get(k))) for k in
-                         ("total", "available", "held", "sold", "reserve")) if v is not None}
-    backlog = _int(body.get("backlog"))
-    for key in ("stream", "queue"):
-        sub = body.get(key)
-        if backlog is None and isinstance(sub, Mapping):
-            backlog = _int(sub.get("backlog"))
+            out[sku] = {k: v for k, v in ((k, _int(counters.get(k))) for k in
+                        ("total", "available", "held", "sold", "reserve")) if v is not None}
+    return out
+
+
+def parse_stats(body: Mapping[str, Any], t: float, sale: str | None = None) -> ServiceSample:
+    """Per-SKU stock, the order stream's backlog and the writer's progress from a stats body.
+
+    The service's form is ``{"sales": {sale: {"skus": {...}, "backlog": n}}, "writer":
+    {"orders_total": n, "rows_total": n, …}}``; with ``sale`` only that sale is read. A flat
+    ``{"skus", "backlog"}`` is read too. Whatever is missing stays ``None`` (the report
+    says "not reported").
+    """
+    skus: dict[str, dict[str, int]] = {}
+    backlog: int | None = None
+    sales = body.get("sales")
+    if isinstance(sales, Mapping):
+        for name, entry in sales.items():
+            if (sale is not None and name != sale) or not isinstance(entry, Mapping):
+                continue
+            skus.update(_sku_counters(entry.get("skus")))
+            if (b := _int(entry.get("backlog"))) is not None:
+                backlog = (backlog or 0) + b
+    else:
+        skus = _sku_counters(body.get("skus"))
+        backlog = _int(body.get("backlog"))
     written = None
     writer = body.get("writer")
     if isinstance(writer, Mapping):
-        written = _int(writer.get("written", writer.get("rows")))
-    return ServiceSample(t, skus, backlog, written, dict(body))
+        for key in ("orders_total", "written", "rows_total"):
+            if (written := _int(writer.get(key))) is not None:
+                break
+    return ServiceSample(t, skus, backlog, written)
 
 
 class RunCollector:
@@ -157,6 +173,7 @@ class RunCollector:
         self.cpu: dict[str, dict[int, float]] = defaultdict(dict)
         self.done: dict[str, bool] = {}
         self.dispatch: dict[str, dict[str, Any]] = {}
+        self.failures: dict[str, str] = {}
         self.service: list[ServiceSample] = []
         self.request_lines = 0
         self._requests: TextIO | None = None
@@ -187,6 +204,8 @@ class RunCollector:
         if payload.get("dispatch"):
             self.dispatch[proc] = dict(payload["dispatch"])
         self.done[proc] = bool(payload.get("done")) or self.done.get(proc, False)
+        if payload.get("failure"):
+            self.failures[proc] = str(payload["failure"])
 
     def add_service_sample(self, sample: ServiceSample) -> None:
         self.service.append(sample)

@@ -186,7 +186,7 @@ def build_summary(
             which: {n: summarize(collector.book.total(f"{n}.{which}")) for n in names}
             for which in ("raw", "corrected")
         },
-        "generator": {"cpu_max": cpu_max, "cpu_busy_ratio": cpu_busy,
+        "generator": {"cpu_max": cpu_max, "cpu_busy_ratio": cpu_busy, "failures": dict(collector.failures),
                       "dispatch_lag": summarize(collector.book.total("dispatch_lag")),
                       "latency_clamped": collector.book.clamped},
         "service": {
@@ -217,7 +217,7 @@ def build_summary(
 
 # -- plots -----------------------------------------------------------------------------------
 def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tuple[float, str]],
-           sold_out: Mapping[str, list[float]], out: Path) -> list[tuple[str, Path]]:
+           sold_out: Mapping[str, list[float]], out: Path, run_id: str = "") -> list[tuple[str, Path]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -295,11 +295,12 @@ def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tup
     if stock_keys:
         for key in stock_keys:
             sku = key[len("available_"):]
-            line, = ax.plot(x, num(key), label=sku, lw=1.4)
+            label = sku.removesuffix(f"-{run_id}") if run_id else sku  # the drill's SKUs carry the run id
+            line, = ax.plot(x, num(key), label=label, lw=1.4)
             for k, t in enumerate(sold_out.get(sku, [])):
                 ax.plot([t], [0], marker="v", color=line.get_color(), ms=9)
                 if k == 0:  # later ones are lapsed holds sold again: the marker is enough
-                    ax.annotate(f"{sku} sold out", (t, 0), textcoords="offset points", xytext=(3, 8), fontsize=7,
+                    ax.annotate(f"{label} sold out", (t, 0), textcoords="offset points", xytext=(3, 8), fontsize=7,
                                 color=line.get_color())
         ax.set_yscale("symlog", linthresh=10)
         ax.legend(loc="upper right", fontsize=8)
@@ -312,17 +313,17 @@ def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tup
     fig, ax = plt.subplots(figsize=(10, 3.6))
     backlog, rate = num("backlog"), num("writer_rows_per_s")
     if any(not math.isnan(v) for v in backlog + rate):
-        ax.plot(x, backlog, label="queue backlog (orders not yet in PostgreSQL)", color="tab:purple", lw=1.4)
+        ax.plot(x, backlog, label="backlog: stream entries not yet in PostgreSQL", color="tab:purple", lw=1.4)
         ax2 = ax.twinx()
-        ax2.step(x, rate, where="post", label="writer rows / s", color="tab:green", lw=1)
-        ax2.set_ylabel("rows / s")
+        ax2.step(x, rate, where="post", label="orders written to PostgreSQL / s", color="tab:green", lw=1)
+        ax2.set_ylabel("orders written / s")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "the service's /api/admin/stats reported no backlog or writer progress", ha="center",
                 transform=ax.transAxes)
-    decorate(ax, "Order queue: backlog and PostgreSQL writer rate", "orders")
+    decorate(ax, "Order queue: backlog and PostgreSQL writer rate", "stream entries")
     save(fig, "queue", "Queue backlog and writer rate: the peak shaved into PostgreSQL")
     return made
 
@@ -373,7 +374,8 @@ def write_report(
     images: list[tuple[str, Path]] = []
     if plots and rows:
         event_marks = [(e.t - collector.start_epoch - shape.t0_s, e.what) for e in events]
-        images = _plots(rows, shape, event_marks, summary["service"]["sold_out_at_s_from_t0"], folder / "plots")
+        images = _plots(rows, shape, event_marks, summary["service"]["sold_out_at_s_from_t0"], folder / "plots",
+                        str(run.get("id", "")))
         files += [f"plots/{p.name}" for _, p in images]
         files.append("report.html")
     if collector.requests_path is not None:

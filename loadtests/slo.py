@@ -145,6 +145,8 @@ class Validity:
 def check_validity(summary: Mapping[str, Any], bounds: RunValidity = RunValidity()) -> Validity:
     reasons: list[str] = []
     gen = summary.get("generator", {})
+    for proc, failure in sorted((gen.get("failures") or {}).items()):
+        reasons.append(f"Locust process {proc} could not send its share: {failure}")
     for proc, busy in sorted((gen.get("cpu_busy_ratio") or {}).items()):
         if busy > bounds.max_cpu_busy_ratio:
             reasons.append(

@@ -141,6 +141,10 @@ class LocustTransport:
                 resp.failure(f"{status} {reply.code or reply.error or ''}".strip())
         if 200 <= status < 300:
             label = f"{status}:replayed" if reply.body.get("replayed") else str(status)
+        elif not status and impatient:
+            # The client gave up by its own choice (it retries): slow, and the latency says so,
+            # but not a wrong answer from the service, so not in the error ratio.
+            label, expected = "0:impatient_timeout", True
         else:
             label = f"{status}:{reply.code or ('no_answer' if not status else '-')}"
         self.recorder.request(name, intended=intended, sent=sent, done=done, expected=expected, label=label)
@@ -171,8 +175,10 @@ class ProcessPart:
             self._drive()
         except gevent.GreenletExit:
             raise
-        except Exception:
+        except Exception as exc:
             log.exception("this process's share of the drill failed")
+            if self.recorder is not None:
+                self.recorder.failure = f"{type(exc).__name__}: {exc}"
             self._finish(self.dispatcher.totals if self.dispatcher else None)
 
     def _drive(self) -> None:
@@ -191,14 +197,18 @@ class ProcessPart:
         host = self.environment.host or ""
         behaviour = Behaviour(buyer_users=opt["buyer_users"], bot_users=opt["bot_users"])
         admin = AdminClient(host, opt["admin_token"])
-        users = [f"buyer-{i}" for i in range(behaviour.buyer_users)] + [f"bot-{i}" for i in range(behaviour.bot_users)]
+        tokens: dict[str, str] = {}
         try:
-            minted = admin.mint_tokens([f"{plan['run_id']}-{u}" for u in users], ttl_s=int(shape.duration_s + 3600))
+            for kind, count in (("buyer", behaviour.buyer_users), ("bot", behaviour.bot_users)):
+                # Users are named after the run, so per-user limits start afresh every drill.
+                prefix = f"{plan['run_id']}-{kind}-"
+                minted = admin.mint_tokens(prefix, count, ttl_s=int(shape.duration_s + 3600))
+                tokens.update({f"{kind}-{i}": minted[f"{prefix}{i}"] for i in range(count)})
         except AdminError as exc:
-            log.error("cannot mint buyer tokens: %s", exc)
+            recorder.failure = f"cannot mint buyer tokens: {exc}"
+            log.error("%s", recorder.failure)
             self._finish(None)
             return
-        tokens = {u: minted[f"{plan['run_id']}-{u}"] for u in users}
 
         def session(timeout: float) -> FastHttpSession:
             return FastHttpSession(host, request_event=self.environment.events.request, user=None,
@@ -370,7 +380,7 @@ class Conductor:
         while True:
             t = time.time()
             try:
-                self.collector.add_service_sample(parse_stats(admin.stats(), t))
+                self.collector.add_service_sample(parse_stats(admin.stats(), t, sale=self.sale.name if self.sale else None))
             except AdminError as exc:
                 self.stats_errors += 1
                 if self.stats_errors == 1:
@@ -382,7 +392,8 @@ class Conductor:
         gevent.sleep(max(at - time.time(), 0))
         try:
             admin.release_reserve(self.sale.name, self.sale.catalogue.hot)
-            self.events.append(DrillEvent(time.time(), f"reserve of {self.sale.catalogue.hot} released"))
+            hot = self.sale.catalogue.hot.removesuffix(f"-{self.run_id}")
+            self.events.append(DrillEvent(time.time(), f"reserve of {hot} released"))
         except AdminError as exc:
             log.warning("could not release the reserve pool: %s", exc)
 

@@ -53,9 +53,11 @@ def _synthetic_run(tmp_path: Path, *, stall_at: float | None = None) -> tuple[Ru
     for s in range(int(shape.duration_s) + 1):
         if s >= shape.t0_s:
             left = max(left - 15, 0)
-        body = {"skus": {"phone": {"total": 40, "available": left, "held": 0, "sold": 40 - left, "reserve": 0}},
-                "stream": {"backlog": 3 if left else 0}, "writer": {"written": (40 - left)}}
-        collector.add_service_sample(parse_stats(body, START + s + 0.5))
+        body = {"sales": {"d11-t": {"skus": {"phone": {"total": 40, "available": left, "held": 0, "sold": 40 - left,
+                                                         "reserve": 0, "state": "in_stock"}}, "backlog": 3 if left else 0},
+                          "other": {"skus": {"tv": {"total": 9, "available": 9}}, "backlog": 100}},
+                "writer": {"orders_total": float(40 - left), "rows_total": float(80 - 2 * left)}}
+        collector.add_service_sample(parse_stats(body, START + s + 0.5, sale="d11-t"))
     collector.close()
     return collector, shape
 
@@ -92,6 +94,9 @@ def test_report_folder(tmp_path: Path) -> None:
     assert abs(sum(float(r["target_arrivals"]) for r in rows) - shape.total) < 0.01  # rounded to 3 places
     assert sum(int(r["orders_created"]) for r in rows) == 40
     assert {"p99_ms", "p99_corrected_ms", "backlog", "writer_rows_per_s", "available_phone"} <= set(rows[0])
+    assert "available_tv" not in rows[0]  # another sale's SKU
+    assert max(int(r["backlog"]) for r in rows if r["backlog"] != "") == 3
+    assert sum(int(r["writer_rows_per_s"]) for r in rows if r["writer_rows_per_s"] != "") == 40
     assert read_log(folder / "latency-raw.hlog").get_total_count() == sum(int(r["requests"]) for r in rows)
 
     page = (folder / "report.html").read_text()
