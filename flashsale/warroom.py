@@ -15,6 +15,7 @@ Redis keys (service-only, outside every sale's hash slot):
 
 ``<prefix>:warroom:history``          list    one JSON sample per stats publish, newest first
 ``<prefix>:warroom:progress``         list    ``<t_ms>:<orders created>`` every 5 s, oldest first
+``<prefix>:warroom:sampled:<t_ms>``   string  claim on one publish (SET NX, expires in a minute)
 ``<prefix>:warroom:stockouts``        hash    ``<sale>/<sku>`` -> ``in`` (seen in stock) or
                                               JSON ``{"at_ms", "exact"}`` (first seen sold out)
 ``<prefix>:warroom:target``           string  JSON target curve of the running scenario
@@ -156,6 +157,7 @@ def _keys(prefix: str) -> dict[str, str]:
     return {
         "history": f"{base}:history",
         "progress": f"{base}:progress",
+        "sampled": f"{base}:sampled",
         "stockouts": f"{base}:stockouts",
         "target": f"{base}:target",
         "log": f"{base}:log",
@@ -194,8 +196,9 @@ async def _published(state: ServiceState) -> dict[str, Any] | None:
 
 
 async def _sample(state: ServiceState, stats: dict[str, Any]) -> None:
-    """Add a sample when a process published since the newest one (so two viewers, or two
-    processes answering, never record the same publish twice)."""
+    """Add a sample when a process published since the newest one. Viewers and processes
+    poll concurrently: a publish is claimed with SET NX first, so only one of them
+    records it (reading the newest sample and then pushing would race)."""
     published = await _published(state)
     if published is None:
         return
@@ -206,6 +209,8 @@ async def _sample(state: ServiceState, stats: dict[str, Any]) -> None:
         pipe.lindex(keys["progress"], -1)
         newest, last_progress = await pipe.execute()
     if newest is not None and json.loads(newest)["t"] >= published["t"]:
+        return
+    if not await state.redis.set(f"{keys['sampled']}:{published['t']}", 1, nx=True, px=60_000):
         return
     sales = stats["sales"].values()
     published.update(
