@@ -1,0 +1,494 @@
+"""The war room's HTTP side: the admin token guards every route (the page takes it as
+?token=), the data endpoint's shape is stable and its numbers follow what happens
+(orders, sold-out moments, target, alerts), and every control pressed is logged in Redis
+and PostgreSQL — refused presses too, and entries wait in Redis until PostgreSQL can
+take them."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+import pytest
+from service_support import ADMIN, ADMIN_TOKEN, expect_json
+from warroom_support import WarRoom, WarRoomFactory, start_warroom  # noqa: F401  (fixture)
+
+from flashsale import warroom
+from flashsale.migrate import migrate_url
+from flashsale.sales import now_ms
+
+WRONG = {"Authorization": "Bearer not-the-admin-token"}
+
+#: What the data endpoint adds to /api/admin/stats (which it repeats whole).
+ADDED_TOP = {
+    "now_ms", "switches", "history", "rates_now", "error_ratio", "target", "progress",
+    "thresholds", "alerts", "health", "log", "lapsing_window_ms",
+}
+ADDED_SALE = {"phase", "countdown_ms", "holds_lapsing", "holds_overdue"}
+ADDED_SKU = {"sold_out_at_ms", "sold_out_exact"}
+HISTORY_KEYS = {"window_ms", "t_ms", "rates", "created_total", "p50_ms", "p99_ms", "backlog", "writer_rate"}
+ALERTS = {"backlog", "p99_ms", "error_ratio", "dead_letters"}
+LOG_KEYS = {"entries", "unwritten", "refused", "postgres", "postgres_error"}
+ENTRY_KEYS = {"id", "at_ms", "operator", "action", "sale", "sku", "params", "status", "outcome", "result", "note", "remote", "user_agent"}
+
+
+@pytest.fixture
+async def warroom_db(pipeline_db_url: str) -> str:
+    """A fresh PostgreSQL schema with every migration applied (ours included)."""
+    await migrate_url(pipeline_db_url)
+    return pipeline_db_url
+
+
+@pytest.fixture
+async def room(start_warroom: WarRoomFactory, warroom_db: str) -> WarRoom:
+    return await start_warroom(database_url=warroom_db)
+
+
+async def pg_log(database_url: str) -> list[dict[str, Any]]:
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch("SELECT * FROM operator_log ORDER BY written_at, entry_id")
+    finally:
+        await conn.close()
+    return [dict(r) for r in rows]
+
+
+def control_path(sale: str, action: str, sku: str | None = None) -> str:
+    if sku is None:
+        return f"/api/admin/warroom/sales/{sale}/{action}"
+    return f"/api/admin/warroom/sales/{sale}/skus/{sku}/{action}"
+
+
+# ----------------------------------------------------------------- the admin token
+
+
+async def test_every_data_and_control_route_needs_the_admin_token(room: WarRoom, warroom_db: str) -> None:
+    sale = await room.create_sale([{"sku": "tok-a", "stock": 5, "reserve": 2}])
+    calls = [
+        ("GET", "/api/admin/warroom", None),
+        ("GET", "/api/admin/warroom/log", None),
+        ("GET", "/api/admin/warroom/target", None),
+        ("PUT", "/api/admin/warroom/target", {"scenario": "s", "points": [[0, 0], [1000, 10]]}),
+        ("DELETE", "/api/admin/warroom/target", None),
+        ("POST", control_path(sale, "open"), None),
+        ("POST", control_path(sale, "close"), None),
+        ("POST", control_path(sale, "restock", "tok-a"), {"units": 5}),
+        ("POST", control_path(sale, "release-reserve", "tok-a"), None),
+        ("POST", "/api/admin/warroom/switches", {"browse": False}),
+    ]
+    # Every route the module defines is in the list: a new one cannot slip by unguarded.
+    defined = {(r.method, r.path) for r in warroom.routes if r.path.startswith("/api/")}  # type: ignore[attr-defined]
+    listed = {(m, p.replace(sale, "{sale}").replace("tok-a", "{sku}")) for m, p, _ in calls}
+    assert defined == listed
+    before = await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200)
+    for headers in ({}, WRONG):
+        for method, path, body in calls:
+            resp = await room.http.request(method, path, json=body, headers=headers)
+            await expect_json(resp, 401, "unauthorized")
+    after = await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200)
+    assert after == before, "a refused control changed the sale"
+    assert (await expect_json(await room.http.get("/api/admin/switches", headers=ADMIN), 200))["browse"] is True
+    assert (await room.data())["log"]["entries"] == []
+    assert await pg_log(warroom_db) == []
+
+
+async def test_page_asks_for_the_token_and_serves_the_dashboard_with_it(room: WarRoom) -> None:
+    resp = await room.http.get("/warroom")
+    assert resp.status == 401 and resp.content_type == "text/html"
+    form = await resp.text()
+    assert 'name="token"' in form and 'data-rejected=""' in form and 'id="skus"' not in form
+
+    resp = await room.http.get("/warroom?token=wrong")
+    assert resp.status == 401
+    assert 'data-rejected="1"' in await resp.text()
+
+    for resp in (
+        await room.http.get(f"/warroom?token={quote(ADMIN_TOKEN)}"),
+        await room.http.get("/warroom", headers=ADMIN),
+    ):
+        assert resp.status == 200 and resp.content_type == "text/html"
+        page = await resp.text()
+        assert 'id="skus"' in page and "/warroom/warroom.js" in page
+        # The token rides in the address once: no caching, no referrer, never framed.
+        assert resp.headers["Cache-Control"] == "no-store"
+        assert resp.headers["Referrer-Policy"] == "no-referrer"
+        assert "frame-ancestors 'none'" in resp.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in resp.headers["Content-Security-Policy"]
+
+    js = await room.http.get("/warroom/warroom.js")
+    assert js.status == 200 and js.content_type == "application/javascript"
+    assert "sessionStorage" in await js.text()
+    css = await room.http.get("/warroom/warroom.css")
+    assert css.status == 200 and css.content_type == "text/css"
+    await expect_json(await room.http.get("/warroom/app.py"), 404, "not_found")
+    await expect_json(await room.http.get("/warroom/..%2Fapp.py"), 404)
+
+
+def test_the_printed_link_carries_the_token_url_encoded() -> None:
+    assert warroom.warroom_url("http://h:8080/", "a b/c") == "http://h:8080/warroom?token=a%20b%2Fc"
+    assert warroom.warroom_url("http://h", "t", sale="d11") == "http://h/warroom?token=t&sale=d11"
+
+
+def test_openapi_describes_every_warroom_route() -> None:
+    paths = warroom.openapi_paths()
+    for route in warroom.routes:
+        method = route.method.lower()  # type: ignore[attr-defined]
+        assert method in paths[route.path], route.path  # type: ignore[attr-defined]
+    assert len(paths) == len({r.path for r in warroom.routes})  # type: ignore[attr-defined]
+
+
+# ----------------------------------------------------------------- shape and numbers
+
+
+async def test_data_endpoint_shape_is_stats_plus_a_stable_set_of_fields(room: WarRoom) -> None:
+    sale = await room.create_sale([{"sku": "shape-a", "stock": 10, "reserve": 3, "low_stock_line": 2}])
+    assert await room.order("alice", "shape-a") == 201
+    data = await room.data_until(lambda d: d["orders"]["created"] == 1 and len(d["history"]["t_ms"]) >= 1)
+    stats = await expect_json(await room.http.get("/api/admin/stats", headers=ADMIN), 200)
+
+    assert set(data) == set(stats) | ADDED_TOP
+    assert set(data["sales"][sale]) == set(stats["sales"][sale]) | ADDED_SALE
+    assert set(data["sales"][sale]["skus"]["shape-a"]) == set(stats["sales"][sale]["skus"]["shape-a"]) | ADDED_SKU
+    assert set(data["history"]) == HISTORY_KEYS
+    assert set(data["history"]["rates"]) == set(warroom.OUTCOME_GROUPS) == set(data["rates_now"])
+    n = len(data["history"]["t_ms"])
+    for name in ("created_total", "p50_ms", "p99_ms", "backlog", "writer_rate"):
+        assert len(data["history"][name]) == n, name
+    for series in data["history"]["rates"].values():
+        assert len(series) == n
+    assert set(data["alerts"]) == ALERTS
+    for alert in data["alerts"].values():
+        assert set(alert) == {"value", "limit", "firing"}
+    assert set(data["thresholds"]) == {"backlog", "p99_ms", "error_ratio"}
+    assert set(data["health"]) == {"status", "reasons"} and data["health"]["status"] in ("healthy", "alert")
+    assert set(data["log"]) == LOG_KEYS
+    assert data["switches"] == {"browse": True, "order_lookup": True}
+    assert data["sales"][sale]["phase"] == "open"
+    assert data["target"] is None
+    assert set(data["progress"]) == {"origin_ms", "baseline", "points"}
+    json.dumps(data, allow_nan=False)  # strict JSON: a browser's JSON.parse takes it
+
+
+async def test_numbers_follow_the_orders(room: WarRoom) -> None:
+    await room.create_sale([{"sku": "num-a", "stock": 100}])
+    await room.data()  # the first viewer: history starts here
+    for i in range(12):
+        assert await room.order(f"buyer{i}", "num-a") == 201
+        await asyncio.sleep(0.1)
+    await room.data_until(lambda d: d["history"]["created_total"][-1:] == [12], timeout=10)
+    # The created rate covers at least two seconds of publishes: wait for one that spans them.
+    data = await room.data_until(lambda d: any(v for v in d["history"]["rates"]["created"]), timeout=10)
+    assert data["orders"]["created"] == 12
+    sale = next(iter(data["sales"].values()))
+    assert sale["skus"]["num-a"]["held"] == 12 and sale["holds_pending"] == 12
+    assert sale["holds_lapsing"] == 0  # default hold TTL is 30 min
+    assert data["alerts"]["backlog"]["value"] == sale["backlog"] >= 12  # no writer is running
+    assert max(v for v in data["history"]["rates"]["created"] if v is not None) <= 12 / 2 + 0.001  # over ≥ 2 s
+    assert data["progress"]["points"][-1][1] == 12
+
+
+async def test_history_keeps_one_sample_per_publish_whatever_the_viewers(room: WarRoom, redis_client: Any) -> None:
+    await room.create_sale([{"sku": "hist-a", "stock": 5}])
+    await room.data_until(lambda d: len(d["history"]["t_ms"]) >= 1)
+    started = time.monotonic()
+    for _ in range(3):
+        await asyncio.gather(*(room.data() for _ in range(10)))  # ten viewers at once
+        await asyncio.sleep(0.8)
+    data = await room.data()
+    elapsed = time.monotonic() - started
+    times = data["history"]["t_ms"]
+    assert times == sorted(set(times)), "samples must be unique and in order"
+    # One process publishes once a second: never more samples stored than publishes.
+    stored = await redis_client.llen("fs:warroom:history")
+    assert len(times) == stored <= elapsed + 2, (stored, elapsed)
+
+
+async def test_holds_lapsing_counts_deadlines_within_a_minute(room: WarRoom) -> None:
+    short = await room.create_sale([{"sku": "lapse-a", "stock": 5}], hold_ttl_s=30)
+    await room.create_sale([{"sku": "lapse-b", "stock": 5}], hold_ttl_s=600)
+    assert await room.order("u1", "lapse-a") == 201
+    assert await room.order("u2", "lapse-b") == 201
+    data = await room.data()
+    lapsing = {name: s["holds_lapsing"] for name, s in data["sales"].items()}
+    assert lapsing == {short: 1, next(n for n in lapsing if n != short): 0}
+
+
+async def test_sold_out_moment_is_recorded_and_cleared_when_stock_returns(room: WarRoom) -> None:
+    sale = await room.create_sale([{"sku": "so-a", "stock": 2}, {"sku": "so-b", "stock": 0}])
+    first = await room.data()
+    assert first["sales"][sale]["skus"]["so-a"]["sold_out_at_ms"] is None
+    # so-b never had stock while watched: its moment is only "by then".
+    assert first["sales"][sale]["skus"]["so-b"]["sold_out_exact"] is False
+    assert await room.order("u1", "so-a", 2) == 201
+    before = now_ms()
+    data = await room.data()
+    after = now_ms()
+    sku = data["sales"][sale]["skus"]["so-a"]
+    assert sku["state"] == "sold_out" and sku["sold_out_exact"] is True
+    assert before <= sku["sold_out_at_ms"] <= after
+    # The moment stays put on later polls.
+    again = await room.data()
+    assert again["sales"][sale]["skus"]["so-a"]["sold_out_at_ms"] == sku["sold_out_at_ms"]
+    await expect_json(await room.http.post(control_path(sale, "restock", "so-a"), json={"units": 1}, headers=ADMIN), 200)
+    back = await room.data()
+    assert back["sales"][sale]["skus"]["so-a"]["sold_out_at_ms"] is None
+
+
+# ----------------------------------------------------------------- target curve
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"points": [[0, 0], [10, 5]]}, "scenario"),
+        ({"scenario": "s", "points": [[0, 0]]}, "points"),
+        ({"scenario": "s", "points": "0,0"}, "points"),
+        ({"scenario": "s", "points": [[0, 0], [0, 5]]}, "points"),  # time must go forward
+        ({"scenario": "s", "points": [[0, 9], [10, 5]]}, "points"),  # cumulative never drops
+        ({"scenario": "s", "points": [[0, 0], [10, -1]]}, "points"),
+        ({"scenario": "s", "points": [[0, 0], [10, True]]}, "points"),
+        ({"scenario": "s", "points": [[0, 0], [10, 5, 1]]}, "points"),
+        ({"scenario": "s", "points": [[0, 0], [10, 5]], "origin_ms": "now"}, "origin_ms"),
+        ({"scenario": "s", "points": [[0, 0], [10, 5]], "sale": 7}, "sale"),
+    ],
+)
+async def test_target_refuses_malformed_curves(room: WarRoom, body: dict[str, Any], field: str) -> None:
+    resp = await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN)
+    assert (await expect_json(resp, 422, "invalid_request"))["field"] == field
+    await expect_json(await room.http.get("/api/admin/warroom/target", headers=ADMIN), 404, "no_target")
+
+
+async def test_target_of_an_unknown_sale_is_refused(room: WarRoom) -> None:
+    body = {"scenario": "s", "sale": "no-such-sale", "points": [[0, 0], [10, 5]]}
+    await expect_json(await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 404, "sale_not_found")
+
+
+async def test_target_is_compared_with_orders_made_since_it_was_registered(room: WarRoom) -> None:
+    await room.create_sale([{"sku": "tgt-a", "stock": 50}])
+    assert await room.order("early", "tgt-a") == 201  # before the scenario: not counted
+    await room.data_until(lambda d: d["orders"]["created"] == 1)
+    origin = now_ms() - 30_000
+    body = {"scenario": "midnight_surge", "origin_ms": origin, "points": [[0, 0], [60_000, 600], [120_000, 600]]}
+    stored = await expect_json(await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 200)
+    assert stored["baseline_created"] == 1 and stored["origin_ms"] == origin
+    assert await expect_json(await room.http.get("/api/admin/warroom/target", headers=ADMIN), 200) == stored
+    for i in range(3):
+        assert await room.order(f"u{i}", "tgt-a") == 201
+    data = await room.data_until(lambda d: d["target"]["actual_now"] == 3)
+    target = data["target"]
+    elapsed = data["now_ms"] - origin
+    assert target["elapsed_ms"] == elapsed
+    assert target["expected_now"] == pytest.approx(elapsed / 60_000 * 600, abs=0.1)  # on the line 0 → 600
+    assert target["ratio"] == pytest.approx(3 / target["expected_now"], abs=0.001)
+    assert data["progress"]["origin_ms"] == origin and data["progress"]["baseline"] == 1
+    assert data["progress"]["points"][0] == [stored["registered_at_ms"] - origin, 0]  # counting starts at 0
+    assert data["progress"]["points"][-1] == [elapsed, 3]
+    await expect_json(await room.http.delete("/api/admin/warroom/target", headers=ADMIN), 200)
+    assert (await room.data())["target"] is None
+
+
+async def test_target_of_a_sale_starts_at_its_t0(room: WarRoom) -> None:
+    t0 = now_ms() + 3_600_000
+    sale = await room.create_sale([{"sku": "tgt-t0", "stock": 5}], opens_at=t0)
+    body = {"scenario": "s", "sale": sale, "points": [[-60_000, 0], [0, 0], [60_000, 5]]}
+    stored = await expect_json(await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 200)
+    assert stored["origin_ms"] == t0
+    data = await room.data()
+    assert data["target"]["expected_now"] == 0  # an hour before T0: nothing expected yet
+    assert data["sales"][sale]["phase"] == "countdown"
+    assert 3_590_000 < data["sales"][sale]["countdown_ms"] <= 3_600_000
+
+
+# ----------------------------------------------------------------- alerts
+
+
+def test_rates_come_from_publishes_and_never_go_negative() -> None:
+    def sample(t: int, created: int) -> dict[str, Any]:
+        return {"t": t, "o": {"created": created}}
+
+    samples = [sample(0, 0), sample(1000, 10), sample(2000, 30), sample(3000, 60), sample(4000, 5)]
+    rates = warroom.rate_series(samples, lambda s: s["o"]["created"], window_ms=2000)
+    assert rates == [None, None, 15.0, 25.0, 0.0]  # a restarted process's count is no negative rate
+
+
+def test_error_ratio_counts_shed_unknown_and_fenced_over_all_answers() -> None:
+    def sample(t: int, **counts: int) -> dict[str, Any]:
+        return {"t": t, "o": counts}
+
+    assert warroom.error_ratio([]) == 0.0
+    assert warroom.error_ratio([sample(0, created=5), sample(1000, created=5)]) == 0.0  # no answers
+    old = sample(0, created=0, sold_out=0, shed=0, unknown=0, fenced=0)
+    now = sample(5000, created=80, sold_out=10, shed=5, unknown=3, fenced=2)
+    assert warroom.error_ratio([old, now]) == pytest.approx(0.1)
+    # Only the last ten seconds count.
+    older = sample(0, created=0, shed=100)
+    window = [older, sample(20_000, created=0, shed=100), sample(30_000, created=100, shed=100)]
+    assert warroom.error_ratio(window) == 0.0
+
+
+def test_thresholds_come_from_the_environment_and_bad_values_say_which() -> None:
+    assert warroom.AlertThresholds.from_env({}) == warroom.AlertThresholds()
+    t = warroom.AlertThresholds.from_env({"FLASHSALE_WARROOM_BACKLOG": "5", "FLASHSALE_WARROOM_P99_MS": "80",
+                                          "FLASHSALE_WARROOM_ERROR_RATIO": "0.05"})
+    assert (t.backlog, t.p99_ms, t.error_ratio) == (5, 80.0, 0.05)
+    for var, raw in (("FLASHSALE_WARROOM_P99_MS", "fast"), ("FLASHSALE_WARROOM_BACKLOG", "-1"),
+                     ("FLASHSALE_WARROOM_ERROR_RATIO", "nan")):
+        with pytest.raises(ValueError, match=var):
+            warroom.AlertThresholds.from_env({var: raw})
+
+
+async def test_alerts_fire_above_their_thresholds(room: WarRoom, redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    sale = await room.create_sale([{"sku": "al-a", "stock": 50}])
+    for i in range(3):
+        assert await room.order(f"u{i}", "al-a") == 201
+    monkeypatch.setenv("FLASHSALE_WARROOM_P99_MS", "10000")  # a slow shared machine must not flap this
+    quiet = await room.data()
+    assert quiet["health"] == {"status": "healthy", "reasons": []}
+    assert not any(a["firing"] for a in quiet["alerts"].values())
+
+    monkeypatch.setenv("FLASHSALE_WARROOM_BACKLOG", "2")
+    data = await room.data()
+    assert data["alerts"]["backlog"] == {"value": data["alerts"]["backlog"]["value"], "limit": 2, "firing": True}
+    assert data["health"]["status"] == "alert"
+    assert any("PostgreSQL" in r for r in data["health"]["reasons"])
+    monkeypatch.delenv("FLASHSALE_WARROOM_BACKLOG")
+
+    monkeypatch.setenv("FLASHSALE_WARROOM_P99_MS", "0")
+    # p99 covers the last published second: keep ordering until a publish carries some.
+    deadline = time.monotonic() + 10
+    while not (data := await room.data())["alerts"]["p99_ms"]["firing"]:
+        assert time.monotonic() < deadline, data["alerts"]
+        assert await room.order(f"u{int(time.monotonic() * 1000)}", "al-a") == 201
+        await asyncio.sleep(0.2)
+    assert data["alerts"]["p99_ms"]["limit"] == 0 and data["alerts"]["p99_ms"]["value"] > 0
+    assert any("p99" in r for r in data["health"]["reasons"])
+    monkeypatch.delenv("FLASHSALE_WARROOM_P99_MS")
+
+    # A dead letter always needs a person.
+    await redis_client.xadd("{fs:" + sale + "}:dead", {"entry": "x"})
+    data = await room.data()
+    assert data["alerts"]["dead_letters"] == {"value": 1, "limit": 0, "firing": True}
+
+    monkeypatch.setenv("FLASHSALE_WARROOM_ERROR_RATIO", "lots")
+    await expect_json(await room.http.get("/api/admin/warroom", headers=ADMIN), 500, "bad_configuration")
+
+
+# ----------------------------------------------------------------- controls and the operator log
+
+
+async def test_controls_act_like_the_admin_endpoints_and_are_logged_in_redis_and_postgres(room: WarRoom, warroom_db: str) -> None:
+    sale = await room.create_sale([{"sku": "ctl-a", "stock": 10, "reserve": 4}], opens_at=now_ms() + 600_000)
+    who = {**ADMIN, "X-Operator": quote("Lǐ Wěi"), "X-Operator-Note": quote("plan B: sales beat the plan ✓")}
+
+    opened = await room.http.post(control_path(sale, "open"), headers=who)
+    assert (await expect_json(opened, 200))["state"] == "open"
+    assert opened.headers["X-Operator-Log"].endswith("; postgres=written")
+    released = await expect_json(await room.http.post(control_path(sale, "release-reserve", "ctl-a"), json={"units": 3}, headers=who), 200)
+    assert (released["available"], released["reserve"]) == (9, 1)
+    restocked = await expect_json(await room.http.post(control_path(sale, "restock", "ctl-a"), json={"units": 5}, headers=who), 200)
+    assert (restocked["total"], restocked["available"]) == (15, 14)
+    switched = await expect_json(await room.http.post("/api/admin/warroom/switches", json={"browse": False}, headers=who), 200)
+    assert switched == {"browse": False, "order_lookup": True}
+    closed = await expect_json(await room.http.post(control_path(sale, "close"), headers=who), 200)
+    assert closed["state"] == "closed"
+
+    # The actions really happened (read back through the admin API, not the answers).
+    counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))["skus"]["ctl-a"]
+    assert (counters["total"], counters["available"], counters["reserve"]) == (15, 14, 1)
+    assert (await expect_json(await room.http.get("/api/admin/switches", headers=ADMIN), 200))["browse"] is False
+
+    entries = (await expect_json(await room.http.get("/api/admin/warroom/log", headers=ADMIN), 200))["entries"]
+    assert [e["action"] for e in entries] == ["close_sale", "switches", "restock", "release_reserve", "open_sale"]
+    for e in entries:
+        assert set(e) == ENTRY_KEYS
+        assert (e["operator"], e["note"], e["outcome"], e["status"]) == ("Lǐ Wěi", "plan B: sales beat the plan ✓", "ok", 200)
+        assert e["sale"] == (None if e["action"] == "switches" else sale)
+    by_action = {e["action"]: e for e in entries}
+    assert by_action["release_reserve"]["params"] == {"units": 3} and by_action["release_reserve"]["sku"] == "ctl-a"
+    assert by_action["switches"]["params"] == {"browse": False}
+    assert by_action["restock"]["result"]["total"] == 15
+
+    rows = await pg_log(warroom_db)
+    assert [r["entry_id"] for r in rows] == [e["id"] for e in reversed(entries)]
+    for row in rows:
+        assert (row["operator"], row["note"], row["outcome"], row["status"]) == ("Lǐ Wěi", "plan B: sales beat the plan ✓", "ok", 200)
+    assert json.loads(rows[1]["params"]) == {"units": 3}
+    data = await room.data()
+    assert data["log"]["postgres"] == "ok" and data["log"]["unwritten"] == 0
+    assert [e["id"] for e in data["log"]["entries"]] == [e["id"] for e in entries]
+
+
+async def test_a_refused_control_is_logged_with_its_code(room: WarRoom, warroom_db: str) -> None:
+    sale = await room.create_sale([{"sku": "ref-a", "stock": 3}])
+    await expect_json(await room.http.post(control_path(sale, "restock", "ref-a"), json={"units": 0}, headers=ADMIN), 422, "invalid_request")
+    await expect_json(await room.http.post(control_path("no-such-sale", "close"), headers=ADMIN), 404, "sale_not_found")
+    await expect_json(await room.http.post("/api/admin/warroom/switches", json={"everything": False}, headers=ADMIN), 422, "invalid_request")
+    entries = (await room.data())["log"]["entries"]
+    assert [(e["action"], e["status"], e["outcome"], e["operator"]) for e in entries] == [
+        ("switches", 422, "invalid_request", "anonymous"),
+        ("close_sale", 404, "sale_not_found", "anonymous"),
+        ("restock", 422, "invalid_request", "anonymous"),
+    ]
+    assert entries[2]["params"] == {"units": 0} and entries[2]["result"] is None
+    assert sorted(r["outcome"] for r in await pg_log(warroom_db)) == ["invalid_request", "invalid_request", "sale_not_found"]
+    counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))["skus"]["ref-a"]
+    assert counters["total"] == 3
+
+
+async def test_a_bad_operator_header_is_refused_before_anything_happens(room: WarRoom, warroom_db: str) -> None:
+    sale = await room.create_sale([{"sku": "hdr-a", "stock": 3}])
+    for header in ({"X-Operator": "x" * 65}, {"X-Operator-Note": quote("a\x00b")}):
+        resp = await room.http.post(control_path(sale, "close"), headers={**ADMIN, **header})
+        await expect_json(resp, 422, "invalid_request")
+    assert (await room.data())["sales"][sale]["state"] == "open"
+    assert (await room.data())["log"]["entries"] == []
+    assert await pg_log(warroom_db) == []
+
+
+async def test_log_entries_wait_in_redis_until_postgres_has_the_table(start_warroom: WarRoomFactory, pipeline_db_url: str) -> None:
+    room = await start_warroom(database_url=pipeline_db_url)  # a schema the migrations never reached
+    sale = await room.create_sale([{"sku": "wait-a", "stock": 3}])
+    resp = await room.http.post(control_path(sale, "close"), headers={**ADMIN, "X-Operator": "ana"})
+    await expect_json(resp, 200)
+    assert resp.headers["X-Operator-Log"].endswith("; postgres=pending")
+    data = await room.data()
+    assert data["log"]["postgres"] == "pending" and data["log"]["unwritten"] == 1
+    assert "operator_log" in data["log"]["postgres_error"]
+
+    await migrate_url(pipeline_db_url)
+    await asyncio.sleep(warroom.FLUSH_EVERY_MS / 1000 + 0.2)  # the retry lock from the last poll lapses
+    data = await room.data_until(lambda d: d["log"]["postgres"] == "ok", timeout=10)
+    assert data["log"]["unwritten"] == 0 and data["log"]["postgres_error"] is None
+    rows = await pg_log(pipeline_db_url)
+    assert [(r["entry_id"], r["operator"], r["action"]) for r in rows] == [(data["log"]["entries"][0]["id"], "ana", "close_sale")]
+
+
+async def test_an_entry_postgres_refuses_for_good_is_set_aside_not_lost(room: WarRoom, warroom_db: str, redis_client: Any) -> None:
+    # An entry a newer or buggy writer left in the outbox that no row can hold (status
+    # does not fit a smallint): it moves to the refused list; the entries behind it go on.
+    bad = {"id": "0-bad", "at_ms": now_ms(), "operator": "x", "action": "restock", "sale": None, "sku": None,
+           "params": {}, "status": 10**6, "outcome": "ok", "result": None, "note": "", "remote": None, "user_agent": ""}
+    await redis_client.rpush("fs:warroom:log:unwritten", json.dumps(bad, separators=(",", ":")))
+    sale = await room.create_sale([{"sku": "bad-a", "stock": 3}])
+    resp = await room.http.post(control_path(sale, "close"), headers=ADMIN)
+    assert resp.headers["X-Operator-Log"].endswith("; postgres=written")
+    assert [json.loads(e)["id"] for e in await redis_client.lrange("fs:warroom:log:refused", 0, -1)] == ["0-bad"]
+    assert await redis_client.llen("fs:warroom:log:unwritten") == 0
+    assert [r["action"] for r in await pg_log(warroom_db)] == ["close_sale"]
+    assert (await room.data())["log"]["refused"] == 1
+
+
+async def test_without_a_database_the_log_is_kept_in_redis_and_says_so(start_warroom: WarRoomFactory) -> None:
+    room = await start_warroom(database_url=None)
+    sale = await room.create_sale([{"sku": "nodb-a", "stock": 3}])
+    resp = await room.http.post(control_path(sale, "close"), headers=ADMIN)
+    assert resp.headers["X-Operator-Log"].endswith("; postgres=no_database")
+    data = await room.data()
+    assert data["log"]["postgres"] == "no_database" and data["log"]["unwritten"] == 0
+    assert [e["action"] for e in data["log"]["entries"]] == ["close_sale"]
+    await expect_json(await room.http.get("/api/admin/warroom/log?limit=0", headers=ADMIN), 422, "invalid_request")
+    assert len((await expect_json(await room.http.get("/api/admin/warroom/log?limit=1", headers=ADMIN), 200))["entries"]) == 1
