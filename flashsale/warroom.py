@@ -16,8 +16,8 @@ Redis keys (service-only, outside every sale's hash slot):
 ``<prefix>:warroom:history``          list    one JSON sample per stats publish, newest first
 ``<prefix>:warroom:progress``         list    ``<t_ms>:<orders created>`` every 5 s, oldest first
 ``<prefix>:warroom:sampled:<t_ms>``   string  claim on one publish (SET NX, expires in a minute)
-``<prefix>:warroom:stockouts``        hash    ``<sale>/<sku>`` -> ``in`` (seen in stock) or
-                                              JSON ``{"at_ms", "exact"}`` (first seen sold out)
+``<prefix>:warroom:stockouts``        hash    ``<sale>/<sku>`` -> JSON ``{"in", "at_ms", "exact",
+                                              "first_ms"}``: in stock, or when seen sold out
 ``<prefix>:warroom:target``           string  JSON target curve of the running scenario
 ``<prefix>:warroom:log``              list    operator log entries (JSON), newest first, capped
 ``<prefix>:warroom:log:unwritten``    list    entries not yet in PostgreSQL (the outbox)
@@ -310,11 +310,12 @@ def _history_json(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 async def _stockouts(state: ServiceState, sales: dict[str, Any], now: int) -> dict[str, dict[str, Any]]:
-    """When each SKU was first seen sold out. Exact to the page's refresh when the SKU was
-    seen in stock before; "by then" (exact=false) when it was already sold out when first
-    watched. A restock or reserve release that brings it back clears the moment."""
+    """When each SKU sold out: ``at_ms`` the latest time (None while it is in stock again
+    after a restock, a reserve release or lapsed holds), ``first_ms`` the first time.
+    Exact to the page's refresh when the SKU was seen in stock before (``exact``); only
+    "by then" when it was already sold out when first watched."""
     key = _keys(state.settings.key_prefix)["stockouts"]
-    known = {k.decode(): v.decode() for k, v in (await state.redis.hgetall(key)).items()}
+    known = {k.decode(): json.loads(v) for k, v in (await state.redis.hgetall(key)).items()}
     changes: dict[str, str] = {}
     out: dict[str, dict[str, Any]] = {}
     for sale, info in sales.items():
@@ -322,14 +323,14 @@ async def _stockouts(state: ServiceState, sales: dict[str, Any], now: int) -> di
             field = f"{sale}/{sku}"
             seen = known.get(field)
             if snap["available"] > 0:
-                if seen != "in":
-                    changes[field] = "in"
-                continue
-            if seen is None or seen == "in":
-                moment = {"at_ms": now, "exact": seen == "in"}
-                changes[field] = json.dumps(moment)
+                moment = {"in": True, "at_ms": None, "exact": None, "first_ms": seen["first_ms"] if seen else None}
+            elif seen is None or seen["in"]:
+                first = seen["first_ms"] if seen and seen["first_ms"] else now
+                moment = {"in": False, "at_ms": now, "exact": seen is not None, "first_ms": first}
             else:
-                moment = json.loads(seen)
+                moment = seen
+            if moment != seen:
+                changes[field] = json.dumps(moment)
             out[field] = moment
     if changes:
         await state.redis.hset(key, mapping=changes)
@@ -791,8 +792,9 @@ async def warroom_data(request: web.Request) -> web.Response:
         skus = {
             sku: {
                 **snap,
-                "sold_out_at_ms": stockouts.get(f"{name}/{sku}", {}).get("at_ms"),
-                "sold_out_exact": stockouts.get(f"{name}/{sku}", {}).get("exact"),
+                "sold_out_at_ms": stockouts[f"{name}/{sku}"]["at_ms"],
+                "sold_out_exact": stockouts[f"{name}/{sku}"]["exact"],
+                "first_sold_out_at_ms": stockouts[f"{name}/{sku}"]["first_ms"],
             }
             for sku, snap in sale["skus"].items()
         }

@@ -29,7 +29,7 @@ ADDED_TOP = {
     "thresholds", "alerts", "health", "log", "lapsing_window_ms",
 }
 ADDED_SALE = {"phase", "countdown_ms", "holds_lapsing", "holds_overdue"}
-ADDED_SKU = {"sold_out_at_ms", "sold_out_exact"}
+ADDED_SKU = {"sold_out_at_ms", "sold_out_exact", "first_sold_out_at_ms"}
 HISTORY_KEYS = {"window_ms", "t_ms", "rates", "created_total", "p50_ms", "p99_ms", "backlog", "writer_rate"}
 ALERTS = {"backlog", "p99_ms", "error_ratio", "dead_letters"}
 LOG_KEYS = {"entries", "unwritten", "refused", "postgres", "postgres_error"}
@@ -217,10 +217,11 @@ async def test_holds_lapsing_counts_deadlines_within_a_minute(room: WarRoom) -> 
     assert lapsing == {short: 1, next(n for n in lapsing if n != short): 0}
 
 
-async def test_sold_out_moment_is_recorded_and_cleared_when_stock_returns(room: WarRoom) -> None:
+async def test_sold_out_moments_latest_and_first(room: WarRoom) -> None:
     sale = await room.create_sale([{"sku": "so-a", "stock": 2}, {"sku": "so-b", "stock": 0}])
     first = await room.data()
     assert first["sales"][sale]["skus"]["so-a"]["sold_out_at_ms"] is None
+    assert first["sales"][sale]["skus"]["so-a"]["first_sold_out_at_ms"] is None
     # so-b never had stock while watched: its moment is only "by then".
     assert first["sales"][sale]["skus"]["so-b"]["sold_out_exact"] is False
     assert await room.order("u1", "so-a", 2) == 201
@@ -230,12 +231,20 @@ async def test_sold_out_moment_is_recorded_and_cleared_when_stock_returns(room: 
     sku = data["sales"][sale]["skus"]["so-a"]
     assert sku["state"] == "sold_out" and sku["sold_out_exact"] is True
     assert before <= sku["sold_out_at_ms"] <= after
+    assert sku["first_sold_out_at_ms"] == sku["sold_out_at_ms"]
     # The moment stays put on later polls.
     again = await room.data()
     assert again["sales"][sale]["skus"]["so-a"]["sold_out_at_ms"] == sku["sold_out_at_ms"]
+    # Stock comes back: no longer sold out, but the first moment is remembered ...
     await expect_json(await room.http.post(control_path(sale, "restock", "so-a"), json={"units": 1}, headers=ADMIN), 200)
-    back = await room.data()
-    assert back["sales"][sale]["skus"]["so-a"]["sold_out_at_ms"] is None
+    back = (await room.data())["sales"][sale]["skus"]["so-a"]
+    assert back["sold_out_at_ms"] is None and back["first_sold_out_at_ms"] == sku["sold_out_at_ms"]
+    # ... and selling out again records a new latest moment beside it.
+    await asyncio.sleep(0.01)
+    assert await room.order("u2", "so-a", 1) == 201
+    twice = (await room.data())["sales"][sale]["skus"]["so-a"]
+    assert twice["sold_out_at_ms"] > sku["sold_out_at_ms"] and twice["sold_out_exact"] is True
+    assert twice["first_sold_out_at_ms"] == sku["sold_out_at_ms"]
 
 
 # ----------------------------------------------------------------- target curve

@@ -95,6 +95,9 @@
     var h = Math.floor(s / 3600), m = Math.floor((s % 3600) / 60);
     return (h ? h + ":" + pad(m) : pad(m)) + ":" + pad(s % 60);
   }
+  function fmtAgo(ms) {
+    return ms < 60000 ? (Math.max(0, ms) / 1000).toFixed(1) + " s ago" : fmtDuration(ms) + " ago";
+  }
   function fmtClock(ms) {
     var d = new Date(ms);
     return pad(d.getHours()) + ":" + pad(d.getMinutes()) + ":" + pad(d.getSeconds());
@@ -260,9 +263,14 @@
     setText("health-word", data.health.status === "healthy" ? "HEALTHY" : "ALERT");
     var summary;
     if (data.health.status === "healthy") {
-      summary = sale && sale.phase === "countdown"
-        ? "Waiting for T0. Latency, errors and the order queue are within their limits."
-        : "Orders are flowing: latency, errors and the order queue are within their limits.";
+      var skuList = sale ? Object.keys(sale.skus).map(function (k) { return sale.skus[k]; }) : [];
+      var allGone = skuList.length && skuList.every(function (s) { return s.available <= 0; });
+      var within = "latency, errors and the order queue are within their limits.";
+      summary = !sale ? "No sale yet; the service is within its limits."
+        : sale.phase === "countdown" ? "Waiting for T0; " + within
+        : sale.phase === "closed" ? "The sale is closed; " + within
+        : allGone ? "Everything is sold out or held; " + within
+        : "Orders are flowing: " + within;
     } else {
       summary = data.health.reasons.length + " thing" + (data.health.reasons.length > 1 ? "s need" : " needs") + " attention:";
     }
@@ -291,7 +299,7 @@
     var commit = data.writer.last_commit_ms;
     setText("v-writer", !Object.keys(data.writer).length ? "no order writer has reported yet"
       : "writer " + (wr.length ? fmtRate(wr[wr.length - 1]) : "–") + "/s" +
-        (commit ? " · last commit " + fmtDuration(data.now_ms - commit) + " ago" : ""));
+        (commit ? " · last commit " + fmtAgo(data.now_ms - commit) : ""));
     setText("v-dead", fmtInt(a.dead_letters.value));
     var holds = 0, lapsing = 0, overdue = 0;
     Object.keys(data.sales).forEach(function (n) {
@@ -417,11 +425,14 @@
       badge.className = "badge " + s.state;
       badge.textContent = s.state === "sold_out" ? "SOLD OUT" : s.state === "low" ? "LOW" : "IN STOCK";
       var moment = row.querySelector(".sku-moment");
+      var when = function (ms) { return fmtT0(ms, sale.opens_at_ms) + " (" + fmtClock(ms) + ")"; };
+      var first = s.first_sold_out_at_ms && s.first_sold_out_at_ms !== s.sold_out_at_ms
+        ? "first sold out at " + fmtT0(s.first_sold_out_at_ms, sale.opens_at_ms) : "";
       if (s.sold_out_at_ms) {
-        var when = fmtT0(s.sold_out_at_ms, sale.opens_at_ms) + " (" + fmtClock(s.sold_out_at_ms) + ")";
-        moment.textContent = s.sold_out_exact ? "sold out at " + when : "already sold out when first watched, " + when;
+        moment.textContent = (s.sold_out_exact ? "sold out at " + when(s.sold_out_at_ms)
+          : "already sold out when first watched, " + when(s.sold_out_at_ms)) + (first ? " · " + first : "");
       } else {
-        moment.textContent = "";
+        moment.textContent = first ? "back in stock · " + first : "";
       }
       row.querySelector(".sku-nums").textContent =
         "left " + fmtInt(s.available) + " · reserve " + fmtInt(s.reserve) + " · held " + fmtInt(s.held) +
