@@ -164,4 +164,10 @@ class ServiceMetrics:
                     pipe.sadd(f"{prefix}:stats:procs", key)
                     await pipe.execute()
             except Exception:  # stats are best effort; never take the process down
-                continue
+                pass
+            # A cancel that arrives while the pipeline runs can be swallowed by redis-py (8.1:
+            # execute() returns normally, the task stays "cancelling"); looping on would
+            # make shutdown, which cancels and awaits this task, wait forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
