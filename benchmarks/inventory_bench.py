@@ -19,9 +19,9 @@ Run alone: ``python -m benchmarks.inventory_bench [--quick]``.
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
-from .harness import LoadRun, closed_loop
+from .harness import LoadRun, RedisScriptTime, closed_loop
 from .report import Claim, Figure
 from .servers import Servers
 from .settings import BenchSettings
@@ -38,8 +38,17 @@ COALESCED = "library, coalesced"
 UNCOALESCED = "library, coalesce=False"
 
 
-async def _timed(strategy: Strategy, settings: BenchSettings) -> tuple[LoadRun, int]:
+@dataclass(frozen=True)
+class _Round:
+    run: LoadRun
+    store_granted: int
+    #: Redis's time inside scripts per reservation made (µs).
+    script_us: float
+
+
+async def _timed(strategy: Strategy, settings: BenchSettings, scripts: RedisScriptTime) -> _Round:
     await strategy.prepare(_UNLIMITED)
+    before = await scripts.microseconds()
     run = await closed_loop(
         strategy.attempt,
         clients=strategy.clients,
@@ -47,22 +56,24 @@ async def _timed(strategy: Strategy, settings: BenchSettings) -> tuple[LoadRun, 
         seconds=settings.seconds,
         server=strategy.meter(),
     )
-    return run, await strategy.store_granted()
+    spent = await scripts.microseconds() - before
+    return _Round(run, await strategy.store_granted(), spent / run.granted if run.granted else 0.0)
 
 
-def _figure(name: str, claim: Claim, runs: list[tuple[LoadRun, int]], rounds: int) -> Figure:
-    run, store_granted = sorted(runs, key=lambda r: r[0].rate)[len(runs) // 2]
+def _figure(name: str, claim: Claim, rounds: list[_Round]) -> Figure:
+    middle = sorted(rounds, key=lambda r: r.run.rate)[len(rounds) // 2]
     notes: list[str] = []
-    if rounds > 1:
-        spread = [r.rate for r, _ in runs]
-        notes.append(f"median of {rounds} rounds ({min(spread):,.0f}..{max(spread):,.0f})")
-    return run.figure(
+    if len(rounds) > 1:
+        spread = [r.run.rate for r in rounds]
+        notes.append(f"median of {len(rounds)} rounds ({min(spread):,.0f}..{max(spread):,.0f})")
+    notes.append(f"Redis ran scripts {middle.script_us:.1f} µs per reservation")
+    return middle.run.figure(
         section=SECTION,
         name=name,
         notes=notes,
         claim=claim,
-        store_granted=store_granted,
-        errors=sum(r.errors for r, _ in runs),
+        store_granted=middle.store_granted,
+        errors=sum(r.run.errors for r in rounds),
     )
 
 
@@ -75,17 +86,19 @@ async def measure_library(servers: Servers, settings: BenchSettings) -> list[Fig
         UNCOALESCED: EngineHold(servers, callers, coalesce=False),
     }
     rounds = 1 if settings.quick else 3
-    runs: dict[str, list[tuple[LoadRun, int]]] = {name: [] for name in contenders}
+    runs: dict[str, list[_Round]] = {name: [] for name in contenders}
+    stats = servers.redis()
     for strategy in contenders.values():
         await strategy.open()
     try:
         for _ in range(rounds):
             for name, strategy in contenders.items():
-                runs[name].append(await _timed(strategy, settings))
+                runs[name].append(await _timed(strategy, settings, RedisScriptTime(stats)))
     finally:
         for strategy in contenders.values():
             await strategy.close()
-    figures = {name: _figure(name, Claim.EXACT, runs[name], rounds) for name in contenders}
+        await stats.aclose()
+    figures = {name: _figure(name, Claim.EXACT, runs[name]) for name in contenders}
     raw = figures[RAW].rate
     out = [figures[RAW]]
     for name in (COALESCED, UNCOALESCED):

@@ -127,6 +127,8 @@ def test_the_library_is_measured_beside_one_raw_lua_call_per_reservation(quick: 
         assert f["ratio"] == pytest.approx(f["rate"] / raw["rate"])
         assert f["store_granted"] == f["granted"] > 0, f
     assert any("goal >= 3x raw" in n for n in figures["library, coalesced"]["notes"])
+    for f in figures.values():  # Redis's own time per reservation, from INFO commandstats
+        assert any(n.startswith("Redis ran scripts ") and n.endswith(" µs per reservation") for n in f["notes"])
 
 
 def test_the_redis_ceiling_is_measured_with_the_engine_as_a_share_of_it(quick: tuple[Any, dict[str, Any]]) -> None:
@@ -167,6 +169,16 @@ def test_a_broken_claim_or_a_miscount_fails_the_run() -> None:
     assert check_claims([Figure(**base, claim=Claim.EXACT, granted=9, oversold=0, store_granted=9)])  # stranded
     assert check_claims([Figure(**base, claim=Claim.EXACT, granted=10, oversold=0, store_granted=11)])  # lost
     assert check_claims([Figure(**base, claim=Claim.EXACT, granted=10, oversold=0, store_granted=10)]) == []
+
+
+def test_a_benchmark_module_runs_alone_as_the_docs_show(embedded_stack: EmbeddedStack, tmp_path: Path) -> None:
+    out = tmp_path / "inventory.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.inventory_bench", "--quick", "--seconds", "0.5", "--json", str(out)],
+        cwd=ROOT, env={**os.environ, **embedded_stack.environ()}, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert {f["section"] for f in json.loads(out.read_text())["figures"]} == {"inventory"}
 
 
 def test_an_unknown_benchmark_name_is_refused_with_the_list() -> None:
