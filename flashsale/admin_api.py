@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
+from inventory import BucketedInventory
+
 from .buyer_api import bearer, read_json
 from .errors import ApiError
 from .metrics import OUTCOMES, stream_backlog
@@ -97,7 +99,12 @@ async def create_sale(request: web.Request) -> web.Response:
         early_access_ms=_int(body, "early_access_s", 0, high=7 * 86400) * 1000,
         hold_ttl_ms=int(_number(body, "hold_ttl_s", 1800.0, low=0.05, high=7 * 86400) * 1000),
         state="open" if body.get("open") is True else "scheduled",
+        buckets=_int(body, "buckets", 1, low=1, high=64),
     )
+    if BucketedInventory.parent_of(sale) is not None:
+        raise ApiError(422, "invalid_request", "sale ids ending in -b<number> are kept for buckets", field="sale")
+    if settings.buckets > 1 and len(f"{sale}-b{settings.buckets - 1}") > 32:
+        raise ApiError(422, "invalid_request", "sale id too long to add bucket suffixes (keep it under 28 characters)", field="sale")
     # Validate everything before the first write: a refused sale leaves nothing behind.
     specs = []
     seen = set()
@@ -116,10 +123,10 @@ async def create_sale(request: web.Request) -> web.Response:
     clash = [s[0] for s, owner in zip(specs, taken) if owner is not None]
     if clash:
         raise ApiError(409, "sku_taken", f"SKU(s) already on another sale: {', '.join(clash[:10])}", skus=clash[:10])
-    inv = state.inventory(sale, settings.hold_ttl_ms)
+    inv = state.engine(settings)
     for sku, stock, reserve, limit, low in specs:
         await inv.stock(sku, stock, reserve=reserve, limit_per_user=limit, low_stock_line=low)
-    await state.sales.create(settings, [s[0] for s in specs])
+    await state.sales.create(settings, [s[0] for s in specs], [part.sale for part in state.engine_parts(settings)])
     return web.json_response(await _sale_json(state, settings), status=201)
 
 
@@ -131,7 +138,7 @@ def _number(body: dict[str, Any], name: str, default: float, *, low: float, high
 
 
 async def _sale_json(state: ServiceState, settings: SaleSettings) -> dict[str, Any]:
-    snaps = await state.inventory(settings.sale).snapshots()
+    snaps = await state.engine(settings).snapshots()
     return {
         **settings.to_json(),
         "skus": {
@@ -175,7 +182,7 @@ async def _stock_change(request: web.Request, *, release: bool) -> web.Response:
     settings = await _sale_or_404(state, request.match_info["sale"])
     sku = request.match_info["sku"]
     body = await read_json(request) if request.can_read_body else {}
-    inv = state.inventory(settings.sale)
+    inv = state.engine(settings)
     if release:
         units = body.get("units")
         snap = await inv.release_reserve(sku, None if units is None else _int(body, "units", None, low=1))
@@ -277,12 +284,12 @@ async def collect_stats(state: ServiceState) -> dict[str, Any]:
         settings = await state.sales.sale(sale)
         if settings is None:
             continue
-        inv = state.inventory(sale)
+        parts = state.engine_parts(settings)
         sales[sale] = {
             **await _sale_json(state, settings),
-            "holds_pending": int(await redis.zcard(inv.keys.deadlines)),
-            "backlog": await stream_backlog(redis, inv.keys.events),
-            "dead_letters": int(await redis.xlen(inv.keys.tag + ":dead")),
+            "holds_pending": sum([int(await redis.zcard(p.keys.deadlines)) for p in parts]),
+            "backlog": sum([await stream_backlog(redis, p.keys.events) for p in parts]),
+            "dead_letters": sum([int(await redis.xlen(p.keys.tag + ":dead")) for p in parts]),
         }
     writer_raw = await redis.hgetall(f"{prefix}:writer:stats")
     writer = {k.decode(): _num(v) for k, v in writer_raw.items()}

@@ -13,7 +13,7 @@ from aiohttp import web
 import inventory
 
 from .errors import ApiError
-from .sales import iso, now_ms
+from .sales import SaleSettings, iso, now_ms
 from .state import STATE, ServiceState
 from .tokens import Buyer, InvalidToken, verify
 
@@ -103,7 +103,7 @@ async def get_sku(request: web.Request) -> web.Response:
     settings = await state.sales.sale(sale) if sale else None
     if sale is None or settings is None:
         raise ApiError(404, "unknown_sku", f"no SKU {sku!r} is on sale", sku=sku)
-    snap = await state.inventory(sale).snapshot(sku)
+    snap = await state.engine(settings).snapshot(sku)
     if snap is None:
         raise ApiError(404, "unknown_sku", f"no SKU {sku!r} is on sale", sku=sku)
     body = {
@@ -185,7 +185,7 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
                 metrics.count("sold_out")
                 raise ApiError(409, "sold_out", f"SKU {line.sku!r} is sold out", sku=line.sku, available=0)
 
-    inv = state.inventory(sale, settings.hold_ttl_ms)
+    inv = state.engine(settings)
     try:
         hold = await asyncio.wait_for(
             inv.reserve(buyer.user, cart, request_id=request_id),
@@ -214,17 +214,25 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
     return order_json(hold, status=201)
 
 
-async def _order_id(request: web.Request, state: ServiceState) -> tuple[str, str]:
+async def _order_id(request: web.Request, state: ServiceState) -> tuple[str, SaleSettings]:
     """The order id and its sale; 404 unless the sale exists (so a made-up id never
-    makes this process build state for a sale nobody created)."""
+    makes this process build state for a sale nobody created). Orders of a sale split
+    into buckets name their bucket (``<sale>-b<k>.<random>``)."""
     order_id = request.match_info["order_id"]
     try:
-        sale = inventory.Inventory.sale_of(order_id)
+        sale: str | None = inventory.Inventory.sale_of(order_id)
     except inventory.InvalidRequest:
         sale = None
-    if sale is None or await state.sales.sale(sale) is None:
+    settings = await state.sales.sale(sale) if sale else None
+    if settings is None and sale is not None:
+        parent = inventory.BucketedInventory.parent_of(sale)
+        if parent is not None:
+            settings = await state.sales.sale(parent[0])
+            if settings is not None and parent[1] >= settings.buckets:
+                settings = None
+    if settings is None:
         raise ApiError(404, "order_not_found", "no such order")
-    return order_id, sale
+    return order_id, settings
 
 
 @routes.get("/api/orders/{order_id}")
@@ -235,7 +243,7 @@ async def get_order(request: web.Request) -> web.Response:
         raise ApiError(503, "degraded", "order lookup is switched off during the peak; your order is safe", headers={"Retry-After": "5"})
     order_id, sale = await _order_id(request, state)
     try:
-        hold = await state.inventory(sale).hold(order_id)
+        hold = await state.engine(sale).hold(order_id)
     except inventory.InvalidRequest:
         hold = None
     if hold is None and state.pg is not None:
@@ -281,7 +289,7 @@ async def _close_order(request: web.Request, *, pay: bool) -> web.Response:
     state = request.app[STATE]
     buyer = buyer_of(request, state)
     order_id, sale = await _order_id(request, state)
-    inv = state.inventory(sale)
+    inv = state.engine(sale)
     try:
         if pay:
             hold = await inv.confirm(order_id, user=buyer.user)

@@ -115,6 +115,8 @@ def document() -> dict[str, Any]:
                         "open": {"type": "boolean"},
                         "early_access_s": {"type": "integer", "minimum": 0},
                         "hold_ttl_s": {"type": "number", "minimum": 0.05},
+                        "buckets": {"type": "integer", "minimum": 1, "maximum": 64,
+                                    "description": "split the stock over this many hash slots (hot SKUs on a Redis Cluster)"},
                         "skus": {
                             "type": "array",
                             "minItems": 1,

@@ -50,12 +50,17 @@ async def metrics(request: web.Request) -> web.Response:
     rows: list[tuple[str, str, list[str], float]] = []
     try:
         for sale in await state.sales.all_sales():
-            inv = state.inventory(sale)
-            for sku, snap in (await inv.snapshots()).items():
+            settings = await state.sales.sale(sale)
+            if settings is None:  # a bucket's sale id: counted under its sale
+                continue
+            for sku, snap in (await state.engine(settings).snapshots()).items():
                 for name in ("available", "held", "sold", "reserve"):
                     rows.append(("flashsale_stock_units", "units per SKU by state", [sale, sku, name], getattr(snap, name)))
-            rows.append(("flashsale_holds_pending", "holds waiting for payment", [sale], await state.redis.zcard(inv.keys.deadlines)))
-            rows.append(("flashsale_stream_backlog", "events not yet written to PostgreSQL", [sale], await stream_backlog(state.redis, inv.keys.events)))
+            parts = state.engine_parts(settings)
+            pending = sum([await state.redis.zcard(p.keys.deadlines) for p in parts])
+            backlog = sum([await stream_backlog(state.redis, p.keys.events) for p in parts])
+            rows.append(("flashsale_holds_pending", "holds waiting for payment", [sale], pending))
+            rows.append(("flashsale_stream_backlog", "events not yet written to PostgreSQL", [sale], backlog))
         writer = await state.redis.hgetall(f"{state.settings.key_prefix}:writer:stats")
         rows.append(("flashsale_writer_rows_total", "orders rows written by the order writer", [], float(writer.get(b"rows_total", 0))))
         rows.append(("flashsale_dead_letters_total", "events set aside in dead-letter streams", [], float(writer.get(b"dead_letters_total", 0))))

@@ -56,6 +56,12 @@ class ServiceState:
             engine.hold_ttl_ms = sale.hold_ttl_ms
         return engine
 
+    def engine_parts(self, sale: SaleSettings) -> list[inventory.Inventory]:
+        """The plain engines behind a sale: its buckets, or the one Inventory (each has
+        its own holds, deadlines and event stream)."""
+        engine = self.engine(sale)
+        return list(engine.buckets) if isinstance(engine, inventory.BucketedInventory) else [engine]
+
     def probe_inventory(self) -> inventory.Inventory:
         """Any engine instance, for probes that only need the scripts."""
         return next(iter(self._inventories.values()), None) or self.inventory("probe")

@@ -101,6 +101,11 @@ class BucketedInventory:
         for bucket in self.buckets:
             bucket.hold_ttl_ms = value
 
+    @staticmethod
+    def parent_of(sale: str) -> tuple[str, int] | None:
+        """``("d11", 3)`` for bucket 3's sale id ``d11-b3``; None for any other sale id."""
+        return parent_sale_id(sale)
+
     def home(self, user: str) -> Inventory:
         """The bucket holding ``user``'s holds and counts."""
         return self.buckets[zlib.crc32(user.encode()) % len(self.buckets)]
