@@ -682,8 +682,14 @@ def _control(action: str, handler: Handler) -> Handler:
     return pressed
 
 
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON a browser can read")
+
+
 async def _params(request: web.Request) -> dict[str, Any]:
-    """What the operator asked for: the body the handler already read (aiohttp keeps it)."""
+    """What the operator asked for: the body the handler already read (aiohttp keeps it).
+    Anything but a small plain JSON object is kept as text, so the log stays JSON that
+    PostgreSQL and a browser accept (no NaN or Infinity)."""
     try:
         raw = await request.read()
     except web.HTTPException:
@@ -691,10 +697,12 @@ async def _params(request: web.Request) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constants)
     except (ValueError, UnicodeDecodeError):
-        return {"unreadable": raw[:200].decode("utf-8", "replace")}
-    return body if isinstance(body, dict) and len(raw) <= 4096 else {"unreadable": raw[:200].decode("utf-8", "replace")}
+        body = None
+    if isinstance(body, dict) and len(raw) <= 4096:
+        return body
+    return {"unreadable": raw[:200].decode("utf-8", "replace")}
 
 
 CONTROLS: dict[str, tuple[str, Handler]] = {

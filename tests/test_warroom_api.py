@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -271,6 +273,15 @@ async def test_target_refuses_malformed_curves(room: WarRoom, body: dict[str, An
     await expect_json(await room.http.get("/api/admin/warroom/target", headers=ADMIN), 404, "no_target")
 
 
+async def test_the_documented_target_example_is_accepted_as_written(room: WarRoom) -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "warroom.md").read_text(encoding="utf-8")
+    section = doc.split("## Registering a target curve", 1)[1]
+    example = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))  # type: ignore[union-attr]
+    stored = await expect_json(await room.http.put("/api/admin/warroom/target", json=example, headers=ADMIN), 200)
+    assert stored["points"] == example["points"] and stored["scenario"] == example["scenario"]
+    assert (await room.data())["target"]["scenario"] == example["scenario"]
+
+
 async def test_target_of_an_unknown_sale_is_refused(room: WarRoom) -> None:
     body = {"scenario": "s", "sale": "no-such-sale", "points": [[0, 0], [10, 5]]}
     await expect_json(await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 404, "sale_not_found")
@@ -446,6 +457,17 @@ async def test_a_refused_control_is_logged_with_its_code(room: WarRoom, warroom_
     assert sorted(r["outcome"] for r in await pg_log(warroom_db)) == ["invalid_request", "invalid_request", "sale_not_found"]
     counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))["skus"]["ref-a"]
     assert counters["total"] == 3
+
+
+async def test_a_press_with_a_non_json_number_keeps_the_page_readable(room: WarRoom, warroom_db: str) -> None:
+    sale = await room.create_sale([{"sku": "nan-a", "stock": 3}])
+    resp = await room.http.post(control_path(sale, "restock", "nan-a"), data=b'{"units": NaN}',
+                                headers={**ADMIN, "Content-Type": "application/json"})
+    await expect_json(resp, 422)
+    raw = await (await room.http.get("/api/admin/warroom", headers=ADMIN)).text()
+    data = json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} in the page's data"))
+    assert data["log"]["entries"][0]["params"] == {"unreadable": '{"units": NaN}'}
+    assert [r["params"] for r in await pg_log(warroom_db)] == [json.dumps({"unreadable": '{"units": NaN}'})]
 
 
 async def test_a_bad_operator_header_is_refused_before_anything_happens(room: WarRoom, warroom_db: str) -> None:
