@@ -1,0 +1,409 @@
+"""The fence and recovery, end to end on real servers: a Redis that comes back empty or from
+an older copy is noticed, the sale is fenced (503 sale_fenced, also on pay and cancel, and
+still when the settings hash vanishes), ``recover`` rebuilds it from PostgreSQL, the audit
+is clean and the sale sells out exactly. Without the fence the same loss oversells.
+
+Each test runs its own redis-server (so it can be killed and restarted) with AOF
+``always``, a fresh PostgreSQL schema, the service app (``create_app`` + ``fence.install``)
+behind aiohttp's test server, and the order writer and sweeper as tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+
+from flashsale import fence
+from flashsale.app import create_app
+from flashsale.audit import run_audit
+from flashsale.checker import History, Operation, check, classify, observe
+from flashsale.embedded import RedisServer
+from flashsale.recovery import _drain, forget, recover
+from flashsale.sales import SaleBook, SaleSettings, now_ms
+from flashsale.settings import Settings
+from flashsale.sweeper import HoldSweeper
+from flashsale.tokens import mint
+from flashsale.worker import OrderWriter, WorkerSettings, stream_drained
+from inventory import BucketedInventory, Inventory, SoldOut
+
+SECRET, ADMIN = "fence-secret", "fence-admin"
+ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
+STOCK = 40
+
+
+async def wait_for(predicate: Any, timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = await predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+@dataclass
+class Stack:
+    server: RedisServer
+    db_url: str
+    pool: asyncpg.Pool
+    redis: Redis  # decoded, not hooked by any guard
+    client: TestClient | None = None
+    history: History = field(default_factory=History)
+    _worker: list[asyncio.Task[None]] = field(default_factory=list)
+    _stops: list[Any] = field(default_factory=list)
+    _clients: list[Redis] = field(default_factory=list)
+
+    async def start_service(self, *, fenced: bool = True) -> None:
+        settings = Settings(redis_url=self.server.url, database_url=self.db_url, token_secret=SECRET,
+                            admin_token=ADMIN, user_rate=1000.0, user_burst=1000, redis_timeout_s=0.5,
+                            sale_cache_s=0.1, sold_out_cache_s=0.1)  # fmt: skip
+        app = create_app(settings)
+        if fenced:
+            fence.install(app, poll_s=0.1, record_s=0.2, verify_s=1.0)
+        self.client = TestClient(TestServer(app))
+        await self.client.start_server()
+
+    async def start_worker(self) -> None:
+        redis = Redis.from_url(self.server.url, decode_responses=True, socket_timeout=5)
+        self._clients.append(redis)
+        ws = WorkerSettings(redis_url=self.server.url, database_url=self.db_url, consumer="t1", block_ms=50,
+                            # Entries read but not acknowledged when Redis went away are only
+                            # re-read by XAUTOCLAIM: keep its idle time short in tests.
+                            claim_idle_ms=1000, claim_interval_s=0.5, sales_refresh_s=0.2, trim_interval_s=0, progress_interval_s=0)  # fmt: skip
+        writer = OrderWriter(redis, self.pool, ws)
+        sweeper = HoldSweeper(redis, interval_s=0.1, sales_refresh_s=0.2)
+        self._stops += [writer.stop, sweeper.stop]
+        self._worker += [asyncio.ensure_future(writer.run()), asyncio.ensure_future(sweeper.run())]
+
+    async def close(self) -> None:
+        for stop in self._stops:
+            stop()
+        for task in self._worker:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(task, 10)
+        if self.client is not None:
+            await self.client.close()
+        for r in self._clients:
+            await r.aclose()
+
+    # -- the API, recorded in the history
+    async def create_sale(self, sale: str, **extra: Any) -> None:
+        assert self.client is not None
+        resp = await self.client.post("/api/admin/sales", headers=ADMIN_HEADERS, json={
+            "sale": sale, "open": True, "hold_ttl_s": 60, "skus": [{"sku": f"{sale}-phone", "stock": STOCK}], **extra})
+        assert resp.status == 201, await resp.text()
+
+    async def order(self, user: str, sku: str, request_id: str, attempt: int = 0) -> tuple[int, dict[str, Any]]:
+        assert self.client is not None
+        headers = {"Authorization": f"Bearer {mint(SECRET, user)}"}
+        if attempt:
+            headers["X-Retry-Attempt"] = str(attempt)
+        started = time.monotonic()
+        resp = await self.client.post("/api/orders", headers=headers, json={"request_id": request_id, "sku": sku, "qty": 1})
+        body = await resp.json()
+        self.history.add(Operation("order", request_id, user, attempt, started, time.monotonic(), resp.status,
+                                   classify(resp.status, body.get("error")), body.get("error", ""),
+                                   body.get("order_id"), body.get("status"), ((sku, 1),), bool(body.get("replayed"))))  # fmt: skip
+        return resp.status, body
+
+    async def close_order(self, user: str, order_id: str, action: str) -> tuple[int, dict[str, Any]]:
+        assert self.client is not None
+        started = time.monotonic()
+        resp = await self.client.post(f"/api/orders/{order_id}/{action}", headers={"Authorization": f"Bearer {mint(SECRET, user)}"})
+        body = await resp.json()
+        self.history.add(Operation("pay" if action == "pay" else "cancel", order_id, user, 0, started, time.monotonic(),  # type: ignore[arg-type]
+                                   resp.status, classify(resp.status, body.get("error")), body.get("error", ""),
+                                   order_id, body.get("status")))  # fmt: skip
+        return resp.status, body
+
+    async def drained(self, sale: str) -> None:
+        key = f"{{fs:{sale}}}:events"
+        try:
+            await wait_for(lambda: stream_drained(self.redis, key), what="the writer to drain")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; groups {await self.redis.xinfo_groups(key)}, pending "
+                                 f"{await self.redis.xpending_range(key, 'writers', '-', '+', 5)}") from None
+
+    async def recorded(self, sale: str) -> None:
+        async def seen() -> bool:
+            return bool(await self.pool.fetchval("SELECT count(*) FROM fence_sales WHERE sale = $1", sale))
+
+        await wait_for(seen, what="the guard to record the sale")
+        await wait_for(lambda: self.redis.exists("fs:lineage"), what="the lineage marker")
+
+    def acknowledged(self) -> list[str]:
+        return sorted({op.order_id for op in self.history if op.kind == "order" and op.outcome == "ok" and op.order_id})
+
+
+@pytest.fixture
+async def stack(tmp_path: Path, pipeline_db_url: str, pipeline_pool: asyncpg.Pool) -> AsyncIterator[Stack]:
+    server = RedisServer(appendonly=True, appendfsync="always", data_dir=tmp_path / "redis").start()
+    # Retries on a broken connection: the tests restart this server under the client.
+    redis = Redis.from_url(server.url, decode_responses=True, socket_timeout=5,
+                           retry=Retry(ExponentialBackoff(cap=0.2), 5), retry_on_error=[RedisConnectionError])
+    s = Stack(server, pipeline_db_url, pipeline_pool, redis)
+    try:
+        yield s
+    finally:
+        await s.close()
+        await redis.aclose()
+        server.stop()
+
+
+def restart_redis(server: RedisServer, *, data_from: Path | None) -> None:
+    """SIGKILL Redis and start it again on the same port: from ``data_from`` (an older copy
+    of its data dir), or empty when None."""
+    server.kill()
+    shutil.rmtree(server.data_dir)
+    if data_from is not None:
+        shutil.copytree(data_from, server.data_dir)
+    else:
+        server.data_dir.mkdir()
+    server.start()
+
+
+async def sell_first_half(stack: Stack, sale: str, sku: str, tmp_path: Path, loss: str) -> tuple[Path | None, dict[str, str]]:
+    """20 orders (10 paid, 2 cancelled, 8 held), drained and recorded; with loss='older_copy'
+    the data dir is copied after the first 10 orders (all still held then)."""
+    orders: dict[str, str] = {}
+    copy: Path | None = None
+    for i in range(20):
+        if i == 10 and loss == "older_copy":
+            await stack.drained(sale)
+            copy = tmp_path / "older"
+            shutil.copytree(stack.server.data_dir, copy)
+        status, body = await stack.order(f"u{i}", sku, f"r{i}")
+        assert status == 201, body
+        orders[f"u{i}"] = body["order_id"]
+    for i in range(10):
+        assert (await stack.close_order(f"u{i}", orders[f"u{i}"], "pay"))[0] == 200
+    for i in (10, 11):
+        assert (await stack.close_order(f"u{i}", orders[f"u{i}"], "cancel"))[0] == 200
+    await stack.drained(sale)
+    await stack.recorded(sale)
+    return copy, orders
+
+
+@pytest.mark.parametrize("loss", ["wiped", "older_copy"])
+async def test_redis_loss_is_fenced_recovered_and_the_sale_sells_out_exactly(
+    stack: Stack, tmp_path: Path, loss: str
+) -> None:
+    sale = "f-" + uuid.uuid4().hex[:6]
+    sku = f"{sale}-phone"
+    await stack.start_service()
+    await stack.start_worker()
+    await stack.create_sale(sale)
+    copy, orders = await sell_first_half(stack, sale, sku, tmp_path, loss)
+
+    restart_redis(stack.server, data_from=copy)
+
+    async def fenced() -> dict[str, Any] | None:
+        status, body = await stack.order("late", sku, "r-late-" + uuid.uuid4().hex[:6])
+        return body if status == 503 and body["error"] == "sale_fenced" else None
+
+    refusal = await wait_for(fenced, what="the sale to be fenced")
+    assert "flashsale recover" in refusal["message"], refusal
+    status, body = await stack.close_order("u12", orders["u12"], "pay")
+    assert (status, body["error"]) == (503, "sale_fenced"), body
+    if loss == "wiped":
+        # The fence holds in this process even if the settings hash is lost again.
+        await stack.redis.delete(f"fs:sale:{sale}")
+        assert (await fenced()) is not None
+
+    report = await recover(stack.redis, stack.pool)
+    assert report.ok, report.table()
+    assert [r.sale for r in report.recovered] == [sale]
+    assert report.recovered[0].orders == {"paid": 10, "cancelled": 2, "held": 8}
+    assert await stack.redis.hget(f"fs:sale:{sale}", "hold_ttl_ms") == "60000"  # settings back, from fence_sales
+    assert await stack.redis.hget(f"fs:sale:{sale}", "fenced") == ""
+
+    async def reopened() -> bool:
+        status, body = await stack.order("u20", sku, "r20")
+        return status == 201
+
+    await wait_for(reopened, what="the sale to reopen")
+    # Idempotency records were rebuilt: a retry of a request made before the loss replays it.
+    status, body = await stack.order("u3", sku, "r3", attempt=1)
+    assert (status, body["order_id"], body["replayed"]) == (201, orders["u3"], True)
+    assert (await stack.close_order("u12", orders["u12"], "pay"))[0] == 200  # a rebuilt hold can be paid
+
+    sold_after = 1  # u20
+    for i in range(21, 21 + STOCK):
+        status, body = await stack.order(f"u{i}", sku, f"r{i}")
+        if status != 201:
+            assert (status, body["error"]) == (409, "sold_out"), body
+            break
+        sold_after += 1
+    assert sold_after == STOCK - 10 - 8  # exactly what PostgreSQL says was left
+    await stack.drained(sale)
+    audit = await run_audit(stack.redis, stack.pool, acknowledged=stack.acknowledged(), wait_drain_s=10)
+    assert audit.ok, audit.table()
+    verdict = check(stack.history, await observe(stack.redis, stack.pool, prefix="fs", sale=sale, audit=audit), lapsed=False)
+    assert verdict.ok, verdict.table()
+    logged = await stack.pool.fetch("SELECT action FROM fence_log WHERE sale = $1 ORDER BY id", sale)
+    assert [r["action"] for r in logged][-1] == "recovered" and "fenced" in [r["action"] for r in logged]
+
+
+async def test_without_the_fence_an_older_redis_oversells(stack: Stack, tmp_path: Path) -> None:
+    """The counterfactual: the same failover to an older copy, no fence, no recovery. The
+    older copy has units for sale that PostgreSQL knows are sold or held, and it sells them."""
+    sale = "nf-" + uuid.uuid4().hex[:6]
+    sku = f"{sale}-phone"
+    await stack.start_service(fenced=False)
+    await stack.start_worker()
+    await stack.create_sale(sale)
+    orders: dict[str, str] = {}
+    copy = tmp_path / "older"
+    for i in range(20):
+        if i == 10:
+            await stack.drained(sale)
+            shutil.copytree(stack.server.data_dir, copy)
+        status, body = await stack.order(f"u{i}", sku, f"r{i}")
+        orders[f"u{i}"] = body["order_id"]
+    for i in range(10):
+        await stack.close_order(f"u{i}", orders[f"u{i}"], "pay")
+    await stack.drained(sale)
+
+    restart_redis(stack.server, data_from=copy)
+    await wait_for(lambda: stack.redis.ping(), what="Redis")
+    for i in range(20, 20 + STOCK):
+        with contextlib.suppress(Exception):
+            await stack.order(f"u{i}", sku, f"r{i}")
+    await stack.drained(sale)
+    verdict = check(stack.history, await observe(stack.redis, stack.pool, prefix="fs", sale=sale), lapsed=False)
+    assert "no_oversell" in verdict.failed_checks(), verdict.table()
+
+
+async def test_a_restart_with_intact_data_is_verified_not_fenced(stack: Stack) -> None:
+    sale = "ok-" + uuid.uuid4().hex[:6]
+    sku = f"{sale}-phone"
+    await stack.start_service()
+    await stack.start_worker()
+    await stack.create_sale(sale)
+    for i in range(5):
+        assert (await stack.order(f"u{i}", sku, f"r{i}"))[0] == 201
+    await stack.drained(sale)
+    await stack.recorded(sale)
+    assert stack.client is not None
+    guard = stack.client.app[fence.GUARD]
+    before = guard.last_verdict.run_id if guard.last_verdict else None
+
+    stack.server.kill()  # SIGKILL; appendfsync always keeps every acknowledged write
+    stack.server.start()
+
+    async def sells() -> bool:
+        status, _ = await stack.order("u9", sku, "r9")
+        return status == 201
+
+    await wait_for(sells, what="orders to go through after the restart")
+    assert guard.last_verdict is not None and guard.last_verdict.run_id != before and guard.last_verdict.ok
+    assert not guard.fenced
+    assert await stack.pool.fetchval("SELECT count(*) FROM fence_log") == 0
+
+
+# ------------------------------------------------------------------ verification
+@pytest.fixture
+async def recorded_sale(text_redis: Redis, pipeline_pool: asyncpg.Pool) -> Inventory:
+    """Sale ``v1``: 3 holds (one paid), written to PostgreSQL, recorded by the fence."""
+    await SaleBook(text_redis, "fs").create(SaleSettings("v1", now_ms(), state="open"), ["v1-phone"], ["v1"])
+    inv = Inventory(text_redis, "v1", coalesce=False)
+    await inv.stock("v1-phone", 10)
+    holds = [await inv.reserve(f"u{i}", [("v1-phone", 1)], request_id=f"r{i}") for i in range(3)]
+    await inv.confirm(holds[0].hold_id)
+    await _drain(text_redis, pipeline_pool, "fs", "v1", "0-0")
+    await fence.record_sales(text_redis, pipeline_pool)
+    await fence.ensure_lineage(text_redis, pipeline_pool)
+    return inv
+
+
+async def _break_stream(r: Redis) -> None:
+    await r.delete("{fs:v1}:events")
+    await r.xadd("{fs:v1}:events", {"type": "noise"}, id="1-1")
+
+
+@pytest.mark.parametrize(
+    ("damage", "evidence"),
+    [
+        (lambda r: r.delete("fs:lineage"), "lineage marker is missing"),
+        (lambda r: r.set("fs:lineage", "someone-else"), "another dataset"),
+        (lambda r: r.delete("{fs:v1}:stock"), "no stock for v1"),
+        (lambda r: r.hincrby("{fs:v1}:stock", "v1-phone:sold", -1), "counts 0 sold, PostgreSQL has 1 paid"),
+        (_break_stream, "stream ends at 1-1"),
+    ],
+)
+async def test_verify_finds_each_kind_of_loss(recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool,
+                                             damage: Any, evidence: str) -> None:
+    assert (await fence.verify(text_redis, pipeline_pool)).ok
+    await damage(text_redis)
+    verdict = await fence.verify(text_redis, pipeline_pool)
+    assert not verdict.ok
+    assert any(evidence in loss.reason for loss in verdict.losses), verdict.losses
+    assert set(verdict.lost_sales()) == {"v1"}
+
+
+async def test_verify_counts_holds(recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool) -> None:
+    victim = next(iter(await text_redis.hkeys("{fs:v1}:holds")))
+    await text_redis.hdel("{fs:v1}:holds", victim)
+    verdict = await fence.verify(text_redis, pipeline_pool)
+    assert any("Redis holds 2 orders, PostgreSQL has committed 3" in loss.reason for loss in verdict.losses)
+
+
+async def test_a_forgotten_sale_is_not_a_loss(recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool) -> None:
+    for key in ("{fs:v1}:stock", "{fs:v1}:holds", "{fs:v1}:events", "fs:sale:v1"):
+        await text_redis.delete(key)
+    assert not (await fence.verify(text_redis, pipeline_pool)).ok
+    assert await forget(pipeline_pool, prefix="fs", sale="v1")
+    assert (await fence.verify(text_redis, pipeline_pool)).ok
+
+
+# ------------------------------------------------------------------------ buckets
+async def test_a_buckets_split_sale_is_rebuilt_per_bucket(text_redis: Redis, pipeline_pool: asyncpg.Pool) -> None:
+    engines = [f"bk-b{k}" for k in range(3)]
+    await SaleBook(text_redis, "fs").create(SaleSettings("bk", now_ms(), state="open", buckets=3), ["bk-phone"], engines)
+    inv = BucketedInventory(text_redis, "bk", 3, coalesce=False)
+    await inv.stock("bk-phone", 30, limit_per_user=2)
+    holds = [await inv.reserve(f"u{i}", [("bk-phone", 1)], request_id=f"r{i}") for i in range(18)]
+    for hold in holds[:6]:
+        await inv.confirm(hold.hold_id)
+    await inv.release(holds[6].hold_id)
+    for engine in engines:
+        await _drain(text_redis, pipeline_pool, "fs", engine, "0-0")
+    await fence.record_sales(text_redis, pipeline_pool)
+    await fence.ensure_lineage(text_redis, pipeline_pool)
+    before = {b.sale: await b.snapshot("bk-phone") for b in inv.buckets}
+
+    await text_redis.flushdb()
+    verdict = await fence.verify(text_redis, pipeline_pool)
+    assert set(verdict.lost_sales()) == {"bk"}
+
+    report = await recover(text_redis, pipeline_pool)
+    assert report.ok, report.table()
+    assert report.recovered[0].engine_sales == tuple(engines)
+    assert {b.sale: await b.snapshot("bk-phone") for b in inv.buckets} == before
+    assert await text_redis.hget("fs:sale:bk", "buckets") == "3" and await text_redis.hget("fs:sale:bk", "fenced") == ""
+    again = await inv.reserve("u1", [("bk-phone", 1)], request_id="r1")  # replays from the home bucket
+    assert again.replayed and again.hold_id == holds[1].hold_id
+    sold = 0
+    for i in range(100, 140):
+        try:
+            await inv.reserve(f"u{i}", [("bk-phone", 1)], request_id=f"r{i}")
+        except SoldOut:
+            break
+        sold += 1
+    assert sold == 30 - 6 - 11  # 6 paid, 11 held (18 holds, 1 cancelled)
