@@ -27,7 +27,7 @@ import json
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -279,12 +279,51 @@ def run_oracle(
             progress(f"waiting {lapse_at - clock():.0f}s for the last unpaid hold to lapse")
             sleep(max(min(lapse_at, deadline) - clock(), 0.0))
     progress(f"auditing {len(log.acknowledged)} acknowledged orders (drain wait up to {wait_s:.0f}s)")
-    audit = admin.audit(log.acknowledged, wait_s)
+    audit = audit_in_chunks(admin, log.acknowledged, wait_s)
     # A hold past its TTL may need the service's sweeper to come round: look again briefly.
     while any(c["held"] for c in read_audit(audit, sale).skus.values()) and clock() < deadline:
         sleep(2.0)
-        audit = admin.audit(log.acknowledged, wait_s)
+        audit = audit_in_chunks(admin, log.acknowledged, wait_s)
     return verdict_from_audit(audit, log, sale=sale)
+
+
+#: Order ids per audit call: keeps each body well under the service's 16 KiB request limit.
+AUDIT_CHUNK_BYTES = 12_000
+
+
+def audit_in_chunks(admin: AdminClient, acknowledged: Sequence[str], wait_s: float) -> dict[str, Any]:
+    """One audit for any number of acknowledged ids: the first call waits for the drain, the
+    rest check their share of the ids; "lost" findings of every call are put together, the
+    rest (stock, drain, other kinds) comes from the last call, the freshest."""
+    chunks: list[list[str]] = [[]]
+    size = 0
+    for oid in acknowledged:
+        if chunks[-1] and size + len(oid) + 4 > AUDIT_CHUNK_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(oid)
+        size += len(oid) + 4
+    answers = [admin.audit(chunk, wait_s if i == 0 else min(wait_s, 5.0)) for i, chunk in enumerate(chunks)]
+    if len(answers) == 1:
+        return dict(answers[0])
+    merged = dict(answers[-1])
+    raw = merged.get("violations")
+    if isinstance(raw, list):
+        seen: set[str] = set()
+        lost: list[Any] = []
+        for answer in answers:
+            for v in answer.get("violations") or []:
+                key = json.dumps(v, sort_keys=True)
+                if v.get("kind") == "lost" and key not in seen:
+                    seen.add(key)
+                    lost.append(v)
+        merged["violations"] = [v for v in raw if v.get("kind") != "lost"] + lost
+        by_kind = dict(merged.get("violations_by_kind") or {})
+        by_kind["lost"] = len(lost)
+        merged["violations_by_kind"] = by_kind
+        merged["ok"] = all(a.get("ok", False) for a in answers)
+    merged["audit_calls"] = len(answers)
+    return merged
 
 
 def format_verdict(verdict: Verdict) -> str:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import exit_codes
-from loadtests.latency import summarize, write_log
+from loadtests.latency import INTERVAL_SIGNIFICANT_FIGURES, merge, summarize, write_log
 from loadtests.oracle import Verdict
 from loadtests.recording import RunCollector, ServiceSample
 from loadtests.shapes import Shape
@@ -156,11 +156,19 @@ def build_summary(
     windows = []
     for w in shape.windows:
         lo, hi = int(math.floor(w.start)), int(math.ceil(w.end))
+        secs = [collector.seconds.get(s, Counter()) for s in range(lo, hi)]
+        # Latency by completion second: a window's last slow answers may land in the next one.
+        intervals = [collector.book.interval(s) for s in range(lo, hi)]
         windows.append({
             "name": w.name, "start_s": w.start, "end_s": w.end,
             "target": round(shape.expected(w.start, w.end), 1),
-            "started": sum(collector.seconds.get(s, Counter()).get("arrivals.started", 0) for s in range(lo, hi)),
-            "dropped": sum(collector.seconds.get(s, Counter()).get("arrivals.dropped", 0) for s in range(lo, hi)),
+            "started": sum(c.get("arrivals.started", 0) for c in secs),
+            "dropped": sum(c.get("arrivals.dropped", 0) for c in secs),
+            "requests": sum(n for c in secs for k, n in c.items() if k.startswith("req.")),
+            "orders": sum(c.get("req.order", 0) for c in secs),
+            "errors": sum(n for c in secs for k, n in c.items() if k.startswith("err.")),
+            "latency_raw": summarize(merge((i[0] for i in intervals), INTERVAL_SIGNIFICANT_FIGURES)),
+            "latency_corrected": summarize(merge((i[1] for i in intervals), INTERVAL_SIGNIFICANT_FIGURES)),
         })
     cpu_max = {p: max(v.values(), default=0.0) for p, v in collector.cpu.items()}
     cpu_busy = {p: (sum(1 for x in v.values() if x > CPU_BUSY_PERCENT) / len(v)) if v else 0.0

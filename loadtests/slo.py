@@ -36,9 +36,11 @@ __all__ = [
     "parse_threshold",
 ]
 
+#: What a healthy service met in rehearsals on a 2-core machine shared with Redis,
+#: PostgreSQL and Locust, T0 rendezvous included (docs/rehearsal.md); tighten for real hardware.
 DEFAULT_THRESHOLDS: tuple[str, ...] = (
-    "latency:p(99)<500",
-    "latency_corrected:p(99)<1000",
+    "latency:p(99)<1000",
+    "latency_corrected:p(99)<1500",
     "error_ratio:rate<0.01",
     "arrival_ratio:value>0.95",
     "dropped_ratio:rate<0.01",

@@ -71,6 +71,7 @@ def _drill_options(parser: Any) -> None:
                    help="peak arrivals per second, all processes together (default 200)")
     g.add_argument("--time-scale", type=float, default=1.0, env_var="FLASHSALE_TIME_SCALE",
                    help="stretch every phase of the shape by this factor (default 1: midnight_surge ~75 s of arrivals)")
+    g.add_argument("--steps", type=int, default=5, help="capacity_step: number of stairs up to --peak-rps (default 5)")
     g.add_argument("--arrival-process", choices=["uniform", "poisson"], default="uniform",
                    help="evenly spaced arrivals along the shape (default), or Poisson")
     g.add_argument("--personas", default="", env_var="FLASHSALE_PERSONAS",
@@ -188,7 +189,7 @@ class ProcessPart:
         plan = self.plan
         assert plan is not None
         opt = plan["options"]
-        shape = build_shape(plan["shape"], plan["peak_rps"], plan["time_scale"])
+        shape = build_shape(plan["shape"], plan["peak_rps"], plan["time_scale"], **plan.get("shape_params", {}))
         start_epoch = float(plan["start_epoch"])
         report_dir = Path(plan["report_dir"]) if plan.get("report_dir") else None
         request_log = report_dir / "processes" / f"{self.proc_id}.requests.jsonl" if report_dir and plan.get("local_files") else None
@@ -316,7 +317,8 @@ class Conductor:
             return self._fail(str(exc))
         self.thresholds = thresholds
         self.run_id = time.strftime("%m%d%H%M%S") + uuid.uuid4().hex[:4]
-        self.shape = shape = build_shape(opt.shape, opt.peak_rps, opt.time_scale)
+        shape_params = {"steps": opt.steps} if opt.shape == "capacity_step" else {}
+        self.shape = shape = build_shape(opt.shape, opt.peak_rps, opt.time_scale, **shape_params)
         self.report_dir = Path(opt.report_dir or f"reports/drill-{self.run_id}").resolve()
         self.started_at = time.time()
         start_epoch = self.started_at + opt.lead
@@ -342,6 +344,7 @@ class Conductor:
         self.collector.expect(procs)
         base = {
             "run_id": self.run_id, "shape": opt.shape, "peak_rps": opt.peak_rps, "time_scale": opt.time_scale,
+            "shape_params": shape_params,
             "start_epoch": start_epoch, "count": len(procs), "report_dir": str(self.report_dir),
             "local_files": True,
             "catalogue": {"items": [asdict(i) for i in self.sale.catalogue.items], "hot": self.sale.catalogue.hot},

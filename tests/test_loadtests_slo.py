@@ -35,8 +35,8 @@ def test_parse_threshold() -> None:
 def test_defaults_pass_on_a_healthy_run_and_each_fails_alone() -> None:
     assert all(r.passed for r in evaluate(DEFAULT_THRESHOLDS, _summary()))
     breaking = {
-        "latency:p(99)<500": _summary(p99=600),
-        "latency_corrected:p(99)<1000": _summary(p99c=1500),
+        "latency:p(99)<1000": _summary(p99=1100),
+        "latency_corrected:p(99)<1500": _summary(p99c=1600),
         "error_ratio:rate<0.01": _summary(errors=0.02),
         "arrival_ratio:value>0.95": _summary(arrivals=0.9),
         "dropped_ratio:rate<0.01": _summary(dropped=0.02),
@@ -59,6 +59,9 @@ def test_validity_bounds() -> None:
     assert not check_validity(_summary(dropped=0.2)).valid
     assert check_validity(_summary(dropped=0.2), RunValidity(max_dropped_ratio=0.3)).valid
     assert not check_validity(_summary(lag_p99=900)).valid
+    failed = _summary()
+    failed["generator"]["failures"] = {"w1": "cannot mint buyer tokens: 401"}
+    assert check_validity(failed).reasons == ("Locust process w1 could not send its share: cannot mint buyer tokens: 401",)
 
 
 @pytest.mark.parametrize("invariants,valid,slo", list(itertools.product([True, False], repeat=3)))

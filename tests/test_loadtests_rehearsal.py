@@ -1,0 +1,203 @@
+"""A short headless rehearsal end to end (service, worker, Locust, oracle, report) against the
+real Redis and PostgreSQL — and the oracle failing when it should: after the run the stores
+are tampered with (an oversell, a lost order, a duplicate) and the verdict must say so."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import redis
+
+from flashsale.embedded import EmbeddedStack
+from flashsale.rehearse import Rehearsal, RehearsalSettings
+from loadtests import exit_codes, oracle
+from loadtests.oracle import read_request_log
+
+
+@dataclass(frozen=True)
+class Drill:
+    summary: dict[str, Any]
+    folder: Path
+    env: dict[str, str]
+    code: int
+
+    @property
+    def sale(self) -> str:
+        return str(self.summary["run"]["sale"])
+
+
+@pytest.fixture(scope="module")
+def drill(embedded_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Drill:
+    folder = tmp_path_factory.mktemp("rehearsal")
+    env = {
+        **embedded_stack.environ(),
+        "FLASHSALE_KEY_PREFIX": f"rt{uuid.uuid4().hex[:6]}",
+        "FLASHSALE_TOKEN_SECRET": uuid.uuid4().hex,
+        "FLASHSALE_ADMIN_TOKEN": uuid.uuid4().hex,
+    }
+    settings = RehearsalSettings(
+        peak_rps=60.0, time_scale=0.3, hold_ttl_s=3.0, audit_wait_s=30.0, report_dir=folder, env=env,
+        # A CI machine is shared: judge correctness here, and latency loosely.
+        slo="latency_corrected:p(99)<5000;error_ratio:rate<0.02;arrival_ratio:value>0.9",
+    )
+    with open(folder / "rehearse.out", "w") as out:
+        code = Rehearsal(settings, out=out).run()
+    summary = json.loads((folder / "summary.json").read_text())
+    return Drill(summary, folder, env, code)
+
+
+@pytest.mark.timeout(300)
+def test_short_headless_rehearsal_passes_the_oracle(drill: Drill) -> None:
+    s = drill.summary
+    assert s["oracle"]["invariants_held"] is True, s["oracle"]
+    assert drill.code == exit_codes.OK, (s["validity"], s["slo"])
+    assert s["arrivals"]["dropped"] == 0 and s["ratios"]["arrival_ratio"] > 0.95
+    log = s["oracle"]["log"]
+    assert log["acknowledged"] > 0 and log["paid"] > 0
+    orders = s["requests"]["order"]["outcomes"]
+    assert orders.get("409:sold_out", 0) > 0  # the hot SKU sold out: demand beat stock
+    assert s["service"]["sold_out_at_s_from_t0"], "no sold-out moment in the stats timeline"
+    assert s["events"] and "reserve" in s["events"][0]["what"]
+    for name in ("report.html", "timeline.csv", "latency-raw.hlog", "latency-corrected.hlog", "requests.jsonl"):
+        assert (drill.folder / name).is_file(), name
+    text = (drill.folder / "rehearse.out").read_text()
+    assert "VERDICT  exit 0" in text
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def judge(drill: Drill) -> Iterator[Any]:
+    """The service started again on the drill's stores; ``judge()`` reruns the oracle (exit code)."""
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "flashsale", "serve", "--port", str(port), "--workers", "1"],
+                            env={**os.environ, **drill.env}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    host = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(f"{host}/readyz", timeout=2):
+                break
+        except OSError:
+            time.sleep(0.2)
+
+    def run(*extra: str) -> int:
+        return oracle.main([str(drill.folder / "requests.jsonl"), "--host", host, "--sale", drill.sale,
+                            "--admin-token", drill.env["FLASHSALE_ADMIN_TOKEN"], "--wait", "5", *extra])
+
+    try:
+        yield run
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def stores(drill: Drill) -> Iterator[tuple[redis.Redis, str]]:
+    client = redis.Redis.from_url(drill.env["FLASHSALE_REDIS_URL"], decode_responses=True)
+    try:
+        yield client, "{" + drill.env["FLASHSALE_KEY_PREFIX"] + ":" + drill.sale + "}"
+    finally:
+        client.close()
+
+
+def _acknowledged(drill: Drill) -> list[str]:
+    return list(read_request_log([drill.folder / "requests.jsonl"]).acknowledged)
+
+
+@pytest.mark.timeout(180)
+def test_oracle_clean_before_tampering_and_chunked(drill: Drill, judge: Any, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Many acknowledged ids go in several audit calls (the service takes 16 KiB bodies).
+    monkeypatch.setattr(oracle, "AUDIT_CHUNK_BYTES", 400)
+    assert judge() == exit_codes.OK, capsys.readouterr().out
+
+
+@pytest.mark.timeout(180)
+def test_planted_oversell_is_an_invariant_violation(drill: Drill, judge: Any, stores: Any,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    client, tag = stores
+    hot = next(k for k in client.hgetall(f"{tag}:stock") if k.startswith("phone-") and k.endswith(":sold"))
+    client.hincrby(f"{tag}:stock", hot, 1)  # one more unit sold than was ever stocked
+    try:
+        assert judge() == exit_codes.INVARIANT_VIOLATED
+        failed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if " FAIL " in line]
+        assert "oversold" in failed
+    finally:
+        client.hincrby(f"{tag}:stock", hot, -1)
+
+
+async def _pg(drill: Drill) -> asyncpg.Connection:
+    return await asyncpg.connect(drill.env["FLASHSALE_DATABASE_URL"])
+
+
+@pytest.mark.timeout(180)
+async def test_planted_lost_order_is_an_invariant_violation(drill: Drill, judge: Any,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    victim = _acknowledged(drill)[0]
+    conn = await _pg(drill)
+    try:
+        row = await conn.fetchrow("SELECT * FROM orders WHERE order_id = $1", victim)
+        lines = await conn.fetch("SELECT * FROM order_lines WHERE order_id = $1", victim)
+        assert row is not None, "an acknowledged order is missing before tampering"
+        await conn.execute("DELETE FROM orders WHERE order_id = $1", victim)  # the 漏单 of 2012
+        try:
+            assert judge() == exit_codes.INVARIANT_VIOLATED
+            failed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if " FAIL " in line]
+            assert "lost" in failed
+        finally:
+            cols = list(row.keys())
+            await conn.execute(f"INSERT INTO orders ({', '.join(cols)}) VALUES "
+                               f"({', '.join(f'${i + 1}' for i in range(len(cols)))})", *row.values())
+            for line in lines:
+                await conn.execute("INSERT INTO order_lines (order_id, sku, qty) VALUES ($1, $2, $3)",
+                                   line["order_id"], line["sku"], line["qty"])
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(180)
+async def test_planted_duplicate_is_an_invariant_violation(drill: Drill, judge: Any,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    original = _acknowledged(drill)[-1]
+    twin = original + "x"
+    conn = await _pg(drill)
+    try:
+        # A second order for the same request id: what a retry must never create.
+        await conn.execute("""INSERT INTO orders (order_id, sale, user_id, request_id, status, status_rank, created_at,
+                                                  pay_by, status_at, last_stream_id)
+                              SELECT $2, sale, user_id, request_id, status, status_rank, created_at, pay_by, status_at,
+                                     last_stream_id FROM orders WHERE order_id = $1""", original, twin)
+        await conn.execute("""INSERT INTO order_lines (order_id, sku, qty)
+                              SELECT $2, sku, qty FROM order_lines WHERE order_id = $1""", original, twin)
+        try:
+            assert judge() == exit_codes.INVARIANT_VIOLATED
+            failed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if " FAIL " in line]
+            assert "duplicate" in failed
+        finally:
+            await conn.execute("DELETE FROM orders WHERE order_id = $1", twin)
+    finally:
+        await conn.close()
+
+
+@pytest.mark.timeout(180)
+def test_oracle_clean_again_after_restoring(judge: Any) -> None:
+    assert judge() == exit_codes.OK
