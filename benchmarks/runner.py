@@ -32,7 +32,7 @@ from .report import GENERATOR_BOUND, Claim, Figure, check_claims, render_table, 
 from .servers import Servers, open_servers
 from .settings import BenchSettings
 
-__all__ = ["BENCHMARKS", "EXTERNAL", "main"]
+__all__ = ["BENCHMARKS", "EXTERNAL", "add_arguments", "main", "run"]
 
 Measure = Callable[[Servers, BenchSettings, list[Figure]], Awaitable[list[Figure]]]
 
@@ -244,21 +244,24 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
     return 1 if problems else 0
 
 
-def _parser() -> argparse.ArgumentParser:
+DESCRIPTION = (
+    "Measure, side by side on this machine, the ways of holding stock under a surge and "
+    "the ceilings around them. Servers: embedded Redis and PostgreSQL, or the ones named by "
+    f"{REDIS_URL_ENV} / {DATABASE_URL_ENV} (nothing there is flushed). Exits 1 when a "
+    "strategy broke its correctness claim or the harness's counts disagree with the store. "
+    "Run from the repository root; results and how to read them: docs/benchmarks.md."
+)
+
+
+def epilog() -> str:
     names = "\n".join(f"  {b.name:<11} {b.summary}" for b in BENCHMARKS) + "\n" + "\n".join(
         f"  {name:<11} benchmarks/{module}.py, run as its own program" for name, module in EXTERNAL.items()
     )
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks",
-        description=(
-            "Measure, side by side on this machine, the ways of holding stock under a surge and "
-            "the ceilings around them. Servers: embedded Redis and PostgreSQL, or the ones named by "
-            f"{REDIS_URL_ENV} / {DATABASE_URL_ENV} (nothing there is flushed). Exits 1 when a "
-            "strategy broke its correctness claim or the harness's counts disagree with the store."
-        ),
-        epilog="benchmarks:\n" + names,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    return "benchmarks:\n" + names
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options, shared by ``python -m benchmarks`` and ``flashsale bench``."""
     parser.add_argument("--quick", action="store_true", help="about a second per figure (CI); same code paths")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write machine, settings and figures here")
     parser.add_argument("--only", action="append", metavar="NAME",
@@ -268,11 +271,23 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seconds", type=float, help="seconds per figure (default 5, quick 1)")
     parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
                         help="the loop the generator runs on (default uvloop, as the service does)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=DESCRIPTION, epilog=epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    add_arguments(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    return run(_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run what ``args`` (from :func:`add_arguments`) selects; the exit code."""
     selected = _all_names()
     if args.only:
         selected = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
