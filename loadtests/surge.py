@@ -42,7 +42,7 @@ import psutil  # type: ignore[import-untyped]
 from locust import LoadTestShape, User, constant, events, task
 from locust.contrib.fasthttp import FastHttpSession
 from locust.env import Environment
-from locust.runners import MasterRunner, WorkerRunner
+from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, MasterRunner, WorkerRunner
 
 from loadtests import exit_codes
 from loadtests.admin import AdminClient, AdminError, admin_token_from_env
@@ -528,10 +528,23 @@ def _on_test_stop(environment: Environment, **_kw: Any) -> None:
         environment.flashsale_conductor.finish()  # type: ignore[attr-defined]
 
 
+def _on_quitting(environment: Environment, **_kw: Any) -> None:
+    """Ctrl-C / SIGTERM: Locust decides its exit code before it stops the runner, so stop the
+    drill here first — the visits end, the oracle judges what happened, the report is written
+    and the exit code is the drill's."""
+    runner = environment.runner
+    if runner is None or isinstance(runner, WorkerRunner):
+        return
+    if runner.state not in (STATE_STOPPED, STATE_STOPPING, STATE_CLEANUP):
+        runner.stop()
+    environment.flashsale_conductor.finish()  # type: ignore[attr-defined]
+
+
 events.init_command_line_parser.add_listener(_drill_options)  # type: ignore[no-untyped-call]
 events.init.add_listener(_on_init)  # type: ignore[no-untyped-call]
 events.test_start.add_listener(_on_test_start)  # type: ignore[no-untyped-call]
 events.test_stop.add_listener(_on_test_stop)  # type: ignore[no-untyped-call]
+events.quitting.add_listener(_on_quitting)  # type: ignore[no-untyped-call]
 
 
 class DrillDriver(User):

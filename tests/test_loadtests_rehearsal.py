@@ -201,3 +201,39 @@ async def test_planted_duplicate_is_an_invariant_violation(drill: Drill, judge: 
 @pytest.mark.timeout(180)
 def test_oracle_clean_again_after_restoring(judge: Any) -> None:
     assert judge() == exit_codes.OK
+
+
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_everything_and_still_judges(embedded_stack: EmbeddedStack, tmp_path: Path) -> None:
+    import psutil  # type: ignore[import-untyped]
+
+    env = {**os.environ, **embedded_stack.environ(), "FLASHSALE_KEY_PREFIX": f"rc{uuid.uuid4().hex[:6]}"}
+    script = ("import sys; from pathlib import Path; from flashsale.rehearse import Rehearsal, RehearsalSettings; "
+              f"sys.exit(Rehearsal(RehearsalSettings(peak_rps=40, time_scale=1.0, hold_ttl_s=2, audit_wait_s=20, "
+              f"report_dir=Path({str(tmp_path)!r}))).run())")
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
+    progress = tmp_path / "progress.json"
+    deadline = time.time() + 90
+    while time.time() < deadline:  # interrupt once the doors have opened
+        try:
+            if json.loads(progress.read_text()).get("t_from_t0_s", -1) > 2:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the drill never reached T0")
+    children = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert len(children) >= 3  # the service, the worker, Locust (and their own children)
+    proc.send_signal(__import__("signal").SIGINT)
+    out, _ = proc.communicate(timeout=150)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # Interrupted mid-surge, the drill still ended its visits, judged the run and reported.
+    assert summary["oracle"]["invariants_held"] is True, summary["oracle"]
+    assert summary["run"]["elapsed_s"] < 60 and summary["arrivals"]["started"] > 0
+    assert proc.returncode == summary["exit_code"], out
+    assert "VERDICT" in out
+    time.sleep(1)
+    left = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert left == [], f"processes left running after Ctrl-C: {left}"
