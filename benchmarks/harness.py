@@ -27,7 +27,7 @@ from hdrh.histogram import HdrHistogram
 
 from .report import Figure
 
-__all__ = ["Attempt", "CpuMeter", "LoadRun", "PidTreeCpu", "RedisCpu", "RedisScriptTime", "closed_loop", "process_cpu_seconds", "run_queue_seconds"]
+__all__ = ["Attempt", "CpuMeter", "LoadRun", "PidTreeCpu", "RedisCpu", "closed_loop", "process_cpu_seconds", "run_queue_seconds"]
 
 #: One attempt by client ``i``: True when it was granted a unit, False when told "sold out".
 Attempt = Callable[[int], Awaitable[bool]]
@@ -66,18 +66,6 @@ class RedisCpu:
     async def seconds(self) -> float | None:
         info = await self._redis.info("cpu")
         return float(info["used_cpu_sys"]) + float(info["used_cpu_user"])
-
-
-class RedisScriptTime:
-    """Time Redis spent running scripts (``INFO commandstats``: EVAL and EVALSHA), in µs.
-    Read as a difference, so other clients' scripts on a shared server would count too."""
-
-    def __init__(self, redis: Any) -> None:
-        self._redis = redis
-
-    async def microseconds(self) -> float:
-        stats = await self._redis.info("commandstats")
-        return sum(float(stats.get(f"cmdstat_{name}", {}).get("usec", 0)) for name in ("eval", "evalsha"))
 
 
 class PidTreeCpu:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, replace
 
-from .harness import LoadRun, RedisScriptTime, closed_loop
+from .harness import LoadRun, closed_loop
 from .report import Claim, Figure
 from .servers import Servers
 from .settings import BenchSettings
@@ -42,13 +42,18 @@ UNCOALESCED = "library, coalesce=False"
 class _Round:
     run: LoadRun
     store_granted: int
-    #: Redis's time inside scripts per reservation made (µs).
-    script_us: float
+
+    @property
+    def redis_cpu_us(self) -> float | None:
+        """Redis's CPU time per reservation made (µs): CPU time, not wall time, so a busy
+        machine that preempts Redis does not inflate it."""
+        if self.run.server_cpu_s is None or not self.run.granted:
+            return None
+        return self.run.server_cpu_s * 1e6 / self.run.granted
 
 
-async def _timed(strategy: Strategy, settings: BenchSettings, scripts: RedisScriptTime) -> _Round:
+async def _timed(strategy: Strategy, settings: BenchSettings) -> _Round:
     await strategy.prepare(_UNLIMITED)
-    before = await scripts.microseconds()
     run = await closed_loop(
         strategy.attempt,
         clients=strategy.clients,
@@ -56,8 +61,7 @@ async def _timed(strategy: Strategy, settings: BenchSettings, scripts: RedisScri
         seconds=settings.seconds,
         server=strategy.meter(),
     )
-    spent = await scripts.microseconds() - before
-    return _Round(run, await strategy.store_granted(), spent / run.granted if run.granted else 0.0)
+    return _Round(run, await strategy.store_granted())
 
 
 def _figure(name: str, claim: Claim, rounds: list[_Round]) -> Figure:
@@ -66,7 +70,8 @@ def _figure(name: str, claim: Claim, rounds: list[_Round]) -> Figure:
     if len(rounds) > 1:
         spread = [r.run.rate for r in rounds]
         notes.append(f"median of {len(rounds)} rounds ({min(spread):,.0f}..{max(spread):,.0f})")
-    notes.append(f"Redis ran scripts {middle.script_us:.1f} µs per reservation")
+    if middle.redis_cpu_us is not None:
+        notes.append(f"Redis CPU {middle.redis_cpu_us:.1f} µs per reservation")
     return middle.run.figure(
         section=SECTION,
         name=name,
@@ -87,17 +92,15 @@ async def measure_library(servers: Servers, settings: BenchSettings) -> list[Fig
     }
     rounds = 1 if settings.quick else 3
     runs: dict[str, list[_Round]] = {name: [] for name in contenders}
-    stats = servers.redis()
     for strategy in contenders.values():
         await strategy.open()
     try:
         for _ in range(rounds):
             for name, strategy in contenders.items():
-                runs[name].append(await _timed(strategy, settings, RedisScriptTime(stats)))
+                runs[name].append(await _timed(strategy, settings))
     finally:
         for strategy in contenders.values():
             await strategy.close()
-        await stats.aclose()
     figures = {name: _figure(name, Claim.EXACT, runs[name]) for name in contenders}
     raw = figures[RAW].rate
     out = [figures[RAW]]
