@@ -600,6 +600,16 @@ class OrderWriter:
         next_sales = next_claim = next_trim = next_progress = 0.0
         reported = (0, 0)
         pending_done: set[str] = set()  # streams whose own pending entries were re-read
+        # One batch is written while the next is read and parsed (PostgreSQL works on its own
+        # core meanwhile); never more than one, so entries are acknowledged in read order.
+        in_flight: asyncio.Future[None] | None = None
+
+        async def settle() -> None:
+            nonlocal in_flight
+            if in_flight is not None:
+                done, in_flight = in_flight, None
+                await done
+
         while not self._stop.is_set():
             try:
                 now = time.monotonic()
@@ -607,17 +617,20 @@ class OrderWriter:
                     await self.refresh_sales()
                     next_sales = now + s.sales_refresh_s
                 for key in [k for k in self._streams if k not in pending_done]:
+                    await settle()  # its entries are pending too: do not read them twice
                     await self.drain_own_pending(key)  # first, before anything new
                     pending_done.add(key)
                 if now >= next_claim and s.claim_interval_s > 0:
+                    await settle()
                     await self.reclaim()
                     next_claim = now + s.claim_interval_s
                 if now >= next_trim and s.trim_interval_s > 0:
                     await self.trim()
                     next_trim = now + s.trim_interval_s
                 entries = await self._read_new()
+                await settle()
                 if entries:
-                    await self.commit(entries)
+                    in_flight = asyncio.ensure_future(self.commit(entries))
                 self._redis_recovered()
             except _Stopped:
                 break
@@ -637,6 +650,8 @@ class OrderWriter:
                     _log("progress", **_stats_fields(self.stats))
                     reported = moved
                 next_progress = now + s.progress_interval_s
+        with contextlib.suppress(_Stopped, *_REDIS_OUTAGE):
+            await settle()  # finish the batch in hand (or give up on it after stop_grace_s)
         _log("writer_stopped", **_stats_fields(self.stats))
 
     async def refresh_sales(self) -> None:
