@@ -182,6 +182,13 @@ def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
+def _fields(raw: Mapping[Any, Any] | None) -> dict[str, str] | None:
+    """Entry fields as str, whichever way the client decodes replies."""
+    if not raw or isinstance(next(iter(raw)), str):
+        return raw  # type: ignore[return-value]
+    return {_text(k): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for k, v in raw.items()}
+
+
 def _parse_id(stream_id: str) -> tuple[int, int]:
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
@@ -555,8 +562,8 @@ class _Stopped(Exception):
 class OrderWriter:
     """Drains the sale streams into PostgreSQL; see the module docstring.
 
-    ``redis`` is a ``redis.asyncio.Redis`` created with ``decode_responses=True``; ``pool``
-    an asyncpg pool (:func:`flashsale.pgpool.create_pool`). Both are the caller's to close.
+    ``redis`` is a ``redis.asyncio.Redis`` (decoded replies or bytes); ``pool`` an asyncpg
+    pool (:func:`flashsale.pgpool.create_pool`). Both are the caller's to close.
     """
 
     def __init__(self, redis: Any, pool: asyncpg.Pool, settings: WorkerSettings) -> None:
@@ -684,7 +691,7 @@ class OrderWriter:
             while not self._stop.is_set():
                 reply = await self.redis.xautoclaim(key, GROUP, s.consumer, s.claim_idle_ms, start, count=s.batch)
                 start = _text(reply[0])
-                entries = [StreamEntry(sale, key, _text(i), f) for i, f in reply[1] if i is not None]
+                entries = [StreamEntry(sale, key, _text(i), _fields(f)) for i, f in reply[1] if i is not None]
                 if entries:
                     self.stats.reclaimed += len(entries)
                     _log("reclaimed", stream=key, entries=len(entries))
@@ -753,7 +760,7 @@ class OrderWriter:
         for key, items in reply or []:
             key = _text(key)
             sale = self._streams[key]
-            out.extend(StreamEntry(sale, key, _text(i), f) for i, f in items)
+            out.extend(StreamEntry(sale, key, _text(i), _fields(f)) for i, f in items)
         return out
 
     async def _read_new(self) -> list[StreamEntry]:

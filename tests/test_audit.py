@@ -232,3 +232,12 @@ async def _tamper(redis_url: str, stock_key: str) -> None:
     finally:
         await redis.aclose()
 
+
+
+async def test_a_bytes_client_gives_the_same_report(sale: Sale, redis_client: Redis, pipeline_pool: Any, audit: Audit) -> None:
+    """The service's client returns bytes (the admin audit endpoint passes it as it is)."""
+    await pipeline_pool.execute("DELETE FROM orders WHERE order_id = $1", sale.held.hold_id)
+    decoded = await audit(acknowledged=sale.ids)
+    raw = await run_audit(redis_client, pipeline_pool, acknowledged=sale.ids, wait_drain_s=2)
+    assert raw.by_kind() == decoded.by_kind() and raw.counts == decoded.counts
+    assert [v.detail for v in raw.violations] == [v.detail for v in decoded.violations]

@@ -328,3 +328,21 @@ async def test_a_redis_outage_is_waited_out(
     events = [r.getMessage() for r in caplog.records if r.name == "flashsale.worker"]
     assert events.count("redis_unavailable") == 1 and events.count("redis_recovered") == 1
     assert await pipeline_pool.fetchval("SELECT count(*) FROM orders") == 20
+
+
+async def test_a_bytes_client_writes_the_same_rows(
+    redis_client: Redis, text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, redis_url: str, drained: Any
+) -> None:
+    from flashsale.worker import WorkerSettings
+
+    inv = await pipeline_sale("d11", STOCK)
+    await make_orders(inv, 10)
+    writer = OrderWriter(redis_client, pipeline_pool, WorkerSettings(redis_url=redis_url, consumer="w1", block_ms=20))
+    task = asyncio.ensure_future(writer.run())
+    try:
+        await drained(text_redis, ["d11"])
+    finally:
+        writer.stop()
+        await asyncio.wait_for(task, 30)
+    assert writer.stats.dead_letters == 0
+    assert_same_orders(await orders_in_pg(pipeline_pool), await holds_in_redis(inv))
