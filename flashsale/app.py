@@ -15,7 +15,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 
-from . import admin_api, buyer_api, probes
+from . import admin_api, buyer_api, probes, warroom
 from .admission import InFlight, RateLimiter, SoldOutCache
 from .errors import error_middleware
 from .metrics import ServiceMetrics
@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(buyer_api.routes)
     app.add_routes(admin_api.routes)
     app.add_routes(probes.routes)
+    app.add_routes(warroom.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client(settings)

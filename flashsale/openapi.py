@@ -39,6 +39,14 @@ def _path_param(name: str) -> dict[str, Any]:
 
 
 def document() -> dict[str, Any]:
+    from .warroom import openapi_paths  # the war room describes its own routes
+
+    doc = _document()
+    doc["paths"].update(openapi_paths())
+    return doc
+
+
+def _document() -> dict[str, Any]:
     buyer = [{"buyerToken": []}]
     admin = [{"adminToken": []}]
     order_id = _path_param("order_id")
