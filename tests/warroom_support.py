@@ -19,7 +19,6 @@ from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 from service_support import ADMIN, buyer, expect_json, new_id, service_settings
 
-from flashsale import warroom
 from flashsale.app import create_app
 from flashsale.settings import Settings
 
@@ -65,8 +64,8 @@ WarRoomFactory = Callable[..., Awaitable[WarRoom]]
 
 @pytest.fixture
 async def start_warroom(redis_client: Redis, redis_url: str) -> AsyncIterator[WarRoomFactory]:
-    """``await start_warroom(database_url=..., **settings_overrides)``: the service with
-    ``app.add_routes(warroom.routes)``, served by ``web.AppRunner`` + ``TCPSite`` on
+    """``await start_warroom(database_url=..., **settings_overrides)``: the service (which
+    mounts the war room), served by ``web.AppRunner`` + ``TCPSite`` on
     127.0.0.1 and a free port, on the suite's (freshly flushed) Redis."""
     runners: list[web.AppRunner] = []
     clients: list[ClientSession] = []
@@ -74,7 +73,6 @@ async def start_warroom(redis_client: Redis, redis_url: str) -> AsyncIterator[Wa
     async def start(**overrides: Any) -> WarRoom:
         settings = service_settings(redis_url, **overrides)
         app = create_app(settings)
-        app.add_routes(warroom.routes)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         runners.append(runner)
