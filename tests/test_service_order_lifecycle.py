@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
-import asyncpg
 import pytest
 from redis.asyncio import Redis
 from service_support import (
@@ -144,34 +144,26 @@ async def test_order_lookup_can_be_switched_off(start_service: ServiceFactory) -
 # ------------------------------------------------------------- with PostgreSQL
 
 
-@pytest.fixture
-async def migrated_database(database_url: str) -> str:
-    migrate = pytest.importorskip("flashsale.migrate", reason="flashsale.migrate (the schema) is not written yet")
-    await migrate.migrate_url(database_url)
-    return database_url
-
-
 async def test_order_redis_no_longer_has_is_read_from_postgresql(
-    start_service: ServiceFactory, migrated_database: str
+    start_service: ServiceFactory, pipeline_db_url: str, pipeline_pool: Any
 ) -> None:
-    service = await start_service(database_url=migrated_database)
+    """pipeline_pool: the test's own schema with every migration (flashsale.migrate) applied."""
+    service = await start_service(database_url=pipeline_db_url)
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 5}))["sale"]
-    order_id = f"{sale}.archived{new_id('o').replace('-', '')}"
+    order_id = f"{sale}.archived1"
     pay_by = datetime(2026, 11, 11, 0, 30, tzinfo=UTC)
-    conn = await asyncpg.connect(migrated_database)
-    try:
-        await conn.execute(
-            "INSERT INTO orders (order_id, sale, user_id, request_id, status, status_rank, created_at, pay_by,"
-            " status_at, last_stream_id) VALUES ($1, $2, 'alice', 'r-old', 'paid', 1, $3, $3, $3, '1-0')",
-            order_id, sale, pay_by,
-        )  # fmt: skip
-        await conn.execute("INSERT INTO order_lines (order_id, sku, qty) VALUES ($1, $2, 2)", order_id, sku)
-        shown = await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
-        assert (shown["order_id"], shown["status"], shown["request_id"]) == (order_id, "paid", "r-old")
-        assert shown["lines"] == [{"sku": sku, "qty": 2}]
-        assert shown["pay_by_ms"] == int(pay_by.timestamp() * 1000)
-        await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("bob")), 404, "order_not_found")
-    finally:
-        await conn.execute("DELETE FROM orders WHERE order_id = $1", order_id)
-        await conn.close()
+    await pipeline_pool.execute(
+        "INSERT INTO orders (order_id, sale, user_id, request_id, status, status_rank, created_at, pay_by,"
+        " status_at, last_stream_id) VALUES ($1, $2, 'alice', 'r-old', 'paid', 1, $3, $3, $3, '1-0')",
+        order_id, sale, pay_by,
+    )  # fmt: skip
+    await pipeline_pool.execute("INSERT INTO order_lines (order_id, sku, qty) VALUES ($1, $2, 2)", order_id, sku)
+    shown = await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
+    assert (shown["order_id"], shown["status"], shown["request_id"]) == (order_id, "paid", "r-old")
+    assert shown["lines"] == [{"sku": sku, "qty": 2}]
+    assert shown["pay_by_ms"] == int(pay_by.timestamp() * 1000)
+    await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("bob")), 404, "order_not_found")
+    # Without the database configured, the same id is simply not found.
+    plain = await start_service()
+    await expect_json(await plain.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 404, "order_not_found")

@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from service_support import (
     ADMIN,
     Service,
+    ServiceFactory,
     buyer,
     changed_keys,
     dump_redis,
@@ -194,6 +195,25 @@ async def test_closed_sale_refuses_orders_until_reopened(service: Service, redis
     await expect_json(await service.order("alice", sku, 1), 409, "sale_closed")
     assert changed_keys(before, await dump_redis(redis_client)) == []
     await expect_json(await service.client.post(f"/api/admin/sales/{sale}/open", headers=ADMIN), 200)
+    await expect_json(await service.order("alice", sku, 1), 201)
+
+
+async def test_fenced_sale_refuses_with_503_until_the_fence_is_lifted(
+    start_service: ServiceFactory, redis_client: Redis
+) -> None:
+    """A fence (set when Redis is found to have lost data; lifted by `flashsale recover`)
+    is the ``fenced`` field of the sale's settings: every process refuses while it stands."""
+    service = await start_service(sale_cache_s=0.0)
+    sku = new_id("sku")
+    sale = (await service.create_sale({sku: 5}))["sale"]
+    await redis_client.hset(f"fs:sale:{sale}", "fenced", "Redis lost acknowledged writes")
+    before = await dump_redis(redis_client)
+    resp = await service.order("alice", sku, 1)
+    body = await expect_json(resp, 503, "sale_fenced")
+    assert "Redis lost acknowledged writes" in body["message"]
+    assert int(resp.headers["Retry-After"]) >= 1
+    assert changed_keys(before, await dump_redis(redis_client)) == []
+    await redis_client.hset(f"fs:sale:{sale}", "fenced", "")
     await expect_json(await service.order("alice", sku, 1), 201)
 
 
