@@ -24,6 +24,9 @@ __all__ = ["serve", "run_one_process"]
 
 log = logging.getLogger("flashsale.serve")
 
+#: A worker that exits sooner than this after its start failed to start: stop, do not loop.
+STARTUP_GRACE_S = 5.0
+
 
 def install_uvloop() -> bool:
     try:
@@ -67,10 +70,13 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
     env.update(_settings_env(settings))
     command = [sys.executable, "-m", "flashsale.serve"]
     children: dict[int, subprocess.Popen[bytes]] = {}
+    started_at: dict[int, float] = {}
     stopping = False
+    failed = False
 
     def start(slot: int) -> None:
         children[slot] = subprocess.Popen(command, env=env)
+        started_at[slot] = time.monotonic()
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -89,9 +95,20 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
             time.sleep(0.2)
             for slot, child in list(children.items()):
                 code = child.poll()
-                if code is not None and not stopping:
-                    log.warning("service process died; restarting it", extra={"pid": child.pid, "exit": code})
-                    start(slot)
+                if code is None or stopping:
+                    continue
+                if time.monotonic() - started_at[slot] < STARTUP_GRACE_S:
+                    # It never got going (port taken, bad setting): restarting it would only
+                    # repeat the same error five times a second, forever.
+                    log.error(
+                        "a service process exited while starting; stopping all. Its error is "
+                        "above: is the port taken, or a setting wrong?",
+                        extra={"pid": child.pid, "exit": code, "port": settings.port},
+                    )
+                    failed = stopping = True
+                    break
+                log.warning("service process died; restarting it", extra={"pid": child.pid, "exit": code})
+                start(slot)
     finally:
         for child in children.values():
             if child.poll() is None:
@@ -105,7 +122,7 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
                 child.wait()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log.info("service stopped")
-    return 0
+    return 1 if failed else 0
 
 
 def _settings_env(settings: Settings) -> dict[str, str]:

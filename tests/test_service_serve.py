@@ -32,6 +32,7 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
+from flashsale.serve import STARTUP_GRACE_S
 from flashsale.tokens import verify
 
 REQUESTS = 40
@@ -155,6 +156,7 @@ async def test_serve_runs_two_processes_on_one_port_and_sigterm_stops_all(
     proc, port, prefix = serve_two
     base = f"http://127.0.0.1:{port}"
     await _wait_until_serving(proc, port)
+    serving_since = time.monotonic()
     # Each worker has its own listening socket on the port (SO_REUSEPORT), and the
     # parent listens on none: the kernel hands connections to the two workers.
     owned = _listeners(proc.pid, port)
@@ -192,7 +194,9 @@ async def test_serve_runs_two_processes_on_one_port_and_sigterm_stops_all(
     ]
     assert invalid == [REQUESTS], invalid
 
-    # A worker that dies is replaced.
+    # A worker that dies once it was running is replaced (one that dies while starting
+    # stops everything: see the next test).
+    await asyncio.sleep(max(0.0, serving_since + STARTUP_GRACE_S + 0.3 - time.monotonic()))
     killed = workers[0]
     os.kill(killed, signal.SIGKILL)
     deadline = time.monotonic() + 15
@@ -210,6 +214,33 @@ async def test_serve_runs_two_processes_on_one_port_and_sigterm_stops_all(
         await asyncio.sleep(0.05)
     assert not [pid for pid in workers if _alive(pid)], "a worker outlived flashsale serve"
     assert not _listening_inodes(port), "something still listens on the port"
+
+
+async def test_serve_stops_with_an_error_when_workers_cannot_start(redis_url: str, tmp_path: Path) -> None:
+    """The port is taken by a program that does not share it: the workers cannot bind.
+    serve says so and exits 1 instead of restarting them forever."""
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        env = dict(os.environ, FLASHSALE_REDIS_URL=redis_url, FLASHSALE_TOKEN_SECRET=TOKEN_SECRET,
+                   FLASHSALE_ADMIN_TOKEN=ADMIN_TOKEN)  # fmt: skip
+        with open(tmp_path / "serve.log", "wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flashsale", "serve", "--workers", "2", "--port", str(port)],
+                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        try:
+            code = await asyncio.to_thread(proc.wait, 60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    output = (tmp_path / "serve.log").read_text(errors="replace")
+    assert code == 1, output
+    assert "exited while starting" in output and "port" in output
+    assert output.count("restarting it") == 0, "it looped restarting workers that cannot start"
+    assert not _children(proc.pid)
 
 
 def _token_cli(*args: str, secret: str | None = None) -> subprocess.CompletedProcess[str]:
