@@ -306,6 +306,10 @@ def format_verdict_table(summary: dict[str, Any], folder: Path) -> str:
     ratio = ratios.get("arrival_ratio")
     rows.append(f"arrivals: target {arr['target']:.0f}, sent {arr['started']}, dropped {arr['dropped']}"
                 + (f" (achieved/target {ratio:.3f})" if ratio is not None else ""))
+    sent = summary.get("generator", {}).get("t0_sent_ms") or {}
+    if sent:
+        rows.append(f"  T0 rendezvous fired {min(sent.values()):.1f}-{max(sent.values()):.1f} ms after T0 by "
+                    f"{len(sent)} Locust process(es) (skew {summary['generator']['t0_skew_ms']:.1f} ms)")
     lat = summary["latency"]
     rows.append(f"  {'latency ms':<22}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>9}   count")
     for name in lat["raw"]:

@@ -48,14 +48,19 @@ class ProcessRecorder:
         self.dispatch: dict[str, Any] = {}
         #: Why this process could not send its share (the run is then invalid).
         self.failure = ""
+        self.rendezvous_first: float | None = None
 
     def second(self, epoch: float) -> int:
         return int(epoch - self.start_epoch) if epoch >= self.start_epoch else -1 - int(self.start_epoch - epoch)
 
-    def arrival(self, intended: float, started: bool, lag_s: float) -> None:
+    def arrival(self, intended: float, started: bool, lag_s: float, *, rendezvous: bool = False) -> None:
         c = self.seconds[self.second(intended)]
         c["arrivals.started" if started else "arrivals.dropped"] += 1
         self.book.record_value("dispatch_lag", lag_s)
+        if rendezvous and started:
+            # When this process actually fired its T0 share: compared across processes.
+            at = intended + lag_s
+            self.rendezvous_first = at if self.rendezvous_first is None else min(self.rendezvous_first, at)
 
     def request(self, name: str, *, intended: float, sent: float, done: float, expected: bool, label: str) -> None:
         """One request finished; ``label`` is its outcome (``201``, ``409:sold_out``, ``0:timeout`` …)."""
@@ -91,6 +96,7 @@ class ProcessRecorder:
             "done": self.done,
             "dispatch": dict(self.dispatch),
             "failure": self.failure,
+            "rendezvous_first": self.rendezvous_first,
         }
         self.seconds = defaultdict(Counter)
         self.cpu = {}
@@ -174,6 +180,7 @@ class RunCollector:
         self.done: dict[str, bool] = {}
         self.dispatch: dict[str, dict[str, Any]] = {}
         self.failures: dict[str, str] = {}
+        self.rendezvous_first: dict[str, float] = {}
         self.service: list[ServiceSample] = []
         self.request_lines = 0
         self._requests: TextIO | None = None
@@ -204,6 +211,8 @@ class RunCollector:
         if payload.get("dispatch"):
             self.dispatch[proc] = dict(payload["dispatch"])
         self.done[proc] = bool(payload.get("done")) or self.done.get(proc, False)
+        if payload.get("rendezvous_first") is not None:
+            self.rendezvous_first[proc] = float(payload["rendezvous_first"])
         if payload.get("failure"):
             self.failures[proc] = str(payload["failure"])
 

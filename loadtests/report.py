@@ -174,6 +174,8 @@ def build_summary(
     cpu_busy = {p: (sum(1 for x in v.values() if x > CPU_BUSY_PERCENT) / len(v)) if v else 0.0
                 for p, v in collector.cpu.items()}
     final = collector.service[-1] if collector.service else None
+    t0_epoch = collector.start_epoch + shape.t0_s
+    t0_sent = {p: round((t - t0_epoch) * 1000, 3) for p, t in sorted(collector.rendezvous_first.items())}
     summary: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
@@ -196,6 +198,9 @@ def build_summary(
         },
         "generator": {"cpu_max": cpu_max, "cpu_busy_ratio": cpu_busy, "failures": dict(collector.failures),
                       "dispatch_lag": summarize(collector.book.total("dispatch_lag")),
+                      # When each process fired its share of the T0 rendezvous (ms after T0), and the spread.
+                      "t0_sent_ms": t0_sent,
+                      "t0_skew_ms": round(max(t0_sent.values()) - min(t0_sent.values()), 3) if t0_sent else None,
                       "latency_clamped": collector.book.clamped},
         "service": {
             "final": ({"skus": final.skus, "backlog": final.backlog, "written": final.written} if final else None),

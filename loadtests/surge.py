@@ -234,7 +234,7 @@ class ProcessPart:
         arrival_plan = ArrivalPlan(shape, start_epoch, plan["index"], plan["count"], opt["arrival_process"], opt["seed"])
         self.dispatcher = ArrivalDispatcher(
             arrival_plan, visit, max_in_flight=opt["max_in_flight"], max_queue_wait_s=opt["max_queue_wait"],
-            on_arrival=lambda a, started, lag: recorder.arrival(a.intended, started, lag),
+            on_arrival=lambda a, started, lag: recorder.arrival(a.intended, started, lag, rendezvous=a.kind == "rendezvous"),
         )
         totals = self.dispatcher.run(drain_timeout_s=opt["drain"])
         self._finish(totals)
@@ -462,7 +462,8 @@ class Conductor:
         if not opt.no_oracle and collector.requests_path is not None:
             try:
                 verdict = run_oracle(AdminClient(self.environment.host or "", opt.admin_token), [collector.requests_path],
-                                     wait_s=opt.audit_wait, sleep=gevent.sleep, progress=lambda m: log.info("oracle: %s", m))
+                                     wait_s=opt.audit_wait, sleep=gevent.sleep, progress=lambda m: log.info("oracle: %s", m),
+                                     sale=self.sale.name if self.sale else None)
             except AdminError as exc:
                 oracle_error = str(exc)
         run = {"id": self.run_id, "host": self.environment.host, "sale": self.sale.name if self.sale else None,

@@ -29,7 +29,7 @@ def _synthetic_run(tmp_path: Path, *, stall_at: float | None = None) -> tuple[Ru
     recorders = [ProcessRecorder(f"p{k}", START, request_log=tmp_path / f"p{k}.jsonl") for k in range(2)]
     for k, rec in enumerate(recorders):
         for a in ArrivalPlan(shape, START, k, 2):
-            rec.arrival(a.intended, True, 0.001)
+            rec.arrival(a.intended, True, 0.001 * (k + 1), rendezvous=a.kind == "rendezvous")
             sent = a.intended + 0.0005
             slow = stall_at is not None and abs(a.offset - stall_at) < 0.5
             done = sent + (0.8 if slow else rng.uniform(0.001, 0.005))
@@ -88,6 +88,8 @@ def test_report_folder(tmp_path: Path) -> None:
     assert summary["oracle"]["invariants_held"] is True
     assert summary["service"]["sold_out_at_s_from_t0"]["phone"] == [2.0]
     assert summary["generator"]["cpu_max"] == {"p0": 35.0, "p1": 35.0}
+    assert summary["generator"]["t0_sent_ms"] == {"p0": 1.0, "p1": 2.0}
+    assert summary["generator"]["t0_skew_ms"] == 1.0
 
     rows = list(csv.DictReader((folder / "timeline.csv").read_text().splitlines()))
     assert len(rows) >= int(shape.duration_s)
