@@ -63,8 +63,8 @@ class Result:
         return self.orders / self.seconds
 
 
-def _entries(n: int, now_ms: int) -> list[dict[str, str]]:
-    out = []
+def _entries(n: int, now_ms: int) -> list[dict[Any, Any]]:
+    out: list[dict[Any, Any]] = []
     for i in range(n):
         lines = "phone:1,case:2" if i % 4 == 0 else "phone:1"
         out.append({
@@ -74,7 +74,7 @@ def _entries(n: int, now_ms: int) -> list[dict[str, str]]:
     return out
 
 
-def _copy_rows(entries: list[dict[str, str]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+def _copy_rows(entries: list[dict[Any, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     orders, lines = [], []
     for e in entries:
         at = datetime.fromtimestamp(int(e["at"]) / 1000, UTC)
