@@ -53,9 +53,11 @@ def service_settings(redis_url: str, **overrides: Any) -> Settings:
 
 
 
-def buyer(user: str, *, member: bool = False, ttl_s: int = 3600, **extra: str) -> dict[str, str]:
-    """Headers of a signed-in buyer (plus any extra headers)."""
-    return {"Authorization": f"Bearer {mint(TOKEN_SECRET, user, ttl_s=ttl_s, member=member)}", **extra}
+def buyer(
+    user: str, *, member: bool = False, ttl_s: int = 3600, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """Headers of a signed-in buyer (plus ``extra`` headers)."""
+    return {"Authorization": f"Bearer {mint(TOKEN_SECRET, user, ttl_s=ttl_s, member=member)}", **(extra or {})}
 
 
 def new_id(tag: str) -> str:
@@ -71,12 +73,14 @@ def now_ms() -> int:
 class Service:
     """One running service process (in this test's event loop) and a client for it."""
 
-    client: TestClient
+    client: TestClient[web.Request, web.Application]
     settings: Settings
 
     @property
     def app(self) -> web.Application:
-        return self.client.app  # type: ignore[return-value]
+        app = self.client.app
+        assert app is not None
+        return app
 
     @property
     def state(self) -> ServiceState:
@@ -101,7 +105,8 @@ class Service:
         if "opens_at" not in fields:
             body.setdefault("open", True)
         resp = await self.client.post("/api/admin/sales", json=body, headers=ADMIN)
-        return await expect_json(resp, expect)
+        created: dict[str, Any] = await expect_json(resp, expect)
+        return created
 
     async def order(
         self,
@@ -120,7 +125,7 @@ class Service:
             body["lines"] = lines
         else:
             body.update(sku=sku, qty=qty)
-        return await self.client.post("/api/orders", json=body, headers=buyer(user, member=member, **(headers or {})))
+        return await self.client.post("/api/orders", json=body, headers=buyer(user, member=member, extra=headers))
 
     async def raw(self, method: str, path: str, headers: dict[str, bytes], body: bytes = b"") -> tuple[int, Any]:
         """One request written byte for byte (header values any bytes, even not UTF-8,
@@ -168,7 +173,7 @@ async def start_service(redis_client: Redis, redis_url: str) -> AsyncIterator[Se
     """``await start_service(**settings_overrides)`` runs one more service process on the
     suite's (freshly flushed) Redis — or the ``redis_url`` given; all of them are stopped
     after the test."""
-    running: list[TestClient] = []
+    running: list[TestClient[web.Request, web.Application]] = []
 
     async def start(**overrides: Any) -> Service:
         settings = service_settings(overrides.pop("redis_url", redis_url), **overrides)
@@ -206,14 +211,14 @@ async def holds_of_request(redis: Redis, sale: str, request_id: str) -> list[str
     found = []
     for hold_id, raw in (await redis.hgetall(sale_keys(sale).holds)).items():
         if json.loads(raw)["r"] == request_id:
-            found.append(hold_id.decode())
+            found.append(hold_id.decode() if isinstance(hold_id, bytes) else hold_id)
     return found
 
 
-async def dump_redis(redis: Redis) -> dict[bytes, tuple[bytes, bytes | None, bool]]:
+async def dump_redis(redis: Redis) -> dict[Any, tuple[Any, Any, bool]]:
     """Every key of the database (but the stats heartbeat): its type, its DUMP payload
     (byte-exact: a stream's entries and last id, a hash's fields) and whether it expires."""
-    out: dict[bytes, tuple[bytes, bytes | None, bool]] = {}
+    out: dict[Any, tuple[Any, Any, bool]] = {}
     async for key in redis.scan_iter(count=1000):
         if HEARTBEAT_MARKER in key:
             continue
@@ -248,7 +253,8 @@ class FrozenRedis:
     async def __aenter__(self) -> FrozenRedis:
         self._sleeper = Redis.from_url(self.redis_url)
         await self._sleeper.ping()  # connected before the sleep, so the sleep is sent at once
-        self._task = asyncio.ensure_future(self._sleeper.execute_command("DEBUG", "SLEEP", str(self.seconds)))
+        sleep = self._sleeper.execute_command("DEBUG", "SLEEP", str(self.seconds))  # type: ignore[no-untyped-call]
+        self._task = asyncio.ensure_future(sleep)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             probe = Redis.from_url(

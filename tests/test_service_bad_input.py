@@ -114,7 +114,7 @@ async def test_bad_order_is_refused_and_changes_nothing(
     service = sale_with_history
     before = await dump_redis(redis_client)
     resp = await service.client.post(
-        "/api/orders", data=body, headers=buyer("alice", **{"Content-Type": "application/json"})
+        "/api/orders", data=body, headers=buyer("alice", extra={"Content-Type": "application/json"})
     )
     reply = await expect_json(resp, status, code)
     assert len(reply["message"]) > 10, "an error says what is wrong"

@@ -31,7 +31,7 @@ def _signed(payload: str, secret: str = TOKEN_SECRET) -> str:
     return f"{payload}.{base64.urlsafe_b64encode(digest).rstrip(b'=').decode()}"
 
 
-def _bad_tokens() -> list[tuple[str, bytes | None]]:
+def _bad_tokens() -> list[tuple[str, bytes | str | None]]:
     """(what is wrong, the Authorization header) — None: no header at all."""
     future = int(time.time()) + 3600
     alice = mint(TOKEN_SECRET, "alice")
@@ -56,7 +56,7 @@ def _bad_tokens() -> list[tuple[str, bytes | None]]:
         ("non-ASCII signature", f"Bearer {user}.{expires}.{member}.{signature[:-1]}\u00e9".encode()),
         ("bytes that are not UTF-8", f"Bearer {user}.{expires}.{member}.".encode() + b"\xff\xfe"),
         ("over-long", b"Bearer " + b"a" * 4000),
-    ]  # type: ignore[list-item]
+    ]
 
 
 BAD_TOKENS = _bad_tokens()

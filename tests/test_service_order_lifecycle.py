@@ -26,7 +26,7 @@ from service_support import (
 )
 
 
-async def _held(service: Service, user: str = "alice", qty: int = 1, **sale_fields: object) -> tuple[str, str, str]:
+async def _held(service: Service, user: str = "alice", qty: int = 1, **sale_fields: Any) -> tuple[str, str, str]:
     """A sale with one SKU of 5 units and one order of ``user``: (sale, sku, order id)."""
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 5}, **sale_fields))["sale"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import cast
 
 from redis.asyncio import Redis
 from service_support import (
@@ -223,7 +224,7 @@ async def test_orders_are_recorded_in_the_sale_stream(service: Service, redis_cl
     sale = (await service.create_sale({sku: 5}))["sale"]
     order = await expect_json(await service.order("alice", sku, 2, request_id="r-ev"), 201)
     await expect_json(await service.order("alice", sku, 2, request_id="r-ev"), 201)
-    entries = await redis_client.xrange(sale_keys(sale).events)
+    entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(sale_keys(sale).events))
     reserved = [fields for _, fields in entries if fields[b"type"] == b"reserved"]
     assert len(reserved) == 1
     assert reserved[0][b"order"].decode() == order["order_id"]

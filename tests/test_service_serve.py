@@ -264,14 +264,14 @@ async def test_token_command_mints_tokens_the_service_accepts(service: Service) 
     assert verify(TOKEN_SECRET, plain_token).user == "alice"
     assert abs(verify(TOKEN_SECRET, plain_token).expires - (time.time() + 600)) < 30
 
-    def order(token: str) -> object:
-        return service.client.post(
+    async def order(token: str) -> aiohttp.ClientResponse:
+        return await service.client.post(
             "/api/orders", json={"request_id": new_id("r"), "sku": sku}, headers={"Authorization": f"Bearer {token}"}
         )
 
     # Accepted (not 401); only the member is inside the early-access window.
-    await expect_json(await order(plain_token), 409, "sale_not_open")  # type: ignore[arg-type]
-    await expect_json(await order(member_token), 201)  # type: ignore[arg-type]
+    await expect_json(await order(plain_token), 409, "sale_not_open")
+    await expect_json(await order(member_token), 201)
 
 
 async def test_token_command_explains_what_is_missing() -> None:
