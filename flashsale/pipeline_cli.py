@@ -264,13 +264,20 @@ def _audit(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail(f"cannot read {args.acknowledged}: {exc}")
         stripped = text.strip()
-        acknowledged = json.loads(stripped) if stripped.startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+        try:
+            acknowledged = json.loads(stripped) if stripped.startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+        except ValueError as exc:
+            return _fail(f"{args.acknowledged} is not a JSON list of order ids: {exc}")
+        if not all(isinstance(o, str) for o in acknowledged):
+            return _fail(f"{args.acknowledged}: every acknowledged order id must be a string")
     if args.wait < 0 or args.grace < 0:
         return _fail("--wait and --grace must not be negative")
     return _run(_audit_async(settings, args, acknowledged))
 
 
 async def _audit_async(settings: Any, args: argparse.Namespace, acknowledged: list[str] | None) -> int:
+    from redis.exceptions import RedisError
+
     from .audit import run_audit
     from .pgpool import close_pool, create_pool
 
@@ -285,6 +292,8 @@ async def _audit_async(settings: Any, args: argparse.Namespace, acknowledged: li
                                  wait_drain_s=args.wait, expiry_grace_s=args.grace)  # fmt: skip
     except RuntimeError as exc:
         return _fail(str(exc), EXIT_SCHEMA)
+    except (RedisError, OSError) as exc:
+        return _fail(f"cannot read Redis at {settings.redis_url}: {exc}")
     finally:
         await close_pool(pool)
         await redis.aclose()
