@@ -257,7 +257,9 @@ async def _archived_order(state: ServiceState, order_id: str) -> inventory.Hold 
     """An order Redis no longer has (its sale was archived) as PostgreSQL recorded it."""
     try:
         row = await state.pg.fetchrow(
-            "SELECT user_id, status, request_id, pay_by, created_at FROM orders WHERE order_id = $1", order_id
+            "SELECT user_id, status, request_id, pay_by, coalesce(created_at, status_at) AS created_at"
+            " FROM orders WHERE order_id = $1",
+            order_id,
         )
         if row is None:
             return None

@@ -10,7 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Settings", "SettingsError", "ENV_DOC"]
+__all__ = ["Settings", "SettingsError", "ENV_DOC", "parse_env_value"]
 
 
 class SettingsError(ValueError):
@@ -74,7 +74,7 @@ class Settings:
             raw = env.get(var)
             if raw is None or raw == "":
                 continue
-            values[name] = _parse(var, raw, str(types[name]))
+            values[name] = parse_env_value(var, raw, str(types[name]))
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -89,7 +89,9 @@ class Settings:
             )
 
 
-def _parse(var: str, raw: str, type_name: str) -> Any:
+def parse_env_value(var: str, raw: str, type_name: str) -> Any:
+    """One environment value as the named type (bool, float, int, else str), or a
+    SettingsError that names the variable."""
     try:
         if "bool" in type_name:
             if raw.lower() in ("1", "true", "yes", "on"):

@@ -52,7 +52,7 @@ from inventory import SaleKeys
 
 from .pgpool import forget_connections, is_data_error, is_transient
 from .settings import Settings, SettingsError
-from .settings import _parse as parse_setting
+from .settings import parse_env_value as parse_setting
 
 __all__ = [
     "GROUP",
