@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 
 COMMAND_MODULES: tuple[str, ...] = (
+    "flashsale.rehearse_cli",
+    "flashsale.drill_cli",
     "flashsale.service_cli",
     "flashsale.pipeline_cli",
     "flashsale.embedded_cli",

@@ -25,6 +25,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
@@ -90,6 +91,8 @@ class ServiceMetrics:
     """One per process."""
 
     def __init__(self) -> None:
+        # The *_created series (one timestamp per label set) is noise on a dashboard.
+        disable_created_metrics()
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry()
         self.orders = Counter(

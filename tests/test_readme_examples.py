@@ -46,3 +46,21 @@ def test_readme_commands_are_the_ci_command() -> None:
     assert rehearse.rstrip().endswith("flashsale rehearse")
     ci = (ROOT / ".ci" / "run").read_text()
     assert test.strip() in ci, ".ci/run must run the README's test command verbatim"
+
+
+def test_every_setting_is_documented_in_the_readme() -> None:
+    from flashsale.settings import ENV_DOC
+    from flashsale.worker import WORKER_ENV_DOC
+
+    missing = [var for var, _, _ in (*ENV_DOC, *WORKER_ENV_DOC) if f"`{var}`" not in README]
+    assert not missing, f"README's settings tables lack {missing}"
+
+
+def test_every_command_the_readme_names_exists() -> None:
+    from flashsale.cli import build_parser
+
+    parser = build_parser()
+    commands = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    named = set(re.findall(r"(?:^|[\s`/])flashsale ([a-z]+)", README, re.M))
+    assert named, "the README names commands"
+    assert named <= commands, f"README names commands that do not exist: {sorted(named - commands)}"
