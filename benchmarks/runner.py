@@ -203,6 +203,7 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
         figures: list[Figure] = []
         externals: list[dict[str, Any]] = []
         skipped: list[str] = []
+        failed: list[str] = []
         for name in selected:
             if not _available(name):
                 skipped.append(name)
@@ -212,11 +213,15 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
                 externals.append(await asyncio.to_thread(_run_external, name, EXTERNAL[name], servers, settings))
                 continue
             bench = next(b for b in BENCHMARKS if b.name == name)
-            figures += await bench.measure(servers, settings, figures)
+            try:
+                figures += await bench.measure(servers, settings, figures)
+            except Exception as exc:  # noqa: BLE001 - one broken benchmark must not hide the others
+                failed.append(f"{name}: could not run: {type(exc).__name__}: {exc}")
+                print(f"!!! {failed[-1]}", file=sys.stderr, flush=True)
         machine["load_average_at_end"] = load_average()
     finally:
         stack.stop()
-    problems = check_claims(figures)
+    problems = failed + check_claims(figures)
     problems += [f"{e['name']}: `{e['command']}` exited with {e['exit_code']}" for e in externals if e["exit_code"]]
     if figures:
         print()
