@@ -274,8 +274,11 @@ def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tup
     if any(v > 0 for v in dropped if not math.isnan(v)):
         ax.bar(x, dropped, width=1.0, align="edge", color="tab:red", alpha=0.6, label="dropped (no free slot)")
     decorate(ax, "Arrivals per second: what the shape asked for vs what was sent", "arrivals / s")
+    for w in shape.windows:  # name the shape's windows along the top
+        ax.annotate(w.name, (w.start - shape.t0_s, 0.99), xycoords=("data", "axes fraction"), fontsize=7,
+                    color="0.35", va="top", ha="left")
     if shape.t0_s:
-        ax.annotate("T0 rendezvous", (0, 0.92), xycoords=("data", "axes fraction"), fontsize=8, ha="left")
+        ax.annotate(" T0 rendezvous", (0, 0.86), xycoords=("data", "axes fraction"), fontsize=8, ha="left")
     ax.legend(loc="upper right", fontsize=8)
     save(fig, "arrivals", "Target vs achieved arrivals (grey band: countdown before T0)")
 

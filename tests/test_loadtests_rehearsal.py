@@ -64,11 +64,13 @@ def test_short_headless_rehearsal_passes_the_oracle(drill: Drill) -> None:
     s = drill.summary
     assert s["oracle"]["invariants_held"] is True, s["oracle"]
     assert drill.code == exit_codes.OK, (s["validity"], s["slo"])
-    assert s["arrivals"]["dropped"] == 0 and s["ratios"]["arrival_ratio"] > 0.95
+    assert s["arrivals"]["dropped"] == 0 and s["ratios"]["arrival_ratio"] > 0.95, s["arrivals"]
     log = s["oracle"]["log"]
     assert log["acknowledged"] > 0 and log["paid"] > 0
     orders = s["requests"]["order"]["outcomes"]
     assert orders.get("409:sold_out", 0) > 0  # the hot SKU sold out: demand beat stock
+    assert orders.get("429:limit_exceeded", 0) > 0, orders  # bots asked beyond the per-user limit
+    assert log["replays"] > 0, log  # retries reused their request id and got their first order back
     assert s["service"]["sold_out_at_s_from_t0"], "no sold-out moment in the stats timeline"
     assert s["events"] and "reserve" in s["events"][0]["what"]
     for name in ("report.html", "timeline.csv", "latency-raw.hlog", "latency-corrected.hlog", "requests.jsonl"):
