@@ -25,6 +25,7 @@ import importlib.util
 import json
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -139,7 +140,8 @@ class Rehearsal:
         embedded = not (base.get("FLASHSALE_REDIS_URL") and base.get("FLASHSALE_DATABASE_URL"))
         self.say(f"rehearsal {self.run_id}: {'starting embedded Redis and PostgreSQL' if embedded else 'using the configured Redis and PostgreSQL'}")
         with EmbeddedStack(environ=base) as servers:
-            env = {**base, **servers.environ(), "PYTHONUNBUFFERED": "1"}
+            env = {**base, **servers.environ(), "PYTHONUNBUFFERED": "1",
+                   "FLASHSALE_DRILL_COMMAND": " ".join(shlex.quote(a) for a in sys.argv)}
             # Fresh secrets unless given (a caller may want to ask the service again afterwards).
             for var in ("FLASHSALE_TOKEN_SECRET", "FLASHSALE_ADMIN_TOKEN"):
                 if not env.get(var):

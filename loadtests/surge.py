@@ -467,7 +467,9 @@ class Conductor:
             except AdminError as exc:
                 oracle_error = str(exc)
         run = {"id": self.run_id, "host": self.environment.host, "sale": self.sale.name if self.sale else None,
-               "command": " ".join(shlex.quote(a) for a in sys.argv), "stats_errors": self.stats_errors}
+               # The command a person typed: `flashsale rehearse …` passes its own down.
+               "command": os.environ.get("FLASHSALE_DRILL_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
+               "stats_errors": self.stats_errors}
         assert self.report_dir is not None
         report = write_report(
             self.report_dir, collector, self.shape, run, elapsed_s=min(elapsed, self.shape.duration_s),
