@@ -78,7 +78,7 @@ class BucketedInventory:
         prefix: str = "fs",
         hold_ttl: float | timedelta = DEFAULT_HOLD_TTL,
         coalesce: bool = True,
-        max_batch: int = 256,
+        max_batch: int = 64,
     ) -> None:
         if not isinstance(buckets, int) or not 1 <= buckets <= MAX_BUCKETS:
             raise InvalidRequest(f"buckets must be 1..{MAX_BUCKETS}", field="buckets")

@@ -56,7 +56,7 @@ class Inventory:
         prefix: str = "fs",
         hold_ttl: float | timedelta = DEFAULT_HOLD_TTL,
         coalesce: bool = True,
-        max_batch: int = 256,
+        max_batch: int = 64,
     ) -> None:
         if not 1 <= max_batch <= check.MAX_BATCH:
             raise ValueError(f"max_batch must be 1..{check.MAX_BATCH}")

@@ -43,6 +43,33 @@ local stock_key, holds_key, requests_key, users_key, deadlines_key, events_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local now = now_ms()
 
+-- The batch's view of each SKU it touches: read once (one HMGET), decided against by
+-- every request in order, written back once (flush_stock). Most of a surge's batch is
+-- one hot SKU, so this saves four commands per reservation.
+local sku_rows = {}
+local sku_order = {}
+local function sku_row(sku)
+  local row = sku_rows[sku]
+  if row == nil then
+    local v = redis.call('HMGET', stock_key, sku .. ':total', sku .. ':available', sku .. ':limit')
+    row = {exists = v[1] ~= false, available = tonumber(v[2] or '0'), limit = tonumber(v[3] or '0'),
+      taken = 0}
+    sku_rows[sku] = row
+    sku_order[#sku_order + 1] = sku
+  end
+  return row
+end
+
+local function flush_stock()
+  for _, sku in ipairs(sku_order) do
+    local taken = sku_rows[sku].taken
+    if taken > 0 then
+      stock_incr(stock_key, sku, 'available', -taken)
+      stock_incr(stock_key, sku, 'held', taken)
+    end
+  end
+end
+
 local function decide(request_id, hold_id, user, ttl, lines)
   if ttl == nil then return {INVALID, 'bad_ttl'} end
   local fingerprint = user
@@ -68,22 +95,23 @@ local function decide(request_id, hold_id, user, ttl, lines)
   -- Validate every line before the first write.
   for _, line in ipairs(lines) do
     local sku, qty = line[1], line[2]
-    if not stock_exists(stock_key, sku) then return {UNKNOWN_SKU, sku} end
-    local available = stock_get(stock_key, sku, 'available')
-    if available < qty then return {SOLD_OUT, sku, available} end
-    local limit = stock_get(stock_key, sku, 'limit')
-    if limit > 0 then
+    local row = sku_row(sku)
+    if not row.exists then return {UNKNOWN_SKU, sku} end
+    if row.available < qty then return {SOLD_OUT, sku, row.available} end
+    if row.limit > 0 then
       local counted = tonumber(redis.call('HGET', users_key, user .. ':' .. sku) or '0')
-      if counted + qty > limit then return {LIMIT_EXCEEDED, sku, limit, counted} end
+      if counted + qty > row.limit then return {LIMIT_EXCEEDED, sku, row.limit, counted} end
     end
   end
 
-  -- Write.
+  -- Write. The SKU counters move in the batch's cache here and reach the stock hash once
+  -- per SKU at the end of the script (atomic all the same: nothing runs in between).
   local parts, record_lines = {}, {}
   for _, line in ipairs(lines) do
     local sku, qty = line[1], line[2]
-    stock_incr(stock_key, sku, 'available', -qty)
-    stock_incr(stock_key, sku, 'held', qty)
+    local row = sku_row(sku)
+    row.available = row.available - qty
+    row.taken = row.taken + qty
     redis.call('HINCRBY', users_key, user .. ':' .. sku, qty)
     parts[#parts + 1] = sku .. ':' .. qty
     record_lines[#record_lines + 1] = {sku, qty}
@@ -126,4 +154,5 @@ local results = {}
 for r, req in ipairs(requests) do
   results[r] = decide(req[1], req[2], req[3], req[4], req[5])
 end
+flush_stock()
 return results
