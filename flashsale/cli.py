@@ -18,6 +18,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flashsale.service_cli",
     "flashsale.pipeline_cli",
     "flashsale.embedded_cli",
+    "benchmarks.cli",
 )
 
 
