@@ -272,10 +272,10 @@ def check(history: History, seen: Observed, *, lapsed: bool = True, grace_ms: in
     for (_sale, request_id), ids in pg_by_request.items():
         request_ids_in_pg[request_id] += ids
 
-    for request_id, ids in sorted(acknowledged.items()):
-        if len(ids) > 1:
-            v["exactly_once"].append(f"request {request_id} was answered with {len(ids)} orders: {', '.join(sorted(ids))}")
-        for order_id in sorted(ids):
+    for request_id, answered in sorted(acknowledged.items()):
+        if len(answered) > 1:
+            v["exactly_once"].append(f"request {request_id} was answered with {len(answered)} orders: {', '.join(sorted(answered))}")
+        for order_id in sorted(answered):
             if order_id not in seen.orders:
                 v["acknowledged"].append(f"order {order_id} (request {request_id}) was acknowledged, PostgreSQL lacks it")
     for key, ids in sorted(pg_by_request.items()):
@@ -290,11 +290,11 @@ def check(history: History, seen: Observed, *, lapsed: bool = True, grace_ms: in
         if op.kind in ("pay", "cancel") and op.outcome == "ok" and op.state:
             final[op.key] = op.state
     for order_id, state in sorted(final.items()):
-        o = seen.orders.get(order_id)
-        if o is None:
+        found = seen.orders.get(order_id)
+        if found is None:
             v["acknowledged"].append(f"order {order_id} was {state} for the client, PostgreSQL lacks it")
-        elif o.status != state:
-            v["acknowledged_state"].append(f"order {order_id}: the client was told {state}, PostgreSQL says {o.status}")
+        elif found.status != state:
+            v["acknowledged_state"].append(f"order {order_id}: the client was told {state}, PostgreSQL says {found.status}")
 
     held: Counter[tuple[str, str]] = Counter()
     paid: Counter[tuple[str, str]] = Counter()

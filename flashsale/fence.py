@@ -197,8 +197,15 @@ async def _read_postgres(pool: Any, prefix: str) -> _PgFacts:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             registry = await load_registry(conn, prefix)
             lineage = await conn.fetchval("SELECT token FROM fence_lineage WHERE prefix = $1", prefix)
+            # PostgreSQL's orders carry no key prefix: a sale another prefix recorded is not
+            # ours. One nobody recorded yet (Redis lost before a guard saw it) counts.
+            other_engines: set[str] = set()
+            for r in await conn.fetch("SELECT sale, settings FROM fence_sales WHERE prefix <> $1", prefix):
+                other_engines.update(SaleRecord(r["sale"], json.loads(r["settings"]), ()).engine_sales)
+            ours = {e for rec in registry.values() for e in rec.engine_sales}
             stocked = {r["sale"]: int(r["ms"]) for r in await conn.fetch(
-                "SELECT sale, max(stream_ms) AS ms FROM stock_events GROUP BY sale")}  # fmt: skip
+                "SELECT sale, max(stream_ms) AS ms FROM stock_events GROUP BY sale")
+                if r["sale"] in ours or r["sale"] not in other_engines}  # fmt: skip
             forgotten = {e for rec in registry.values() if rec.forgotten for e in rec.engine_sales}
             engines = sorted(({e for rec in registry.values() if not rec.forgotten for e in rec.engine_sales}
                               | set(stocked)) - forgotten)  # fmt: skip
@@ -505,8 +512,8 @@ class FenceGuard:
         if check is None or check[0] != run_id or (check[1].done() and (check[1].cancelled() or check[1].exception())):
             self.verifying = (f"Redis restarted (server {run_id[:8]}); checking its data against "
                               "PostgreSQL before selling on")  # fmt: skip
-            self._check = (run_id, asyncio.ensure_future(self._verify_now(new_server=run_id)))
-        task = self._check[1]
+            check = self._check = (run_id, asyncio.ensure_future(self._verify_now(new_server=run_id)))
+        task = check[1]
         if not wait:
             return False
         try:
@@ -560,10 +567,10 @@ class FenceGuard:
                 now = time.monotonic()
                 if run_id not in (self._verified_run_id, self._bad_run_id) or self.verifying:
                     await self._verify_server(run_id, wait=True)
-                    next_verify = now + (1.0 if self.fenced else self.verify_s)
+                    next_verify = now + (self.poll_s if self.fenced else self.verify_s)
                 elif now >= next_verify or (self._lineage is not None and lineage != self._lineage):
                     await self._verify_now()
-                    next_verify = now + (1.0 if self.fenced else self.verify_s)
+                    next_verify = now + (self.poll_s if self.fenced else self.verify_s)
                 if run_id == self._verified_run_id and not self.fenced and now >= next_record:
                     self.registry = await record_sales(self.redis, self.pool, prefix=self.prefix, known=self.registry)
                     self._sku_sale = {sku: rec.sale for rec in self.registry.values() for sku in rec.skus}

@@ -129,7 +129,8 @@ class RecoveryReport:
 async def _drain(redis: Any, pool: Any, prefix: str, engine: str, after: str) -> tuple[int, str, list[str]]:
     """Write every stream entry after ``after`` to PostgreSQL; return (entries, last id, problems)."""
     key = SaleKeys(prefix, engine).events
-    written, last, problems = 0, after, []
+    written, last = 0, after
+    problems: list[str] = []
     while True:
         start = "-" if last == "0-0" else "(" + last
         batch = await redis.xrange(key, start, "+", count=_CHUNK)
