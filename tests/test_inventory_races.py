@@ -89,27 +89,38 @@ async def test_confirm_racing_release_has_one_winner(redis_url: str) -> None:
         await assert_units_moved_once(payer, states)
 
 
+async def race_the_deadline(
+    redis_url: str, inv: Inventory, holds: list[Hold], close: Callable[[int, Hold], Awaitable[Hold]], seed: int
+) -> tuple[list[str], dict[str, str]]:
+    """Fire ``close`` for each hold within ±8 ms of its deadline while a sweeper runs
+    flat out on its own client; returns what each call saw and what the sweeper expired."""
+    offset = await redis_clock_offset(inv)
+    rng = random.Random(seed)
+    swept: dict[str, str] = {}
+    async with connect(redis_url) as sweeper_client:
+        sweeper = asyncio.create_task(sweep_until_empty(Inventory(sweeper_client, inv.sale), swept))
+        results = await asyncio.gather(
+            *(
+                at(h.deadline_ms / 1000 - offset + rng.uniform(-0.008, 0.008), lambda i=i, h=h: outcome(close(i, h)))
+                for i, h in enumerate(holds)
+            )
+        )
+        await sweeper
+    return list(results), swept
+
+
+DEADLINES_MS = [300 + i * 400 // HOLDS for i in range(HOLDS)]  # spread over 0.4 s
+
+
 async def test_confirm_racing_the_deadline_and_the_sweeper_has_one_winner(redis_url: str) -> None:
-    """Deadlines spread over 0.4 s; each confirm fires within ±8 ms of its hold's
-    deadline, on two clients, while a sweeper runs flat out on a third."""
+    """Each confirm fires around its hold's deadline, from two clients, while the sweeper
+    runs on a third."""
     async with open_sale(redis_url, "payvsdeadline") as inv, connect(redis_url, max_connections=16) as other:
         payer2 = Inventory(other, inv.sale, coalesce=False)
-        holds = await make_holds(inv, [300 + i * 400 // HOLDS for i in range(HOLDS)])
-        offset = await redis_clock_offset(inv)
-        rng = random.Random(2)
-        swept: dict[str, str] = {}
-        async with connect(redis_url) as sweeper_client:
-            sweeper = asyncio.create_task(sweep_until_empty(Inventory(sweeper_client, inv.sale), swept))
-            results = await asyncio.gather(
-                *(
-                    at(
-                        h.deadline_ms / 1000 - offset + rng.uniform(-0.008, 0.008),
-                        lambda h=h, i=i: outcome((inv if i % 2 else payer2).confirm(h.hold_id)),
-                    )
-                    for i, h in enumerate(holds)
-                )
-            )
-            await sweeper
+        holds = await make_holds(inv, DEADLINES_MS)
+        results, swept = await race_the_deadline(
+            redis_url, inv, holds, lambda i, h: (inv if i % 2 else payer2).confirm(h.hold_id), seed=2
+        )
         states = await final_states(inv)
         for h, seen in zip(holds, results, strict=True):
             assert seen in ("paid", "hold_expired"), seen
@@ -123,22 +134,8 @@ async def test_confirm_racing_the_deadline_and_the_sweeper_has_one_winner(redis_
 
 async def test_release_racing_the_deadline_and_the_sweeper_has_one_winner(redis_url: str) -> None:
     async with open_sale(redis_url, "cancelvsdeadline") as inv:
-        holds = await make_holds(inv, [300 + i * 400 // HOLDS for i in range(HOLDS)])
-        offset = await redis_clock_offset(inv)
-        rng = random.Random(3)
-        swept: dict[str, str] = {}
-        async with connect(redis_url) as sweeper_client:
-            sweeper = asyncio.create_task(sweep_until_empty(Inventory(sweeper_client, inv.sale), swept))
-            results = await asyncio.gather(
-                *(
-                    at(
-                        h.deadline_ms / 1000 - offset + rng.uniform(-0.008, 0.008),
-                        lambda h=h: outcome(inv.release(h.hold_id)),
-                    )
-                    for h in holds
-                )
-            )
-            await sweeper
+        holds = await make_holds(inv, DEADLINES_MS)
+        results, swept = await race_the_deadline(redis_url, inv, holds, lambda i, h: inv.release(h.hold_id), seed=3)
         states = await final_states(inv)
         for h, seen in zip(holds, results, strict=True):
             assert seen in ("cancelled", "expired"), seen
