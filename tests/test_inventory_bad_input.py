@@ -12,7 +12,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
-from inventory_support import dump_sale, open_sale
+from inventory_support import audit_sale, dump_sale, open_sale
 
 from inventory import Hold, Inventory, InventoryError, Line
 from inventory._errors import (
@@ -231,6 +231,9 @@ RESERVE_ARGV: dict[str, tuple[list[Any], str]] = {
     # The "validate the whole batch first" case: the first request is good and would
     # write a hold; the second is malformed. Nothing may be written.
     "good request then malformed one": ([2, *group("q1"), "q2", "h2", "dave", 60_000, 3, "phone", 1], "bad_batch"),
+    # Request ids cannot contain ':' ("op:<id>" records of stock changes share the hash).
+    "request id of a stock operation": (batch(group("OPID")), "bad_batch"),
+    "good request then a stock operation's id": (batch(group("q1"), group("OPID")), "bad_batch"),
 }
 
 
@@ -248,7 +251,8 @@ async def scripted(inv: Inventory, name: str, args: list[Any]) -> list[Any]:
 @pytest.mark.parametrize("case", RESERVE_ARGV)
 async def test_reserve_script_refuses_bad_argv_before_writing(sale: Sale, case: str) -> None:
     argv, reason = RESERVE_ARGV[case]
-    argv = [sale.held.hold_id if a == "HELD" else a for a in argv]
+    op_id = next(f for f in await sale.inv.redis.hkeys(sale.inv.keys.requests) if f.startswith(b"op:"))
+    argv = [{"HELD": sale.held.hold_id, "OPID": op_id.decode()}.get(a, a) if isinstance(a, str) else a for a in argv]
     before = await dump_sale(sale.inv.redis, sale.inv.keys)
     reply = await scripted(sale.inv, "reserve", argv)
     assert len(reply) == 1 and reply[0][0] == INVALID and reply[0][1] == reason.encode(), reply
@@ -261,6 +265,20 @@ async def test_reserve_script_decides_each_request_of_a_batch_on_its_own(sale: S
     reply = await scripted(sale.inv, "reserve", batch(group("q1"), group("q2", None, "dave", "abc")))
     assert [r[0] for r in reply] == [0, INVALID]
     assert (await sale.inv.snapshot("phone")).held == 2 + 1  # type: ignore[union-attr]  # alice 2, dave 1
+
+
+async def test_a_damaged_request_record_is_refused_not_raised(sale: Sale) -> None:
+    """reserve.lua writes SKU counters once, at the end of the batch: a Lua error in a
+    later request would leave the earlier requests' holds without their counters. A
+    request record that does not decode, or names a hold that is gone, is refused."""
+    inv = sale.inv
+    await inv.redis.hset(inv.keys.requests, "gone", '{"h":"' + inv.sale + '.gone","f":"dave|phone:1"}')
+    await inv.redis.hset(inv.keys.requests, "garbled", "not json")
+    reply = await scripted(inv, "reserve", batch(group("q1"), group("gone"), group("garbled"), group("q2")))
+    assert [r[0] for r in reply] == [0, INVALID, INVALID, 0]
+    assert reply[1][1] == reply[2][1] == b"bad_request_record"
+    await inv.redis.hdel(inv.keys.requests, "gone", "garbled")
+    assert await audit_sale(inv.redis, inv.keys) == []
 
 
 BAD_NUMBERS = ("abc", "-1", "1.5", "inf", "-inf", "nan", "1e20", "")

@@ -30,8 +30,8 @@ Returns one array per request:
   {UNKNOWN_SKU, sku}
   {INVALID, reason}
   {REQUEST_CONFLICT, hold_id}
-A malformed batch (count, line counts or ids that do not match ARGV) writes nothing and
-returns the single result {{INVALID, 'bad_batch'}}.
+A malformed batch (count, line counts or ids that do not match ARGV, a request id with
+':') writes nothing and returns the single result {{INVALID, 'bad_batch'}}.
 Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per call.
 ]]
 -- @include codes
@@ -83,9 +83,17 @@ local function decide(request_id, hold_id, user, ttl, lines)
 
   local seen = redis.call('HGET', requests_key, request_id)
   if seen then
-    local first = cjson.decode(seen)
+    -- A record that does not decode, or names a hold that is gone, is refused rather
+    -- than raised: an error here, after earlier requests of the batch wrote their holds
+    -- but before flush_stock(), would leave those holds without their counters.
+    local ok, first = pcall(cjson.decode, seen)
+    if not ok or type(first) ~= 'table' or type(first.h) ~= 'string' then
+      return {INVALID, 'bad_request_record'}
+    end
     if first.f ~= fingerprint then return {REQUEST_CONFLICT, first.h} end
-    local hold = cjson.decode(redis.call('HGET', holds_key, first.h))
+    local raw = redis.call('HGET', holds_key, first.h)
+    if not raw then return {INVALID, 'bad_request_record'} end
+    local hold = cjson.decode(raw)
     return {REPLAYED, first.h, hold.d, hold.s, hold.c}
   end
   if redis.call('HEXISTS', holds_key, hold_id) == 1 then
@@ -136,8 +144,9 @@ local pos = 2
 for r = 1, n or 0 do
   local request_id, hold_id, user = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
   local n_lines = whole(ARGV[pos + 4], 1, MAX_LINES)
-  if n_lines == nil or request_id == nil or request_id == '' or hold_id == nil
-      or hold_id == '' or user == nil or user == '' then
+  -- ':' is refused in request ids: "op:<id>" records of stock changes share the hash.
+  if n_lines == nil or request_id == nil or request_id == '' or request_id:find(':', 1, true)
+      or hold_id == nil or hold_id == '' or user == nil or user == '' then
     n = nil
     break
   end
