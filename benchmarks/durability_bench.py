@@ -90,8 +90,9 @@ class ModeResult:
 
 def _servers(mode: str, workdir: Path) -> tuple[RedisServer, RedisServer | None]:
     if mode.startswith("replica"):
-        primary = RedisServer(data_dir=workdir / "primary").start()
-        replica = RedisServer(data_dir=workdir / "replica",
+        aof = mode == "replica-waitaof"  # WAITAOF counts only AOF fsyncs
+        primary = RedisServer(appendonly=aof, data_dir=workdir / "primary").start()
+        replica = RedisServer(appendonly=aof, data_dir=workdir / "replica",
                               extra_args=("--replicaof", "127.0.0.1", str(primary.port))).start()  # fmt: skip
         return primary, replica
     aof = mode.startswith("aof")
@@ -127,7 +128,7 @@ async def _trial(mode: str, seconds: float, concurrency: int, rng: random.Random
         acked: list[str] = []
         unknown = 0
         killed = asyncio.Event()
-        wait_cmd = {"replica-wait": ("WAIT", 1, 1000), "replica-waitaof": ("WAITAOF", 0, 1, 1000)}.get(mode)
+        wait_cmd = {"replica-wait": ("WAIT", 1, 1000), "replica-waitaof": ("WAITAOF", 1, 1, 1000)}.get(mode)
 
         async def buyer(n: int) -> None:
             nonlocal unknown
@@ -142,7 +143,7 @@ async def _trial(mode: str, seconds: float, concurrency: int, rng: random.Random
                         hold = await inv.reserve(f"u{n}", "sku", request_id=f"r{n}-{i}")
                         if wait_cmd is not None:
                             replicas = await client.execute_command(*wait_cmd)  # type: ignore[no-untyped-call]
-                            confirmed = replicas[1] if isinstance(replicas, list) else replicas
+                            confirmed = min(replicas) if isinstance(replicas, list) else replicas
                             if int(confirmed) < 1:
                                 unknown += 1  # not confirmed: the service must not acknowledge it
                                 continue

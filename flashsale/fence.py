@@ -419,7 +419,7 @@ class FenceGuard:
         timeout_s: float = 2.0,
         poll_s: float = 0.5,
         record_s: float = 2.0,
-        verify_s: float = 5.0,
+        verify_s: float = 30.0,
     ) -> None:
         self.service_redis = service_redis
         self.pool = pool
@@ -568,7 +568,8 @@ class FenceGuard:
                 if run_id not in (self._verified_run_id, self._bad_run_id) or self.verifying:
                     await self._verify_server(run_id, wait=True)
                     next_verify = now + (self.poll_s if self.fenced else self.verify_s)
-                elif now >= next_verify or (self._lineage is not None and lineage != self._lineage):
+                elif self.fenced or now >= next_verify or (self._lineage is not None and lineage != self._lineage):
+                    # While fenced: every poll, so the fence lifts as soon as recovery is done.
                     await self._verify_now()
                     next_verify = now + (self.poll_s if self.fenced else self.verify_s)
                 if run_id == self._verified_run_id and not self.fenced and now >= next_record:

@@ -75,7 +75,7 @@ class Stack:
                             sale_cache_s=0.1, sold_out_cache_s=0.1)  # fmt: skip
         app = create_app(settings)
         if fenced:
-            fence.install(app, poll_s=0.1, record_s=0.2, verify_s=1.0)
+            fence.install(app, poll_s=0.1, record_s=0.2)  # verify_s: the default, as deployed
         self.client = TestClient(TestServer(app))
         await self.client.start_server()
 
