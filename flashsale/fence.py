@@ -441,6 +441,8 @@ class FenceGuard:
         self._sku_sale: dict[str, str] = {}
         self._verified_run_id: str | None = None
         self._bad_run_id: str | None = None
+        self._unverified_run_id: str | None = None  # a server seen while PostgreSQL could not answer
+        self.verify_timeout_s = max(5.0, 4 * timeout_s)
         self._refuse_until = 0.0
         self._check: tuple[str, asyncio.Task[bool]] | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -497,7 +499,7 @@ class FenceGuard:
     async def _on_connect(self, conn: Any) -> None:
         await conn.on_connect()
         run_id = await _server_run_id(conn)
-        if run_id == self._verified_run_id:
+        if run_id in (self._verified_run_id, self._unverified_run_id):
             return
         if run_id == self._bad_run_id:
             if time.monotonic() < self._refuse_until:
@@ -509,10 +511,15 @@ class FenceGuard:
     async def _verify_server(self, run_id: str, *, wait: bool) -> bool:
         """Verify a server not seen before (single flight per run id). True if it is fine."""
         check = self._check
-        if check is None or check[0] != run_id or (check[1].done() and (check[1].cancelled() or check[1].exception())):
-            self.verifying = (f"Redis restarted (server {run_id[:8]}); checking its data against "
-                              "PostgreSQL before selling on")  # fmt: skip
+        done = check is not None and check[1].done()
+        stale = (check is None or check[0] != run_id or run_id == self._unverified_run_id
+                 or (done and (check[1].cancelled() or check[1].exception() is not None)))  # fmt: skip
+        if stale and not (check is not None and check[0] == run_id and not done):
+            if run_id != self._unverified_run_id:  # a server already selling unverified is not paused
+                self.verifying = (f"Redis restarted (server {run_id[:8]}); checking its data against "
+                                  "PostgreSQL before selling on")  # fmt: skip
             check = self._check = (run_id, asyncio.ensure_future(self._verify_now(new_server=run_id)))
+        assert check is not None
         task = check[1]
         if not wait:
             return False
@@ -526,7 +533,21 @@ class FenceGuard:
             raise RedisConnectionError(f"Redis could not be verified ({type(exc).__name__}: {exc}); retry shortly") from exc
 
     async def _verify_now(self, *, new_server: str | None = None) -> bool:
-        verdict = await verify(self.redis, self.pool, prefix=self.prefix)
+        try:
+            verdict = await asyncio.wait_for(verify(self.redis, self.pool, prefix=self.prefix), self.verify_timeout_s)
+        except RedisError:
+            raise  # Redis itself is not answering: nothing is sold from it anyway
+        except Exception as exc:  # noqa: BLE001 - PostgreSQL down, slow, or not migrated
+            # Orders never wait on PostgreSQL: without it the guard cannot verify, so it
+            # lets sales go on (a fence needs evidence) and tries again at every poll.
+            self._warn("unverified", f"cannot verify Redis against PostgreSQL ({type(exc).__name__}: {exc}); "
+                                     "selling on unverified until PostgreSQL answers")  # fmt: skip
+            if new_server is not None:
+                self._unverified_run_id = new_server
+            self.verifying = None
+            return True
+        self._warned.discard("unverified")
+        self._unverified_run_id = None
         self.last_verdict = verdict
         self.registry = verdict.registry
         self._sku_sale = {sku: rec.sale for rec in verdict.registry.values() for sku in rec.skus}
@@ -566,6 +587,7 @@ class FenceGuard:
                 run_id = _text(info["run_id"])
                 now = time.monotonic()
                 if run_id not in (self._verified_run_id, self._bad_run_id) or self.verifying:
+                    # A new server, or one PostgreSQL could not be asked about yet.
                     await self._verify_server(run_id, wait=True)
                     next_verify = now + (self.poll_s if self.fenced else self.verify_s)
                 elif self.fenced or now >= next_verify or (self._lineage is not None and lineage != self._lineage):
@@ -651,6 +673,8 @@ async def _guard_context(app: web.Application, options: dict[str, float]) -> Asy
         await guard.redis.aclose()
         yield
         return
+    except Exception as exc:  # noqa: BLE001 - PostgreSQL down at start-up: orders do not wait on it
+        logger.warning("fence_unverified", extra={"why": f"{type(exc).__name__}: {exc}"})
     await guard.start()
     app[GUARD] = guard
     try:

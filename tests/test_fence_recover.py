@@ -215,7 +215,10 @@ async def test_redis_loss_is_fenced_recovered_and_the_sale_sells_out_exactly(
 
     async def fenced() -> dict[str, Any] | None:
         status, body = await stack.order("late", sku, "r-late-" + uuid.uuid4().hex[:6])
-        return body if status == 503 and body["error"] == "sale_fenced" else None
+        # 503 sale_fenced "verifying" comes first (the new server is being checked), then
+        # the loss itself, with what to do about it.
+        lost = status == 503 and body["error"] == "sale_fenced" and "flashsale recover" in body["message"]
+        return body if lost else None
 
     refusal = await wait_for(fenced, what="the sale to be fenced")
     assert "flashsale recover" in refusal["message"], refusal
@@ -407,3 +410,30 @@ async def test_a_buckets_split_sale_is_rebuilt_per_bucket(text_redis: Redis, pip
             break
         sold += 1
     assert sold == 30 - 6 - 11  # 6 paid, 11 held (18 holds, 1 cancelled)
+
+
+async def test_without_postgresql_the_guard_sells_on_unverified(redis_client: Redis, redis_url: str) -> None:
+    """Orders never wait on PostgreSQL: a guard that cannot ask it has no evidence of a loss,
+    so it lets sales go on (and keeps trying) instead of fencing everything."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    settings = Settings(redis_url=redis_url, database_url=f"postgresql://flashsale@127.0.0.1:{closed}/flashsale",
+                        token_secret=SECRET, admin_token=ADMIN, user_rate=1000.0, user_burst=1000)  # fmt: skip
+    app = create_app(settings)
+    fence.install(app, poll_s=0.1)
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        resp = await client.post("/api/admin/sales", headers=ADMIN_HEADERS, json={
+            "sale": "nopg", "open": True, "skus": [{"sku": "nopg-phone", "stock": 3}]})  # fmt: skip
+        assert resp.status == 201, await resp.text()
+        resp = await client.post("/api/orders", headers={"Authorization": f"Bearer {mint(SECRET, 'ann')}"},
+                                 json={"request_id": "r1", "sku": "nopg-phone"})  # fmt: skip
+        assert resp.status == 201, await resp.text()
+        guard = client.app[fence.GUARD]
+        assert not guard.fenced and guard.verifying is None
+    finally:
+        await client.close()
