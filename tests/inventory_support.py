@@ -202,16 +202,27 @@ async def replay_events(client: Redis, keys: SaleKeys) -> dict[str, dict[str, in
 
 # ------------------------------------------------------ spawned-process workers
 # Each runs in a fresh interpreter (multiprocessing "spawn") with its own event loop and
-# client, and returns plain data the parent can check.
+# client, and returns plain data the parent can check. The workers and the parent meet
+# twice at one barrier, the start line: "ready" (every process up and connected, however
+# long spawning took on a busy machine), then "go" (after the parent set the scene).
+
+_start_line: Any = None
 
 
-def _wait_until(start_at: float) -> None:
-    delay = start_at - time.time()
-    if delay > 0:
-        time.sleep(delay)
+def join_start_line(barrier: Any) -> None:
+    """The ProcessPoolExecutor initializer: keep the barrier shared with the parent."""
+    global _start_line
+    _start_line = barrier
 
 
-def reserve_worker(redis_url: str, sale: str, sku: str, worker: int, tasks: int, start_at: float) -> dict[str, Any]:
+def cross_start_line() -> None:
+    """In a worker: wait for everyone at "ready", then at "go". (The parent calls
+    ``barrier.wait()`` twice too, doing its setup in between.)"""
+    for _ in ("ready", "go"):
+        _start_line.wait(timeout=60)
+
+
+def reserve_worker(redis_url: str, sale: str, sku: str, worker: int, tasks: int) -> dict[str, Any]:
     """``tasks`` concurrent one-unit reservations of ``sku``; returns the holds made and
     how many were refused as sold out (anything else is an error)."""
 
@@ -225,7 +236,8 @@ def reserve_worker(redis_url: str, sale: str, sku: str, worker: int, tasks: int,
                 except SoldOut:
                     return None
 
-            _wait_until(start_at)
+            await inv.load_scripts()  # connected and ready before the start
+            cross_start_line()
             results = await asyncio.gather(*(one(i) for i in range(tasks)))
             await inv.aclose()
         return {"holds": [h for h in results if h], "sold_out": results.count(None)}
@@ -233,11 +245,9 @@ def reserve_worker(redis_url: str, sale: str, sku: str, worker: int, tasks: int,
     return asyncio.run(run())
 
 
-def close_worker(
-    redis_url: str, sale: str, action: str, hold_ids: list[str], start_at: float, seed: int = 0
-) -> dict[str, str]:
-    """Races the other workers on the same holds: ``action`` is confirm, release or
-    sweep. Confirm and release are launched one every 2 ms in a shuffled order, so over
+def close_worker(redis_url: str, sale: str, action: str, seed: int = 0) -> dict[str, str]:
+    """Races the other workers on every hold of the sale (made by the parent between
+    "ready" and "go"): ``action`` is confirm, release or sweep. Confirm and release are launched one every 2 ms in a shuffled order, so over
     the run they meet the other worker and the deadlines at every possible moment.
     Returns hold id -> what this worker saw ("paid", "cancelled", "expired", "hold_paid",
     "hold_cancelled", "hold_expired", "unknown")."""
@@ -246,7 +256,9 @@ def close_worker(
         async with connect(redis_url, max_connections=8) as client:
             inv = Inventory(client, sale)
             seen: dict[str, str] = {}
-            _wait_until(start_at)
+            await inv.load_scripts()
+            cross_start_line()
+            hold_ids = sorted(h.decode() for h in await client.hkeys(inv.keys.holds))
             if action == "sweep":
                 await sweep_until_empty(inv, seen)
                 return seen

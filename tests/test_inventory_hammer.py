@@ -8,12 +8,20 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import random
-import time
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 import pytest
-from inventory_support import audit_sale, connect, events, hold_records, new_sale_id, open_sale, reserve_worker
+from inventory_support import (
+    audit_sale,
+    connect,
+    events,
+    hold_records,
+    join_start_line,
+    new_sale_id,
+    open_sale,
+    reserve_worker,
+)
 
 from inventory import Inventory, Line, SoldOut
 
@@ -42,7 +50,7 @@ async def test_tasks_hammering_one_hot_sku_hold_exactly_the_stock(redis_url: str
 
 def test_processes_hammering_one_hot_sku_hold_exactly_the_stock(redis_url: str) -> None:
     """Four spawned processes, each with its own event loop and client (two coalescing,
-    two not), 400 buyers each, released at the same instant on 1,000 units."""
+    two not), 400 buyers each, released at one barrier on 1,000 units."""
     total, workers, tasks = 1000, 4, 400
     sale = new_sale_id("procs")
 
@@ -52,9 +60,12 @@ def test_processes_hammering_one_hot_sku_hold_exactly_the_stock(redis_url: str) 
 
     asyncio.run(setup())
     try:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            start_at = time.time() + 3.0  # time for every process to start and import
-            futures = [pool.submit(reserve_worker, redis_url, sale, "hot", w, tasks, start_at) for w in range(workers)]
+        spawn = multiprocessing.get_context("spawn")
+        start_line = spawn.Barrier(workers + 1)
+        with ProcessPoolExecutor(workers, spawn, initializer=join_start_line, initargs=(start_line,)) as pool:
+            futures = [pool.submit(reserve_worker, redis_url, sale, "hot", w, tasks) for w in range(workers)]
+            start_line.wait(timeout=60)  # ready: every process is up and connected
+            start_line.wait(timeout=60)  # go
             results = [f.result(timeout=90) for f in futures]
         holds = [h for r in results for h in r["holds"]]
         assert len(holds) == total and len(set(holds)) == total

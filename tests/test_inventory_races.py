@@ -17,6 +17,7 @@ from inventory_support import (
     audit_sale,
     close_worker,
     connect,
+    join_start_line,
     hold_records,
     new_sale_id,
     open_sale,
@@ -73,6 +74,9 @@ async def test_confirm_racing_release_has_one_winner(redis_url: str) -> None:
     async with open_sale(redis_url, "payvscancel") as payer, connect(redis_url, max_connections=16) as other:
         canceller = Inventory(other, payer.sale, coalesce=False)
         holds = await make_holds(payer, [60_000] * HOLDS)
+        # Scripts cached up front: on a Redis Cluster a storm of NOSCRIPT reloads (each to
+        # every master) delays both clients so much that the payer's calls all land first.
+        await canceller.load_scripts()
         calls: list[tuple[str, str, Awaitable[str]]] = []
         for h in holds:
             calls.append((h.hold_id, "confirm", outcome(payer.confirm(h.hold_id, user=h.user))))
@@ -152,22 +156,24 @@ def test_processes_racing_confirm_release_and_sweep_have_one_winner(redis_url: s
     every hold, one sweeps; deadlines fall while they work."""
     sale = new_sale_id("procrace")
     count = 200
-    start_at = time.time() + 3.0  # time for the processes to start
     # Deadlines spread over the 0.4 s the payer and canceller take to go through the holds.
-    ttls = [int((start_at - time.time()) * 1000) + 50 + i * 400 // count for i in range(count)]
+    ttls = [50 + i * 400 // count for i in range(count)]
 
     async def setup() -> list[Hold]:
         async with connect(redis_url) as client:
             return await make_holds(Inventory(client, sale), ttls)
 
-    holds = asyncio.run(setup())
-    ids = [h.hold_id for h in holds]
     try:
-        with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        spawn = multiprocessing.get_context("spawn")
+        start_line = spawn.Barrier(3 + 1)
+        with ProcessPoolExecutor(3, spawn, initializer=join_start_line, initargs=(start_line,)) as pool:
             futures = {
-                action: pool.submit(close_worker, redis_url, sale, action, ids, start_at, seed)
+                action: pool.submit(close_worker, redis_url, sale, action, seed)
                 for seed, action in enumerate(("confirm", "release", "sweep"))
             }
+            start_line.wait(timeout=60)  # ready: the processes are up and connected
+            ids = [h.hold_id for h in asyncio.run(setup())]
+            start_line.wait(timeout=60)  # go
             seen = {action: f.result(timeout=90) for action, f in futures.items()}
 
         async def check() -> dict[str, str]:
