@@ -187,6 +187,9 @@ class Rehearsal:
             try:
                 with urllib.request.urlopen(f"{self.host}/readyz", timeout=2) as resp:
                     if resp.status == 200:
+                        from flashsale.warroom import warroom_url
+
+                        self.say(f"war room: {warroom_url(self.host, self.admin_token)}  (open it in a browser while the drill runs)")
                         return
             except OSError:
                 pass

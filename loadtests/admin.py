@@ -110,6 +110,11 @@ class AdminClient:
     def close_sale(self, sale: str) -> Any:
         return self.call("POST", f"/api/admin/sales/{sale}/close", {})
 
+    def register_target(self, scenario: str, sale: str, origin_ms: int, points: Sequence[Sequence[float]]) -> Any:
+        """Tell the war room what this drill intends (cumulative orders over time)."""
+        return self.call("PUT", "/api/admin/warroom/target",
+                         {"scenario": scenario, "sale": sale, "origin_ms": origin_ms, "points": [list(p) for p in points]})
+
     def stats(self) -> Any:
         return self.call("GET", "/api/admin/stats", timeout_s=5.0)
 

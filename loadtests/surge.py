@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import shlex
@@ -47,7 +48,7 @@ from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, MasterR
 from loadtests import exit_codes
 from loadtests.admin import AdminClient, AdminError, admin_token_from_env
 from loadtests.arrivals import Arrival, ArrivalDispatcher, ArrivalPlan
-from loadtests.drill import DrillSale, default_sale, sale_from_settings
+from loadtests.drill import DrillSale, default_sale, expected_orders, sale_from_settings
 from loadtests.oracle import Verdict, format_verdict, run_oracle
 from loadtests.personas import Behaviour, Catalogue, CatalogueItem, PersonaWeights, Reply, Shopper, classify
 from loadtests.recording import ProcessRecorder, RunCollector, parse_stats
@@ -333,6 +334,7 @@ class Conductor:
                 admin.create_sale(self.sale.spec)
         except (AdminError, ValueError) as exc:
             return self._fail(f"cannot set up the drill's sale: {exc}")
+        self._register_target(admin, shape, weights, behaviour, start_epoch)
         self.collector = RunCollector(start_epoch, self.report_dir)
         runner = self.environment.runner
         if isinstance(runner, MasterRunner):
@@ -364,6 +366,22 @@ class Conductor:
         self.greenlets = [gevent.spawn(self._poll_stats, admin), gevent.spawn(self._progress)]
         if self.sale.release_reserve_at_s is not None:
             self.greenlets.append(gevent.spawn(self._release_reserve, admin, start_epoch + self.sale.release_reserve_at_s))
+
+    def _register_target(self, admin: AdminClient, shape: Shape, weights: PersonaWeights, behaviour: Behaviour,
+                         start_epoch: float) -> None:
+        """The war room draws orders against this: the shape's cumulative arrivals scaled
+        to the order requests they should bring, once a second. Optional: a service
+        without a war room still runs the drill."""
+        assert self.sale is not None
+        per_arrival = expected_orders(shape, weights, behaviour) / max(shape.total, 1.0)
+        seconds = int(math.ceil(shape.duration_s))
+        points = [[t * 1000, round(shape.cumulative(float(t)) * per_arrival, 1)] for t in range(seconds + 1)]
+        opt = self.environment.parsed_options
+        try:
+            admin.register_target(f"{opt.shape} {opt.peak_rps:g} arrivals/s", self.sale.name,
+                                  int(start_epoch * 1000), points)
+        except AdminError:
+            pass
 
     def _fail(self, message: str) -> None:
         self.failed = message
