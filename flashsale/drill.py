@@ -3,7 +3,7 @@ history of every request, and a verdict from the checker and the audit.
 
 One drill (:func:`run_drill`):
 
-1. the **stack** — embedded Redis (AOF on, ``everysec``) and PostgreSQL unless
+1. the **stack** — embedded Redis (AOF on, ``everysec`` or ``always``) and PostgreSQL unless
    ``FLASHSALE_REDIS_URL`` / ``FLASHSALE_DATABASE_URL`` name servers (then only the faults
    that need no control of those servers' processes run); a :mod:`fault proxy
    <flashsale.faultproxy>` between the service and Redis, another between the worker and
@@ -180,7 +180,11 @@ def summary_table(reports: list[DrillReport]) -> str:
 class DrillStack:
     """Redis, PostgreSQL and the two fault proxies; shared by the drills of one run."""
 
-    def __init__(self, *, redis_url: str | None = None, database_url: str | None = None, workdir: Path | None = None) -> None:
+    def __init__(self, *, redis_url: str | None = None, database_url: str | None = None, workdir: Path | None = None,
+                 appendfsync: str = "everysec") -> None:  # fmt: skip
+        if appendfsync not in ("everysec", "always"):
+            raise ValueError("appendfsync is 'everysec' or 'always'")
+        self.appendfsync = appendfsync
         self._given_redis, self._given_pg = redis_url, database_url
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="flashsale-drill-"))
         self._own_workdir = workdir is None
@@ -198,7 +202,8 @@ class DrillStack:
             if self._given_redis:
                 self.redis_url = self._given_redis
             else:
-                self.redis = RedisServer(appendonly=True, appendfsync="everysec", data_dir=self.workdir / "redis").start()
+                self.redis = RedisServer(appendonly=True, appendfsync=self.appendfsync,  # type: ignore[arg-type]
+                                         data_dir=self.workdir / "redis").start()  # fmt: skip
                 self.redis_url = self.redis.url
             if self._given_pg:
                 self.database_url = self._given_pg

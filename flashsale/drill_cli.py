@@ -41,6 +41,8 @@ def register(sub: Any) -> None:
     d.add_argument("--concurrency", type=int, default=12, help="buyers sending at once (default 12)")
     d.add_argument("--seed", type=int, help="random seed for the buyers' choices")
     d.add_argument("--json", type=Path, metavar="FILE", help="write the report(s) as JSON to FILE ('-' for stdout)")
+    d.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
+                   help="the embedded Redis's AOF fsync policy (default everysec; see docs/drills.md for what each loses)")
     d.add_argument("--workdir", type=Path, metavar="DIR",
                    help="keep servers' data, histories and logs here (default: a temp dir removed at the end)")
     d.set_defaults(func=_drill)
@@ -96,7 +98,7 @@ def _drill(args: argparse.Namespace) -> int:
     try:
         stack = DrillStack(redis_url=os.environ.get("FLASHSALE_REDIS_URL") or None,
                            database_url=os.environ.get("FLASHSALE_DATABASE_URL") or None,
-                           workdir=args.workdir).start()  # fmt: skip
+                           workdir=args.workdir, appendfsync=args.appendfsync).start()  # fmt: skip
     except ServerError as exc:
         return _fail(f"cannot start the drill's servers: {exc}")
     reports = []

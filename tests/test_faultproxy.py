@@ -137,3 +137,45 @@ def test_proxy_thread_is_controlled_from_another_thread(redis_client: Redis) -> 
         assert asyncio.run(ping(proxy.port)) >= 0.29
         proxy.heal()
         assert proxy.faults == {"latency_ms": 0.0, "blackholed": [], "refusing": False}
+
+
+def test_the_command_line_proxy_takes_faults_from_stdin(redis_client: Redis) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    kwargs = redis_client.connection_pool.connection_kwargs
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "flashsale.faultproxy", "--listen", str(port), "--target",
+                             f"{kwargs['host']}:{kwargs['port']}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert "proxying" in proc.stdout.readline()
+
+        async def ping() -> float:
+            client = _client(port)
+            try:
+                started = time.perf_counter()
+                await client.ping()
+                return time.perf_counter() - started
+            finally:
+                await client.aclose()
+
+        assert asyncio.run(ping()) < 0.5
+        proc.stdin.write("latency 150\nstats\n")
+        proc.stdin.flush()
+        assert "latency_ms': 150" in proc.stdout.readline()
+        assert asyncio.run(ping()) >= 0.29
+        proc.stdin.write("quit\n")
+        proc.stdin.flush()
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for stream in (proc.stdin, proc.stdout):
+            if stream is not None:
+                stream.close()
