@@ -47,8 +47,9 @@ def register(sub: Any) -> None:
             "'writers', write orders and stock events to PostgreSQL in batches, acknowledge "
             "only what is committed. The hold-expiry sweeper runs alongside unless "
             "--no-sweeper. Runs until SIGTERM or Ctrl-C, finishing the batch in hand. "
-            "Settings: FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL, FLASHSALE_KEY_PREFIX and "
-            "FLASHSALE_WORKER_* / FLASHSALE_SWEEPER_* (see README); flags win."
+            "Settings: FLASHSALE_REDIS_URL (FLASHSALE_REDIS_CLUSTER=1 when it names a node of a "
+            "Redis Cluster: the streams of every shard are read), FLASHSALE_DATABASE_URL, "
+            "FLASHSALE_KEY_PREFIX and FLASHSALE_WORKER_* / FLASHSALE_SWEEPER_* (see README); flags win."
         ),
     )
     w.add_argument("--consumer", help="this worker's name in the group (default: host name); one per worker process")
@@ -107,9 +108,14 @@ def _fail(message: str, code: int = EXIT_SETTINGS) -> int:
     return code
 
 
-def _redis(url: str, *, decode: bool = True) -> Any:
+def _redis(url: str, *, cluster: bool = False, decode: bool = True) -> Any:
+    """A client on one Redis server, or on the Redis Cluster ``url`` names a node of
+    (FLASHSALE_REDIS_CLUSTER=1): it discovers the other shards and routes each key."""
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
+    if cluster:
+        return RedisCluster.from_url(url, decode_responses=decode, socket_timeout=10, socket_connect_timeout=5)
     # Socket timeout well above XREADGROUP's BLOCK, so an idle wait is never taken for an outage.
     return Redis.from_url(url, decode_responses=decode, socket_timeout=10, socket_connect_timeout=5,
                           health_check_interval=30)  # fmt: skip
@@ -173,7 +179,7 @@ async def run_worker(settings: Any, *, writer: bool = True, sweeper: bool = True
     from .worker import OrderWriter
 
     log = logging.getLogger("flashsale.worker")
-    redis = _redis(settings.redis_url)
+    redis = _redis(settings.redis_url, cluster=settings.redis_cluster)
     pool = None
     stops: list[Callable[[], None]] = []
     stopping = asyncio.Event()
@@ -188,6 +194,8 @@ async def run_worker(settings: Any, *, writer: bool = True, sweeper: bool = True
         loop.add_signal_handler(sig, on_signal)
     try:
         jobs: list[Awaitable[None]] = []
+        if settings.redis_cluster and not await _wait_for_cluster(redis, stopping, log):
+            return 0
         if writer:
             pool = await _wait_for_pool(settings, stopping, create_pool, log)
             if pool is None:
@@ -215,22 +223,45 @@ async def run_worker(settings: Any, *, writer: bool = True, sweeper: bool = True
         await redis.aclose()
 
 
+async def _wait_for_cluster(redis: Any, stopping: asyncio.Event, log: Any) -> bool:
+    """Learn the cluster's slot map before the writer and the sweeper share the client:
+    redis-py 8.1 breaks commands that race a cold cluster client's first use (AttributeError
+    on a connection it closed meanwhile). Waits for the cluster like for PostgreSQL; False
+    if told to stop first."""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    def outage(exc: Exception) -> bool:
+        return isinstance(exc, (RedisError, RedisClusterException, OSError))
+
+    return await _keep_trying(redis.initialize, outage, "redis_unavailable", stopping, log) is not None
+
+
 async def _wait_for_pool(settings: Any, stopping: asyncio.Event, create_pool: Any, log: Any) -> Any:
     """Open the pool, waiting (with backoff) for PostgreSQL to come up; None if told to stop."""
     from .pgpool import is_transient
 
+    def open_pool() -> Awaitable[Any]:
+        return create_pool(settings.database_url, max_size=settings.pool_size,  # type: ignore[no-any-return]
+                           statement_timeout_ms=settings.statement_timeout_ms,
+                           application_name=f"flashsale-worker:{settings.consumer}")  # fmt: skip
+
+    return await _keep_trying(open_pool, is_transient, "postgres_unavailable", stopping, log)
+
+
+async def _keep_trying(attempt: Callable[[], Awaitable[Any]], retryable: Callable[[Exception], bool], event: str,
+                       stopping: asyncio.Event, log: Any) -> Any:  # fmt: skip
+    """``await attempt()`` until it succeeds, through the failures ``retryable`` accepts
+    (logged once, as ``event``), waiting 0.2 s doubling up to 5 s; None if told to stop."""
     delay = 0.2
     warned = False
     while not stopping.is_set():
         try:
-            return await create_pool(settings.database_url, max_size=settings.pool_size,
-                                     statement_timeout_ms=settings.statement_timeout_ms,
-                                     application_name=f"flashsale-worker:{settings.consumer}")  # fmt: skip
+            return await attempt()
         except Exception as exc:
-            if not is_transient(exc):
+            if not retryable(exc):
                 raise
             if not warned:
-                log.warning("postgres_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+                log.warning(event, extra={"error": f"{type(exc).__name__}: {exc}"})
                 warned = True
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), delay)
@@ -281,7 +312,7 @@ async def _audit_async(settings: Any, args: argparse.Namespace, acknowledged: li
     from .audit import run_audit
     from .pgpool import close_pool, create_pool
 
-    redis = _redis(settings.redis_url)
+    redis = _redis(settings.redis_url, cluster=settings.redis_cluster)
     try:
         pool = await create_pool(settings.database_url, max_size=2, application_name="flashsale-audit")
     except (OSError, TimeoutError) as exc:

@@ -23,6 +23,12 @@ How it stays correct
   ``dead_*`` fields — and is acknowledged in the same MULTI.
 * The stream is trimmed with ``XTRIM MINID`` below the oldest entry any group has not
   acknowledged (never MAXLEN, which can drop entries not yet written).
+* On a Redis Cluster (a ``RedisCluster`` client) each sale's stream lives in its sale's
+  hash slot, and one XREADGROUP may only name streams of one slot: new entries are read
+  with one XREADGROUP per slot, all sent in one pipeline (one round trip per shard). A
+  cluster cannot BLOCK on several shards at once, so an idle cluster read waits
+  ``block_ms`` and asks again. Everything else is per stream (XAUTOCLAIM, XACK, XTRIM),
+  and a dead letter's MULTI stays in its sale's slot.
 
 Backlog (for metrics): Redis 6.2's XINFO GROUPS has no ``lag``, so :func:`stream_backlog`
 reports ``pending`` exactly (XPENDING) and ``undelivered`` exactly when it is zero or
@@ -44,8 +50,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 import asyncpg
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inventory import SaleKeys
@@ -72,7 +79,9 @@ GROUP = "writers"
 
 logger = logging.getLogger("flashsale.worker")
 
-_REDIS_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
+# A cluster whose slots are not all served (a shard down, a failover in progress) answers
+# CLUSTERDOWN / TRYAGAIN: an outage to wait out like a lost connection, not a bug.
+_REDIS_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError)
 _RANK = {"held": 0, "paid": 1, "cancelled": 1, "expired": 1}
 _ORDER_STATUS = {"reserved": "held", "confirmed": "paid", "released": "cancelled", "expired": "expired"}
 _STOCK_TYPES = frozenset({"stocked", "restocked", "written_off", "reserve_released"})
@@ -80,8 +89,8 @@ _STOCK_TYPES = frozenset({"stocked", "restocked", "written_off", "reserve_releas
 
 # ------------------------------------------------------------------------ settings
 #: The worker's own settings: (environment variable, field, meaning). The shared ones
-#: (FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL, FLASHSALE_KEY_PREFIX) come from
-#: :class:`flashsale.settings.Settings`.
+#: (FLASHSALE_REDIS_URL, FLASHSALE_REDIS_CLUSTER, FLASHSALE_DATABASE_URL,
+#: FLASHSALE_KEY_PREFIX) come from :class:`flashsale.settings.Settings`.
 WORKER_ENV_DOC: tuple[tuple[str, str, str], ...] = (
     ("FLASHSALE_WORKER_CONSUMER", "consumer", "consumer name in the writers' group (default: host name); one per worker"),
     ("FLASHSALE_WORKER_BATCH", "batch", "stream entries per PostgreSQL transaction, at most (default 1000)"),
@@ -109,6 +118,7 @@ class WorkerSettings:
 
     redis_url: str
     database_url: str = ""  # the order writer needs it; the sweeper alone does not
+    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
     prefix: str = "fs"
     #: Consumer name in the group. Stable across restarts (so a restarted worker finds its
     #: own pending entries); give each worker on one host its own.
@@ -156,6 +166,7 @@ class WorkerSettings:
         shared = Settings.from_env(env)
         values: dict[str, Any] = {
             "redis_url": shared.redis_url,
+            "redis_cluster": shared.redis_cluster,
             "database_url": shared.database_url or "",
             "prefix": shared.key_prefix,
         }
@@ -562,8 +573,9 @@ class _Stopped(Exception):
 class OrderWriter:
     """Drains the sale streams into PostgreSQL; see the module docstring.
 
-    ``redis`` is a ``redis.asyncio.Redis`` (decoded replies or bytes); ``pool`` an asyncpg
-    pool (:func:`flashsale.pgpool.create_pool`). Both are the caller's to close.
+    ``redis`` is a ``redis.asyncio.Redis`` or ``RedisCluster`` (decoded replies or bytes);
+    ``pool`` an asyncpg pool (:func:`flashsale.pgpool.create_pool`). Both are the caller's
+    to close.
     """
 
     def __init__(self, redis: Any, pool: asyncpg.Pool, settings: WorkerSettings) -> None:
@@ -572,6 +584,9 @@ class OrderWriter:
         self.settings = settings
         self.stats = WriterStats()
         self._streams: dict[str, str] = {}  # stream key -> sale
+        # Cluster only: the streams grouped by hash slot, one XREADGROUP each (None: regroup).
+        self._on_cluster = isinstance(redis, RedisCluster)
+        self._slot_reads: list[dict[str, str]] | None = None
         self._stop = asyncio.Event()
         self._stop_deadline = float("inf")
         self._pg_down_since: float | None = None
@@ -649,6 +664,7 @@ class OrderWriter:
                 # The stream or group vanished (Redis restarted empty, key deleted): re-create.
                 _log("group_missing", level=logging.WARNING, error=str(exc))
                 self._streams.clear()
+                self._slot_reads = None
                 pending_done.clear()
                 next_sales = 0.0
             if now >= next_progress and s.progress_interval_s > 0:
@@ -669,6 +685,7 @@ class OrderWriter:
             if key not in self._streams:
                 await ensure_group(self.redis, key)
                 self._streams[key] = sale
+                self._slot_reads = None
                 _log("sale_joined", sale=sale, stream=key)
 
     async def drain_own_pending(self, key: str) -> None:
@@ -768,13 +785,37 @@ class OrderWriter:
             await asyncio.sleep(self.settings.block_ms / 1000)
             return []
         s = self.settings
-        streams = {key: ">" for key in self._streams}
-        entries = self._entries(await self.redis.xreadgroup(GROUP, s.consumer, streams, count=s.batch, block=s.block_ms))
+        read = self._read_per_slot if self._on_cluster else self._read_together
+        entries = await read(s.batch, s.block_ms)
         if entries and len(entries) < s.batch and s.linger_ms > 0:
             # A short read: wait a moment so the next transaction carries more than a few rows.
             await asyncio.sleep(s.linger_ms / 1000)
-            more = await self.redis.xreadgroup(GROUP, s.consumer, streams, count=s.batch - len(entries))
-            entries += self._entries(more)
+            entries += await read(s.batch - len(entries), None)
+        return entries
+
+    async def _read_together(self, count: int, block: int | None) -> list[StreamEntry]:
+        """One server: every stream in one XREADGROUP (``count`` per stream)."""
+        streams = {key: ">" for key in self._streams}
+        return self._entries(await self.redis.xreadgroup(GROUP, self.settings.consumer, streams, count=count, block=block))
+
+    async def _read_per_slot(self, count: int, block: int | None) -> list[StreamEntry]:
+        """A cluster: one XREADGROUP per hash slot (``count`` per stream, as above), in one
+        pipeline that redis-py sends to the shards in parallel. BLOCK would hold one shard's
+        answer while the others have entries, so when nothing is new anywhere the read
+        waits ``block`` ms instead (a cancelled blocking read could also drop entries Redis
+        had already delivered to this consumer)."""
+        if self._slot_reads is None:
+            by_slot: dict[int, dict[str, str]] = {}
+            for key in self._streams:
+                by_slot.setdefault(self.redis.keyslot(key), {})[key] = ">"
+            self._slot_reads = list(by_slot.values())
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for streams in self._slot_reads:
+                pipe.xreadgroup(GROUP, self.settings.consumer, streams, count=count)
+            replies = await pipe.execute()
+        entries = [entry for reply in replies for entry in self._entries(reply)]
+        if not entries and block:
+            await asyncio.sleep(block / 1000)
         return entries
 
     # -- writing
