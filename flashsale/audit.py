@@ -45,6 +45,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from inventory import SaleKeys
@@ -238,13 +239,24 @@ def _parse_hold(raw: Any) -> _Hold:
 async def _read_redis(redis: Any, prefix: str, sale: str) -> _RedisSale:
     keys = SaleKeys(prefix, sale)
     dead = dead_letter_key(prefix, sale)
-    async with redis.pipeline(transaction=True) as pipe:  # one consistent snapshot
+    on_cluster = isinstance(redis, RedisCluster)
+    if on_cluster:
+        # A cluster's MULTI takes keyed commands only (TIME has no key), so ask the clock of
+        # the shard serving the sale (the one its scripts set deadlines by) just before the
+        # snapshot: an earlier "now" can only find fewer holds overdue, never a wrong one.
+        await redis.initialize()  # the slot map (a no-op once the client has it)
+        now = await redis.time(target_nodes=redis.get_node_from_key(keys.stock))
+    async with redis.pipeline(transaction=True) as pipe:  # one consistent snapshot (one slot)
         pipe.hgetall(keys.stock)
         pipe.hgetall(keys.holds)
-        pipe.time()
+        if not on_cluster:
+            pipe.time()
         pipe.xrevrange(keys.events, "+", "-", count=1)
         pipe.xlen(dead)
-        stock_raw, holds_raw, now, last, dead_len = await pipe.execute()
+        if on_cluster:
+            stock_raw, holds_raw, last, dead_len = await pipe.execute()
+        else:
+            stock_raw, holds_raw, now, last, dead_len = await pipe.execute()
     stock: dict[str, dict[str, int]] = defaultdict(dict)
     for name, value in stock_raw.items():
         sku, _, counter = _text(name).rpartition(":")
@@ -508,10 +520,10 @@ async def run_audit(
 ) -> AuditReport:
     """Audit ``sales`` (default: every sale in ``<prefix>:sales``); see the module docstring.
 
-    ``redis`` is a ``redis.asyncio.Redis`` (bytes or decoded replies), ``pool`` an asyncpg
-    pool. ``acknowledged`` lists order ids clients were told exist (2xx); each must be in
-    Redis and PostgreSQL. ``expiry_grace_s``: how long past its deadline a hold may still be
-    held before it counts as stranded (the sweeper's allowance).
+    ``redis`` is a ``redis.asyncio.Redis`` or ``RedisCluster`` (bytes or decoded replies),
+    ``pool`` an asyncpg pool. ``acknowledged`` lists order ids clients were told exist (2xx);
+    each must be in Redis and PostgreSQL. ``expiry_grace_s``: how long past its deadline a
+    hold may still be held before it counts as stranded (the sweeper's allowance).
     """
     started, clock = time.time(), time.monotonic()
     if sales is None:
