@@ -16,7 +16,7 @@ from inventory import BucketedInventory
 
 from .buyer_api import bearer, read_json
 from .errors import ApiError
-from .metrics import OUTCOMES, stream_backlog
+from .metrics import OUTCOMES, read_published, stream_backlog
 from .sales import SWITCHES, SaleSettings, now_ms
 from .state import STATE, ServiceState
 from .tokens import mint
@@ -262,10 +262,8 @@ async def collect_stats(state: ServiceState) -> dict[str, Any]:
     p50 = p99 = 0.0
     processes = 0
     in_flight = 0
-    keys = sorted(k.decode() for k in await redis.smembers(f"{prefix}:stats:procs"))
-    values = await redis.mget(keys) if keys else []
     stale = []
-    for key, raw in zip(keys, values):
+    for key, raw in await read_published(redis, prefix):
         if raw is None:
             stale.append(key)
             continue

@@ -8,8 +8,9 @@ order writer's progress — are read from Redis at scrape time, so every process
 the same truth.
 
 Each process also publishes its outcome counters and recent latency percentiles to
-Redis once a second (``<prefix>:stats:proc:<pid>``, expiring), so ``/api/admin/stats``
-can add up all processes whichever one answers.
+Redis once a second (``<prefix>:stats:proc:<pid>``, expiring, named in the set
+``<prefix>:stats:procs``), so ``/api/admin/stats`` can add up all processes whichever one
+answers (:func:`read_published`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from prometheus_client import (
 )
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from redis.asyncio.cluster import RedisCluster
 
-__all__ = ["OUTCOMES", "ServiceMetrics", "stream_backlog"]
+__all__ = ["OUTCOMES", "ServiceMetrics", "read_published", "stream_backlog"]
 
 #: Outcomes of POST /api/orders, as counted everywhere (metrics, stats, the war room).
 OUTCOMES = (
@@ -85,6 +87,18 @@ async def stream_backlog(redis: Any, stream: str) -> int:
     from .worker import stream_backlog as backlog_of  # the writer owns what "committed" means
 
     return (await backlog_of(redis, stream, count_up_to=10_000)).total
+
+
+async def read_published(redis: Any, prefix: str) -> list[tuple[str, bytes | None]]:
+    """Every process's last published numbers: (key, JSON, or None once it expired). One
+    MGET on one server; on a Redis Cluster the keys hash to different slots, which one
+    MGET may not span, so redis-py sends one MGET per slot (the values are read alike:
+    each process's numbers are one key, so nothing is torn)."""
+    keys = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in await redis.smembers(f"{prefix}:stats:procs"))
+    if not keys:
+        return []
+    values = await (redis.mget_nonatomic(keys) if isinstance(redis, RedisCluster) else redis.mget(keys))
+    return list(zip(keys, values))
 
 
 class ServiceMetrics:

@@ -11,19 +11,21 @@ Nothing here runs in the background: the history of per-second numbers is sample
 someone asks for the page's data (whichever service process answers), so it exists from
 the moment the first viewer opened the page or a rehearsal registered its target.
 
-Redis keys (service-only, outside every sale's hash slot):
+Redis keys (service-only, outside every sale's hash slot). They share one hash tag, so
+the transactions over several of them (a sample and its progress point, a logged press
+and its outbox entry) stay in one slot on a Redis Cluster:
 
-``<prefix>:warroom:history``          list    one JSON sample per stats publish, newest first
-``<prefix>:warroom:progress``         list    ``<t_ms>:<orders created>`` every 5 s, oldest first
-``<prefix>:warroom:sampled:<t_ms>``   string  claim on one publish (SET NX, expires in a minute)
-``<prefix>:warroom:stockouts``        hash    ``<sale>/<sku>`` -> JSON ``{"in", "at_ms", "exact",
-                                              "first_ms"}``: in stock, or when seen sold out
-``<prefix>:warroom:target``           string  JSON target curve of the running scenario
-``<prefix>:warroom:log``              list    operator log entries (JSON), newest first, capped
-``<prefix>:warroom:log:unwritten``    list    entries not yet in PostgreSQL (the outbox)
-``<prefix>:warroom:log:refused``      list    entries PostgreSQL refused for good (kept, not lost)
-``<prefix>:warroom:log:pg_error``     string  why the outbox is not draining (cleared on success)
-``<prefix>:warroom:log:flushing``     string  short lock: one process drains the outbox at a time
+``{<prefix>:warroom}:history``         list    one JSON sample per stats publish, newest first
+``{<prefix>:warroom}:progress``        list    ``<t_ms>:<orders created>`` every 5 s, oldest first
+``{<prefix>:warroom}:sampled:<t_ms>``  string  claim on one publish (SET NX, expires in a minute)
+``{<prefix>:warroom}:stockouts``       hash    ``<sale>/<sku>`` -> JSON ``{"in", "at_ms", "exact",
+                                               "first_ms"}``: in stock, or when seen sold out
+``{<prefix>:warroom}:target``          string  JSON target curve of the running scenario
+``{<prefix>:warroom}:log``             list    operator log entries (JSON), newest first, capped
+``{<prefix>:warroom}:log:unwritten``   list    entries not yet in PostgreSQL (the outbox)
+``{<prefix>:warroom}:log:refused``     list    entries PostgreSQL refused for good (kept, not lost)
+``{<prefix>:warroom}:log:pg_error``    string  why the outbox is not draining (cleared on success)
+``{<prefix>:warroom}:log:flushing``    string  short lock: one process drains the outbox at a time
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ from . import admin_api
 from .admin_api import collect_stats, require_admin
 from .buyer_api import read_json
 from .errors import ApiError, status_for
-from .metrics import OUTCOMES
+from .metrics import OUTCOMES, read_published
 from .sales import now_ms
 from .state import STATE, ServiceState
 
@@ -153,7 +155,7 @@ class AlertThresholds:
 
 
 def _keys(prefix: str) -> dict[str, str]:
-    base = f"{prefix}:warroom"
+    base = "{" + prefix + ":warroom}"  # one hash tag: one slot (see the module docstring)
     return {
         "history": f"{base}:history",
         "progress": f"{base}:progress",
@@ -169,12 +171,11 @@ def _keys(prefix: str) -> dict[str, str]:
 
 
 async def _published(state: ServiceState) -> dict[str, Any] | None:
-    """Every process's last published counters, read in one MGET so the counts and their
-    time agree (collect_stats reads them too, but a sample needs the publish time: the
-    rate is counts over the time between publishes, not between page polls)."""
-    prefix = state.settings.key_prefix
-    keys = sorted(k.decode() for k in await state.redis.smembers(f"{prefix}:stats:procs"))
-    values = await state.redis.mget(keys) if keys else []
+    """Every process's last published counters, each read with its own publish time so the
+    counts and their time agree (collect_stats reads them too, but a sample needs the
+    publish time: the rate is counts over the time between publishes, not between page
+    polls)."""
+    values = [raw for _key, raw in await read_published(state.redis, state.settings.key_prefix)]
     counts = dict.fromkeys(OUTCOMES, 0)
     at = 0.0
     p50 = p99 = 0.0
@@ -734,13 +735,17 @@ async def operator_log(request: web.Request) -> web.Response:
 
 
 async def _holds(state: ServiceState, sale: str, now: int) -> tuple[int, int]:
-    """(lapsing within LAPSING_MS, overdue: past their deadline, waiting for the sweep)."""
-    deadlines = state.inventory(sale).keys.deadlines
+    """(lapsing within LAPSING_MS, overdue: past their deadline, waiting for the sweep),
+    added up over the sale's buckets: a bucketed sale keeps its holds in its buckets (on
+    a Redis Cluster, on several shards: the pipeline asks each shard once)."""
+    settings = await state.sales.sale(sale)
+    parts = state.engine_parts(settings) if settings is not None else [state.inventory(sale)]
     async with state.redis.pipeline(transaction=False) as pipe:
-        pipe.zcount(deadlines, now + 1, now + LAPSING_MS)
-        pipe.zcount(deadlines, "-inf", now)
-        lapsing, overdue = await pipe.execute()
-    return int(lapsing), int(overdue)
+        for part in parts:
+            pipe.zcount(part.keys.deadlines, now + 1, now + LAPSING_MS)
+            pipe.zcount(part.keys.deadlines, "-inf", now)
+        counts = [int(n) for n in await pipe.execute()]
+    return sum(counts[0::2]), sum(counts[1::2])
 
 
 def _phase(sale: dict[str, Any], now: int) -> str:

@@ -205,7 +205,7 @@ async def test_history_keeps_one_sample_per_publish_whatever_the_viewers(room: W
     times = data["history"]["t_ms"]
     assert times == sorted(set(times)), "samples must be unique and in order"
     # One process publishes once a second: never more samples stored than publishes.
-    stored = await redis_client.llen("fs:warroom:history")
+    stored = await redis_client.llen("{fs:warroom}:history")
     assert len(times) == stored <= elapsed + 2, (stored, elapsed)
 
 
@@ -503,12 +503,12 @@ async def test_an_entry_postgres_refuses_for_good_is_set_aside_not_lost(room: Wa
     # does not fit a smallint): it moves to the refused list; the entries behind it go on.
     bad = {"id": "0-bad", "at_ms": now_ms(), "operator": "x", "action": "restock", "sale": None, "sku": None,
            "params": {}, "status": 10**6, "outcome": "ok", "result": None, "note": "", "remote": None, "user_agent": ""}
-    await redis_client.rpush("fs:warroom:log:unwritten", json.dumps(bad, separators=(",", ":")))
+    await redis_client.rpush("{fs:warroom}:log:unwritten", json.dumps(bad, separators=(",", ":")))
     sale = await room.create_sale([{"sku": "bad-a", "stock": 3}])
     resp = await room.http.post(control_path(sale, "close"), headers=ADMIN)
     assert resp.headers["X-Operator-Log"].endswith("; postgres=written")
-    assert [json.loads(e)["id"] for e in await redis_client.lrange("fs:warroom:log:refused", 0, -1)] == ["0-bad"]
-    assert await redis_client.llen("fs:warroom:log:unwritten") == 0
+    assert [json.loads(e)["id"] for e in await redis_client.lrange("{fs:warroom}:log:refused", 0, -1)] == ["0-bad"]
+    assert await redis_client.llen("{fs:warroom}:log:unwritten") == 0
     assert [r["action"] for r in await pg_log(warroom_db)] == ["close_sale"]
     assert (await room.data())["log"]["refused"] == 1
 
