@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisClusterException, RedisError
 
 from . import admin_api, buyer_api, probes, warroom
 from .admission import InFlight, RateLimiter, SoldOutCache
@@ -50,6 +51,17 @@ def redis_client(settings: Settings) -> Redis | RedisCluster:
     )
 
 
+async def _learn_slot_map(redis: RedisCluster) -> None:
+    """Ask the cluster for its slot map before the first request: redis-py 8.1 breaks
+    commands that race a cold cluster client's first use (a burst on a freshly started
+    process got 503s). A cluster that is down does not stop start-up (/readyz says so);
+    the client then learns the map on first use."""
+    try:
+        await redis.initialize()
+    except (RedisError, RedisClusterException, OSError) as exc:
+        log.warning("redis cluster not reachable at start-up: %s", exc)
+
+
 async def _pg_pool(settings: Settings):  # type: ignore[no-untyped-def]
     if not settings.database_url:
         return None
@@ -69,6 +81,8 @@ def create_app(settings: Settings) -> web.Application:
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
         redis = redis_client(settings)
+        if isinstance(redis, RedisCluster):
+            await _learn_slot_map(redis)
         pg = await _pg_pool(settings)
         state = ServiceState(
             settings=settings,
