@@ -2,6 +2,8 @@
 
 ``FLASHSALE_REDIS_URL`` / ``FLASHSALE_DATABASE_URL`` point the whole suite at existing servers
 instead of starting its own (see ``flashsale.embedded.EmbeddedStack``).
+``FLASHSALE_TEST_REDIS=cluster`` runs the Redis fixtures against an embedded three-master
+Redis Cluster instead (see ``redis_mode.py`` and the section at the end).
 """
 
 from __future__ import annotations
@@ -13,13 +15,17 @@ import pytest
 from redis.asyncio import Redis
 
 from flashsale.embedded import EmbeddedStack
+from redis_mode import on_cluster, redis_from_url
 
 ALLOW_FLUSH_ENV = "FLASHSALE_TEST_ALLOW_FLUSH"
 
 
 @pytest.fixture(scope="session")
-def embedded_stack() -> Iterator[EmbeddedStack]:
-    with EmbeddedStack() as stack:
+def embedded_stack(request: pytest.FixtureRequest) -> Iterator[EmbeddedStack]:
+    environ = None
+    if on_cluster():  # the stack's Redis is the session's embedded cluster
+        environ = {**os.environ, "FLASHSALE_REDIS_URL": request.getfixturevalue("redis_cluster_server").url}
+    with EmbeddedStack(environ=environ) as stack:
         yield stack
 
 
@@ -42,14 +48,14 @@ async def redis_client(embedded_stack: EmbeddedStack) -> AsyncIterator[Redis]:
     FLASHSALE_TEST_ALLOW_FLUSH=1, and then only FLUSHDB the database the URL names, so
     ``redis://host:6379/15`` keeps the tests away from database 0.
     """
-    embedded = embedded_stack.redis is not None
+    embedded = embedded_stack.redis is not None or on_cluster()  # a test cluster is always embedded
     if not embedded and os.environ.get(ALLOW_FLUSH_ENV) != "1":
         pytest.fail(
             f"refusing to flush the Redis at {embedded_stack.redis_url} (from FLASHSALE_REDIS_URL): "
             f"set {ALLOW_FLUSH_ENV}=1 if its database may be emptied before each test",
             pytrace=False,
         )
-    client = Redis.from_url(embedded_stack.redis_url, decode_responses=False)
+    client = redis_from_url(embedded_stack.redis_url, decode_responses=False)
     try:
         if embedded:
             await client.flushall()
@@ -106,7 +112,9 @@ async def pipeline_pool(pipeline_db_url: str) -> AsyncIterator[_pipeline_asyncpg
 async def text_redis(redis_client: Redis, redis_url: str) -> AsyncIterator[Redis]:
     """Like ``redis_client`` (same emptied database) but replies decoded to str, as the
     worker uses it."""
-    client = Redis.from_url(redis_url, decode_responses=True)
+    client = redis_from_url(redis_url, decode_responses=True)
+    if on_cluster():
+        await client.initialize()  # see redis_mode.redis_from_url
     try:
         yield client
     finally:
@@ -174,3 +182,27 @@ async def wait_until_drained(redis: Redis, sales: list[str], timeout: float = 30
 def drained():  # type: ignore[no-untyped-def]
     """``await drained(redis, ["d11"])``: wait until the writers committed those streams."""
     return wait_until_drained
+
+
+# ----------------------------------------------------------------------------------------
+# Redis Cluster (owned by the cluster tests). One embedded three-master cluster per
+# session, started on first use: by test_cluster_service.py, and by ``embedded_stack``
+# under FLASHSALE_TEST_REDIS=cluster, which also exports FLASHSALE_REDIS_CLUSTER=1 so that
+# services, workers and audits started by tests (in process or not) use cluster clients.
+# ----------------------------------------------------------------------------------------
+from flashsale.embedded_cluster import RedisClusterServer as _RedisClusterServer  # noqa: E402
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if on_cluster():
+        os.environ["FLASHSALE_REDIS_CLUSTER"] = "1"
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    return "redis: " + ("embedded Redis Cluster, 3 masters (FLASHSALE_TEST_REDIS=cluster)" if on_cluster() else "one server")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster_server() -> Iterator[_RedisClusterServer]:
+    with _RedisClusterServer(masters=3) as cluster:
+        yield cluster

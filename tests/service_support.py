@@ -21,6 +21,7 @@ import pytest
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
@@ -29,6 +30,8 @@ from inventory import SaleKeys
 from flashsale.settings import Settings
 from flashsale.state import STATE, ServiceState
 from flashsale.tokens import mint
+from redis_mode import command_calls as command_calls  # re-exported: tests import it from here
+from redis_mode import on_cluster
 
 TOKEN_SECRET = "service-tests-token-secret"
 ADMIN_TOKEN = "service-tests-admin-token"
@@ -40,10 +43,12 @@ HEARTBEAT_MARKER = b":stats:proc"
 
 
 def service_settings(redis_url: str, **overrides: Any) -> Settings:
-    """Settings for a test app: known secrets, and a per-buyer rate limit high enough
-    that only the tests about rate limiting meet it."""
+    """Settings for a test app: known secrets, a per-buyer rate limit high enough that
+    only the tests about rate limiting meet it, and a cluster client when the suite runs
+    on a Redis Cluster (FLASHSALE_TEST_REDIS=cluster)."""
     base = Settings(
         redis_url=redis_url,
+        redis_cluster=on_cluster(),
         token_secret=TOKEN_SECRET,
         admin_token=ADMIN_TOKEN,
         user_rate=1000.0,
@@ -231,47 +236,56 @@ def changed_keys(before: dict[bytes, Any], after: dict[bytes, Any]) -> list[byte
     return sorted(k for k in before.keys() | after.keys() if before.get(k) != after.get(k))
 
 
-async def command_calls(redis: Redis, command: str) -> int:
-    """How many times Redis ran ``command`` so far (INFO commandstats): shows whether a
-    request reached Redis at all."""
-    stats = await redis.info("commandstats")
-    entry = stats.get(f"cmdstat_{command.lower()}")
-    return int(entry["calls"]) if entry else 0
-
-
 class FrozenRedis:
-    """Redis not answering: ``DEBUG SLEEP`` sent on a connection of its own. Entering
-    returns once Redis is really asleep (a probe no longer gets an answer); leaving waits
-    until it is awake again."""
+    """Redis not answering: ``DEBUG SLEEP`` sent on a connection of its own — to every
+    master when the suite runs on a Redis Cluster. Entering returns once Redis is really
+    asleep (a probe no longer gets an answer from any node); leaving waits until it is
+    awake again."""
 
     def __init__(self, redis_url: str, seconds: float) -> None:
         self.redis_url = redis_url
         self.seconds = seconds
-        self._sleeper: Redis | None = None
-        self._task: asyncio.Task[Any] | None = None
+        self._sleepers: list[Redis] = []
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def _node_urls(self) -> list[str]:
+        if not on_cluster():
+            return [self.redis_url]
+        cluster = RedisCluster.from_url(self.redis_url)
+        try:
+            await cluster.initialize()
+            return [f"redis://{node.host}:{node.port}/0" for node in cluster.get_primaries()]
+        finally:
+            await cluster.aclose()
 
     async def __aenter__(self) -> FrozenRedis:
-        self._sleeper = Redis.from_url(self.redis_url)
-        await self._sleeper.ping()  # connected before the sleep, so the sleep is sent at once
-        sleep = self._sleeper.execute_command("DEBUG", "SLEEP", str(self.seconds))  # type: ignore[no-untyped-call]
-        self._task = asyncio.ensure_future(sleep)
+        urls = await self._node_urls()
+        for url in urls:
+            sleeper = Redis.from_url(url)
+            self._sleepers.append(sleeper)
+            await sleeper.ping()  # connected before the sleep, so the sleep is sent at once
+        for sleeper in self._sleepers:
+            sleep = sleeper.execute_command("DEBUG", "SLEEP", str(self.seconds))  # type: ignore[no-untyped-call]
+            self._tasks.append(asyncio.ensure_future(sleep))
+        awake = set(urls)
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
-            probe = Redis.from_url(
-                self.redis_url, socket_timeout=0.05, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
-            )
-            try:
-                await probe.ping()
-            except Exception:  # no answer: asleep
+            for url in sorted(awake):
+                probe = Redis.from_url(url, socket_timeout=0.05, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+                try:
+                    await probe.ping()
+                except Exception:  # no answer: asleep
+                    awake.discard(url)
+                finally:
+                    await probe.aclose()
+            if not awake:
                 return self
-            finally:
-                await probe.aclose()
             await asyncio.sleep(0.01)
-        raise AssertionError("Redis never went to sleep")
+        raise AssertionError(f"Redis never went to sleep: {sorted(awake)}")
 
     async def __aexit__(self, *exc: object) -> None:
-        assert self._task is not None and self._sleeper is not None
         try:
-            await self._task
+            await asyncio.gather(*self._tasks)
         finally:
-            await self._sleeper.aclose()
+            for sleeper in self._sleepers:
+                await sleeper.aclose()

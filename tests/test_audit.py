@@ -18,6 +18,7 @@ from redis.asyncio import Redis
 from flashsale.audit import KINDS, SCHEMA, AuditReport, run_audit
 from flashsale.worker import dead_letter_key
 from inventory import Inventory, Line
+from redis_mode import redis_from_url
 
 STOCK = {"phone": 60, "case": 200}
 
@@ -226,7 +227,7 @@ def test_cli_exit_codes_and_json(sale: Sale, text_redis: Redis, pipeline_db_url:
 
 
 async def _tamper(redis_url: str, stock_key: str) -> None:
-    redis = Redis.from_url(redis_url)
+    redis = redis_from_url(redis_url)
     try:
         await redis.hincrby(stock_key, "case:available", -1)
     finally:

@@ -19,11 +19,16 @@ from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from inventory import HoldState, Inventory, OutcomeUnknown, RequestConflict, SoldOut
+from redis_mode import command_stats, single_server_only
+
+#: The re-send tests build a one-server ``Redis()`` (its default retry is the premise) and
+#: DEBUG SLEEP the server the URL names: on a cluster both reach one node of three.
+one_server_resend = single_server_only("re-sends through a one-server Redis() client and DEBUG SLEEPs one server")
 
 
 async def evalsha_calls(client: Redis) -> int:
     """EVALSHA calls that ran their script (a NOSCRIPT reply counts as a failed call)."""
-    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
+    stats = await command_stats(client, "evalsha")  # every master's, on a cluster
     return int(stats.get("calls", 0)) - int(stats.get("failed_calls", 0)) - int(stats.get("rejected_calls", 0))
 
 
@@ -179,6 +184,7 @@ def test_the_default_client_resends_on_timeout() -> None:
     assert RedisTimeoutError in retry._supported_errors
 
 
+@one_server_resend
 @pytest.mark.parametrize("coalesce", [True, False])
 async def test_script_resent_after_a_timeout_takes_stock_once(redis_url: str, coalesce: bool) -> None:
     """THE TIMEOUT-RESEND CASE. The reserve times out (socket_timeout 0.2 s, server asleep
@@ -215,6 +221,7 @@ async def test_script_resent_after_a_timeout_takes_stock_once(redis_url: str, co
             await fast.aclose()
 
 
+@one_server_resend
 async def test_batch_resent_after_a_timeout_takes_stock_once_per_request(redis_url: str) -> None:
     async with open_sale(redis_url, "resendb") as inv:
         fast = retrying_client(redis_url, socket_timeout=0.2)
@@ -240,6 +247,7 @@ async def test_batch_resent_after_a_timeout_takes_stock_once_per_request(redis_u
             await fast.aclose()
 
 
+@one_server_resend
 async def test_restock_resent_after_a_timeout_is_applied_once(redis_url: str) -> None:
     """The same trap for stock changes: a re-sent restock must not add the units twice
     (extra units on sale that the warehouse does not have are an oversell)."""
@@ -270,6 +278,7 @@ async def test_restock_resent_after_a_timeout_is_applied_once(redis_url: str) ->
             await fast.aclose()
 
 
+@one_server_resend
 async def test_outcome_unknown_when_redis_stays_silent_past_every_retry(redis_url: str) -> None:
     async with open_sale(redis_url, "silent") as inv:
         await inv.stock("phone", 10)

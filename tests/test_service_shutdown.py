@@ -10,12 +10,13 @@ from redis.asyncio import Redis
 
 from flashsale.admission import InFlight
 from flashsale.metrics import ServiceMetrics
+from redis_mode import redis_from_url
 
 
 async def test_publisher_stops_whenever_it_is_cancelled(redis_client: Redis, redis_url: str) -> None:
     stuck = 0
     for attempt in range(30):
-        redis = Redis.from_url(redis_url)
+        redis = redis_from_url(redis_url)  # a cluster client on a cluster: its pipeline too
         try:
             publisher = asyncio.ensure_future(
                 ServiceMetrics().publish_forever(redis, "fs", InFlight(1), interval_s=0.001)

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from flashsale.sweeper import HoldSweeper
 from inventory import HoldState, Line
+from redis_mode import redis_from_url
 
 
 async def test_one_sweep_expires_every_due_hold_in_every_sale(text_redis: Redis, pipeline_sale: Any) -> None:
@@ -67,7 +68,7 @@ async def test_running_sweeper_and_writer_mark_orders_expired(
 
 def test_sweeper_only_runs_without_postgres_and_stops_on_sigterm(redis_url: str, redis_client: Any) -> None:
     async def stock_and_hold() -> list[str]:
-        redis = Redis.from_url(redis_url, decode_responses=True)
+        redis = redis_from_url(redis_url, decode_responses=True)
         try:
             from inventory import Inventory
 
@@ -79,7 +80,7 @@ def test_sweeper_only_runs_without_postgres_and_stops_on_sigterm(redis_url: str,
             await redis.aclose()
 
     async def states(ids: list[str]) -> set[str]:
-        redis = Redis.from_url(redis_url, decode_responses=True)
+        redis = redis_from_url(redis_url, decode_responses=True)
         try:
             from inventory import Inventory
 

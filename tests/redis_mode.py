@@ -1,0 +1,87 @@
+"""Which Redis the suite runs against: one server (the default) or a Redis Cluster.
+
+``FLASHSALE_TEST_REDIS=cluster pytest …`` runs the suites that use the shared fixtures
+(``redis_url``, ``redis_client``, ``text_redis``, ``service_settings``…) against an
+embedded three-master cluster (``flashsale.embedded_cluster``) instead of one server, so
+every multi-key command the code sends is checked for staying in one slot. In that mode
+the session exports ``FLASHSALE_REDIS_CLUSTER=1``: the service, the worker and the audit
+started by a test (in process or as a subprocess) build cluster clients.
+
+Test modules use :func:`redis_from_url` where they would call ``Redis.from_url`` on the
+suite's URL, and :func:`single_server_only` for what cannot apply to a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, cast
+
+import pytest
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+
+__all__ = ["REDIS_MODE_ENV", "CappedCluster", "on_cluster", "redis_from_url", "single_server_only", "command_stats", "command_calls"]
+
+REDIS_MODE_ENV = "FLASHSALE_TEST_REDIS"
+_MODES = ("single", "cluster")
+
+
+def on_cluster() -> bool:
+    """True when this run uses a Redis Cluster (``FLASHSALE_TEST_REDIS=cluster``)."""
+    mode = os.environ.get(REDIS_MODE_ENV, "").strip().lower() or "single"
+    if mode not in _MODES:
+        raise pytest.UsageError(f"{REDIS_MODE_ENV}={mode!r}: use 'single' (the default) or 'cluster'")
+    return mode == "cluster"
+
+
+def redis_from_url(url: str, **options: Any) -> Redis:
+    """A client on the suite's Redis: ``RedisCluster`` in cluster mode (typed as ``Redis``,
+    whose commands it shares, so test code reads the same in both modes). A cluster client
+    that several tasks will use at once must be ``await client.initialize()``d first:
+    redis-py 8.1 breaks commands that race a cold client's first use (AttributeError
+    'NoneType' object has no attribute 'writelines')."""
+    if on_cluster():
+        return cast(Redis, RedisCluster.from_url(url, **options))
+    return Redis.from_url(url, **options)
+
+
+class CappedCluster(RedisCluster):
+    """A cluster client whose commands wait for one of ``cap`` turns, as callers of a
+    ``BlockingConnectionPool`` wait for a connection: redis-py's cluster pools raise
+    MaxConnectionsError past their size instead, and an uncapped storm of new connections
+    changes the timing that race tests rely on."""
+
+    def __init__(self, *args: Any, cap: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = asyncio.Semaphore(cap)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._turns:
+            return await super().execute_command(*args, **kwargs)
+
+
+def single_server_only(reason: str) -> pytest.MarkDecorator:
+    """Skip a test in cluster mode, saying why it cannot apply to a cluster."""
+    return pytest.mark.skipif(on_cluster(), reason=f"single Redis server only: {reason}")
+
+
+async def command_stats(redis: Any, command: str) -> dict[str, int]:
+    """INFO commandstats of ``command`` (calls, failed_calls, rejected_calls…), summed over
+    every master of a cluster (INFO on a cluster client asks one node only)."""
+    name = f"cmdstat_{command.lower()}"
+    if isinstance(redis, RedisCluster):
+        per_node = list((await redis.info("commandstats", target_nodes=RedisCluster.PRIMARIES)).values())
+    else:
+        per_node = [await redis.info("commandstats")]
+    total: dict[str, int] = {}
+    for stats in per_node:
+        for field, value in stats.get(name, {}).items():
+            if isinstance(value, int):
+                total[field] = total.get(field, 0) + value
+    return total
+
+
+async def command_calls(redis: Any, command: str) -> int:
+    """How many times Redis ran ``command`` so far: shows whether a request reached Redis."""
+    return (await command_stats(redis, command)).get("calls", 0)
