@@ -36,7 +36,8 @@ from service_support import (
 )
 
 from flashsale.embedded_cluster import RedisClusterServer
-from flashsale.worker import events_key, stream_drained
+from flashsale.worker import OrderWriter, WorkerSettings, events_key, stream_drained
+from inventory import Inventory
 
 PREFIX = "fs"
 
@@ -189,6 +190,43 @@ async def test_sales_sell_out_drain_from_every_shard_and_audit_clean(
     assert "Traceback" not in log, log
     assert all(f'"sale": "{s}"' in log for s in engine_sales), "the worker joined every stream"
     assert '"event": "holds_expired"' in log
+
+
+async def test_streams_sharing_a_slot_are_drained_with_the_rest(
+    rc: RedisCluster, pipeline_pool: Any, pipeline_db_url: str, redis_cluster_server: RedisClusterServer
+) -> None:
+    """The writer reads one XREADGROUP per slot: two sales whose streams hash to one slot
+    are read together, a third elsewhere on its own; every entry reaches PostgreSQL."""
+    by_slot: dict[int, str] = {}
+    while True:
+        sale = new_id("slot")
+        slot = rc.keyslot(events_key(PREFIX, sale))
+        if slot in by_slot:
+            break
+        by_slot[slot] = sale
+    shared_node = rc.get_node_from_key(events_key(PREFIX, sale))
+    apart = next(s for s in by_slot.values() if rc.get_node_from_key(events_key(PREFIX, s)) != shared_node)
+    sales = [by_slot[slot], sale, apart]
+    for i, name in enumerate(sales):
+        inv = Inventory(rc, name)
+        await inv.stock("phone", 10)
+        for u in range(3 + i):
+            await inv.reserve(f"u{u}", "phone", request_id=f"r{u}")
+        await rc.sadd(f"{PREFIX}:sales", name)
+    settings = WorkerSettings(redis_url=redis_cluster_server.url, redis_cluster=True, database_url=pipeline_db_url,
+                              consumer="slot-w1", block_ms=20, linger_ms=0, sales_refresh_s=0.05, progress_interval_s=0)  # fmt: skip
+    writer = OrderWriter(rc, pipeline_pool, settings)
+    task = asyncio.ensure_future(writer.run())
+    try:
+        async def drained() -> bool:
+            return all([await stream_drained(rc, events_key(PREFIX, s)) for s in sales])
+
+        await wait_for(drained, 10, "streams sharing a slot not drained")
+    finally:
+        writer.stop()
+        await asyncio.wait_for(task, 10)
+    rows = dict(await pipeline_pool.fetch("SELECT sale, count(*) FROM orders GROUP BY sale"))
+    assert rows == {name: 3 + i for i, name in enumerate(sales)}
 
 
 async def test_stats_and_war_room_answer_on_the_cluster(cluster_service: ServiceFactory, rc: RedisCluster) -> None:
