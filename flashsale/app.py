@@ -16,7 +16,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
-from . import admin_api, buyer_api, probes, warroom
+from . import admin_api, buyer_api, fence, probes, warroom
 from .admission import InFlight, RateLimiter, SoldOutCache
 from .errors import error_middleware
 from .metrics import ServiceMetrics
@@ -111,4 +111,6 @@ def create_app(settings: Settings) -> web.Application:
             await redis.aclose()
 
     app.cleanup_ctx.append(resources)
+    # After Redis loses data, refuse sales until `flashsale recover` (uses the clients above).
+    fence.install(app)
     return app

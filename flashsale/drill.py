@@ -284,32 +284,6 @@ def _free_port() -> int:
 
 
 # ------------------------------------------------------------------- processes
-_FENCE_SHIM = '''"""Written by flashsale.drill: puts the fence into the service until create_app does."""
-import os
-if os.environ.get("FLASHSALE_DRILL_FENCE_SHIM") == "1":
-    import flashsale.app as _app
-    from flashsale import fence as _fence
-    _create_app = _app.create_app
-
-    def create_app(settings):
-        app = _create_app(settings)
-        if not _fence.installed(app):
-            _fence.install(app)
-        return app
-
-    _app.create_app = create_app
-'''
-
-
-def fence_wired() -> bool:
-    """True when ``create_app`` itself installs the fence."""
-    from . import fence
-    from .app import create_app
-    from .settings import Settings
-
-    return fence.installed(create_app(Settings()))
-
-
 class Processes:
     """``flashsale serve`` and ``flashsale worker`` for one drill."""
 
@@ -354,12 +328,6 @@ class Processes:
             "FLASHSALE_SALE_CACHE": "0.2",
             "FLASHSALE_SOLD_OUT_CACHE": "0.2",
         })  # fmt: skip
-        if not fence_wired():
-            shim = self.logdir / "fence-shim"
-            shim.mkdir(exist_ok=True)
-            (shim / "sitecustomize.py").write_text(_FENCE_SHIM)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), env.get("PYTHONPATH", "")) if p)
-            env["FLASHSALE_DRILL_FENCE_SHIM"] = "1"
         self.service = self._spawn(["-m", "flashsale.cli", "serve"], env, "service")
 
     def start_worker(self) -> None:

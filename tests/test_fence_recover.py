@@ -74,8 +74,10 @@ class Stack:
                             admin_token=ADMIN, user_rate=1000.0, user_burst=1000, redis_timeout_s=0.5,
                             sale_cache_s=0.1, sold_out_cache_s=0.1)  # fmt: skip
         app = create_app(settings)
-        if fenced:
+        if fenced:  # create_app installs the fence; faster timers for the test
             fence.install(app, poll_s=0.1, record_s=0.2)  # verify_s: the default, as deployed
+        else:
+            fence.uninstall(app)
         self.client = TestClient(TestServer(app))
         await self.client.start_server()
 
