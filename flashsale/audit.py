@@ -507,6 +507,23 @@ def _order_differences(h: _Hold, p: _PgOrder) -> list[str]:
     return diffs
 
 
+async def _stranded_transfers(redis: Any, prefix: str, sales: list[str], grace_s: float = 15.0) -> list[Violation]:
+    """Units between two buckets of a bucketed sale for longer than a transfer takes: a
+    process died mid-pull and nothing has settled it yet (the worker's sweeper does)."""
+    out = []
+    for sale in sales:
+        for field, raw in (await redis.hgetall(SaleKeys(prefix, sale).transfers)).items():
+            intent = json.loads(raw)
+            age = time.time() - float(intent["at"])
+            if age >= grace_s:
+                out.append(Violation(
+                    "leaked", sale, "redis",
+                    f"transfer {_text(field)} of {intent['units']} unit(s) from {intent['from']} unsettled for {age:.0f} s: "
+                    "is `flashsale worker` (its sweeper settles transfers) running?",
+                    sku=intent["sku"], units=int(intent["units"])))
+    return out
+
+
 # ------------------------------------------------------------------------- entry
 async def run_audit(
     redis: Any,
@@ -543,6 +560,7 @@ async def run_audit(
         sale_skus, sale_violations = _compare_sale(snap, pg_orders, pg_stock, int(expiry_grace_s * 1000))
         skus += sale_skus
         violations += sale_violations
+    violations += await _stranded_transfers(redis, prefix, sale_list)
 
     # Orders: every hold Redis knows must be in PostgreSQL with the same story.
     all_holds = {o: h for snap in snapshots.values() for o, h in snap.holds.items()}

@@ -22,11 +22,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from inventory import Inventory, InventoryError
+from inventory import BucketedInventory, Inventory, InventoryError
 
 __all__ = ["HoldSweeper", "SweeperStats"]
 
 logger = logging.getLogger("flashsale.sweeper")
+#: How often half-done bucket transfers (a crash mid-pull) are looked for and finished.
+SETTLE_EVERY_S = 5.0
 
 _OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError)
 
@@ -62,9 +64,20 @@ class HoldSweeper:
         self.sales_refresh_s = sales_refresh_s
         self.stats = SweeperStats()
         self._sales: dict[str, Inventory] = {}
+        # Sales split into buckets: their half-done transfers are settled here too.
+        self._bucketed: dict[str, BucketedInventory] = {}
         self._skipped: set[str] = set()
         self._sales_checked = float("-inf")
         self._stop = asyncio.Event()
+        self._settled_at = float("-inf")
+
+    def _settle_due(self) -> bool:
+        """Settle bucket transfers about once every SETTLE_EVERY_S, not on every sweep."""
+        now = time.monotonic()
+        if now - self._settled_at < SETTLE_EVERY_S:
+            return False
+        self._settled_at = now
+        return True
 
     def stop(self) -> None:
         self._stop.set()
@@ -85,6 +98,15 @@ class HoldSweeper:
                     break
                 expired += len(batch.expired)
                 more = batch.more
+        if self._settle_due():
+            for parent, engine in list(self._bucketed.items()):
+                try:
+                    settled = await engine.settle_transfers()
+                except InventoryError as exc:
+                    logger.warning("settle_failed", extra={"sale": parent, "error": str(exc)})
+                    continue
+                if settled:
+                    logger.warning("bucket_transfers_settled", extra={"sale": parent, "transfers": settled})
         self.stats.sweeps += 1
         self.stats.holds_expired += expired
         self.stats.last_sweep_ms = (time.perf_counter() - started) * 1000
@@ -123,4 +145,13 @@ class HoldSweeper:
             except InventoryError:  # not a valid sale id: the engine never made holds for it
                 self._skipped.add(sale)
                 logger.warning("sweeper_skips_sale", extra={"sale": sale})
+        buckets: dict[str, int] = {}
+        for sale in self._sales:
+            parent = BucketedInventory.parent_of(sale)
+            if parent is not None:
+                buckets[parent[0]] = max(buckets.get(parent[0], 0), parent[1] + 1)
+        for parent, count in buckets.items():
+            engine = self._bucketed.get(parent)
+            if engine is None or len(engine.buckets) != count:
+                self._bucketed[parent] = BucketedInventory(self.redis, parent, count, prefix=self.prefix, coalesce=False)
         self._sales_checked = time.monotonic()

@@ -14,13 +14,14 @@ oversell (each bucket is atomic) and no unit stranded in a bucket.
 
 A pull is a crash-safe transfer in three steps, each idempotent:
 
-1. record an *intent* ``xfer:<id>`` in the home bucket (nothing has moved yet);
+1. record an *intent* ``<id>`` in the home bucket's ``transfers`` hash (nothing has moved yet);
 2. write the units off in the donor bucket (the ``adjust`` script, operation ``xo-<id>``);
 3. add them in the home bucket (``adjust``, operation ``xi-<id>``), then drop the intent.
 
 A process that dies between 2 and 3 leaves an intent behind: :meth:`settle_transfers`
-(run at start-up, by the sweeper and before an audit) finishes it — the donor's
-operation record says whether the units left — so no unit is ever lost in transit.
+finishes it — the donor's operation record says whether the units left — so no unit is
+lost in transit. ``flashsale worker``'s sweeper calls it every few seconds, and
+``flashsale audit`` reports any intent left unsettled as leaked stock.
 Events carry the moves as ``written_off`` / ``restocked`` in each bucket's stream, so
 PostgreSQL's per-bucket totals stay right.
 """
@@ -226,23 +227,24 @@ class BucketedInventory:
         """Move ``units`` available units of ``sku`` between two buckets (crash-safe)."""
         xfer = secrets.token_hex(8)
         intent = json.dumps({"from": source.sale, "sku": sku, "units": units, "at": time.time()})
-        await self.redis.hset(target.keys.requests, f"xfer:{xfer}", intent)
+        await self.redis.hset(target.keys.transfers, xfer, intent)
         try:
             await source._mutate("adjust", source._stock_keys, [sku, -units, f"xo-{xfer}"], sku)
         except InsufficientStock:
-            await self.redis.hdel(target.keys.requests, f"xfer:{xfer}")
+            await self.redis.hdel(target.keys.transfers, xfer)
             raise
         await target._mutate("adjust", target._stock_keys, [sku, units, f"xi-{xfer}"], sku)
-        await self.redis.hdel(target.keys.requests, f"xfer:{xfer}")
+        await self.redis.hdel(target.keys.transfers, xfer)
 
     async def settle_transfers(self, *, older_than_s: float = SETTLE_AFTER_S) -> int:
-        """Finish transfers a crashed process left half done. Returns how many it settled."""
+        """Finish transfers a crashed process left half done. Returns how many it settled.
+        Cheap when there are none (one small hash per bucket), so the sweeper calls it."""
         settled = 0
         by_sale = {b.sale: b for b in self.buckets}
         for target in self.buckets:
-            async for field, raw in self.redis.hscan_iter(target.keys.requests, match="xfer:*"):
-                name = field.decode() if isinstance(field, bytes) else field
-                xfer = name.split(":", 1)[1]
+            pending = await self.redis.hgetall(target.keys.transfers)
+            for field, raw in pending.items():
+                xfer = field.decode() if isinstance(field, bytes) else field
                 intent = json.loads(raw)
                 if time.time() - float(intent["at"]) < older_than_s:
                     continue
@@ -250,15 +252,16 @@ class BucketedInventory:
                 if source is not None and await self.redis.hexists(source.keys.requests, f"op:xo-{xfer}"):
                     await target._mutate("adjust", target._stock_keys,
                                          [intent["sku"], int(intent["units"]), f"xi-{xfer}"], intent["sku"])
-                await self.redis.hdel(target.keys.requests, name)
+                await self.redis.hdel(target.keys.transfers, xfer)
                 settled += 1
         return settled
 
     async def in_transit(self) -> int:
-        """Units written off in a donor but not yet added to their target."""
+        """Units of intents not yet settled (an upper bound on units written off in a
+        donor but not yet added to their target)."""
         units = 0
         for target in self.buckets:
-            async for _field, raw in self.redis.hscan_iter(target.keys.requests, match="xfer:*"):
+            for raw in (await self.redis.hgetall(target.keys.transfers)).values():
                 units += int(json.loads(raw)["units"])
         return units
 

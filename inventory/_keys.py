@@ -18,6 +18,8 @@ key                                type    holds
 ``{fs:<sale>}:deadlines``          zset    open hold ids scored by deadline (ms)
 ``{fs:<sale>}:events``             stream  one entry per state change, appended by the
                                            same script that made the change
+``{fs:<sale>}:transfers``          hash    transfer id -> JSON intent, while units move
+                                           between a bucketed sale's buckets
 =================================  ======  =============================================
 """
 
@@ -63,9 +65,14 @@ class SaleKeys:
     def events(self) -> str:
         return self.tag + ":events"
 
+    @property
+    def transfers(self) -> str:
+        """Bucket transfers in progress into this bucket (see ``_buckets.py``)."""
+        return self.tag + ":transfers"
+
     def all(self) -> tuple[str, ...]:
         """Every key of the sale (for dumps, audits and deleting a finished sale)."""
-        return (self.stock, self.holds, self.requests, self.users, self.deadlines, self.events)
+        return (self.stock, self.holds, self.requests, self.users, self.deadlines, self.events, self.transfers)
 
     def for_reserve(self) -> list[str]:
         return [self.stock, self.holds, self.requests, self.users, self.deadlines, self.events]

@@ -24,7 +24,7 @@ def cluster() -> Iterator[RedisClusterServer]:
 
 @pytest.fixture
 async def rc(cluster: RedisClusterServer) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster.from_url(cluster.url, max_connections=512)
+    client = RedisCluster.from_url(cluster.url, max_connections=4096)
     await client.flushall()
     try:
         yield client
@@ -126,7 +126,7 @@ async def test_a_transfer_cut_after_the_donor_write_off_is_settled(rc: RedisClus
     source, target = inv.buckets
     # A process died between step 2 (write-off at the donor) and step 3 (add at the target).
     xfer = "deadbeef"
-    await rc.hset(target.keys.requests, f"xfer:{xfer}",
+    await rc.hset(target.keys.transfers, xfer,
                   json.dumps({"from": source.sale, "sku": "hot", "units": 20, "at": time.time() - 60}))
     await source._mutate("adjust", source._stock_keys, ["hot", -20, f"xo-{xfer}"], "hot")
     stranded = await inv.snapshot("hot")
@@ -145,7 +145,7 @@ async def test_an_intent_whose_write_off_never_happened_is_dropped(rc: RedisClus
     inv = BucketedInventory(rc, "d11", 2)
     await inv.stock("hot", 100)
     source, target = inv.buckets
-    await rc.hset(target.keys.requests, "xfer:cafe",
+    await rc.hset(target.keys.transfers, "cafe",
                   json.dumps({"from": source.sale, "sku": "hot", "units": 20, "at": time.time() - 60}))
     assert await inv.settle_transfers() == 1
     snap = await inv.snapshot("hot")
