@@ -657,6 +657,10 @@ class OrderWriter:
             except _Stopped:
                 break
             except _REDIS_OUTAGE as exc:
+                # An XACK may have been lost with the connection after its commit: once Redis
+                # answers again, re-read this consumer's own pending entries first (they are
+                # written again idempotently) instead of leaving them to XAUTOCLAIM's idle time.
+                pending_done.clear()
                 await self._redis_outage(exc)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):

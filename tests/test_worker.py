@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
+from redis_mode import single_server_only
+
 from flashsale.worker import GROUP, OrderWriter, ensure_group, events_key, stream_backlog
 from inventory import HoldState, Inventory, Line
 
@@ -346,3 +348,32 @@ async def test_a_bytes_client_writes_the_same_rows(
         await asyncio.wait_for(task, 30)
     assert writer.stats.dead_letters == 0
     assert_same_orders(await orders_in_pg(pipeline_pool), await holds_in_redis(inv))
+
+
+@single_server_only("CLIENT KILL reaches one node of a cluster")
+async def test_after_a_redis_outage_the_writer_rereads_its_own_pending_entries(
+    text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, writer_running: Any, drained: Any
+) -> None:
+    """An XACK lost with the connection, after its commit, leaves entries pending to this
+    consumer. Once Redis answers again the writer reads them again itself, at once — not
+    after XAUTOCLAIM's idle time (switched off here, so only the re-read can write them)."""
+    inv = await pipeline_sale("d11", {"phone": 100, "case": 100})
+    async with writer_running(claim_interval_s=0) as writer:
+        await make_orders(inv, 5, prefix="before")
+        await drained(text_redis, ["d11"])
+        # Entries delivered to this consumer whose acknowledgement was lost: made and read
+        # in one MULTI, so the running writer cannot read them as new in between.
+        async with text_redis.pipeline(transaction=True) as pipe:
+            for i in range(7):
+                argv = [1, f"lost-ack{i}", f"d11.{secrets.token_hex(12)}", f"u{i}", 1_800_000, 1, "phone", 1]
+                await inv._scripts["reserve"](keys=inv.keys.for_reserve(), args=argv, client=pipe)
+            pipe.xreadgroup(GROUP, "w1", {inv.keys.events: ">"}, count=100)
+            await pipe.execute()
+        assert int((await text_redis.xpending(inv.keys.events, GROUP))["pending"]) == 7
+        # The writer's connections drop (as in a network blip); the test's own client stays.
+        await text_redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        await drained(text_redis, ["d11"], timeout=15)
+        assert writer.stats.entries_committed >= 12
+    pg = await orders_in_pg(pipeline_pool)
+    assert len(pg) == 12
+    assert_same_orders(pg, await holds_in_redis(inv))
