@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +114,13 @@ def test_every_figure_reports_its_generator_cpu(quick: tuple[Any, dict[str, Any]
     for f in figures:
         assert f["generator_cpu"] is not None and 0 <= f["generator_cpu"] < 4, f
         assert f["generator_bound"] == (f["generator_cpu"] > 0.9)
-    bound = [f for f in figures if f["generator_bound"]]
-    out = quick[0].stdout
-    assert all("SATURATED" in next(line for line in out.splitlines() if f["name"] in line) for f in bound)
+    # Every saturated figure is marked in the table. Names can repeat (the Redis ceiling
+    # is measured by two drivers), so count marked lines per name.
+    bound = Counter(f["name"] for f in figures if f["generator_bound"])
+    lines = quick[0].stdout.splitlines()
+    for name, n in bound.items():
+        marked = sum(1 for line in lines if name in line and "SATURATED" in line)
+        assert marked >= n, f"{n} saturated figure(s) named {name!r}, {marked} marked in:\n" + "\n".join(lines)
 
 
 def test_the_library_is_measured_beside_one_raw_lua_call_per_reservation(quick: tuple[Any, dict[str, Any]]) -> None:
