@@ -17,8 +17,10 @@ __all__ = ["PUBLISHED_PEAKS", "CapacityLimits", "CapacityPlan", "StepResult", "p
 
 #: Published Double 11 peaks (orders created per second), for the plan's examples.
 PUBLISHED_PEAKS: dict[str, float] = {"2013": 50_000.0, "2020": 583_000.0}
-#: Measured on this project's machines (ARCHITECTURE.md): EVALSHA on one Redis core, 50 clients.
-LUA_CALLS_PER_REDIS_CORE = 85_000.0
+#: The engine's reserve script costs ~29 µs of Redis CPU (idempotency record, hold, deadline
+#: and event included; INFO commandstats in `python -m benchmarks --only inventory`), so one
+#: Redis core runs about 34,000 of them a second — not the 85,000/s of a trivial EVALSHA.
+ENGINE_CALLS_PER_REDIS_CORE = 34_000.0
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,7 @@ class CapacityPlan:
 
 
 def plan_for(peak_orders_per_s: float, orders_per_s_per_process: float, *, lua_calls_per_order: float = 2.0,
-             redis_calls_per_shard: float = LUA_CALLS_PER_REDIS_CORE) -> CapacityPlan:
+             redis_calls_per_shard: float = ENGINE_CALLS_PER_REDIS_CORE) -> CapacityPlan:
     if orders_per_s_per_process <= 0:
         raise ValueError("no sustained rate to plan from: the first step already missed the SLO; lower --peak-rps")
     return CapacityPlan(
@@ -100,9 +102,10 @@ def plan_for(peak_orders_per_s: float, orders_per_s_per_process: float, *, lua_c
         (
             "service processes scale linearly, one per core, each as fast as here (the load generator, Redis and "
             "PostgreSQL shared this machine's cores during the measurement, so this is conservative per process)",
-            f"each order costs about {lua_calls_per_order:g} Lua calls in Redis (reserve, then pay or expire)",
-            f"one Redis shard (core) runs about {redis_calls_per_shard:,.0f} single Lua calls/s (measured on this "
-            "project's machines with redis-benchmark EVALSHA, 50 clients, no pipelining)",
+            f"each order costs about {lua_calls_per_order:g} engine script calls in Redis (reserve, then pay or "
+            "expire), each counted at the reserve script's cost (the closing scripts cost less: conservative)",
+            f"one Redis shard (core) runs about {redis_calls_per_shard:,.0f} engine script calls/s (~29 µs of Redis "
+            "CPU each, measured on this project's machines with python -m benchmarks --only inventory)",
             "a hot SKU is split into buckets across shards (hot-SKU buckets) so its load spreads like the rest",
             "PostgreSQL keeps up through the queue (peak shaving): it needs the average rate, not the peak",
         ),

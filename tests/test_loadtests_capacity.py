@@ -40,8 +40,8 @@ def test_other_slo_limits(kw: dict[str, Any], why: str) -> None:
 def test_plan_for_the_published_peaks() -> None:
     plan = plan_for(PUBLISHED_PEAKS["2020"], 1_000.0)
     assert plan.service_processes == 583
-    assert plan.redis_shards == math.ceil(583_000 * 2 / 85_000)
-    assert any("85,000" in a for a in plan.assumptions)
+    assert plan.redis_shards == math.ceil(583_000 * 2 / 34_000)
+    assert any("34,000" in a for a in plan.assumptions)
     with pytest.raises(ValueError, match="lower --peak-rps"):
         plan_for(50_000, 0.0)
 
