@@ -1,0 +1,65 @@
+"""``flashsale serve --embedded`` (the README's try-out): it starts Redis and PostgreSQL,
+migrates, prints the variables that reach them, serves, and on Ctrl-C stops the service
+and both servers — nothing left running."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import psutil
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def test_serve_embedded_starts_everything_and_stops_it_on_ctrl_c() -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "serve", "--embedded", "--port", str(port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+    )
+    try:
+        exported: dict[str, str] = {}
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if line.startswith("export "):
+                name, _, value = line[len("export "):].strip().partition("=")
+                exported[name] = value
+            if line.startswith("# serving"):
+                break
+        assert set(exported) == {"FLASHSALE_REDIS_URL", "FLASHSALE_DATABASE_URL",
+                                 "FLASHSALE_TOKEN_SECRET", "FLASHSALE_ADMIN_TOKEN"}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                    if resp.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "the embedded service never became ready"
+            time.sleep(0.2)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        names = {c.name() for c in children}
+        assert any("redis" in n for n in names) and any("postgres" in n for n in names)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        gone, alive = psutil.wait_procs(children, timeout=15)
+        assert not alive, f"left running: {[p.pid for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
