@@ -93,11 +93,17 @@ async def main_async(args: argparse.Namespace, url: str) -> list[dict[str, Any]]
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--seconds", type=float, default=5.0, help="seconds per bucket count (default 5)")
     parser.add_argument("--callers", type=int, default=256, help="concurrent callers (default 256)")
-    parser.add_argument("--buckets", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4],
-                        help="bucket counts to compare (default 1,2,4)")
+    parser.add_argument(
+        "--buckets",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1, 2, 4],
+        help="bucket counts to compare (default 1,2,4)",
+    )
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     with RedisClusterServer(masters=3) as cluster:
@@ -107,8 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'buckets':>7} {'shards':>6} {'reservations/s':>15} {'ratio':>6} {'generator CPU':>14}")
     for r in rows:
         mark = "  (generator-bound)" if r["generator_bound"] else ""
-        print(f"{r['buckets']:>7} {r['shards_used']:>6} {r['reservations_per_s']:>15,} "
-              f"{r['ratio_vs_1_bucket']:>6} {r['generator_cpu_share']:>13.0%}{mark}")
+        print(
+            f"{r['buckets']:>7} {r['shards_used']:>6} {r['reservations_per_s']:>15,} "
+            f"{r['ratio_vs_1_bucket']:>6} {r['generator_cpu_share']:>13.0%}{mark}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "results": rows}, f, indent=2)

@@ -143,8 +143,12 @@ async def evalsha_ceiling(
         unit="calls/s",
         clients=connections,
         generator_cpu=cpu / wall,
-        generator_wait=None if wait_before is None or wait_after is None else (wait_after - wait_before) / wall,
-        server_cpu=None if server_before is None or server_after is None else (server_after - server_before) / wall,
+        generator_wait=None
+        if wait_before is None or wait_after is None
+        else (wait_after - wait_before) / wall,
+        server_cpu=None
+        if server_before is None or server_after is None
+        else (server_after - server_before) / wall,
         errors=len(errors),
         wall_s=wall,
         notes=tuple(notes),
@@ -160,10 +164,22 @@ async def redis_benchmark(
         return None
     address = urlsplit(servers.redis_url)
     args = [
-        "-h", address.hostname or "127.0.0.1", "-p", str(address.port or 6379),
-        "-c", str(connections), "-n", str(requests), "-P", str(depth), "--csv",
-        "EVALSHA", sha, "1", key,
-    ]  # fmt: skip
+        "-h",
+        address.hostname or "127.0.0.1",
+        "-p",
+        str(address.port or 6379),
+        "-c",
+        str(connections),
+        "-n",
+        str(requests),
+        "-P",
+        str(depth),
+        "--csv",
+        "EVALSHA",
+        sha,
+        "1",
+        key,
+    ]
     if address.password:
         args += ["-a", address.password]
     meter_client = servers.redis()
@@ -186,7 +202,9 @@ async def redis_benchmark(
         raise RuntimeError(
             f"redis-benchmark failed (exit {proc.returncode}): {err.decode('utf-8', 'replace').strip()[:300]}"
         )
-    cpu = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    cpu = (children_after.ru_utime + children_after.ru_stime) - (
+        children_before.ru_utime + children_before.ru_stime
+    )
     return Figure(
         section=SECTION,
         name=f"raw EVALSHA, pipeline {depth}",
@@ -194,7 +212,9 @@ async def redis_benchmark(
         unit="calls/s",
         clients=connections,
         generator_cpu=cpu / wall,
-        server_cpu=None if server_before is None or server_after is None else (server_after - server_before) / wall,
+        server_cpu=None
+        if server_before is None or server_after is None
+        else (server_after - server_before) / wall,
         wall_s=wall,
         notes=("redis-benchmark",),
     )
@@ -219,13 +239,22 @@ async def measure_ceilings(servers: Servers, settings: BenchSettings) -> list[Fi
     try:
         for depth in PIPELINES:
             python_figure = await evalsha_ceiling(
-                servers, connections=settings.ceiling_connections, depth=depth,
-                seconds=settings.seconds, key=key, sha=sha,
-            )  # fmt: skip
+                servers,
+                connections=settings.ceiling_connections,
+                depth=depth,
+                seconds=settings.seconds,
+                key=key,
+                sha=sha,
+            )
             figures.append(python_figure)
             requests = max(10_000, round(python_figure.rate * settings.seconds))
             benchmark_figure = await redis_benchmark(
-                servers, connections=settings.ceiling_connections, depth=depth, requests=requests, key=key, sha=sha
+                servers,
+                connections=settings.ceiling_connections,
+                depth=depth,
+                requests=requests,
+                key=key,
+                sha=sha,
             )
             if benchmark_figure is not None:
                 figures.append(benchmark_figure)

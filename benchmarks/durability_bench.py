@@ -92,8 +92,11 @@ def _servers(mode: str, workdir: Path) -> tuple[RedisServer, RedisServer | None]
     if mode.startswith("replica"):
         aof = mode == "replica-waitaof"  # WAITAOF counts only AOF fsyncs
         primary = RedisServer(appendonly=aof, data_dir=workdir / "primary").start()
-        replica = RedisServer(appendonly=aof, data_dir=workdir / "replica",
-                              extra_args=("--replicaof", "127.0.0.1", str(primary.port))).start()  # fmt: skip
+        replica = RedisServer(
+            appendonly=aof,
+            data_dir=workdir / "replica",
+            extra_args=("--replicaof", "127.0.0.1", str(primary.port)),
+        ).start()
         return primary, replica
     aof = mode.startswith("aof")
     fsync = "always" if mode == "aof-always" else "everysec"
@@ -132,8 +135,7 @@ async def _trial(mode: str, seconds: float, concurrency: int, rng: random.Random
 
         async def buyer(n: int) -> None:
             nonlocal unknown
-            client = Redis.from_url(primary.url, single_connection_client=True, socket_timeout=5,
-                                    retry=None)  # fmt: skip
+            client = Redis.from_url(primary.url, single_connection_client=True, socket_timeout=5, retry=None)
             inv = Inventory(client, "bench", coalesce=False)
             i = 0
             try:
@@ -198,7 +200,9 @@ def _machine(sample_dir: Path) -> dict[str, Any]:
                 break
     except OSError:
         pass
-    fs = subprocess.run(["stat", "-f", "-c", "%T", str(sample_dir)], capture_output=True, text=True).stdout.strip()
+    fs = subprocess.run(
+        ["stat", "-f", "-c", "%T", str(sample_dir)], capture_output=True, text=True
+    ).stdout.strip()
     server = RedisServer()
     return {
         "cpu": model,
@@ -222,12 +226,22 @@ def table(results: list[ModeResult]) -> str:
             continue
         rate = row["reservations_per_s"]
         rel = f"{rate / base:.2f}x" if base and rate is not None else "-"
-        rows.append((r.mode, f"{rate:.0f}", rel, str(row["acknowledged_before_kill"]), str(row["lost_after_crash"]),
-                     str(row["worst_trial_lost"])))  # fmt: skip
+        rows.append(
+            (
+                r.mode,
+                f"{rate:.0f}",
+                rel,
+                str(row["acknowledged_before_kill"]),
+                str(row["lost_after_crash"]),
+                str(row["worst_trial_lost"]),
+            )
+        )
     widths = [max(len(str(x[i])) for x in rows) for i in range(len(head))]
     notes = [f"{r.mode}: skipped, {r.skipped}" for r in results if r.skipped]
-    lines = ["  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(x, widths)))
-             for x in rows]  # fmt: skip
+    lines = [
+        "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(x, widths)))
+        for x in rows
+    ]
     return "\n".join(lines + notes)
 
 
@@ -238,7 +252,9 @@ async def run(seconds: float, trials: int, concurrency: int, modes: list[str], s
     # load from a neighbour on a shared machine does not land on one mode only.
     by_mode = {m: ModeResult(m) for m in modes}
     if "replica-waitaof" in by_mode and version < (7, 2):
-        by_mode["replica-waitaof"].skipped = f"WAITAOF needs Redis >= 7.2, this is {'.'.join(map(str, version))}"
+        by_mode[
+            "replica-waitaof"
+        ].skipped = f"WAITAOF needs Redis >= 7.2, this is {'.'.join(map(str, version))}"
     for _ in range(trials):
         for mode, result in by_mode.items():
             if result.skipped:
@@ -248,10 +264,16 @@ async def run(seconds: float, trials: int, concurrency: int, modes: list[str], s
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.durability_bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=4.0, help="load per trial before and around the kill (default 4)")
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.durability_bench", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument(
+        "--seconds", type=float, default=4.0, help="load per trial before and around the kill (default 4)"
+    )
     parser.add_argument("--trials", type=int, default=3, help="trials per mode (default 3)")
-    parser.add_argument("--concurrency", type=int, default=32, help="buyers, one connection each (default 32)")
+    parser.add_argument(
+        "--concurrency", type=int, default=32, help="buyers, one connection each (default 32)"
+    )
     parser.add_argument("--mode", action="append", choices=MODES, help="only these modes (repeatable)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the results as JSON")
@@ -260,16 +282,30 @@ def main(argv: list[str] | None = None) -> int:
     machine = _machine(Path(tempfile.gettempdir()))
     started = time.time()
     results = asyncio.run(run(args.seconds, args.trials, args.concurrency, modes, args.seed))
-    print(f"durability bench: {args.trials} trial(s) x {args.seconds:.0f} s per mode, {args.concurrency} buyers; "
-          f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_average']}, Redis {machine['redis']}, "
-          f"data dir on {machine['data_dir_filesystem']}")  # fmt: skip
+    print(
+        f"durability bench: {args.trials} trial(s) x {args.seconds:.0f} s per mode, {args.concurrency} buyers; "
+        f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_average']}, Redis {machine['redis']}, "
+        f"data dir on {machine['data_dir_filesystem']}"
+    )
     print(table(results))
-    print("lost = acknowledged reservations missing after SIGKILL and restart (or failover to the replica).\n"
-          "A SIGKILL leaves the kernel's page cache intact: what appendfsync always adds over everysec is the\n"
-          "last second on a power loss or kernel crash, which this bench does not cause.")  # fmt: skip
+    print(
+        "lost = acknowledged reservations missing after SIGKILL and restart (or failover to the replica).\n"
+        "A SIGKILL leaves the kernel's page cache intact: what appendfsync always adds over everysec is the\n"
+        "last second on a power loss or kernel crash, which this bench does not cause."
+    )
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "started_at": started, "settings": vars(args) | {"json": str(args.json)},
-                                         "results": [r.row() for r in results]}, indent=2, default=str))  # fmt: skip
+        args.json.write_text(
+            json.dumps(
+                {
+                    "machine": machine,
+                    "started_at": started,
+                    "settings": vars(args) | {"json": str(args.json)},
+                    "results": [r.row() for r in results],
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return 0
 
 

@@ -27,7 +27,16 @@ from hdrh.histogram import HdrHistogram
 
 from .report import Figure
 
-__all__ = ["Attempt", "CpuMeter", "LoadRun", "PidTreeCpu", "RedisCpu", "closed_loop", "process_cpu_seconds", "run_queue_seconds"]
+__all__ = [
+    "Attempt",
+    "CpuMeter",
+    "LoadRun",
+    "PidTreeCpu",
+    "RedisCpu",
+    "closed_loop",
+    "process_cpu_seconds",
+    "run_queue_seconds",
+]
 
 #: One attempt by client ``i``: True when it was granted a unit, False when told "sold out".
 Attempt = Callable[[int], Awaitable[bool]]

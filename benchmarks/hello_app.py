@@ -20,7 +20,9 @@ __all__ = ["create_app"]
 
 async def _order(request: web.Request) -> web.Response:
     body = await request.json()
-    return web.json_response({"order_id": "hello", "status": "held", "request_id": body.get("request_id")}, status=201)
+    return web.json_response(
+        {"order_id": "hello", "status": "held", "request_id": body.get("request_id")}, status=201
+    )
 
 
 async def _healthz(_request: web.Request) -> web.Response:
@@ -35,7 +37,9 @@ def create_app() -> web.Application:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to bind")
     args = parser.parse_args()

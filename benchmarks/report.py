@@ -174,7 +174,19 @@ def _verdict(f: Figure) -> str:
     return "; ".join(parts)
 
 
-_COLUMNS = ("section", "what", "N", "rate /s", "p50 ms", "p99 ms", "oversold", "ratio", "gen CPU", "server CPU", "notes")
+_COLUMNS = (
+    "section",
+    "what",
+    "N",
+    "rate /s",
+    "p50 ms",
+    "p99 ms",
+    "oversold",
+    "ratio",
+    "gen CPU",
+    "server CPU",
+    "notes",
+)
 
 
 def render_table(figures: Sequence[Figure]) -> str:
@@ -202,12 +214,23 @@ def render_table(figures: Sequence[Figure]) -> str:
         padded = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    rule = (
+        "|"
+        + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths))
+        + "|"
+    )
     return "\n".join([line(_COLUMNS), rule, *(line(r) for r in rows)])
 
 
-def write_json(path: Path, *, machine: dict[str, Any], settings: dict[str, Any], figures: Sequence[Figure],
-               extra: dict[str, Any], problems: Sequence[str]) -> None:
+def write_json(
+    path: Path,
+    *,
+    machine: dict[str, Any],
+    settings: dict[str, Any],
+    figures: Sequence[Figure],
+    extra: dict[str, Any],
+    problems: Sequence[str],
+) -> None:
     document = {
         "machine": machine,
         "settings": settings,

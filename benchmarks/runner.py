@@ -18,9 +18,9 @@ import sys
 import tempfile
 import textwrap
 import time
-from importlib import metadata
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +55,10 @@ async def _inventory(servers: Servers, settings: BenchSettings, _done: list[Figu
 def engine_figure(done: Sequence[Figure]) -> Figure | None:
     """The engine's steady-state rate: the library bench's coalesced figure, else the
     strategy comparison's engine row."""
-    for section, name in ((inventory_bench.SECTION, inventory_bench.COALESCED),
-                          (strategies.SECTION, strategies.EngineHold.name)):
+    for section, name in (
+        (inventory_bench.SECTION, inventory_bench.COALESCED),
+        (strategies.SECTION, strategies.EngineHold.name),
+    ):
         for f in done:
             if f.section == section and f.name == name:
                 return f
@@ -74,9 +76,17 @@ async def _service(servers: Servers, settings: BenchSettings, done: list[Figure]
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
-    Benchmark("strategies", "six ways of holding stock, run until sold out: speed and units oversold", _strategies),
-    Benchmark("inventory", "the inventory library, coalesced and not, beside one raw EVALSHA per reservation", _inventory),
-    Benchmark("ceilings", "raw EVALSHA calls/s against the same Redis; the engine as a share of it", _ceilings),
+    Benchmark(
+        "strategies", "six ways of holding stock, run until sold out: speed and units oversold", _strategies
+    ),
+    Benchmark(
+        "inventory",
+        "the inventory library, coalesced and not, beside one raw EVALSHA per reservation",
+        _inventory,
+    ),
+    Benchmark(
+        "ceilings", "raw EVALSHA calls/s against the same Redis; the engine as a share of it", _ceilings
+    ),
     Benchmark("service", "POST /api/orders beside a trivial aiohttp endpoint, same load generator", _service),
 )
 
@@ -108,8 +118,11 @@ def _external_args(module: str, settings: BenchSettings, json_path: Path) -> lis
     try:
         helptext = subprocess.run(
             [sys.executable, "-m", f"benchmarks.{module}", "--help"],
-            capture_output=True, text=True, timeout=60, cwd=_ROOT,
-        ).stdout  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=_ROOT,
+        ).stdout
     except subprocess.TimeoutExpired:
         helptext = ""
     args: list[str] = []
@@ -130,8 +143,12 @@ def _run_external(name: str, module: str, servers: Servers, settings: BenchSetti
         started = time.perf_counter()
         done = subprocess.run(
             [sys.executable, "-m", f"benchmarks.{module}", *args],
-            capture_output=True, text=True, env=env, cwd=_ROOT, timeout=1800,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=_ROOT,
+            timeout=1800,
+        )
         report = json.loads(json_path.read_text()) if json_path.exists() else None
     shown = [a for a in args if a != str(json_path)]
     if "--json" in shown:
@@ -210,7 +227,9 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
                 continue
             print(f"... {name}", file=sys.stderr, flush=True)
             if name in EXTERNAL:
-                externals.append(await asyncio.to_thread(_run_external, name, EXTERNAL[name], servers, settings))
+                externals.append(
+                    await asyncio.to_thread(_run_external, name, EXTERNAL[name], servers, settings)
+                )
                 continue
             bench = next(b for b in BENCHMARKS if b.name == name)
             try:
@@ -222,7 +241,9 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
     finally:
         stack.stop()
     problems = failed + check_claims(figures)
-    problems += [f"{e['name']}: `{e['command']}` exited with {e['exit_code']}" for e in externals if e["exit_code"]]
+    problems += [
+        f"{e['name']}: `{e['command']}` exited with {e['exit_code']}" for e in externals if e["exit_code"]
+    ]
     if figures:
         print()
         print(render_table(figures))
@@ -242,9 +263,13 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
             print(f"  - {p}")
     if json_path is not None:
         write_json(
-            json_path, machine=machine, settings=settings.as_json(), figures=figures,
-            extra={"external": externals, "skipped": skipped}, problems=problems,
-        )  # fmt: skip
+            json_path,
+            machine=machine,
+            settings=settings.as_json(),
+            figures=figures,
+            extra={"external": externals, "skipped": skipped},
+            problems=problems,
+        )
         print(f"\nJSON written to {json_path}")
     return 1 if problems else 0
 
@@ -259,30 +284,51 @@ DESCRIPTION = (
 
 
 def epilog() -> str:
-    names = "\n".join(f"  {b.name:<11} {b.summary}" for b in BENCHMARKS) + "\n" + "\n".join(
-        f"  {name:<11} benchmarks/{module}.py, run as its own program" for name, module in EXTERNAL.items()
+    names = (
+        "\n".join(f"  {b.name:<11} {b.summary}" for b in BENCHMARKS)
+        + "\n"
+        + "\n".join(
+            f"  {name:<11} benchmarks/{module}.py, run as its own program"
+            for name, module in EXTERNAL.items()
+        )
     )
     return "benchmarks:\n" + names
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options, shared by ``python -m benchmarks`` and ``flashsale bench``."""
-    parser.add_argument("--quick", action="store_true", help="about a second per figure (CI); same code paths")
-    parser.add_argument("--json", type=Path, metavar="FILE", help="also write machine, settings and figures here")
-    parser.add_argument("--only", action="append", metavar="NAME",
-                        help="run only this benchmark (repeat or comma-separate for several)")
-    parser.add_argument("--clients", type=int, help="concurrent clients in the strategy comparison (default 32)")
+    parser.add_argument(
+        "--quick", action="store_true", help="about a second per figure (CI); same code paths"
+    )
+    parser.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write machine, settings and figures here"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="NAME",
+        help="run only this benchmark (repeat or comma-separate for several)",
+    )
+    parser.add_argument(
+        "--clients", type=int, help="concurrent clients in the strategy comparison (default 32)"
+    )
     parser.add_argument("--callers", type=int, help="concurrent callers in the inventory bench (default 256)")
     parser.add_argument("--seconds", type=float, help="seconds per figure (default 5, quick 1)")
-    parser.add_argument("--event-loop", choices=("uvloop", "asyncio"), default="uvloop",
-                        help="the loop the generator runs on (default uvloop, as the service does)")
+    parser.add_argument(
+        "--event-loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the loop the generator runs on (default uvloop, as the service does)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks", description=DESCRIPTION, epilog=epilog(),
+        prog="python -m benchmarks",
+        description=DESCRIPTION,
+        epilog=epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
+    )
     add_arguments(parser)
     return parser
 
@@ -298,8 +344,10 @@ def run(args: argparse.Namespace) -> int:
         selected = [n.strip() for item in args.only for n in item.split(",") if n.strip()]
         unknown = [n for n in selected if n not in _all_names()]
         if unknown:
-            print(f"benchmarks: unknown benchmark {', '.join(unknown)}; choose from {', '.join(_all_names())}",
-                  file=sys.stderr)
+            print(
+                f"benchmarks: unknown benchmark {', '.join(unknown)}; choose from {', '.join(_all_names())}",
+                file=sys.stderr,
+            )
             return 2
     try:
         settings = BenchSettings.from_env(quick=args.quick).with_overrides(

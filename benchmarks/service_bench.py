@@ -115,7 +115,19 @@ def run_wrk(url: str, script: Path, *, seconds: int, connections: int, args: lis
     binary = shutil.which("wrk")
     if binary is None:
         raise RuntimeError("wrk is not on PATH: install it (Debian/Ubuntu: apt-get install wrk)")
-    command = [binary, "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(script), url, "--", *args]
+    command = [
+        binary,
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+        "--",
+        *args,
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stderr is not None
     out = proc.stdout.read().decode("utf-8", "replace")
@@ -159,13 +171,20 @@ class _Served:
     async def __aenter__(self) -> _Served:
         with self._log.open("ab") as out:
             self.proc = subprocess.Popen(
-                self._command, env=self._env, cwd=_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                self._command,
+                env=self._env,
+                cwd=_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
         deadline = time.monotonic() + 60
         async with aiohttp.ClientSession() as session:
             while True:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"{self._command[2]} exited with {self.proc.returncode}:\n{self._tail()}")
+                    raise RuntimeError(
+                        f"{self._command[2]} exited with {self.proc.returncode}:\n{self._tail()}"
+                    )
                 try:
                     async with session.get(self.url + self._ready_path) as resp:
                         if resp.status == 200:
@@ -173,7 +192,9 @@ class _Served:
                 except aiohttp.ClientError:
                     pass
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"{' '.join(self._command)} did not become ready in 60 s:\n{self._tail()}")
+                    raise RuntimeError(
+                        f"{' '.join(self._command)} did not become ready in 60 s:\n{self._tail()}"
+                    )
                 await asyncio.sleep(0.1)
 
     async def __aexit__(self, *_exc: object) -> None:
@@ -202,19 +223,27 @@ def _args(wrk_args: list[str], phase: str) -> list[str]:
 
 async def _warm(server: _Served, script: Path, wrk_args: list[str]) -> None:
     """One second of load first: connections, caches and the script cache are warm."""
-    await asyncio.to_thread(run_wrk, server.url, script, seconds=1, connections=CONNECTIONS, args=_args(wrk_args, "warm"))
+    await asyncio.to_thread(
+        run_wrk, server.url, script, seconds=1, connections=CONNECTIONS, args=_args(wrk_args, "warm")
+    )
 
 
-async def _drive(server: _Served, script: Path, settings: BenchSettings, wrk_args: list[str]) -> tuple[WrkRun, float]:
+async def _drive(
+    server: _Served, script: Path, settings: BenchSettings, wrk_args: list[str]
+) -> tuple[WrkRun, float]:
     """The measured run, with the server's CPU share."""
     assert server.proc is not None
     meter = PidTreeCpu(server.proc.pid)
     before = await meter.seconds()
     started = time.perf_counter()
     run = await asyncio.to_thread(
-        run_wrk, server.url, script, seconds=max(1, round(settings.seconds)), connections=CONNECTIONS,
+        run_wrk,
+        server.url,
+        script,
+        seconds=max(1, round(settings.seconds)),
+        connections=CONNECTIONS,
         args=_args(wrk_args, "run"),
-    )  # fmt: skip
+    )
     wall = time.perf_counter() - started
     after = await meter.seconds()
     return run, (after - before) / wall if before is not None and after is not None else float("nan")
@@ -226,14 +255,25 @@ def _figure(name: str, run: WrkRun, server_cpu: float, unit: str, notes: list[st
     if run.socket_errors:
         notes.append(f"{run.socket_errors:,} socket errors")
     return Figure(
-        section=SECTION, name=name, rate=run.rate, unit=unit, clients=CONNECTIONS,
-        generator_cpu=run.generator_cpu, server_cpu=server_cpu, p50_ms=run.p50_ms, p99_ms=run.p99_ms,
-        granted=run.ok, wall_s=run.duration_s, notes=("wrk, 1 thread", *notes),
-    )  # fmt: skip
+        section=SECTION,
+        name=name,
+        rate=run.rate,
+        unit=unit,
+        clients=CONNECTIONS,
+        generator_cpu=run.generator_cpu,
+        server_cpu=server_cpu,
+        p50_ms=run.p50_ms,
+        p99_ms=run.p99_ms,
+        granted=run.ok,
+        wall_s=run.duration_s,
+        notes=("wrk, 1 thread", *notes),
+    )
 
 
 async def _held(session: aiohttp.ClientSession, url: str, admin: str, sale: str) -> int:
-    async with session.get(f"{url}/api/admin/sales/{sale}", headers={"Authorization": f"Bearer {admin}"}) as resp:
+    async with session.get(
+        f"{url}/api/admin/sales/{sale}", headers={"Authorization": f"Bearer {admin}"}
+    ) as resp:
         resp.raise_for_status()
         body = await resp.json()
     return int(body["skus"]["hot"]["held"])
@@ -261,22 +301,33 @@ async def measure_service(servers: Servers, settings: BenchSettings) -> list[Fig
             "FLASHSALE_ACCESS_LOG": "0",
         }
         wrk_args = [str(tokens), f"{servers.token}-", "hot"]
-        hello = _Served([sys.executable, "-m", "benchmarks.hello_app"], env, "/healthz", workdir / "hello.log")
+        hello = _Served(
+            [sys.executable, "-m", "benchmarks.hello_app"], env, "/healthz", workdir / "hello.log"
+        )
         async with hello:
             await _warm(hello, script, wrk_args)
             ceiling_run, ceiling_cpu = await _drive(hello, script, settings, wrk_args)
         service = _Served(
-            [sys.executable, "-m", "flashsale", "serve", "--workers", "1"], env, "/readyz", workdir / "service.log"
+            [sys.executable, "-m", "flashsale", "serve", "--workers", "1"],
+            env,
+            "/readyz",
+            workdir / "service.log",
         )
         async with service, aiohttp.ClientSession() as session:
             async with session.post(
                 f"{service.url}/api/admin/sales",
                 headers={"Authorization": f"Bearer {admin}"},
-                json={"sale": sale, "opens_at": int(time.time() * 1000) - 1000, "open": True,
-                      "skus": [{"sku": "hot", "stock": 1_000_000_000}]},
-            ) as resp:  # fmt: skip
+                json={
+                    "sale": sale,
+                    "opens_at": int(time.time() * 1000) - 1000,
+                    "open": True,
+                    "skus": [{"sku": "hot", "stock": 1_000_000_000}],
+                },
+            ) as resp:
                 if resp.status != 201:
-                    raise RuntimeError(f"could not create the benchmark sale: {resp.status} {await resp.text()}")
+                    raise RuntimeError(
+                        f"could not create the benchmark sale: {resp.status} {await resp.text()}"
+                    )
             await _warm(service, script, wrk_args)
             held_before = await _held(session, service.url, admin, sale)
             run, service_cpu = await _drive(service, script, settings, wrk_args)
@@ -296,7 +347,8 @@ def _service_figure(run: WrkRun, cpu: float, held: int, ceiling: Figure) -> Figu
     if not run.ok <= held <= run.ok + CONNECTIONS:
         errors = 1
         notes.append(
-            "MISMATCH: acknowledged orders without a hold (lost)" if held < run.ok
+            "MISMATCH: acknowledged orders without a hold (lost)"
+            if held < run.ok
             else "MISMATCH: more holds than requests could explain (doubled)"
         )
     return replace(

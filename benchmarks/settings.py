@@ -18,7 +18,9 @@ def _number(environ: Mapping[str, str], name: str, default: float) -> float:
     try:
         value = float(raw)
     except ValueError:
-        raise ValueError(f"{name}={raw!r} is not a number; unset it or give e.g. {name}={default:g}") from None
+        raise ValueError(
+            f"{name}={raw!r} is not a number; unset it or give e.g. {name}={default:g}"
+        ) from None
     if value <= 0:
         raise ValueError(f"{name} must be positive (got {raw!r})")
     return value

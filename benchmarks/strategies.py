@@ -237,7 +237,9 @@ class _PgStock(Strategy):
         await self.pool.execute(f"INSERT INTO {self.table} VALUES ('hot', $1)", stock)
 
     async def store_granted(self) -> int:
-        return self.stock - int(await self.pool.fetchval(f"SELECT available FROM {self.table} WHERE sku = 'hot'"))
+        return self.stock - int(
+            await self.pool.fetchval(f"SELECT available FROM {self.table} WHERE sku = 'hot'")
+        )
 
     def meter(self) -> CpuMeter | None:
         return PidTreeCpu(self.servers.postgres_pid)

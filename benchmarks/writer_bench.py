@@ -67,10 +67,17 @@ def _entries(n: int, now_ms: int) -> list[dict[Any, Any]]:
     out: list[dict[Any, Any]] = []
     for i in range(n):
         lines = "phone:1,case:2" if i % 4 == 0 else "phone:1"
-        out.append({
-            "type": "reserved", "order": f"{SALE}.{secrets.token_hex(12)}", "user": f"u{i % 50_000}",
-            "lines": lines, "request": f"r-{i}", "deadline": str(now_ms + 1_800_000), "at": str(now_ms),
-        })  # fmt: skip
+        out.append(
+            {
+                "type": "reserved",
+                "order": f"{SALE}.{secrets.token_hex(12)}",
+                "user": f"u{i % 50_000}",
+                "lines": lines,
+                "request": f"r-{i}",
+                "deadline": str(now_ms + 1_800_000),
+                "at": str(now_ms),
+            }
+        )
     return out
 
 
@@ -90,16 +97,29 @@ async def _truncate(pool: asyncpg.Pool) -> None:
     await pool.execute("TRUNCATE orders, order_lines, stock_events")
 
 
-async def _raw_copy(pool: asyncpg.Pool, orders: list[tuple[Any, ...]], lines: list[tuple[Any, ...]]) -> Result:
+async def _raw_copy(
+    pool: asyncpg.Pool, orders: list[tuple[Any, ...]], lines: list[tuple[Any, ...]]
+) -> Result:
     await _truncate(pool)
     started = time.perf_counter()
     async with pool.acquire() as conn:
         async with conn.transaction():
             await conn.copy_records_to_table(
-                "orders", records=orders,
-                columns=["order_id", "sale", "user_id", "request_id", "status", "status_rank", "created_at",
-                         "pay_by", "status_at", "last_stream_id"],
-            )  # fmt: skip
+                "orders",
+                records=orders,
+                columns=[
+                    "order_id",
+                    "sale",
+                    "user_id",
+                    "request_id",
+                    "status",
+                    "status_rank",
+                    "created_at",
+                    "pay_by",
+                    "status_at",
+                    "last_stream_id",
+                ],
+            )
             await conn.copy_records_to_table("order_lines", records=lines, columns=["order_id", "sku", "qty"])
     seconds = time.perf_counter() - started
     return Result("raw asyncpg COPY (orders + lines)", len(orders), len(orders) + len(lines), seconds)
@@ -156,15 +176,24 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack) -> dict[str, Any]:
         for n in range(args.rounds):
             # Rotate the order each round so no contender always runs first (or last).
             contenders = ["copy-raw", *args.methods]
-            contenders = contenders[n % len(contenders):] + contenders[: n % len(contenders)]
+            contenders = contenders[n % len(contenders) :] + contenders[: n % len(contenders)]
             done: list[Result] = []
             for name in contenders:
                 if name == "copy-raw":
                     done.append(await _raw_copy(pool, orders, lines))
                     continue
-                settings = WorkerSettings(redis_url=servers.redis_url, database_url=url, prefix=prefix,
-                                          consumer="bench", batch=args.batch, write_method=name, trim_interval_s=0,
-                                          claim_interval_s=0, progress_interval_s=0, block_ms=5)  # fmt: skip
+                settings = WorkerSettings(
+                    redis_url=servers.redis_url,
+                    database_url=url,
+                    prefix=prefix,
+                    consumer="bench",
+                    batch=args.batch,
+                    write_method=name,
+                    trim_interval_s=0,
+                    claim_interval_s=0,
+                    progress_interval_s=0,
+                    block_ms=5,
+                )
                 done.append(await _drain(redis, pool, settings, args.orders))
             rounds.append(sorted(done, key=lambda r: (not r.what.startswith("raw"), r.what)))
     finally:
@@ -193,8 +222,10 @@ def render(report: dict[str, Any]) -> str:
         same = [r[i] for r in rounds]
         ratios = [r[i].rows_per_s / r[0].rows_per_s for r in rounds]  # against COPY of the same round
         mid = median(same, key=lambda r: r.seconds)
-        out.append(f"{first.what:<34} {mid.seconds:>7.2f} {mid.orders_per_s:>9,.0f} {mid.rows_per_s:>9,.0f} "
-                   f"{statistics.median(ratios):>7.2f}x   {' '.join(f'{x:.2f}' for x in ratios):<24}")  # fmt: skip
+        out.append(
+            f"{first.what:<34} {mid.seconds:>7.2f} {mid.orders_per_s:>9,.0f} {mid.rows_per_s:>9,.0f} "
+            f"{statistics.median(ratios):>7.2f}x   {' '.join(f'{x:.2f}' for x in ratios):<24}"
+        )
     drains = [median([r[i] for r in rounds], key=lambda r: r.seconds) for i in range(1, len(rounds[0]))]
     best = min(drains, key=lambda r: r.seconds)
     out += [
@@ -211,13 +242,23 @@ def median(results: list[Result], *, key: Any) -> Result:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--orders", type=int, default=100_000, help="orders in the backlog (default 100000)")
     parser.add_argument("--batch", type=int, default=1000, help="the writer's batch size (default 1000)")
-    parser.add_argument("--methods", type=lambda s: s.split(","), default=["unnest", "copy"],
-                        help="write methods to compare (default unnest,copy)")  # fmt: skip
-    parser.add_argument("--rounds", type=int, default=3, help="repeat everything this often; medians are shown (default 3)")
-    parser.add_argument("--quick", action="store_true", help="10,000 orders, 1 round: a smoke run, same code paths")
+    parser.add_argument(
+        "--methods",
+        type=lambda s: s.split(","),
+        default=["unnest", "copy"],
+        help="write methods to compare (default unnest,copy)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="repeat everything this often; medians are shown (default 3)"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="10,000 orders, 1 round: a smoke run, same code paths"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     if args.quick:
@@ -226,9 +267,23 @@ def main(argv: list[str] | None = None) -> int:
         report = asyncio.run(run(args, stack))
     print(render(report))
     if args.json:
-        doc = {**report, "rounds": [[{"what": r.what, "orders": r.orders, "rows": r.rows, "seconds": round(r.seconds, 3),
-                                      "orders_per_s": round(r.orders_per_s), "rows_per_s": round(r.rows_per_s)}
-                                     for r in one] for one in report["rounds"]]}  # fmt: skip
+        doc = {
+            **report,
+            "rounds": [
+                [
+                    {
+                        "what": r.what,
+                        "orders": r.orders,
+                        "rows": r.rows,
+                        "seconds": round(r.seconds, 3),
+                        "orders_per_s": round(r.orders_per_s),
+                        "rows_per_s": round(r.rows_per_s),
+                    }
+                    for r in one
+                ]
+                for one in report["rounds"]
+            ],
+        }
         args.json.write_text(json.dumps(doc, indent=2, default=str) + "\n")
     return 0
 

@@ -40,7 +40,9 @@ def require_admin(request: web.Request) -> ServiceState:
     # which a plain encode() refuses (a 500 for a garbage token).
     given = token.encode("utf-8", "surrogateescape")
     if not state.settings.admin_token or not hmac.compare_digest(given, state.settings.admin_token.encode()):
-        raise ApiError(401, "unauthorized", "admin endpoints need 'Authorization: Bearer <FLASHSALE_ADMIN_TOKEN>'")
+        raise ApiError(
+            401, "unauthorized", "admin endpoints need 'Authorization: Bearer <FLASHSALE_ADMIN_TOKEN>'"
+        )
     return state
 
 
@@ -49,7 +51,9 @@ def _int(body: dict[str, Any], name: str, default: int | None, *, low: int = 0, 
     if value is None:
         raise ApiError(422, "invalid_request", f"{name} is required", field=name)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ApiError(422, "invalid_request", f"{name} must be a whole number from {low} to {high}", field=name)
+        raise ApiError(
+            422, "invalid_request", f"{name} must be a whole number from {low} to {high}", field=name
+        )
     return value
 
 
@@ -65,12 +69,18 @@ def _opens_at_ms(value: Any) -> int:
             pass
         else:
             if parsed.tzinfo is None:
-                raise ApiError(422, "invalid_request", "opens_at needs a time zone (e.g. 2026-11-11T00:00:00+08:00)", field="opens_at")
+                raise ApiError(
+                    422,
+                    "invalid_request",
+                    "opens_at needs a time zone (e.g. 2026-11-11T00:00:00+08:00)",
+                    field="opens_at",
+                )
             ms = int(parsed.timestamp() * 1000)
             if 0 <= ms <= MAX_OPENS_AT_MS:
                 return ms
     raise ApiError(
-        422, "invalid_request",
+        422,
+        "invalid_request",
         "opens_at is an ISO-8601 time with zone or epoch milliseconds, from 1970 to 9999",
         field="opens_at",
     )
@@ -92,7 +102,9 @@ async def create_sale(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid_request", "sale is 1-32 characters of a-z, 0-9 and '-'", field="sale")
     skus = body.get("skus")
     if not isinstance(skus, list) or not 1 <= len(skus) <= MAX_SKUS_PER_SALE:
-        raise ApiError(422, "invalid_request", f"skus is a list of 1 to {MAX_SKUS_PER_SALE} SKUs", field="skus")
+        raise ApiError(
+            422, "invalid_request", f"skus is a list of 1 to {MAX_SKUS_PER_SALE} SKUs", field="skus"
+        )
     settings = SaleSettings(
         sale=sale,
         opens_at_ms=_opens_at_ms(body.get("opens_at")),
@@ -102,9 +114,16 @@ async def create_sale(request: web.Request) -> web.Response:
         buckets=_int(body, "buckets", 1, low=1, high=64),
     )
     if BucketedInventory.parent_of(sale) is not None:
-        raise ApiError(422, "invalid_request", "sale ids ending in -b<number> are kept for buckets", field="sale")
+        raise ApiError(
+            422, "invalid_request", "sale ids ending in -b<number> are kept for buckets", field="sale"
+        )
     if settings.buckets > 1 and len(f"{sale}-b{settings.buckets - 1}") > 32:
-        raise ApiError(422, "invalid_request", "sale id too long to add bucket suffixes (keep it under 28 characters)", field="sale")
+        raise ApiError(
+            422,
+            "invalid_request",
+            "sale id too long to add bucket suffixes (keep it under 28 characters)",
+            field="sale",
+        )
     # Validate everything before the first write: a refused sale leaves nothing behind.
     specs = []
     seen = set()
@@ -112,21 +131,42 @@ async def create_sale(request: web.Request) -> web.Response:
         if not isinstance(spec, dict):
             raise ApiError(422, "invalid_request", "each SKU is an object", field="skus")
         sku = spec.get("sku")
-        if not isinstance(sku, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", sku) or sku in seen:
-            raise ApiError(422, "invalid_request", "each sku is a distinct id of 1-64 characters A-Z a-z 0-9 _ -", field="sku")
+        if (
+            not isinstance(sku, str)
+            or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}", sku)
+            or sku in seen
+        ):
+            raise ApiError(
+                422,
+                "invalid_request",
+                "each sku is a distinct id of 1-64 characters A-Z a-z 0-9 _ -",
+                field="sku",
+            )
         seen.add(sku)
         stock = _int(spec, "stock", None)
-        specs.append((sku, stock, _int(spec, "reserve", 0, high=stock), _int(spec, "limit_per_user", 0), _int(spec, "low_stock_line", 0)))
+        specs.append(
+            (
+                sku,
+                stock,
+                _int(spec, "reserve", 0, high=stock),
+                _int(spec, "limit_per_user", 0),
+                _int(spec, "low_stock_line", 0),
+            )
+        )
     if await state.sales.sale(sale, fresh=True) is not None:
         raise ApiError(409, "sale_exists", f"sale {sale!r} already exists")
     taken = await state.redis.hmget(state.sales.skus_key, [s[0] for s in specs])
     clash = [s[0] for s, owner in zip(specs, taken) if owner is not None]
     if clash:
-        raise ApiError(409, "sku_taken", f"SKU(s) already on another sale: {', '.join(clash[:10])}", skus=clash[:10])
+        raise ApiError(
+            409, "sku_taken", f"SKU(s) already on another sale: {', '.join(clash[:10])}", skus=clash[:10]
+        )
     inv = state.engine(settings)
     for sku, stock, reserve, limit, low in specs:
         await inv.stock(sku, stock, reserve=reserve, limit_per_user=limit, low_stock_line=low)
-    await state.sales.create(settings, [s[0] for s in specs], [part.sale for part in state.engine_parts(settings)])
+    await state.sales.create(
+        settings, [s[0] for s in specs], [part.sale for part in state.engine_parts(settings)]
+    )
     return web.json_response(await _sale_json(state, settings), status=201)
 
 
@@ -143,9 +183,14 @@ async def _sale_json(state: ServiceState, settings: SaleSettings) -> dict[str, A
         **settings.to_json(),
         "skus": {
             sku: {
-                "total": s.total, "available": s.available, "held": s.held, "sold": s.sold,
-                "reserve": s.reserve, "limit_per_user": s.limit_per_user,
-                "low_stock_line": s.low_stock_line, "state": s.state.value,
+                "total": s.total,
+                "available": s.available,
+                "held": s.held,
+                "sold": s.sold,
+                "reserve": s.reserve,
+                "limit_per_user": s.limit_per_user,
+                "low_stock_line": s.low_stock_line,
+                "state": s.state.value,
             }
             for sku, s in snaps.items()
         },
@@ -163,7 +208,9 @@ async def get_sale(request: web.Request) -> web.Response:
 async def open_sale(request: web.Request) -> web.Response:
     state = require_admin(request)
     settings = await _sale_or_404(state, request.match_info["sale"])
-    updated = await state.sales.update(settings.sale, state="open", opens_at_ms=min(settings.opens_at_ms, now_ms()))
+    updated = await state.sales.update(
+        settings.sale, state="open", opens_at_ms=min(settings.opens_at_ms, now_ms())
+    )
     assert updated is not None
     return web.json_response(updated.to_json())
 
@@ -191,10 +238,17 @@ async def _stock_change(request: web.Request, *, release: bool) -> web.Response:
     await state.sales.bump_epoch(settings.sale)
     state.sold_out.forget(settings.sale)
     state._sku_cache.pop(sku, None)
-    return web.json_response({
-        "sku": sku, "total": snap.total, "available": snap.available, "held": snap.held,
-        "sold": snap.sold, "reserve": snap.reserve, "state": snap.state.value,
-    })
+    return web.json_response(
+        {
+            "sku": sku,
+            "total": snap.total,
+            "available": snap.available,
+            "held": snap.held,
+            "sold": snap.sold,
+            "reserve": snap.reserve,
+            "state": snap.state.value,
+        }
+    )
 
 
 @routes.post("/api/admin/sales/{sale}/skus/{sku}/restock")
@@ -219,7 +273,9 @@ async def set_switches(request: web.Request) -> web.Response:
     body = await read_json(request)
     unknown = set(body) - set(SWITCHES)
     if unknown or not all(isinstance(v, bool) for v in body.values()):
-        raise ApiError(422, "invalid_request", f"switches are {', '.join(SWITCHES)}, each true (on) or false (off)")
+        raise ApiError(
+            422, "invalid_request", f"switches are {', '.join(SWITCHES)}, each true (on) or false (off)"
+        )
     return web.json_response(await state.sales.set_switches(body))
 
 
@@ -233,13 +289,24 @@ async def mint_tokens(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid_request", "member is true or false", field="member")
     if "users" in body:
         users = body["users"]
-        if not isinstance(users, list) or not 1 <= len(users) <= MAX_TOKENS_PER_CALL or not all(isinstance(u, str) for u in users):
-            raise ApiError(422, "invalid_request", f"users is a list of 1 to {MAX_TOKENS_PER_CALL} user ids", field="users")
+        if (
+            not isinstance(users, list)
+            or not 1 <= len(users) <= MAX_TOKENS_PER_CALL
+            or not all(isinstance(u, str) for u in users)
+        ):
+            raise ApiError(
+                422,
+                "invalid_request",
+                f"users is a list of 1 to {MAX_TOKENS_PER_CALL} user ids",
+                field="users",
+            )
     else:
         prefix = body.get("prefix", "u")
         count = _int(body, "count", None, low=1, high=MAX_TOKENS_PER_CALL)
         if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]{0,40}", prefix):
-            raise ApiError(422, "invalid_request", "prefix is 1-41 characters of A-Z a-z 0-9 _ -", field="prefix")
+            raise ApiError(
+                422, "invalid_request", "prefix is 1-41 characters of A-Z a-z 0-9 _ -", field="prefix"
+            )
         users = [f"{prefix}{i}" for i in range(count)]
     try:
         tokens = {u: mint(state.settings.token_secret, u, ttl_s=ttl_s, member=member) for u in users}
@@ -319,10 +386,16 @@ async def audit(request: web.Request) -> web.Response:
         raise ApiError(422, "invalid_request", "acknowledged is a list of order ids", field="acknowledged")
     wait_s = _number(body, "wait_s", 30.0, low=0, high=600)
     if state.pg is None:
-        raise ApiError(409, "no_database", "the audit compares Redis with PostgreSQL; set FLASHSALE_DATABASE_URL")
+        raise ApiError(
+            409, "no_database", "the audit compares Redis with PostgreSQL; set FLASHSALE_DATABASE_URL"
+        )
     from .audit import run_audit  # the audit needs asyncpg; only loaded when asked
 
-    report = await run_audit(state.redis, state.pg, prefix=state.settings.key_prefix,
-                             acknowledged=acknowledged, wait_drain_s=wait_s)
+    report = await run_audit(
+        state.redis,
+        state.pg,
+        prefix=state.settings.key_prefix,
+        acknowledged=acknowledged,
+        wait_drain_s=wait_s,
+    )
     return web.json_response(report.to_json())
-

@@ -44,7 +44,6 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import asyncpg
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
@@ -146,7 +145,11 @@ class AuditReport:
             "duration_s": round(self.duration_s, 3),
             "prefix": self.prefix,
             "sales": list(self.sales),
-            "drain": {"drained": self.drained, "waited_s": round(self.waited_s, 3), "outstanding": self.outstanding},
+            "drain": {
+                "drained": self.drained,
+                "waited_s": round(self.waited_s, 3),
+                "outstanding": self.outstanding,
+            },
             "counts": self.counts,
             "violations_by_kind": self.by_kind(),
             "skus": [asdict(s) for s in self.skus],
@@ -159,21 +162,54 @@ class AuditReport:
         out = [
             f"flashsale audit of {', '.join(self.sales) or '(no sales)'} (prefix {self.prefix}) "
             f"at {_iso(self.started_at)}, {self.duration_s:.2f} s",
-            "stream drained: " + ("yes" if self.drained else f"NO after {self.waited_s:.1f} s — "
-                                  + ", ".join(f"{s}: {n} entries outstanding" for s, n in self.outstanding.items())),
+            "stream drained: "
+            + (
+                "yes"
+                if self.drained
+                else f"NO after {self.waited_s:.1f} s — "
+                + ", ".join(f"{s}: {n} entries outstanding" for s, n in self.outstanding.items())
+            ),
             "orders: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in self.counts.items()),
             "",
-        ]  # fmt: skip
-        head = ("sale", "sku", "total", "avail", "held", "sold", "reserve", "pg total", "pg held", "pg paid",
-                "oversold", "leaked")  # fmt: skip
+        ]
+        head = (
+            "sale",
+            "sku",
+            "total",
+            "avail",
+            "held",
+            "sold",
+            "reserve",
+            "pg total",
+            "pg held",
+            "pg paid",
+            "oversold",
+            "leaked",
+        )
         rows = [head] + [
-            (s.sale, s.sku, s.total, s.available, s.held, s.sold, s.reserve,
-             "-" if s.pg_total is None else s.pg_total, s.pg_held, s.pg_paid, s.oversold, s.leaked)
+            (
+                s.sale,
+                s.sku,
+                s.total,
+                s.available,
+                s.held,
+                s.sold,
+                s.reserve,
+                "-" if s.pg_total is None else s.pg_total,
+                s.pg_held,
+                s.pg_paid,
+                s.oversold,
+                s.leaked,
+            )
             for s in self.skus
-        ]  # fmt: skip
+        ]
         widths = [max(len(str(r[i])) for r in rows) for i in range(len(head))]
         for r in rows:
-            out.append("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+            out.append(
+                "  ".join(
+                    str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+                )
+            )
         out.append("")
         out.append("violations: " + ", ".join(f"{k} {n}" for k, n in self.by_kind().items()))
         listed, dropped = _listed(self.violations)
@@ -266,7 +302,9 @@ async def _read_redis(redis: Any, prefix: str, sale: str) -> _RedisSale:
     if dead_len:
         for _, f in await redis.xrange(dead, count=3):
             fields = {_text(k): _text(v) for k, v in f.items()}
-            sample.append(f"{fields.get('order') or fields.get('sku') or '?'}: {fields.get('dead_error', '?')}")
+            sample.append(
+                f"{fields.get('order') or fields.get('sku') or '?'}: {fields.get('dead_error', '?')}"
+            )
     return _RedisSale(
         sale=sale,
         stock=dict(stock),
@@ -306,15 +344,20 @@ async def _wait_drained(
 ) -> tuple[bool, float, dict[str, int]]:
     started = time.monotonic()
     while True:
-        left = [sale for sale, snap in snapshots.items()
-                if await _outstanding(redis, SaleKeys(prefix, sale).events, snap.last_id)]  # fmt: skip
+        left = [
+            sale
+            for sale, snap in snapshots.items()
+            if await _outstanding(redis, SaleKeys(prefix, sale).events, snap.last_id)
+        ]
         waited = time.monotonic() - started
         if not left:
             return True, waited, {}
         if waited >= wait_s:
             # How far behind: counted exactly up to 100,000 undelivered entries per stream.
-            backlog = {sale: (await stream_backlog(redis, SaleKeys(prefix, sale).events, count_up_to=100_000)).total
-                       for sale in left}  # fmt: skip
+            backlog = {
+                sale: (await stream_backlog(redis, SaleKeys(prefix, sale).events, count_up_to=100_000)).total
+                for sale in left
+            }
             return False, waited, backlog
         await asyncio.sleep(min(0.1, max(wait_s - waited, 0)))
 
@@ -347,7 +390,8 @@ async def _read_postgres(
             orders = {
                 r["order_id"]: _PgOrder(r["sale"], r["user_id"], r["request_id"], r["status"])
                 for r in await conn.fetch(
-                    "SELECT order_id, sale, user_id, request_id, status FROM orders WHERE sale = ANY($1::text[])", sales
+                    "SELECT order_id, sale, user_id, request_id, status FROM orders WHERE sale = ANY($1::text[])",
+                    sales,
                 )
             }
             for r in await conn.fetch(
@@ -430,7 +474,9 @@ def _compare_sale(
     skus: list[SkuAudit] = []
     for sku in sorted(set(snap.stock) | {k for s, k in pg_stock if s == sale}):
         c = snap.stock.get(sku, {})
-        total, avail, held, sold, reserve = (c.get(k, 0) for k in ("total", "available", "held", "sold", "reserve"))
+        total, avail, held, sold, reserve = (
+            c.get(k, 0) for k in ("total", "available", "held", "sold", "reserve")
+        )
         pg = pg_stock.get((sale, sku))
         pg_total = pg.total if pg and pg.stocked else None
         limits[sku] = c.get("limit") or (pg.limit if pg else 0)
@@ -444,39 +490,137 @@ def _compare_sale(
         oversold = max(0, *over.values())
         for (where, what, basis), units in over.items():
             if units > 0:
-                out.append(Violation("oversold", sale, where, f"{what} exceed the {basis} units stocked by {units}", sku=sku, units=units))
+                out.append(
+                    Violation(
+                        "oversold",
+                        sale,
+                        where,
+                        f"{what} exceed the {basis} units stocked by {units}",
+                        sku=sku,
+                        units=units,
+                    )
+                )
 
         unaccounted = total - avail - held - sold - reserve
         leaked = abs(unaccounted)
         if unaccounted or min(avail, held, sold, reserve) < 0:
-            out.append(Violation("leaked", sale, "redis", f"total {total} != available {avail} + held {held} + sold {sold} + reserve {reserve} ({unaccounted:+d} units unaccounted)", sku=sku, units=leaked))
+            out.append(
+                Violation(
+                    "leaked",
+                    sale,
+                    "redis",
+                    f"total {total} != available {avail} + held {held} + sold {sold} + reserve {reserve} ({unaccounted:+d} units unaccounted)",
+                    sku=sku,
+                    units=leaked,
+                )
+            )
         if held != r_held[sku]:
-            out.append(Violation("leaked", sale, "redis", f"held counter {held} != {r_held[sku]} units in holds still held", sku=sku, units=abs(held - r_held[sku])))
+            out.append(
+                Violation(
+                    "leaked",
+                    sale,
+                    "redis",
+                    f"held counter {held} != {r_held[sku]} units in holds still held",
+                    sku=sku,
+                    units=abs(held - r_held[sku]),
+                )
+            )
             leaked = max(leaked, abs(held - r_held[sku]))
         if sold != r_paid[sku]:
-            out.append(Violation("leaked", sale, "redis", f"sold counter {sold} != {r_paid[sku]} units in paid holds", sku=sku, units=abs(sold - r_paid[sku])))
+            out.append(
+                Violation(
+                    "leaked",
+                    sale,
+                    "redis",
+                    f"sold counter {sold} != {r_paid[sku]} units in paid holds",
+                    sku=sku,
+                    units=abs(sold - r_paid[sku]),
+                )
+            )
             leaked = max(leaked, abs(sold - r_paid[sku]))
         if pg is not None and pg.stocked and c:
             if pg.total != total or pg.reserve != reserve:
-                out.append(Violation("stock_mismatch", sale, "both", f"PostgreSQL's stock events give total {pg.total}, reserve {pg.reserve}; Redis has total {total}, reserve {reserve}", sku=sku))
+                out.append(
+                    Violation(
+                        "stock_mismatch",
+                        sale,
+                        "both",
+                        f"PostgreSQL's stock events give total {pg.total}, reserve {pg.reserve}; Redis has total {total}, reserve {reserve}",
+                        sku=sku,
+                    )
+                )
         elif c and not (pg and pg.stocked):
-            out.append(Violation("stock_mismatch", sale, "postgresql", "PostgreSQL has no 'stocked' event for this SKU", sku=sku))
+            out.append(
+                Violation(
+                    "stock_mismatch",
+                    sale,
+                    "postgresql",
+                    "PostgreSQL has no 'stocked' event for this SKU",
+                    sku=sku,
+                )
+            )
         elif pg and pg.stocked and not c:
-            out.append(Violation("stock_mismatch", sale, "redis", "Redis has no counters for a SKU PostgreSQL has stock events for", sku=sku))
-        skus.append(SkuAudit(sale, sku, total, avail, held, sold, reserve, limits[sku], r_held[sku], r_paid[sku],
-                             pg_total, pg.reserve if pg and pg.stocked else None, p_held[sku], p_paid[sku],
-                             oversold, leaked))  # fmt: skip
+            out.append(
+                Violation(
+                    "stock_mismatch",
+                    sale,
+                    "redis",
+                    "Redis has no counters for a SKU PostgreSQL has stock events for",
+                    sku=sku,
+                )
+            )
+        skus.append(
+            SkuAudit(
+                sale,
+                sku,
+                total,
+                avail,
+                held,
+                sold,
+                reserve,
+                limits[sku],
+                r_held[sku],
+                r_paid[sku],
+                pg_total,
+                pg.reserve if pg and pg.stocked else None,
+                p_held[sku],
+                p_paid[sku],
+                oversold,
+                leaked,
+            )
+        )
 
-    for (where, attr, population) in (("redis", "state", snap.holds.values()), ("postgresql", "status", mine.values())):
+    for where, attr, population in (
+        ("redis", "state", snap.holds.values()),
+        ("postgresql", "status", mine.values()),
+    ):
         for (user, sku), owned in sorted(_per_user(population, attr).items()):
             limit = limits.get(sku, 0)
             if limit and owned > limit:
-                out.append(Violation("limit_breach", sale, where, f"buyer {user} holds or owns {owned} units, limit {limit}", sku=sku, units=owned - limit))
+                out.append(
+                    Violation(
+                        "limit_breach",
+                        sale,
+                        where,
+                        f"buyer {user} holds or owns {owned} units, limit {limit}",
+                        sku=sku,
+                        units=owned - limit,
+                    )
+                )
 
     for hold_id, h in snap.holds.items():
         if h.state == "held" and h.deadline_ms + grace_ms < snap.now_ms:
             late = (snap.now_ms - h.deadline_ms) / 1000
-            out.append(Violation("leaked", sale, "redis", f"still held {late:.1f} s after its payment deadline ({sum(h.lines.values())} units stranded)", order_id=hold_id, units=sum(h.lines.values())))
+            out.append(
+                Violation(
+                    "leaked",
+                    sale,
+                    "redis",
+                    f"still held {late:.1f} s after its payment deadline ({sum(h.lines.values())} units stranded)",
+                    order_id=hold_id,
+                    units=sum(h.lines.values()),
+                )
+            )
 
     for where, pairs in (
         ("postgresql", [((p.request_id), o) for o, p in mine.items()]),
@@ -487,10 +631,29 @@ def _compare_sale(
             by_request[request_id].append(order_id)
         for request_id, ids in sorted(by_request.items()):
             if len(ids) > 1:
-                out.append(Violation("duplicate", sale, where, f"request {request_id} has {len(ids)} orders: {', '.join(sorted(ids))}", order_id=sorted(ids)[1], units=len(ids) - 1))
+                out.append(
+                    Violation(
+                        "duplicate",
+                        sale,
+                        where,
+                        f"request {request_id} has {len(ids)} orders: {', '.join(sorted(ids))}",
+                        order_id=sorted(ids)[1],
+                        units=len(ids) - 1,
+                    )
+                )
 
     if snap.dead_letters:
-        out.append(Violation("dead_letter", sale, "stream", f"{snap.dead_letters} entries in {snap.dead_key} (e.g. " + "; ".join(snap.dead_sample) + "): move them back to the events stream once fixed, or settle them by hand", units=snap.dead_letters))
+        out.append(
+            Violation(
+                "dead_letter",
+                sale,
+                "stream",
+                f"{snap.dead_letters} entries in {snap.dead_key} (e.g. "
+                + "; ".join(snap.dead_sample)
+                + "): move them back to the events stream once fixed, or settle them by hand",
+                units=snap.dead_letters,
+            )
+        )
     return skus, out
 
 
@@ -507,20 +670,28 @@ def _order_differences(h: _Hold, p: _PgOrder) -> list[str]:
     return diffs
 
 
-async def _stranded_transfers(redis: Any, prefix: str, sales: list[str], grace_s: float = 15.0) -> list[Violation]:
+async def _stranded_transfers(
+    redis: Any, prefix: str, sales: list[str], grace_s: float = 15.0
+) -> list[Violation]:
     """Units between two buckets of a bucketed sale for longer than a transfer takes: a
     process died mid-pull and nothing has settled it yet (the worker's sweeper does)."""
     out = []
     for sale in sales:
-        for field, raw in (await redis.hgetall(SaleKeys(prefix, sale).transfers)).items():
+        for transfer, raw in (await redis.hgetall(SaleKeys(prefix, sale).transfers)).items():
             intent = json.loads(raw)
             age = time.time() - float(intent["at"])
             if age >= grace_s:
-                out.append(Violation(
-                    "leaked", sale, "redis",
-                    f"transfer {_text(field)} of {intent['units']} unit(s) from {intent['from']} unsettled for {age:.0f} s: "
-                    "is `flashsale worker` (its sweeper settles transfers) running?",
-                    sku=intent["sku"], units=int(intent["units"])))
+                out.append(
+                    Violation(
+                        "leaked",
+                        sale,
+                        "redis",
+                        f"transfer {_text(transfer)} of {intent['units']} unit(s) from {intent['from']} unsettled for {age:.0f} s: "
+                        "is `flashsale worker` (its sweeper settles transfers) running?",
+                        sku=intent["sku"],
+                        units=int(intent["units"]),
+                    )
+                )
     return out
 
 
@@ -555,7 +726,15 @@ async def run_audit(
     violations: list[Violation] = []
     if not drained:
         for sale, n in outstanding.items():
-            violations.append(Violation("not_drained", sale, "stream", f"{n} entries not committed after waiting {waited:.1f} s: is `flashsale worker` running? Lost/conflict results below may be stale", units=n))
+            violations.append(
+                Violation(
+                    "not_drained",
+                    sale,
+                    "stream",
+                    f"{n} entries not committed after waiting {waited:.1f} s: is `flashsale worker` running? Lost/conflict results below may be stale",
+                    units=n,
+                )
+            )
     for snap in snapshots.values():
         sale_skus, sale_violations = _compare_sale(snap, pg_orders, pg_stock, int(expiry_grace_s * 1000))
         skus += sale_skus
@@ -568,7 +747,16 @@ async def run_audit(
     for order_id, h in all_holds.items():
         p = pg_orders.get(order_id)
         if p is None:
-            violations.append(Violation("lost", order_id.partition(".")[0], "postgresql", f"Redis has this {h.state} order, PostgreSQL does not", order_id=order_id, units=sum(h.lines.values())))
+            violations.append(
+                Violation(
+                    "lost",
+                    order_id.partition(".")[0],
+                    "postgresql",
+                    f"Redis has this {h.state} order, PostgreSQL does not",
+                    order_id=order_id,
+                    units=sum(h.lines.values()),
+                )
+            )
         elif _order_differences(h, p):
             suspects.add(order_id)
     suspects |= pg_orders.keys() - all_holds.keys()
@@ -577,21 +765,52 @@ async def run_audit(
     for order_id in sorted(suspects):
         p, now = pg_orders[order_id], now_holds.get(order_id)
         if now is None:
-            violations.append(Violation("phantom", p.sale, "redis", f"PostgreSQL has this {p.status} order, Redis does not", order_id=order_id, units=sum(p.lines.values())))
+            violations.append(
+                Violation(
+                    "phantom",
+                    p.sale,
+                    "redis",
+                    f"PostgreSQL has this {p.status} order, Redis does not",
+                    order_id=order_id,
+                    units=sum(p.lines.values()),
+                )
+            )
         elif diffs := _order_differences(now, p):
             violations.append(Violation("conflict", p.sale, "both", "; ".join(diffs), order_id=order_id))
 
     ack = sorted(set(acknowledged or ()))
     if ack:
-        in_pg = {o for o in ack if o in pg_orders} | await _orders_known_to_postgres(pool, [o for o in ack if o not in pg_orders])
+        in_pg = {o for o in ack if o in pg_orders} | await _orders_known_to_postgres(
+            pool, [o for o in ack if o not in pg_orders]
+        )
         in_redis = {o for o in ack if o in all_holds}
-        in_redis |= {o for o, h in (await _current_holds(redis, prefix, [o for o in ack if o not in in_redis])).items() if h}
+        in_redis |= {
+            o
+            for o, h in (await _current_holds(redis, prefix, [o for o in ack if o not in in_redis])).items()
+            if h
+        }
         for order_id in ack:
             sale = order_id.partition(".")[0]
             if order_id not in in_pg:
-                violations.append(Violation("lost", sale, "postgresql", "acknowledged to the client, missing in PostgreSQL", order_id=order_id))
+                violations.append(
+                    Violation(
+                        "lost",
+                        sale,
+                        "postgresql",
+                        "acknowledged to the client, missing in PostgreSQL",
+                        order_id=order_id,
+                    )
+                )
             if order_id not in in_redis:
-                violations.append(Violation("lost", sale, "redis", "acknowledged to the client, missing in Redis", order_id=order_id))
+                violations.append(
+                    Violation(
+                        "lost",
+                        sale,
+                        "redis",
+                        "acknowledged to the client, missing in Redis",
+                        order_id=order_id,
+                    )
+                )
 
     counts = {
         "holds_in_redis": len(all_holds),

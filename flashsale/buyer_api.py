@@ -26,7 +26,12 @@ def bearer(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token:
-        raise ApiError(401, "unauthorized", "send 'Authorization: Bearer <token>'", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401,
+            "unauthorized",
+            "send 'Authorization: Bearer <token>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
     return token.strip()
 
 
@@ -34,13 +39,17 @@ def buyer_of(request: web.Request, state: ServiceState) -> Buyer:
     try:
         return verify(state.settings.token_secret, bearer(request))
     except InvalidToken as exc:
-        raise ApiError(401, "unauthorized", f"{exc}: get a new token", headers={"WWW-Authenticate": "Bearer"}) from None
+        raise ApiError(
+            401, "unauthorized", f"{exc}: get a new token", headers={"WWW-Authenticate": "Bearer"}
+        ) from None
 
 
 async def read_json(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object, or a 4xx saying what is wrong with it."""
     if request.content_length is not None and request.content_length > request.app._client_max_size:
-        raise ApiError(413, "body_too_large", f"request body is larger than {request.app._client_max_size} bytes")
+        raise ApiError(
+            413, "body_too_large", f"request body is larger than {request.app._client_max_size} bytes"
+        )
     raw = await request.read()
     if not raw:
         raise ApiError(422, "malformed_json", "the request needs a JSON object body")
@@ -58,15 +67,21 @@ def _cart(body: dict[str, Any]) -> list[inventory.Line]:
     if "lines" in body:
         lines = body["lines"]
         if not isinstance(lines, list):
-            raise ApiError(422, "invalid_request", "'lines' must be a list of {\"sku\", \"qty\"}", field="lines")
+            raise ApiError(
+                422, "invalid_request", '\'lines\' must be a list of {"sku", "qty"}', field="lines"
+            )
     elif "sku" in body:
         lines = [{"sku": body["sku"], "qty": body.get("qty", 1)}]
     else:
-        raise ApiError(422, "invalid_request", "give 'lines' (a list of {\"sku\", \"qty\"}) or 'sku'", field="lines")
+        raise ApiError(
+            422, "invalid_request", "give 'lines' (a list of {\"sku\", \"qty\"}) or 'sku'", field="lines"
+        )
     cart = []
     for line in lines:
         if not isinstance(line, dict) or not isinstance(line.get("sku"), str):
-            raise ApiError(422, "invalid_request", "each line is {\"sku\": string, \"qty\": integer}", field="lines")
+            raise ApiError(
+                422, "invalid_request", 'each line is {"sku": string, "qty": integer}', field="lines"
+            )
         qty = line.get("qty", 1)
         if not isinstance(qty, int) or isinstance(qty, bool):
             raise ApiError(422, "invalid_quantity", "qty must be a whole number", field="qty")
@@ -93,7 +108,12 @@ def order_json(hold: inventory.Hold, *, status: int = 200) -> web.Response:
 async def get_sku(request: web.Request) -> web.Response:
     state = request.app[STATE]
     if not (await state.sales.switches())["browse"]:
-        raise ApiError(503, "degraded", "product pages are switched off during the peak; ordering still works", headers={"Retry-After": "5"})
+        raise ApiError(
+            503,
+            "degraded",
+            "product pages are switched off during the peak; ordering still works",
+            headers={"Retry-After": "5"},
+        )
     sku = request.match_info["sku"]
     now = time.monotonic()
     cached = state._sku_cache.get(sku)
@@ -124,7 +144,12 @@ async def create_order(request: web.Request) -> web.Response:
     started = time.perf_counter()
     if not state.in_flight.enter():
         state.metrics.count("shed")
-        raise ApiError(503, "overloaded", "too many orders in progress; retry shortly with the same request_id", headers={"Retry-After": "1"})
+        raise ApiError(
+            503,
+            "overloaded",
+            "too many orders in progress; retry shortly with the same request_id",
+            headers={"Retry-After": "1"},
+        )
     try:
         return await _create_order(request, state)
     finally:
@@ -140,14 +165,21 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
         cart = _cart(body)
         request_id = body.get("request_id")
         if not isinstance(request_id, str):
-            raise ApiError(422, "invalid_request", "request_id (a string you choose, reused on retries) is required", field="request_id")
+            raise ApiError(
+                422,
+                "invalid_request",
+                "request_id (a string you choose, reused on retries) is required",
+                field="request_id",
+            )
         inventory.Inventory.check_reserve(buyer.user, cart, request_id)
     except (ApiError, inventory.InvalidRequest):
         metrics.count("invalid")
         raise
     if not state.rate.allow(buyer.user):
         metrics.count("rate_limited")
-        raise ApiError(429, "rate_limited", "too many orders from this buyer; slow down", headers={"Retry-After": "1"})
+        raise ApiError(
+            429, "rate_limited", "too many orders from this buyer; slow down", headers={"Retry-After": "1"}
+        )
 
     sales = set()
     for line in cart:
@@ -166,14 +198,21 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
         raise ApiError(422, "unknown_sku", f"sale {sale!r} no longer exists")
     if settings.fenced:
         metrics.count("fenced")
-        raise ApiError(503, "sale_fenced", f"sales are paused: {settings.fenced}", headers={"Retry-After": "5"})
+        raise ApiError(
+            503, "sale_fenced", f"sales are paused: {settings.fenced}", headers={"Retry-After": "5"}
+        )
     if settings.state == "closed":
         metrics.count("not_open")
         raise ApiError(409, "sale_closed", f"sale {sale!r} is closed")
     if settings.state != "open" and now_ms() < settings.opens_for(buyer.member):
         metrics.count("not_open")
-        raise ApiError(409, "sale_not_open", f"sale {sale!r} opens at {iso(settings.opens_at_ms)}",
-                       opens_at=iso(settings.opens_at_ms), opens_at_ms=settings.opens_at_ms)
+        raise ApiError(
+            409,
+            "sale_not_open",
+            f"sale {sale!r} opens at {iso(settings.opens_at_ms)}",
+            opens_at=iso(settings.opens_at_ms),
+            opens_at_ms=settings.opens_at_ms,
+        )
 
     # A retry of a request whose outcome was unknown must reach Redis to learn it, so the
     # local sold-out shortcut is only for first attempts.
@@ -192,9 +231,13 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
             hold = await inv.reserve(buyer.user, cart, request_id=request_id)
     except TimeoutError:
         metrics.count("unknown")
-        raise ApiError(504, "outcome_unknown", "Redis did not answer in time: the order may or may not exist. "
-                       "Retry with the same request_id (and X-Retry-Attempt: 1) to learn the outcome.",
-                       request_id=request_id) from None
+        raise ApiError(
+            504,
+            "outcome_unknown",
+            "Redis did not answer in time: the order may or may not exist. "
+            "Retry with the same request_id (and X-Retry-Attempt: 1) to learn the outcome.",
+            request_id=request_id,
+        ) from None
     except inventory.SoldOut as exc:
         if exc.available == 0:
             state.sold_out.mark(sale, exc.sku)
@@ -239,7 +282,12 @@ async def get_order(request: web.Request) -> web.Response:
     state = request.app[STATE]
     buyer = buyer_of(request, state)
     if not (await state.sales.switches())["order_lookup"]:
-        raise ApiError(503, "degraded", "order lookup is switched off during the peak; your order is safe", headers={"Retry-After": "5"})
+        raise ApiError(
+            503,
+            "degraded",
+            "order lookup is switched off during the peak; your order is safe",
+            headers={"Retry-After": "5"},
+        )
     order_id, sale = await _order_id(request, state)
     try:
         hold = await state.engine(sale).hold(order_id)
@@ -262,7 +310,9 @@ async def _archived_order(state: ServiceState, order_id: str) -> inventory.Hold 
         )
         if row is None:
             return None
-        lines = await state.pg.fetch("SELECT sku, qty FROM order_lines WHERE order_id = $1 ORDER BY sku", order_id)
+        lines = await state.pg.fetch(
+            "SELECT sku, qty FROM order_lines WHERE order_id = $1 ORDER BY sku", order_id
+        )
     except Exception:
         return None
     return inventory.Hold(

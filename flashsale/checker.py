@@ -58,8 +58,16 @@ __all__ = [
 
 Outcome = Literal["ok", "failed", "unknown"]
 
-CHECKS = ("acknowledged", "exactly_once", "not_failed", "acknowledged_state", "no_oversell",
-          "conservation", "no_leak", "audit")  # fmt: skip
+CHECKS = (
+    "acknowledged",
+    "exactly_once",
+    "not_failed",
+    "acknowledged_state",
+    "no_oversell",
+    "conservation",
+    "no_leak",
+    "audit",
+)
 #: 503 answers given before stock is touched: the request definitely did nothing.
 DEFINITE_503 = frozenset({"overloaded", "sale_fenced", "degraded", "rate_limited"})
 #: Violations listed per check (the count is always exact).
@@ -171,15 +179,25 @@ async def observe(redis: Any, pool: Any, *, prefix: str, sale: str, audit: Any =
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             rows = await conn.fetch(
                 "SELECT order_id, sale, request_id, user_id, status, pay_by FROM orders "
-                "WHERE sale = $1 OR sale LIKE $1 || '-b%'", sale)  # fmt: skip
+                "WHERE sale = $1 OR sale LIKE $1 || '-b%'",
+                sale,
+            )
             lines = await conn.fetch(
                 "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = $1 OR o.sale LIKE $1 || '-b%'", sale)  # fmt: skip
+                "WHERE o.sale = $1 OR o.sale LIKE $1 || '-b%'",
+                sale,
+            )
             events = await conn.fetch(
                 "SELECT sale, sku, type, total, reserve, delta, units FROM stock_events "
-                "WHERE sale = $1 OR sale LIKE $1 || '-b%' ORDER BY stream_ms, stream_seq", sale)  # fmt: skip
-    orders = {r["order_id"]: _Order(r["sale"], r["request_id"], r["user_id"], r["status"],
-                                    int(r["pay_by"].timestamp() * 1000)) for r in rows}  # fmt: skip
+                "WHERE sale = $1 OR sale LIKE $1 || '-b%' ORDER BY stream_ms, stream_seq",
+                sale,
+            )
+    orders = {
+        r["order_id"]: _Order(
+            r["sale"], r["request_id"], r["user_id"], r["status"], int(r["pay_by"].timestamp() * 1000)
+        )
+        for r in rows
+    }
     for r in lines:
         orders[r["order_id"]].lines[r["sku"]] = int(r["qty"])
     stock: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
@@ -199,8 +217,13 @@ async def observe(redis: Any, pool: Any, *, prefix: str, sale: str, audit: Any =
             sku, _, counter = _text(name).rpartition(":")
             redis_stock.setdefault((engine, sku), {})[counter] = int(value)
     now = await redis.time()
-    return Observed(int(now[0]) * 1000 + int(now[1]) // 1000, orders,
-                    {k: (v[0], v[1]) for k, v in stock.items()}, redis_stock, audit)  # fmt: skip
+    return Observed(
+        int(now[0]) * 1000 + int(now[1]) // 1000,
+        orders,
+        {k: (v[0], v[1]) for k, v in stock.items()},
+        redis_stock,
+        audit,
+    )
 
 
 # ------------------------------------------------------------------------ checks
@@ -221,14 +244,20 @@ class CheckReport:
         return [name for name in CHECKS if self.violations.get(name)]
 
     def to_json(self) -> dict[str, Any]:
-        return {"ok": self.ok, **asdict(self), "violations": {k: v[:LISTED] for k, v in self.violations.items()},
-                "violation_counts": {k: len(v) for k, v in self.violations.items()}}  # fmt: skip
+        return {
+            "ok": self.ok,
+            **asdict(self),
+            "violations": {k: v[:LISTED] for k, v in self.violations.items()},
+            "violation_counts": {k: len(v) for k, v in self.violations.items()},
+        }
 
     def table(self) -> str:
-        out = [f"requests: ok {self.requests['ok']}, failed {self.requests['failed']}, unknown {self.requests['unknown']}; "
-               f"request ids: acknowledged {self.order_ids['acknowledged']}, failed {self.order_ids['failed']}, "
-               f"unknown {self.order_ids['unknown']}; unknown attempts settled by a retry {self.unknown_resolved}; "
-               f"replays {self.replayed}"]  # fmt: skip
+        out = [
+            f"requests: ok {self.requests['ok']}, failed {self.requests['failed']}, unknown {self.requests['unknown']}; "
+            f"request ids: acknowledged {self.order_ids['acknowledged']}, failed {self.order_ids['failed']}, "
+            f"unknown {self.order_ids['unknown']}; unknown attempts settled by a retry {self.unknown_resolved}; "
+            f"replays {self.replayed}"
+        ]
         for name in CHECKS:
             found = self.violations.get(name, [])
             out.append(f"  {'ok  ' if not found else 'FAIL'} {name}" + (f": {len(found)}" if found else ""))
@@ -274,16 +303,24 @@ def check(history: History, seen: Observed, *, lapsed: bool = True, grace_ms: in
 
     for request_id, answered in sorted(acknowledged.items()):
         if len(answered) > 1:
-            v["exactly_once"].append(f"request {request_id} was answered with {len(answered)} orders: {', '.join(sorted(answered))}")
+            v["exactly_once"].append(
+                f"request {request_id} was answered with {len(answered)} orders: {', '.join(sorted(answered))}"
+            )
         for order_id in sorted(answered):
             if order_id not in seen.orders:
-                v["acknowledged"].append(f"order {order_id} (request {request_id}) was acknowledged, PostgreSQL lacks it")
+                v["acknowledged"].append(
+                    f"order {order_id} (request {request_id}) was acknowledged, PostgreSQL lacks it"
+                )
     for key, ids in sorted(pg_by_request.items()):
         if len(ids) > 1:
-            v["exactly_once"].append(f"request {key[1]} of sale {key[0]} has {len(ids)} orders in PostgreSQL: {', '.join(sorted(ids))}")
+            v["exactly_once"].append(
+                f"request {key[1]} of sale {key[0]} has {len(ids)} orders in PostgreSQL: {', '.join(sorted(ids))}"
+            )
     for request_id in sorted(failed):
         for order_id in request_ids_in_pg.get(request_id, []):
-            v["not_failed"].append(f"request {request_id} was refused every time, yet PostgreSQL has order {order_id}")
+            v["not_failed"].append(
+                f"request {request_id} was refused every time, yet PostgreSQL has order {order_id}"
+            )
 
     final: dict[str, str] = {}
     for op in history:
@@ -294,7 +331,9 @@ def check(history: History, seen: Observed, *, lapsed: bool = True, grace_ms: in
         if found is None:
             v["acknowledged"].append(f"order {order_id} was {state} for the client, PostgreSQL lacks it")
         elif found.status != state:
-            v["acknowledged_state"].append(f"order {order_id}: the client was told {state}, PostgreSQL says {found.status}")
+            v["acknowledged_state"].append(
+                f"order {order_id}: the client was told {state}, PostgreSQL says {found.status}"
+            )
 
     held: Counter[tuple[str, str]] = Counter()
     paid: Counter[tuple[str, str]] = Counter()
@@ -305,9 +344,12 @@ def check(history: History, seen: Observed, *, lapsed: bool = True, grace_ms: in
             elif o.status == "paid":
                 paid[(o.sale, sku)] += qty
         if lapsed and o.status == "held" and o.pay_by_ms + grace_ms < seen.now_ms:
-            v["no_leak"].append(f"order {order_id} is still held in PostgreSQL {(seen.now_ms - o.pay_by_ms) / 1000:.1f} s after its deadline")
+            v["no_leak"].append(
+                f"order {order_id} is still held in PostgreSQL {(seen.now_ms - o.pay_by_ms) / 1000:.1f} s after its deadline"
+            )
 
-    per_sku: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])  # total, reserve, held, paid
+    # total, reserve, held, paid
+    per_sku: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0, 0])
     for (engine, sku), (total, reserve) in seen.pg_stock.items():
         s = per_sku[(_sale_of(engine), sku)]
         s[0] += total
@@ -318,26 +360,38 @@ def check(history: History, seen: Observed, *, lapsed: bool = True, grace_ms: in
         per_sku[(_sale_of(engine), sku)][3] += n
     for (sale, sku), (total, reserve, h, p) in sorted(per_sku.items()):
         if h + p > total - reserve:
-            v["no_oversell"].append(f"{sale}/{sku}: PostgreSQL has {h} held + {p} paid units, only {total - reserve} were for sale ({h + p - total + reserve} oversold)")
+            v["no_oversell"].append(
+                f"{sale}/{sku}: PostgreSQL has {h} held + {p} paid units, only {total - reserve} were for sale ({h + p - total + reserve} oversold)"
+            )
 
     redis_totals: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
     for (engine, sku), c in sorted(seen.redis_stock.items()):
-        total, avail, h, sold, reserve = (c.get(k, 0) for k in ("total", "available", "held", "sold", "reserve"))
+        total, avail, h, sold, reserve = (
+            c.get(k, 0) for k in ("total", "available", "held", "sold", "reserve")
+        )
         if avail + h + sold + reserve != total or min(avail, h, sold, reserve) < 0:
-            v["conservation"].append(f"{engine}/{sku} in Redis: available {avail} + held {h} + sold {sold} + reserve {reserve} != total {total}")
+            v["conservation"].append(
+                f"{engine}/{sku} in Redis: available {avail} + held {h} + sold {sold} + reserve {reserve} != total {total}"
+            )
         pg_total = seen.pg_stock.get((engine, sku), (None, None))[0]
         if pg_total is not None and pg_total != total:
-            v["conservation"].append(f"{engine}/{sku}: Redis has total {total}, PostgreSQL's stock events {pg_total}")
+            v["conservation"].append(
+                f"{engine}/{sku}: Redis has total {total}, PostgreSQL's stock events {pg_total}"
+            )
         if h + sold > total - reserve:
-            v["no_oversell"].append(f"{engine}/{sku} in Redis: {h} held + {sold} sold > {total - reserve} for sale")
+            v["no_oversell"].append(
+                f"{engine}/{sku} in Redis: {h} held + {sold} sold > {total - reserve} for sale"
+            )
         t = redis_totals[(_sale_of(engine), sku)]
         t[0] += sold
         if lapsed:
             if h:
                 v["no_leak"].append(f"{engine}/{sku}: {h} units still held in Redis after every hold lapsed")
             if avail != total - reserve - sold:
-                v["no_leak"].append(f"{engine}/{sku}: available {avail} != total {total} - reserve {reserve} - sold {sold}")
-    for (sale, sku), (total, reserve, h, p) in sorted(per_sku.items()):
+                v["no_leak"].append(
+                    f"{engine}/{sku}: available {avail} != total {total} - reserve {reserve} - sold {sold}"
+                )
+    for (sale, sku), (_total, _reserve, _held, p) in sorted(per_sku.items()):
         sold = redis_totals.get((sale, sku), [0])[0]
         if lapsed and sold != p:
             v["no_leak"].append(f"{sale}/{sku}: Redis counts {sold} sold, PostgreSQL has {p} paid")

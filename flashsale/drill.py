@@ -148,10 +148,15 @@ class DrillReport:
             f"time to recover {rec}; longest gap without a new order {gap}",
             f"  unknown outcomes: {u['attempts']} attempts on {u['request_ids']} request ids; settled by a retry "
             f"{u['settled']} ({u['had_run']} had run: replayed; {u['had_not_run']} had not), never settled {u['unsettled']}",
-        ]  # fmt: skip
-        lines.append("  answers: " + ", ".join(f"{k} ×{n}" for k, n in sorted(self.answers.items(), key=lambda kv: -kv[1])))
+        ]
+        lines.append(
+            "  answers: "
+            + ", ".join(f"{k} ×{n}" for k, n in sorted(self.answers.items(), key=lambda kv: -kv[1]))
+        )
         lines += [f"  note: {n}" for n in self.timeline.get("notes", [])]
-        lines.append("  checks: " + (", ".join(self.failed_checks) + " FAILED" if self.failed_checks else "all passed"))
+        lines.append(
+            "  checks: " + (", ".join(self.failed_checks) + " FAILED" if self.failed_checks else "all passed")
+        )
         for name, found in self.checks.get("violations", {}).items():
             lines += [f"    {name}: {v}" for v in found[:5]]
         return "\n".join(lines)
@@ -162,17 +167,44 @@ def _fmt(x: float | None) -> str:
 
 
 def summary_table(reports: list[DrillReport]) -> str:
-    head = ("fault", "verdict", "ok", "failed", "unknown", "recover s", "gap s", "orders/s before", "during", "after")
+    head = (
+        "fault",
+        "verdict",
+        "ok",
+        "failed",
+        "unknown",
+        "recover s",
+        "gap s",
+        "orders/s before",
+        "during",
+        "after",
+    )
     rows: list[tuple[str, ...]] = [head]
     for r in reports:
-        rows.append((r.fault, r.verdict, str(r.requests.get("ok", 0)), str(r.requests.get("failed", 0)),
-                     str(r.requests.get("unknown", 0)), _fmt(r.time_to_recover_s), _fmt(r.longest_gap_s),
-                     f"{r.orders_per_s.get('before', 0):.1f}", f"{r.orders_per_s.get('during', 0):.1f}",
-                     f"{r.orders_per_s.get('after', 0):.1f}"))  # fmt: skip
+        rows.append(
+            (
+                r.fault,
+                r.verdict,
+                str(r.requests.get("ok", 0)),
+                str(r.requests.get("failed", 0)),
+                str(r.requests.get("unknown", 0)),
+                _fmt(r.time_to_recover_s),
+                _fmt(r.longest_gap_s),
+                f"{r.orders_per_s.get('before', 0):.1f}",
+                f"{r.orders_per_s.get('during', 0):.1f}",
+                f"{r.orders_per_s.get('after', 0):.1f}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
-    out = ["  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))) for row in rows]
+    out = [
+        "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
     failed = [r.fault for r in reports if not r.passed]
-    out.append(f"{len(reports) - len(failed)} passed, {len(failed)} failed" + (f": {', '.join(failed)}" if failed else ""))
+    out.append(
+        f"{len(reports) - len(failed)} passed, {len(failed)} failed"
+        + (f": {', '.join(failed)}" if failed else "")
+    )
     return "\n".join(out)
 
 
@@ -180,8 +212,14 @@ def summary_table(reports: list[DrillReport]) -> str:
 class DrillStack:
     """Redis, PostgreSQL and the two fault proxies; shared by the drills of one run."""
 
-    def __init__(self, *, redis_url: str | None = None, database_url: str | None = None, workdir: Path | None = None,
-                 appendfsync: str = "everysec") -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        redis_url: str | None = None,
+        database_url: str | None = None,
+        workdir: Path | None = None,
+        appendfsync: str = "everysec",
+    ) -> None:
         if appendfsync not in ("everysec", "always"):
             raise ValueError("appendfsync is 'everysec' or 'always'")
         self.appendfsync = appendfsync
@@ -202,8 +240,11 @@ class DrillStack:
             if self._given_redis:
                 self.redis_url = self._given_redis
             else:
-                self.redis = RedisServer(appendonly=True, appendfsync=self.appendfsync,  # type: ignore[arg-type]
-                                         data_dir=self.workdir / "redis").start()  # fmt: skip
+                self.redis = RedisServer(
+                    appendonly=True,
+                    appendfsync=self.appendfsync,  # type: ignore[arg-type]
+                    data_dir=self.workdir / "redis",
+                ).start()
                 self.redis_url = self.redis.url
             if self._given_pg:
                 self.database_url = self._given_pg
@@ -233,7 +274,9 @@ class DrillStack:
     def can_run(self, fault: str) -> str | None:
         """None if the fault can be applied here, else why not."""
         if fault in NEEDS_REDIS_PROCESS and self.redis is None:
-            return "needs an embedded Redis (FLASHSALE_REDIS_URL names one the drill cannot stop or roll back)"
+            return (
+                "needs an embedded Redis (FLASHSALE_REDIS_URL names one the drill cannot stop or roll back)"
+            )
         if fault in NEEDS_POSTGRES_PROCESS and self.postgres is None:
             return "needs an embedded PostgreSQL (FLASHSALE_DATABASE_URL names one the drill cannot stop)"
         return None
@@ -299,52 +342,64 @@ class Processes:
 
     def env(self, *, redis_url: str, database_url: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
-        env.update({
-            "FLASHSALE_REDIS_URL": redis_url,
-            "FLASHSALE_DATABASE_URL": database_url,
-            "FLASHSALE_TOKEN_SECRET": _SECRET,
-            "FLASHSALE_ADMIN_TOKEN": _ADMIN,
-            "FLASHSALE_KEY_PREFIX": self.prefix,
-            "FLASHSALE_LOG_LEVEL": "WARNING",
-        })  # fmt: skip
+        env.update(
+            {
+                "FLASHSALE_REDIS_URL": redis_url,
+                "FLASHSALE_DATABASE_URL": database_url,
+                "FLASHSALE_TOKEN_SECRET": _SECRET,
+                "FLASHSALE_ADMIN_TOKEN": _ADMIN,
+                "FLASHSALE_KEY_PREFIX": self.prefix,
+                "FLASHSALE_LOG_LEVEL": "WARNING",
+            }
+        )
         return env
 
     def _spawn(self, args: list[str], env: dict[str, str], name: str) -> subprocess.Popen[bytes]:
         with (self.logdir / f"{name}.log").open("ab") as log:
             return subprocess.Popen(
-                [sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                [sys.executable, *args],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
                 preexec_fn=_parent_death_signal(signal.SIGTERM),
-            )  # fmt: skip
+            )
 
     def start_service(self) -> None:
         s = self.settings
         env = self.env(redis_url=self.stack.proxied_redis_url, database_url=self.stack.database_url)
-        env.update({
-            "FLASHSALE_PORT": str(self.port),
-            "FLASHSALE_WORKERS": str(s.service_workers),
-            "FLASHSALE_USER_RATE": "1000",
-            "FLASHSALE_USER_BURST": "1000",
-            "FLASHSALE_REDIS_TIMEOUT": str(s.redis_timeout_s),
-            "FLASHSALE_SALE_CACHE": "0.2",
-            "FLASHSALE_SOLD_OUT_CACHE": "0.2",
-        })  # fmt: skip
+        env.update(
+            {
+                "FLASHSALE_PORT": str(self.port),
+                "FLASHSALE_WORKERS": str(s.service_workers),
+                "FLASHSALE_USER_RATE": "1000",
+                "FLASHSALE_USER_BURST": "1000",
+                "FLASHSALE_REDIS_TIMEOUT": str(s.redis_timeout_s),
+                "FLASHSALE_SALE_CACHE": "0.2",
+                "FLASHSALE_SOLD_OUT_CACHE": "0.2",
+            }
+        )
         self.service = self._spawn(["-m", "flashsale.cli", "serve"], env, "service")
 
     def start_worker(self) -> None:
         env = self.env(redis_url=self.stack.redis_url, database_url=self.stack.proxied_database_url)
-        env.update({
-            "FLASHSALE_WORKER_CONSUMER": "drill-writer",
-            "FLASHSALE_WORKER_BLOCK_MS": "50",
-            # Entries read but not acknowledged when a connection broke are re-read by
-            # XAUTOCLAIM only: keep its idle time short so a drill settles in seconds.
-            "FLASHSALE_WORKER_CLAIM_IDLE_MS": "1500",
-            "FLASHSALE_WORKER_CLAIM_INTERVAL_S": "0.5",
-            "FLASHSALE_WORKER_SALES_REFRESH_S": "0.5",
-            "FLASHSALE_WORKER_STATEMENT_TIMEOUT_MS": "5000",
-            "FLASHSALE_WORKER_STOP_GRACE_S": "2",
-            "FLASHSALE_SWEEPER_INTERVAL_MS": "100",
-        })  # fmt: skip
-        self.worker = self._spawn(["-m", "flashsale.pipeline_cli", "worker"], env, f"worker-{self.worker_starts}")
+        env.update(
+            {
+                "FLASHSALE_WORKER_CONSUMER": "drill-writer",
+                "FLASHSALE_WORKER_BLOCK_MS": "50",
+                # Entries read but not acknowledged when a connection broke are re-read by
+                # XAUTOCLAIM only: keep its idle time short so a drill settles in seconds.
+                "FLASHSALE_WORKER_CLAIM_IDLE_MS": "1500",
+                "FLASHSALE_WORKER_CLAIM_INTERVAL_S": "0.5",
+                "FLASHSALE_WORKER_SALES_REFRESH_S": "0.5",
+                "FLASHSALE_WORKER_STATEMENT_TIMEOUT_MS": "5000",
+                "FLASHSALE_WORKER_STOP_GRACE_S": "2",
+                "FLASHSALE_SWEEPER_INTERVAL_MS": "100",
+            }
+        )
+        self.worker = self._spawn(
+            ["-m", "flashsale.pipeline_cli", "worker"], env, f"worker-{self.worker_starts}"
+        )
         self.worker_starts += 1
 
     def service_children(self) -> list[int]:
@@ -360,8 +415,13 @@ class Processes:
 
     def run_cli(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         env = self.env(redis_url=self.stack.redis_url, database_url=self.stack.database_url)
-        return subprocess.run([sys.executable, "-m", "flashsale.drill_cli", *args], env=env, capture_output=True,
-                              text=True, timeout=timeout)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "flashsale.drill_cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def stop(self) -> None:
         for proc in (self.service, self.worker):
@@ -387,8 +447,15 @@ class Processes:
 class Surge:
     """The drill's buyers: an asyncio HTTP client that logs every request."""
 
-    def __init__(self, base_url: str, tokens: dict[str, str], skus: tuple[str, str], settings: DrillSettings,
-                 t0: float, rng: random.Random) -> None:  # fmt: skip
+    def __init__(
+        self,
+        base_url: str,
+        tokens: dict[str, str],
+        skus: tuple[str, str],
+        settings: DrillSettings,
+        t0: float,
+        rng: random.Random,
+    ) -> None:
         self.base = base_url
         self.tokens = tokens
         self.users = sorted(tokens)
@@ -404,8 +471,17 @@ class Surge:
     def now(self) -> float:
         return time.monotonic() - self.t0
 
-    async def _send(self, session: aiohttp.ClientSession, kind: str, key: str, user: str, path: str,
-                    body: dict[str, Any] | None, attempt: int, lines: tuple[tuple[str, int], ...] = ()) -> Operation:  # fmt: skip
+    async def _send(
+        self,
+        session: aiohttp.ClientSession,
+        kind: str,
+        key: str,
+        user: str,
+        path: str,
+        body: dict[str, Any] | None,
+        attempt: int,
+        lines: tuple[tuple[str, int], ...] = (),
+    ) -> Operation:
         headers = {"Authorization": f"Bearer {self.tokens[user]}"}
         if attempt:
             headers["X-Retry-Attempt"] = str(attempt)
@@ -422,9 +498,21 @@ class Surge:
             code = type(exc).__name__
         if not isinstance(data, dict):
             data = {}
-        op = Operation(kind, key, user, attempt, started, self.now(), status, classify(status, code), code,  # type: ignore[arg-type]
-                       data.get("order_id") if status // 100 == 2 else None, data.get("status") if status // 100 == 2 else None,
-                       lines, bool(data.get("replayed")))  # fmt: skip
+        op = Operation(
+            kind,  # type: ignore[arg-type]
+            key,
+            user,
+            attempt,
+            started,
+            self.now(),
+            status,
+            classify(status, code),
+            code,
+            data.get("order_id") if status // 100 == 2 else None,
+            data.get("status") if status // 100 == 2 else None,
+            lines,
+            bool(data.get("replayed")),
+        )
         self.history.add(op)
         return op
 
@@ -447,11 +535,22 @@ class Surge:
             self._n += 1
             request_id = f"{user}-{self._n}"
             roll = self.rng.random()
-            lines = ((self.hot, 1),) if roll < 0.6 else ((self.warm, 1),) if roll < 0.92 else ((self.hot, 1), (self.warm, 1))
+            lines = (
+                ((self.hot, 1),)
+                if roll < 0.6
+                else ((self.warm, 1),)
+                if roll < 0.92
+                else ((self.hot, 1), (self.warm, 1))
+            )
             body = {"request_id": request_id, "lines": [{"sku": s, "qty": q} for s, q in lines]}
 
-            def order(attempt: int, body: dict[str, Any] = body, rid: str = request_id, u: str = user,
-                      ls: tuple[tuple[str, int], ...] = lines) -> Awaitable[Operation]:  # fmt: skip
+            def order(
+                attempt: int,
+                body: dict[str, Any] = body,
+                rid: str = request_id,
+                u: str = user,
+                ls: tuple[tuple[str, int], ...] = lines,
+            ) -> Awaitable[Operation]:
                 return self._send(session, "order", rid, u, "/api/orders", body, attempt, ls)
 
             op = await self._until_known(order, settle_by)
@@ -467,7 +566,9 @@ class Surge:
             if roll < self.s.pay_ratio + self.s.cancel_ratio:
                 action = "pay" if roll < self.s.pay_ratio else "cancel"
 
-                def close(attempt: int, action: str = action, oid: str = order_id, u: str = user) -> Awaitable[Operation]:
+                def close(
+                    attempt: int, action: str = action, oid: str = order_id, u: str = user
+                ) -> Awaitable[Operation]:
                     return self._send(session, action, oid, u, f"/api/orders/{oid}/{action}", None, attempt)
 
                 closed = await self._until_known(close, settle_by)
@@ -668,15 +769,21 @@ class Faults:
         done = await asyncio.to_thread(self.procs.run_cli, "recover", "--json", "-")
         try:
             summary = json.loads(done.stdout)
-            self.note(f"`flashsale recover` exit {done.returncode}: ok={summary['ok']}, "
-                      f"orders rebuilt {[r['orders'] for r in summary['recovered']]}")  # fmt: skip
+            self.note(
+                f"`flashsale recover` exit {done.returncode}: ok={summary['ok']}, "
+                f"orders rebuilt {[r['orders'] for r in summary['recovered']]}"
+            )
         except (ValueError, KeyError):
-            self.note(f"`flashsale recover` exit {done.returncode}: {done.stdout[-300:]} {done.stderr[-500:]}")
+            self.note(
+                f"`flashsale recover` exit {done.returncode}: {done.stdout[-300:]} {done.stderr[-500:]}"
+            )
         self.timeline.fault_end = self.clock()
 
 
 # ------------------------------------------------------------------------ a drill
-async def _admin(session: aiohttp.ClientSession, base: str, path: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _admin(
+    session: aiohttp.ClientSession, base: str, path: str, body: dict[str, Any]
+) -> dict[str, Any]:
     async with session.post(base + path, json=body, headers={"Authorization": f"Bearer {_ADMIN}"}) as resp:
         data: dict[str, Any] = await resp.json(content_type=None)
         if resp.status // 100 != 2:
@@ -689,7 +796,9 @@ async def _wait_ready(base: str, procs: Processes, timeout: float = 60) -> None:
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
         while time.monotonic() < deadline:
             if procs.service is not None and procs.service.poll() is not None:
-                raise RuntimeError(f"the service exited ({procs.service.returncode}):\n{procs.log_tail('service')}")
+                raise RuntimeError(
+                    f"the service exited ({procs.service.returncode}):\n{procs.log_tail('service')}"
+                )
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with session.get(base + "/readyz") as resp:
                     if resp.status == 200:
@@ -707,7 +816,9 @@ async def _recorded(database_url: str, prefix: str, sale: str, timeout: float = 
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if await conn.fetchval("SELECT count(*) FROM fence_sales WHERE prefix = $1 AND sale = $2", prefix, sale):
+            if await conn.fetchval(
+                "SELECT count(*) FROM fence_sales WHERE prefix = $1 AND sale = $2", prefix, sale
+            ):
                 return True
             await asyncio.sleep(0.1)
         return False
@@ -715,18 +826,24 @@ async def _recorded(database_url: str, prefix: str, sale: str, timeout: float = 
         await conn.close()
 
 
-async def _settle(stack: DrillStack, prefix: str, sale: str, history: History, settings: DrillSettings) -> tuple[CheckReport, Any]:
+async def _settle(
+    stack: DrillStack, prefix: str, sale: str, history: History, settings: DrillSettings
+) -> tuple[CheckReport, Any]:
     from redis.asyncio import Redis
 
     from .audit import run_audit
     from .pgpool import close_pool, create_pool
 
     await asyncio.sleep(settings.hold_ttl_s + 1.5)  # every hold lapses; the sweeper returns it
-    acknowledged = sorted({op.order_id for op in history if op.kind == "order" and op.outcome == "ok" and op.order_id})
+    acknowledged = sorted(
+        {op.order_id for op in history if op.kind == "order" and op.outcome == "ok" and op.order_id}
+    )
     redis = Redis.from_url(stack.redis_url, decode_responses=True, socket_timeout=10)
     pool = await create_pool(stack.database_url, max_size=2, application_name="flashsale-drill-check")
     try:
-        audit = await run_audit(redis, pool, prefix=prefix, acknowledged=acknowledged, wait_drain_s=30, expiry_grace_s=3)
+        audit = await run_audit(
+            redis, pool, prefix=prefix, acknowledged=acknowledged, wait_drain_s=30, expiry_grace_s=3
+        )
         seen = await observe(redis, pool, prefix=prefix, sale=sale, audit=audit)
         return check(history, seen, lapsed=True, grace_ms=3000), audit
     finally:
@@ -735,7 +852,9 @@ async def _settle(stack: DrillStack, prefix: str, sale: str, history: History, s
 
 
 def _rates(history: History, timeline: Timeline, recovered_at: float | None) -> dict[str, float]:
-    created = sorted(op.ended for op in history if op.kind == "order" and op.outcome == "ok" and not op.replayed)
+    created = sorted(
+        op.ended for op in history if op.kind == "order" and op.outcome == "ok" and not op.replayed
+    )
     start = timeline.fault_start or 0.0
     back = recovered_at if recovered_at is not None else (timeline.fault_end or start)
     end = timeline.surge_end or (created[-1] if created else 0.0)
@@ -743,7 +862,11 @@ def _rates(history: History, timeline: Timeline, recovered_at: float | None) -> 
     def rate(a: float, b: float) -> float:
         return sum(1 for t in created if a <= t < b) / (b - a) if b - a > 0.05 else 0.0
 
-    return {"before": rate(0.0, start), "during": rate(start, max(back, start + 0.05)), "after": rate(back, end)}
+    return {
+        "before": rate(0.0, start),
+        "during": rate(start, max(back, start + 0.05)),
+        "after": rate(back, end),
+    }
 
 
 def _unknowns(history: History) -> dict[str, int]:
@@ -759,8 +882,14 @@ def _unknowns(history: History) -> dict[str, int]:
             had_run += 1
         else:
             had_not += 1
-    return {"attempts": len(attempts), "request_ids": len(ids), "settled": had_run + had_not, "had_run": had_run,
-            "had_not_run": had_not, "unsettled": unsettled}  # fmt: skip
+    return {
+        "attempts": len(attempts),
+        "request_ids": len(ids),
+        "settled": had_run + had_not,
+        "had_run": had_run,
+        "had_not_run": had_not,
+        "unsettled": unsettled,
+    }
 
 
 async def _drill(stack: DrillStack, fault: str, settings: DrillSettings, logdir: Path) -> DrillReport:
@@ -776,18 +905,33 @@ async def _drill(stack: DrillStack, fault: str, settings: DrillSettings, logdir:
         procs.start_worker()
         await _wait_ready(base, procs)
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-            await _admin(session, base, "/api/admin/sales", {
-                "sale": sale, "open": True, "hold_ttl_s": settings.hold_ttl_s,
-                "skus": [{"sku": hot, "stock": settings.hot_stock, "limit_per_user": 2},
-                         {"sku": warm, "stock": settings.warm_stock}],
-            })  # fmt: skip
-            tokens = (await _admin(session, base, "/api/admin/tokens", {"prefix": "b", "count": settings.buyers}))["tokens"]
+            await _admin(
+                session,
+                base,
+                "/api/admin/sales",
+                {
+                    "sale": sale,
+                    "open": True,
+                    "hold_ttl_s": settings.hold_ttl_s,
+                    "skus": [
+                        {"sku": hot, "stock": settings.hot_stock, "limit_per_user": 2},
+                        {"sku": warm, "stock": settings.warm_stock},
+                    ],
+                },
+            )
+            tokens = (
+                await _admin(session, base, "/api/admin/tokens", {"prefix": "b", "count": settings.buyers})
+            )["tokens"]
         if not await _recorded(stack.database_url, prefix, sale):
-            timeline.notes.append("the fence did not record the sale within 10 s: is it installed in the service?")
+            timeline.notes.append(
+                "the fence did not record the sale within 10 s: is it installed in the service?"
+            )
         t0 = time.monotonic()
         surge = Surge(base, tokens, (hot, warm), settings, t0, rng)
         faults = Faults(stack, procs, timeline, surge)
-        fault_task = asyncio.ensure_future(faults.run(fault, settings.fault_start, settings.fault_length, prefix, sale))
+        fault_task = asyncio.ensure_future(
+            faults.run(fault, settings.fault_start, settings.fault_length, prefix, sale)
+        )
         await surge.run()
         timeline.surge_end = min(surge.now(), surge.end)
         await fault_task
@@ -798,9 +942,17 @@ async def _drill(stack: DrillStack, fault: str, settings: DrillSettings, logdir:
     history.save(logdir / "history.jsonl")
     timeline.notes.append(f"history and logs: {logdir}")
     end = timeline.fault_end or 0.0
-    recovered_at = min((op.ended for op in history if op.kind == "order" and op.outcome == "ok"
-                        and not op.replayed and op.started >= end), default=None)  # fmt: skip
-    created = sorted(op.ended for op in history if op.kind == "order" and op.outcome == "ok" and not op.replayed)
+    recovered_at = min(
+        (
+            op.ended
+            for op in history
+            if op.kind == "order" and op.outcome == "ok" and not op.replayed and op.started >= end
+        ),
+        default=None,
+    )
+    created = sorted(
+        op.ended for op in history if op.kind == "order" and op.outcome == "ok" and not op.replayed
+    )
     window = [t for t in created if (timeline.fault_start or 0) - 1 <= t <= (recovered_at or end) + 1]
     gap = max((b - a for a, b in zip(window, window[1:])), default=None)
     failed = check_report.failed_checks()
@@ -834,8 +986,22 @@ def run_drill(stack: DrillStack, fault: str, settings: DrillSettings | None = No
     settings = settings or DrillSettings()
     why = stack.can_run(fault)
     if why is not None:
-        return DrillReport(fault, "SKIPPED", why, {"ok": 0, "failed": 0, "unknown": 0}, {}, None, None, {}, {}, [], {}, {},
-                           {}, asdict(settings))  # fmt: skip
+        return DrillReport(
+            fault,
+            "SKIPPED",
+            why,
+            {"ok": 0, "failed": 0, "unknown": 0},
+            {},
+            None,
+            None,
+            {},
+            {},
+            [],
+            {},
+            {},
+            {},
+            asdict(settings),
+        )
     logdir = stack.workdir / f"{fault}-{secrets.token_hex(3)}"
     logdir.mkdir(parents=True)
     return asyncio.run(_drill(stack, fault, settings, logdir))

@@ -35,16 +35,34 @@ def register(sub: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = d.add_mutually_exclusive_group(required=True)
-    which.add_argument("--fault", choices=sorted(FAULTS), metavar="NAME", help="the fault to inject (see below)")
+    which.add_argument(
+        "--fault", choices=sorted(FAULTS), metavar="NAME", help="the fault to inject (see below)"
+    )
     which.add_argument("--all", action="store_true", help="every fault in turn, one table at the end")
-    d.add_argument("--duration", type=float, default=9.0, metavar="S", help="seconds of surge per drill (default 9, the CI size)")
+    d.add_argument(
+        "--duration",
+        type=float,
+        default=9.0,
+        metavar="S",
+        help="seconds of surge per drill (default 9, the CI size)",
+    )
     d.add_argument("--concurrency", type=int, default=12, help="buyers sending at once (default 12)")
     d.add_argument("--seed", type=int, help="random seed for the buyers' choices")
-    d.add_argument("--json", type=Path, metavar="FILE", help="write the report(s) as JSON to FILE ('-' for stdout)")
-    d.add_argument("--appendfsync", choices=("everysec", "always"), default="everysec",
-                   help="the embedded Redis's AOF fsync policy (default everysec; see docs/drills.md for what each loses)")
-    d.add_argument("--workdir", type=Path, metavar="DIR",
-                   help="keep servers' data, histories and logs here (default: a temp dir removed at the end)")
+    d.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the report(s) as JSON to FILE ('-' for stdout)"
+    )
+    d.add_argument(
+        "--appendfsync",
+        choices=("everysec", "always"),
+        default="everysec",
+        help="the embedded Redis's AOF fsync policy (default everysec; see docs/drills.md for what each loses)",
+    )
+    d.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="keep servers' data, histories and logs here (default: a temp dir removed at the end)",
+    )
     d.set_defaults(func=_drill)
 
     r = sub.add_parser(
@@ -59,11 +77,17 @@ def register(sub: Any) -> None:
             "run again; run it with the worker running or stopped."
         ),
     )
-    r.add_argument("--sale", action="append", dest="sales", metavar="SALE", help="recover this sale (repeatable)")
+    r.add_argument(
+        "--sale", action="append", dest="sales", metavar="SALE", help="recover this sale (repeatable)"
+    )
     r.add_argument("--force", action="store_true", help="rebuild every recorded sale, even those that verify")
-    r.add_argument("--check", action="store_true", help="only compare and report; change nothing (exit 1 on a loss)")
+    r.add_argument(
+        "--check", action="store_true", help="only compare and report; change nothing (exit 1 on a loss)"
+    )
     r.add_argument("--forget", metavar="SALE", help="tell the fence SALE was removed from Redis on purpose")
-    r.add_argument("--json", type=Path, metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)")
+    r.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)"
+    )
     r.set_defaults(func=_recover)
 
 
@@ -96,16 +120,23 @@ def _drill(args: argparse.Namespace) -> int:
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
     try:
-        stack = DrillStack(redis_url=os.environ.get("FLASHSALE_REDIS_URL") or None,
-                           database_url=os.environ.get("FLASHSALE_DATABASE_URL") or None,
-                           workdir=args.workdir, appendfsync=args.appendfsync).start()  # fmt: skip
+        stack = DrillStack(
+            redis_url=os.environ.get("FLASHSALE_REDIS_URL") or None,
+            database_url=os.environ.get("FLASHSALE_DATABASE_URL") or None,
+            workdir=args.workdir,
+            appendfsync=args.appendfsync,
+        ).start()
     except ServerError as exc:
         return _fail(f"cannot start the drill's servers: {exc}")
     reports = []
     try:
         for fault in faults:
-            print(f"drill {fault}: {settings.duration_s:.0f} s surge, fault at {settings.fault_start:.1f} s "
-                  f"for {settings.fault_length:.1f} s …", file=out, flush=True)  # fmt: skip
+            print(
+                f"drill {fault}: {settings.duration_s:.0f} s surge, fault at {settings.fault_start:.1f} s "
+                f"for {settings.fault_length:.1f} s …",
+                file=out,
+                flush=True,
+            )
             report = run_drill(stack, fault, settings)
             reports.append(report)
             print(report.text(), file=out, flush=True)
@@ -123,8 +154,10 @@ def _recover(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     if not os.environ.get("FLASHSALE_REDIS_URL") or not settings.database_url:
-        return _fail("recovery reads PostgreSQL and rewrites Redis: set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
-                     "(and FLASHSALE_KEY_PREFIX if not 'fs')")  # fmt: skip
+        return _fail(
+            "recovery reads PostgreSQL and rewrites Redis: set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
+            "(and FLASHSALE_KEY_PREFIX if not 'fs')"
+        )
     return asyncio.run(_recover_async(settings, args))
 
 
@@ -134,7 +167,9 @@ async def _recover_async(settings: Any, args: argparse.Namespace) -> int:
     from . import fence, recovery
     from .pgpool import close_pool, create_pool
 
-    redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
+    redis = Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5
+    )
     try:
         pool = await create_pool(settings.database_url, max_size=2, application_name="flashsale-recover")
     except (OSError, TimeoutError) as exc:
@@ -144,15 +179,28 @@ async def _recover_async(settings: Any, args: argparse.Namespace) -> int:
     try:
         if args.forget:
             done = await recovery.forget(pool, prefix=prefix, sale=args.forget)
-            print(f"sale {args.forget} forgotten by the fence" if done else f"the fence has no sale {args.forget!r} recorded")
+            print(
+                f"sale {args.forget} forgotten by the fence"
+                if done
+                else f"the fence has no sale {args.forget!r} recorded"
+            )
             return 0 if done else 2
         if args.check:
             verdict = await fence.verify(redis, pool, prefix=prefix)
-            body: dict[str, Any] = {"ok": verdict.ok, "run_id": verdict.run_id, "lost": verdict.lost_sales(),
-                    "losses": [loss.reason for loss in verdict.losses], "checked": list(verdict.checked)}  # fmt: skip
+            body: dict[str, Any] = {
+                "ok": verdict.ok,
+                "run_id": verdict.run_id,
+                "lost": verdict.lost_sales(),
+                "losses": [loss.reason for loss in verdict.losses],
+                "checked": list(verdict.checked),
+            }
             _write_json(args.json, body)
             if str(args.json) != "-":
-                print("Redis agrees with PostgreSQL" if verdict.ok else "\n".join(["Redis lost data:", *body["losses"]]))
+                print(
+                    "Redis agrees with PostgreSQL"
+                    if verdict.ok
+                    else "\n".join(["Redis lost data:", *body["losses"]])
+                )
             return 0 if verdict.ok else 1
         report = await recovery.recover(redis, pool, prefix=prefix, sales=args.sales, force=args.force)
     except fence.FenceUnavailable as exc:

@@ -369,7 +369,9 @@ class _ServerProcess:
         raise NotImplementedError
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(port={self._port}, pid={self.pid}, data_dir={self._data_dir_or_none()})"
+        return (
+            f"{type(self).__name__}(port={self._port}, pid={self.pid}, data_dir={self._data_dir_or_none()})"
+        )
 
     # -- shared mechanics
     def _data_dir_or_none(self) -> Path | None:
@@ -448,7 +450,9 @@ class _ServerProcess:
             try:
                 self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                logger.warning("%r ignored %s for %.0f s; killing it", self, signal.Signals(sig).name, timeout)
+                logger.warning(
+                    "%r ignored %s for %.0f s; killing it", self, signal.Signals(sig).name, timeout
+                )
         self._kill_all()
         self._reap()
 
@@ -565,16 +569,25 @@ class RedisServer(_ServerProcess):
         data_dir.mkdir(parents=True, exist_ok=True)
         args: list[str | Path] = [
             self._binary,
-            "--port", str(self.port),
-            "--bind", _HOST,
-            "--protected-mode", "no",
-            "--daemonize", "no",
-            "--dir", data_dir,
-            "--maxmemory-policy", "noeviction",
-            "--save", "",
-            "--appendonly", "yes" if self._appendonly else "no",
-            "--appendfsync", self._appendfsync,
-        ]  # fmt: skip
+            "--port",
+            str(self.port),
+            "--bind",
+            _HOST,
+            "--protected-mode",
+            "no",
+            "--daemonize",
+            "no",
+            "--dir",
+            data_dir,
+            "--maxmemory-policy",
+            "noeviction",
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self._appendonly else "no",
+            "--appendfsync",
+            self._appendfsync,
+        ]
         if self.version >= (7,):
             args += ["--enable-debug-command", "local"]  # tests use DEBUG SLEEP
         args += self._extra_args
@@ -653,8 +666,10 @@ def _ensure_system_user(name: str) -> _RunAs:
         try:
             done = subprocess.run(
                 ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
-                capture_output=True, text=True, timeout=60,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
             why = done.stderr.strip()
         except OSError as exc:
             why = str(exc)
@@ -662,8 +677,7 @@ def _ensure_system_user(name: str) -> _RunAs:
             entry = pwd.getpwnam(name)
         except KeyError:
             raise ServerError(
-                f"PostgreSQL refuses to run as root and the system user {name!r} could not be "
-                f"created: {why}"
+                f"PostgreSQL refuses to run as root and the system user {name!r} could not be created: {why}"
             ) from None
         logger.warning("created system user %r to run PostgreSQL (it refuses to run as root)", name)
     return _RunAs(uid=entry.pw_uid, gid=entry.pw_gid)
@@ -822,10 +836,19 @@ class PostgresServer(_ServerProcess):
     def _initdb(self, run_as: _RunAs | None) -> None:
         fsync = "on" if self._durable else "off"
         self._run_tool(
-            [self._bin_dir / "initdb", "-D", self.data_dir, "--auth=trust", "-U", PG_USER,
-             "--encoding=UTF8", "--locale=C", "--no-sync"],
+            [
+                self._bin_dir / "initdb",
+                "-D",
+                self.data_dir,
+                "--auth=trust",
+                "-U",
+                PG_USER,
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
+            ],
             run_as,
-        )  # fmt: skip
+        )
         # Single-user mode creates the database before any client library is needed.
         self._run_tool(
             [self._bin_dir / "postgres", "--single", "-D", self.data_dir, "-c", f"fsync={fsync}", "postgres"],
@@ -850,8 +873,14 @@ class PostgresServer(_ServerProcess):
         }
         workdir = self._require_workdir()
         args: list[str | Path] = [
-            self._bin_dir / "postgres", "-D", self.data_dir, "-p", str(self.port), "-k", workdir / "sock",
-        ]  # fmt: skip
+            self._bin_dir / "postgres",
+            "-D",
+            self.data_dir,
+            "-p",
+            str(self.port),
+            "-k",
+            workdir / "sock",
+        ]
         for name, value in settings.items():
             args += ["-c", f"{name}={value}"]
         log = workdir / "postgres.log"

@@ -63,11 +63,14 @@ class RedisClusterServer:
                 node = RedisServer(
                     port=_free_cluster_port(),
                     extra_args=(
-                        "--cluster-enabled", "yes",
-                        "--cluster-config-file", "nodes.conf",
-                        "--cluster-node-timeout", "5000",
-                    )
-                )  # fmt: skip
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                        "--cluster-node-timeout",
+                        "5000",
+                    ),
+                )
                 node.start()
                 self.nodes.append(node)
             self._form()
@@ -90,7 +93,8 @@ class RedisClusterServer:
             while True:
                 infos = [c.cluster("INFO") for c in clients]
                 if all(
-                    str(i.get("cluster_state")) == "ok" and int(i.get("cluster_known_nodes", 0)) == self.masters
+                    str(i.get("cluster_state")) == "ok"
+                    and int(i.get("cluster_known_nodes", 0)) == self.masters
                     for i in infos
                 ):
                     return

@@ -92,10 +92,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.details)
     except inventory.InventoryError as exc:
         return _from_inventory(exc)
-    except web.HTTPRequestEntityTooLarge as exc:
+    except web.HTTPRequestEntityTooLarge:
         # aiohttp raises this while reading a body sent without Content-Length (chunked);
         # the exception does not keep the limit, the request does.
-        return error_response(413, "body_too_large", f"request body is larger than {request.client_max_size} bytes")
+        return error_response(
+            413, "body_too_large", f"request body is larger than {request.client_max_size} bytes"
+        )
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -107,7 +109,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except RedisError as exc:
         log.warning("redis error on %s: %s", request.path, exc)
         return error_response(
-            503, "redis_unavailable", "the stock store is not answering; try again shortly", {"Retry-After": "1"}
+            503,
+            "redis_unavailable",
+            "the stock store is not answering; try again shortly",
+            {"Retry-After": "1"},
         )
     except Exception:
         log.exception("unhandled error on %s %s", request.method, request.path)

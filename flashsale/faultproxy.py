@@ -67,8 +67,12 @@ def _rst(writer: asyncio.StreamWriter) -> None:
 class _Link:
     """One proxied connection: client <-> proxy <-> server."""
 
-    def __init__(self, proxy: FaultProxy, client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
-                 server: tuple[asyncio.StreamReader, asyncio.StreamWriter]) -> None:  # fmt: skip
+    def __init__(
+        self,
+        proxy: FaultProxy,
+        client: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+        server: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    ) -> None:
         self.proxy = proxy
         self.client_reader, self.client_writer = client
         self.server_reader, self.server_writer = server
@@ -99,7 +103,9 @@ class _Link:
                 await sender
             self.close()
 
-    async def _send(self, name: str, queue: asyncio.Queue[tuple[float, bytes] | None], writer: asyncio.StreamWriter) -> None:
+    async def _send(
+        self, name: str, queue: asyncio.Queue[tuple[float, bytes] | None], writer: asyncio.StreamWriter
+    ) -> None:
         loop = asyncio.get_running_loop()
         while (item := await queue.get()) is not None:
             due, data = item
@@ -140,8 +146,15 @@ class FaultProxy:
     """A TCP proxy from ``127.0.0.1:<port>`` to ``target_host:target_port`` with faults
     switched on and off at run time (see the module docstring). Use in one event loop."""
 
-    def __init__(self, target_host: str, target_port: int, *, listen_host: str = "127.0.0.1",
-                 listen_port: int = 0, name: str = "proxy") -> None:  # fmt: skip
+    def __init__(
+        self,
+        target_host: str,
+        target_port: int,
+        *,
+        listen_host: str = "127.0.0.1",
+        listen_port: int = 0,
+        name: str = "proxy",
+    ) -> None:
         self.target = (target_host, target_port)
         self.listen = (listen_host, listen_port)
         self.name = name
@@ -251,7 +264,9 @@ class ProxyThread:
     """A :class:`FaultProxy` in a thread with its own event loop; a context manager.
     Every method may be called from any thread."""
 
-    def __init__(self, target_host: str, target_port: int, *, listen_port: int = 0, name: str = "proxy") -> None:
+    def __init__(
+        self, target_host: str, target_port: int, *, listen_port: int = 0, name: str = "proxy"
+    ) -> None:
         self.proxy = FaultProxy(target_host, target_port, listen_port=listen_port, name=name)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"faultproxy-{name}", daemon=True)

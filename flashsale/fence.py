@@ -161,7 +161,9 @@ class Verdict:
         for loss in self.losses:
             reasons[loss.sale].append(loss.reason)
         return {
-            sale: "Redis lost data (" + "; ".join(found[:3]) + "): run `flashsale recover` to rebuild it from PostgreSQL"
+            sale: "Redis lost data ("
+            + "; ".join(found[:3])
+            + "): run `flashsale recover` to rebuild it from PostgreSQL"
             for sale, found in reasons.items()
         }
 
@@ -175,9 +177,13 @@ async def _require_tables(conn: Any) -> None:
 async def load_registry(conn: Any, prefix: str) -> dict[str, SaleRecord]:
     """Every sale recorded in ``fence_sales`` for ``prefix``."""
     await _require_tables(conn)
-    rows = await conn.fetch("SELECT sale, settings, skus, forgotten_at FROM fence_sales WHERE prefix = $1", prefix)
+    rows = await conn.fetch(
+        "SELECT sale, settings, skus, forgotten_at FROM fence_sales WHERE prefix = $1", prefix
+    )
     return {
-        r["sale"]: SaleRecord(r["sale"], json.loads(r["settings"]), tuple(r["skus"]), r["forgotten_at"] is not None)
+        r["sale"]: SaleRecord(
+            r["sale"], json.loads(r["settings"]), tuple(r["skus"]), r["forgotten_at"] is not None
+        )
         for r in rows
     }
 
@@ -203,12 +209,19 @@ async def _read_postgres(pool: Any, prefix: str) -> _PgFacts:
             for r in await conn.fetch("SELECT sale, settings FROM fence_sales WHERE prefix <> $1", prefix):
                 other_engines.update(SaleRecord(r["sale"], json.loads(r["settings"]), ()).engine_sales)
             ours = {e for rec in registry.values() for e in rec.engine_sales}
-            stocked = {r["sale"]: int(r["ms"]) for r in await conn.fetch(
-                "SELECT sale, max(stream_ms) AS ms FROM stock_events GROUP BY sale")
-                if r["sale"] in ours or r["sale"] not in other_engines}  # fmt: skip
+            stocked = {
+                r["sale"]: int(r["ms"])
+                for r in await conn.fetch("SELECT sale, max(stream_ms) AS ms FROM stock_events GROUP BY sale")
+                if r["sale"] in ours or r["sale"] not in other_engines
+            }
             forgotten = {e for rec in registry.values() if rec.forgotten for e in rec.engine_sales}
-            engines = sorted(({e for rec in registry.values() if not rec.forgotten for e in rec.engine_sales}
-                              | set(stocked)) - forgotten)  # fmt: skip
+            engines = sorted(
+                (
+                    {e for rec in registry.values() if not rec.forgotten for e in rec.engine_sales}
+                    | set(stocked)
+                )
+                - forgotten
+            )
             orders: dict[str, int] = {}
             order_ms: dict[str, int] = {}
             for r in await conn.fetch(
@@ -218,11 +231,14 @@ async def _read_postgres(pool: Any, prefix: str) -> _PgFacts:
             ):
                 orders[r["sale"]] = int(r["n"])
                 order_ms[r["sale"]] = int(r["ms"])
-            paid = {(r["sale"], r["sku"]): int(r["units"]) for r in await conn.fetch(
-                "SELECT o.sale, l.sku, sum(l.qty) AS units FROM orders o JOIN order_lines l USING (order_id) "
-                "WHERE o.status = 'paid' AND o.sale = ANY($1::text[]) GROUP BY o.sale, l.sku",
-                engines,
-            )}  # fmt: skip
+            paid = {
+                (r["sale"], r["sku"]): int(r["units"])
+                for r in await conn.fetch(
+                    "SELECT o.sale, l.sku, sum(l.qty) AS units FROM orders o JOIN order_lines l USING (order_id) "
+                    "WHERE o.status = 'paid' AND o.sale = ANY($1::text[]) GROUP BY o.sale, l.sku",
+                    engines,
+                )
+            }
     stocked = {s: ms for s, ms in stocked.items() if s not in forgotten}
     return _PgFacts(lineage, registry, stocked, orders, order_ms, paid)
 
@@ -244,7 +260,9 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
     fence's tables, and the drivers' errors when a server does not answer.
     """
     pg = await _read_postgres(pool, prefix)
-    engines = sorted(set(pg.stocked) | {e for rec in pg.registry.values() if not rec.forgotten for e in rec.engine_sales})
+    engines = sorted(
+        set(pg.stocked) | {e for rec in pg.registry.values() if not rec.forgotten for e in rec.engine_sales}
+    )
     parents = {e: _parent_of(e, pg.registry) for e in engines}
     async with redis.pipeline(transaction=False) as pipe:
         pipe.info("server")
@@ -262,8 +280,11 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
     losses: list[Loss] = []
     knows_sales = bool(engines)
     if pg.lineage is not None and knows_sales and token != pg.lineage:
-        why = ("Redis came back without its data: the lineage marker is missing" if token is None
-               else f"Redis holds another dataset: lineage {token[:8]}…, PostgreSQL expects {pg.lineage[:8]}…")  # fmt: skip
+        why = (
+            "Redis came back without its data: the lineage marker is missing"
+            if token is None
+            else f"Redis holds another dataset: lineage {token[:8]}…, PostgreSQL expects {pg.lineage[:8]}…"
+        )
         losses += [Loss(sale, None, why) for sale in sorted(set(parents.values()))]
     for i, engine in enumerate(engines):
         stock_raw, holds, stream = replies[2 + 3 * i : 5 + 3 * i]
@@ -274,21 +295,37 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
                 sku, _, counter = _text(name).rpartition(":")
                 stock[sku][counter] = int(value)
         if engine in pg.stocked and not stock:
-            losses.append(Loss(sale, engine, f"Redis has no stock for {engine}, PostgreSQL has its stock events"))
+            losses.append(
+                Loss(sale, engine, f"Redis has no stock for {engine}, PostgreSQL has its stock events")
+            )
             continue
         in_pg = pg.orders.get(engine, 0)
         in_redis = 0 if isinstance(holds, Exception) else int(holds)
         if in_redis < in_pg:
-            losses.append(Loss(sale, engine, f"{engine}: Redis holds {in_redis} orders, PostgreSQL has committed {in_pg}"))
+            losses.append(
+                Loss(
+                    sale, engine, f"{engine}: Redis holds {in_redis} orders, PostgreSQL has committed {in_pg}"
+                )
+            )
         for (paid_sale, sku), units in pg.paid.items():
             sold = stock.get(sku, {}).get("sold", 0)
             if paid_sale == engine and sold < units:
-                losses.append(Loss(sale, engine, f"{engine}/{sku}: Redis counts {sold} sold, PostgreSQL has {units} paid"))
+                losses.append(
+                    Loss(
+                        sale, engine, f"{engine}/{sku}: Redis counts {sold} sold, PostgreSQL has {units} paid"
+                    )
+                )
         committed = max(pg.stocked.get(engine, 0), pg.order_ms.get(engine, 0))
         last = None if isinstance(stream, Exception) else _text(stream.get("last-generated-id") or "0-0")
         if committed and _stream_ms(last) < committed:
-            losses.append(Loss(sale, engine, f"{engine}: Redis's stream ends at {last or 'nothing'}, "
-                                             f"PostgreSQL has committed entries from {committed}-*"))  # fmt: skip
+            losses.append(
+                Loss(
+                    sale,
+                    engine,
+                    f"{engine}: Redis's stream ends at {last or 'nothing'}, "
+                    f"PostgreSQL has committed entries from {committed}-*",
+                )
+            )
     return Verdict(run_id, tuple(losses), pg.registry, tuple(engines), parents)
 
 
@@ -302,8 +339,11 @@ async def ensure_lineage(redis: Any, pool: Any, *, prefix: str = "fs") -> str:
         if known is None:
             current = await redis.get(lineage_key(prefix))
             candidate = _text(current) if current is not None else secrets.token_hex(16)
-            await conn.execute("INSERT INTO fence_lineage (prefix, token) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-                               prefix, candidate)  # fmt: skip
+            await conn.execute(
+                "INSERT INTO fence_lineage (prefix, token) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                prefix,
+                candidate,
+            )
             known = await conn.fetchval("SELECT token FROM fence_lineage WHERE prefix = $1", prefix)
     await redis.set(lineage_key(prefix), known)
     return str(known)
@@ -326,8 +366,9 @@ async def _read_sale(redis: Any, prefix: str, sale: str) -> SaleRecord | None:
     return SaleRecord(sale, settings, tuple(sorted(skus)))
 
 
-async def record_sales(redis: Any, pool: Any, *, prefix: str = "fs",
-                       known: dict[str, SaleRecord] | None = None) -> dict[str, SaleRecord]:  # fmt: skip
+async def record_sales(
+    redis: Any, pool: Any, *, prefix: str = "fs", known: dict[str, SaleRecord] | None = None
+) -> dict[str, SaleRecord]:
     """Record in ``fence_sales`` every sale Redis lists whose settings or SKUs changed since
     ``known``; returns the sales as now recorded. Only call it on a Redis that verified."""
     known = dict(known or {})
@@ -354,13 +395,24 @@ async def record_sales(redis: Any, pool: Any, *, prefix: str = "fs",
     return known
 
 
-async def log_fence(pool: Any, *, prefix: str, sale: str | None, action: str, reason: str,
-                    detail: dict[str, Any] | None = None) -> None:  # fmt: skip
+async def log_fence(
+    pool: Any,
+    *,
+    prefix: str,
+    sale: str | None,
+    action: str,
+    reason: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
     async with pool.acquire() as conn:
         await conn.execute(
             "INSERT INTO fence_log (prefix, sale, action, reason, detail) VALUES ($1, $2, $3, $4, $5::jsonb)",
-            prefix, sale, action, reason, json.dumps(detail or {}),
-        )  # fmt: skip
+            prefix,
+            sale,
+            action,
+            reason,
+            json.dumps(detail or {}),
+        )
 
 
 async def raise_fence(redis: Any, pool: Any, *, prefix: str, record: SaleRecord, reason: str) -> bool:
@@ -374,16 +426,31 @@ async def raise_fence(redis: Any, pool: Any, *, prefix: str, record: SaleRecord,
     exists = await redis.exists(key)
     mapping: dict[str, Any] = {"fenced": reason}
     if not exists:
-        mapping.update({name: record.settings.get(name, default) for name, default in
-                        (("opens_at_ms", 0), ("early_access_ms", 0), ("hold_ttl_ms", 1_800_000),
-                         ("state", "open"), ("buckets", 1))})  # fmt: skip
+        mapping.update(
+            {
+                name: record.settings.get(name, default)
+                for name, default in (
+                    ("opens_at_ms", 0),
+                    ("early_access_ms", 0),
+                    ("hold_ttl_ms", 1_800_000),
+                    ("state", "open"),
+                    ("buckets", 1),
+                )
+            }
+        )
         mapping["epoch"] = 0
     if record.skus:
         await redis.hset(f"{prefix}:skus", mapping=dict.fromkeys(record.skus, record.sale))
     await redis.sadd(f"{prefix}:sales", record.sale, *(e for e in record.engine_sales if e != record.sale))
     await redis.hset(key, mapping=mapping)
-    await log_fence(pool, prefix=prefix, sale=record.sale, action="fenced", reason=reason,
-                    detail={"settings_restored": not exists})  # fmt: skip
+    await log_fence(
+        pool,
+        prefix=prefix,
+        sale=record.sale,
+        action="fenced",
+        reason=reason,
+        detail={"settings_restored": not exists},
+    )
     logger.error("sale_fenced", extra={"sale": record.sale, "reason": reason})
     return True
 
@@ -432,8 +499,13 @@ class FenceGuard:
         #: Grace after a bad server is found, during which its connections are refused: long
         #: enough for any request that got past the check before the fence to give up.
         self.refuse_s = 2 * timeout_s + 1
-        self.redis = Redis.from_url(redis_url, decode_responses=True, socket_timeout=timeout_s,
-                                    socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0))  # fmt: skip
+        self.redis = Redis.from_url(
+            redis_url,
+            decode_responses=True,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
         self.fenced: dict[str, str] = {}  # sale -> reason (this process's own flag)
         self.verifying: str | None = None
         self.registry: dict[str, SaleRecord] = {}
@@ -503,21 +575,31 @@ class FenceGuard:
             return
         if run_id == self._bad_run_id:
             if time.monotonic() < self._refuse_until:
-                raise RedisConnectionError("Redis lost data; sales are fenced until `flashsale recover` rebuilds it")
+                raise RedisConnectionError(
+                    "Redis lost data; sales are fenced until `flashsale recover` rebuilds it"
+                )
             return
         if not await self._verify_server(run_id, wait=True) and time.monotonic() < self._refuse_until:
-            raise RedisConnectionError("Redis lost data; sales are fenced until `flashsale recover` rebuilds it")
+            raise RedisConnectionError(
+                "Redis lost data; sales are fenced until `flashsale recover` rebuilds it"
+            )
 
     async def _verify_server(self, run_id: str, *, wait: bool) -> bool:
         """Verify a server not seen before (single flight per run id). True if it is fine."""
         check = self._check
         done = check is not None and check[1].done()
-        stale = (check is None or check[0] != run_id or run_id == self._unverified_run_id
-                 or (done and (check[1].cancelled() or check[1].exception() is not None)))  # fmt: skip
+        stale = (
+            check is None
+            or check[0] != run_id
+            or run_id == self._unverified_run_id
+            or (done and (check[1].cancelled() or check[1].exception() is not None))
+        )
         if stale and not (check is not None and check[0] == run_id and not done):
             if run_id != self._unverified_run_id:  # a server already selling unverified is not paused
-                self.verifying = (f"Redis restarted (server {run_id[:8]}); checking its data against "
-                                  "PostgreSQL before selling on")  # fmt: skip
+                self.verifying = (
+                    f"Redis restarted (server {run_id[:8]}); checking its data against "
+                    "PostgreSQL before selling on"
+                )
             check = self._check = (run_id, asyncio.ensure_future(self._verify_now(new_server=run_id)))
         assert check is not None
         task = check[1]
@@ -530,18 +612,25 @@ class FenceGuard:
         except RedisError:
             raise
         except Exception as exc:  # PostgreSQL down, say: the connection must not be used unverified
-            raise RedisConnectionError(f"Redis could not be verified ({type(exc).__name__}: {exc}); retry shortly") from exc
+            raise RedisConnectionError(
+                f"Redis could not be verified ({type(exc).__name__}: {exc}); retry shortly"
+            ) from exc
 
     async def _verify_now(self, *, new_server: str | None = None) -> bool:
         try:
-            verdict = await asyncio.wait_for(verify(self.redis, self.pool, prefix=self.prefix), self.verify_timeout_s)
+            verdict = await asyncio.wait_for(
+                verify(self.redis, self.pool, prefix=self.prefix), self.verify_timeout_s
+            )
         except RedisError:
             raise  # Redis itself is not answering: nothing is sold from it anyway
         except Exception as exc:  # noqa: BLE001 - PostgreSQL down, slow, or not migrated
             # Orders never wait on PostgreSQL: without it the guard cannot verify, so it
             # lets sales go on (a fence needs evidence) and tries again at every poll.
-            self._warn("unverified", f"cannot verify Redis against PostgreSQL ({type(exc).__name__}: {exc}); "
-                                     "selling on unverified until PostgreSQL answers")  # fmt: skip
+            self._warn(
+                "unverified",
+                f"cannot verify Redis against PostgreSQL ({type(exc).__name__}: {exc}); "
+                "selling on unverified until PostgreSQL answers",
+            )
             if new_server is not None:
                 self._unverified_run_id = new_server
             self.verifying = None
@@ -554,7 +643,8 @@ class FenceGuard:
         lost = verdict.lost_sales()
         for sale, reason in lost.items():
             record = verdict.registry.get(sale) or _fallback_record(
-                sale, [e for e, p in verdict.parents.items() if p == sale])
+                sale, [e for e, p in verdict.parents.items() if p == sale]
+            )
             self.fenced.setdefault(sale, reason)
             with contextlib.suppress(RedisError, OSError):
                 await raise_fence(self.redis, self.pool, prefix=self.prefix, record=record, reason=reason)
@@ -590,12 +680,18 @@ class FenceGuard:
                     # A new server, or one PostgreSQL could not be asked about yet.
                     await self._verify_server(run_id, wait=True)
                     next_verify = now + (self.poll_s if self.fenced else self.verify_s)
-                elif self.fenced or now >= next_verify or (self._lineage is not None and lineage != self._lineage):
+                elif (
+                    self.fenced
+                    or now >= next_verify
+                    or (self._lineage is not None and lineage != self._lineage)
+                ):
                     # While fenced: every poll, so the fence lifts as soon as recovery is done.
                     await self._verify_now()
                     next_verify = now + (self.poll_s if self.fenced else self.verify_s)
                 if run_id == self._verified_run_id and not self.fenced and now >= next_record:
-                    self.registry = await record_sales(self.redis, self.pool, prefix=self.prefix, known=self.registry)
+                    self.registry = await record_sales(
+                        self.redis, self.pool, prefix=self.prefix, known=self.registry
+                    )
                     self._sku_sale = {sku: rec.sale for rec in self.registry.values() for sku in rec.skus}
                     if self.registry:
                         self._lineage = await ensure_lineage(self.redis, self.pool, prefix=self.prefix)
@@ -626,7 +722,11 @@ async def _order_sale(request: web.Request, guard: FenceGuard) -> str | None:
         if not isinstance(body, dict):
             return None
         lines = body.get("lines")
-        skus = [line.get("sku") for line in lines if isinstance(line, dict)] if isinstance(lines, list) else [body.get("sku")]
+        skus = (
+            [line.get("sku") for line in lines if isinstance(line, dict)]
+            if isinstance(lines, list)
+            else [body.get("sku")]
+        )
         for sku in skus:
             if isinstance(sku, str) and (sale := guard.sale_of_sku(sku)) is not None:
                 return sale
@@ -638,7 +738,9 @@ async def _order_sale(request: web.Request, guard: FenceGuard) -> str | None:
 
 
 @web.middleware
-async def fence_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def fence_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     """Answer 503 ``sale_fenced`` to orders, payments and cancellations of a fenced sale."""
     guard = request.app.get(GUARD)
     if guard is None or not guard.active or request.method != "POST":
@@ -664,13 +766,20 @@ async def _guard_context(app: web.Application, options: dict[str, float]) -> Asy
         yield
         return
     if state.pg is None:
-        logger.warning("fence_disabled", extra={"why": "no database (FLASHSALE_DATABASE_URL): a Redis data "
-                                                       "loss cannot be detected"})  # fmt: skip
+        logger.warning(
+            "fence_disabled",
+            extra={"why": "no database (FLASHSALE_DATABASE_URL): a Redis data loss cannot be detected"},
+        )
         yield
         return
-    guard = FenceGuard(service_redis=state.redis, pool=state.pg, redis_url=state.settings.redis_url,
-                       prefix=state.settings.key_prefix, timeout_s=state.settings.redis_timeout_s,
-                       **options)  # fmt: skip
+    guard = FenceGuard(
+        service_redis=state.redis,
+        pool=state.pg,
+        redis_url=state.settings.redis_url,
+        prefix=state.settings.key_prefix,
+        timeout_s=state.settings.redis_timeout_s,
+        **options,
+    )
     try:
         async with state.pg.acquire() as conn:
             await _require_tables(conn)

@@ -51,7 +51,19 @@ OUTCOMES = (
 )
 
 _LATENCY_BUCKETS = (
-    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0,
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.5,
+    1.0,
+    2.0,
+    5.0,
 )
 
 
@@ -94,7 +106,9 @@ async def read_published(redis: Any, prefix: str) -> list[tuple[str, bytes | Non
     MGET on one server; on a Redis Cluster the keys hash to different slots, which one
     MGET may not span, so redis-py sends one MGET per slot (the values are read alike:
     each process's numbers are one key, so nothing is torn)."""
-    keys = sorted(k.decode() if isinstance(k, bytes) else str(k) for k in await redis.smembers(f"{prefix}:stats:procs"))
+    keys = sorted(
+        k.decode() if isinstance(k, bytes) else str(k) for k in await redis.smembers(f"{prefix}:stats:procs")
+    )
     if not keys:
         return []
     values = await (redis.mget_nonatomic(keys) if isinstance(redis, RedisCluster) else redis.mget(keys))
@@ -106,7 +120,7 @@ class ServiceMetrics:
 
     def __init__(self) -> None:
         # The *_created series (one timestamp per label set) is noise on a dashboard.
-        disable_created_metrics()
+        disable_created_metrics()  # type: ignore[no-untyped-call]
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.registry = CollectorRegistry()
         self.orders = Counter(
@@ -135,7 +149,7 @@ class ServiceMetrics:
     def exposition(self) -> bytes:
         if self.multiprocess:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             registry.register(self.gauges)
             return generate_latest(registry)
         if self.gauges not in getattr(self.registry, "_collector_to_names", {}):
@@ -151,7 +165,12 @@ class ServiceMetrics:
         def pct(q: float) -> float:
             return round(samples[min(len(samples) - 1, int(q * len(samples)))] * 1000, 3)
 
-        return {"n": len(samples), "p50_ms": pct(0.50), "p99_ms": pct(0.99), "max_ms": round(samples[-1] * 1000, 3)}
+        return {
+            "n": len(samples),
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "max_ms": round(samples[-1] * 1000, 3),
+        }
 
     async def publish_forever(self, redis: Any, prefix: str, in_flight: Any, interval_s: float = 1.0) -> None:
         """Publish this process's numbers to Redis once a second (until cancelled)."""

@@ -114,7 +114,9 @@ def _check_unchanged(migrations: tuple[Migration, ...], recorded: dict[int, asyn
             )
 
 
-async def migrate(conn: asyncpg.Connection, *, migrations: tuple[Migration, ...] | None = None) -> list[Migration]:
+async def migrate(
+    conn: asyncpg.Connection, *, migrations: tuple[Migration, ...] | None = None
+) -> list[Migration]:
     """Apply every pending migration, in order; return the ones this call applied.
 
     Safe to run from several processes at once (advisory lock). Raises
@@ -134,8 +136,10 @@ async def migrate(conn: asyncpg.Connection, *, migrations: tuple[Migration, ...]
                 await conn.execute(m.sql)
                 await conn.execute(
                     "INSERT INTO schema_migrations (version, name, checksum) VALUES ($1, $2, $3)",
-                    m.version, m.name, m.checksum,
-                )  # fmt: skip
+                    m.version,
+                    m.name,
+                    m.checksum,
+                )
             applied.append(m)
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATIONS_LOCK)

@@ -17,7 +17,10 @@ _ERROR = {
 
 
 def _err(description: str) -> dict[str, Any]:
-    return {"description": description, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
 
 
 def _ok(description: str, schema: str | dict[str, Any]) -> dict[str, Any]:
@@ -47,8 +50,8 @@ def document() -> dict[str, Any]:
 
 
 def _document() -> dict[str, Any]:
-    buyer = [{"buyerToken": []}]
-    admin = [{"adminToken": []}]
+    buyer: list[dict[str, list[str]]] = [{"buyerToken": []}]
+    admin: list[dict[str, list[str]]] = [{"adminToken": []}]
     order_id = _path_param("order_id")
     sale = _path_param("sale")
     sku = _path_param("sku")
@@ -58,11 +61,15 @@ def _document() -> dict[str, Any]:
             "title": "flashsale order service",
             "version": "1",
             "description": "Stock is reserved atomically in Redis and never oversold; orders "
-            "reach PostgreSQL through a stream. Errors are {\"error\": code, \"message\": text}.",
+            'reach PostgreSQL through a stream. Errors are {"error": code, "message": text}.',
         },
         "components": {
             "securitySchemes": {
-                "buyerToken": {"type": "http", "scheme": "bearer", "description": "user.expires.member.signature (flashsale token)"},
+                "buyerToken": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "user.expires.member.signature (flashsale token)",
+                },
                 "adminToken": {"type": "http", "scheme": "bearer", "description": "FLASHSALE_ADMIN_TOKEN"},
             },
             "schemas": {
@@ -70,14 +77,22 @@ def _document() -> dict[str, Any]:
                 "Line": {
                     "type": "object",
                     "required": ["sku"],
-                    "properties": {"sku": {"type": "string"}, "qty": {"type": "integer", "minimum": 1, "maximum": 10000}},
+                    "properties": {
+                        "sku": {"type": "string"},
+                        "qty": {"type": "integer", "minimum": 1, "maximum": 10000},
+                    },
                 },
                 "OrderRequest": {
                     "type": "object",
                     "required": ["request_id"],
                     "properties": {
                         "request_id": _ID,
-                        "lines": {"type": "array", "items": {"$ref": "#/components/schemas/Line"}, "minItems": 1, "maxItems": 20},
+                        "lines": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Line"},
+                            "minItems": 1,
+                            "maxItems": 20,
+                        },
                         "sku": {"type": "string"},
                         "qty": {"type": "integer", "minimum": 1},
                     },
@@ -123,8 +138,12 @@ def _document() -> dict[str, Any]:
                         "open": {"type": "boolean"},
                         "early_access_s": {"type": "integer", "minimum": 0},
                         "hold_ttl_s": {"type": "number", "minimum": 0.05},
-                        "buckets": {"type": "integer", "minimum": 1, "maximum": 64,
-                                    "description": "split the stock over this many hash slots (hot SKUs on a Redis Cluster)"},
+                        "buckets": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": 64,
+                            "description": "split the stock over this many hash slots (hot SKUs on a Redis Cluster)",
+                        },
                         "skus": {
                             "type": "array",
                             "minItems": 1,
@@ -173,14 +192,25 @@ def _document() -> dict[str, Any]:
                 "get": {
                     "summary": "Availability for the product page (cached for a fraction of a second)",
                     "parameters": [sku],
-                    "responses": {"200": _ok("the SKU", "Sku"), "404": _err("unknown SKU"), "503": _err("browsing switched off")},
+                    "responses": {
+                        "200": _ok("the SKU", "Sku"),
+                        "404": _err("unknown SKU"),
+                        "503": _err("browsing switched off"),
+                    },
                 }
             },
             "/api/orders": {
                 "post": {
                     "summary": "Reserve a cart (all or nothing); retry with the same request_id",
                     "security": buyer,
-                    "parameters": [{"name": "X-Retry-Attempt", "in": "header", "required": False, "schema": {"type": "integer", "minimum": 0}}],
+                    "parameters": [
+                        {
+                            "name": "X-Retry-Attempt",
+                            "in": "header",
+                            "required": False,
+                            "schema": {"type": "integer", "minimum": 0},
+                        }
+                    ],
                     "requestBody": _body("OrderRequest"),
                     "responses": {
                         "201": _ok("order held until pay_by", "Order"),
@@ -198,7 +228,12 @@ def _document() -> dict[str, Any]:
                     "summary": "One of your orders",
                     "security": buyer,
                     "parameters": [order_id],
-                    "responses": {"200": _ok("the order", "Order"), **_AUTH_ERRORS, "404": _err("no such order of yours"), "503": _err("lookup switched off")},
+                    "responses": {
+                        "200": _ok("the order", "Order"),
+                        **_AUTH_ERRORS,
+                        "404": _err("no such order of yours"),
+                        "503": _err("lookup switched off"),
+                    },
                 }
             },
             "/api/orders/{order_id}/pay": {
@@ -206,7 +241,12 @@ def _document() -> dict[str, Any]:
                     "summary": "Pay: the held units become sold (idempotent)",
                     "security": buyer,
                     "parameters": [order_id],
-                    "responses": {"200": _ok("paid", "OrderStatus"), **_AUTH_ERRORS, "404": _err("no such order"), "409": _err("hold_expired or hold_cancelled")},
+                    "responses": {
+                        "200": _ok("paid", "OrderStatus"),
+                        **_AUTH_ERRORS,
+                        "404": _err("no such order"),
+                        "409": _err("hold_expired or hold_cancelled"),
+                    },
                 }
             },
             "/api/orders/{order_id}/cancel": {
@@ -214,7 +254,12 @@ def _document() -> dict[str, Any]:
                     "summary": "Cancel: the units go back on sale (idempotent)",
                     "security": buyer,
                     "parameters": [order_id],
-                    "responses": {"200": _ok("cancelled (or expired)", "OrderStatus"), **_AUTH_ERRORS, "404": _err("no such order"), "409": _err("hold_paid")},
+                    "responses": {
+                        "200": _ok("cancelled (or expired)", "OrderStatus"),
+                        **_AUTH_ERRORS,
+                        "404": _err("no such order"),
+                        "409": _err("hold_paid"),
+                    },
                 }
             },
             "/api/admin/sales": {
@@ -222,52 +267,152 @@ def _document() -> dict[str, Any]:
                     "summary": "Create a sale",
                     "security": admin,
                     "requestBody": _body("SaleRequest"),
-                    "responses": {"201": _ok("the sale", "Sale"), **_AUTH_ERRORS, **_BODY_ERRORS, "409": _err("sale_exists or sku_taken")},
+                    "responses": {
+                        "201": _ok("the sale", "Sale"),
+                        **_AUTH_ERRORS,
+                        **_BODY_ERRORS,
+                        "409": _err("sale_exists or sku_taken"),
+                    },
                 }
             },
             "/api/admin/sales/{sale}": {
-                "get": {"summary": "A sale and its SKUs", "security": admin, "parameters": [sale],
-                        "responses": {"200": _ok("the sale", "Sale"), **_AUTH_ERRORS, "404": _err("no such sale")}}
+                "get": {
+                    "summary": "A sale and its SKUs",
+                    "security": admin,
+                    "parameters": [sale],
+                    "responses": {
+                        "200": _ok("the sale", "Sale"),
+                        **_AUTH_ERRORS,
+                        "404": _err("no such sale"),
+                    },
+                }
             },
             "/api/admin/sales/{sale}/open": {
-                "post": {"summary": "Open now", "security": admin, "parameters": [sale],
-                         "responses": {"200": _ok("the sale", {"type": "object"}), **_AUTH_ERRORS, "404": _err("no such sale")}}
+                "post": {
+                    "summary": "Open now",
+                    "security": admin,
+                    "parameters": [sale],
+                    "responses": {
+                        "200": _ok("the sale", {"type": "object"}),
+                        **_AUTH_ERRORS,
+                        "404": _err("no such sale"),
+                    },
+                }
             },
             "/api/admin/sales/{sale}/close": {
-                "post": {"summary": "Close", "security": admin, "parameters": [sale],
-                         "responses": {"200": _ok("the sale", {"type": "object"}), **_AUTH_ERRORS, "404": _err("no such sale")}}
+                "post": {
+                    "summary": "Close",
+                    "security": admin,
+                    "parameters": [sale],
+                    "responses": {
+                        "200": _ok("the sale", {"type": "object"}),
+                        **_AUTH_ERRORS,
+                        "404": _err("no such sale"),
+                    },
+                }
             },
             "/api/admin/sales/{sale}/skus/{sku}/restock": {
-                "post": {"summary": "Add stock", "security": admin, "parameters": [sale, sku], "requestBody": _body("Units"),
-                         "responses": {"200": _ok("the SKU", {"type": "object"}), **_AUTH_ERRORS, **_BODY_ERRORS, "404": _err("no such sale")}}
+                "post": {
+                    "summary": "Add stock",
+                    "security": admin,
+                    "parameters": [sale, sku],
+                    "requestBody": _body("Units"),
+                    "responses": {
+                        "200": _ok("the SKU", {"type": "object"}),
+                        **_AUTH_ERRORS,
+                        **_BODY_ERRORS,
+                        "404": _err("no such sale"),
+                    },
+                }
             },
             "/api/admin/sales/{sale}/skus/{sku}/release-reserve": {
-                "post": {"summary": "Release the reserve pool into sale", "security": admin, "parameters": [sale, sku],
-                         "requestBody": _body("Units", required=False),
-                         "responses": {"200": _ok("the SKU", {"type": "object"}), **_AUTH_ERRORS, **_BODY_ERRORS, "404": _err("no such sale"), "409": _err("insufficient_stock")}}
+                "post": {
+                    "summary": "Release the reserve pool into sale",
+                    "security": admin,
+                    "parameters": [sale, sku],
+                    "requestBody": _body("Units", required=False),
+                    "responses": {
+                        "200": _ok("the SKU", {"type": "object"}),
+                        **_AUTH_ERRORS,
+                        **_BODY_ERRORS,
+                        "404": _err("no such sale"),
+                        "409": _err("insufficient_stock"),
+                    },
+                }
             },
             "/api/admin/switches": {
-                "get": {"summary": "Endpoint switches", "security": admin, "responses": {"200": _ok("switches", "Switches"), **_AUTH_ERRORS}},
-                "post": {"summary": "Switch non-essential endpoints off or on", "security": admin, "requestBody": _body("Switches"),
-                         "responses": {"200": _ok("switches", "Switches"), **_AUTH_ERRORS, **_BODY_ERRORS}},
+                "get": {
+                    "summary": "Endpoint switches",
+                    "security": admin,
+                    "responses": {"200": _ok("switches", "Switches"), **_AUTH_ERRORS},
+                },
+                "post": {
+                    "summary": "Switch non-essential endpoints off or on",
+                    "security": admin,
+                    "requestBody": _body("Switches"),
+                    "responses": {"200": _ok("switches", "Switches"), **_AUTH_ERRORS, **_BODY_ERRORS},
+                },
             },
             "/api/admin/tokens": {
-                "post": {"summary": "Mint buyer tokens for drills", "security": admin, "requestBody": _body("TokenRequest"),
-                         "responses": {"200": _ok("tokens by user", {"type": "object"}), **_AUTH_ERRORS, **_BODY_ERRORS}}
+                "post": {
+                    "summary": "Mint buyer tokens for drills",
+                    "security": admin,
+                    "requestBody": _body("TokenRequest"),
+                    "responses": {
+                        "200": _ok("tokens by user", {"type": "object"}),
+                        **_AUTH_ERRORS,
+                        **_BODY_ERRORS,
+                    },
+                }
             },
             "/api/admin/stats": {
-                "get": {"summary": "Live numbers of the whole deployment", "security": admin,
-                        "responses": {"200": _ok("stats", {"type": "object"}), **_AUTH_ERRORS}}
+                "get": {
+                    "summary": "Live numbers of the whole deployment",
+                    "security": admin,
+                    "responses": {"200": _ok("stats", {"type": "object"}), **_AUTH_ERRORS},
+                }
             },
             "/api/admin/audit": {
-                "post": {"summary": "Wait for the order queue to drain, then compare Redis and PostgreSQL", "security": admin,
-                         "requestBody": _body("AuditRequest", required=False),
-                         "responses": {"200": _ok("the audit report", {"type": "object"}), **_AUTH_ERRORS, **_BODY_ERRORS, "409": _err("no database configured")}}
+                "post": {
+                    "summary": "Wait for the order queue to drain, then compare Redis and PostgreSQL",
+                    "security": admin,
+                    "requestBody": _body("AuditRequest", required=False),
+                    "responses": {
+                        "200": _ok("the audit report", {"type": "object"}),
+                        **_AUTH_ERRORS,
+                        **_BODY_ERRORS,
+                        "409": _err("no database configured"),
+                    },
+                }
             },
-            "/healthz": {"get": {"summary": "Process is up", "responses": {"200": _ok("ok", {"type": "object"})}}},
-            "/readyz": {"get": {"summary": "Redis and PostgreSQL reachable, scripts loaded",
-                                "responses": {"200": _ok("ready", {"type": "object"}), "503": _ok("not ready", {"type": "object"})}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition", "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _ok("OpenAPI 3", {"type": "object"})}}},
+            "/healthz": {
+                "get": {"summary": "Process is up", "responses": {"200": _ok("ok", {"type": "object"})}}
+            },
+            "/readyz": {
+                "get": {
+                    "summary": "Redis and PostgreSQL reachable, scripts loaded",
+                    "responses": {
+                        "200": _ok("ready", {"type": "object"}),
+                        "503": _ok("not ready", {"type": "object"}),
+                    },
+                }
+            },
+            "/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {
+                        "200": {
+                            "description": "text exposition",
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
+                        }
+                    },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "summary": "This document",
+                    "responses": {"200": _ok("OpenAPI 3", {"type": "object"})},
+                }
+            },
         },
     }

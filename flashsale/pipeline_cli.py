@@ -36,7 +36,11 @@ def register(sub: Any) -> None:
         ),
     )
     m.add_argument("--database-url", help="PostgreSQL URL (default: FLASHSALE_DATABASE_URL)")
-    m.add_argument("--status", action="store_true", help="list the migrations and whether each is applied; change nothing")
+    m.add_argument(
+        "--status",
+        action="store_true",
+        help="list the migrations and whether each is applied; change nothing",
+    )
     m.set_defaults(func=_migrate)
 
     w = sub.add_parser(
@@ -52,12 +56,22 @@ def register(sub: Any) -> None:
             "FLASHSALE_KEY_PREFIX and FLASHSALE_WORKER_* / FLASHSALE_SWEEPER_* (see README); flags win."
         ),
     )
-    w.add_argument("--consumer", help="this worker's name in the group (default: host name); one per worker process")
-    w.add_argument("--batch", type=int, help="stream entries per PostgreSQL transaction, at most (default 1000)")
+    w.add_argument(
+        "--consumer", help="this worker's name in the group (default: host name); one per worker process"
+    )
+    w.add_argument(
+        "--batch", type=int, help="stream entries per PostgreSQL transaction, at most (default 1000)"
+    )
     w.add_argument("--write-method", choices=("unnest", "copy"), help="how a batch is sent (default unnest)")
     mode = w.add_mutually_exclusive_group()
-    mode.add_argument("--no-sweeper", action="store_true", help="do not expire holds here (another process does)")
-    mode.add_argument("--sweeper-only", action="store_true", help="only expire holds; write no orders (no PostgreSQL needed)")
+    mode.add_argument(
+        "--no-sweeper", action="store_true", help="do not expire holds here (another process does)"
+    )
+    mode.add_argument(
+        "--sweeper-only",
+        action="store_true",
+        help="only expire holds; write no orders (no PostgreSQL needed)",
+    )
     w.set_defaults(func=_worker)
 
     a = sub.add_parser(
@@ -70,13 +84,36 @@ def register(sub: Any) -> None:
             "Prints a table; exits 0 when clean, 3 on any violation."
         ),
     )
-    a.add_argument("--sale", action="append", dest="sales", metavar="SALE", help="audit this sale (repeatable; default: every sale)")
-    a.add_argument("--wait", type=float, default=30.0, metavar="S", help="seconds to wait for the streams to drain (default 30)")
-    a.add_argument("--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE ('-' for stdout)")
-    a.add_argument("--acknowledged", type=Path, metavar="FILE",
-                   help="order ids clients were told exist (one per line, or a JSON list): each must be in both stores")
-    a.add_argument("--grace", type=float, default=5.0, metavar="S",
-                   help="how long past its deadline a hold may still be held before it counts as stranded (default 5)")
+    a.add_argument(
+        "--sale",
+        action="append",
+        dest="sales",
+        metavar="SALE",
+        help="audit this sale (repeatable; default: every sale)",
+    )
+    a.add_argument(
+        "--wait",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="seconds to wait for the streams to drain (default 30)",
+    )
+    a.add_argument(
+        "--json", type=Path, metavar="FILE", help="also write the report as JSON to FILE ('-' for stdout)"
+    )
+    a.add_argument(
+        "--acknowledged",
+        type=Path,
+        metavar="FILE",
+        help="order ids clients were told exist (one per line, or a JSON list): each must be in both stores",
+    )
+    a.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="how long past its deadline a hold may still be held before it counts as stranded (default 5)",
+    )
     a.set_defaults(func=_audit)
 
 
@@ -115,10 +152,13 @@ def _redis(url: str, *, cluster: bool = False, decode: bool = True) -> Any:
     from redis.asyncio.cluster import RedisCluster
 
     if cluster:
-        return RedisCluster.from_url(url, decode_responses=decode, socket_timeout=10, socket_connect_timeout=5)
+        return RedisCluster.from_url(
+            url, decode_responses=decode, socket_timeout=10, socket_connect_timeout=5
+        )
     # Socket timeout well above XREADGROUP's BLOCK, so an idle wait is never taken for an outage.
-    return Redis.from_url(url, decode_responses=decode, socket_timeout=10, socket_connect_timeout=5,
-                          health_check_interval=30)  # fmt: skip
+    return Redis.from_url(
+        url, decode_responses=decode, socket_timeout=10, socket_connect_timeout=5, health_check_interval=30
+    )
 
 
 # ---------------------------------------------------------------------- migrate
@@ -158,14 +198,18 @@ def _worker(args: argparse.Namespace) -> int:
     from .worker import WorkerSettings
 
     try:
-        settings = WorkerSettings.from_env(consumer=args.consumer, batch=args.batch, write_method=args.write_method)
+        settings = WorkerSettings.from_env(
+            consumer=args.consumer, batch=args.batch, write_method=args.write_method
+        )
     except SettingsError as exc:
         return _fail(str(exc))
     if "FLASHSALE_REDIS_URL" not in os.environ:
         return _fail("set FLASHSALE_REDIS_URL to the service's Redis (e.g. redis://127.0.0.1:6379/0)")
     if not settings.database_url and not args.sweeper_only:
-        return _fail("set FLASHSALE_DATABASE_URL to the PostgreSQL the orders go to "
-                     "(e.g. postgresql://user@127.0.0.1:5432/flashsale), or run --sweeper-only")
+        return _fail(
+            "set FLASHSALE_DATABASE_URL to the PostgreSQL the orders go to "
+            "(e.g. postgresql://user@127.0.0.1:5432/flashsale), or run --sweeper-only"
+        )
     _configure_logs()
     return _run(run_worker(settings, writer=not args.sweeper_only, sweeper=not args.no_sweeper))
 
@@ -207,8 +251,13 @@ async def run_worker(settings: Any, *, writer: bool = True, sweeper: bool = True
             stops.append(order_writer.stop)
             jobs.append(order_writer.run())
         if sweeper:
-            hold_sweeper = HoldSweeper(redis, prefix=settings.prefix, interval_s=settings.sweep_interval_ms / 1000,
-                                       limit=settings.sweep_limit, sales_refresh_s=settings.sales_refresh_s)  # fmt: skip
+            hold_sweeper = HoldSweeper(
+                redis,
+                prefix=settings.prefix,
+                interval_s=settings.sweep_interval_ms / 1000,
+                limit=settings.sweep_limit,
+                sales_refresh_s=settings.sales_refresh_s,
+            )
             stops.append(hold_sweeper.stop)
             jobs.append(hold_sweeper.run())
         if stopping.is_set():
@@ -241,15 +290,23 @@ async def _wait_for_pool(settings: Any, stopping: asyncio.Event, create_pool: An
     from .pgpool import is_transient
 
     def open_pool() -> Awaitable[Any]:
-        return create_pool(settings.database_url, max_size=settings.pool_size,  # type: ignore[no-any-return]
-                           statement_timeout_ms=settings.statement_timeout_ms,
-                           application_name=f"flashsale-worker:{settings.consumer}")  # fmt: skip
+        return create_pool(  # type: ignore[no-any-return]
+            settings.database_url,
+            max_size=settings.pool_size,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            application_name=f"flashsale-worker:{settings.consumer}",
+        )
 
     return await _keep_trying(open_pool, is_transient, "postgres_unavailable", stopping, log)
 
 
-async def _keep_trying(attempt: Callable[[], Awaitable[Any]], retryable: Callable[[Exception], bool], event: str,
-                       stopping: asyncio.Event, log: Any) -> Any:  # fmt: skip
+async def _keep_trying(
+    attempt: Callable[[], Awaitable[Any]],
+    retryable: Callable[[Exception], bool],
+    event: str,
+    stopping: asyncio.Event,
+    log: Any,
+) -> Any:
     """``await attempt()`` until it succeeds, through the failures ``retryable`` accepts
     (logged once, as ``event``), waiting 0.2 s doubling up to 5 s; None if told to stop."""
     delay = 0.2
@@ -276,8 +333,10 @@ async def _schema_problem(pool: Any) -> str | None:
         states = await migration_status(conn)
     behind = [f"{s.version:04d}_{s.name}" for s in states if s.state in ("pending", "changed")]
     if behind:
-        return (f"the database schema is not up to date ({', '.join(behind)} not applied): "
-                "run `flashsale migrate` first")  # fmt: skip
+        return (
+            f"the database schema is not up to date ({', '.join(behind)} not applied): "
+            "run `flashsale migrate` first"
+        )
     return None
 
 
@@ -287,7 +346,9 @@ def _audit(args: argparse.Namespace) -> int:
 
     settings = Settings.from_env()
     if not settings.database_url or "FLASHSALE_REDIS_URL" not in os.environ:
-        return _fail("the audit compares Redis with PostgreSQL: set FLASHSALE_DATABASE_URL (and FLASHSALE_REDIS_URL)")
+        return _fail(
+            "the audit compares Redis with PostgreSQL: set FLASHSALE_DATABASE_URL (and FLASHSALE_REDIS_URL)"
+        )
     acknowledged: list[str] | None = None
     if args.acknowledged is not None:
         try:
@@ -296,7 +357,11 @@ def _audit(args: argparse.Namespace) -> int:
             return _fail(f"cannot read {args.acknowledged}: {exc}")
         stripped = text.strip()
         try:
-            acknowledged = json.loads(stripped) if stripped.startswith("[") else [ln.strip() for ln in text.splitlines() if ln.strip()]
+            acknowledged = (
+                json.loads(stripped)
+                if stripped.startswith("[")
+                else [ln.strip() for ln in text.splitlines() if ln.strip()]
+            )
         except ValueError as exc:
             return _fail(f"{args.acknowledged} is not a JSON list of order ids: {exc}")
         if not all(isinstance(o, str) for o in acknowledged):
@@ -319,8 +384,15 @@ async def _audit_async(settings: Any, args: argparse.Namespace, acknowledged: li
         await redis.aclose()
         return _fail(f"cannot connect to PostgreSQL: {exc}")
     try:
-        report = await run_audit(redis, pool, prefix=settings.key_prefix, sales=args.sales, acknowledged=acknowledged,
-                                 wait_drain_s=args.wait, expiry_grace_s=args.grace)  # fmt: skip
+        report = await run_audit(
+            redis,
+            pool,
+            prefix=settings.key_prefix,
+            sales=args.sales,
+            acknowledged=acknowledged,
+            wait_drain_s=args.wait,
+            expiry_grace_s=args.grace,
+        )
     except RuntimeError as exc:
         return _fail(str(exc), EXIT_SCHEMA)
     except (RedisError, OSError) as exc:

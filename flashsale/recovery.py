@@ -110,18 +110,32 @@ class RecoveryReport:
         rows: list[tuple[Any, ...]] = [head]
         for r in self.recovered:
             orders = ", ".join(f"{k} {v}" for k, v in sorted(r.orders.items())) or "none"
-            out.append(f"rebuilt {r.sale}: {r.drained} stream entries drained first, orders {orders}, "
-                       f"{r.attempts} attempt(s){', settings restored' if r.settings_restored else ''}")  # fmt: skip
-            rows += [(r.sale, s.engine_sale, s.sku, s.total, s.available, s.held, s.sold, s.reserve) for s in r.skus]
+            out.append(
+                f"rebuilt {r.sale}: {r.drained} stream entries drained first, orders {orders}, "
+                f"{r.attempts} attempt(s){', settings restored' if r.settings_restored else ''}"
+            )
+            rows += [
+                (r.sale, s.engine_sale, s.sku, s.total, s.available, s.held, s.sold, s.reserve)
+                for s in r.skus
+            ]
             out += [f"  problem: {p}" for p in r.problems]
         if len(rows) > 1:
             widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
-            out += ["  ".join(str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-                    for row in rows]  # fmt: skip
+            out += [
+                "  ".join(
+                    str(c).ljust(w) if i < 3 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))
+                )
+                for row in rows
+            ]
         out += [f"problem: {p}" for p in self.problems]
         out += ["still wrong: " + line for line in self.after]
-        out.append("RECOVERED: sales reopened" if self.ok and self.recovered else
-                   "NOTHING TO RECOVER" if self.ok else "RECOVERY INCOMPLETE")  # fmt: skip
+        out.append(
+            "RECOVERED: sales reopened"
+            if self.ok and self.recovered
+            else "NOTHING TO RECOVER"
+            if self.ok
+            else "RECOVERY INCOMPLETE"
+        )
         return "\n".join(out)
 
 
@@ -138,7 +152,9 @@ async def _drain(redis: Any, pool: Any, prefix: str, engine: str, after: str) ->
             return written, last, problems
         changes = []
         for stream_id, fields in batch:
-            entry = StreamEntry(engine, key, _text(stream_id), {_text(k): _text(v) for k, v in fields.items()})
+            entry = StreamEntry(
+                engine, key, _text(stream_id), {_text(k): _text(v) for k, v in fields.items()}
+            )
             try:
                 changes.append(parse_entry(entry))
             except EntryError as exc:
@@ -170,24 +186,37 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             orders = await conn.fetch(
                 "SELECT order_id, user_id, request_id, status, created_at, pay_by, status_at, last_stream_id "
-                "FROM orders WHERE sale = $1", engine)  # fmt: skip
+                "FROM orders WHERE sale = $1",
+                engine,
+            )
             lines = await conn.fetch(
                 "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = $1 ORDER BY l.order_id, l.sku", engine)  # fmt: skip
+                "WHERE o.sale = $1 ORDER BY l.order_id, l.sku",
+                engine,
+            )
             events = await conn.fetch(
                 "SELECT stream_id, type, sku, total, reserve, per_user_limit, low_stock_line, delta, units "
-                "FROM stock_events WHERE sale = $1 ORDER BY stream_ms, stream_seq", engine)  # fmt: skip
+                "FROM stock_events WHERE sale = $1 ORDER BY stream_ms, stream_seq",
+                engine,
+            )
     by_order: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for r in lines:
         by_order[r["order_id"]].append((r["sku"], int(r["qty"])))
-    counters: dict[str, dict[str, int]] = defaultdict(lambda: dict.fromkeys(("total", "reserve", "limit", "low", "held", "sold"), 0))
+    counters: dict[str, dict[str, int]] = defaultdict(
+        lambda: dict.fromkeys(("total", "reserve", "limit", "low", "held", "sold"), 0)
+    )
     problems: list[str] = []
     top = (0, 0)
     for e in events:
         c = counters[e["sku"]]
         top = max(top, _id_tuple(e["stream_id"]))
         if e["type"] == "stocked":
-            c.update(total=e["total"], reserve=e["reserve"], limit=e["per_user_limit"], low=e["low_stock_line"] or 0)
+            c.update(
+                total=e["total"],
+                reserve=e["reserve"],
+                limit=e["per_user_limit"],
+                low=e["low_stock_line"] or 0,
+            )
         elif e["type"] in ("restocked", "written_off"):
             c["total"] += e["delta"]
         elif e["type"] == "reserve_released":
@@ -207,8 +236,14 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         statuses[status] += 1
         deadline = _ms(o["pay_by"])
         created = _ms(o["created_at"] or o["status_at"])
-        record: dict[str, Any] = {"u": o["user_id"], "l": [[sku, qty] for sku, qty in cart], "s": status,
-                                  "d": str(deadline), "c": str(created), "r": o["request_id"]}  # fmt: skip
+        record: dict[str, Any] = {
+            "u": o["user_id"],
+            "l": [[sku, qty] for sku, qty in cart],
+            "s": status,
+            "d": str(deadline),
+            "c": str(created),
+            "r": o["request_id"],
+        }
         if status != "held":
             record["t"] = str(_ms(o["status_at"]))
         holds[order_id] = json.dumps(record, separators=(",", ":"))
@@ -226,15 +261,34 @@ async def _plan(pool: Any, engine: str) -> _Plan:
     for sku, c in sorted(counters.items()):
         available = c["total"] - c["reserve"] - c["held"] - c["sold"]
         if available < 0:
-            problems.append(f"{engine}/{sku}: PostgreSQL already has {-available} unit(s) more held or sold than "
-                            "stocked (an oversell from before this recovery); available set to 0")  # fmt: skip
+            problems.append(
+                f"{engine}/{sku}: PostgreSQL already has {-available} unit(s) more held or sold than "
+                "stocked (an oversell from before this recovery); available set to 0"
+            )
             available = 0
-        values = {"total": c["total"], "available": available, "held": c["held"], "sold": c["sold"],
-                  "reserve": c["reserve"], "limit": c["limit"], "low": c["low"]}  # fmt: skip
+        values = {
+            "total": c["total"],
+            "available": available,
+            "held": c["held"],
+            "sold": c["sold"],
+            "reserve": c["reserve"],
+            "limit": c["limit"],
+            "low": c["low"],
+        }
         stock.update({f"{sku}:{name}": str(v) for name, v in values.items()})
         skus.append(SkuRebuilt(engine, sku, c["total"], available, c["held"], c["sold"], c["reserve"]))
-    return _Plan(stock, holds, requests, dict(users), deadlines, f"{top[0]}-{top[1]}", statuses, skus, problems,
-                 set(counters))  # fmt: skip
+    return _Plan(
+        stock,
+        holds,
+        requests,
+        dict(users),
+        deadlines,
+        f"{top[0]}-{top[1]}",
+        statuses,
+        skus,
+        problems,
+        set(counters),
+    )
 
 
 async def _last_generated(redis: Any, key: str) -> str:
@@ -257,15 +311,24 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
             await pipe.watch(keys.events, keys.holds, keys.stock, keys.requests)
             if await _last_generated(pipe, keys.events) != seen:
                 continue  # written to since the drain began: drain again
-            kept = {_text(k): _text(v) for k, v in (await pipe.hgetall(keys.requests)).items()
-                    if _text(k).startswith(("op:", "xfer:"))}  # fmt: skip
+            kept = {
+                _text(k): _text(v)
+                for k, v in (await pipe.hgetall(keys.requests)).items()
+                if _text(k).startswith(("op:", "xfer:"))
+            }
             target = max(_id_tuple(seen), _id_tuple(plan.top_id))
             pipe.multi()
             pipe.delete(keys.stock, keys.holds, keys.requests, keys.users, keys.deadlines)
             if plan.stock:
                 pipe.hset(keys.stock, mapping=plan.stock)
             for mapping in (plan.holds, {**kept, **plan.requests}, plan.users):
-                key = keys.holds if mapping is plan.holds else keys.users if mapping is plan.users else keys.requests
+                key = (
+                    keys.holds
+                    if mapping is plan.holds
+                    else keys.users
+                    if mapping is plan.users
+                    else keys.requests
+                )
                 items = list(mapping.items())
                 for i in range(0, len(items), _CHUNK):
                     pipe.hset(key, mapping=dict(items[i : i + _CHUNK]))
@@ -279,8 +342,10 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
                 continue
         plan.problems[:0] = problems
         return drained, plan, attempt
-    raise RecoveryError(f"{engine}: the stream kept changing while rebuilding ({_MAX_ATTEMPTS} attempts); "
-                        "stop the service processes that ignore the fence, then run `flashsale recover` again")  # fmt: skip
+    raise RecoveryError(
+        f"{engine}: the stream kept changing while rebuilding ({_MAX_ATTEMPTS} attempts); "
+        "stop the service processes that ignore the fence, then run `flashsale recover` again"
+    )
 
 
 async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
@@ -290,11 +355,16 @@ async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
             "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM pay_by - created_at)) AS ttl, "
             "min(created_at) AS first FROM orders WHERE sale = ANY($1::text[]) AND created_at IS NOT NULL",
             engines,
-        )  # fmt: skip
+        )
     ttl_ms = int(float(row["ttl"]) * 1000) if row and row["ttl"] is not None else 1_800_000
     opens = _ms(row["first"]) if row and row["first"] is not None else 0
-    return {"opens_at_ms": opens, "early_access_ms": 0, "hold_ttl_ms": max(ttl_ms, 50), "state": "open",
-            "buckets": len(engines) if len(engines) > 1 else 1}  # fmt: skip
+    return {
+        "opens_at_ms": opens,
+        "early_access_ms": 0,
+        "hold_ttl_ms": max(ttl_ms, 50),
+        "state": "open",
+        "buckets": len(engines) if len(engines) > 1 else 1,
+    }
 
 
 async def _reopen(redis: Any, pool: Any, prefix: str, record: fence.SaleRecord, skus: set[str]) -> bool:
@@ -302,12 +372,28 @@ async def _reopen(redis: Any, pool: Any, prefix: str, record: fence.SaleRecord, 
     Returns True if the settings hash had to be restored."""
     key = f"{prefix}:sale:{record.sale}"
     restored = not await redis.hexists(key, "opens_at_ms")
-    settings = record.settings if record.settings.get("opens_at_ms") is not None else {
-        **await _derived_settings(pool, record.engine_sales), **record.settings}  # fmt: skip
+    settings = (
+        record.settings
+        if record.settings.get("opens_at_ms") is not None
+        else {**await _derived_settings(pool, record.engine_sales), **record.settings}
+    )
     if restored:
-        await redis.hset(key, mapping={**{k: settings.get(k, d) for k, d in (
-            ("opens_at_ms", 0), ("early_access_ms", 0), ("hold_ttl_ms", 1_800_000), ("state", "open"),
-            ("buckets", 1))}, "epoch": 0})  # fmt: skip
+        await redis.hset(
+            key,
+            mapping={
+                **{
+                    k: settings.get(k, d)
+                    for k, d in (
+                        ("opens_at_ms", 0),
+                        ("early_access_ms", 0),
+                        ("hold_ttl_ms", 1_800_000),
+                        ("state", "open"),
+                        ("buckets", 1),
+                    )
+                },
+                "epoch": 0,
+            },
+        )
     if skus:
         await redis.hset(f"{prefix}:skus", mapping=dict.fromkeys(sorted(skus), record.sale))
     await redis.sadd(f"{prefix}:sales", record.sale, *(e for e in record.engine_sales if e != record.sale))
@@ -354,14 +440,16 @@ async def recover(
     for sale, reason in sorted(targets.items()):
         engines = sorted({e for e, p in before.parents.items() if p == sale})
         record = registry.get(sale) or fence.SaleRecord(
-            sale, {"buckets": len(engines) if len(engines) > 1 else 1}, ())
+            sale, {"buckets": len(engines) if len(engines) > 1 else 1}, ()
+        )
         if not engines:
             engines = record.engine_sales
         if record.engine_sales != engines and sale not in registry:
-            problems.append(f"{sale}: engine sales {engines} do not match its bucket count; rebuilt what PostgreSQL has")
+            problems.append(
+                f"{sale}: engine sales {engines} do not match its bucket count; rebuilt what PostgreSQL has"
+            )
         lost_settings = not await redis.hexists(f"{prefix}:sale:{sale}", "opens_at_ms")
-        await fence.raise_fence(redis, pool, prefix=prefix, record=record,
-                                reason=f"recovering: {reason}")  # fmt: skip
+        await fence.raise_fence(redis, pool, prefix=prefix, record=record, reason=f"recovering: {reason}")
         drained, attempts = 0, 0
         orders: Counter[str] = Counter()
         rebuilt: list[SkuRebuilt] = []
@@ -375,8 +463,17 @@ async def recover(
             rebuilt += plan.skus
             sale_problems += plan.problems
             skus |= plan.skus_seen
-        summary = SaleRecovery(sale, tuple(engines), reason, drained, dict(orders), tuple(rebuilt), attempts,
-                               lost_settings, tuple(sale_problems))  # fmt: skip
+        summary = SaleRecovery(
+            sale,
+            tuple(engines),
+            reason,
+            drained,
+            dict(orders),
+            tuple(rebuilt),
+            attempts,
+            lost_settings,
+            tuple(sale_problems),
+        )
         rebuilt_sales.append((record, skus, lost_settings, summary))
     # The lineage marker goes back before any sale reopens: a guard verifying in between
     # would otherwise find it missing and fence the sale again.
@@ -386,9 +483,20 @@ async def recover(
         restored = await _reopen(redis, pool, prefix, record, skus) or lost_settings
         if restored != summary.settings_restored:
             summary = SaleRecovery(**{**asdict(summary), "skus": summary.skus, "settings_restored": restored})
-        await fence.log_fence(pool, prefix=prefix, sale=summary.sale, action="recovered", reason=summary.reason,
-                              detail={"drained": summary.drained, "orders": summary.orders, "attempts": summary.attempts,
-                                      "settings_restored": restored, "problems": list(summary.problems)})  # fmt: skip
+        await fence.log_fence(
+            pool,
+            prefix=prefix,
+            sale=summary.sale,
+            action="recovered",
+            reason=summary.reason,
+            detail={
+                "drained": summary.drained,
+                "orders": summary.orders,
+                "attempts": summary.attempts,
+                "settings_restored": restored,
+                "problems": list(summary.problems),
+            },
+        )
         recovered.append(summary)
     if recovered or before.ok:
         await fence.record_sales(redis, pool, prefix=prefix, known=registry)
@@ -406,9 +514,12 @@ async def recover(
 async def forget(pool: Any, *, prefix: str, sale: str) -> bool:
     """Tell the fence a sale was removed from Redis on purpose (its absence is no loss)."""
     async with pool.acquire() as conn:
-        done = await conn.execute("UPDATE fence_sales SET forgotten_at = now() WHERE prefix = $1 AND sale = $2",
-                                  prefix, sale)  # fmt: skip
+        done = await conn.execute(
+            "UPDATE fence_sales SET forgotten_at = now() WHERE prefix = $1 AND sale = $2", prefix, sale
+        )
     if done.endswith(" 0"):
         return False
-    await fence.log_fence(pool, prefix=prefix, sale=sale, action="forgotten", reason="removed from Redis on purpose")
+    await fence.log_fence(
+        pool, prefix=prefix, sale=sale, action="forgotten", reason="removed from Redis on purpose"
+    )
     return True

@@ -138,10 +138,16 @@ class Rehearsal:
         self.report_dir.mkdir(parents=True, exist_ok=True)
         base = {**os.environ, **self.settings.env}
         embedded = not (base.get("FLASHSALE_REDIS_URL") and base.get("FLASHSALE_DATABASE_URL"))
-        self.say(f"rehearsal {self.run_id}: {'starting embedded Redis and PostgreSQL' if embedded else 'using the configured Redis and PostgreSQL'}")
+        self.say(
+            f"rehearsal {self.run_id}: {'starting embedded Redis and PostgreSQL' if embedded else 'using the configured Redis and PostgreSQL'}"
+        )
         with EmbeddedStack(environ=base) as servers:
-            env = {**base, **servers.environ(), "PYTHONUNBUFFERED": "1",
-                   "FLASHSALE_DRILL_COMMAND": " ".join(shlex.quote(a) for a in sys.argv)}
+            env = {
+                **base,
+                **servers.environ(),
+                "PYTHONUNBUFFERED": "1",
+                "FLASHSALE_DRILL_COMMAND": " ".join(shlex.quote(a) for a in sys.argv),
+            }
             # Fresh secrets unless given (a caller may want to ask the service again afterwards).
             for var in ("FLASHSALE_TOKEN_SECRET", "FLASHSALE_ADMIN_TOKEN"):
                 if not env.get(var):
@@ -164,8 +170,14 @@ class Rehearsal:
         log = open(self.report_dir / f"{name}.log", "ab")  # noqa: SIM115 - the child owns it; closed below
         try:
             # A session of its own: Ctrl-C reaches us only, and we stop children in order.
-            proc = subprocess.Popen(list(argv), env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                list(argv),
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         finally:
             log.close()
         self.children.append(proc)
@@ -175,33 +187,71 @@ class Rehearsal:
         port = _free_port()
         self.host = f"http://127.0.0.1:{port}"
         py = sys.executable
-        self._spawn("service", [py, "-m", "flashsale", "serve", "--port", str(port),
-                                "--workers", str(self.settings.service_workers)], env)
+        self._spawn(
+            "service",
+            [
+                py,
+                "-m",
+                "flashsale",
+                "serve",
+                "--port",
+                str(port),
+                "--workers",
+                str(self.settings.service_workers),
+            ],
+            env,
+        )
         self._spawn("worker", [py, "-m", "flashsale", "worker"], env)
-        self.say(f"service: {self.settings.service_workers} process(es) on {self.host}; worker draining into PostgreSQL")
+        self.say(
+            f"service: {self.settings.service_workers} process(es) on {self.host}; worker draining into PostgreSQL"
+        )
         deadline = time.time() + self.settings.ready_timeout_s
         while time.time() < deadline:
             for proc, name in zip(self.children, ("service", "worker")):
                 if proc.poll() is not None:
-                    raise RuntimeError(f"the {name} exited with {proc.returncode}: see {self.report_dir / (name + '.log')}")
+                    raise RuntimeError(
+                        f"the {name} exited with {proc.returncode}: see {self.report_dir / (name + '.log')}"
+                    )
             try:
                 with urllib.request.urlopen(f"{self.host}/readyz", timeout=2) as resp:
                     if resp.status == 200:
                         from flashsale.warroom import warroom_url
 
-                        self.say(f"war room: {warroom_url(self.host, self.admin_token)}  (open it in a browser while the drill runs)")
+                        self.say(
+                            f"war room: {warroom_url(self.host, self.admin_token)}  (open it in a browser while the drill runs)"
+                        )
                         return
             except OSError:
                 pass
             time.sleep(0.3)
-        raise RuntimeError(f"the service was not ready within {self.settings.ready_timeout_s:.0f} s: "
-                           f"see {self.report_dir / 'service.log'}")
+        raise RuntimeError(
+            f"the service was not ready within {self.settings.ready_timeout_s:.0f} s: "
+            f"see {self.report_dir / 'service.log'}"
+        )
 
     def _locust_argv(self) -> list[str]:
         s = self.settings
-        argv = [sys.executable, "-m", "locust", "-f", str(surge_locustfile()), "--headless", "--host", self.host,
-                "--shape", s.shape, "--peak-rps", f"{s.peak_rps:g}", "--time-scale", f"{s.time_scale:g}",
-                "--report-dir", str(self.report_dir), "--audit-wait", f"{s.audit_wait_s:g}", "--only-summary"]
+        argv = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(surge_locustfile()),
+            "--headless",
+            "--host",
+            self.host,
+            "--shape",
+            s.shape,
+            "--peak-rps",
+            f"{s.peak_rps:g}",
+            "--time-scale",
+            f"{s.time_scale:g}",
+            "--report-dir",
+            str(self.report_dir),
+            "--audit-wait",
+            f"{s.audit_wait_s:g}",
+            "--only-summary",
+        ]
         if s.slo:
             argv += ["--slo", s.slo]
         if s.hold_ttl_s:
@@ -214,17 +264,38 @@ class Rehearsal:
         workers: list[subprocess.Popen[Any]] = []
         if s.locust_workers > 0:
             port = _free_port()
-            master = self._spawn("locust-master", argv + ["--master", "--master-bind-port", str(port),
-                                                          "--expect-workers", str(s.locust_workers)], env)
+            master = self._spawn(
+                "locust-master",
+                argv
+                + ["--master", "--master-bind-port", str(port), "--expect-workers", str(s.locust_workers)],
+                env,
+            )
             for k in range(s.locust_workers):
-                workers.append(self._spawn(f"locust-worker-{k}", [
-                    sys.executable, "-m", "locust", "-f", str(surge_locustfile()), "--worker",
-                    "--master-host", "127.0.0.1", "--master-port", str(port)], env))
+                workers.append(
+                    self._spawn(
+                        f"locust-worker-{k}",
+                        [
+                            sys.executable,
+                            "-m",
+                            "locust",
+                            "-f",
+                            str(surge_locustfile()),
+                            "--worker",
+                            "--master-host",
+                            "127.0.0.1",
+                            "--master-port",
+                            str(port),
+                        ],
+                        env,
+                    )
+                )
         else:
             master = self._spawn("locust", argv, env)
         procs = 1 + len(workers)
-        self.say(f"locust: {procs} process(es) ({'master + ' + str(len(workers)) + ' workers' if workers else 'local'}); "
-                 f"{s.shape} at {s.peak_rps:g} arrivals/s peak; report in {self.report_dir}")
+        self.say(
+            f"locust: {procs} process(es) ({'master + ' + str(len(workers)) + ' workers' if workers else 'local'}); "
+            f"{s.shape} at {s.peak_rps:g} arrivals/s peak; report in {self.report_dir}"
+        )
         try:
             self._watch(master)
         except KeyboardInterrupt:
@@ -242,7 +313,9 @@ class Rehearsal:
             _terminate(w, 10)
         summary_path = self.report_dir / "summary.json"
         if not summary_path.exists():
-            self.say(f"no verdict: Locust exited with {code} before writing the report; see {self.report_dir}/locust*.log")
+            self.say(
+                f"no verdict: Locust exited with {code} before writing the report; see {self.report_dir}/locust*.log"
+            )
             return INTERRUPTED if self._interrupted else exit_codes.RUN_INVALID
         summary = json.loads(summary_path.read_text())
         self.say(format_verdict_table(summary, self.report_dir))
@@ -277,10 +350,12 @@ def format_progress(p: dict[str, Any]) -> str:
         return "-" if v is None else f"{v:.0f}ms"
 
     hot = p.get("hot_available")
-    return (f"{p.get('phase', '?'):<9} T0{p.get('t_from_t0_s', 0):+6.0f}s  arrivals {p.get('sent_per_s', 0):>5}/"
-            f"{p.get('target_per_s', 0):<5.0f}/s dropped {p.get('dropped_per_s', 0):>3}  orders {p.get('orders_per_s', 0):>5}/s"
-            f"  p99 {ms(p.get('p99_ms'))} (corr {ms(p.get('p99_corrected_ms'))})"
-            f"  hot left {'-' if hot is None else hot}  backlog {p.get('backlog') if p.get('backlog') is not None else '-'}")
+    return (
+        f"{p.get('phase', '?'):<9} T0{p.get('t_from_t0_s', 0):+6.0f}s  arrivals {p.get('sent_per_s', 0):>5}/"
+        f"{p.get('target_per_s', 0):<5.0f}/s dropped {p.get('dropped_per_s', 0):>3}  orders {p.get('orders_per_s', 0):>5}/s"
+        f"  p99 {ms(p.get('p99_ms'))} (corr {ms(p.get('p99_corrected_ms'))})"
+        f"  hot left {'-' if hot is None else hot}  backlog {p.get('backlog') if p.get('backlog') is not None else '-'}"
+    )
 
 
 def format_verdict_table(summary: dict[str, Any], folder: Path) -> str:
@@ -293,11 +368,15 @@ def format_verdict_table(summary: dict[str, Any], folder: Path) -> str:
     if "checks" in oracle:
         rows.append("invariants (oracle, over HTTP: POST /api/admin/audit)")
         for c in oracle["checks"]:
-            rows.append(f"  {'ok  ' if c['passed'] else 'FAIL'}  {c['name']:<15} {c['observed']}"
-                        + (f"  {c['detail'][:120]}" if c["detail"] else ""))
+            rows.append(
+                f"  {'ok  ' if c['passed'] else 'FAIL'}  {c['name']:<15} {c['observed']}"
+                + (f"  {c['detail'][:120]}" if c["detail"] else "")
+            )
         log = oracle.get("log", {})
-        rows.append(f"  orders acknowledged {log.get('acknowledged')}, paid {log.get('paid')}, "
-                    f"refused {log.get('failed')}, unknown {log.get('unknown')}, replayed retries {log.get('replays')}")
+        rows.append(
+            f"  orders acknowledged {log.get('acknowledged')}, paid {log.get('paid')}, "
+            f"refused {log.get('failed')}, unknown {log.get('unknown')}, replayed retries {log.get('replays')}"
+        )
     else:
         rows.append(f"invariants: NOT JUDGED ({oracle.get('skipped')})")
     rows.append("SLO thresholds")
@@ -309,22 +388,30 @@ def format_verdict_table(summary: dict[str, Any], folder: Path) -> str:
     rows += [f"  {r}" for r in validity["reasons"]]
     arr, ratios = summary["arrivals"], summary["ratios"]
     ratio = ratios.get("arrival_ratio")
-    rows.append(f"arrivals: target {arr['target']:.0f}, sent {arr['started']}, dropped {arr['dropped']}"
-                + (f" (achieved/target {ratio:.3f})" if ratio is not None else ""))
+    rows.append(
+        f"arrivals: target {arr['target']:.0f}, sent {arr['started']}, dropped {arr['dropped']}"
+        + (f" (achieved/target {ratio:.3f})" if ratio is not None else "")
+    )
     sent = summary.get("generator", {}).get("t0_sent_ms") or {}
     if sent:
-        rows.append(f"  T0 rendezvous fired {min(sent.values()):.1f}-{max(sent.values()):.1f} ms after T0 by "
-                    f"{len(sent)} Locust process(es) (skew {summary['generator']['t0_skew_ms']:.1f} ms)")
+        rows.append(
+            f"  T0 rendezvous fired {min(sent.values()):.1f}-{max(sent.values()):.1f} ms after T0 by "
+            f"{len(sent)} Locust process(es) (skew {summary['generator']['t0_skew_ms']:.1f} ms)"
+        )
     lat = summary["latency"]
     rows.append(f"  {'latency ms':<22}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>9}   count")
     for name in lat["raw"]:
         for which in ("raw", "corrected"):
             x = lat[which][name]
-            rows.append(f"  {name + ' ' + which:<22}{x['p50_ms']:>8.1f}{x['p90_ms']:>8.1f}{x['p99_ms']:>8.1f}"
-                        f"{x['p99.9_ms']:>8.1f}{x['max_ms']:>9.1f}   {x['count']}")
+            rows.append(
+                f"  {name + ' ' + which:<22}{x['p50_ms']:>8.1f}{x['p90_ms']:>8.1f}{x['p99_ms']:>8.1f}"
+                f"{x['p99.9_ms']:>8.1f}{x['max_ms']:>9.1f}   {x['count']}"
+            )
     sold_out = summary.get("service", {}).get("sold_out_at_s_from_t0") or {}
     for sku, times in sold_out.items():
-        rows.append(f"  {sku} sold out at T0{times[0]:+.0f}s" + (f" (and {len(times) - 1} more times, as lapsed holds came back)" if len(times) > 1 else ""))
+        rows.append(
+            f"  {sku} sold out at T0{times[0]:+.0f}s"
+            + (f" (and {len(times) - 1} more times, as lapsed holds came back)" if len(times) > 1 else "")
+        )
     rows.append(f"report: {folder / 'report.html'}  (summary.json, timeline.csv, *.hlog, requests.jsonl)")
     return "\n".join(rows)
-

@@ -31,11 +31,22 @@ def register(sub: Any) -> None:
         "See docs/rehearsal.md for what the report shows.",
     )
     _common(r, peak=150.0)
-    r.add_argument("--shape", default="midnight_surge", choices=sorted(_SHAPE_SECONDS),
-                   help="arrival shape (default midnight_surge)")
-    r.add_argument("--duration", type=float, default=None, metavar="S",
-                   help="seconds of arrivals (sets --time-scale; midnight_surge is 75 s at scale 1)")
-    r.add_argument("--time-scale", type=float, default=1.0, help="stretch every phase of the shape (default 1)")
+    r.add_argument(
+        "--shape",
+        default="midnight_surge",
+        choices=sorted(_SHAPE_SECONDS),
+        help="arrival shape (default midnight_surge)",
+    )
+    r.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds of arrivals (sets --time-scale; midnight_surge is 75 s at scale 1)",
+    )
+    r.add_argument(
+        "--time-scale", type=float, default=1.0, help="stretch every phase of the shape (default 1)"
+    )
     r.set_defaults(func=_rehearse)
 
     c = sub.add_parser(
@@ -52,22 +63,46 @@ def register(sub: Any) -> None:
     _common(c, peak=600.0)
     c.add_argument("--steps", type=int, default=6, help="stairs up to --peak-rps (default 6)")
     c.add_argument("--step-s", type=float, default=15.0, help="seconds per stair (default 15)")
-    c.add_argument("--p99-ms", type=float, default=1000.0, help="corrected p99 a step must stay under (default 1000)")
-    c.add_argument("--plan-for", type=float, action="append", default=None, metavar="ORDERS_PER_S",
-                   help="peak orders/s to plan for (repeatable; default the published 50,000 and 583,000)")
+    c.add_argument(
+        "--p99-ms", type=float, default=1000.0, help="corrected p99 a step must stay under (default 1000)"
+    )
+    c.add_argument(
+        "--plan-for",
+        type=float,
+        action="append",
+        default=None,
+        metavar="ORDERS_PER_S",
+        help="peak orders/s to plan for (repeatable; default the published 50,000 and 583,000)",
+    )
     c.set_defaults(func=_capacity)
 
 
 def _common(p: argparse.ArgumentParser, *, peak: float) -> None:
-    p.add_argument("--peak-rps", type=float, default=peak, help=f"peak arrivals per second (default {peak:g})")
-    p.add_argument("--service-workers", type=int, default=2, help="service processes (default 2: one per core)")
-    p.add_argument("--locust-workers", type=int, default=0, metavar="N",
-                   help="run Locust distributed: a master and N worker processes (default 0: one local process)")
-    p.add_argument("--report-dir", type=Path, default=None, help="report folder (default reports/rehearsal-<time>)")
+    p.add_argument(
+        "--peak-rps", type=float, default=peak, help=f"peak arrivals per second (default {peak:g})"
+    )
+    p.add_argument(
+        "--service-workers", type=int, default=2, help="service processes (default 2: one per core)"
+    )
+    p.add_argument(
+        "--locust-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run Locust distributed: a master and N worker processes (default 0: one local process)",
+    )
+    p.add_argument(
+        "--report-dir", type=Path, default=None, help="report folder (default reports/rehearsal-<time>)"
+    )
     p.add_argument("--slo", default=None, help="';'-separated k6-style thresholds, e.g. 'latency:p(99)<300'")
     p.add_argument("--hold-ttl", type=float, default=None, metavar="S", help="hold TTL of the drill's sale")
-    p.add_argument("--audit-wait", type=float, default=60.0, metavar="S",
-                   help="seconds the audit may wait for the queue to drain (default 60)")
+    p.add_argument(
+        "--audit-wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds the audit may wait for the queue to drain (default 60)",
+    )
     p.add_argument("locust_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
@@ -78,9 +113,15 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     if extra[:1] == ["--"]:
         extra = extra[1:]
     return RehearsalSettings(
-        peak_rps=args.peak_rps, service_workers=args.service_workers, locust_workers=args.locust_workers,
-        report_dir=args.report_dir, slo=args.slo, hold_ttl_s=args.hold_ttl, audit_wait_s=args.audit_wait,
-        locust_args=tuple(extra), **overrides,
+        peak_rps=args.peak_rps,
+        service_workers=args.service_workers,
+        locust_workers=args.locust_workers,
+        report_dir=args.report_dir,
+        slo=args.slo,
+        hold_ttl_s=args.hold_ttl,
+        audit_wait_s=args.audit_wait,
+        locust_args=tuple(extra),
+        **overrides,
     )
 
 
@@ -116,16 +157,20 @@ def _capacity(args: argparse.Namespace) -> int:
     print("\ncapacity steps (arrivals/s; orders/s counts every order request, sold out or not)")
     print(f"  {'step':<22}{'target/s':>9}{'sent/s':>8}{'orders/s':>9}{'p99 corr':>10}{'errors':>8}  verdict")
     for s in steps:
-        print(f"  {s.name:<22}{s.target_rps:>9.0f}{s.sent_rps:>8.0f}{s.orders_per_s:>9.0f}{s.p99_corrected_ms:>9.0f}ms"
-              f"{s.error_ratio:>8.1%}  {'within SLO' if s.within_slo else s.why_not}")
+        print(
+            f"  {s.name:<22}{s.target_rps:>9.0f}{s.sent_rps:>8.0f}{s.orders_per_s:>9.0f}{s.p99_corrected_ms:>9.0f}ms"
+            f"{s.error_ratio:>8.1%}  {'within SLO' if s.within_slo else s.why_not}"
+        )
     best = sustained(steps)
     if best is None:
         print("no step stayed within the SLO: lower --peak-rps")
         return code
     per_process = best.orders_per_s / settings.service_workers
-    print(f"\nsustained within the SLO: {best.sent_rps:.0f} arrivals/s, {best.orders_per_s:.0f} orders/s with "
-          f"{settings.service_workers} service process(es): {per_process:.0f} orders/s per process "
-          f"(measured here, load generator and databases on the same cores)")
+    print(
+        f"\nsustained within the SLO: {best.sent_rps:.0f} arrivals/s, {best.orders_per_s:.0f} orders/s with "
+        f"{settings.service_workers} service process(es): {per_process:.0f} orders/s per process "
+        f"(measured here, load generator and databases on the same cores)"
+    )
     if best is steps[-1]:
         print("  (the top step was still within the SLO: raise --peak-rps to find the limit)")
     peaks = args.plan_for or list(PUBLISHED_PEAKS.values())
@@ -133,7 +178,9 @@ def _capacity(args: argparse.Namespace) -> int:
     for peak in peaks:
         plan = plan_for(peak, per_process)
         label = f" (published Double 11 peak, {names[peak]})" if peak in names else ""
-        print(f"plan for {peak:,.0f} orders/s{label}: {plan.service_processes:,} service processes, "
-              f"{plan.redis_shards} Redis shards")
+        print(
+            f"plan for {peak:,.0f} orders/s{label}: {plan.service_processes:,} service processes, "
+            f"{plan.redis_shards} Redis shards"
+        )
     print("assumptions: " + "; ".join(plan_for(1.0, max(per_process, 1e-9)).assumptions))
     return code

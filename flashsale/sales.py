@@ -132,7 +132,9 @@ class SaleBook:
         self._switches = (0.0, {})
         return await self.switches()
 
-    async def create(self, settings: SaleSettings, skus: list[str], engine_sales: list[str] | None = None) -> None:
+    async def create(
+        self, settings: SaleSettings, skus: list[str], engine_sales: list[str] | None = None
+    ) -> None:
         """Register a sale and claim its SKUs. The caller checked nothing is taken.
 
         ``engine_sales`` are the sale ids whose event streams the order writer must drain:

@@ -86,8 +86,14 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
     signal.signal(signal.SIGINT, stop)
     for slot in range(settings.workers):
         start(slot)
-    log.info("service started", extra={"workers": settings.workers, "port": settings.port,
-                                       "pids": [c.pid for c in children.values()]})
+    log.info(
+        "service started",
+        extra={
+            "workers": settings.workers,
+            "port": settings.port,
+            "pids": [c.pid for c in children.values()],
+        },
+    )
     if ready_file:
         _touch(ready_file)
     try:

@@ -25,11 +25,16 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port to bind (default 8080)")
-    p.add_argument("--workers", type=int, help="service processes sharing the port (default 1; use one per core)")
+    p.add_argument(
+        "--workers", type=int, help="service processes sharing the port (default 1; use one per core)"
+    )
     p.add_argument("--redis-url", help="Redis URL (FLASHSALE_REDIS_URL)")
     p.add_argument("--database-url", help="PostgreSQL URL (FLASHSALE_DATABASE_URL)")
-    p.add_argument("--embedded", action="store_true",
-                   help="start embedded Redis and PostgreSQL for this run (try-outs; data is thrown away)")
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start embedded Redis and PostgreSQL for this run (try-outs; data is thrown away)",
+    )
     p.set_defaults(func=_serve)
 
     t = sub.add_parser(
@@ -49,8 +54,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         settings = Settings.from_env(
-            host=args.host, port=args.port, workers=args.workers,
-            redis_url=args.redis_url, database_url=args.database_url,
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            redis_url=args.redis_url,
+            database_url=args.database_url,
         )
         if not args.embedded:
             if "FLASHSALE_REDIS_URL" not in os.environ and not args.redis_url:

@@ -20,24 +20,60 @@ class SettingsError(ValueError):
 #: Every setting: (environment variable, field, meaning). README's table is built from this.
 ENV_DOC: tuple[tuple[str, str, str], ...] = (
     ("FLASHSALE_REDIS_URL", "redis_url", "Redis to use (default: start an embedded one where a command can)"),
-    ("FLASHSALE_REDIS_CLUSTER", "redis_cluster", "1 when FLASHSALE_REDIS_URL names a node of a Redis Cluster"),
-    ("FLASHSALE_DATABASE_URL", "database_url", "PostgreSQL to use (default: start an embedded one where a command can)"),
+    (
+        "FLASHSALE_REDIS_CLUSTER",
+        "redis_cluster",
+        "1 when FLASHSALE_REDIS_URL names a node of a Redis Cluster",
+    ),
+    (
+        "FLASHSALE_DATABASE_URL",
+        "database_url",
+        "PostgreSQL to use (default: start an embedded one where a command can)",
+    ),
     ("FLASHSALE_HOST", "host", "address the service binds (default 127.0.0.1)"),
     ("FLASHSALE_PORT", "port", "port the service binds (default 8080)"),
     ("FLASHSALE_WORKERS", "workers", "service processes sharing the port (default 1)"),
     ("FLASHSALE_TOKEN_SECRET", "token_secret", "HMAC secret for buyer tokens (required to serve)"),
-    ("FLASHSALE_ADMIN_TOKEN", "admin_token", "bearer token for /api/admin/* and /warroom (required to serve)"),
+    (
+        "FLASHSALE_ADMIN_TOKEN",
+        "admin_token",
+        "bearer token for /api/admin/* and /warroom (required to serve)",
+    ),
     ("FLASHSALE_KEY_PREFIX", "key_prefix", "prefix of every Redis key (default fs)"),
-    ("FLASHSALE_MAX_IN_FLIGHT", "max_in_flight", "order requests in progress per process before shedding with 503 (default 1000)"),
+    (
+        "FLASHSALE_MAX_IN_FLIGHT",
+        "max_in_flight",
+        "order requests in progress per process before shedding with 503 (default 1000)",
+    ),
     ("FLASHSALE_USER_RATE", "user_rate", "order requests per second per buyer, per process (default 5)"),
     ("FLASHSALE_USER_BURST", "user_burst", "burst allowance of the per-buyer rate limit (default 10)"),
     ("FLASHSALE_MAX_BODY_BYTES", "max_body_bytes", "largest request body accepted (default 16384)"),
-    ("FLASHSALE_REDIS_TIMEOUT", "redis_timeout_s", "seconds before a Redis call's outcome is reported unknown (default 2)"),
-    ("FLASHSALE_SKU_CACHE", "sku_cache_s", "seconds a product-page answer is cached per process (default 0.25)"),
-    ("FLASHSALE_SOLD_OUT_CACHE", "sold_out_cache_s", "seconds a sold-out SKU is refused without asking Redis (default 0.5)"),
-    ("FLASHSALE_SALE_CACHE", "sale_cache_s", "seconds sale settings (opening time, switches) are cached (default 0.5)"),
+    (
+        "FLASHSALE_REDIS_TIMEOUT",
+        "redis_timeout_s",
+        "seconds before a Redis call's outcome is reported unknown (default 2)",
+    ),
+    (
+        "FLASHSALE_SKU_CACHE",
+        "sku_cache_s",
+        "seconds a product-page answer is cached per process (default 0.25)",
+    ),
+    (
+        "FLASHSALE_SOLD_OUT_CACHE",
+        "sold_out_cache_s",
+        "seconds a sold-out SKU is refused without asking Redis (default 0.5)",
+    ),
+    (
+        "FLASHSALE_SALE_CACHE",
+        "sale_cache_s",
+        "seconds sale settings (opening time, switches) are cached (default 0.5)",
+    ),
     ("FLASHSALE_LOG_LEVEL", "log_level", "INFO, DEBUG, WARNING… (default INFO)"),
-    ("FLASHSALE_ACCESS_LOG", "access_log", "1 to log every request (off by default: the hot path stays quiet)"),
+    (
+        "FLASHSALE_ACCESS_LOG",
+        "access_log",
+        "1 to log every request (off by default: the hot path stays quiet)",
+    ),
 )
 
 
@@ -79,7 +115,11 @@ class Settings:
         return cls(**values)
 
     def require_secrets(self) -> None:
-        missing = [var for var, name, _ in ENV_DOC if name in ("token_secret", "admin_token") and not getattr(self, name)]
+        missing = [
+            var
+            for var, name, _ in ENV_DOC
+            if name in ("token_secret", "admin_token") and not getattr(self, name)
+        ]
         if missing:
             raise SettingsError(
                 f"{' and '.join(missing)} must be set to serve: buyer tokens are signed with the "

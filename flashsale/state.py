@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-import inventory
+from inventory import BucketedInventory, Inventory
 
 from .admission import InFlight, RateLimiter, SoldOutCache
 from .metrics import ServiceMetrics
@@ -28,41 +28,39 @@ class ServiceState:
     in_flight: InFlight
     sold_out: SoldOutCache
     pg: Any = None  # asyncpg pool, when a database is configured
-    _inventories: dict[str, inventory.Inventory] = field(default_factory=dict)
-    _bucketed: dict[str, inventory.BucketedInventory] = field(default_factory=dict)
+    _inventories: dict[str, Inventory] = field(default_factory=dict)
+    _bucketed: dict[str, BucketedInventory] = field(default_factory=dict)
     _sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
 
-    def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> inventory.Inventory:
+    def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> Inventory:
         """The engine for one sale (one per sale per process, so reservations coalesce)."""
         inv = self._inventories.get(sale)
         if inv is None:
-            inv = self._inventories[sale] = inventory.Inventory(
-                self.redis, sale, prefix=self.settings.key_prefix
-            )
+            inv = self._inventories[sale] = Inventory(self.redis, sale, prefix=self.settings.key_prefix)
         if hold_ttl_ms is not None and inv.hold_ttl_ms != hold_ttl_ms:
             inv.hold_ttl_ms = hold_ttl_ms
         return inv
 
-    def engine(self, sale: SaleSettings) -> inventory.Inventory | inventory.BucketedInventory:
+    def engine(self, sale: SaleSettings) -> Inventory | BucketedInventory:
         """The engine a sale's orders go through: one Inventory, or its buckets."""
         if sale.buckets <= 1:
             return self.inventory(sale.sale, sale.hold_ttl_ms)
         engine = self._bucketed.get(sale.sale)
         if engine is None:
-            engine = self._bucketed[sale.sale] = inventory.BucketedInventory(
+            engine = self._bucketed[sale.sale] = BucketedInventory(
                 self.redis, sale.sale, sale.buckets, prefix=self.settings.key_prefix
             )
         if engine.hold_ttl_ms != sale.hold_ttl_ms:
             engine.hold_ttl_ms = sale.hold_ttl_ms
         return engine
 
-    def engine_parts(self, sale: SaleSettings) -> list[inventory.Inventory]:
+    def engine_parts(self, sale: SaleSettings) -> list[Inventory]:
         """The plain engines behind a sale: its buckets, or the one Inventory (each has
         its own holds, deadlines and event stream)."""
         engine = self.engine(sale)
-        return list(engine.buckets) if isinstance(engine, inventory.BucketedInventory) else [engine]
+        return list(engine.buckets) if isinstance(engine, BucketedInventory) else [engine]
 
-    def probe_inventory(self) -> inventory.Inventory:
+    def probe_inventory(self) -> Inventory:
         """Any engine instance, for probes that only need the scripts."""
         return next(iter(self._inventories.values()), None) or self.inventory("probe")
 

@@ -111,7 +111,9 @@ class HoldSweeper:
         self.stats.holds_expired += expired
         self.stats.last_sweep_ms = (time.perf_counter() - started) * 1000
         if expired:
-            logger.info("holds_expired", extra={"holds": expired, "sweep_ms": round(self.stats.last_sweep_ms, 2)})
+            logger.info(
+                "holds_expired", extra={"holds": expired, "sweep_ms": round(self.stats.last_sweep_ms, 2)}
+            )
         return expired
 
     async def run(self) -> None:
@@ -123,16 +125,22 @@ class HoldSweeper:
             try:
                 await self.sweep()
                 if down_since is not None:
-                    logger.info("sweeper_redis_recovered", extra={"down_s": round(time.monotonic() - down_since, 3)})
+                    logger.info(
+                        "sweeper_redis_recovered", extra={"down_s": round(time.monotonic() - down_since, 3)}
+                    )
                     down_since = None
             except (*_OUTAGE, ResponseError) as exc:
                 if down_since is None:
                     down_since = time.monotonic()
-                    logger.warning("sweeper_redis_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"})
+                    logger.warning(
+                        "sweeper_redis_unavailable", extra={"error": f"{type(exc).__name__}: {exc}"}
+                    )
                 pause = max(pause, 0.5)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), pause)
-        logger.info("sweeper_stopped", extra={"sweeps": self.stats.sweeps, "holds_expired": self.stats.holds_expired})
+        logger.info(
+            "sweeper_stopped", extra={"sweeps": self.stats.sweeps, "holds_expired": self.stats.holds_expired}
+        )
 
     async def _refresh_sales(self) -> None:
         members = await self.redis.smembers(f"{self.prefix}:sales")
@@ -147,11 +155,13 @@ class HoldSweeper:
                 logger.warning("sweeper_skips_sale", extra={"sale": sale})
         buckets: dict[str, int] = {}
         for sale in self._sales:
-            parent = BucketedInventory.parent_of(sale)
-            if parent is not None:
-                buckets[parent[0]] = max(buckets.get(parent[0], 0), parent[1] + 1)
-        for parent, count in buckets.items():
-            engine = self._bucketed.get(parent)
+            bucket_of = BucketedInventory.parent_of(sale)
+            if bucket_of is not None:
+                buckets[bucket_of[0]] = max(buckets.get(bucket_of[0], 0), bucket_of[1] + 1)
+        for parent_sale, count in buckets.items():
+            engine = self._bucketed.get(parent_sale)
             if engine is None or len(engine.buckets) != count:
-                self._bucketed[parent] = BucketedInventory(self.redis, parent, count, prefix=self.prefix, coalesce=False)
+                self._bucketed[parent_sale] = BucketedInventory(
+                    self.redis, parent_sale, count, prefix=self.prefix, coalesce=False
+                )
         self._sales_checked = time.monotonic()

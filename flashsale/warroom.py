@@ -30,25 +30,24 @@ and its outbox entry) stay in one slot on a Redis Cluster:
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
 import math
 import os
 import re
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 from urllib.parse import quote, unquote
 
-import inventory
 from aiohttp import web
 from redis.exceptions import RedisError
+
+import inventory
 
 from . import admin_api
 from .admin_api import collect_stats, require_admin
@@ -125,9 +124,17 @@ class AlertThresholds:
     error_ratio: float = 0.01  # shed + unknown + fenced over all order answers, last 10 s
 
     ENV = (
-        ("FLASHSALE_WARROOM_BACKLOG", "backlog", "war room: backlog alert above this many entries (default 10000)"),
+        (
+            "FLASHSALE_WARROOM_BACKLOG",
+            "backlog",
+            "war room: backlog alert above this many entries (default 10000)",
+        ),
         ("FLASHSALE_WARROOM_P99_MS", "p99_ms", "war room: latency alert above this p99 in ms (default 250)"),
-        ("FLASHSALE_WARROOM_ERROR_RATIO", "error_ratio", "war room: error alert above this share of answers (default 0.01)"),
+        (
+            "FLASHSALE_WARROOM_ERROR_RATIO",
+            "error_ratio",
+            "war room: error alert above this share of answers (default 0.01)",
+        ),
     )
 
     @classmethod
@@ -220,7 +227,9 @@ async def _sample(state: ServiceState, stats: dict[str, Any]) -> None:
         hp=sum(int(s["holds_pending"]) for s in sales),
         wr=int(float(stats["writer"].get("entries_total", 0) or 0)),
     )
-    progress_due = last_progress is None or int(last_progress.split(b":")[0]) + PROGRESS_EVERY_MS <= published["t"]
+    progress_due = (
+        last_progress is None or int(last_progress.split(b":")[0]) + PROGRESS_EVERY_MS <= published["t"]
+    )
     async with state.redis.pipeline(transaction=True) as pipe:
         pipe.lpush(key, json.dumps(published, separators=(",", ":")))
         pipe.ltrim(key, 0, HISTORY_MAX - 1)
@@ -324,7 +333,12 @@ async def _stockouts(state: ServiceState, sales: dict[str, Any], now: int) -> di
             field = f"{sale}/{sku}"
             seen = known.get(field)
             if snap["available"] > 0:
-                moment = {"in": True, "at_ms": None, "exact": None, "first_ms": seen["first_ms"] if seen else None}
+                moment = {
+                    "in": True,
+                    "at_ms": None,
+                    "exact": None,
+                    "first_ms": seen["first_ms"] if seen else None,
+                }
             elif seen is None or seen["in"]:
                 first = seen["first_ms"] if seen and seen["first_ms"] else now
                 moment = {"in": False, "at_ms": now, "exact": seen is not None, "first_ms": first}
@@ -354,20 +368,38 @@ def _interpolate(points: Sequence[Sequence[float]], t: float) -> float:
 
 def _parse_points(value: Any) -> list[list[float]]:
     if not isinstance(value, list) or not 2 <= len(value) <= MAX_TARGET_POINTS:
-        raise ApiError(422, "invalid_request", f"points is a list of 2 to {MAX_TARGET_POINTS} [t_ms, cumulative_orders] pairs", field="points")
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"points is a list of 2 to {MAX_TARGET_POINTS} [t_ms, cumulative_orders] pairs",
+            field="points",
+        )
     points: list[list[float]] = []
     for p in value:
         ok = (
-            isinstance(p, list) and len(p) == 2
+            isinstance(p, list)
+            and len(p) == 2
             and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in p)
         )
         if not ok:
-            raise ApiError(422, "invalid_request", "each point is [t_ms, cumulative_orders], two numbers", field="points")
+            raise ApiError(
+                422, "invalid_request", "each point is [t_ms, cumulative_orders], two numbers", field="points"
+            )
         t, v = p
         if not -86_400_000 <= t <= 30 * 86_400_000 or not 0 <= v <= 1e12:
-            raise ApiError(422, "invalid_request", "t_ms is within a day before to 30 days after the origin; orders are 0 to 1e12", field="points")
+            raise ApiError(
+                422,
+                "invalid_request",
+                "t_ms is within a day before to 30 days after the origin; orders are 0 to 1e12",
+                field="points",
+            )
         if points and (t <= points[-1][0] or v < points[-1][1]):
-            raise ApiError(422, "invalid_request", "points go forward in time and the cumulative orders never go down", field="points")
+            raise ApiError(
+                422,
+                "invalid_request",
+                "points go forward in time and the cumulative orders never go down",
+                field="points",
+            )
         points.append([t, v])
     return points
 
@@ -431,7 +463,9 @@ async def put_target(request: web.Request) -> web.Response:
     body = await read_json(request)
     scenario = body.get("scenario", "")
     if not isinstance(scenario, str) or not 1 <= len(scenario) <= 100 or not scenario.isprintable():
-        raise ApiError(422, "invalid_request", "scenario is a name of 1-100 printable characters", field="scenario")
+        raise ApiError(
+            422, "invalid_request", "scenario is a name of 1-100 printable characters", field="scenario"
+        )
     points = _parse_points(body.get("points"))
     sale = body.get("sale")
     origin = body.get("origin_ms")
@@ -440,7 +474,9 @@ async def put_target(request: web.Request) -> web.Response:
             raise ApiError(422, "invalid_request", "sale is a sale id", field="sale")
         settings = await state.sales.sale(sale, fresh=True) if 1 <= len(sale) <= 32 else None
         if settings is None:
-            raise ApiError(404, "sale_not_found", f"no sale {sale!r}: create it before registering its target")
+            raise ApiError(
+                404, "sale_not_found", f"no sale {sale!r}: create it before registering its target"
+            )
         origin = settings.opens_at_ms if origin is None else origin
     if origin is None:
         origin = now_ms()
@@ -495,7 +531,12 @@ def _header_text(request: web.Request, name: str, limit: int) -> str:
     raw = request.headers.get(name, "")
     text = unquote(raw, errors="replace")
     if len(text) > limit or not text.isprintable():
-        raise ApiError(422, "invalid_request", f"{name} is at most {limit} printable characters, percent-encoded", field=name)
+        raise ApiError(
+            422,
+            "invalid_request",
+            f"{name} is at most {limit} printable characters, percent-encoded",
+            field=name,
+        )
     return text
 
 
@@ -507,12 +548,21 @@ async def _insert(state: ServiceState, entry: dict[str, Any]) -> None:
         VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb, $8, $9, $10::jsonb, $11, $12, $13)
         ON CONFLICT (entry_id) DO NOTHING
         """,
-        entry["id"], datetime.fromtimestamp(entry["at_ms"] / 1000, UTC), entry["operator"], entry["action"],
-        entry["sale"], entry["sku"], json.dumps(entry["params"]), entry["status"], entry["outcome"],
-        None if entry["result"] is None else json.dumps(entry["result"]), entry["note"], entry["remote"],
+        entry["id"],
+        datetime.fromtimestamp(entry["at_ms"] / 1000, UTC),
+        entry["operator"],
+        entry["action"],
+        entry["sale"],
+        entry["sku"],
+        json.dumps(entry["params"]),
+        entry["status"],
+        entry["outcome"],
+        None if entry["result"] is None else json.dumps(entry["result"]),
+        entry["note"],
+        entry["remote"],
         entry["user_agent"],
         timeout=PG_TIMEOUT_S,
-    )  # fmt: skip
+    )
 
 
 def _refused_for_good(exc: BaseException) -> bool:
@@ -580,7 +630,9 @@ async def record(state: ServiceState, entry: dict[str, Any]) -> str:
             await _insert(state, entry)
             return "written"
         except Exception as exc:  # noqa: BLE001
-            log.error("operator log entry %s reached neither Redis nor PostgreSQL (%s): %s", entry["id"], exc, raw)
+            log.error(
+                "operator log entry %s reached neither Redis nor PostgreSQL (%s): %s", entry["id"], exc, raw
+            )
             return "lost"
     try:
         await flush_outbox(state)
@@ -710,7 +762,10 @@ CONTROLS: dict[str, tuple[str, Handler]] = {
     "open_sale": ("/api/admin/warroom/sales/{sale}/open", admin_api.open_sale),
     "close_sale": ("/api/admin/warroom/sales/{sale}/close", admin_api.close_sale),
     "restock": ("/api/admin/warroom/sales/{sale}/skus/{sku}/restock", admin_api.restock),
-    "release_reserve": ("/api/admin/warroom/sales/{sale}/skus/{sku}/release-reserve", admin_api.release_reserve),
+    "release_reserve": (
+        "/api/admin/warroom/sales/{sale}/skus/{sku}/release-reserve",
+        admin_api.release_reserve,
+    ),
     "switches": ("/api/admin/warroom/switches", admin_api.set_switches),
 }
 for _name, (_path, _handler) in CONTROLS.items():
@@ -767,14 +822,20 @@ def _alerts(
     alerts: dict[str, dict[str, Any]] = {
         "backlog": {"value": backlog, "limit": thresholds.backlog, "firing": backlog > thresholds.backlog},
         "p99_ms": {"value": p99, "limit": thresholds.p99_ms, "firing": p99 > thresholds.p99_ms},
-        "error_ratio": {"value": ratio, "limit": thresholds.error_ratio, "firing": ratio > thresholds.error_ratio},
+        "error_ratio": {
+            "value": ratio,
+            "limit": thresholds.error_ratio,
+            "firing": ratio > thresholds.error_ratio,
+        },
         "dead_letters": {"value": dead, "limit": 0, "firing": dead > 0},
     }
     reasons = []
     if alerts["p99_ms"]["firing"]:
         reasons.append(f"order latency p99 {p99:.0f} ms is above {thresholds.p99_ms:g} ms")
     if alerts["error_ratio"]["firing"]:
-        reasons.append(f"{ratio:.1%} of order answers in the last 10 s were errors (shed, unknown, fenced); limit {thresholds.error_ratio:.1%}")
+        reasons.append(
+            f"{ratio:.1%} of order answers in the last 10 s were errors (shed, unknown, fenced); limit {thresholds.error_ratio:.1%}"
+        )
     if alerts["backlog"]["firing"]:
         reasons.append(f"{backlog} orders waiting to reach PostgreSQL (limit {thresholds.backlog})")
     if alerts["dead_letters"]["firing"]:
@@ -822,7 +883,10 @@ async def warroom_data(request: web.Request) -> web.Response:
     ratio = error_ratio(samples)
     alerts, reasons = _alerts(stats, ratio, thresholds)
     history = _history_json(samples)
-    rates_now = {group: next((v for v in reversed(series) if v is not None), 0.0) for group, series in history["rates"].items()}
+    rates_now = {
+        group: next((v for v in reversed(series) if v is not None), 0.0)
+        for group, series in history["rates"].items()
+    }
     await _maybe_flush(state)
     target = await _target(state)
     created_now = int(stats["orders"].get("created", 0))
@@ -926,41 +990,102 @@ def openapi_paths() -> dict[str, Any]:
         return {"description": description, "content": {"application/json": {"schema": {"type": "object"}}}}
 
     def refused(*codes: str) -> dict[str, Any]:
-        return {c: {"description": "refused", "content": {"application/json": {"schema": error}}} for c in codes}
+        return {
+            c: {"description": "refused", "content": {"application/json": {"schema": error}}} for c in codes
+        }
 
     def param(name: str) -> dict[str, Any]:
         return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
 
     control_headers = [
-        {"name": "X-Operator", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 64}},
-        {"name": "X-Operator-Note", "in": "header", "required": False, "schema": {"type": "string", "maxLength": 500}},
+        {
+            "name": "X-Operator",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "maxLength": 64},
+        },
+        {
+            "name": "X-Operator-Note",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string", "maxLength": 500},
+        },
     ]
     paths: dict[str, Any] = {
-        "/warroom": {"get": {"summary": "The war-room page (admin token as ?token=)", "parameters": [
-            {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}],
-            "responses": {"200": {"description": "the page", "content": {"text/html": {}}},
-                          "401": {"description": "token form", "content": {"text/html": {}}}}}},
-        "/warroom/{name}": {"get": {"summary": "The page's script and style sheet", "parameters": [param("name")],
-                                    "responses": {"200": {"description": "file"}, **refused("404")}}},
-        "/api/admin/warroom": {"get": {"summary": "Everything the war room shows", "security": admin,
-                                       "responses": {"200": answer("stats, history, alerts, target, log"), **refused("401")}}},
-        "/api/admin/warroom/log": {"get": {"summary": "The operator log", "security": admin, "parameters": [
-            {"name": "limit", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": LOG_MAX}}],
-            "responses": {"200": answer("entries, newest first"), **refused("401", "422")}}},
+        "/warroom": {
+            "get": {
+                "summary": "The war-room page (admin token as ?token=)",
+                "parameters": [
+                    {"name": "token", "in": "query", "required": False, "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {"description": "the page", "content": {"text/html": {}}},
+                    "401": {"description": "token form", "content": {"text/html": {}}},
+                },
+            }
+        },
+        "/warroom/{name}": {
+            "get": {
+                "summary": "The page's script and style sheet",
+                "parameters": [param("name")],
+                "responses": {"200": {"description": "file"}, **refused("404")},
+            }
+        },
+        "/api/admin/warroom": {
+            "get": {
+                "summary": "Everything the war room shows",
+                "security": admin,
+                "responses": {"200": answer("stats, history, alerts, target, log"), **refused("401")},
+            }
+        },
+        "/api/admin/warroom/log": {
+            "get": {
+                "summary": "The operator log",
+                "security": admin,
+                "parameters": [
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "required": False,
+                        "schema": {"type": "integer", "minimum": 1, "maximum": LOG_MAX},
+                    }
+                ],
+                "responses": {"200": answer("entries, newest first"), **refused("401", "422")},
+            }
+        },
         "/api/admin/warroom/target": {
-            "put": {"summary": "Register the running scenario's target curve", "security": admin,
-                    "requestBody": {"required": True, "content": {"application/json": {"schema": {"type": "object"}}}},
-                    "responses": {"200": answer("the stored target"), **refused("401", "404", "413", "422")}},
-            "get": {"summary": "The registered target curve", "security": admin,
-                    "responses": {"200": answer("the target"), **refused("401", "404")}},
-            "delete": {"summary": "Forget the target curve", "security": admin,
-                       "responses": {"200": answer("deleted"), **refused("401")}},
+            "put": {
+                "summary": "Register the running scenario's target curve",
+                "security": admin,
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {"200": answer("the stored target"), **refused("401", "404", "413", "422")},
+            },
+            "get": {
+                "summary": "The registered target curve",
+                "security": admin,
+                "responses": {"200": answer("the target"), **refused("401", "404")},
+            },
+            "delete": {
+                "summary": "Forget the target curve",
+                "security": admin,
+                "responses": {"200": answer("deleted"), **refused("401")},
+            },
         },
     }
     for _action, (path, _h) in CONTROLS.items():
         params = [param(p) for p in re.findall(r"{(\w+)}", path)] + control_headers
-        paths[path] = {"post": {"summary": f"War-room control ({_action}), recorded in the operator log",
-                                "security": admin, "parameters": params,
-                                "responses": {"200": answer("the admin endpoint's answer"),
-                                              **refused("401", "404", "409", "413", "422")}}}
+        paths[path] = {
+            "post": {
+                "summary": f"War-room control ({_action}), recorded in the operator log",
+                "security": admin,
+                "parameters": params,
+                "responses": {
+                    "200": answer("the admin endpoint's answer"),
+                    **refused("401", "404", "409", "413", "422"),
+                },
+            }
+        }
     return paths

@@ -92,21 +92,69 @@ _STOCK_TYPES = frozenset({"stocked", "restocked", "written_off", "reserve_releas
 #: (FLASHSALE_REDIS_URL, FLASHSALE_REDIS_CLUSTER, FLASHSALE_DATABASE_URL,
 #: FLASHSALE_KEY_PREFIX) come from :class:`flashsale.settings.Settings`.
 WORKER_ENV_DOC: tuple[tuple[str, str, str], ...] = (
-    ("FLASHSALE_WORKER_CONSUMER", "consumer", "consumer name in the writers' group (default: host name); one per worker"),
+    (
+        "FLASHSALE_WORKER_CONSUMER",
+        "consumer",
+        "consumer name in the writers' group (default: host name); one per worker",
+    ),
     ("FLASHSALE_WORKER_BATCH", "batch", "stream entries per PostgreSQL transaction, at most (default 1000)"),
-    ("FLASHSALE_WORKER_BLOCK_MS", "block_ms", "how long an idle worker waits for new entries per read (default 100)"),
-    ("FLASHSALE_WORKER_LINGER_MS", "linger_ms", "after a short read, wait this long for more entries to fill the batch (default 2)"),
-    ("FLASHSALE_WORKER_CLAIM_IDLE_MS", "claim_idle_ms", "take over entries another worker left unacknowledged this long (default 60000)"),
-    ("FLASHSALE_WORKER_CLAIM_INTERVAL_S", "claim_interval_s", "how often to look for such entries (default 5)"),
-    ("FLASHSALE_WORKER_MAX_DELIVERIES", "max_deliveries", "deliveries without a commit before an entry is dead-lettered (default 10)"),
-    ("FLASHSALE_WORKER_MAX_ATTEMPTS", "max_attempts", "failed writes of an entry on its own before it is dead-lettered (default 3)"),
-    ("FLASHSALE_WORKER_TRIM_INTERVAL_S", "trim_interval_s", "how often to trim committed entries off the streams; 0 = never (default 5)"),
+    (
+        "FLASHSALE_WORKER_BLOCK_MS",
+        "block_ms",
+        "how long an idle worker waits for new entries per read (default 100)",
+    ),
+    (
+        "FLASHSALE_WORKER_LINGER_MS",
+        "linger_ms",
+        "after a short read, wait this long for more entries to fill the batch (default 2)",
+    ),
+    (
+        "FLASHSALE_WORKER_CLAIM_IDLE_MS",
+        "claim_idle_ms",
+        "take over entries another worker left unacknowledged this long (default 60000)",
+    ),
+    (
+        "FLASHSALE_WORKER_CLAIM_INTERVAL_S",
+        "claim_interval_s",
+        "how often to look for such entries (default 5)",
+    ),
+    (
+        "FLASHSALE_WORKER_MAX_DELIVERIES",
+        "max_deliveries",
+        "deliveries without a commit before an entry is dead-lettered (default 10)",
+    ),
+    (
+        "FLASHSALE_WORKER_MAX_ATTEMPTS",
+        "max_attempts",
+        "failed writes of an entry on its own before it is dead-lettered (default 3)",
+    ),
+    (
+        "FLASHSALE_WORKER_TRIM_INTERVAL_S",
+        "trim_interval_s",
+        "how often to trim committed entries off the streams; 0 = never (default 5)",
+    ),
     ("FLASHSALE_WORKER_SALES_REFRESH_S", "sales_refresh_s", "how often to look for new sales (default 2)"),
-    ("FLASHSALE_WORKER_WRITE_METHOD", "write_method", "unnest (one statement per batch, default) or copy (COPY into temp tables)"),
-    ("FLASHSALE_WORKER_STATEMENT_TIMEOUT_MS", "statement_timeout_ms", "PostgreSQL statement timeout for the worker (default 30000)"),
+    (
+        "FLASHSALE_WORKER_WRITE_METHOD",
+        "write_method",
+        "unnest (one statement per batch, default) or copy (COPY into temp tables)",
+    ),
+    (
+        "FLASHSALE_WORKER_STATEMENT_TIMEOUT_MS",
+        "statement_timeout_ms",
+        "PostgreSQL statement timeout for the worker (default 30000)",
+    ),
     ("FLASHSALE_WORKER_POOL_SIZE", "pool_size", "PostgreSQL connections per worker (default 4)"),
-    ("FLASHSALE_WORKER_STOP_GRACE_S", "stop_grace_s", "after SIGTERM, keep retrying the batch in hand this long (default 10)"),
-    ("FLASHSALE_WORKER_PROGRESS_INTERVAL_S", "progress_interval_s", "one progress log line this often (default 10)"),
+    (
+        "FLASHSALE_WORKER_STOP_GRACE_S",
+        "stop_grace_s",
+        "after SIGTERM, keep retrying the batch in hand this long (default 10)",
+    ),
+    (
+        "FLASHSALE_WORKER_PROGRESS_INTERVAL_S",
+        "progress_interval_s",
+        "one progress log line this often (default 10)",
+    ),
     ("FLASHSALE_SWEEPER_INTERVAL_MS", "sweep_interval_ms", "pause between hold-expiry sweeps (default 200)"),
     ("FLASHSALE_SWEEPER_LIMIT", "sweep_limit", "holds expired per script call, 1..1000 (default 500)"),
 )
@@ -143,18 +191,39 @@ class WorkerSettings:
     def __post_init__(self) -> None:
         problems = []
         if not self.redis_url:
-            problems.append("FLASHSALE_REDIS_URL must name the service's Redis, e.g. redis://127.0.0.1:6379/0")
+            problems.append(
+                "FLASHSALE_REDIS_URL must name the service's Redis, e.g. redis://127.0.0.1:6379/0"
+            )
         if not 1 <= self.batch <= 100_000:
             problems.append("FLASHSALE_WORKER_BATCH must be 1..100000")
         if self.write_method not in ("unnest", "copy"):
             problems.append("FLASHSALE_WORKER_WRITE_METHOD must be 'unnest' or 'copy'")
         if not 1 <= self.sweep_limit <= 1000:
             problems.append("FLASHSALE_SWEEPER_LIMIT must be 1..1000 (the expire script's bound)")
-        if min(self.max_deliveries, self.max_attempts, self.block_ms, self.claim_idle_ms,
-               self.statement_timeout_ms, self.pool_size, self.sweep_interval_ms) < 1:  # fmt: skip
+        if (
+            min(
+                self.max_deliveries,
+                self.max_attempts,
+                self.block_ms,
+                self.claim_idle_ms,
+                self.statement_timeout_ms,
+                self.pool_size,
+                self.sweep_interval_ms,
+            )
+            < 1
+        ):
             problems.append("counts, sizes and times in ms must be at least 1")
-        if min(self.linger_ms, self.claim_interval_s, self.trim_interval_s, self.sales_refresh_s,
-               self.stop_grace_s, self.progress_interval_s) < 0:  # fmt: skip
+        if (
+            min(
+                self.linger_ms,
+                self.claim_interval_s,
+                self.trim_interval_s,
+                self.sales_refresh_s,
+                self.stop_grace_s,
+                self.progress_interval_s,
+            )
+            < 0
+        ):
             problems.append("intervals must not be negative")
         if problems:
             raise SettingsError("; ".join(problems))
@@ -197,7 +266,9 @@ def _fields(raw: Mapping[Any, Any] | None) -> dict[str, str] | None:
     """Entry fields as str, whichever way the client decodes replies."""
     if not raw or isinstance(next(iter(raw)), str):
         return raw  # type: ignore[return-value]
-    return {_text(k): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for k, v in raw.items()}
+    return {
+        _text(k): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for k, v in raw.items()
+    }
 
 
 def _parse_id(stream_id: str) -> tuple[int, int]:
@@ -413,16 +484,31 @@ RETURNING 1
 """
 
 _ORDER_COLUMNS = (
-    ("order_id", "text"), ("sale", "text"), ("user_id", "text"), ("request_id", "text"),
-    ("status", "text"), ("status_rank", "int2"), ("created_ms", "int8"), ("pay_by_ms", "int8"),
-    ("status_ms", "int8"), ("stream_id", "text"),
-)  # fmt: skip
+    ("order_id", "text"),
+    ("sale", "text"),
+    ("user_id", "text"),
+    ("request_id", "text"),
+    ("status", "text"),
+    ("status_rank", "int2"),
+    ("created_ms", "int8"),
+    ("pay_by_ms", "int8"),
+    ("status_ms", "int8"),
+    ("stream_id", "text"),
+)
 _LINE_COLUMNS = (("order_id", "text"), ("sku", "text"), ("qty", "int4"))
 _STOCK_COLUMNS = (
-    ("sale", "text"), ("stream_id", "text"), ("type", "text"), ("sku", "text"), ("total", "int4"),
-    ("reserve", "int4"), ("per_user_limit", "int4"), ("low_stock_line", "int4"), ("delta", "int4"),
-    ("units", "int4"), ("at_ms", "int8"),
-)  # fmt: skip
+    ("sale", "text"),
+    ("stream_id", "text"),
+    ("type", "text"),
+    ("sku", "text"),
+    ("total", "int4"),
+    ("reserve", "int4"),
+    ("per_user_limit", "int4"),
+    ("low_stock_line", "int4"),
+    ("delta", "int4"),
+    ("units", "int4"),
+    ("at_ms", "int8"),
+)
 
 
 def _unnest(columns: Sequence[tuple[str, str]], first_param: int) -> str:
@@ -482,15 +568,30 @@ class Rows:
         return self.orders + self.lines + self.stock_events
 
 
-def _fold(changes: Sequence[OrderChange | StockChange]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+def _fold(
+    changes: Sequence[OrderChange | StockChange],
+) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     """Rows for orders, lines and stock events; one order row per order id."""
     best: dict[str, OrderChange] = {}
     created: dict[str, int] = {}
     stock: list[tuple[Any, ...]] = []
     for c in changes:
         if isinstance(c, StockChange):
-            stock.append((c.sale, c.stream_id, c.type, c.sku, c.total, c.reserve, c.per_user_limit,
-                          c.low_stock_line, c.delta, c.units, c.at_ms))  # fmt: skip
+            stock.append(
+                (
+                    c.sale,
+                    c.stream_id,
+                    c.type,
+                    c.sku,
+                    c.total,
+                    c.reserve,
+                    c.per_user_limit,
+                    c.low_stock_line,
+                    c.delta,
+                    c.units,
+                    c.at_ms,
+                )
+            )
             continue
         if c.status == "held":
             created[c.order_id] = c.at_ms
@@ -502,8 +603,20 @@ def _fold(changes: Sequence[OrderChange | StockChange]) -> tuple[list[tuple[Any,
     orders: list[tuple[Any, ...]] = []
     lines: list[tuple[Any, ...]] = []
     for order_id, c in best.items():
-        orders.append((order_id, c.sale, c.user, c.request_id, c.status, _RANK[c.status],
-                       created.get(order_id), c.pay_by_ms, c.at_ms, c.stream_id))  # fmt: skip
+        orders.append(
+            (
+                order_id,
+                c.sale,
+                c.user,
+                c.request_id,
+                c.status,
+                _RANK[c.status],
+                created.get(order_id),
+                c.pay_by_ms,
+                c.at_ms,
+                c.stream_id,
+            )
+        )
         lines.extend((order_id, sku, qty) for sku, qty in c.lines)
     return orders, lines, stock
 
@@ -696,7 +809,9 @@ class OrderWriter:
         """Write the entries this consumer read before (a previous run) but never acknowledged."""
         after = "0"
         while not self._stop.is_set():
-            reply = await self.redis.xreadgroup(GROUP, self.settings.consumer, {key: after}, count=self.settings.batch)
+            reply = await self.redis.xreadgroup(
+                GROUP, self.settings.consumer, {key: after}, count=self.settings.batch
+            )
             entries = self._entries(reply)
             if not entries:
                 return
@@ -710,7 +825,9 @@ class OrderWriter:
         for key, sale in list(self._streams.items()):
             start = "0-0"
             while not self._stop.is_set():
-                reply = await self.redis.xautoclaim(key, GROUP, s.consumer, s.claim_idle_ms, start, count=s.batch)
+                reply = await self.redis.xautoclaim(
+                    key, GROUP, s.consumer, s.claim_idle_ms, start, count=s.batch
+                )
                 start = _text(reply[0])
                 entries = [StreamEntry(sale, key, _text(i), _fields(f)) for i, f in reply[1] if i is not None]
                 if entries:
@@ -761,11 +878,14 @@ class OrderWriter:
                 if delta:
                     pipe.hincrby(key, name, delta)
             if now.batches != before.batches:
-                pipe.hset(key, mapping={
-                    "last_batch_ms": round(now.last_batch_ms, 3),
-                    "last_batch_size": now.last_batch_size,
-                    "last_commit_ms": int(now.last_commit_at * 1000),
-                })  # fmt: skip
+                pipe.hset(
+                    key,
+                    mapping={
+                        "last_batch_ms": round(now.last_batch_ms, 3),
+                        "last_batch_size": now.last_batch_size,
+                        "last_commit_ms": int(now.last_commit_at * 1000),
+                    },
+                )
             await pipe.execute()
         self._published = dataclasses.replace(now)
 
@@ -800,7 +920,9 @@ class OrderWriter:
     async def _read_together(self, count: int, block: int | None) -> list[StreamEntry]:
         """One server: every stream in one XREADGROUP (``count`` per stream)."""
         streams = {key: ">" for key in self._streams}
-        return self._entries(await self.redis.xreadgroup(GROUP, self.settings.consumer, streams, count=count, block=block))
+        return self._entries(
+            await self.redis.xreadgroup(GROUP, self.settings.consumer, streams, count=count, block=block)
+        )
 
     async def _read_per_slot(self, count: int, block: int | None) -> list[StreamEntry]:
         """A cluster: one XREADGROUP per hash slot (``count`` per stream, as above), in one
@@ -823,7 +945,9 @@ class OrderWriter:
         return entries
 
     # -- writing
-    async def _write_isolating(self, items: list[tuple[StreamEntry, OrderChange | StockChange]]) -> set[tuple[str, str]]:
+    async def _write_isolating(
+        self, items: list[tuple[StreamEntry, OrderChange | StockChange]]
+    ) -> set[tuple[str, str]]:
         """Write a batch; if the data is refused, split it in halves to find the bad entries
         and dead-letter them. Returns the (stream, id) pairs dead-lettered (already acknowledged)."""
         try:
@@ -858,8 +982,11 @@ class OrderWriter:
                 self.stats.rows_written += rows.total
                 self.stats.orders_written += rows.orders
                 if self._pg_down_since is not None:
-                    _log("postgres_recovered", down_s=round(time.monotonic() - self._pg_down_since, 3),
-                         retries=self.stats.retries)  # fmt: skip
+                    _log(
+                        "postgres_recovered",
+                        down_s=round(time.monotonic() - self._pg_down_since, 3),
+                        retries=self.stats.retries,
+                    )
                     self._pg_down_since = None
                 return
             except Exception as exc:
@@ -871,8 +998,12 @@ class OrderWriter:
                     if is_transient(exc):
                         _log("postgres_unavailable", level=logging.WARNING, error=_describe(exc))
                     else:  # no table, read-only server, permissions, a bug: not the entries' fault
-                        _log("postgres_refuses_writes", level=logging.ERROR, error=_describe(exc),
-                             hint="entries stay pending until this is fixed (is the schema migrated?)")  # fmt: skip
+                        _log(
+                            "postgres_refuses_writes",
+                            level=logging.ERROR,
+                            error=_describe(exc),
+                            hint="entries stay pending until this is fixed (is the schema migrated?)",
+                        )
                 if is_transient(exc):
                     await forget_connections(self.pool)  # every pooled connection is stale now
                 if self._stop.is_set() and time.monotonic() > self._stop_deadline:
@@ -905,7 +1036,9 @@ class OrderWriter:
         keep: list[StreamEntry] = []
         for entry, count in zip(entries, await self._delivery_counts(entries)):
             if count > self.settings.max_deliveries:
-                reason = EntryError(f"delivered {count} times without being committed (does it crash the worker?)")
+                reason = EntryError(
+                    f"delivered {count} times without being committed (does it crash the worker?)"
+                )
                 await self._dead_letter(entry, reason, deliveries=count)
             else:
                 keep.append(entry)
@@ -930,8 +1063,14 @@ class OrderWriter:
             pipe.xack(entry.key, GROUP, entry.stream_id)
             await pipe.execute()
         self.stats.dead_letters += 1
-        _log("dead_letter", level=logging.ERROR, sale=entry.sale, stream_id=entry.stream_id,
-             error=meta["dead_error"], type=(entry.fields or {}).get("type"))  # fmt: skip
+        _log(
+            "dead_letter",
+            level=logging.ERROR,
+            sale=entry.sale,
+            stream_id=entry.stream_id,
+            error=meta["dead_error"],
+            type=(entry.fields or {}).get("type"),
+        )
 
     # -- upkeep
     async def _forget_idle_consumers(self, key: str) -> None:

@@ -88,8 +88,14 @@ class BucketedInventory:
             raise InvalidRequest("sale id too long to add a bucket suffix", field="sale")
         self.redis = redis
         self.buckets = [
-            Inventory(redis, bucket_sale_id(self.sale, k), prefix=prefix, hold_ttl=hold_ttl,
-                      coalesce=coalesce, max_batch=max_batch)
+            Inventory(
+                redis,
+                bucket_sale_id(self.sale, k),
+                prefix=prefix,
+                hold_ttl=hold_ttl,
+                coalesce=coalesce,
+                max_batch=max_batch,
+            )
             for k in range(buckets)
         ]
 
@@ -118,13 +124,16 @@ class BucketedInventory:
         return self.buckets[parsed[1]]
 
     # ----------------------------------------------------------------- stocking
-    async def stock(self, sku: str, total: int, *, reserve: int = 0, limit_per_user: int = 0,
-                    low_stock_line: int = 0) -> Snapshot:
+    async def stock(
+        self, sku: str, total: int, *, reserve: int = 0, limit_per_user: int = 0, low_stock_line: int = 0
+    ) -> Snapshot:
         total = check.quantity(total, field="total", low=0, high=check.MAX_UNITS)
         reserve = check.quantity(reserve, field="reserve", low=0, high=total)
         n = len(self.buckets)
         for bucket, t, r in zip(self.buckets, _split(total, n), _split(reserve, n)):
-            await bucket.stock(sku, t, reserve=r, limit_per_user=limit_per_user, low_stock_line=low_stock_line)
+            await bucket.stock(
+                sku, t, reserve=r, limit_per_user=limit_per_user, low_stock_line=low_stock_line
+            )
         return await self._snapshot_or_raise(sku)
 
     async def restock(self, sku: str, units: int) -> Snapshot:
@@ -141,8 +150,9 @@ class BucketedInventory:
         pools = [s.reserve for s in snaps if s is not None]
         want = sum(pools) if units is None else check.quantity(units, field="units", high=check.MAX_UNITS)
         if want > sum(pools):
-            raise InsufficientStock(f"SKU {sku!r} has only {sum(pools)} unit(s) in its reserve pool",
-                                    sku=sku, units=sum(pools))
+            raise InsufficientStock(
+                f"SKU {sku!r} has only {sum(pools)} unit(s) in its reserve pool", sku=sku, units=sum(pools)
+            )
         # Release into the emptiest buckets first: that is where buyers are waiting.
         order = sorted(range(len(self.buckets)), key=lambda k: snaps[k].available)  # type: ignore[union-attr]
         for k in order:
@@ -153,8 +163,14 @@ class BucketedInventory:
         return await self._snapshot_or_raise(sku)
 
     # ------------------------------------------------------------- reservations
-    async def reserve(self, user: str, lines: str | Line | Iterable[Line | tuple[str, int]], *,
-                      request_id: str, hold_ttl: float | timedelta | None = None) -> Hold:
+    async def reserve(
+        self,
+        user: str,
+        lines: str | Line | Iterable[Line | tuple[str, int]],
+        *,
+        request_id: str,
+        hold_ttl: float | timedelta | None = None,
+    ) -> Hold:
         cart = Inventory.check_reserve(user, lines, request_id)
         home = self.home(user)
         wanted = {line.sku: line.qty for line in cart}
@@ -250,8 +266,12 @@ class BucketedInventory:
                     continue
                 source = by_sale.get(intent["from"])
                 if source is not None and await self.redis.hexists(source.keys.requests, f"op:xo-{xfer}"):
-                    await target._mutate("adjust", target._stock_keys,
-                                         [intent["sku"], int(intent["units"]), f"xi-{xfer}"], intent["sku"])
+                    await target._mutate(
+                        "adjust",
+                        target._stock_keys,
+                        [intent["sku"], int(intent["units"]), f"xi-{xfer}"],
+                        intent["sku"],
+                    )
                 await self.redis.hdel(target.keys.transfers, xfer)
                 settled += 1
         return settled

@@ -96,7 +96,12 @@ class Inventory:
     async def adjust(self, sku: str, delta: int) -> Snapshot:
         """Add (delta > 0) or write off (delta < 0) available units."""
         sku = check.sku(sku)
-        if not isinstance(delta, int) or isinstance(delta, bool) or delta == 0 or abs(delta) > check.MAX_UNITS:
+        if (
+            not isinstance(delta, int)
+            or isinstance(delta, bool)
+            or delta == 0
+            or abs(delta) > check.MAX_UNITS
+        ):
             raise InvalidRequest("delta must be a non-zero whole number", field="delta")
         reply = await self._stock_change("adjust", [sku, delta], sku)
         return await self._row_snapshot(sku, reply)
@@ -185,7 +190,7 @@ class Inventory:
     async def _close(self, script: str, hold_id: str, user: str | None) -> Hold:
         hold_id = self._own_hold_id(hold_id)
         owner = "" if user is None else check.ident(user, "user")
-        reply = await self._mutate(script, self._close_keys, [hold_id, owner], hold_id)
+        await self._mutate(script, self._close_keys, [hold_id, owner], hold_id)
         hold = await self.hold(hold_id)
         assert hold is not None  # the script just wrote it
         return hold

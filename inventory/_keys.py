@@ -72,7 +72,15 @@ class SaleKeys:
 
     def all(self) -> tuple[str, ...]:
         """Every key of the sale (for dumps, audits and deleting a finished sale)."""
-        return (self.stock, self.holds, self.requests, self.users, self.deadlines, self.events, self.transfers)
+        return (
+            self.stock,
+            self.holds,
+            self.requests,
+            self.users,
+            self.deadlines,
+            self.events,
+            self.transfers,
+        )
 
     def for_reserve(self) -> list[str]:
         return [self.stock, self.holds, self.requests, self.users, self.deadlines, self.events]

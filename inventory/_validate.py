@@ -35,9 +35,7 @@ def sale_id(value: object) -> str:
 
 def sku(value: object) -> str:
     if not isinstance(value, str) or not _SKU.fullmatch(value):
-        raise InvalidRequest(
-            "a SKU is 1-64 ASCII characters of A-Z, a-z, 0-9, '_' and '-'", field="sku"
-        )
+        raise InvalidRequest("a SKU is 1-64 ASCII characters of A-Z, a-z, 0-9, '_' and '-'", field="sku")
     return value
 
 

@@ -55,7 +55,9 @@ class AdminClient:
     token: str
     timeout_s: float = 30.0
 
-    def call(self, method: str, path: str, body: Mapping[str, Any] | None = None, *, timeout_s: float | None = None) -> Any:
+    def call(
+        self, method: str, path: str, body: Mapping[str, Any] | None = None, *, timeout_s: float | None = None
+    ) -> Any:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.host.rstrip("/") + path, data=data, method=method)
         req.add_header("Authorization", f"Bearer {self.token}")
@@ -79,7 +81,8 @@ class AdminClient:
             raise AdminError(
                 f"{method} {path} answered {exc.code} {code or exc.reason}: "
                 f"{err.get('message', '') if isinstance(err, Mapping) else ''}{hint}",
-                status=exc.code, code=code,
+                status=exc.code,
+                code=code,
             ) from None
         except (urllib.error.URLError, OSError) as exc:
             raise AdminError(
@@ -94,7 +97,9 @@ class AdminClient:
         tokens = parse_tokens(body)
         missing = [f"{prefix}{i}" for i in range(count) if f"{prefix}{i}" not in tokens]
         if missing:
-            raise AdminError(f"POST /api/admin/tokens returned no token for {len(missing)} users, e.g. {missing[:3]}")
+            raise AdminError(
+                f"POST /api/admin/tokens returned no token for {len(missing)} users, e.g. {missing[:3]}"
+            )
         return tokens
 
     def create_sale(self, spec: Mapping[str, Any]) -> Any:
@@ -110,16 +115,23 @@ class AdminClient:
     def close_sale(self, sale: str) -> Any:
         return self.call("POST", f"/api/admin/sales/{sale}/close", {})
 
-    def register_target(self, scenario: str, sale: str, origin_ms: int, points: Sequence[Sequence[float]]) -> Any:
+    def register_target(
+        self, scenario: str, sale: str, origin_ms: int, points: Sequence[Sequence[float]]
+    ) -> Any:
         """Tell the war room what this drill intends (cumulative orders over time)."""
-        return self.call("PUT", "/api/admin/warroom/target",
-                         {"scenario": scenario, "sale": sale, "origin_ms": origin_ms, "points": [list(p) for p in points]})
+        return self.call(
+            "PUT",
+            "/api/admin/warroom/target",
+            {"scenario": scenario, "sale": sale, "origin_ms": origin_ms, "points": [list(p) for p in points]},
+        )
 
     def stats(self) -> Any:
         return self.call("GET", "/api/admin/stats", timeout_s=5.0)
 
     def audit(self, acknowledged: Sequence[str], wait_s: float) -> Any:
         return self.call(
-            "POST", "/api/admin/audit", {"acknowledged": list(acknowledged), "wait_s": wait_s},
+            "POST",
+            "/api/admin/audit",
+            {"acknowledged": list(acknowledged), "wait_s": wait_s},
             timeout_s=wait_s + self.timeout_s,
         )

@@ -13,7 +13,15 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["PUBLISHED_PEAKS", "CapacityLimits", "CapacityPlan", "StepResult", "plan_for", "read_steps", "sustained"]
+__all__ = [
+    "PUBLISHED_PEAKS",
+    "CapacityLimits",
+    "CapacityPlan",
+    "StepResult",
+    "plan_for",
+    "read_steps",
+    "sustained",
+]
 
 #: Published Double 11 peaks (orders created per second), for the plan's examples.
 PUBLISHED_PEAKS: dict[str, float] = {"2013": 50_000.0, "2020": 583_000.0}
@@ -66,8 +74,20 @@ def read_steps(summary: Mapping[str, Any], limits: CapacityLimits = CapacityLimi
             why.append(f"sent only {arrival_ratio:.0%} of the target")
         if dropped_ratio > limits.max_dropped_ratio:
             why.append(f"dropped {dropped_ratio:.1%}")
-        out.append(StepResult(w["name"], target_rps, w["started"] / length, w.get("orders", 0) / length,
-                              requests / length, p99, error_ratio, dropped_ratio, not why, "; ".join(why)))
+        out.append(
+            StepResult(
+                w["name"],
+                target_rps,
+                w["started"] / length,
+                w.get("orders", 0) / length,
+                requests / length,
+                p99,
+                error_ratio,
+                dropped_ratio,
+                not why,
+                "; ".join(why),
+            )
+        )
     return out
 
 
@@ -90,10 +110,17 @@ class CapacityPlan:
     assumptions: tuple[str, ...]
 
 
-def plan_for(peak_orders_per_s: float, orders_per_s_per_process: float, *, lua_calls_per_order: float = 2.0,
-             redis_calls_per_shard: float = ENGINE_CALLS_PER_REDIS_CORE) -> CapacityPlan:
+def plan_for(
+    peak_orders_per_s: float,
+    orders_per_s_per_process: float,
+    *,
+    lua_calls_per_order: float = 2.0,
+    redis_calls_per_shard: float = ENGINE_CALLS_PER_REDIS_CORE,
+) -> CapacityPlan:
     if orders_per_s_per_process <= 0:
-        raise ValueError("no sustained rate to plan from: the first step already missed the SLO; lower --peak-rps")
+        raise ValueError(
+            "no sustained rate to plan from: the first step already missed the SLO; lower --peak-rps"
+        )
     return CapacityPlan(
         peak_orders_per_s,
         orders_per_s_per_process,

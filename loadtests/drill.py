@@ -42,10 +42,20 @@ class DrillSale:
 def expected_orders(shape: Shape, weights: PersonaWeights, behaviour: Behaviour) -> float:
     """Roughly how many order requests a drill of ``shape`` sends (for sizing stock)."""
     w = weights.as_dict()
-    orders_per_visit = {"browser": 0.0, "buyer": 1.0, "abandoner": 1.0, "bot": float(behaviour.bot_burst), "retry_storm": 1.2}
+    orders_per_visit = {
+        "browser": 0.0,
+        "buyer": 1.0,
+        "abandoner": 1.0,
+        "bot": float(behaviour.bot_burst),
+        "retry_storm": 1.2,
+    }
     mean_all = sum(w[p] * orders_per_visit[p] for p in w) / sum(w.values())
     buying = {p: v for p, v in w.items() if p != "browser"}
-    mean_rendezvous = (sum(buying[p] * orders_per_visit[p] for p in buying) / sum(buying.values())) if sum(buying.values()) else 1.0
+    mean_rendezvous = (
+        (sum(buying[p] * orders_per_visit[p] for p in buying) / sum(buying.values()))
+        if sum(buying.values())
+        else 1.0
+    )
     countdown = sum(shape.expected(win.start, win.end) for win in shape.windows if win.kind == "countdown")
     rendezvous = sum(i.count for i in shape.impulses)
     rest = shape.total - countdown - rendezvous
@@ -67,15 +77,28 @@ def default_sale(
     time_scale = float(shape.params.get("time_scale", 1.0))
     ttl = hold_ttl_s if hold_ttl_s is not None else 10.0 * time_scale
     w = weights.as_dict()
-    bot_share = w["bot"] * behaviour.bot_burst / max(sum(w[p] * (behaviour.bot_burst if p == "bot" else 1) for p in w if p != "browser"), 1e-9)
+    bot_share = (
+        w["bot"]
+        * behaviour.bot_burst
+        / max(sum(w[p] * (behaviour.bot_burst if p == "bot" else 1) for p in w if p != "browser"), 1e-9)
+    )
     # SKU ids are unique across a deployment's sales, so each drill's carry its run id.
-    plan = tuple((f"{base}-{run_id}", weight, limit) for base, weight, limit in
-                 (("phone", 0.6, 1), ("earbuds", 0.25, 2), ("charger", 0.15, 5)))
+    plan = tuple(
+        (f"{base}-{run_id}", weight, limit)
+        for base, weight, limit in (("phone", 0.6, 1), ("earbuds", 0.25, 2), ("charger", 0.15, 5))
+    )
     phone, earbuds, charger = (p[0] for p in plan)
     items = tuple(CatalogueItem(sku, weight, limit) for sku, weight, limit in plan)
-    demand = {sku: orders * ((1 - bot_share) * weight + (bot_share if sku == phone else 0.0)) for sku, weight, _ in plan}
+    demand = {
+        sku: orders * ((1 - bot_share) * weight + (bot_share if sku == phone else 0.0))
+        for sku, weight, _ in plan
+    }
     hot_stock = max(10, math.ceil(0.05 * demand[phone]))
-    stock = {phone: hot_stock, earbuds: max(10, math.ceil(0.6 * demand[earbuds])), charger: max(10, math.ceil(2 * demand[charger]))}
+    stock = {
+        phone: hot_stock,
+        earbuds: max(10, math.ceil(0.6 * demand[earbuds])),
+        charger: max(10, math.ceil(2 * demand[charger])),
+    }
     reserve = {phone: max(2, math.ceil(0.2 * hot_stock)), earbuds: 0, charger: 0}
     name = f"d11-{run_id}"
     spec = {
@@ -84,8 +107,13 @@ def default_sale(
         "early_access_s": 0,
         "hold_ttl_s": max(1, int(round(ttl))),
         "skus": [
-            {"sku": sku, "stock": stock[sku], "reserve": reserve[sku], "limit_per_user": limit,
-             "low_stock_line": max(1, stock[sku] // 10)}
+            {
+                "sku": sku,
+                "stock": stock[sku],
+                "reserve": reserve[sku],
+                "limit_per_user": limit,
+                "low_stock_line": max(1, stock[sku] // 10),
+            }
             for sku, _, limit in plan
         ],
     }
@@ -102,11 +130,16 @@ def sale_from_settings(settings: dict[str, Any], hot: str | None = None) -> Dril
     if isinstance(skus, dict):
         skus = [{"sku": k, **v} for k, v in skus.items()]
     if not skus:
-        raise ValueError(f"sale {settings.get('sale')!r} has no SKUs; create one with SKUs or let the drill create its own")
+        raise ValueError(
+            f"sale {settings.get('sale')!r} has no SKUs; create one with SKUs or let the drill create its own"
+        )
     items = tuple(CatalogueItem(str(s["sku"]), 1.0, int(s.get("limit_per_user") or 1)) for s in skus)
     if hot is None:
         hot = min(skus, key=lambda s: int(s.get("stock", s.get("total", 0)) or 0))["sku"]
     return DrillSale(
-        str(settings.get("sale")), Catalogue(items, hot=str(hot)), dict(settings),
-        float(settings.get("hold_ttl_s", 1800)), None,
+        str(settings.get("sale")),
+        Catalogue(items, hot=str(hot)),
+        dict(settings),
+        float(settings.get("hold_ttl_s", 1800)),
+        None,
     )

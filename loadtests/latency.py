@@ -145,9 +145,7 @@ class LatencyBook:
         """Everything recorded since the last export, encoded; the book starts afresh."""
         payload = {
             "totals": {k: encode(h) for k, h in self.totals.items() if h.get_total_count()},
-            "intervals": {
-                str(s): [encode(i.raw), encode(i.corrected)] for s, i in self.intervals.items()
-            },
+            "intervals": {str(s): [encode(i.raw), encode(i.corrected)] for s, i in self.intervals.items()},
             "clamped": self.clamped,
         }
         self.totals, self.intervals, self.clamped = {}, {}, 0

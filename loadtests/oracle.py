@@ -51,8 +51,16 @@ __all__ = [
 
 #: The audit's violation kinds (``POST /api/admin/audit``, schema flashsale.audit/1); each must be 0.
 VIOLATION_KINDS = (
-    "oversold", "lost", "duplicate", "conflict", "phantom", "limit_breach", "leaked", "stock_mismatch",
-    "dead_letter", "not_drained",
+    "oversold",
+    "lost",
+    "duplicate",
+    "conflict",
+    "phantom",
+    "limit_breach",
+    "leaked",
+    "stock_mismatch",
+    "dead_letter",
+    "not_drained",
 )
 #: Plural spellings some audits use for the same kinds.
 _ALIASES = {"duplicates": "duplicate", "limit_breaches": "limit_breach", "conflicts": "conflict"}
@@ -127,7 +135,11 @@ def read_request_log(paths: Iterable[Path]) -> RequestLogSummary:
     unpaid = [ms for oid, ms in pay_by.items() if oid not in paid]
     return RequestLogSummary(
         acknowledged=tuple(acked),
-        attempts=attempts, ok=ok, failed=failed, unknown=unknown, replays=replays,
+        attempts=attempts,
+        ok=ok,
+        failed=failed,
+        unknown=unknown,
+        replays=replays,
         paid=tuple(sorted(paid)),
         rid_conflicts={rid: sorted(ids) for rid, ids in by_rid.items() if len(ids) > 1},
         last_unpaid_pay_by_ms=max(unpaid) if unpaid else None,
@@ -210,17 +222,23 @@ def read_audit(audit: Mapping[str, Any], sale: str | None = None) -> AuditView:
             counts[kind] = counts.get(kind, 0) + max(int(n) - listed_all.get(kind, 0), 0)
     skus: dict[str, dict[str, int]] = {}
     raw_skus = audit.get("skus") or {}
-    entries = raw_skus.items() if isinstance(raw_skus, Mapping) else ((str(s.get("sku")), s) for s in raw_skus)
+    entries = (
+        raw_skus.items() if isinstance(raw_skus, Mapping) else ((str(s.get("sku")), s) for s in raw_skus)
+    )
     for sku, c in entries:
         if sale is not None and isinstance(c, Mapping) and c.get("sale") not in (sale, None):
             continue
         skus[sku] = {k: int(c.get(k, 0) or 0) for k in ("total", "available", "held", "sold", "reserve")}
     drain = audit.get("drain")
     drained = drain.get("drained") if isinstance(drain, Mapping) else audit.get("drained")
-    return AuditView(violations, counts, skus, None if drained is None else bool(drained), bool(audit.get("ok", False)))
+    return AuditView(
+        violations, counts, skus, None if drained is None else bool(drained), bool(audit.get("ok", False))
+    )
 
 
-def verdict_from_audit(audit: Mapping[str, Any], log: RequestLogSummary, *, sale: str | None = None) -> Verdict:
+def verdict_from_audit(
+    audit: Mapping[str, Any], log: RequestLogSummary, *, sale: str | None = None
+) -> Verdict:
     """Judge a finished drill from the service's audit and the clients' request log."""
     view = read_audit(audit, sale)
     checks: list[Check] = []
@@ -228,7 +246,10 @@ def verdict_from_audit(audit: Mapping[str, Any], log: RequestLogSummary, *, sale
         found = list(view.violations[kind])
         count = view.counts.get(kind, len(found))
         if kind == "duplicate" and log.rid_conflicts:
-            conflicts = [{"request_id": rid, "order_ids": ids, "seen_by": "clients"} for rid, ids in log.rid_conflicts.items()]
+            conflicts = [
+                {"request_id": rid, "order_ids": ids, "seen_by": "clients"}
+                for rid, ids in log.rid_conflicts.items()
+            ]
             found += conflicts
             count += len(conflicts)
         checks.append(Check(kind, count == 0, count, _examples(found) if count else ""))
@@ -238,23 +259,50 @@ def verdict_from_audit(audit: Mapping[str, Any], log: RequestLogSummary, *, sale
     for sku, parts in view.skus.items():
         total = parts.pop("total")
         if sum(parts.values()) != total or any(v < 0 for v in parts.values()):
-            broken.append(f"{sku}: sold {parts['sold']} + available {parts['available']} + reserve "
-                          f"{parts['reserve']} + held {parts['held']} != stocked {total}")
+            broken.append(
+                f"{sku}: sold {parts['sold']} + available {parts['available']} + reserve "
+                f"{parts['reserve']} + held {parts['held']} != stocked {total}"
+            )
         if parts["held"]:
             held.append(f"{sku}: {parts['held']} units still held")
-    checks.append(Check("conservation", bool(view.skus) and not broken, len(broken),
-                        "; ".join(broken) if broken else ("" if view.skus else "the audit listed no SKUs for this sale")))
+    checks.append(
+        Check(
+            "conservation",
+            bool(view.skus) and not broken,
+            len(broken),
+            "; ".join(broken) if broken else ("" if view.skus else "the audit listed no SKUs for this sale"),
+        )
+    )
     checks.append(Check("holds_lapsed", not held, len(held), "; ".join(held)))
     if view.drained is False and not view.counts.get("not_drained"):
-        checks.append(Check("drained", False, False, "the order queue did not drain into PostgreSQL within the audit's wait"))
+        checks.append(
+            Check(
+                "drained",
+                False,
+                False,
+                "the order queue did not drain into PostgreSQL within the audit's wait",
+            )
+        )
     if not view.ok and all(c.passed for c in checks) and sale is None:
-        checks.append(Check("audit_ok", False, False, "the audit reported ok=false without naming a violation"))
+        checks.append(
+            Check("audit_ok", False, False, "the audit reported ok=false without naming a violation")
+        )
     log_view = {
-        "acknowledged": len(log.acknowledged), "attempts": log.attempts, "ok": log.ok,
-        "failed": log.failed, "unknown": log.unknown, "replays": log.replays, "paid": len(log.paid),
+        "acknowledged": len(log.acknowledged),
+        "attempts": log.attempts,
+        "ok": log.ok,
+        "failed": log.failed,
+        "unknown": log.unknown,
+        "replays": log.replays,
+        "paid": len(log.paid),
         "failed_by_code": log.failed_by_code,
     }
-    return Verdict(tuple(checks), {k: audit[k] for k in audit if k != "violations"} | {"violations_listed": sum(len(v) for v in view.violations.values())}, log_view)
+    return Verdict(
+        tuple(checks),
+        {k: audit[k] for k in audit if k != "violations"}
+        | {"violations_listed": sum(len(v) for v in view.violations.values())},
+        log_view,
+    )
 
 
 def run_oracle(
@@ -329,7 +377,10 @@ def audit_in_chunks(admin: AdminClient, acknowledged: Sequence[str], wait_s: flo
 def format_verdict(verdict: Verdict) -> str:
     rows = [f"{'check':<16} {'result':<6} observed", "-" * 48]
     for c in verdict.checks:
-        rows.append(f"{c.name:<16} {'ok' if c.passed else 'FAIL':<6} {c.observed}" + (f"  {c.detail}" if c.detail else ""))
+        rows.append(
+            f"{c.name:<16} {'ok' if c.passed else 'FAIL':<6} {c.observed}"
+            + (f"  {c.detail}" if c.detail else "")
+        )
     return "\n".join(rows)
 
 
@@ -340,15 +391,28 @@ def main(argv: list[str] | None = None) -> int:
         "acknowledged order in the request logs, and check nothing was oversold, lost, duplicated or leaked. "
         f"Exit {exit_codes.OK} if the invariants held, {exit_codes.INVARIANT_VIOLATED} if not.",
     )
-    parser.add_argument("requests", nargs="+", type=Path, help="request logs (requests.jsonl, or per-process files)")
+    parser.add_argument(
+        "requests", nargs="+", type=Path, help="request logs (requests.jsonl, or per-process files)"
+    )
     parser.add_argument("--host", required=True, help="the service, e.g. http://127.0.0.1:8080")
-    parser.add_argument("--admin-token", default=admin_token_from_env(), help="admin token (default: $FLASHSALE_ADMIN_TOKEN)")
-    parser.add_argument("--wait", type=float, default=60.0, help="seconds the audit may wait for the queue to drain")
-    parser.add_argument("--sale", default=None, help="judge only this sale (default: every sale the audit covers)")
+    parser.add_argument(
+        "--admin-token", default=admin_token_from_env(), help="admin token (default: $FLASHSALE_ADMIN_TOKEN)"
+    )
+    parser.add_argument(
+        "--wait", type=float, default=60.0, help="seconds the audit may wait for the queue to drain"
+    )
+    parser.add_argument(
+        "--sale", default=None, help="judge only this sale (default: every sale the audit covers)"
+    )
     args = parser.parse_args(argv)
     try:
-        verdict = run_oracle(AdminClient(args.host, args.admin_token), args.requests, wait_s=args.wait,
-                             progress=lambda m: print(m, file=sys.stderr), sale=args.sale)
+        verdict = run_oracle(
+            AdminClient(args.host, args.admin_token),
+            args.requests,
+            wait_s=args.wait,
+            progress=lambda m: print(m, file=sys.stderr),
+            sale=args.sale,
+        )
     except AdminError as exc:
         print(f"oracle: {exc}", file=sys.stderr)
         return exit_codes.RUN_INVALID

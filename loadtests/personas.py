@@ -84,7 +84,13 @@ class Transport(Protocol):
 
 #: Answers that are the service doing its job, per request name; everything else is an error.
 _EXPECTED: dict[str, set[tuple[int, str]]] = {
-    "order": {(201, ""), (409, "sold_out"), (429, "limit_exceeded"), (409, "sale_not_open"), (409, "sale_closed")},
+    "order": {
+        (201, ""),
+        (409, "sold_out"),
+        (429, "limit_exceeded"),
+        (409, "sale_not_open"),
+        (409, "sale_closed"),
+    },
     "pay": {(200, ""), (409, "hold_expired"), (409, "hold_cancelled")},
     "browse": {(200, ""), (503, "degraded")},
 }
@@ -143,7 +149,9 @@ class PersonaWeights:
             key, sep, value = part.partition("=")
             key = key.strip()
             if not sep or key not in values:
-                raise ValueError(f"bad persona weight {part!r}: use NAME=WEIGHT with NAME in {', '.join(PERSONAS)}")
+                raise ValueError(
+                    f"bad persona weight {part!r}: use NAME=WEIGHT with NAME in {', '.join(PERSONAS)}"
+                )
             values[key] = float(value)
         return cls(**values)
 
@@ -231,7 +239,9 @@ class Shopper:
         item = self.catalogue.pick(self.rng)
         self._browse(item.sku, "browser", arrival.intended)
 
-    def _visit_buyer(self, arrival: Arrival, started_at: float, *, pays: bool = True, persona: str = "buyer") -> None:
+    def _visit_buyer(
+        self, arrival: Arrival, started_at: float, *, pays: bool = True, persona: str = "buyer"
+    ) -> None:
         item = self.catalogue.pick(self.rng)
         user = f"buyer-{self.rng.randrange(self.behaviour.buyer_users)}"
         intended = arrival.intended
@@ -264,12 +274,18 @@ class Shopper:
         item = self.catalogue.pick(self.rng)
         user = f"buyer-{self.rng.randrange(b.buyer_users)}"
         mode = b.retry_mode if b.retry_mode != "mixed" else self.rng.choice(("immediate", "backoff"))
-        delays = [0.0] * b.retries if mode == "immediate" else backoff_delays(self.rng, b.retries, b.backoff_base_s, b.backoff_cap_s)
+        delays = (
+            [0.0] * b.retries
+            if mode == "immediate"
+            else backoff_delays(self.rng, b.retries, b.backoff_base_s, b.backoff_cap_s)
+        )
         rid = f"{self.run_id}-{arrival.seq}"
         intended = arrival.intended
         order: str | None = None
         for attempt in range(b.retries + 1):
-            reply = self._order_reply("retry_storm", user, item.sku, 1, rid, intended, attempt=attempt, impatient=True)
+            reply = self._order_reply(
+                "retry_storm", user, item.sku, 1, rid, intended, attempt=attempt, impatient=True
+            )
             if order_outcome(reply) == "ok":
                 order = str(reply.body.get("order_id"))
                 break
@@ -281,7 +297,9 @@ class Shopper:
         if order is None:
             return
         if self.rng.random() < b.duplicate_submit:  # the double click: must replay, not buy twice
-            self._order_reply("retry_storm", user, item.sku, 1, rid, self.clock(), attempt=b.retries + 1, impatient=False)
+            self._order_reply(
+                "retry_storm", user, item.sku, 1, rid, self.clock(), attempt=b.retries + 1, impatient=False
+            )
         self._pay("retry_storm", user, order, self.clock())
 
     # -- requests ----------------------------------------------------------------------
@@ -299,31 +317,70 @@ class Shopper:
         return None
 
     def _order_reply(
-        self, persona: str, user: str, sku: str, qty: int, rid: str, intended: float,
-        *, attempt: int = 0, impatient: bool = False,
+        self,
+        persona: str,
+        user: str,
+        sku: str,
+        qty: int,
+        rid: str,
+        intended: float,
+        *,
+        attempt: int = 0,
+        impatient: bool = False,
     ) -> Reply:
         sent = self.clock()
         reply = self.transport.send(
-            "POST", "/api/orders", name="order", persona=persona, intended=intended,
-            token=self.tokens.get(user), json={"request_id": rid, "sku": sku, "qty": qty}, impatient=impatient,
+            "POST",
+            "/api/orders",
+            name="order",
+            persona=persona,
+            intended=intended,
+            token=self.tokens.get(user),
+            json={"request_id": rid, "sku": sku, "qty": qty},
+            impatient=impatient,
         )
         body = reply.body
-        self.log({
-            "kind": "order", "rid": rid, "attempt": attempt, "persona": persona, "user": user,
-            "sku": sku, "qty": qty, "status": reply.status, "code": reply.code,
-            "outcome": order_outcome(reply), "order_id": body.get("order_id"),
-            "replayed": bool(body.get("replayed", False)), "pay_by_ms": body.get("pay_by_ms"),
-            "t_sent": round(sent, 4), "t_done": round(self.clock(), 4), "error": reply.error,
-        })
+        self.log(
+            {
+                "kind": "order",
+                "rid": rid,
+                "attempt": attempt,
+                "persona": persona,
+                "user": user,
+                "sku": sku,
+                "qty": qty,
+                "status": reply.status,
+                "code": reply.code,
+                "outcome": order_outcome(reply),
+                "order_id": body.get("order_id"),
+                "replayed": bool(body.get("replayed", False)),
+                "pay_by_ms": body.get("pay_by_ms"),
+                "t_sent": round(sent, 4),
+                "t_done": round(self.clock(), 4),
+                "error": reply.error,
+            }
+        )
         return reply
 
     def _pay(self, persona: str, user: str, order_id: str, intended: float) -> None:
         reply = self.transport.send(
-            "POST", f"/api/orders/{order_id}/pay", name="pay", persona=persona, intended=intended,
+            "POST",
+            f"/api/orders/{order_id}/pay",
+            name="pay",
+            persona=persona,
+            intended=intended,
             token=self.tokens.get(user),
         )
         outcome = "paid" if reply.status == 200 else ("failed" if 400 <= reply.status < 500 else "unknown")
-        self.log({
-            "kind": "pay", "order_id": order_id, "persona": persona, "user": user,
-            "status": reply.status, "code": reply.code, "outcome": outcome, "t_done": round(self.clock(), 4),
-        })
+        self.log(
+            {
+                "kind": "pay",
+                "order_id": order_id,
+                "persona": persona,
+                "user": user,
+                "status": reply.status,
+                "code": reply.code,
+                "outcome": outcome,
+                "t_done": round(self.clock(), 4),
+            }
+        )

@@ -16,7 +16,6 @@ live progress line.
 from __future__ import annotations
 
 import json
-import os
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -51,7 +50,9 @@ class ProcessRecorder:
         self.rendezvous_first: float | None = None
 
     def second(self, epoch: float) -> int:
-        return int(epoch - self.start_epoch) if epoch >= self.start_epoch else -1 - int(self.start_epoch - epoch)
+        return (
+            int(epoch - self.start_epoch) if epoch >= self.start_epoch else -1 - int(self.start_epoch - epoch)
+        )
 
     def arrival(self, intended: float, started: bool, lag_s: float, *, rendezvous: bool = False) -> None:
         c = self.seconds[self.second(intended)]
@@ -62,7 +63,9 @@ class ProcessRecorder:
             at = intended + lag_s
             self.rendezvous_first = at if self.rendezvous_first is None else min(self.rendezvous_first, at)
 
-    def request(self, name: str, *, intended: float, sent: float, done: float, expected: bool, label: str) -> None:
+    def request(
+        self, name: str, *, intended: float, sent: float, done: float, expected: bool, label: str
+    ) -> None:
         """One request finished; ``label`` is its outcome (``201``, ``409:sold_out``, ``0:timeout`` …)."""
         c = self.seconds[self.second(done)]
         c[f"req.{name}"] += 1
@@ -134,8 +137,13 @@ def _sku_counters(raw_skus: Any) -> dict[str, dict[str, int]]:
     out: dict[str, dict[str, int]] = {}
     for sku, counters in items:
         if isinstance(counters, Mapping):
-            out[sku] = {k: v for k, v in ((k, _int(counters.get(k))) for k in
-                        ("total", "available", "held", "sold", "reserve")) if v is not None}
+            out[sku] = {
+                k: v
+                for k, v in (
+                    (k, _int(counters.get(k))) for k in ("total", "available", "held", "sold", "reserve")
+                )
+                if v is not None
+            }
     return out
 
 

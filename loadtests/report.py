@@ -32,7 +32,15 @@ from loadtests.recording import RunCollector, ServiceSample
 from loadtests.shapes import Shape
 from loadtests.slo import RunValidity, Validity, check_validity, evaluate
 
-__all__ = ["SCHEMA", "SCHEMA_VERSION", "DrillEvent", "Report", "build_summary", "build_timeline", "write_report"]
+__all__ = [
+    "SCHEMA",
+    "SCHEMA_VERSION",
+    "DrillEvent",
+    "Report",
+    "build_summary",
+    "build_timeline",
+    "write_report",
+]
 
 SCHEMA = "flashsale.drill.summary"
 SCHEMA_VERSION = 1
@@ -89,7 +97,7 @@ def build_timeline(collector: RunCollector, shape: Shape, last_second: int) -> l
         outcomes = Counter[str]()
         for key, n in c.items():
             if key.startswith("out.order."):
-                outcomes[order_bucket(key[len("out.order."):])] += n
+                outcomes[order_bucket(key[len("out.order.") :])] += n
         for name in ORDER_OUTCOMES:
             row[f"orders_{name}"] = outcomes.get(name, 0)
         row["requests"] = sum(n for k, n in c.items() if k.startswith("req."))
@@ -97,7 +105,9 @@ def build_timeline(collector: RunCollector, shape: Shape, last_second: int) -> l
         raw, corrected = collector.book.interval(s)
         row["p50_ms"] = raw.get_value_at_percentile(50) / 1000 if raw.get_total_count() else ""
         row["p99_ms"] = raw.get_value_at_percentile(99) / 1000 if raw.get_total_count() else ""
-        row["p99_corrected_ms"] = corrected.get_value_at_percentile(99) / 1000 if corrected.get_total_count() else ""
+        row["p99_corrected_ms"] = (
+            corrected.get_value_at_percentile(99) / 1000 if corrected.get_total_count() else ""
+        )
         row["max_corrected_ms"] = corrected.get_max_value() / 1000 if corrected.get_total_count() else ""
         sample = samples.get(s)
         row["backlog"] = sample.backlog if sample and sample.backlog is not None else ""
@@ -116,10 +126,10 @@ def build_timeline(collector: RunCollector, shape: Shape, last_second: int) -> l
 def sold_out_moments(rows: Sequence[Mapping[str, Any]], t0_s: float) -> dict[str, list[float]]:
     """Per SKU, the seconds (from T0) at which its available stock reached 0."""
     out: dict[str, list[float]] = {}
-    for key in (rows[0].keys() if rows else []):
+    for key in rows[0].keys() if rows else []:
         if not key.startswith("available_"):
             continue
-        sku, prev = key[len("available_"):], None
+        sku, prev = key[len("available_") :], None
         for r in rows:
             v = r[key]
             if v == "":
@@ -150,74 +160,112 @@ def build_summary(
     names = collector.book.names()
     per_name: dict[str, Any] = {}
     for name in [n for n in names if n != "all"]:
-        outcomes = {k[len(f"out.{name}."):]: v for k, v in totals.items() if k.startswith(f"out.{name}.")}
-        per_name[name] = {"count": totals.get(f"req.{name}", 0), "errors": totals.get(f"err.{name}", 0),
-                          "outcomes": dict(sorted(outcomes.items()))}
+        outcomes = {k[len(f"out.{name}.") :]: v for k, v in totals.items() if k.startswith(f"out.{name}.")}
+        per_name[name] = {
+            "count": totals.get(f"req.{name}", 0),
+            "errors": totals.get(f"err.{name}", 0),
+            "outcomes": dict(sorted(outcomes.items())),
+        }
     windows = []
     for w in shape.windows:
         lo, hi = int(math.floor(w.start)), int(math.ceil(w.end))
         secs = [collector.seconds.get(s, Counter()) for s in range(lo, hi)]
         # Latency by completion second: a window's last slow answers may land in the next one.
         intervals = [collector.book.interval(s) for s in range(lo, hi)]
-        windows.append({
-            "name": w.name, "start_s": w.start, "end_s": w.end,
-            "target": round(shape.expected(w.start, w.end), 1),
-            "started": sum(c.get("arrivals.started", 0) for c in secs),
-            "dropped": sum(c.get("arrivals.dropped", 0) for c in secs),
-            "requests": sum(n for c in secs for k, n in c.items() if k.startswith("req.")),
-            "orders": sum(c.get("req.order", 0) for c in secs),
-            "errors": sum(n for c in secs for k, n in c.items() if k.startswith("err.")),
-            "latency_raw": summarize(merge((i[0] for i in intervals), INTERVAL_SIGNIFICANT_FIGURES)),
-            "latency_corrected": summarize(merge((i[1] for i in intervals), INTERVAL_SIGNIFICANT_FIGURES)),
-        })
+        windows.append(
+            {
+                "name": w.name,
+                "start_s": w.start,
+                "end_s": w.end,
+                "target": round(shape.expected(w.start, w.end), 1),
+                "started": sum(c.get("arrivals.started", 0) for c in secs),
+                "dropped": sum(c.get("arrivals.dropped", 0) for c in secs),
+                "requests": sum(n for c in secs for k, n in c.items() if k.startswith("req.")),
+                "orders": sum(c.get("req.order", 0) for c in secs),
+                "errors": sum(n for c in secs for k, n in c.items() if k.startswith("err.")),
+                "latency_raw": summarize(merge((i[0] for i in intervals), INTERVAL_SIGNIFICANT_FIGURES)),
+                "latency_corrected": summarize(
+                    merge((i[1] for i in intervals), INTERVAL_SIGNIFICANT_FIGURES)
+                ),
+            }
+        )
     cpu_max = {p: max(v.values(), default=0.0) for p, v in collector.cpu.items()}
-    cpu_busy = {p: (sum(1 for x in v.values() if x > CPU_BUSY_PERCENT) / len(v)) if v else 0.0
-                for p, v in collector.cpu.items()}
+    cpu_busy = {
+        p: (sum(1 for x in v.values() if x > CPU_BUSY_PERCENT) / len(v)) if v else 0.0
+        for p, v in collector.cpu.items()
+    }
     final = collector.service[-1] if collector.service else None
     t0_epoch = collector.start_epoch + shape.t0_s
     t0_sent = {p: round((t - t0_epoch) * 1000, 3) for p, t in sorted(collector.rendezvous_first.items())}
     summary: dict[str, Any] = {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "run": {**run, "shape": shape.name, "peak_rps": shape.peak_rps, "shape_params": shape.params,
-                "start_epoch": collector.start_epoch, "t0_epoch": collector.start_epoch + shape.t0_s,
-                "shape_duration_s": shape.duration_s, "elapsed_s": round(elapsed_s, 3),
-                "processes": sorted(collector.done)},
-        "arrivals": {"target": round(target, 1), "started": started, "dropped": dropped, "windows": windows,
-                     "dispatch": collector.dispatch},
+        "run": {
+            **run,
+            "shape": shape.name,
+            "peak_rps": shape.peak_rps,
+            "shape_params": shape.params,
+            "start_epoch": collector.start_epoch,
+            "t0_epoch": collector.start_epoch + shape.t0_s,
+            "shape_duration_s": shape.duration_s,
+            "elapsed_s": round(elapsed_s, 3),
+            "processes": sorted(collector.done),
+        },
+        "arrivals": {
+            "target": round(target, 1),
+            "started": started,
+            "dropped": dropped,
+            "windows": windows,
+            "dispatch": collector.dispatch,
+        },
         "requests": per_name,
         "ratios": {
             "arrival_ratio": (started / target) if target else None,
             "dropped_ratio": (dropped / (started + dropped)) if (started + dropped) else 0.0,
             "error_ratio": (errors / requests) if requests else None,
-            "arrival_ratio_count": started, "dropped_ratio_count": dropped, "error_ratio_count": errors,
+            "arrival_ratio_count": started,
+            "dropped_ratio_count": dropped,
+            "error_ratio_count": errors,
         },
         "latency": {
             which: {n: summarize(collector.book.total(f"{n}.{which}")) for n in names}
             for which in ("raw", "corrected")
         },
-        "generator": {"cpu_max": cpu_max, "cpu_busy_ratio": cpu_busy, "failures": dict(collector.failures),
-                      "dispatch_lag": summarize(collector.book.total("dispatch_lag")),
-                      # When each process fired its share of the T0 rendezvous (ms after T0), and the spread.
-                      "t0_sent_ms": t0_sent,
-                      "t0_skew_ms": round(max(t0_sent.values()) - min(t0_sent.values()), 3) if t0_sent else None,
-                      "latency_clamped": collector.book.clamped},
+        "generator": {
+            "cpu_max": cpu_max,
+            "cpu_busy_ratio": cpu_busy,
+            "failures": dict(collector.failures),
+            "dispatch_lag": summarize(collector.book.total("dispatch_lag")),
+            # When each process fired its share of the T0 rendezvous (ms after T0), and the spread.
+            "t0_sent_ms": t0_sent,
+            "t0_skew_ms": round(max(t0_sent.values()) - min(t0_sent.values()), 3) if t0_sent else None,
+            "latency_clamped": collector.book.clamped,
+        },
         "service": {
-            "final": ({"skus": final.skus, "backlog": final.backlog, "written": final.written} if final else None),
+            "final": (
+                {"skus": final.skus, "backlog": final.backlog, "written": final.written} if final else None
+            ),
             "samples": len(collector.service),
             "sold_out_at_s_from_t0": sold_out_moments(rows, shape.t0_s),
             "backlog_max": max((s.backlog for s in collector.service if s.backlog is not None), default=None),
         },
-        "request_log": {"lines": collector.request_lines,
-                        "path": collector.requests_path.name if collector.requests_path else None},
+        "request_log": {
+            "lines": collector.request_lines,
+            "path": collector.requests_path.name if collector.requests_path else None,
+        },
     }
     slo_results = evaluate(thresholds, summary)
     validity = check_validity(summary, bounds)
     if oracle_error:
         validity = Validity(False, (*validity.reasons, f"the oracle could not judge the run: {oracle_error}"))
-    summary["slo"] = {"thresholds": [r.__dict__ for r in slo_results], "passed": all(r.passed for r in slo_results)}
+    summary["slo"] = {
+        "thresholds": [r.__dict__ for r in slo_results],
+        "passed": all(r.passed for r in slo_results),
+    }
     summary["validity"] = validity.as_dict()
-    summary["oracle"] = verdict.as_dict() if verdict else {"skipped": oracle_error or "the oracle was not run"}
+    summary["oracle"] = (
+        verdict.as_dict() if verdict else {"skipped": oracle_error or "the oracle was not run"}
+    )
     code = exit_codes.decide(
         invariants_held=verdict.invariants_held if verdict else True,
         run_valid=validity.valid,
@@ -229,8 +277,14 @@ def build_summary(
 
 
 # -- plots -----------------------------------------------------------------------------------
-def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tuple[float, str]],
-           sold_out: Mapping[str, list[float]], out: Path, run_id: str = "") -> list[tuple[str, Path]]:
+def _plots(
+    rows: Sequence[Mapping[str, Any]],
+    shape: Shape,
+    events: Sequence[tuple[float, str]],
+    sold_out: Mapping[str, list[float]],
+    out: Path,
+    run_id: str = "",
+) -> list[tuple[str, Path]]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,8 +309,16 @@ def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tup
             ax.axvline(0, color="k", lw=0.8, ls="--")
         for t, what in events:
             ax.axvline(t, color="tab:purple", lw=0.8, ls=":")
-            ax.annotate(what, (t, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color="tab:purple",
-                        rotation=90, va="top", ha="right")
+            ax.annotate(
+                what,
+                (t, 1.0),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                color="tab:purple",
+                rotation=90,
+                va="top",
+                ha="right",
+            )
 
     made: list[tuple[str, Path]] = []
 
@@ -269,28 +331,48 @@ def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tup
 
     fig, ax = plt.subplots(figsize=(10, 3.6))
     ax.step(x, num("target_arrivals"), where="post", label="target (shape)", color="0.55", lw=4, alpha=0.6)
-    ax.step(x, num("arrivals_started"), where="post", label="sent (by intended second)", color="tab:blue", lw=1.2)
+    ax.step(
+        x, num("arrivals_started"), where="post", label="sent (by intended second)", color="tab:blue", lw=1.2
+    )
     dropped = num("arrivals_dropped")
     if any(v > 0 for v in dropped if not math.isnan(v)):
-        ax.bar(x, dropped, width=1.0, align="edge", color="tab:red", alpha=0.6, label="dropped (no free slot)")
+        ax.bar(
+            x, dropped, width=1.0, align="edge", color="tab:red", alpha=0.6, label="dropped (no free slot)"
+        )
     decorate(ax, "Arrivals per second: what the shape asked for vs what was sent", "arrivals / s")
     for w in shape.windows:  # name the shape's windows along the top
-        ax.annotate(w.name, (w.start - shape.t0_s, 0.99), xycoords=("data", "axes fraction"), fontsize=7,
-                    color="0.35", va="top", ha="left")
+        ax.annotate(
+            w.name,
+            (w.start - shape.t0_s, 0.99),
+            xycoords=("data", "axes fraction"),
+            fontsize=7,
+            color="0.35",
+            va="top",
+            ha="left",
+        )
     if shape.t0_s:
         ax.annotate(" T0 rendezvous", (0, 0.86), xycoords=("data", "axes fraction"), fontsize=8, ha="left")
     ax.legend(loc="upper right", fontsize=8)
     save(fig, "arrivals", "Target vs achieved arrivals (grey band: countdown before T0)")
 
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    colours = {"created": "tab:green", "replayed": "tab:olive", "sold_out": "tab:orange",
-               "limit_exceeded": "tab:brown", "not_open": "0.6", "failed_other": "tab:pink", "unknown": "tab:red"}
+    colours = {
+        "created": "tab:green",
+        "replayed": "tab:olive",
+        "sold_out": "tab:orange",
+        "limit_exceeded": "tab:brown",
+        "not_open": "0.6",
+        "failed_other": "tab:pink",
+        "unknown": "tab:red",
+    }
     bottom = [0.0] * len(rows)
     for name in ORDER_OUTCOMES:
         vals = [float(r[f"orders_{name}"]) for r in rows]
         if not any(vals):
             continue
-        ax.bar(x, vals, width=1.0, align="edge", bottom=bottom, color=colours[name], label=name.replace("_", " "))
+        ax.bar(
+            x, vals, width=1.0, align="edge", bottom=bottom, color=colours[name], label=name.replace("_", " ")
+        )
         bottom = [b + v for b, v in zip(bottom, vals)]
     decorate(ax, "Orders per second by outcome", "orders / s")
     if ax.get_legend_handles_labels()[0]:
@@ -300,7 +382,9 @@ def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tup
     fig, ax = plt.subplots(figsize=(10, 3.6))
     ax.plot(x, num("p50_ms"), label="p50 raw", color="tab:blue", lw=1)
     ax.plot(x, num("p99_ms"), label="p99 raw", color="tab:orange", lw=1.2)
-    ax.plot(x, num("p99_corrected_ms"), label="p99 corrected (from intended send time)", color="tab:red", lw=1.2)
+    ax.plot(
+        x, num("p99_corrected_ms"), label="p99 corrected (from intended send time)", color="tab:red", lw=1.2
+    )
     ax.set_yscale("log")
     decorate(ax, "Latency percentiles per second (by completion time)", "ms (log scale)")
     ax.legend(loc="upper right", fontsize=8)
@@ -310,20 +394,33 @@ def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tup
     fig, ax = plt.subplots(figsize=(10, 3.6))
     if stock_keys:
         for key in stock_keys:
-            sku = key[len("available_"):]
+            sku = key[len("available_") :]
             label = sku.removesuffix(f"-{run_id}") if run_id else sku  # the drill's SKUs carry the run id
-            line, = ax.plot(x, num(key), label=label, lw=1.4)
+            (line,) = ax.plot(x, num(key), label=label, lw=1.4)
             for k, t in enumerate(sold_out.get(sku, [])):
                 ax.plot([t], [0], marker="v", color=line.get_color(), ms=9)
                 if k == 0:  # later ones are lapsed holds sold again: the marker is enough
-                    ax.annotate(f"{label} sold out", (t, 0), textcoords="offset points", xytext=(3, 8), fontsize=7,
-                                color=line.get_color())
+                    ax.annotate(
+                        f"{label} sold out",
+                        (t, 0),
+                        textcoords="offset points",
+                        xytext=(3, 8),
+                        fontsize=7,
+                        color=line.get_color(),
+                    )
         ax.set_yscale("symlog", linthresh=10)
         ax.legend(loc="upper right", fontsize=8)
     else:
-        ax.text(0.5, 0.5, "the service's /api/admin/stats reported no per-SKU stock", ha="center",
-                transform=ax.transAxes)
-    decorate(ax, "Stock available per SKU (▼ sold out; it comes back when unpaid holds lapse)", "units (symlog)")
+        ax.text(
+            0.5,
+            0.5,
+            "the service's /api/admin/stats reported no per-SKU stock",
+            ha="center",
+            transform=ax.transAxes,
+        )
+    decorate(
+        ax, "Stock available per SKU (▼ sold out; it comes back when unpaid holds lapse)", "units (symlog)"
+    )
     save(fig, "stock", "Stock remaining per SKU, with sold-out moments and the reserve release")
 
     fig, ax = plt.subplots(figsize=(10, 3.6))
@@ -337,8 +434,13 @@ def _plots(rows: Sequence[Mapping[str, Any]], shape: Shape, events: Sequence[tup
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
     else:
-        ax.text(0.5, 0.5, "the service's /api/admin/stats reported no backlog or writer progress", ha="center",
-                transform=ax.transAxes)
+        ax.text(
+            0.5,
+            0.5,
+            "the service's /api/admin/stats reported no backlog or writer progress",
+            ha="center",
+            transform=ax.transAxes,
+        )
     decorate(ax, "Order queue: backlog and PostgreSQL writer rate", "stream entries")
     save(fig, "queue", "Queue backlog and writer rate: the peak shaved into PostgreSQL")
     return made
@@ -373,10 +475,20 @@ def write_report(
     folder.mkdir(parents=True, exist_ok=True)
     last = max([int(math.ceil(elapsed_s)), *collector.seconds.keys(), *collector.book.seconds()])
     rows = build_timeline(collector, shape, last)
-    summary = build_summary(collector, shape, run, elapsed_s=elapsed_s, thresholds=thresholds, bounds=bounds,
-                            verdict=verdict, oracle_error=oracle_error, rows=rows)
-    summary["events"] = [{"t_from_t0_s": round(e.t - collector.start_epoch - shape.t0_s, 3), "what": e.what}
-                         for e in events]
+    summary = build_summary(
+        collector,
+        shape,
+        run,
+        elapsed_s=elapsed_s,
+        thresholds=thresholds,
+        bounds=bounds,
+        verdict=verdict,
+        oracle_error=oracle_error,
+        rows=rows,
+    )
+    summary["events"] = [
+        {"t_from_t0_s": round(e.t - collector.start_epoch - shape.t0_s, 3), "what": e.what} for e in events
+    ]
     files = ["summary.json", "timeline.csv", "latency-raw.hlog", "latency-corrected.hlog"]
     with open(folder / "timeline.csv", "w", newline="", encoding="utf-8") as f:
         if rows:
@@ -390,8 +502,14 @@ def write_report(
     images: list[tuple[str, Path]] = []
     if plots and rows:
         event_marks = [(e.t - collector.start_epoch - shape.t0_s, e.what) for e in events]
-        images = _plots(rows, shape, event_marks, summary["service"]["sold_out_at_s_from_t0"], folder / "plots",
-                        str(run.get("id", "")))
+        images = _plots(
+            rows,
+            shape,
+            event_marks,
+            summary["service"]["sold_out_at_s_from_t0"],
+            folder / "plots",
+            str(run.get("id", "")),
+        )
         files += [f"plots/{p.name}" for _, p in images]
         files.append("report.html")
     if collector.requests_path is not None:
@@ -415,49 +533,71 @@ def _html(summary: Mapping[str, Any], images: Sequence[tuple[str, Path]]) -> str
     colour = {0: "#1a7f37", 1: "#9a6700", 2: "#cf222e", 3: "#8250df"}.get(code, "#000")
     oracle = summary["oracle"]
     if "checks" in oracle:
-        oracle_html = _table(["check", "result", "observed", "detail"], [
-            [c["name"], "ok" if c["passed"] else "FAIL", c["observed"], c["detail"]] for c in oracle["checks"]])
+        oracle_html = _table(
+            ["check", "result", "observed", "detail"],
+            [
+                [c["name"], "ok" if c["passed"] else "FAIL", c["observed"], c["detail"]]
+                for c in oracle["checks"]
+            ],
+        )
     else:
         oracle_html = f"<p>Not judged: {html.escape(str(oracle.get('skipped')))}</p>"
-    slo_html = _table(["threshold", "observed", "result"], [
-        [t["threshold"], "—" if t["observed"] is None else f"{t['observed']:.4g}", "ok" if t["passed"] else "FAIL"]
-        for t in summary["slo"]["thresholds"]])
+    slo_html = _table(
+        ["threshold", "observed", "result"],
+        [
+            [
+                t["threshold"],
+                "—" if t["observed"] is None else f"{t['observed']:.4g}",
+                "ok" if t["passed"] else "FAIL",
+            ]
+            for t in summary["slo"]["thresholds"]
+        ],
+    )
     lat = summary["latency"]
     lat_rows = []
     for name in lat["raw"]:
         for which in ("raw", "corrected"):
             s = lat[which][name]
-            lat_rows.append([name, which, s["count"], *(f"{s[k]:.1f}" for k in
-                            ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms"))])
+            lat_rows.append(
+                [
+                    name,
+                    which,
+                    s["count"],
+                    *(f"{s[k]:.1f}" for k in ("p50_ms", "p90_ms", "p99_ms", "p99.9_ms", "max_ms")),
+                ]
+            )
     validity = summary["validity"]
     ratio = ratios.get("arrival_ratio")
     plots = "".join(
         f'<figure><img alt="{html.escape(cap)}" src="data:image/png;base64,'
         f'{base64.b64encode(p.read_bytes()).decode()}"><figcaption>{html.escape(cap)}</figcaption></figure>'
-        for cap, p in images)
-    windows = _table(["window", "target", "sent", "dropped"],
-                     [[w["name"], w["target"], w["started"], w["dropped"]] for w in arr["windows"]])
+        for cap, p in images
+    )
+    windows = _table(
+        ["window", "target", "sent", "dropped"],
+        [[w["name"], w["target"], w["started"], w["dropped"]] for w in arr["windows"]],
+    )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>flashsale drill {html.escape(str(run.get('id', '')))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>flashsale drill {html.escape(str(run.get("id", "")))}</title>
 <style>
 body{{font-family:system-ui,sans-serif;max-width:1060px;margin:2em auto;color:#1f2328}}
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #d0d7de;padding:3px 8px;font-size:13px;text-align:left}}
 .verdict{{font-size:1.3em;font-weight:600;color:{colour}}}figure{{margin:1em 0}}img{{max-width:100%}}
 figcaption{{font-size:12px;color:#57606a}}
 </style></head><body>
-<h1>flashsale drill: {html.escape(run['shape'])} at {run['peak_rps']:g} arrivals/s peak</h1>
-<p class="verdict">exit {code}: {html.escape(summary['exit_meaning'])}</p>
-<p>Run {html.escape(str(run.get('id', '')))} against {html.escape(str(run.get('host', '')))};
-{len(run.get('processes', []))} load process(es); {run['elapsed_s']:.0f} s.
-Command: <code>{html.escape(str(run.get('command', '')))}</code></p>
+<h1>flashsale drill: {html.escape(run["shape"])} at {run["peak_rps"]:g} arrivals/s peak</h1>
+<p class="verdict">exit {code}: {html.escape(summary["exit_meaning"])}</p>
+<p>Run {html.escape(str(run.get("id", "")))} against {html.escape(str(run.get("host", "")))};
+{len(run.get("processes", []))} load process(es); {run["elapsed_s"]:.0f} s.
+Command: <code>{html.escape(str(run.get("command", "")))}</code></p>
 <h2>Invariants (the oracle)</h2>{oracle_html}
 <h2>SLO thresholds</h2>{slo_html}
-<h2>Validity of the run</h2><p>{'valid' if validity['valid'] else 'INVALID'}</p>
-<ul>{''.join(f'<li>{html.escape(r)}</li>' for r in validity['reasons'])}</ul>
-<h2>Arrivals</h2><p>target {arr['target']}, sent {arr['started']}, dropped {arr['dropped']}
-(achieved/target {'—' if ratio is None else f'{ratio:.3f}'})</p>{windows}
-<h2>Latency (ms)</h2>{_table(['request', 'kind', 'count', 'p50', 'p90', 'p99', 'p99.9', 'max'], lat_rows)}
+<h2>Validity of the run</h2><p>{"valid" if validity["valid"] else "INVALID"}</p>
+<ul>{"".join(f"<li>{html.escape(r)}</li>" for r in validity["reasons"])}</ul>
+<h2>Arrivals</h2><p>target {arr["target"]}, sent {arr["started"]}, dropped {arr["dropped"]}
+(achieved/target {"—" if ratio is None else f"{ratio:.3f}"})</p>{windows}
+<h2>Latency (ms)</h2>{_table(["request", "kind", "count", "p50", "p90", "p99", "p99.9", "max"], lat_rows)}
 <h2>The run in plots</h2>{plots}
-<p>Files: {', '.join(html.escape(f) for f in summary.get('files', []))}</p>
+<p>Files: {", ".join(html.escape(f) for f in summary.get("files", []))}</p>
 </body></html>
 """

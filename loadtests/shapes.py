@@ -174,7 +174,9 @@ class Shape:
         """
         acc = 0.0
         events: list[tuple[float, int, Segment | Impulse]] = [(s.start, 1, s) for s in self.segments]
-        events += [(i.at, 0, i) for i in self.impulses]  # an impulse comes before the segment starting at its instant
+        events += [
+            (i.at, 0, i) for i in self.impulses
+        ]  # an impulse comes before the segment starting at its instant
         for _, _, ev in sorted(events, key=lambda e: (e[0], e[1])):
             if isinstance(ev, Impulse):
                 if a < acc + ev.count:
@@ -293,14 +295,15 @@ def double11_day(peak_rps: float, time_scale: float = 1.0, *, day_s: float = 240
     total = peak_rps / top_rate
     segments = tuple(Segment(s.start, s.end, s.kind, s.r0 * total, s.r1 * total, s.tau) for s in unit)
     return Shape(
-        "double11_day", segments, windows=tuple(windows), peak_rps=peak_rps,
+        "double11_day",
+        segments,
+        windows=tuple(windows),
+        peak_rps=peak_rps,
         params={"time_scale": time_scale, "day_s": day_s * time_scale, "total": total},
     )
 
 
-def capacity_step(
-    peak_rps: float, time_scale: float = 1.0, *, steps: int = 5, step_s: float = 20.0
-) -> Shape:
+def capacity_step(peak_rps: float, time_scale: float = 1.0, *, steps: int = 5, step_s: float = 20.0) -> Shape:
     """``steps`` stairs from ``peak/steps`` up to ``peak``, each ``step_s × time_scale`` long."""
     if peak_rps <= 0 or time_scale <= 0 or steps < 1:
         raise ValueError("peak_rps and time_scale must be > 0 and steps >= 1")
@@ -312,18 +315,30 @@ def capacity_step(
         Window(f"step-{k + 1}@{peak_rps * (k + 1) / steps:g}rps", k * length, (k + 1) * length, "open")
         for k in range(steps)
     )
-    return Shape("capacity_step", segments, windows=windows, peak_rps=peak_rps,
-                 params={"time_scale": time_scale, "steps": steps, "step_s": length})
+    return Shape(
+        "capacity_step",
+        segments,
+        windows=windows,
+        peak_rps=peak_rps,
+        params={"time_scale": time_scale, "steps": steps, "step_s": length},
+    )
 
 
-def soak(peak_rps: float, time_scale: float = 1.0, *, duration_s: float = 600.0, ramp_s: float = 10.0) -> Shape:
+def soak(
+    peak_rps: float, time_scale: float = 1.0, *, duration_s: float = 600.0, ramp_s: float = 10.0
+) -> Shape:
     """A linear ramp over ``ramp_s``, then ``peak_rps`` until ``duration_s`` (both × time_scale)."""
     if peak_rps <= 0 or time_scale <= 0 or duration_s <= ramp_s:
         raise ValueError("peak_rps and time_scale must be > 0 and duration_s > ramp_s")
     r, d = ramp_s * time_scale, duration_s * time_scale
     segments = (Segment(0.0, r, "linear", 0.0, peak_rps), Segment(r, d, "constant", peak_rps))
-    return Shape("soak", segments, windows=(Window("ramp", 0.0, r), Window("steady", r, d)),
-                 peak_rps=peak_rps, params={"time_scale": time_scale, "duration_s": d})
+    return Shape(
+        "soak",
+        segments,
+        windows=(Window("ramp", 0.0, r), Window("steady", r, d)),
+        peak_rps=peak_rps,
+        params={"time_scale": time_scale, "duration_s": d},
+    )
 
 
 SHAPES: dict[str, Callable[..., Shape]] = {

@@ -47,7 +47,11 @@ DEFAULT_THRESHOLDS: tuple[str, ...] = (
 )
 
 _OPS: dict[str, Callable[[float, float], bool]] = {
-    "<=": operator.le, ">=": operator.ge, "==": operator.eq, "<": operator.lt, ">": operator.gt,
+    "<=": operator.le,
+    ">=": operator.ge,
+    "==": operator.eq,
+    "<": operator.lt,
+    ">": operator.gt,
 }
 _RE = re.compile(
     r"^\s*(?P<metric>[a-z_]+)(?:\{name:(?P<name>[\w.-]+)\})?\s*:\s*"
@@ -101,7 +105,9 @@ def _observe(t: Threshold, summary: Mapping[str, Any]) -> float | None:
         if t.agg.startswith("p("):
             key = f"p{float(t.agg[2:-1]):g}_ms"
             if key not in lat:
-                raise ValueError(f"{t.text}: only p(50), p(90), p(99) and p(99.9) are recorded in the summary")
+                raise ValueError(
+                    f"{t.text}: only p(50), p(90), p(99) and p(99.9) are recorded in the summary"
+                )
             return float(lat[key])
         return float(lat["p50_ms" if t.agg == "med" else ("mean_ms" if t.agg == "avg" else "max_ms")])
     ratios = summary.get("ratios", {})

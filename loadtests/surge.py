@@ -66,44 +66,111 @@ EXPORT_INTERVAL_S = 1.0
 
 def _drill_options(parser: Any) -> None:
     g = parser  # Locust's own add_argument (is_secret, web UI) is not on argument groups
-    g.add_argument("--shape", choices=sorted(SHAPES), default="midnight_surge", env_var="FLASHSALE_SHAPE",
-                   help="arrival shape (default midnight_surge)")
-    g.add_argument("--peak-rps", type=float, default=200.0, env_var="FLASHSALE_PEAK_RPS",
-                   help="peak arrivals per second, all processes together (default 200)")
-    g.add_argument("--time-scale", type=float, default=1.0, env_var="FLASHSALE_TIME_SCALE",
-                   help="stretch every phase of the shape by this factor (default 1: midnight_surge ~75 s of arrivals)")
-    g.add_argument("--steps", type=int, default=5, help="capacity_step: number of stairs up to --peak-rps (default 5)")
-    g.add_argument("--arrival-process", choices=["uniform", "poisson"], default="uniform",
-                   help="evenly spaced arrivals along the shape (default), or Poisson")
-    g.add_argument("--personas", default="", env_var="FLASHSALE_PERSONAS",
-                   help="persona weights, e.g. 'browser=45,buyer=25,abandoner=15,bot=10,retry_storm=5' (the default)")
-    g.add_argument("--max-in-flight", type=int, default=2000,
-                   help="visits running at once per process; arrivals beyond wait --max-queue-wait, then drop")
-    g.add_argument("--max-queue-wait", type=float, default=1.0, help="seconds an arrival may wait for a free slot")
+    g.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="midnight_surge",
+        env_var="FLASHSALE_SHAPE",
+        help="arrival shape (default midnight_surge)",
+    )
+    g.add_argument(
+        "--peak-rps",
+        type=float,
+        default=200.0,
+        env_var="FLASHSALE_PEAK_RPS",
+        help="peak arrivals per second, all processes together (default 200)",
+    )
+    g.add_argument(
+        "--time-scale",
+        type=float,
+        default=1.0,
+        env_var="FLASHSALE_TIME_SCALE",
+        help="stretch every phase of the shape by this factor (default 1: midnight_surge ~75 s of arrivals)",
+    )
+    g.add_argument(
+        "--steps", type=int, default=5, help="capacity_step: number of stairs up to --peak-rps (default 5)"
+    )
+    g.add_argument(
+        "--arrival-process",
+        choices=["uniform", "poisson"],
+        default="uniform",
+        help="evenly spaced arrivals along the shape (default), or Poisson",
+    )
+    g.add_argument(
+        "--personas",
+        default="",
+        env_var="FLASHSALE_PERSONAS",
+        help="persona weights, e.g. 'browser=45,buyer=25,abandoner=15,bot=10,retry_storm=5' (the default)",
+    )
+    g.add_argument(
+        "--max-in-flight",
+        type=int,
+        default=2000,
+        help="visits running at once per process; arrivals beyond wait --max-queue-wait, then drop",
+    )
+    g.add_argument(
+        "--max-queue-wait", type=float, default=1.0, help="seconds an arrival may wait for a free slot"
+    )
     g.add_argument("--connections", type=int, default=200, help="HTTP connections per process")
-    g.add_argument("--request-timeout", type=float, default=10.0, help="seconds before a request counts as unanswered")
-    g.add_argument("--impatient-timeout", type=float, default=0.25,
-                   help="retry-storm clients' timeout in seconds (they retry what they did not hear back about)")
-    g.add_argument("--admin-token", default=admin_token_from_env(), is_secret=True,
-                   help="the service's admin token (default: $FLASHSALE_ADMIN_TOKEN)")
-    g.add_argument("--sale", default="", env_var="FLASHSALE_DRILL_SALE",
-                   help="drive this existing sale instead of creating the drill's own")
-    g.add_argument("--hold-ttl", type=float, default=-1.0,
-                   help="hold TTL of the drill's sale in seconds (default 10 × time scale)")
+    g.add_argument(
+        "--request-timeout", type=float, default=10.0, help="seconds before a request counts as unanswered"
+    )
+    g.add_argument(
+        "--impatient-timeout",
+        type=float,
+        default=0.25,
+        help="retry-storm clients' timeout in seconds (they retry what they did not hear back about)",
+    )
+    g.add_argument(
+        "--admin-token",
+        default=admin_token_from_env(),
+        is_secret=True,
+        help="the service's admin token (default: $FLASHSALE_ADMIN_TOKEN)",
+    )
+    g.add_argument(
+        "--sale",
+        default="",
+        env_var="FLASHSALE_DRILL_SALE",
+        help="drive this existing sale instead of creating the drill's own",
+    )
+    g.add_argument(
+        "--hold-ttl",
+        type=float,
+        default=-1.0,
+        help="hold TTL of the drill's sale in seconds (default 10 × time scale)",
+    )
     g.add_argument("--buyer-users", type=int, default=2000, help="distinct buyer accounts")
     g.add_argument("--bot-users", type=int, default=20, help="distinct bot accounts")
     g.add_argument("--lead", type=float, default=3.0, help="seconds between test start and the first arrival")
-    g.add_argument("--drain", type=float, default=30.0, help="seconds to let visits finish after the last arrival")
+    g.add_argument(
+        "--drain", type=float, default=30.0, help="seconds to let visits finish after the last arrival"
+    )
     g.add_argument("--no-oracle", action="store_true", default=False, help="skip the end-of-run audit")
-    g.add_argument("--audit-wait", type=float, default=60.0, help="seconds the audit may wait for the queue to drain")
-    g.add_argument("--slo", default=";".join(DEFAULT_THRESHOLDS), env_var="FLASHSALE_SLO",
-                   help="';'-separated thresholds, k6-style, e.g. 'latency:p(99)<500;error_ratio:rate<0.01'")
-    g.add_argument("--max-dropped-ratio", type=float, default=RunValidity.max_dropped_ratio,
-                   help="above this share of dropped arrivals the run is invalid")
-    g.add_argument("--report-dir", default="", env_var="FLASHSALE_REPORT_DIR",
-                   help="where to write the report folder (default reports/drill-<run id>)")
+    g.add_argument(
+        "--audit-wait", type=float, default=60.0, help="seconds the audit may wait for the queue to drain"
+    )
+    g.add_argument(
+        "--slo",
+        default=";".join(DEFAULT_THRESHOLDS),
+        env_var="FLASHSALE_SLO",
+        help="';'-separated thresholds, k6-style, e.g. 'latency:p(99)<500;error_ratio:rate<0.01'",
+    )
+    g.add_argument(
+        "--max-dropped-ratio",
+        type=float,
+        default=RunValidity.max_dropped_ratio,
+        help="above this share of dropped arrivals the run is invalid",
+    )
+    g.add_argument(
+        "--report-dir",
+        default="",
+        env_var="FLASHSALE_REPORT_DIR",
+        help="where to write the report folder (default reports/drill-<run id>)",
+    )
     g.add_argument("--seed", type=int, default=0, help="seed of the personas' random choices")
-    g.add_argument("--no-plots", action="store_true", default=False, help="skip report.html and the PNG plots")
+    g.add_argument(
+        "--no-plots", action="store_true", default=False, help="skip report.html and the PNG plots"
+    )
 
 
 def _thresholds(text: str) -> list[str]:
@@ -118,15 +185,29 @@ class LocustTransport:
     """Sends through Locust's FastHttpSession (so Locust's stats see every request) and records
     latency from the intended send time into the process's recorder."""
 
-    def __init__(self, session: FastHttpSession, impatient: FastHttpSession, recorder: ProcessRecorder) -> None:
+    def __init__(
+        self, session: FastHttpSession, impatient: FastHttpSession, recorder: ProcessRecorder
+    ) -> None:
         self.session, self.impatient, self.recorder = session, impatient, recorder
 
-    def send(self, method: str, path: str, *, name: str, persona: str, intended: float, token: str | None = None,
-             json: Any = None, impatient: bool = False) -> Reply:
+    def send(
+        self,
+        method: str,
+        path: str,
+        *,
+        name: str,
+        persona: str,
+        intended: float,
+        token: str | None = None,
+        json: Any = None,
+        impatient: bool = False,
+    ) -> Reply:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         session = self.impatient if impatient else self.session
         sent = time.time()
-        with session.request(method, path, name=name, json=json, headers=headers, catch_response=True) as resp:
+        with session.request(
+            method, path, name=name, json=json, headers=headers, catch_response=True
+        ) as resp:
             done = time.time()
             status = int(resp.status_code or 0)
             body: Any = {}
@@ -135,7 +216,11 @@ class LocustTransport:
                     body = resp.json()
                 except Exception:  # a non-JSON body: keep the status, say so in the label
                     body = {}
-            reply = Reply(status, body if isinstance(body, dict) else {}, "" if status else str(getattr(resp, "error", "")))
+            reply = Reply(
+                status,
+                body if isinstance(body, dict) else {},
+                "" if status else str(getattr(resp, "error", "")),
+            )
             expected = classify(name, persona, reply)
             if expected:
                 resp.success()
@@ -190,10 +275,16 @@ class ProcessPart:
         plan = self.plan
         assert plan is not None
         opt = plan["options"]
-        shape = build_shape(plan["shape"], plan["peak_rps"], plan["time_scale"], **plan.get("shape_params", {}))
+        shape = build_shape(
+            plan["shape"], plan["peak_rps"], plan["time_scale"], **plan.get("shape_params", {})
+        )
         start_epoch = float(plan["start_epoch"])
         report_dir = Path(plan["report_dir"]) if plan.get("report_dir") else None
-        request_log = report_dir / "processes" / f"{self.proc_id}.requests.jsonl" if report_dir and plan.get("local_files") else None
+        request_log = (
+            report_dir / "processes" / f"{self.proc_id}.requests.jsonl"
+            if report_dir and plan.get("local_files")
+            else None
+        )
         self.recorder = recorder = ProcessRecorder(self.proc_id, start_epoch, request_log=request_log)
         self.pump = gevent.spawn(self._pump)
         host = self.environment.host or ""
@@ -213,15 +304,31 @@ class ProcessPart:
             return
 
         def session(timeout: float) -> FastHttpSession:
-            return FastHttpSession(host, request_event=self.environment.events.request, user=None,
-                                   concurrency=opt["connections"], network_timeout=timeout, connection_timeout=timeout)
+            return FastHttpSession(
+                host,
+                request_event=self.environment.events.request,
+                user=None,
+                concurrency=opt["connections"],
+                network_timeout=timeout,
+                connection_timeout=timeout,
+            )
 
-        transport = LocustTransport(session(opt["request_timeout"]), session(opt["impatient_timeout"]), recorder)
-        catalogue = Catalogue(tuple(CatalogueItem(**i) for i in plan["catalogue"]["items"]), plan["catalogue"]["hot"])
+        transport = LocustTransport(
+            session(opt["request_timeout"]), session(opt["impatient_timeout"]), recorder
+        )
+        catalogue = Catalogue(
+            tuple(CatalogueItem(**i) for i in plan["catalogue"]["items"]), plan["catalogue"]["hot"]
+        )
         shopper = Shopper(
-            transport, catalogue, tokens, recorder.log, plan["run_id"],
-            weights=PersonaWeights.parse(opt["personas"]), behaviour=behaviour,
-            rng=random.Random(f"{opt['seed']}:{plan['index']}"), sleep=gevent.sleep,
+            transport,
+            catalogue,
+            tokens,
+            recorder.log,
+            plan["run_id"],
+            weights=PersonaWeights.parse(opt["personas"]),
+            behaviour=behaviour,
+            rng=random.Random(f"{opt['seed']}:{plan['index']}"),
+            sleep=gevent.sleep,
         )
 
         def visit(arrival: Arrival, started_at: float) -> None:
@@ -232,10 +339,17 @@ class ProcessPart:
             except Exception:  # one broken visit must not stop the drill; it shows in the log
                 log.exception("visit %s failed", arrival.seq)
 
-        arrival_plan = ArrivalPlan(shape, start_epoch, plan["index"], plan["count"], opt["arrival_process"], opt["seed"])
+        arrival_plan = ArrivalPlan(
+            shape, start_epoch, plan["index"], plan["count"], opt["arrival_process"], opt["seed"]
+        )
         self.dispatcher = ArrivalDispatcher(
-            arrival_plan, visit, max_in_flight=opt["max_in_flight"], max_queue_wait_s=opt["max_queue_wait"],
-            on_arrival=lambda a, started, lag: recorder.arrival(a.intended, started, lag, rendezvous=a.kind == "rendezvous"),
+            arrival_plan,
+            visit,
+            max_in_flight=opt["max_in_flight"],
+            max_queue_wait_s=opt["max_queue_wait"],
+            on_arrival=lambda a, started, lag: recorder.arrival(
+                a.intended, started, lag, rendezvous=a.kind == "rendezvous"
+            ),
         )
         totals = self.dispatcher.run(drain_timeout_s=opt["drain"])
         self._finish(totals)
@@ -307,8 +421,10 @@ class Conductor:
         opt = self.options
         self.finished, self.failed = False, ""
         if not opt.admin_token:
-            return self._fail("no admin token: set FLASHSALE_ADMIN_TOKEN or pass --admin-token (the drill mints "
-                              "buyer tokens, creates its sale and asks for the audit with it)")
+            return self._fail(
+                "no admin token: set FLASHSALE_ADMIN_TOKEN or pass --admin-token (the drill mints "
+                "buyer tokens, creates its sale and asks for the audit with it)"
+            )
         if not self.environment.host:
             return self._fail("no --host: point the drill at the service, e.g. --host http://127.0.0.1:8080")
         try:
@@ -329,8 +445,14 @@ class Conductor:
             if opt.sale:
                 self.sale = sale_from_settings(admin.sale(opt.sale))
             else:
-                self.sale = default_sale(shape, self.run_id, weights=weights, behaviour=behaviour, start_epoch=start_epoch,
-                                         hold_ttl_s=opt.hold_ttl if opt.hold_ttl > 0 else None)
+                self.sale = default_sale(
+                    shape,
+                    self.run_id,
+                    weights=weights,
+                    behaviour=behaviour,
+                    start_epoch=start_epoch,
+                    hold_ttl_s=opt.hold_ttl if opt.hold_ttl > 0 else None,
+                )
                 admin.create_sale(self.sale.spec)
         except (AdminError, ValueError) as exc:
             return self._fail(f"cannot set up the drill's sale: {exc}")
@@ -338,21 +460,45 @@ class Conductor:
         self.collector = RunCollector(start_epoch, self.report_dir)
         runner = self.environment.runner
         if isinstance(runner, MasterRunner):
-            procs = sorted(c.id for c in runner.clients.ready + runner.clients.spawning + runner.clients.running)
+            procs = sorted(
+                c.id for c in runner.clients.ready + runner.clients.spawning + runner.clients.running
+            )
         else:
             procs = ["local"]
         if not procs:
             return self._fail("no Locust workers connected: start workers first (or use --expect-workers)")
         self.collector.expect(procs)
         base = {
-            "run_id": self.run_id, "shape": opt.shape, "peak_rps": opt.peak_rps, "time_scale": opt.time_scale,
+            "run_id": self.run_id,
+            "shape": opt.shape,
+            "peak_rps": opt.peak_rps,
+            "time_scale": opt.time_scale,
             "shape_params": shape_params,
-            "start_epoch": start_epoch, "count": len(procs), "report_dir": str(self.report_dir),
+            "start_epoch": start_epoch,
+            "count": len(procs),
+            "report_dir": str(self.report_dir),
             "local_files": True,
-            "catalogue": {"items": [asdict(i) for i in self.sale.catalogue.items], "hot": self.sale.catalogue.hot},
-            "options": {k: getattr(opt, k) for k in (
-                "arrival_process", "personas", "max_in_flight", "max_queue_wait", "connections", "request_timeout",
-                "impatient_timeout", "admin_token", "buyer_users", "bot_users", "drain", "seed")},
+            "catalogue": {
+                "items": [asdict(i) for i in self.sale.catalogue.items],
+                "hot": self.sale.catalogue.hot,
+            },
+            "options": {
+                k: getattr(opt, k)
+                for k in (
+                    "arrival_process",
+                    "personas",
+                    "max_in_flight",
+                    "max_queue_wait",
+                    "connections",
+                    "request_timeout",
+                    "impatient_timeout",
+                    "admin_token",
+                    "buyer_users",
+                    "bot_users",
+                    "drain",
+                    "seed",
+                )
+            },
         }
         for index, proc in enumerate(procs):
             plan = {**base, "index": index}
@@ -360,15 +506,30 @@ class Conductor:
                 runner.send_message(PLAN_MESSAGE, plan, proc)
             else:
                 _receive_plan(self.environment, plan)
-        log.info("drill %s: %s at %g arrivals/s peak, %d process(es), sale %s, T0 at %s, report in %s",
-                 self.run_id, shape.name, shape.peak_rps, len(procs), self.sale.name,
-                 time.strftime("%H:%M:%S", time.localtime(start_epoch + shape.t0_s)), self.report_dir)
+        log.info(
+            "drill %s: %s at %g arrivals/s peak, %d process(es), sale %s, T0 at %s, report in %s",
+            self.run_id,
+            shape.name,
+            shape.peak_rps,
+            len(procs),
+            self.sale.name,
+            time.strftime("%H:%M:%S", time.localtime(start_epoch + shape.t0_s)),
+            self.report_dir,
+        )
         self.greenlets = [gevent.spawn(self._poll_stats, admin), gevent.spawn(self._progress)]
         if self.sale.release_reserve_at_s is not None:
-            self.greenlets.append(gevent.spawn(self._release_reserve, admin, start_epoch + self.sale.release_reserve_at_s))
+            self.greenlets.append(
+                gevent.spawn(self._release_reserve, admin, start_epoch + self.sale.release_reserve_at_s)
+            )
 
-    def _register_target(self, admin: AdminClient, shape: Shape, weights: PersonaWeights, behaviour: Behaviour,
-                         start_epoch: float) -> None:
+    def _register_target(
+        self,
+        admin: AdminClient,
+        shape: Shape,
+        weights: PersonaWeights,
+        behaviour: Behaviour,
+        start_epoch: float,
+    ) -> None:
         """The war room draws orders against this: the shape's cumulative arrivals scaled
         to the order requests they should bring, once a second. Optional: a service
         without a war room still runs the drill."""
@@ -377,9 +538,11 @@ class Conductor:
         seconds = int(math.ceil(shape.duration_s))
         points = [[t * 1000, round(shape.cumulative(float(t)) * per_arrival, 1)] for t in range(seconds + 1)]
         opt = self.environment.parsed_options
+        assert opt is not None
         try:
-            admin.register_target(f"{opt.shape} {opt.peak_rps:g} arrivals/s", self.sale.name,
-                                  int(start_epoch * 1000), points)
+            admin.register_target(
+                f"{opt.shape} {opt.peak_rps:g} arrivals/s", self.sale.name, int(start_epoch * 1000), points
+            )
         except AdminError:
             pass
 
@@ -401,11 +564,15 @@ class Conductor:
         while True:
             t = time.time()
             try:
-                self.collector.add_service_sample(parse_stats(admin.stats(), t, sale=self.sale.name if self.sale else None))
+                self.collector.add_service_sample(
+                    parse_stats(admin.stats(), t, sale=self.sale.name if self.sale else None)
+                )
             except AdminError as exc:
                 self.stats_errors += 1
                 if self.stats_errors == 1:
-                    log.warning("GET /api/admin/stats failed (%s); the timeline will miss the service's numbers", exc)
+                    log.warning(
+                        "GET /api/admin/stats failed (%s); the timeline will miss the service's numbers", exc
+                    )
             gevent.sleep(max(1.0 - (time.time() - t), 0.05))
 
     def _release_reserve(self, admin: AdminClient, at: float) -> None:
@@ -430,18 +597,24 @@ class Conductor:
         hot = self.sale.catalogue.hot
         sample = c.service[-1] if c.service else None
         return {
-            "run_id": self.run_id, "t_s": round(now_s, 1), "t_from_t0_s": round(now_s - shape.t0_s, 1),
+            "run_id": self.run_id,
+            "t_s": round(now_s, 1),
+            "t_from_t0_s": round(now_s - shape.t0_s, 1),
             "phase": (window.name if window else ("lead" if now_s < 0 else "drain")),
             "target_per_s": round(shape.expected(max(last, 0), last + 1), 1) if last >= 0 else 0.0,
-            "sent_per_s": sec.get("arrivals.started", 0), "dropped_per_s": sec.get("arrivals.dropped", 0),
+            "sent_per_s": sec.get("arrivals.started", 0),
+            "dropped_per_s": sec.get("arrivals.dropped", 0),
             "orders_per_s": sum(n for k, n in sec.items() if k.startswith("out.order.2")),
             "requests_per_s": sum(n for k, n in sec.items() if k.startswith("req.")),
             "p99_ms": raw.get_value_at_percentile(99) / 1000 if raw.get_total_count() else None,
-            "p99_corrected_ms": corrected.get_value_at_percentile(99) / 1000 if corrected.get_total_count() else None,
+            "p99_corrected_ms": corrected.get_value_at_percentile(99) / 1000
+            if corrected.get_total_count()
+            else None,
             "hot_sku": hot,
             "hot_available": sample.skus.get(hot, {}).get("available") if sample else None,
             "backlog": sample.backlog if sample else None,
-            "shape_duration_s": shape.duration_s, "done": self.done,
+            "shape_duration_s": shape.duration_s,
+            "done": self.done,
         }
 
     def _progress(self) -> None:
@@ -455,9 +628,19 @@ class Conductor:
             os.replace(tmp, path)
             n += 1
             if n % 5 == 0:
-                log.info("%s t=%+.0fs target %.0f/s sent %d/s dropped %d/s orders %d/s p99 %s ms %s left %s backlog %s",
-                         p["phase"], p["t_from_t0_s"], p["target_per_s"], p["sent_per_s"], p["dropped_per_s"],
-                         p["orders_per_s"], p["p99_ms"], p["hot_sku"], p["hot_available"], p["backlog"])
+                log.info(
+                    "%s t=%+.0fs target %.0f/s sent %d/s dropped %d/s orders %d/s p99 %s ms %s left %s backlog %s",
+                    p["phase"],
+                    p["t_from_t0_s"],
+                    p["target_per_s"],
+                    p["sent_per_s"],
+                    p["dropped_per_s"],
+                    p["orders_per_s"],
+                    p["p99_ms"],
+                    p["hot_sku"],
+                    p["hot_available"],
+                    p["backlog"],
+                )
 
     def finish(self) -> None:
         """Test stopped: wait for the last numbers, judge, write the report, set the exit code."""
@@ -469,8 +652,10 @@ class Conductor:
         while not collector.all_done and time.time() < deadline:
             gevent.sleep(0.2)
         if not collector.all_done:
-            log.warning("processes %s sent no final report; their last seconds are missing",
-                        [p for p, d in collector.done.items() if not d])
+            log.warning(
+                "processes %s sent no final report; their last seconds are missing",
+                [p for p, d in collector.done.items() if not d],
+            )
         elapsed = time.time() - collector.start_epoch
         for g in self.greenlets:
             g.kill(block=False)
@@ -479,26 +664,49 @@ class Conductor:
         oracle_error = ""
         if not opt.no_oracle and collector.requests_path is not None:
             try:
-                verdict = run_oracle(AdminClient(self.environment.host or "", opt.admin_token), [collector.requests_path],
-                                     wait_s=opt.audit_wait, sleep=gevent.sleep, progress=lambda m: log.info("oracle: %s", m),
-                                     sale=self.sale.name if self.sale else None)
+                verdict = run_oracle(
+                    AdminClient(self.environment.host or "", opt.admin_token),
+                    [collector.requests_path],
+                    wait_s=opt.audit_wait,
+                    sleep=gevent.sleep,
+                    progress=lambda m: log.info("oracle: %s", m),
+                    sale=self.sale.name if self.sale else None,
+                )
             except AdminError as exc:
                 oracle_error = str(exc)
-        run = {"id": self.run_id, "host": self.environment.host, "sale": self.sale.name if self.sale else None,
-               # The command a person typed: `flashsale rehearse …` passes its own down.
-               "command": os.environ.get("FLASHSALE_DRILL_COMMAND") or " ".join(shlex.quote(a) for a in sys.argv),
-               "stats_errors": self.stats_errors}
+        run = {
+            "id": self.run_id,
+            "host": self.environment.host,
+            "sale": self.sale.name if self.sale else None,
+            # The command a person typed: `flashsale rehearse …` passes its own down.
+            "command": os.environ.get("FLASHSALE_DRILL_COMMAND")
+            or " ".join(shlex.quote(a) for a in sys.argv),
+            "stats_errors": self.stats_errors,
+        }
         assert self.report_dir is not None
         report = write_report(
-            self.report_dir, collector, self.shape, run, elapsed_s=min(elapsed, self.shape.duration_s),
-            thresholds=self.thresholds, bounds=RunValidity(max_dropped_ratio=opt.max_dropped_ratio),
-            verdict=verdict, oracle_error=oracle_error, events=self.events, plots=not opt.no_plots,
+            self.report_dir,
+            collector,
+            self.shape,
+            run,
+            elapsed_s=min(elapsed, self.shape.duration_s),
+            thresholds=self.thresholds,
+            bounds=RunValidity(max_dropped_ratio=opt.max_dropped_ratio),
+            verdict=verdict,
+            oracle_error=oracle_error,
+            events=self.events,
+            plots=not opt.no_plots,
         )
         self.environment.process_exit_code = report.exit_code
         if verdict is not None:
             log.info("oracle verdict:\n%s", format_verdict(verdict))
-        log.info("drill %s: exit %d (%s); report in %s", self.run_id, report.exit_code,
-                 exit_codes.MEANING[report.exit_code], self.report_dir)
+        log.info(
+            "drill %s: exit %d (%s); report in %s",
+            self.run_id,
+            report.exit_code,
+            exit_codes.MEANING[report.exit_code],
+            self.report_dir,
+        )
 
 
 def _part(environment: Environment) -> ProcessPart:
@@ -523,14 +731,19 @@ def _receive_plan(environment: Environment, plan: dict[str, Any]) -> None:
 def _on_init(environment: Environment, **_kw: Any) -> None:
     runner = environment.runner
     if isinstance(runner, WorkerRunner):
-        runner.register_message(PLAN_MESSAGE, lambda environment, msg, **_: _receive_plan(environment, msg.data))
+        runner.register_message(
+            PLAN_MESSAGE, lambda environment, msg, **_: _receive_plan(environment, msg.data)
+        )
     else:
         environment.flashsale_conductor = Conductor(environment)  # type: ignore[attr-defined]
         if isinstance(runner, MasterRunner):
             runner.register_message(
                 REPORT_MESSAGE,
-                lambda environment, msg, **_: environment.flashsale_conductor.collector.absorb(msg.data)
-                if environment.flashsale_conductor.collector is not None else None,
+                lambda environment, msg, **_: (
+                    environment.flashsale_conductor.collector.absorb(msg.data)
+                    if environment.flashsale_conductor.collector is not None
+                    else None
+                ),
             )
 
 
@@ -596,8 +809,10 @@ class DrillShape(LoadTestShape):
             opt: Any = env.parsed_options
             limit = opt.lead + conductor.shape.duration_s + opt.drain + 30
             if self.get_run_time() > limit:  # type: ignore[no-untyped-call]
-                log.warning("the drill ran %.0f s (shape, lead, drain and 30 s) without every process finishing; stopping",
-                            limit)
+                log.warning(
+                    "the drill ran %.0f s (shape, lead, drain and 30 s) without every process finishing; stopping",
+                    limit,
+                )
                 return None
         n = self.runner.worker_count if isinstance(self.runner, MasterRunner) else 1
         return (max(n, 1), float(max(n, 1)))

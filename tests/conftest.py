@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from redis.asyncio import Redis
+from redis_mode import on_cluster, redis_from_url
 
 from flashsale.embedded import EmbeddedStack
-from redis_mode import on_cluster, redis_from_url
 
 ALLOW_FLUSH_ENV = "FLASHSALE_TEST_ALLOW_FLUSH"
 
@@ -127,8 +127,14 @@ def pipeline_sale(text_redis: Redis):  # type: ignore[no-untyped-def]
     registers it in ``fs:sales`` (where the worker finds it) and returns its Inventory."""
     from inventory import Inventory
 
-    async def make(sale: str = "d11", stock: dict[str, int] | None = None, *, reserve: int = 0,
-                   limit: int = 0, hold_ttl: float = 1800.0) -> Inventory:  # fmt: skip
+    async def make(
+        sale: str = "d11",
+        stock: dict[str, int] | None = None,
+        *,
+        reserve: int = 0,
+        limit: int = 0,
+        hold_ttl: float = 1800.0,
+    ) -> Inventory:
         inv = Inventory(text_redis, sale, hold_ttl=hold_ttl)
         for sku, units in (stock or {"phone": 100}).items():
             await inv.stock(sku, units, reserve=reserve, limit_per_user=limit)
@@ -150,8 +156,15 @@ def writer_running(text_redis: Redis, pipeline_pool, redis_url: str, pipeline_db
 
     @contextlib.asynccontextmanager
     async def running(pool=None, **overrides):  # type: ignore[no-untyped-def]
-        settings = WorkerSettings(redis_url=redis_url, database_url=pipeline_db_url, consumer="w1", block_ms=20,
-                                  linger_ms=0, sales_refresh_s=0.05, progress_interval_s=0)  # fmt: skip
+        settings = WorkerSettings(
+            redis_url=redis_url,
+            database_url=pipeline_db_url,
+            consumer="w1",
+            block_ms=20,
+            linger_ms=0,
+            sales_refresh_s=0.05,
+            progress_interval_s=0,
+        )
         settings = dataclasses.replace(settings, **overrides)
         writer = OrderWriter(text_redis, pool or pipeline_pool, settings)
         task = asyncio.ensure_future(writer.run())
@@ -164,7 +177,9 @@ def writer_running(text_redis: Redis, pipeline_pool, redis_url: str, pipeline_db
     return running
 
 
-async def wait_until_drained(redis: Redis, sales: list[str], timeout: float = 30.0, prefix: str = "fs") -> None:
+async def wait_until_drained(
+    redis: Redis, sales: list[str], timeout: float = 30.0, prefix: str = "fs"
+) -> None:
     """Wait until every entry of the sales' streams is committed (pipeline tests)."""
     import asyncio
     import time
@@ -199,7 +214,9 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    return "redis: " + ("embedded Redis Cluster, 3 masters (FLASHSALE_TEST_REDIS=cluster)" if on_cluster() else "one server")
+    return "redis: " + (
+        "embedded Redis Cluster, 3 masters (FLASHSALE_TEST_REDIS=cluster)" if on_cluster() else "one server"
+    )
 
 
 @pytest.fixture(scope="session")

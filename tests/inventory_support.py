@@ -16,6 +16,7 @@ from contextlib import asynccontextmanager
 from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis_mode import CappedCluster, on_cluster
 
 from inventory import (
     HoldCancelled,
@@ -26,7 +27,6 @@ from inventory import (
     SaleKeys,
     SoldOut,
 )
-from redis_mode import CappedCluster, on_cluster
 
 CLOSING_EVENTS = {"paid": "confirmed", "cancelled": "released", "expired": "expired"}
 HOLD_EVENTS = {"reserved", *CLOSING_EVENTS.values()}
@@ -105,10 +105,7 @@ def _text(value: bytes | str) -> str:
 
 async def events(client: Redis, keys: SaleKeys) -> list[dict[str, str]]:
     """The sale's event stream, oldest first, fields decoded."""
-    return [
-        {_text(k): _text(v) for k, v in fields.items()}
-        for _, fields in await client.xrange(keys.events)
-    ]
+    return [{_text(k): _text(v) for k, v in fields.items()} for _, fields in await client.xrange(keys.events)]
 
 
 async def hold_records(client: Redis, keys: SaleKeys) -> dict[str, dict[str, Any]]:

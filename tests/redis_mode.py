@@ -21,7 +21,15 @@ import pytest
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
-__all__ = ["REDIS_MODE_ENV", "CappedCluster", "on_cluster", "redis_from_url", "single_server_only", "command_stats", "command_calls"]
+__all__ = [
+    "REDIS_MODE_ENV",
+    "CappedCluster",
+    "on_cluster",
+    "redis_from_url",
+    "single_server_only",
+    "command_stats",
+    "command_calls",
+]
 
 REDIS_MODE_ENV = "FLASHSALE_TEST_REDIS"
 _MODES = ("single", "cluster")

@@ -24,14 +24,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis_mode import command_calls as command_calls  # re-exported: tests import it from here
+from redis_mode import on_cluster
 
 from flashsale.app import create_app
-from inventory import SaleKeys
 from flashsale.settings import Settings
 from flashsale.state import STATE, ServiceState
 from flashsale.tokens import mint
-from redis_mode import command_calls as command_calls  # re-exported: tests import it from here
-from redis_mode import on_cluster
+from inventory import SaleKeys
 
 TOKEN_SECRET = "service-tests-token-secret"
 ADMIN_TOKEN = "service-tests-admin-token"
@@ -57,12 +57,14 @@ def service_settings(redis_url: str, **overrides: Any) -> Settings:
     return replace(base, **overrides)
 
 
-
 def buyer(
     user: str, *, member: bool = False, ttl_s: int = 3600, extra: dict[str, str] | None = None
 ) -> dict[str, str]:
     """Headers of a signed-in buyer (plus ``extra`` headers)."""
-    return {"Authorization": f"Bearer {mint(TOKEN_SECRET, user, ttl_s=ttl_s, member=member)}", **(extra or {})}
+    return {
+        "Authorization": f"Bearer {mint(TOKEN_SECRET, user, ttl_s=ttl_s, member=member)}",
+        **(extra or {}),
+    }
 
 
 def new_id(tag: str) -> str:
@@ -130,9 +132,13 @@ class Service:
             body["lines"] = lines
         else:
             body.update(sku=sku, qty=qty)
-        return await self.client.post("/api/orders", json=body, headers=buyer(user, member=member, extra=headers))
+        return await self.client.post(
+            "/api/orders", json=body, headers=buyer(user, member=member, extra=headers)
+        )
 
-    async def raw(self, method: str, path: str, headers: dict[str, bytes], body: bytes = b"") -> tuple[int, Any]:
+    async def raw(
+        self, method: str, path: str, headers: dict[str, bytes], body: bytes = b""
+    ) -> tuple[int, Any]:
         """One request written byte for byte (header values any bytes, even not UTF-8,
         which no HTTP client library sends): the status and the JSON body."""
         reader, writer = await asyncio.open_connection(self.client.host, self.client.port)
@@ -161,7 +167,9 @@ async def expect_json(resp: ClientResponse, status: int, error: str | None = Non
     """The JSON body of ``resp``, asserting its status (and error code); the message
     names the body so a failure shows what the service said."""
     text = await resp.text()
-    assert resp.status == status, f"{resp.method} {resp.url.path}: expected {status}, got {resp.status}: {text}"
+    assert resp.status == status, (
+        f"{resp.method} {resp.url.path}: expected {status}, got {resp.status}: {text}"
+    )
     assert resp.content_type == "application/json", f"{resp.url.path}: {resp.content_type}: {text}"
     body = json.loads(text)
     if error is not None:
@@ -271,7 +279,9 @@ class FrozenRedis:
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline:
             for url in sorted(awake):
-                probe = Redis.from_url(url, socket_timeout=0.05, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0))
+                probe = Redis.from_url(
+                    url, socket_timeout=0.05, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+                )
                 try:
                     await probe.ping()
                 except Exception:  # no answer: asleep

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis_mode import redis_from_url
 
 from flashsale.audit import KINDS, SCHEMA, AuditReport, run_audit
 from flashsale.worker import dead_letter_key
 from inventory import Inventory, Line
-from redis_mode import redis_from_url
 
 STOCK = {"phone": 60, "case": 200}
 
@@ -35,10 +35,14 @@ class Sale:
 
 
 @pytest.fixture
-async def sale(text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, writer_running: Any, drained: Any) -> Sale:
+async def sale(
+    text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, writer_running: Any, drained: Any
+) -> Sale:
     inv = await pipeline_sale("d11", STOCK, reserve=10, limit=2)
     holds = [await inv.reserve("alice", [Line("phone", 2), Line("case", 1)], request_id="a1")]
-    holds += await asyncio.gather(*(inv.reserve(f"u{i}", [Line("phone", 1)], request_id=f"r{i}") for i in range(30)))
+    holds += await asyncio.gather(
+        *(inv.reserve(f"u{i}", [Line("phone", 1)], request_id=f"r{i}") for i in range(30))
+    )
     await inv.confirm(holds[0].hold_id)
     for h in holds[1:5]:
         await inv.confirm(h.hold_id)
@@ -75,7 +79,12 @@ async def test_a_clean_run_is_clean(sale: Sale, audit: Audit) -> None:
     report = await audit(acknowledged=sale.ids)
     assert report.ok, report.table()
     assert report.drained and kinds(report) == {}
-    assert report.counts == {"holds_in_redis": 32, "orders_in_postgresql": 32, "acknowledged": 32, "dead_letters": 0}
+    assert report.counts == {
+        "holds_in_redis": 32,
+        "orders_in_postgresql": 32,
+        "acknowledged": 32,
+        "dead_letters": 0,
+    }
     rows = {s.sku: s for s in report.skus}
     phone = rows["phone"]
     assert (phone.total, phone.reserve, phone.sold, phone.held, phone.available) == (60, 6, 6, 21, 27)
@@ -99,11 +108,15 @@ async def _plant(sale: Sale, redis: Redis, pool: Any, what: str) -> None:
     elif what == "duplicate_row_for_a_request":
         await pool.execute(
             "INSERT INTO orders SELECT 'd11.twin', sale, user_id, request_id, status, status_rank, created_at, pay_by,"
-            " status_at, written_at, last_stream_id FROM orders WHERE order_id = $1", sale.held.hold_id)  # fmt: skip
+            " status_at, written_at, last_stream_id FROM orders WHERE order_id = $1",
+            sale.held.hold_id,
+        )
     elif what == "status_differs":
         await pool.execute("UPDATE orders SET status = 'cancelled' WHERE order_id = $1", sale.paid.hold_id)
     elif what == "lines_differ":
-        await pool.execute("UPDATE order_lines SET qty = 1 WHERE order_id = $1 AND sku = 'phone'", sale.paid.hold_id)
+        await pool.execute(
+            "UPDATE order_lines SET qty = 1 WHERE order_id = $1 AND sku = 'phone'", sale.paid.hold_id
+        )
     elif what == "limit_lowered_below_holdings":
         await redis.hset(stock, "phone:limit", 1)
     elif what == "units_vanished":
@@ -116,7 +129,9 @@ async def _plant(sale: Sale, redis: Redis, pool: Any, what: str) -> None:
     elif what == "restock_missing_in_postgres":
         await pool.execute("DELETE FROM stock_events WHERE type = 'restocked'")
     elif what == "dead_letter":
-        await redis.xadd(dead_letter_key("fs", "d11"), {"type": "reserved", "dead_error": "DataError: planted"})
+        await redis.xadd(
+            dead_letter_key("fs", "d11"), {"type": "reserved", "dead_error": "DataError: planted"}
+        )
     elif what == "second_hold_for_a_request":
         record = await redis.hget(inv.keys.holds, sale.held.hold_id)
         await redis.hset(inv.keys.holds, "d11.twin", record)
@@ -165,8 +180,13 @@ async def test_details_name_the_order_sku_and_units(
     assert by_kind["oversold"].sku == "phone" and by_kind["oversold"].units == (6 + 100) + 21 - 60
     assert by_kind["lost"].order_id == sale.held.hold_id and by_kind["lost"].where == "postgresql"
     breach = [v for v in report.violations if v.kind == "limit_breach"]
-    assert {(v.where, v.units) for v in breach} == {("redis", 1), ("postgresql", 1)}  # alice: 2 phones, limit 1
-    assert all(sale.held.hold_id in line for line in report.table().splitlines() if line.strip().startswith("lost"))
+    assert {(v.where, v.units) for v in breach} == {
+        ("redis", 1),
+        ("postgresql", 1),
+    }  # alice: 2 phones, limit 1
+    assert all(
+        sale.held.hold_id in line for line in report.table().splitlines() if line.strip().startswith("lost")
+    )
 
 
 async def test_acknowledged_orders_missing_anywhere_are_lost(sale: Sale, audit: Audit) -> None:
@@ -198,15 +218,22 @@ async def test_an_undrained_stream_is_reported(sale: Sale, text_redis: Redis, au
     assert "NO after" in report.table()
 
 
-def test_cli_exit_codes_and_json(sale: Sale, text_redis: Redis, pipeline_db_url: str, redis_url: str, tmp_path: Path) -> None:
+def test_cli_exit_codes_and_json(
+    sale: Sale, text_redis: Redis, pipeline_db_url: str, redis_url: str, tmp_path: Path
+) -> None:
     env = {**os.environ, "FLASHSALE_REDIS_URL": redis_url, "FLASHSALE_DATABASE_URL": pipeline_db_url}
     ack = tmp_path / "ack.txt"
     ack.write_text("\n".join(sale.ids) + "\n")
     out = tmp_path / "audit.json"
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flashsale", "audit", "--wait", "2", *args], env=env,
-                              capture_output=True, text=True, timeout=60)  # fmt: skip
+        return subprocess.run(
+            [sys.executable, "-m", "flashsale", "audit", "--wait", "2", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
 
     clean = run("--json", str(out), "--acknowledged", str(ack), "--sale", "d11")
     assert clean.returncode == 0, clean.stdout + clean.stderr
@@ -221,8 +248,13 @@ def test_cli_exit_codes_and_json(sale: Sale, text_redis: Redis, pipeline_db_url:
     doc = json.loads(out.read_text())
     assert doc["ok"] is False and doc["violations_by_kind"]["leaked"] >= 1
 
-    missing = subprocess.run([sys.executable, "-m", "flashsale", "audit"], capture_output=True, text=True, timeout=60,
-                             env={k: v for k, v in env.items() if k != "FLASHSALE_DATABASE_URL"})  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, "-m", "flashsale", "audit"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in env.items() if k != "FLASHSALE_DATABASE_URL"},
+    )
     assert missing.returncode == 2 and "FLASHSALE_DATABASE_URL" in missing.stderr
 
 
@@ -234,8 +266,9 @@ async def _tamper(redis_url: str, stock_key: str) -> None:
         await redis.aclose()
 
 
-
-async def test_a_bytes_client_gives_the_same_report(sale: Sale, redis_client: Redis, pipeline_pool: Any, audit: Audit) -> None:
+async def test_a_bytes_client_gives_the_same_report(
+    sale: Sale, redis_client: Redis, pipeline_pool: Any, audit: Audit
+) -> None:
     """The service's client returns bytes (the admin audit endpoint passes it as it is)."""
     await pipeline_pool.execute("DELETE FROM orders WHERE order_id = $1", sale.held.hold_id)
     decoded = await audit(acknowledged=sale.ids)

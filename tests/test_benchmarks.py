@@ -32,18 +32,28 @@ CHECK_THEN_ACT = "Redis GET then DECR (client check-then-act)"
 pytestmark = pytest.mark.timeout(900)
 
 
-def _bench(stack: EmbeddedStack, tmp: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+def _bench(
+    stack: EmbeddedStack, tmp: Path, *args: str
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
     out = tmp / f"bench-{len(list(tmp.iterdir()))}.json"
     done = subprocess.run(
         [sys.executable, "-m", "benchmarks", "--quick", "--json", str(out), *args],
-        cwd=ROOT, env={**os.environ, **stack.environ()}, capture_output=True, text=True, timeout=850,
-    )  # fmt: skip
-    assert out.exists(), f"no JSON written (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+        cwd=ROOT,
+        env={**os.environ, **stack.environ()},
+        capture_output=True,
+        text=True,
+        timeout=850,
+    )
+    assert out.exists(), (
+        f"no JSON written (exit {done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    )
     return done, json.loads(out.read_text())
 
 
 @pytest.fixture(scope="module")
-def quick(embedded_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, dict[str, Any]]:
+def quick(
+    embedded_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Any, dict[str, Any]]:
     return _bench(embedded_stack, tmp_path_factory.mktemp("bench"))
 
 
@@ -65,7 +75,9 @@ def test_the_machine_is_described(quick: tuple[Any, dict[str, Any]]) -> None:
     assert machine["redis"]["version"] and machine["postgresql"]["version"]
 
 
-def test_every_strategy_ran_until_sold_out_with_the_same_concurrency(quick: tuple[Any, dict[str, Any]]) -> None:
+def test_every_strategy_ran_until_sold_out_with_the_same_concurrency(
+    quick: tuple[Any, dict[str, Any]],
+) -> None:
     figures = _section(quick[1], "strategies")
     assert len(figures) == 6
     assert len({f["clients"] for f in figures}) == 1 and figures[0]["clients"] >= 8
@@ -99,11 +111,17 @@ def test_check_then_act_oversells_and_is_shown_as_wrong(
             break
         attempts += 1
         done, report = _bench(embedded_stack, tmp_path, "--only", "strategies")
-    assert figure["oversold"] > 0, f"check-then-act did not oversell in {attempts} runs with {figure['clients']} clients"
+    assert figure["oversold"] > 0, (
+        f"check-then-act did not oversell in {attempts} runs with {figure['clients']} clients"
+    )
     assert figure["granted"] - figure["stock"] == figure["oversold"]
     assert figure["store_granted"] == figure["granted"]  # the counter in Redis went below zero
     assert figure["wrong"] and figure["ratio"] is None
-    row = next(line for line in done.stdout.splitlines() if line.startswith("| strategies") and CHECK_THEN_ACT in line)
+    row = next(
+        line
+        for line in done.stdout.splitlines()
+        if line.startswith("| strategies") and CHECK_THEN_ACT in line
+    )
     assert f"({figure['rate']:,.0f})" in row and "wrong, not fast" in row and "OVERSOLD" in row
     assert done.returncode == 0  # an oversell it never denied is not a failure of the run
 
@@ -120,10 +138,14 @@ def test_every_figure_reports_its_generator_cpu(quick: tuple[Any, dict[str, Any]
     lines = quick[0].stdout.splitlines()
     for name, n in bound.items():
         marked = sum(1 for line in lines if name in line and "SATURATED" in line)
-        assert marked >= n, f"{n} saturated figure(s) named {name!r}, {marked} marked in:\n" + "\n".join(lines)
+        assert marked >= n, f"{n} saturated figure(s) named {name!r}, {marked} marked in:\n" + "\n".join(
+            lines
+        )
 
 
-def test_the_library_is_measured_beside_one_raw_lua_call_per_reservation(quick: tuple[Any, dict[str, Any]]) -> None:
+def test_the_library_is_measured_beside_one_raw_lua_call_per_reservation(
+    quick: tuple[Any, dict[str, Any]],
+) -> None:
     figures = {f["name"]: f for f in _section(quick[1], "inventory")}
     raw = figures["raw EVALSHA, one per reservation"]
     for name in ("library, coalesced", "library, coalesce=False"):
@@ -136,7 +158,9 @@ def test_the_library_is_measured_beside_one_raw_lua_call_per_reservation(quick: 
         assert any(n.startswith("Redis CPU ") and n.endswith(" µs per reservation") for n in f["notes"])
 
 
-def test_the_redis_ceiling_is_measured_with_the_engine_as_a_share_of_it(quick: tuple[Any, dict[str, Any]]) -> None:
+def test_the_redis_ceiling_is_measured_with_the_engine_as_a_share_of_it(
+    quick: tuple[Any, dict[str, Any]],
+) -> None:
     figures = _section(quick[1], "ceilings")
     depths = {f["name"] for f in figures}
     assert depths == {"raw EVALSHA, pipeline 1", "raw EVALSHA, pipeline 16"}
@@ -171,24 +195,45 @@ def test_a_broken_claim_or_a_miscount_fails_the_run() -> None:
     honest_race = Figure(**base, claim=Claim.MAY_OVERSELL, granted=12, oversold=2, store_granted=12)
     assert check_claims([honest_race]) == []
     assert check_claims([Figure(**base, claim=Claim.EXACT, granted=11, oversold=1, store_granted=11)])
-    assert check_claims([Figure(**base, claim=Claim.EXACT, granted=9, oversold=0, store_granted=9)])  # stranded
+    assert check_claims(
+        [Figure(**base, claim=Claim.EXACT, granted=9, oversold=0, store_granted=9)]
+    )  # stranded
     assert check_claims([Figure(**base, claim=Claim.EXACT, granted=10, oversold=0, store_granted=11)])  # lost
     assert check_claims([Figure(**base, claim=Claim.EXACT, granted=10, oversold=0, store_granted=10)]) == []
 
 
-def test_a_benchmark_module_runs_alone_as_the_docs_show(embedded_stack: EmbeddedStack, tmp_path: Path) -> None:
+def test_a_benchmark_module_runs_alone_as_the_docs_show(
+    embedded_stack: EmbeddedStack, tmp_path: Path
+) -> None:
     out = tmp_path / "inventory.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.inventory_bench", "--quick", "--seconds", "0.5", "--json", str(out)],
-        cwd=ROOT, env={**os.environ, **embedded_stack.environ()}, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.inventory_bench",
+            "--quick",
+            "--seconds",
+            "0.5",
+            "--json",
+            str(out),
+        ],
+        cwd=ROOT,
+        env={**os.environ, **embedded_stack.environ()},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert {f["section"] for f in json.loads(out.read_text())["figures"]} == {"inventory"}
 
 
 def test_an_unknown_benchmark_name_is_refused_with_the_list() -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks", "--only", "nope"], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "benchmarks", "--only", "nope"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 2
     assert "unknown benchmark nope" in done.stderr and "strategies" in done.stderr

@@ -20,8 +20,11 @@ async def _strand(redis: Redis, inv: BucketedInventory, units: int, age_s: float
     """What a process killed between the donor's write-off and the target's add leaves."""
     source, target = inv.buckets
     xfer = f"crash{int(time.time() * 1000)}"
-    await redis.hset(target.keys.transfers, xfer,
-                     json.dumps({"from": source.sale, "sku": "hot", "units": units, "at": time.time() - age_s}))
+    await redis.hset(
+        target.keys.transfers,
+        xfer,
+        json.dumps({"from": source.sale, "sku": "hot", "units": units, "at": time.time() - age_s}),
+    )
     await source._mutate("adjust", source._stock_keys, ["hot", -units, f"xo-{xfer}"], "hot")
     return xfer
 
@@ -56,7 +59,9 @@ async def test_a_young_intent_is_left_to_the_process_making_it(redis_client: Red
     assert await inv.in_transit() == 10  # may still be in flight: not touched
 
 
-async def test_the_audit_reports_units_stranded_between_buckets(redis_client: Redis, pipeline_pool: Any) -> None:
+async def test_the_audit_reports_units_stranded_between_buckets(
+    redis_client: Redis, pipeline_pool: Any
+) -> None:
     inv = BucketedInventory(redis_client, "drop", 2)
     await inv.stock("hot", 100)
     await _register(redis_client, inv)

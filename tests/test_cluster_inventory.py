@@ -126,8 +126,11 @@ async def test_a_transfer_cut_after_the_donor_write_off_is_settled(rc: RedisClus
     source, target = inv.buckets
     # A process died between step 2 (write-off at the donor) and step 3 (add at the target).
     xfer = "deadbeef"
-    await rc.hset(target.keys.transfers, xfer,
-                  json.dumps({"from": source.sale, "sku": "hot", "units": 20, "at": time.time() - 60}))
+    await rc.hset(
+        target.keys.transfers,
+        xfer,
+        json.dumps({"from": source.sale, "sku": "hot", "units": 20, "at": time.time() - 60}),
+    )
     await source._mutate("adjust", source._stock_keys, ["hot", -20, f"xo-{xfer}"], "hot")
     stranded = await inv.snapshot("hot")
     assert stranded is not None and stranded.total == 80 and await inv.in_transit() == 20
@@ -145,8 +148,11 @@ async def test_an_intent_whose_write_off_never_happened_is_dropped(rc: RedisClus
     inv = BucketedInventory(rc, "d11", 2)
     await inv.stock("hot", 100)
     source, target = inv.buckets
-    await rc.hset(target.keys.transfers, "cafe",
-                  json.dumps({"from": source.sale, "sku": "hot", "units": 20, "at": time.time() - 60}))
+    await rc.hset(
+        target.keys.transfers,
+        "cafe",
+        json.dumps({"from": source.sale, "sku": "hot", "units": 20, "at": time.time() - 60}),
+    )
     assert await inv.settle_transfers() == 1
     snap = await inv.snapshot("hot")
     assert snap is not None and snap.total == 100 and snap.available == 100

@@ -55,7 +55,9 @@ async def rc(redis_cluster_server: RedisClusterServer) -> AsyncIterator[RedisClu
 
 
 @pytest.fixture
-def cluster_service(start_service: ServiceFactory, redis_cluster_server: RedisClusterServer, rc: RedisCluster):  # type: ignore[no-untyped-def]
+def cluster_service(
+    start_service: ServiceFactory, redis_cluster_server: RedisClusterServer, rc: RedisCluster
+):  # type: ignore[no-untyped-def]
     """``await cluster_service(**settings)``: one more service process on the cluster."""
 
     async def start(**overrides: Any) -> Service:
@@ -65,8 +67,9 @@ def cluster_service(start_service: ServiceFactory, redis_cluster_server: RedisCl
 
 
 @pytest.fixture
-def worker_process(redis_cluster_server: RedisClusterServer, pipeline_pool: Any, pipeline_db_url: str,
-                   tmp_path: Path) -> Iterator[subprocess.Popen[bytes]]:  # fmt: skip
+def worker_process(
+    redis_cluster_server: RedisClusterServer, pipeline_pool: Any, pipeline_db_url: str, tmp_path: Path
+) -> Iterator[subprocess.Popen[bytes]]:
     """``python -m flashsale.pipeline_cli worker`` on the cluster and the test's (migrated)
     schema, writer and sweeper; its log is in ``tmp_path / "worker.log"``."""
     env = {
@@ -80,8 +83,12 @@ def worker_process(redis_cluster_server: RedisClusterServer, pipeline_pool: Any,
         "FLASHSALE_SWEEPER_INTERVAL_MS": "50",
     }
     with (tmp_path / "worker.log").open("wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "flashsale.pipeline_cli", "worker"], env=env,
-                                stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "flashsale.pipeline_cli", "worker"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         yield proc
     finally:
@@ -111,14 +118,23 @@ async def wait_for(check: Any, timeout: float, what: str) -> None:
 
 
 async def test_sales_sell_out_drain_from_every_shard_and_audit_clean(
-    cluster_service: ServiceFactory, rc: RedisCluster, worker_process: subprocess.Popen[bytes], pipeline_pool: Any,
-    redis_cluster_server: RedisClusterServer, pipeline_db_url: str, tmp_path: Path,
-) -> None:  # fmt: skip
+    cluster_service: ServiceFactory,
+    rc: RedisCluster,
+    worker_process: subprocess.Popen[bytes],
+    pipeline_pool: Any,
+    redis_cluster_server: RedisClusterServer,
+    pipeline_db_url: str,
+    tmp_path: Path,
+) -> None:
     service = await cluster_service(database_url=pipeline_db_url)
     plain, plain_sku = new_id("plain"), new_id("sku")
     hot, hot_sku = sale_on_every_shard(rc, "hot", 3), new_id("sku")
-    await service.create_sale([{"sku": plain_sku, "stock": 40, "limit_per_user": 1}], sale=plain, hold_ttl_s=2.0)
-    await service.create_sale([{"sku": hot_sku, "stock": 60, "limit_per_user": 1}], sale=hot, buckets=3, hold_ttl_s=2.0)
+    await service.create_sale(
+        [{"sku": plain_sku, "stock": 40, "limit_per_user": 1}], sale=plain, hold_ttl_s=2.0
+    )
+    await service.create_sale(
+        [{"sku": hot_sku, "stock": 60, "limit_per_user": 1}], sale=hot, buckets=3, hold_ttl_s=2.0
+    )
 
     # 150 buyers each try one unit of both SKUs at once, then once more (the limit is 1).
     async def buy(user: str, sku: str) -> tuple[int, dict[str, Any]]:
@@ -127,12 +143,20 @@ async def test_sales_sell_out_drain_from_every_shard_and_audit_clean(
 
     attempts = [(f"u{i}", sku) for _ in range(2) for i in range(150) for sku in (plain_sku, hot_sku)]
     answers = await asyncio.gather(*(buy(user, sku) for user, sku in attempts))
-    created = {sku: [body["order_id"] for (_, s), (status, body) in zip(attempts, answers) if s == sku and status == 201]
-               for sku in (plain_sku, hot_sku)}  # fmt: skip
+    created = {
+        sku: [
+            body["order_id"]
+            for (_, s), (status, body) in zip(attempts, answers)
+            if s == sku and status == 201
+        ]
+        for sku in (plain_sku, hot_sku)
+    }
     assert {s for s, _ in answers} <= {201, 409}, Counter(s for s, _ in answers)
     assert (len(created[plain_sku]), len(created[hot_sku])) == (40, 60), "each unit sold once, none twice"
     assert {body["error"] for status, body in answers if status == 409} <= {"sold_out", "limit_exceeded"}
-    assert {o.split(".")[0] for o in created[hot_sku]} == {f"{hot}-b{k}" for k in range(3)}, "orders on every shard"
+    assert {o.split(".")[0] for o in created[hot_sku]} == {f"{hot}-b{k}" for k in range(3)}, (
+        "orders on every shard"
+    )
     for sale, sku in ((plain, plain_sku), (hot, hot_sku)):
         counters = await service.sku_counters(sale, sku)
         assert (counters["available"], counters["held"]) == (0, counters["total"])
@@ -143,7 +167,9 @@ async def test_sales_sell_out_drain_from_every_shard_and_audit_clean(
     for i, order_id in enumerate(orders):
         if i % 3 < 2:
             action = "pay" if i % 3 == 0 else "cancel"
-            resp = await service.client.post(f"/api/orders/{order_id}/{action}", headers=buyer(owner[order_id]))
+            resp = await service.client.post(
+                f"/api/orders/{order_id}/{action}", headers=buyer(owner[order_id])
+            )
             await expect_json(resp, 200)
 
     async def lapsed() -> bool:
@@ -163,18 +189,40 @@ async def test_sales_sell_out_drain_from_every_shard_and_audit_clean(
     for r in rows:
         by_status[r["status"]] += r["n"]
     paid, cancelled = len(orders[0::3]), len(orders[1::3])
-    assert dict(by_status) == {"paid": paid, "cancelled": cancelled, "expired": len(orders) - paid - cancelled}
+    assert dict(by_status) == {
+        "paid": paid,
+        "cancelled": cancelled,
+        "expired": len(orders) - paid - cancelled,
+    }
     assert {r["sale"] for r in rows} == set(engine_sales), "every bucket's stream reached PostgreSQL"
 
     ack = tmp_path / "acknowledged.json"
     ack.write_text(json.dumps(orders))
-    env = {**os.environ, "FLASHSALE_REDIS_URL": redis_cluster_server.url, "FLASHSALE_REDIS_CLUSTER": "1",
-           "FLASHSALE_DATABASE_URL": pipeline_db_url}  # fmt: skip
+    env = {
+        **os.environ,
+        "FLASHSALE_REDIS_URL": redis_cluster_server.url,
+        "FLASHSALE_REDIS_CLUSTER": "1",
+        "FLASHSALE_DATABASE_URL": pipeline_db_url,
+    }
     audit = await asyncio.to_thread(
-        subprocess.run, [sys.executable, "-m", "flashsale.pipeline_cli", "audit", "--wait", "10", "--json", "-",
-                         "--acknowledged", str(ack)],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
+        subprocess.run,
+        [
+            sys.executable,
+            "-m",
+            "flashsale.pipeline_cli",
+            "audit",
+            "--wait",
+            "10",
+            "--json",
+            "-",
+            "--acknowledged",
+            str(ack),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert audit.returncode == 0, audit.stdout + audit.stderr
     report = json.loads(audit.stdout)
     assert report["ok"] and report["drain"]["drained"]
@@ -213,11 +261,20 @@ async def test_streams_sharing_a_slot_are_drained_with_the_rest(
         for u in range(3 + i):
             await inv.reserve(f"u{u}", "phone", request_id=f"r{u}")
         await rc.sadd(f"{PREFIX}:sales", name)
-    settings = WorkerSettings(redis_url=redis_cluster_server.url, redis_cluster=True, database_url=pipeline_db_url,
-                              consumer="slot-w1", block_ms=20, linger_ms=0, sales_refresh_s=0.05, progress_interval_s=0)  # fmt: skip
+    settings = WorkerSettings(
+        redis_url=redis_cluster_server.url,
+        redis_cluster=True,
+        database_url=pipeline_db_url,
+        consumer="slot-w1",
+        block_ms=20,
+        linger_ms=0,
+        sales_refresh_s=0.05,
+        progress_interval_s=0,
+    )
     writer = OrderWriter(rc, pipeline_pool, settings)
     task = asyncio.ensure_future(writer.run())
     try:
+
         async def drained() -> bool:
             return all([await stream_drained(rc, events_key(PREFIX, s)) for s in sales])
 
@@ -229,7 +286,9 @@ async def test_streams_sharing_a_slot_are_drained_with_the_rest(
     assert rows == {name: 3 + i for i, name in enumerate(sales)}
 
 
-async def test_stats_and_war_room_answer_on_the_cluster(cluster_service: ServiceFactory, rc: RedisCluster) -> None:
+async def test_stats_and_war_room_answer_on_the_cluster(
+    cluster_service: ServiceFactory, rc: RedisCluster
+) -> None:
     service = await cluster_service()
     sale, sku = sale_on_every_shard(rc, "room", 3), new_id("sku")
     await service.create_sale([{"sku": sku, "stock": 30}], sale=sale, buckets=3, hold_ttl_s=30.0)
@@ -248,7 +307,9 @@ async def test_stats_and_war_room_answer_on_the_cluster(cluster_service: Service
     assert room["sales"][sale]["holds_lapsing"] == 12 and room["sales"][sale]["holds_overdue"] == 0
     assert await rc.llen("{fs:warroom}:history") >= 1, "a sample was recorded (one MULTI in one slot)"
 
-    closed = await service.client.post(f"/api/admin/warroom/sales/{sale}/close", headers={**ADMIN, "X-Operator": "ops"})
+    closed = await service.client.post(
+        f"/api/admin/warroom/sales/{sale}/close", headers={**ADMIN, "X-Operator": "ops"}
+    )
     await expect_json(closed, 200)
     entry_id = closed.headers["X-Operator-Log"].split(";")[0]
     log = await expect_json(await service.client.get("/api/admin/warroom/log", headers=ADMIN), 200)
@@ -257,7 +318,9 @@ async def test_stats_and_war_room_answer_on_the_cluster(cluster_service: Service
     assert f'flashsale_holds_pending{{sale="{sale}"}} 12.0' in metrics
 
 
-async def test_a_fresh_service_process_takes_a_burst_at_once(cluster_service: ServiceFactory, rc: RedisCluster) -> None:
+async def test_a_fresh_service_process_takes_a_burst_at_once(
+    cluster_service: ServiceFactory, rc: RedisCluster
+) -> None:
     """A replica started just before T0 meets its first requests all at once, for sales on
     every shard: none may fail because the process has not learned the slot map yet
     (redis-py 8.1 breaks commands that race a cold cluster client: before the service

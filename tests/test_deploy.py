@@ -65,8 +65,18 @@ SERVICE_METRICS = frozenset(
 #: Interpolated into the compose file; removed from the tool's environment so that only the
 #: env file the test names decides the result.
 COMPOSE_VARIABLES = re.compile(r"^(FLASHSALE_|POSTGRES_|GRAFANA_|REDIS_|LOCUST_|COMPOSE_)")
-COMPOSE_SECRETS = ("FLASHSALE_TOKEN_SECRET", "FLASHSALE_ADMIN_TOKEN", "POSTGRES_PASSWORD", "GRAFANA_ADMIN_PASSWORD")
-K8S_SECRET_KEYS = ("FLASHSALE_TOKEN_SECRET", "FLASHSALE_ADMIN_TOKEN", "FLASHSALE_DATABASE_URL", "POSTGRES_PASSWORD")
+COMPOSE_SECRETS = (
+    "FLASHSALE_TOKEN_SECRET",
+    "FLASHSALE_ADMIN_TOKEN",
+    "POSTGRES_PASSWORD",
+    "GRAFANA_ADMIN_PASSWORD",
+)
+K8S_SECRET_KEYS = (
+    "FLASHSALE_TOKEN_SECRET",
+    "FLASHSALE_ADMIN_TOKEN",
+    "FLASHSALE_DATABASE_URL",
+    "POSTGRES_PASSWORD",
+)
 #: Oldest Kubernetes the manifests promise to fit (autoscaling/v2, policy/v1 …), and the
 #: newest whose schemas kubernetes-validate bundles.
 K8S_VERSIONS = ("1.29.0", "latest")
@@ -97,7 +107,9 @@ def _yaml() -> ModuleType:
     return _module("yaml", "PyYAML")
 
 
-def _run(argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def _run(
+    argv: list[str], *, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=60, env=env, cwd=cwd, check=False)
 
 
@@ -131,16 +143,24 @@ def promtool() -> str:
 # ---------------------------------------------------------------- compose
 
 
-def _compose_config(tool: list[str], env_file: Path, compose_file: Path = COMPOSE_FILE) -> subprocess.CompletedProcess[str]:
+def _compose_config(
+    tool: list[str], env_file: Path, compose_file: Path = COMPOSE_FILE
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not COMPOSE_VARIABLES.match(k)}
-    return _run([*tool, "--env-file", str(env_file), "-f", str(compose_file), "config"], env=env, cwd=compose_file.parent)
+    return _run(
+        [*tool, "--env-file", str(env_file), "-f", str(compose_file), "config"],
+        env=env,
+        cwd=compose_file.parent,
+    )
 
 
 @pytest.fixture(scope="module")
 def compose(compose_tool: list[str]) -> dict[str, Any]:
     """The compose stack as the tool resolves it with .env.example's values."""
     result = _compose_config(compose_tool, COMPOSE_ENV_EXAMPLE)
-    assert result.returncode == 0, f"{' '.join(compose_tool)} config rejected {COMPOSE_FILE}:\n{result.stderr}"
+    assert result.returncode == 0, (
+        f"{' '.join(compose_tool)} config rejected {COMPOSE_FILE}:\n{result.stderr}"
+    )
     resolved: dict[str, Any] = _yaml().safe_load(result.stdout)
     return resolved
 
@@ -166,9 +186,16 @@ def _flag(argv: list[str], name: str) -> str:
 
 def test_compose_stack_validates_against_the_compose_schema(compose: dict[str, Any]) -> None:
     assert set(compose["services"]) == {
-        "redis", "postgres", "migrate", "service", "worker",
-        "locust-master", "locust-worker", "prometheus", "grafana",
-    }  # fmt: skip
+        "redis",
+        "postgres",
+        "migrate",
+        "service",
+        "worker",
+        "locust-master",
+        "locust-worker",
+        "prometheus",
+        "grafana",
+    }
 
 
 def test_compose_validation_rejects_an_unknown_key(compose_tool: list[str], tmp_path: Path) -> None:
@@ -190,7 +217,9 @@ def test_compose_refuses_to_start_without_secrets(compose_tool: list[str], tmp_p
     for secret in COMPOSE_SECRETS:
         uses = re.findall(r"\$\{" + secret + r"([^}]*)\}", text)
         assert uses, f"{secret} is not used"
-        assert all(use.startswith(":?") for use in uses), f"{secret} must be required (${{{secret}:?…}}), found {uses}"
+        assert all(use.startswith(":?") for use in uses), (
+            f"{secret} must be required (${{{secret}:?…}}), found {uses}"
+        )
 
 
 def test_env_example_secrets_are_marked_placeholders(env_example: dict[str, str]) -> None:
@@ -198,11 +227,17 @@ def test_env_example_secrets_are_marked_placeholders(env_example: dict[str, str]
         assert "CHANGE-ME" in env_example[secret]
 
 
-def test_compose_service_runs_replicas_with_a_health_check(compose: dict[str, Any], env_example: dict[str, str]) -> None:
+def test_compose_service_runs_replicas_with_a_health_check(
+    compose: dict[str, Any], env_example: dict[str, str]
+) -> None:
     service = compose["services"]["service"]
     argv = _argv(service["command"])
     assert argv[:2] == ["flashsale", "serve"]
-    assert _flag(argv, "--workers") == env_example["FLASHSALE_WORKERS"] == service["environment"]["FLASHSALE_WORKERS"]
+    assert (
+        _flag(argv, "--workers")
+        == env_example["FLASHSALE_WORKERS"]
+        == service["environment"]["FLASHSALE_WORKERS"]
+    )
     assert int(service["deploy"]["replicas"]) == int(env_example["FLASHSALE_SERVICE_REPLICAS"]) >= 2
     probe = " ".join(service["healthcheck"]["test"])
     assert f"127.0.0.1:{service['environment']['FLASHSALE_PORT']}/healthz" in probe
@@ -223,7 +258,10 @@ def test_compose_roles_run_their_commands(compose: dict[str, Any], env_example: 
     assert "--master" in master and "--worker" in worker
     assert _flag(worker, "--master-host") == "locust-master"
     target = urlsplit(_flag(master, "--host"))
-    assert (target.hostname, target.port) == ("service", int(services["service"]["environment"]["FLASHSALE_PORT"]))
+    assert (target.hostname, target.port) == (
+        "service",
+        int(services["service"]["environment"]["FLASHSALE_PORT"]),
+    )
     assert int(services["locust-worker"]["deploy"]["replicas"]) == int(env_example["LOCUST_WORKERS"])
 
 
@@ -233,7 +271,10 @@ def test_compose_flashsale_roles_share_image_and_settings(compose: dict[str, Any
     assert len({services[name]["image"] for name in (*roles, "locust-master", "locust-worker")}) == 1
     for name in roles:
         env = services[name]["environment"]
-        redis_url, database_url = urlsplit(env["FLASHSALE_REDIS_URL"]), urlsplit(env["FLASHSALE_DATABASE_URL"])
+        redis_url, database_url = (
+            urlsplit(env["FLASHSALE_REDIS_URL"]),
+            urlsplit(env["FLASHSALE_DATABASE_URL"]),
+        )
         assert redis_url.hostname == "redis" and redis_url.port == 6379
         assert database_url.hostname == "postgres" and database_url.port == 5432
         # The URL's password is the one PostgreSQL was initialised with.
@@ -254,7 +295,9 @@ def _published_host_ips(ports: list[Any]) -> Iterator[str]:
 
 
 def test_compose_publishes_ports_on_loopback_only(compose: dict[str, Any]) -> None:
-    published = {name: list(_published_host_ips(svc.get("ports", []))) for name, svc in compose["services"].items()}
+    published = {
+        name: list(_published_host_ips(svc.get("ports", []))) for name, svc in compose["services"].items()
+    }
     assert published["service"] and published["locust-master"] and published["grafana"]
     for name, host_ips in published.items():
         assert all(ip == "127.0.0.1" for ip in host_ips), f"{name} publishes on {host_ips}"
@@ -324,7 +367,9 @@ def test_prometheus_config_passes_promtool(promtool: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_prometheus_scrapes_every_service_replica(prometheus_config: dict[str, Any], compose: dict[str, Any]) -> None:
+def test_prometheus_scrapes_every_service_replica(
+    prometheus_config: dict[str, Any], compose: dict[str, Any]
+) -> None:
     jobs = {job["job_name"]: job for job in prometheus_config["scrape_configs"]}
     job = jobs["flashsale-service"]
     assert job.get("metrics_path", "/metrics") == "/metrics"
@@ -333,7 +378,9 @@ def test_prometheus_scrapes_every_service_replica(prometheus_config: dict[str, A
     assert sd["names"] == ["service"] and sd["type"] == "A"
     assert sd["port"] == int(compose["services"]["service"]["environment"]["FLASHSALE_PORT"])
     prometheus = compose["services"]["prometheus"]
-    config_path = next(a.split("=", 1)[1] for a in _argv(prometheus["command"]) if a.startswith("--config.file="))
+    config_path = next(
+        a.split("=", 1)[1] for a in _argv(prometheus["command"]) if a.startswith("--config.file=")
+    )
     assert _mount_source(prometheus, config_path) == PROMETHEUS_CONFIG
 
 
@@ -389,7 +436,9 @@ def test_grafana_provisioning_points_at_the_compose_prometheus(
     compose: dict[str, Any], prometheus_config: dict[str, Any], dashboard: dict[str, Any]
 ) -> None:
     yaml = _yaml()
-    (datasource,) = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/prometheus.yaml").read_text())["datasources"]
+    (datasource,) = yaml.safe_load((GRAFANA_DIR / "provisioning/datasources/prometheus.yaml").read_text())[
+        "datasources"
+    ]
     url = urlsplit(datasource["url"])
     assert (url.hostname, url.port) == ("prometheus", 9090) and "prometheus" in compose["services"]
     # $__rate_interval is computed from this: it must be the real scrape interval.
@@ -400,7 +449,9 @@ def test_grafana_provisioning_points_at_the_compose_prometheus(
     ]
     assert refs and all(ref == {"type": "prometheus", "uid": datasource["uid"]} for ref in refs)
 
-    (provider,) = yaml.safe_load((GRAFANA_DIR / "provisioning/dashboards/flashsale.yaml").read_text())["providers"]
+    (provider,) = yaml.safe_load((GRAFANA_DIR / "provisioning/dashboards/flashsale.yaml").read_text())[
+        "providers"
+    ]
     grafana = compose["services"]["grafana"]
     assert _mount_source(grafana, provider["options"]["path"]) == DASHBOARD.parent.resolve()
     assert _mount_source(grafana, "/etc/grafana/provisioning") == (GRAFANA_DIR / "provisioning").resolve()
@@ -414,12 +465,16 @@ def test_dashboard_metric_names_live_in_one_place(dashboard: dict[str, Any]) -> 
     queries = list(_queries(dashboard))
     assert queries
     for title, expr in queries:
-        assert "flashsale_" not in expr, f"{title!r} names a metric directly; use a ${{metric_…}} constant: {expr}"
+        assert "flashsale_" not in expr, (
+            f"{title!r} names a metric directly; use a ${{metric_…}} constant: {expr}"
+        )
         used = set(re.findall(r"\$\{(metric_\w+)\}", expr))
         assert used and used <= set(constants), f"{title!r}: unknown or no metric constant in {expr}"
         named = set(re.findall(r"\bflashsale_\w+", _expand(expr, constants)))
         assert named and named <= SERVICE_METRICS, f"{title!r} queries {named - SERVICE_METRICS}"
-    used_everywhere = {m for _, expr in queries for m in re.findall(r"\bflashsale_\w+", _expand(expr, constants))}
+    used_everywhere = {
+        m for _, expr in queries for m in re.findall(r"\bflashsale_\w+", _expand(expr, constants))
+    }
     assert used_everywhere == SERVICE_METRICS, f"no panel shows {SERVICE_METRICS - used_everywhere}"
 
 
@@ -492,7 +547,11 @@ def _one(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
 
 def _generated(objects: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
     """A ConfigMap or Secret from a generator: its name carries a content-hash suffix."""
-    found = [o for o in objects if o["kind"] == kind and re.fullmatch(name + r"-[a-z0-9]{10}", o["metadata"]["name"])]
+    found = [
+        o
+        for o in objects
+        if o["kind"] == kind and re.fullmatch(name + r"-[a-z0-9]{10}", o["metadata"]["name"])
+    ]
     assert len(found) == 1, f"expected one generated {kind} {name}-<hash>, found {len(found)}"
     return found[0]
 
@@ -513,27 +572,37 @@ def _secret_values(secret: dict[str, Any]) -> dict[str, str]:
 def test_kustomize_builds_every_overlay(k8s: dict[str, list[dict[str, Any]]]) -> None:
     kinds = {name: {(o["kind"], o["metadata"]["name"]) for o in objects} for name, objects in k8s.items()}
     workloads = {
-        ("Deployment", "flashsale-service"), ("HorizontalPodAutoscaler", "flashsale-service"),
-        ("PodDisruptionBudget", "flashsale-service"), ("Service", "flashsale-service"),
-        ("Deployment", "flashsale-worker"), ("Job", "flashsale-migrate"),
-        ("Deployment", "flashsale-locust-master"), ("Deployment", "flashsale-locust-worker"),
-    }  # fmt: skip
+        ("Deployment", "flashsale-service"),
+        ("HorizontalPodAutoscaler", "flashsale-service"),
+        ("PodDisruptionBudget", "flashsale-service"),
+        ("Service", "flashsale-service"),
+        ("Deployment", "flashsale-worker"),
+        ("Job", "flashsale-migrate"),
+        ("Deployment", "flashsale-locust-master"),
+        ("Deployment", "flashsale-locust-worker"),
+    }
     datastores = {("StatefulSet", "flashsale-redis"), ("StatefulSet", "flashsale-postgres")}
     assert workloads | datastores <= kinds["drill"]
     assert workloads <= kinds["external"] and not datastores & kinds["external"]
-    assert {o["metadata"].get("namespace") for o in k8s["drill"] if o["kind"] != "Namespace"} == {"flashsale-drill"}
+    assert {o["metadata"].get("namespace") for o in k8s["drill"] if o["kind"] != "Namespace"} == {
+        "flashsale-drill"
+    }
 
 
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_manifests_match_the_kubernetes_schemas(k8s: dict[str, list[dict[str, Any]]], overlay: str, version: str) -> None:
+def test_manifests_match_the_kubernetes_schemas(
+    k8s: dict[str, list[dict[str, Any]]], overlay: str, version: str
+) -> None:
     kv = _module("kubernetes_validate", "kubernetes-validate")
     version = kv.latest_version() if version == "latest" else version
     for obj in k8s[overlay]:
         try:
             kv.validate(obj, version, strict=True)  # strict: unknown fields are errors
         except kv.ValidationError as exc:
-            pytest.fail(f"{overlay}: {obj['kind']}/{obj['metadata']['name']} against {version}: {exc.message} at {list(exc.path)}")
+            pytest.fail(
+                f"{overlay}: {obj['kind']}/{obj['metadata']['name']} against {version}: {exc.message} at {list(exc.path)}"
+            )
 
 
 def test_schema_validation_catches_a_misspelled_field(k8s: dict[str, list[dict[str, Any]]]) -> None:
@@ -546,7 +615,9 @@ def test_schema_validation_catches_a_misspelled_field(k8s: dict[str, list[dict[s
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_service_probes_autoscaling_and_disruption_budget(k8s: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+def test_service_probes_autoscaling_and_disruption_budget(
+    k8s: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     objects = k8s[overlay]
     deployment = _one(objects, "Deployment", "flashsale-service")
     pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
@@ -567,7 +638,11 @@ def test_service_probes_autoscaling_and_disruption_budget(k8s: dict[str, list[di
     assert "replicas" not in deployment["spec"], "the HPA owns the replica count"
 
     hpa = _one(objects, "HorizontalPodAutoscaler", "flashsale-service")
-    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": "flashsale-service"}
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "flashsale-service",
+    }
     assert 2 <= hpa["spec"]["minReplicas"] <= hpa["spec"]["maxReplicas"]
     pdb = _one(objects, "PodDisruptionBudget", "flashsale-service")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
@@ -592,20 +667,28 @@ def test_every_container_has_requests_and_limits(k8s: dict[str, list[dict[str, A
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_services_select_pods_and_target_their_ports(k8s: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+def test_services_select_pods_and_target_their_ports(
+    k8s: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     objects = k8s[overlay]
     templates = [template for _, template in _pod_specs(objects)]
     for service in (o for o in objects if o["kind"] == "Service"):
         selector = service["spec"]["selector"]
         matching = [t for t in templates if selector.items() <= t["metadata"]["labels"].items()]
         assert matching, f"Service/{service['metadata']['name']} selects no pods"
-        declared = {p.get("name") for t in matching for c in t["spec"]["containers"] for p in c.get("ports", [])}
+        declared = {
+            p.get("name") for t in matching for c in t["spec"]["containers"] for p in c.get("ports", [])
+        }
         for port in service["spec"]["ports"]:
-            assert port["targetPort"] in declared, f"Service/{service['metadata']['name']} targets {port['targetPort']}"
+            assert port["targetPort"] in declared, (
+                f"Service/{service['metadata']['name']} targets {port['targetPort']}"
+            )
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_workloads_reference_config_and_secrets_that_exist(k8s: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+def test_workloads_reference_config_and_secrets_that_exist(
+    k8s: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     objects = k8s[overlay]
     present = {(o["kind"], o["metadata"]["name"]): o for o in objects if o["kind"] in ("ConfigMap", "Secret")}
     for workload, template in _pod_specs(objects):
@@ -614,7 +697,9 @@ def test_workloads_reference_config_and_secrets_that_exist(k8s: dict[str, list[d
             for source in container.get("envFrom", []):
                 for key, kind in (("configMapRef", "ConfigMap"), ("secretRef", "Secret")):
                     if key in source:
-                        assert (kind, source[key]["name"]) in present, f"{where} reads missing {kind} {source[key]['name']}"
+                        assert (kind, source[key]["name"]) in present, (
+                            f"{where} reads missing {kind} {source[key]['name']}"
+                        )
             for var in container.get("env", []):
                 ref = var.get("valueFrom", {}).get("secretKeyRef")
                 if ref:
@@ -624,7 +709,9 @@ def test_workloads_reference_config_and_secrets_that_exist(k8s: dict[str, list[d
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_secrets_are_placeholders_and_stay_out_of_configmaps(k8s: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+def test_secrets_are_placeholders_and_stay_out_of_configmaps(
+    k8s: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
     objects = k8s[overlay]
     secrets = _secret_values(_generated(objects, "Secret", "flashsale-secrets"))
     assert {"FLASHSALE_TOKEN_SECRET", "FLASHSALE_ADMIN_TOKEN", "FLASHSALE_DATABASE_URL"} <= set(secrets)
@@ -633,7 +720,9 @@ def test_secrets_are_placeholders_and_stay_out_of_configmaps(k8s: dict[str, list
             for key, value in _secret_values(obj).items():
                 assert "CHANGE-ME" in value, f"{obj['metadata']['name']}.{key} is not a marked placeholder"
         if obj["kind"] == "ConfigMap":
-            assert not set(obj["data"]) & set(K8S_SECRET_KEYS), f"a secret sits in ConfigMap {obj['metadata']['name']}"
+            assert not set(obj["data"]) & set(K8S_SECRET_KEYS), (
+                f"a secret sits in ConfigMap {obj['metadata']['name']}"
+            )
 
 
 def test_drill_pods_reach_redis_postgres_and_the_service(k8s: dict[str, list[dict[str, Any]]]) -> None:
@@ -646,16 +735,25 @@ def test_drill_pods_reach_redis_postgres_and_the_service(k8s: dict[str, list[dic
     config = _generated(objects, "ConfigMap", "flashsale-config")["data"]
     redis_url = urlsplit(config["FLASHSALE_REDIS_URL"])
     service_port(str(redis_url.hostname), redis_url.port or 6379)
-    database_url = urlsplit(_secret_values(_generated(objects, "Secret", "flashsale-secrets"))["FLASHSALE_DATABASE_URL"])
+    database_url = urlsplit(
+        _secret_values(_generated(objects, "Secret", "flashsale-secrets"))["FLASHSALE_DATABASE_URL"]
+    )
     service_port(str(database_url.hostname), database_url.port or 5432)
     # The URL's password is the one PostgreSQL is initialised with.
-    assert database_url.password == _secret_values(_generated(objects, "Secret", "flashsale-postgres"))["POSTGRES_PASSWORD"]
+    assert (
+        database_url.password
+        == _secret_values(_generated(objects, "Secret", "flashsale-postgres"))["POSTGRES_PASSWORD"]
+    )
 
-    master = _one(objects, "Deployment", "flashsale-locust-master")["spec"]["template"]["spec"]["containers"][0]
+    master = _one(objects, "Deployment", "flashsale-locust-master")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
     target = urlsplit(_flag(master["command"], "--host"))
     service_port(str(target.hostname), int(target.port or 80))
     assert target.hostname == "flashsale-service"
-    worker = _one(objects, "Deployment", "flashsale-locust-worker")["spec"]["template"]["spec"]["containers"][0]
+    worker = _one(objects, "Deployment", "flashsale-locust-worker")["spec"]["template"]["spec"]["containers"][
+        0
+    ]
     service_port(_flag(worker["command"], "--master-host"), 5557)
 
 
@@ -680,10 +778,14 @@ def test_image_installs_what_the_project_packages(k8s: dict[str, list[dict[str, 
         if any(c["image"].startswith("flashsale") for c in template["spec"]["containers"]):
             assert template["spec"]["securityContext"]["runAsUser"] == int(uid), workload["metadata"]["name"]
     ignored = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
-    assert "**" in ignored and {f"!{p.rstrip('*')}/" for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]} <= set(ignored)
+    assert "**" in ignored and {
+        f"!{p.rstrip('*')}/" for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
+    } <= set(ignored)
 
 
-def test_drill_reports_have_a_writable_home(compose: dict[str, Any], k8s: dict[str, list[dict[str, Any]]]) -> None:
+def test_drill_reports_have_a_writable_home(
+    compose: dict[str, Any], k8s: dict[str, list[dict[str, Any]]]
+) -> None:
     # The Locust master writes reports/drill-<run id> relative to the image's WORKDIR, as a
     # non-root user: the image must give it that folder, and both stacks a volume there.
     dockerfile = (DEPLOY / "Dockerfile").read_text()
@@ -697,7 +799,9 @@ def test_drill_reports_have_a_writable_home(compose: dict[str, Any], k8s: dict[s
     assert "/app/reports" in mounted and mounted["/app/reports"] in {v["name"] for v in master["volumes"]}
 
 
-def test_deploy_runs_commands_the_project_has(compose: dict[str, Any], k8s: dict[str, list[dict[str, Any]]]) -> None:
+def test_deploy_runs_commands_the_project_has(
+    compose: dict[str, Any], k8s: dict[str, list[dict[str, Any]]]
+) -> None:
     """Every ``flashsale`` sub-command and flag the stacks run, and the locustfile they load,
     exist in this checkout: a rename elsewhere breaks the deployment, and this says so."""
     from flashsale.cli import build_parser

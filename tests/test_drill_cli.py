@@ -21,8 +21,13 @@ from inventory import Inventory
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
-    return subprocess.run([sys.executable, "-m", "flashsale.drill_cli", *args], env={**base, **(env or {})},
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "flashsale.drill_cli", *args],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_help_lists_every_fault_and_what_it_proves() -> None:
@@ -54,9 +59,12 @@ def test_a_fault_the_configured_servers_cannot_take_is_skipped() -> None:
     assert "embedded Redis" in report.why
 
 
-async def test_recover_finds_rebuilds_and_confirms(text_redis: Redis, redis_url: str, pipeline_db_url: str,
-                                                  pipeline_pool: asyncpg.Pool) -> None:  # fmt: skip
-    await SaleBook(text_redis, "fs").create(SaleSettings("cli1", now_ms(), state="open"), ["cli1-phone"], ["cli1"])
+async def test_recover_finds_rebuilds_and_confirms(
+    text_redis: Redis, redis_url: str, pipeline_db_url: str, pipeline_pool: asyncpg.Pool
+) -> None:
+    await SaleBook(text_redis, "fs").create(
+        SaleSettings("cli1", now_ms(), state="open"), ["cli1-phone"], ["cli1"]
+    )
     inv = Inventory(text_redis, "cli1", coalesce=False)
     await inv.stock("cli1-phone", 10)
     holds = [await inv.reserve(f"u{i}", [("cli1-phone", 1)], request_id=f"r{i}") for i in range(4)]

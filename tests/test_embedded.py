@@ -126,7 +126,7 @@ def test_redis_aof_always_keeps_every_write_across_kill_9() -> None:
         port, first_pid = server.port, server.pid
         assert first_pid is not None
         with redis.Redis.from_url(server.url) as client:
-            for i in range(100):
+            for _ in range(100):
                 client.incr("stock:sold")
         server.kill()
         assert not alive(first_pid) and server.pid is None
@@ -328,9 +328,15 @@ def test_servers_die_with_a_parent_killed_by_sigkill() -> None:
         dirs = [Path(str(d)) for d in started["dirs"]]  # type: ignore[attr-defined]
         assert all(d.is_dir() for d in dirs)  # nobody was left to remove them...
         subprocess.run(
-            [sys.executable, "-c", "from flashsale.embedded import RedisServer; RedisServer().start().stop()"],
-            env=child_env(), check=True, timeout=60,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-c",
+                "from flashsale.embedded import RedisServer; RedisServer().start().stop()",
+            ],
+            env=child_env(),
+            check=True,
+            timeout=60,
+        )
         assert not any(d.exists() for d in dirs)  # ...until the next process's first start
     finally:
         if parent.poll() is None:

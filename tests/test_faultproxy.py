@@ -19,8 +19,13 @@ from flashsale.faultproxy import FaultProxy, ProxyThread
 
 
 def _client(port: int, timeout: float = 1.0) -> Redis:
-    return Redis(host="127.0.0.1", port=port, socket_timeout=timeout, socket_connect_timeout=timeout,
-                 retry=Retry(NoBackoff(), 0))  # fmt: skip
+    return Redis(
+        host="127.0.0.1",
+        port=port,
+        socket_timeout=timeout,
+        socket_connect_timeout=timeout,
+        retry=Retry(NoBackoff(), 0),
+    )
 
 
 @pytest.fixture
@@ -40,7 +45,7 @@ async def test_passes_traffic_through(proxy: FaultProxy, redis_client: Redis) ->
         assert await redis_client.get("k") == b"v" * 200_000
         assert await client.get("k") == b"v" * 200_000
         pipe = client.pipeline(transaction=False)
-        for i in range(500):
+        for _ in range(500):
             pipe.incr("n")
         assert (await pipe.execute())[-1] == 500
     finally:
@@ -86,7 +91,9 @@ async def test_reset_breaks_open_connections_and_refuse_new_ones(proxy: FaultPro
     assert proxy.stats.reset >= 2
 
 
-async def test_blackhole_down_runs_the_command_but_loses_the_reply(proxy: FaultProxy, redis_client: Redis) -> None:
+async def test_blackhole_down_runs_the_command_but_loses_the_reply(
+    proxy: FaultProxy, redis_client: Redis
+) -> None:
     client = _client(proxy.port, timeout=0.3)
     try:
         await client.ping()
@@ -148,9 +155,20 @@ def test_the_command_line_proxy_takes_faults_from_stdin(redis_client: Redis) -> 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "flashsale.faultproxy", "--listen", str(port), "--target",
-                             f"{kwargs['host']}:{kwargs['port']}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "flashsale.faultproxy",
+            "--listen",
+            str(port),
+            "--target",
+            f"{kwargs['host']}:{kwargs['port']}",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert "proxying" in proc.stdout.readline()

@@ -70,9 +70,17 @@ class Stack:
     _clients: list[Redis] = field(default_factory=list)
 
     async def start_service(self, *, fenced: bool = True) -> None:
-        settings = Settings(redis_url=self.server.url, database_url=self.db_url, token_secret=SECRET,
-                            admin_token=ADMIN, user_rate=1000.0, user_burst=1000, redis_timeout_s=0.5,
-                            sale_cache_s=0.1, sold_out_cache_s=0.1)  # fmt: skip
+        settings = Settings(
+            redis_url=self.server.url,
+            database_url=self.db_url,
+            token_secret=SECRET,
+            admin_token=ADMIN,
+            user_rate=1000.0,
+            user_burst=1000,
+            redis_timeout_s=0.5,
+            sale_cache_s=0.1,
+            sold_out_cache_s=0.1,
+        )
         app = create_app(settings)
         if fenced:  # create_app installs the fence; faster timers for the test
             fence.install(app, poll_s=0.1, record_s=0.2)  # verify_s: the default, as deployed
@@ -84,10 +92,19 @@ class Stack:
     async def start_worker(self) -> None:
         redis = Redis.from_url(self.server.url, decode_responses=True, socket_timeout=5)
         self._clients.append(redis)
-        ws = WorkerSettings(redis_url=self.server.url, database_url=self.db_url, consumer="t1", block_ms=50,
-                            # Entries read but not acknowledged when Redis went away are only
-                            # re-read by XAUTOCLAIM: keep its idle time short in tests.
-                            claim_idle_ms=1000, claim_interval_s=0.5, sales_refresh_s=0.2, trim_interval_s=0, progress_interval_s=0)  # fmt: skip
+        ws = WorkerSettings(
+            redis_url=self.server.url,
+            database_url=self.db_url,
+            consumer="t1",
+            block_ms=50,
+            # Entries read but not acknowledged when Redis went away are only
+            # re-read by XAUTOCLAIM: keep its idle time short in tests.
+            claim_idle_ms=1000,
+            claim_interval_s=0.5,
+            sales_refresh_s=0.2,
+            trim_interval_s=0,
+            progress_interval_s=0,
+        )
         writer = OrderWriter(redis, self.pool, ws)
         sweeper = HoldSweeper(redis, interval_s=0.1, sales_refresh_s=0.2)
         self._stops += [writer.stop, sweeper.stop]
@@ -107,31 +124,72 @@ class Stack:
     # -- the API, recorded in the history
     async def create_sale(self, sale: str, **extra: Any) -> None:
         assert self.client is not None
-        resp = await self.client.post("/api/admin/sales", headers=ADMIN_HEADERS, json={
-            "sale": sale, "open": True, "hold_ttl_s": 60, "skus": [{"sku": f"{sale}-phone", "stock": STOCK}], **extra})
+        resp = await self.client.post(
+            "/api/admin/sales",
+            headers=ADMIN_HEADERS,
+            json={
+                "sale": sale,
+                "open": True,
+                "hold_ttl_s": 60,
+                "skus": [{"sku": f"{sale}-phone", "stock": STOCK}],
+                **extra,
+            },
+        )
         assert resp.status == 201, await resp.text()
 
-    async def order(self, user: str, sku: str, request_id: str, attempt: int = 0) -> tuple[int, dict[str, Any]]:
+    async def order(
+        self, user: str, sku: str, request_id: str, attempt: int = 0
+    ) -> tuple[int, dict[str, Any]]:
         assert self.client is not None
         headers = {"Authorization": f"Bearer {mint(SECRET, user)}"}
         if attempt:
             headers["X-Retry-Attempt"] = str(attempt)
         started = time.monotonic()
-        resp = await self.client.post("/api/orders", headers=headers, json={"request_id": request_id, "sku": sku, "qty": 1})
+        resp = await self.client.post(
+            "/api/orders", headers=headers, json={"request_id": request_id, "sku": sku, "qty": 1}
+        )
         body = await resp.json()
-        self.history.add(Operation("order", request_id, user, attempt, started, time.monotonic(), resp.status,
-                                   classify(resp.status, body.get("error")), body.get("error", ""),
-                                   body.get("order_id"), body.get("status"), ((sku, 1),), bool(body.get("replayed"))))  # fmt: skip
+        self.history.add(
+            Operation(
+                "order",
+                request_id,
+                user,
+                attempt,
+                started,
+                time.monotonic(),
+                resp.status,
+                classify(resp.status, body.get("error")),
+                body.get("error", ""),
+                body.get("order_id"),
+                body.get("status"),
+                ((sku, 1),),
+                bool(body.get("replayed")),
+            )
+        )
         return resp.status, body
 
     async def close_order(self, user: str, order_id: str, action: str) -> tuple[int, dict[str, Any]]:
         assert self.client is not None
         started = time.monotonic()
-        resp = await self.client.post(f"/api/orders/{order_id}/{action}", headers={"Authorization": f"Bearer {mint(SECRET, user)}"})
+        resp = await self.client.post(
+            f"/api/orders/{order_id}/{action}", headers={"Authorization": f"Bearer {mint(SECRET, user)}"}
+        )
         body = await resp.json()
-        self.history.add(Operation("pay" if action == "pay" else "cancel", order_id, user, 0, started, time.monotonic(),  # type: ignore[arg-type]
-                                   resp.status, classify(resp.status, body.get("error")), body.get("error", ""),
-                                   order_id, body.get("status")))  # fmt: skip
+        self.history.add(
+            Operation(
+                "pay" if action == "pay" else "cancel",
+                order_id,
+                user,
+                0,
+                started,
+                time.monotonic(),  # type: ignore[arg-type]
+                resp.status,
+                classify(resp.status, body.get("error")),
+                body.get("error", ""),
+                order_id,
+                body.get("status"),
+            )
+        )
         return resp.status, body
 
     async def drained(self, sale: str) -> None:
@@ -139,8 +197,10 @@ class Stack:
         try:
             await wait_for(lambda: stream_drained(self.redis, key), what="the writer to drain")
         except AssertionError as exc:
-            raise AssertionError(f"{exc}; groups {await self.redis.xinfo_groups(key)}, pending "
-                                 f"{await self.redis.xpending_range(key, 'writers', '-', '+', 5)}") from None
+            raise AssertionError(
+                f"{exc}; groups {await self.redis.xinfo_groups(key)}, pending "
+                f"{await self.redis.xpending_range(key, 'writers', '-', '+', 5)}"
+            ) from None
 
     async def recorded(self, sale: str) -> None:
         async def seen() -> bool:
@@ -150,15 +210,22 @@ class Stack:
         await wait_for(lambda: self.redis.exists("fs:lineage"), what="the lineage marker")
 
     def acknowledged(self) -> list[str]:
-        return sorted({op.order_id for op in self.history if op.kind == "order" and op.outcome == "ok" and op.order_id})
+        return sorted(
+            {op.order_id for op in self.history if op.kind == "order" and op.outcome == "ok" and op.order_id}
+        )
 
 
 @pytest.fixture
 async def stack(tmp_path: Path, pipeline_db_url: str, pipeline_pool: asyncpg.Pool) -> AsyncIterator[Stack]:
     server = RedisServer(appendonly=True, appendfsync="always", data_dir=tmp_path / "redis").start()
     # Retries on a broken connection: the tests restart this server under the client.
-    redis = Redis.from_url(server.url, decode_responses=True, socket_timeout=5,
-                           retry=Retry(ExponentialBackoff(cap=0.2), 5), retry_on_error=[RedisConnectionError])
+    redis = Redis.from_url(
+        server.url,
+        decode_responses=True,
+        socket_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.2), 5),
+        retry_on_error=[RedisConnectionError],
+    )
     s = Stack(server, pipeline_db_url, pipeline_pool, redis)
     try:
         yield s
@@ -180,7 +247,9 @@ def restart_redis(server: RedisServer, *, data_from: Path | None) -> None:
     server.start()
 
 
-async def sell_first_half(stack: Stack, sale: str, sku: str, tmp_path: Path, loss: str) -> tuple[Path | None, dict[str, str]]:
+async def sell_first_half(
+    stack: Stack, sale: str, sku: str, tmp_path: Path, loss: str
+) -> tuple[Path | None, dict[str, str]]:
     """20 orders (10 paid, 2 cancelled, 8 held), drained and recorded; with loss='older_copy'
     the data dir is copied after the first 10 orders (all still held then)."""
     orders: dict[str, str] = {}
@@ -235,7 +304,9 @@ async def test_redis_loss_is_fenced_recovered_and_the_sale_sells_out_exactly(
     assert report.ok, report.table()
     assert [r.sale for r in report.recovered] == [sale]
     assert report.recovered[0].orders == {"paid": 10, "cancelled": 2, "held": 8}
-    assert await stack.redis.hget(f"fs:sale:{sale}", "hold_ttl_ms") == "60000"  # settings back, from fence_sales
+    assert (
+        await stack.redis.hget(f"fs:sale:{sale}", "hold_ttl_ms") == "60000"
+    )  # settings back, from fence_sales
     assert await stack.redis.hget(f"fs:sale:{sale}", "fenced") == ""
 
     async def reopened() -> bool:
@@ -259,7 +330,11 @@ async def test_redis_loss_is_fenced_recovered_and_the_sale_sells_out_exactly(
     await stack.drained(sale)
     audit = await run_audit(stack.redis, stack.pool, acknowledged=stack.acknowledged(), wait_drain_s=10)
     assert audit.ok, audit.table()
-    verdict = check(stack.history, await observe(stack.redis, stack.pool, prefix="fs", sale=sale, audit=audit), lapsed=False)
+    verdict = check(
+        stack.history,
+        await observe(stack.redis, stack.pool, prefix="fs", sale=sale, audit=audit),
+        lapsed=False,
+    )
     assert verdict.ok, verdict.table()
     logged = await stack.pool.fetch("SELECT action FROM fence_log WHERE sale = $1 ORDER BY id", sale)
     assert [r["action"] for r in logged][-1] == "recovered" and "fenced" in [r["action"] for r in logged]
@@ -291,7 +366,9 @@ async def test_without_the_fence_an_older_redis_oversells(stack: Stack, tmp_path
         with contextlib.suppress(Exception):
             await stack.order(f"u{i}", sku, f"r{i}")
     await stack.drained(sale)
-    verdict = check(stack.history, await observe(stack.redis, stack.pool, prefix="fs", sale=sale), lapsed=False)
+    verdict = check(
+        stack.history, await observe(stack.redis, stack.pool, prefix="fs", sale=sale), lapsed=False
+    )
     assert "no_oversell" in verdict.failed_checks(), verdict.table()
 
 
@@ -352,8 +429,9 @@ async def _break_stream(r: Redis) -> None:
         (_break_stream, "stream ends at 1-1"),
     ],
 )
-async def test_verify_finds_each_kind_of_loss(recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool,
-                                             damage: Any, evidence: str) -> None:
+async def test_verify_finds_each_kind_of_loss(
+    recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool, damage: Any, evidence: str
+) -> None:
     assert (await fence.verify(text_redis, pipeline_pool)).ok
     await damage(text_redis)
     verdict = await fence.verify(text_redis, pipeline_pool)
@@ -362,14 +440,18 @@ async def test_verify_finds_each_kind_of_loss(recorded_sale: Inventory, text_red
     assert set(verdict.lost_sales()) == {"v1"}
 
 
-async def test_verify_counts_holds(recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool) -> None:
+async def test_verify_counts_holds(
+    recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool
+) -> None:
     victim = next(iter(await text_redis.hkeys("{fs:v1}:holds")))
     await text_redis.hdel("{fs:v1}:holds", victim)
     verdict = await fence.verify(text_redis, pipeline_pool)
     assert any("Redis holds 2 orders, PostgreSQL has committed 3" in loss.reason for loss in verdict.losses)
 
 
-async def test_a_forgotten_sale_is_not_a_loss(recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool) -> None:
+async def test_a_forgotten_sale_is_not_a_loss(
+    recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool
+) -> None:
     for key in ("{fs:v1}:stock", "{fs:v1}:holds", "{fs:v1}:events", "fs:sale:v1"):
         await text_redis.delete(key)
     assert not (await fence.verify(text_redis, pipeline_pool)).ok
@@ -378,9 +460,13 @@ async def test_a_forgotten_sale_is_not_a_loss(recorded_sale: Inventory, text_red
 
 
 # ------------------------------------------------------------------------ buckets
-async def test_a_buckets_split_sale_is_rebuilt_per_bucket(text_redis: Redis, pipeline_pool: asyncpg.Pool) -> None:
+async def test_a_buckets_split_sale_is_rebuilt_per_bucket(
+    text_redis: Redis, pipeline_pool: asyncpg.Pool
+) -> None:
     engines = [f"bk-b{k}" for k in range(3)]
-    await SaleBook(text_redis, "fs").create(SaleSettings("bk", now_ms(), state="open", buckets=3), ["bk-phone"], engines)
+    await SaleBook(text_redis, "fs").create(
+        SaleSettings("bk", now_ms(), state="open", buckets=3), ["bk-phone"], engines
+    )
     inv = BucketedInventory(text_redis, "bk", 3, coalesce=False)
     await inv.stock("bk-phone", 30, limit_per_user=2)
     holds = [await inv.reserve(f"u{i}", [("bk-phone", 1)], request_id=f"r{i}") for i in range(18)]
@@ -401,7 +487,10 @@ async def test_a_buckets_split_sale_is_rebuilt_per_bucket(text_redis: Redis, pip
     assert report.ok, report.table()
     assert report.recovered[0].engine_sales == tuple(engines)
     assert {b.sale: await b.snapshot("bk-phone") for b in inv.buckets} == before
-    assert await text_redis.hget("fs:sale:bk", "buckets") == "3" and await text_redis.hget("fs:sale:bk", "fenced") == ""
+    assert (
+        await text_redis.hget("fs:sale:bk", "buckets") == "3"
+        and await text_redis.hget("fs:sale:bk", "fenced") == ""
+    )
     again = await inv.reserve("u1", [("bk-phone", 1)], request_id="r1")  # replays from the home bucket
     assert again.replayed and again.hold_id == holds[1].hold_id
     sold = 0
@@ -422,18 +511,30 @@ async def test_without_postgresql_the_guard_sells_on_unverified(redis_client: Re
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    settings = Settings(redis_url=redis_url, database_url=f"postgresql://flashsale@127.0.0.1:{closed}/flashsale",
-                        token_secret=SECRET, admin_token=ADMIN, user_rate=1000.0, user_burst=1000)  # fmt: skip
+    settings = Settings(
+        redis_url=redis_url,
+        database_url=f"postgresql://flashsale@127.0.0.1:{closed}/flashsale",
+        token_secret=SECRET,
+        admin_token=ADMIN,
+        user_rate=1000.0,
+        user_burst=1000,
+    )
     app = create_app(settings)
     fence.install(app, poll_s=0.1)
     client = TestClient(TestServer(app))
     await client.start_server()
     try:
-        resp = await client.post("/api/admin/sales", headers=ADMIN_HEADERS, json={
-            "sale": "nopg", "open": True, "skus": [{"sku": "nopg-phone", "stock": 3}]})  # fmt: skip
+        resp = await client.post(
+            "/api/admin/sales",
+            headers=ADMIN_HEADERS,
+            json={"sale": "nopg", "open": True, "skus": [{"sku": "nopg-phone", "stock": 3}]},
+        )
         assert resp.status == 201, await resp.text()
-        resp = await client.post("/api/orders", headers={"Authorization": f"Bearer {mint(SECRET, 'ann')}"},
-                                 json={"request_id": "r1", "sku": "nopg-phone"})  # fmt: skip
+        resp = await client.post(
+            "/api/orders",
+            headers={"Authorization": f"Bearer {mint(SECRET, 'ann')}"},
+            json={"request_id": "r1", "sku": "nopg-phone"},
+        )
         assert resp.status == 201, await resp.text()
         guard = client.app[fence.GUARD]
         assert not guard.fenced and guard.verifying is None

@@ -228,7 +228,10 @@ def test_every_refusal_code_maps_to_its_own_exception() -> None:
         _errors.SKU_EXISTS: [_errors.SKU_EXISTS],
         _errors.INSUFFICIENT_STOCK: [_errors.INSUFFICIENT_STOCK, b"a", 3],
     }
-    refusal_codes = {v for n, v in vars(_errors).items() if re.fullmatch(r"[A-Z_]+", n)} - {_errors.OK, _errors.REPLAYED}
+    refusal_codes = {v for n, v in vars(_errors).items() if re.fullmatch(r"[A-Z_]+", n)} - {
+        _errors.OK,
+        _errors.REPLAYED,
+    }
     assert set(samples) == refusal_codes
     mapped = {code: type(_errors.error_for(reply, subject="x")) for code, reply in samples.items()}
     assert inventory.InventoryError not in mapped.values()
@@ -239,7 +242,8 @@ def test_every_refusal_code_maps_to_its_own_exception() -> None:
 def test_lua_bounds_match_python() -> None:
     lua_bounds = dict(re.findall(r"^local (MAX_[A-Z_]+) = (\d+)$", lua("includes/counts.lua"), re.M))
     assert {k: int(v) for k, v in lua_bounds.items()} == {
-        name: getattr(_validate, name) for name in ("MAX_UNITS", "MAX_QTY", "MAX_LINES", "MAX_TTL_MS", "MAX_BATCH")
+        name: getattr(_validate, name)
+        for name in ("MAX_UNITS", "MAX_QTY", "MAX_LINES", "MAX_TTL_MS", "MAX_BATCH")
     }
 
 
@@ -296,8 +300,17 @@ async def test_stock_reserve_confirm_release_expire(redis_url: str) -> None:
 
         types = [e["type"] for e in await events(inv.redis, inv.keys)]
         assert types == [
-            "stocked", "reserved", "reserved", "reserved", "confirmed", "released", "expired",
-            "reserve_released", "reserve_released", "restocked", "written_off",
+            "stocked",
+            "reserved",
+            "reserved",
+            "reserved",
+            "confirmed",
+            "released",
+            "expired",
+            "reserve_released",
+            "reserve_released",
+            "restocked",
+            "written_off",
         ]
         assert await audit_sale(inv.redis, inv.keys) == []
 
@@ -354,7 +367,9 @@ async def test_sold_out_refusal_says_what_is_left(redis_url: str) -> None:
         (0, 10, inventory.StockState.SOLD_OUT),
     ],
 )
-async def test_stock_state_low_and_sold_out_lines(redis_url: str, low_line: int, take: int, state: inventory.StockState) -> None:
+async def test_stock_state_low_and_sold_out_lines(
+    redis_url: str, low_line: int, take: int, state: inventory.StockState
+) -> None:
     async with open_sale(redis_url, "state") as inv:
         await inv.stock("phone", 12, reserve=2, low_stock_line=low_line)
         await inv.reserve("alice", [("phone", take)], request_id="r")
@@ -387,7 +402,9 @@ def test_default_hold_ttl_is_thirty_minutes() -> None:
         (timedelta(minutes=2), timedelta(seconds=7), 7_000),
     ],
 )
-async def test_hold_ttl_is_configurable(redis_url: str, engine_ttl: Any, call_ttl: Any, expected_ms: int) -> None:
+async def test_hold_ttl_is_configurable(
+    redis_url: str, engine_ttl: Any, call_ttl: Any, expected_ms: int
+) -> None:
     options = {} if engine_ttl is None else {"hold_ttl": engine_ttl}
     async with open_sale(redis_url, "ttl", **options) as inv:
         await inv.stock("phone", 1)

@@ -109,17 +109,35 @@ CASES: dict[str, tuple[Call, str]] = {
     "hold read with a bad id": (lambda s: s.inv.hold(UNICODE), "invalid_request"),
     # hold TTLs
     "ttl zero": (lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=0), "invalid_request"),
-    "ttl negative": (lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=-5), "invalid_request"),
-    "ttl nan": (lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=math.nan), "invalid_request"),
-    "ttl inf": (lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=math.inf), "invalid_request"),
-    "ttl bool": (lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=True), "invalid_request"),
-    "ttl string": (lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl="30"), "invalid_request"),
+    "ttl negative": (
+        lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=-5),
+        "invalid_request",
+    ),
+    "ttl nan": (
+        lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=math.nan),
+        "invalid_request",
+    ),
+    "ttl inf": (
+        lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=math.inf),
+        "invalid_request",
+    ),
+    "ttl bool": (
+        lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=True),
+        "invalid_request",
+    ),
+    "ttl string": (
+        lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl="30"),
+        "invalid_request",
+    ),
     "ttl over a week": (
         lambda s: s.inv.reserve("dave", "phone", request_id="r-new", hold_ttl=timedelta(days=8)),
         "invalid_request",
     ),
     # a request id reused with another payload
-    "request id reused, other cart": (lambda s: s.inv.reserve("alice", "phone", request_id="r-held"), "request_conflict"),
+    "request id reused, other cart": (
+        lambda s: s.inv.reserve("alice", "phone", request_id="r-held"),
+        "request_conflict",
+    ),
     "request id reused, other qty": (
         lambda s: s.inv.reserve("alice", [("phone", 1), ("case", 1)], request_id="r-held"),
         "request_conflict",
@@ -138,7 +156,10 @@ CASES: dict[str, tuple[Call, str]] = {
         lambda s: s.inv.reserve("dave", [("phone", 1), ("case", 5)], request_id="r-new"),
         "sold_out",
     ),
-    "over the per-user limit": (lambda s: s.inv.reserve("alice", [("phone", 2)], request_id="r-new"), "limit_exceeded"),
+    "over the per-user limit": (
+        lambda s: s.inv.reserve("alice", [("phone", 2)], request_id="r-new"),
+        "limit_exceeded",
+    ),
     "confirm a cancelled hold": (lambda s: s.inv.confirm(s.cancelled.hold_id), "hold_cancelled"),
     "release a paid hold": (lambda s: s.inv.release(s.paid.hold_id), "hold_paid"),
     "confirm another user's hold": (lambda s: s.inv.confirm(s.held.hold_id, user="bob"), "hold_not_found"),
@@ -162,7 +183,10 @@ CASES: dict[str, tuple[Call, str]] = {
     "restock negative": (lambda s: s.inv.restock("phone", -3), "invalid_quantity"),
     "restock unknown sku": (lambda s: s.inv.restock("tablet", 3), "unknown_sku"),
     "release more reserve than exists": (lambda s: s.inv.release_reserve("phone", 3), "insufficient_stock"),
-    "release reserve of a sku without a pool": (lambda s: s.inv.release_reserve("case", 1), "insufficient_stock"),
+    "release reserve of a sku without a pool": (
+        lambda s: s.inv.release_reserve("case", 1),
+        "insufficient_stock",
+    ),
     "release reserve zero": (lambda s: s.inv.release_reserve("phone", 0), "invalid_quantity"),
     "release reserve unknown sku": (lambda s: s.inv.release_reserve("tablet"), "unknown_sku"),
     "sweep limit zero": (lambda s: s.inv.expire_due(limit=0), "invalid_quantity"),
@@ -218,19 +242,28 @@ RESERVE_ARGV: dict[str, tuple[list[Any], str]] = {
         f"ttl {t!r}": (batch(group("q1", None, "dave", t)), "bad_ttl")
         for t in ("abc", "0", "-5", "1.5", "inf", "nan", str(MAX_TTL_MS + 1), "")
     },
-    "duplicate line": (batch(group("q1", None, "dave", 60_000, ("phone", 1), ("phone", 1))), "duplicate_line"),
+    "duplicate line": (
+        batch(group("q1", None, "dave", 60_000, ("phone", 1), ("phone", 1))),
+        "duplicate_line",
+    ),
     "hold id taken": (batch(group("q1", "HELD", "dave")), "hold_id_taken"),
     **{f"count {n!r}": ([n, *group()], "bad_batch") for n in ("abc", "0", "-1", "1.5", "1001", "2")},
     "trailing argument": ([*batch(group()), "extra"], "bad_batch"),
     "line count zero": ([1, "q1", "h1", "dave", 60_000, 0], "bad_batch"),
-    "line count too big": ([1, "q1", "h1", "dave", 60_000, MAX_LINES + 1, *(["phone", 1] * (MAX_LINES + 1))], "bad_batch"),
+    "line count too big": (
+        [1, "q1", "h1", "dave", 60_000, MAX_LINES + 1, *(["phone", 1] * (MAX_LINES + 1))],
+        "bad_batch",
+    ),
     "line count not a number": ([1, "q1", "h1", "dave", 60_000, "x", "phone", 1], "bad_batch"),
     "empty request id": (batch(group("")), "bad_batch"),
     "empty user": (batch(group("q1", None, "")), "bad_batch"),
     "no arguments": ([], "bad_batch"),
     # The "validate the whole batch first" case: the first request is good and would
     # write a hold; the second is malformed. Nothing may be written.
-    "good request then malformed one": ([2, *group("q1"), "q2", "h2", "dave", 60_000, 3, "phone", 1], "bad_batch"),
+    "good request then malformed one": (
+        [2, *group("q1"), "q2", "h2", "dave", 60_000, 3, "phone", 1],
+        "bad_batch",
+    ),
     # Request ids cannot contain ':' ("op:<id>" records of stock changes share the hash).
     "request id of a stock operation": (batch(group("OPID")), "bad_batch"),
     "good request then a stock operation's id": (batch(group("q1"), group("OPID")), "bad_batch"),
@@ -252,7 +285,10 @@ async def scripted(inv: Inventory, name: str, args: list[Any]) -> list[Any]:
 async def test_reserve_script_refuses_bad_argv_before_writing(sale: Sale, case: str) -> None:
     argv, reason = RESERVE_ARGV[case]
     op_id = next(f for f in await sale.inv.redis.hkeys(sale.inv.keys.requests) if f.startswith(b"op:"))
-    argv = [{"HELD": sale.held.hold_id, "OPID": op_id.decode()}.get(a, a) if isinstance(a, str) else a for a in argv]
+    argv = [
+        {"HELD": sale.held.hold_id, "OPID": op_id.decode()}.get(a, a) if isinstance(a, str) else a
+        for a in argv
+    ]
     before = await dump_sale(sale.inv.redis, sale.inv.keys)
     reply = await scripted(sale.inv, "reserve", argv)
     assert len(reply) == 1 and reply[0][0] == INVALID and reply[0][1] == reason.encode(), reply
@@ -288,7 +324,14 @@ STOCK_CHANGE_ARGV: dict[str, tuple[str, list[Any], int, bytes | None]] = {
     **{
         f"stock {field} {v!r}": (
             "stock",
-            ["new", *[v if f == field else d for f, d in zip(("total", "reserve", "limit", "low"), (10, 0, 0, 0))], "op"],
+            [
+                "new",
+                *[
+                    v if f == field else d
+                    for f, d in zip(("total", "reserve", "limit", "low"), (10, 0, 0, 0))
+                ],
+                "op",
+            ],
             INVALID,
             b"bad_number",
         )
@@ -302,8 +345,16 @@ STOCK_CHANGE_ARGV: dict[str, tuple[str, list[Any], int, bytes | None]] = {
     "adjust below zero": ("adjust", ["phone", -6, "op"], INSUFFICIENT_STOCK, b"phone"),
     "adjust unknown sku": ("adjust", ["tablet", 1, "op"], UNKNOWN_SKU, b"tablet"),
     "adjust without an operation id": ("adjust", ["phone", 1], INVALID, b"bad_request"),
-    **{f"release_reserve {v!r}": ("release_reserve", ["phone", v, "op"], INVALID, b"bad_units") for v in BAD_NUMBERS},
-    "release_reserve more than the pool": ("release_reserve", ["phone", 3, "op"], INSUFFICIENT_STOCK, b"phone"),
+    **{
+        f"release_reserve {v!r}": ("release_reserve", ["phone", v, "op"], INVALID, b"bad_units")
+        for v in BAD_NUMBERS
+    },
+    "release_reserve more than the pool": (
+        "release_reserve",
+        ["phone", 3, "op"],
+        INSUFFICIENT_STOCK,
+        b"phone",
+    ),
     "release_reserve unknown sku": ("release_reserve", ["tablet", 1, "op"], UNKNOWN_SKU, b"tablet"),
     **{f"expire limit {v!r}": ("expire", [v], INVALID, b"bad_limit") for v in (*BAD_NUMBERS, "0", "1001")},
     "confirm unknown hold": ("confirm", ["nope", ""], HOLD_NOT_FOUND, None),

@@ -82,7 +82,9 @@ def test_processes_hammering_one_hot_sku_hold_exactly_the_stock(redis_url: str) 
                 # workers workers-1 times along the stream; racing ones interleave.
                 order = [e["user"].partition("u")[0] for e in reserved]
                 switches = sum(a != b for a, b in zip(order, order[1:]))
-                assert switches >= workers, f"the processes took turns ({switches} switches), they did not race"
+                assert switches >= workers, (
+                    f"the processes took turns ({switches} switches), they did not race"
+                )
                 assert len(reserved) == total
                 assert sorted(e["order"] for e in reserved) == sorted(holds)
                 assert await audit_sale(client, inv.keys) == []

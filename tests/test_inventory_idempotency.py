@@ -17,19 +17,23 @@ from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis_mode import command_stats, single_server_only
 
 from inventory import HoldState, Inventory, OutcomeUnknown, RequestConflict, SoldOut
-from redis_mode import command_stats, single_server_only
 
 #: The re-send tests build a one-server ``Redis()`` (its default retry is the premise) and
 #: DEBUG SLEEP the server the URL names: on a cluster both reach one node of three.
-one_server_resend = single_server_only("re-sends through a one-server Redis() client and DEBUG SLEEPs one server")
+one_server_resend = single_server_only(
+    "re-sends through a one-server Redis() client and DEBUG SLEEPs one server"
+)
 
 
 async def evalsha_calls(client: Redis) -> int:
     """EVALSHA calls that ran their script (a NOSCRIPT reply counts as a failed call)."""
     stats = await command_stats(client, "evalsha")  # every master's, on a cluster
-    return int(stats.get("calls", 0)) - int(stats.get("failed_calls", 0)) - int(stats.get("rejected_calls", 0))
+    return (
+        int(stats.get("calls", 0)) - int(stats.get("failed_calls", 0)) - int(stats.get("rejected_calls", 0))
+    )
 
 
 def reserved_events(log: list[dict[str, str]], request_id: str) -> list[dict[str, str]]:
@@ -42,7 +46,11 @@ async def test_retry_returns_the_first_hold_and_takes_stock_once(redis_url: str)
         first = await inv.reserve("alice", [("phone", 2)], request_id="r-1")
         again = await inv.reserve("alice", [("phone", 2)], request_id="r-1")
         assert not first.replayed and again.replayed
-        assert (again.hold_id, again.deadline_ms, again.created_ms) == (first.hold_id, first.deadline_ms, first.created_ms)
+        assert (again.hold_id, again.deadline_ms, again.created_ms) == (
+            first.hold_id,
+            first.deadline_ms,
+            first.created_ms,
+        )
         assert (await inv.snapshot("phone")).available == 3  # type: ignore[union-attr]
         await inv.confirm(first.hold_id)
         late = await inv.reserve("alice", [("phone", 2)], request_id="r-1")
@@ -89,7 +97,9 @@ async def test_conflicting_payload_in_one_batch_is_refused(redis_url: str) -> No
 async def test_many_concurrent_retries_make_one_hold(redis_url: str, coalesce: bool) -> None:
     async with open_sale(redis_url, "herd", coalesce=coalesce, max_connections=20) as inv:
         await inv.stock("phone", 100)
-        holds = await asyncio.gather(*(inv.reserve("alice", [("phone", 3)], request_id="same") for _ in range(200)))
+        holds = await asyncio.gather(
+            *(inv.reserve("alice", [("phone", 3)], request_id="same") for _ in range(200))
+        )
         assert len({h.hold_id for h in holds}) == 1
         assert sum(not h.replayed for h in holds) == 1
         snap = await inv.snapshot("phone")
@@ -237,7 +247,9 @@ async def test_batch_resent_after_a_timeout_takes_stock_once_per_request(redis_u
                     return_exceptions=True,
                 )
             assert await evalsha_calls(inv.redis) - before >= 2
-            assert all(isinstance(o, OutcomeUnknown) or not isinstance(o, BaseException) for o in outcomes), outcomes
+            assert all(isinstance(o, OutcomeUnknown) or not isinstance(o, BaseException) for o in outcomes), (
+                outcomes
+            )
             assert (await inv.snapshot("phone")).held == 1 + 20  # type: ignore[union-attr]
             log = await events(inv.redis, inv.keys)
             assert all(len(reserved_events(log, f"r-{i}")) == 1 for i in range(20))

@@ -93,14 +93,19 @@ class Model:
                 return "error", (SoldOut, {"sku": line.sku, "available": s.available})
             counted = self.counts[f"{user}:{line.sku}"]
             if s.limit_per_user and counted + line.qty > s.limit_per_user:
-                return "error", (LimitExceeded, {"sku": line.sku, "limit": s.limit_per_user, "already": counted})
+                return "error", (
+                    LimitExceeded,
+                    {"sku": line.sku, "limit": s.limit_per_user, "already": counted},
+                )
         return "new", None
 
     def record_hold(self, hold: Hold, lapsing: bool) -> None:
         assert hold.hold_id not in self.holds
         fingerprint = hold.user + "".join(f"|{line.sku}:{line.qty}" for line in hold.lines)
         self.requests[hold.request_id] = (fingerprint, hold.hold_id)
-        self.holds[hold.hold_id] = ModelHold(hold.user, hold.lines, "held", hold.deadline_ms, lapsing, hold.request_id)
+        self.holds[hold.hold_id] = ModelHold(
+            hold.user, hold.lines, "held", hold.deadline_ms, lapsing, hold.request_id
+        )
         for line in hold.lines:
             self.change(line.sku, available=-line.qty, held=line.qty)
             self.counts[f"{hold.user}:{line.sku}"] += line.qty
@@ -116,7 +121,9 @@ class Model:
             else:
                 self.change(line.sku, held=-line.qty, available=line.qty)
                 self.counts[f"{h.user}:{line.sku}"] -= line.qty
-        self.events.append(({"paid": "confirmed", "cancelled": "released", "expired": "expired"}[to_state], hold_id))
+        self.events.append(
+            ({"paid": "confirmed", "cancelled": "released", "expired": "expired"}[to_state], hold_id)
+        )
 
 
 carts = st.lists(
@@ -191,7 +198,9 @@ class SaleMachine(RuleBasedStateMachine):
     # -------------------------------------------------------------- rules
     @initialize(
         sale=st.lists(
-            st.tuples(st.integers(3, 40), st.sampled_from((0, 0, 2, 4)), st.integers(0, 3)), min_size=3, max_size=3
+            st.tuples(st.integers(3, 40), st.sampled_from((0, 0, 2, 4)), st.integers(0, 3)),
+            min_size=3,
+            max_size=3,
         )
     )
     def open_sale(self, sale: list[tuple[int, int, int]]) -> None:
@@ -209,7 +218,9 @@ class SaleMachine(RuleBasedStateMachine):
         self.put_on_sale(sku, total, int(total * reserve_share), limit, low)
 
     def put_on_sale(self, sku: str, total: int, reserve: int, limit: int, low: int) -> None:
-        got = self.outcome(self.batched.stock(sku, total, reserve=reserve, limit_per_user=limit, low_stock_line=low))
+        got = self.outcome(
+            self.batched.stock(sku, total, reserve=reserve, limit_per_user=limit, low_stock_line=low)
+        )
         if sku in self.model.skus:
             self.expect_error(got, SkuExists)
             return
@@ -219,16 +230,22 @@ class SaleMachine(RuleBasedStateMachine):
         self.model.events.append(("stocked", sku))
 
     @rule(data=st.data(), requests=st.lists(cart_requests, min_size=2, max_size=6))
-    def reserve_coalesced(self, data: st.DataObject, requests: list[tuple[str, tuple[Line, ...], str, bool]]) -> None:
+    def reserve_coalesced(
+        self, data: st.DataObject, requests: list[tuple[str, tuple[Line, ...], str, bool]]
+    ) -> None:
         """Carts sent in one loop turn: one script call, each request decided in order."""
         self.reserve(data, requests, coalesced=True)
 
     @rule(data=st.data(), requests=st.lists(cart_requests, min_size=1, max_size=3))
-    def reserve_one_by_one(self, data: st.DataObject, requests: list[tuple[str, tuple[Line, ...], str, bool]]) -> None:
+    def reserve_one_by_one(
+        self, data: st.DataObject, requests: list[tuple[str, tuple[Line, ...], str, bool]]
+    ) -> None:
         """Carts sent one after another through the engine that does not coalesce."""
         self.reserve(data, requests, coalesced=False)
 
-    def reserve(self, data: st.DataObject, requests: list[tuple[str, tuple[Line, ...], str, bool]], coalesced: bool) -> None:
+    def reserve(
+        self, data: st.DataObject, requests: list[tuple[str, tuple[Line, ...], str, bool]], coalesced: bool
+    ) -> None:
         calls = []
         for user, cart, mode, lapsing in requests:
             if mode == "retry" and self.model.holds:

@@ -17,8 +17,8 @@ from inventory_support import (
     audit_sale,
     close_worker,
     connect,
-    join_start_line,
     hold_records,
+    join_start_line,
     new_sale_id,
     open_sale,
     sweep_until_empty,
@@ -39,7 +39,10 @@ async def make_holds(inv: Inventory, ttls_ms: list[int]) -> list[Hold]:
     await inv.stock("phone", len(ttls_ms))
     return list(
         await asyncio.gather(
-            *(inv.reserve(f"u{i}", "phone", request_id=f"r{i}", hold_ttl=ttl / 1000) for i, ttl in enumerate(ttls_ms))
+            *(
+                inv.reserve(f"u{i}", "phone", request_id=f"r{i}", hold_ttl=ttl / 1000)
+                for i, ttl in enumerate(ttls_ms)
+            )
         )
     )
 
@@ -94,7 +97,11 @@ async def test_confirm_racing_release_has_one_winner(redis_url: str) -> None:
 
 
 async def race_the_deadline(
-    redis_url: str, inv: Inventory, holds: list[Hold], close: Callable[[int, Hold], Awaitable[Hold]], seed: int
+    redis_url: str,
+    inv: Inventory,
+    holds: list[Hold],
+    close: Callable[[int, Hold], Awaitable[Hold]],
+    seed: int,
 ) -> tuple[list[str], dict[str, str]]:
     """Fire ``close`` for each hold within ±8 ms of its deadline while a sweeper runs
     flat out on its own client; returns what each call saw and what the sweeper expired."""
@@ -105,7 +112,10 @@ async def race_the_deadline(
         sweeper = asyncio.create_task(sweep_until_empty(Inventory(sweeper_client, inv.sale), swept))
         results = await asyncio.gather(
             *(
-                at(h.deadline_ms / 1000 - offset + rng.uniform(-0.008, 0.008), lambda i=i, h=h: outcome(close(i, h)))
+                at(
+                    h.deadline_ms / 1000 - offset + rng.uniform(-0.008, 0.008),
+                    lambda i=i, h=h: outcome(close(i, h)),
+                )
                 for i, h in enumerate(holds)
             )
         )
@@ -139,7 +149,9 @@ async def test_confirm_racing_the_deadline_and_the_sweeper_has_one_winner(redis_
 async def test_release_racing_the_deadline_and_the_sweeper_has_one_winner(redis_url: str) -> None:
     async with open_sale(redis_url, "cancelvsdeadline") as inv:
         holds = await make_holds(inv, DEADLINES_MS)
-        results, swept = await race_the_deadline(redis_url, inv, holds, lambda i, h: inv.release(h.hold_id), seed=3)
+        results, swept = await race_the_deadline(
+            redis_url, inv, holds, lambda i, h: inv.release(h.hold_id), seed=3
+        )
         states = await final_states(inv)
         for h, seen in zip(holds, results, strict=True):
             assert seen in ("cancelled", "expired"), seen

@@ -39,8 +39,11 @@ def test_arrivals_without_a_free_slot_are_dropped_and_counted() -> None:
     shape = _constant(200.0, 0.25)  # 50 arrivals in 250 ms
     seen: list[bool] = []
     dispatcher = ArrivalDispatcher(
-        ArrivalPlan(shape, time.time() + 0.1), lambda a, at: gevent.sleep(0.5),
-        max_in_flight=2, max_queue_wait_s=0.05, on_arrival=lambda a, ok, lag: seen.append(ok),
+        ArrivalPlan(shape, time.time() + 0.1),
+        lambda a, at: gevent.sleep(0.5),
+        max_in_flight=2,
+        max_queue_wait_s=0.05,
+        on_arrival=lambda a, ok, lag: seen.append(ok),
     )
     totals = dispatcher.run()
     assert (totals.started, totals.dropped, totals.scheduled) == (2, 48, 50)
@@ -49,8 +52,13 @@ def test_arrivals_without_a_free_slot_are_dropped_and_counted() -> None:
 
 def test_a_full_waiting_room_drops_at_once() -> None:
     shape = _constant(1000.0, 0.02)  # 20 arrivals
-    dispatcher = ArrivalDispatcher(ArrivalPlan(shape, time.time() + 0.05), lambda a, at: gevent.sleep(0.2),
-                                   max_in_flight=1, max_waiting=3, max_queue_wait_s=5.0)
+    dispatcher = ArrivalDispatcher(
+        ArrivalPlan(shape, time.time() + 0.05),
+        lambda a, at: gevent.sleep(0.2),
+        max_in_flight=1,
+        max_waiting=3,
+        max_queue_wait_s=5.0,
+    )
     totals = dispatcher.run()
     # 1 running, 3 waiting (each served in turn within the 5 s wait), 16 dropped on arrival.
     assert (totals.started, totals.dropped) == (4, 16)
@@ -68,8 +76,13 @@ def test_corrected_latency_exposes_a_stall_that_raw_latency_hides() -> None:
         gevent.sleep(0.5 if calls["n"] == 50 else 0.001)
         book.record("order", intended=a.intended, sent=sent, done=time.time())
 
-    totals = ArrivalDispatcher(ArrivalPlan(_constant(100.0, 3.0), time.time() + 0.1), visit,
-                               max_in_flight=1, max_waiting=1000, max_queue_wait_s=5.0).run()
+    totals = ArrivalDispatcher(
+        ArrivalPlan(_constant(100.0, 3.0), time.time() + 0.1),
+        visit,
+        max_in_flight=1,
+        max_waiting=1000,
+        max_queue_wait_s=5.0,
+    ).run()
     assert totals.dropped == 0 and totals.started == 300
     raw, corrected = summarize(book.total("order.raw")), summarize(book.total("order.corrected"))
     assert raw["p99_ms"] < 50
@@ -95,8 +108,12 @@ def test_stop_ends_visits_in_flight() -> None:
 
 
 def _rendezvous_process(index: int, count: int, start_epoch: float, out: multiprocessing.Queue) -> None:
-    shape = Shape("t0", (Segment(0.0, 1.0, "constant", 5.0), Segment(1.0, 1.5, "constant", 5.0)),
-                  impulses=(Impulse(1.0, 30.0),), t0_s=1.0)
+    shape = Shape(
+        "t0",
+        (Segment(0.0, 1.0, "constant", 5.0), Segment(1.0, 1.5, "constant", 5.0)),
+        impulses=(Impulse(1.0, 30.0),),
+        t0_s=1.0,
+    )
     sends: list[float] = []
 
     def visit(a: Arrival, at: float) -> None:

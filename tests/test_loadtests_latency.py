@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from loadtests.latency import HIGHEST_US, PERCENTILES, LatencyBook, new_histogram, read_log, summarize, to_us, write_log
+from loadtests.latency import (
+    HIGHEST_US,
+    PERCENTILES,
+    LatencyBook,
+    new_histogram,
+    read_log,
+    summarize,
+    to_us,
+    write_log,
+)
 
 
 def _samples(n: int, seed: int = 1) -> list[tuple[float, float, float]]:
@@ -82,7 +91,9 @@ def test_values_beyond_the_range_are_clamped_and_counted() -> None:
 def test_log_files_round_trip(tmp_path: Path) -> None:
     book = LatencyBook(1_700_000_000.0)
     for intended, sent, done in _samples(5_000):
-        book.record("order", intended=intended + 1_699_999_000, sent=sent + 1_699_999_000, done=done + 1_699_999_000)
+        book.record(
+            "order", intended=intended + 1_699_999_000, sent=sent + 1_699_999_000, done=done + 1_699_999_000
+        )
     for which in ("raw", "corrected"):
         path = tmp_path / f"{which}.hlog"
         write_log(path, book, which)

@@ -23,8 +23,24 @@ def _clean_audit() -> dict[str, Any]:
         "counts": {"holds_in_redis": 230, "orders_in_postgresql": 230, "acknowledged": 2, "dead_letters": 0},
         "violations_by_kind": {k: 0 for k in VIOLATION_KINDS},
         "skus": [
-            {"sale": "d11-a", "sku": "phone", "total": 60, "available": 0, "held": 0, "sold": 50, "reserve": 10},
-            {"sale": "d11-a", "sku": "charger", "total": 500, "available": 320, "held": 0, "sold": 180, "reserve": 0},
+            {
+                "sale": "d11-a",
+                "sku": "phone",
+                "total": 60,
+                "available": 0,
+                "held": 0,
+                "sold": 50,
+                "reserve": 10,
+            },
+            {
+                "sale": "d11-a",
+                "sku": "charger",
+                "total": 500,
+                "available": 320,
+                "held": 0,
+                "sold": 180,
+                "reserve": 0,
+            },
         ],
         "violations": [],
         "violations_not_listed": 0,
@@ -33,8 +49,17 @@ def _clean_audit() -> dict[str, Any]:
 
 def _plant(audit: dict[str, Any], kind: str, sale: str = "d11-a") -> None:
     audit["ok"] = False
-    audit["violations"].append({"kind": kind, "sale": sale, "where": "both", "detail": f"planted {kind}",
-                                "sku": "phone", "order_id": "d11-a.o9", "units": 1})
+    audit["violations"].append(
+        {
+            "kind": kind,
+            "sale": sale,
+            "where": "both",
+            "detail": f"planted {kind}",
+            "sku": "phone",
+            "order_id": "d11-a.o9",
+            "units": 1,
+        }
+    )
     audit["violations_by_kind"][kind] += 1
 
 
@@ -48,16 +73,25 @@ def _write_log(path: Path, lines: list[dict[str, Any]]) -> Path:
 
 
 def _order(rid: str, oid: str | None, outcome: str = "ok", **kw: Any) -> dict[str, Any]:
-    return {"kind": "order", "rid": rid, "order_id": oid, "outcome": outcome, "status": 201 if oid else 409,
-            "code": "" if oid else "sold_out", **kw}
+    return {
+        "kind": "order",
+        "rid": rid,
+        "order_id": oid,
+        "outcome": outcome,
+        "status": 201 if oid else 409,
+        "code": "" if oid else "sold_out",
+        **kw,
+    }
 
 
 @pytest.fixture
 def log(tmp_path: Path) -> Any:
     lines = [
-        _order("r1", "o1", pay_by_ms=1_000), _order("r2", "o2", pay_by_ms=2_000),
+        _order("r1", "o1", pay_by_ms=1_000),
+        _order("r2", "o2", pay_by_ms=2_000),
         _order("r2", "o2", replayed=True, pay_by_ms=2_000),  # a retry answered with the same order
-        _order("r3", None, outcome="failed"), _order("r4", None, outcome="unknown", status=0),
+        _order("r3", None, outcome="failed"),
+        _order("r4", None, outcome="unknown", status=0),
         {"kind": "pay", "order_id": "o1", "outcome": "paid"},
     ]
     return read_request_log([_write_log(tmp_path / "requests.jsonl", lines)])
@@ -104,9 +138,18 @@ def test_violations_the_audit_did_not_list_still_count(log: Any) -> None:
 
 
 def test_the_plural_dict_form_is_read_too(log: Any) -> None:
-    audit = {"ok": False, "drained": True,
-             "violations": {"oversold": [], "lost": [], "duplicates": [{"order_id": "o1"}], "limit_breaches": [], "leaked": []},
-             "skus": {"phone": {"total": 5, "available": 0, "held": 0, "sold": 5, "reserve": 0}}}
+    audit = {
+        "ok": False,
+        "drained": True,
+        "violations": {
+            "oversold": [],
+            "lost": [],
+            "duplicates": [{"order_id": "o1"}],
+            "limit_breaches": [],
+            "leaked": [],
+        },
+        "skus": {"phone": {"total": 5, "available": 0, "held": 0, "sold": 5, "reserve": 0}},
+    }
     assert [c.name for c in verdict_from_audit(audit, log).failed] == ["duplicate"]
 
 

@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from loadtests.arrivals import Arrival
-from loadtests.personas import PERSONAS, PersonaWeights, Reply, Shopper, backoff_delays, classify, order_outcome
+from loadtests.personas import (
+    PERSONAS,
+    PersonaWeights,
+    Reply,
+    Shopper,
+    backoff_delays,
+    classify,
+    order_outcome,
+)
 
 
 def test_weights_parse_and_pick_in_proportion() -> None:
@@ -28,8 +36,14 @@ def test_weights_parse_and_pick_in_proportion() -> None:
 
 
 def test_the_mix_follows_the_window() -> None:
-    shopper = Shopper(transport=None, catalogue=None, tokens={}, log=lambda _l: None, run_id="r",  # type: ignore[arg-type]
-                      rng=random.Random(1))
+    shopper = Shopper(
+        transport=None,
+        catalogue=None,
+        tokens={},
+        log=lambda _l: None,
+        run_id="r",  # type: ignore[arg-type]
+        rng=random.Random(1),
+    )
     countdown = Arrival(1, 0.0, 0.0, "countdown", "countdown")
     rendezvous = Arrival(2, 0.0, 0.0, "rendezvous", "rendezvous")
     opening = Arrival(3, 0.0, 0.0, "opening", "open")
@@ -38,32 +52,44 @@ def test_the_mix_follows_the_window() -> None:
     assert {shopper.persona_for(opening) for _ in range(2000)} == set(PERSONAS)
 
 
-@pytest.mark.parametrize("name,persona,status,code,expected", [
-    ("order", "buyer", 201, "", True),
-    ("order", "buyer", 409, "sold_out", True),
-    ("order", "bot", 429, "limit_exceeded", True),
-    ("order", "buyer", 409, "sale_not_open", True),
-    ("order", "buyer", 429, "rate_limited", False),
-    ("order", "bot", 429, "rate_limited", True),
-    ("order", "buyer", 503, "overloaded", False),
-    ("order", "buyer", 504, "outcome_unknown", False),
-    ("order", "buyer", 0, "", False),
-    ("order", "buyer", 422, "invalid_request", False),
-    ("pay", "buyer", 200, "", True),
-    ("pay", "buyer", 409, "hold_expired", True),
-    ("pay", "buyer", 404, "order_not_found", False),
-    ("browse", "browser", 200, "", True),
-    ("browse", "browser", 500, "internal", False),
-])
+@pytest.mark.parametrize(
+    "name,persona,status,code,expected",
+    [
+        ("order", "buyer", 201, "", True),
+        ("order", "buyer", 409, "sold_out", True),
+        ("order", "bot", 429, "limit_exceeded", True),
+        ("order", "buyer", 409, "sale_not_open", True),
+        ("order", "buyer", 429, "rate_limited", False),
+        ("order", "bot", 429, "rate_limited", True),
+        ("order", "buyer", 503, "overloaded", False),
+        ("order", "buyer", 504, "outcome_unknown", False),
+        ("order", "buyer", 0, "", False),
+        ("order", "buyer", 422, "invalid_request", False),
+        ("pay", "buyer", 200, "", True),
+        ("pay", "buyer", 409, "hold_expired", True),
+        ("pay", "buyer", 404, "order_not_found", False),
+        ("browse", "browser", 200, "", True),
+        ("browse", "browser", 500, "internal", False),
+    ],
+)
 def test_expected_answers(name: str, persona: str, status: int, code: str, expected: bool) -> None:
     body = {"error": code} if code else {}
     assert classify(name, persona, Reply(status, body)) is expected
 
 
-@pytest.mark.parametrize("status,outcome", [
-    (201, "ok"), (409, "failed"), (429, "failed"), (422, "failed"), (503, "failed"),
-    (504, "unknown"), (500, "unknown"), (0, "unknown"),
-])
+@pytest.mark.parametrize(
+    "status,outcome",
+    [
+        (201, "ok"),
+        (409, "failed"),
+        (429, "failed"),
+        (422, "failed"),
+        (503, "failed"),
+        (504, "unknown"),
+        (500, "unknown"),
+        (0, "unknown"),
+    ],
+)
 def test_order_outcome_for_the_oracle(status: int, outcome: str) -> None:
     assert order_outcome(Reply(status)) == outcome
 
@@ -75,14 +101,19 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
         ceiling = min(1.0, 0.05 * 2**k)
         column = [r[k] for r in runs]
         assert 0 <= min(column) and max(column) <= ceiling
-        assert sum(column) / len(column) == pytest.approx(ceiling / 2, rel=0.1)  # uniform: jittered, not fixed
+        assert sum(column) / len(column) == pytest.approx(
+            ceiling / 2, rel=0.1
+        )  # uniform: jittered, not fixed
 
 
 def test_loadtests_never_import_the_service() -> None:
     # loadtests/ speaks HTTP only, so it can drill any deployment.
     for path in Path(__file__).resolve().parents[1].joinpath("loadtests").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             for name in names:
                 assert not name.startswith(("flashsale", "inventory")), f"{path.name} imports {name}"

@@ -49,7 +49,12 @@ def drill(embedded_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactor
         "FLASHSALE_ADMIN_TOKEN": uuid.uuid4().hex,
     }
     settings = RehearsalSettings(
-        peak_rps=60.0, time_scale=0.3, hold_ttl_s=3.0, audit_wait_s=30.0, report_dir=folder, env=env,
+        peak_rps=60.0,
+        time_scale=0.3,
+        hold_ttl_s=3.0,
+        audit_wait_s=30.0,
+        report_dir=folder,
+        env=env,
         # A CI machine is shared: judge correctness here, and latency loosely.
         slo="latency_corrected:p(99)<5000;error_ratio:rate<0.02;arrival_ratio:value>0.9",
     )
@@ -73,7 +78,13 @@ def test_short_headless_rehearsal_passes_the_oracle(drill: Drill) -> None:
     assert log["replays"] > 0, log  # retries reused their request id and got their first order back
     assert s["service"]["sold_out_at_s_from_t0"], "no sold-out moment in the stats timeline"
     assert s["events"] and "reserve" in s["events"][0]["what"]
-    for name in ("report.html", "timeline.csv", "latency-raw.hlog", "latency-corrected.hlog", "requests.jsonl"):
+    for name in (
+        "report.html",
+        "timeline.csv",
+        "latency-raw.hlog",
+        "latency-corrected.hlog",
+        "requests.jsonl",
+    ):
         assert (drill.folder / name).is_file(), name
     text = (drill.folder / "rehearse.out").read_text()
     assert "VERDICT  exit 0" in text
@@ -89,9 +100,13 @@ def _free_port() -> int:
 def judge(drill: Drill) -> Iterator[Any]:
     """The service started again on the drill's stores; ``judge()`` reruns the oracle (exit code)."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "flashsale", "serve", "--port", str(port), "--workers", "1"],
-                            env={**os.environ, **drill.env}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "serve", "--port", str(port), "--workers", "1"],
+        env={**os.environ, **drill.env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     host = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
     while time.time() < deadline:
@@ -102,8 +117,20 @@ def judge(drill: Drill) -> Iterator[Any]:
             time.sleep(0.2)
 
     def run(*extra: str) -> int:
-        return oracle.main([str(drill.folder / "requests.jsonl"), "--host", host, "--sale", drill.sale,
-                            "--admin-token", drill.env["FLASHSALE_ADMIN_TOKEN"], "--wait", "5", *extra])
+        return oracle.main(
+            [
+                str(drill.folder / "requests.jsonl"),
+                "--host",
+                host,
+                "--sale",
+                drill.sale,
+                "--admin-token",
+                drill.env["FLASHSALE_ADMIN_TOKEN"],
+                "--wait",
+                "5",
+                *extra,
+            ]
+        )
 
     try:
         yield run
@@ -126,16 +153,18 @@ def _acknowledged(drill: Drill) -> list[str]:
 
 
 @pytest.mark.timeout(180)
-def test_oracle_clean_before_tampering_and_chunked(drill: Drill, judge: Any, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_oracle_clean_before_tampering_and_chunked(
+    drill: Drill, judge: Any, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # Many acknowledged ids go in several audit calls (the service takes 16 KiB bodies).
     monkeypatch.setattr(oracle, "AUDIT_CHUNK_BYTES", 400)
     assert judge() == exit_codes.OK, capsys.readouterr().out
 
 
 @pytest.mark.timeout(180)
-def test_planted_oversell_is_an_invariant_violation(drill: Drill, judge: Any, stores: Any,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_planted_oversell_is_an_invariant_violation(
+    drill: Drill, judge: Any, stores: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     client, tag = stores
     hot = next(k for k in client.hgetall(f"{tag}:stock") if k.startswith("phone-") and k.endswith(":sold"))
     client.hincrby(f"{tag}:stock", hot, 1)  # one more unit sold than was ever stocked
@@ -152,8 +181,9 @@ async def _pg(drill: Drill) -> asyncpg.Connection:
 
 
 @pytest.mark.timeout(180)
-async def test_planted_lost_order_is_an_invariant_violation(drill: Drill, judge: Any,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
+async def test_planted_lost_order_is_an_invariant_violation(
+    drill: Drill, judge: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     victim = _acknowledged(drill)[0]
     conn = await _pg(drill)
     try:
@@ -167,29 +197,45 @@ async def test_planted_lost_order_is_an_invariant_violation(drill: Drill, judge:
             assert "lost" in failed
         finally:
             cols = list(row.keys())
-            await conn.execute(f"INSERT INTO orders ({', '.join(cols)}) VALUES "
-                               f"({', '.join(f'${i + 1}' for i in range(len(cols)))})", *row.values())
+            await conn.execute(
+                f"INSERT INTO orders ({', '.join(cols)}) VALUES "
+                f"({', '.join(f'${i + 1}' for i in range(len(cols)))})",
+                *row.values(),
+            )
             for line in lines:
-                await conn.execute("INSERT INTO order_lines (order_id, sku, qty) VALUES ($1, $2, $3)",
-                                   line["order_id"], line["sku"], line["qty"])
+                await conn.execute(
+                    "INSERT INTO order_lines (order_id, sku, qty) VALUES ($1, $2, $3)",
+                    line["order_id"],
+                    line["sku"],
+                    line["qty"],
+                )
     finally:
         await conn.close()
 
 
 @pytest.mark.timeout(180)
-async def test_planted_duplicate_is_an_invariant_violation(drill: Drill, judge: Any,
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+async def test_planted_duplicate_is_an_invariant_violation(
+    drill: Drill, judge: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     original = _acknowledged(drill)[-1]
     twin = original + "x"
     conn = await _pg(drill)
     try:
         # A second order for the same request id: what a retry must never create.
-        await conn.execute("""INSERT INTO orders (order_id, sale, user_id, request_id, status, status_rank, created_at,
+        await conn.execute(
+            """INSERT INTO orders (order_id, sale, user_id, request_id, status, status_rank, created_at,
                                                   pay_by, status_at, last_stream_id)
                               SELECT $2, sale, user_id, request_id, status, status_rank, created_at, pay_by, status_at,
-                                     last_stream_id FROM orders WHERE order_id = $1""", original, twin)
-        await conn.execute("""INSERT INTO order_lines (order_id, sku, qty)
-                              SELECT $2, sku, qty FROM order_lines WHERE order_id = $1""", original, twin)
+                                     last_stream_id FROM orders WHERE order_id = $1""",
+            original,
+            twin,
+        )
+        await conn.execute(
+            """INSERT INTO order_lines (order_id, sku, qty)
+                              SELECT $2, sku, qty FROM order_lines WHERE order_id = $1""",
+            original,
+            twin,
+        )
         try:
             assert judge() == exit_codes.INVARIANT_VIOLATED
             failed = [line.split()[0] for line in capsys.readouterr().out.splitlines() if " FAIL " in line]
@@ -210,9 +256,11 @@ def test_ctrl_c_stops_everything_and_still_judges(embedded_stack: EmbeddedStack,
     import psutil  # type: ignore[import-untyped]
 
     env = {**os.environ, **embedded_stack.environ(), "FLASHSALE_KEY_PREFIX": f"rc{uuid.uuid4().hex[:6]}"}
-    script = ("import sys; from pathlib import Path; from flashsale.rehearse import Rehearsal, RehearsalSettings; "
-              f"sys.exit(Rehearsal(RehearsalSettings(peak_rps=40, time_scale=1.0, hold_ttl_s=2, audit_wait_s=20, "
-              f"report_dir=Path({str(tmp_path)!r}))).run())")
+    script = (
+        "import sys; from pathlib import Path; from flashsale.rehearse import Rehearsal, RehearsalSettings; "
+        f"sys.exit(Rehearsal(RehearsalSettings(peak_rps=40, time_scale=1.0, hold_ttl_s=2, audit_wait_s=20, "
+        f"report_dir=Path({str(tmp_path)!r}))).run())"
+    )
     proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE, text=True)
     progress = tmp_path / "progress.json"
     deadline = time.time() + 90
@@ -237,5 +285,9 @@ def test_ctrl_c_stops_everything_and_still_judges(embedded_stack: EmbeddedStack,
     assert proc.returncode == summary["exit_code"], out
     assert "VERDICT" in out
     time.sleep(1)
-    left = [pid for pid in children if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    left = [
+        pid
+        for pid in children
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert left == [], f"processes left running after Ctrl-C: {left}"

@@ -42,8 +42,16 @@ def _synthetic_run(tmp_path: Path, *, stall_at: float | None = None) -> tuple[Ru
             else:
                 label, oid = "409:sold_out", None
             rec.request("order", intended=a.intended, sent=sent, done=done, expected=True, label=label)
-            rec.log({"kind": "order", "rid": f"r{a.seq}", "order_id": oid, "outcome": "ok" if oid else "failed",
-                     "status": int(label[:3]), "code": "" if oid else "sold_out"})
+            rec.log(
+                {
+                    "kind": "order",
+                    "rid": f"r{a.seq}",
+                    "order_id": oid,
+                    "outcome": "ok" if oid else "failed",
+                    "status": int(label[:3]),
+                    "code": "" if oid else "sold_out",
+                }
+            )
         rec.sample_cpu(START + 3, 35.0)
         rec.done = True
         collector.absorb(json.loads(json.dumps(rec.export())))
@@ -53,10 +61,25 @@ def _synthetic_run(tmp_path: Path, *, stall_at: float | None = None) -> tuple[Ru
     for s in range(int(shape.duration_s) + 1):
         if s >= shape.t0_s:
             left = max(left - 15, 0)
-        body = {"sales": {"d11-t": {"skus": {"phone": {"total": 40, "available": left, "held": 0, "sold": 40 - left,
-                                                         "reserve": 0, "state": "in_stock"}}, "backlog": 3 if left else 0},
-                          "other": {"skus": {"tv": {"total": 9, "available": 9}}, "backlog": 100}},
-                "writer": {"orders_total": float(40 - left), "rows_total": float(80 - 2 * left)}}
+        body = {
+            "sales": {
+                "d11-t": {
+                    "skus": {
+                        "phone": {
+                            "total": 40,
+                            "available": left,
+                            "held": 0,
+                            "sold": 40 - left,
+                            "reserve": 0,
+                            "state": "in_stock",
+                        }
+                    },
+                    "backlog": 3 if left else 0,
+                },
+                "other": {"skus": {"tv": {"total": 9, "available": 9}}, "backlog": 100},
+            },
+            "writer": {"orders_total": float(40 - left), "rows_total": float(80 - 2 * left)},
+        }
         collector.add_service_sample(parse_stats(body, START + s + 0.5, sale="d11-t"))
     collector.close()
     return collector, shape
@@ -65,19 +88,38 @@ def _synthetic_run(tmp_path: Path, *, stall_at: float | None = None) -> tuple[Ru
 def test_report_folder(tmp_path: Path) -> None:
     collector, shape = _synthetic_run(tmp_path)
     log = read_request_log([collector.requests_path])  # type: ignore[list-item]
-    audit = {"ok": True, "violations": {k: [] for k in VIOLATION_KINDS}, "drained": True,
-             "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 40, "reserve": 0}},
-             "orders": {"redis": 40, "postgres": 40}}
+    audit = {
+        "ok": True,
+        "violations": {k: [] for k in VIOLATION_KINDS},
+        "drained": True,
+        "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 40, "reserve": 0}},
+        "orders": {"redis": 40, "postgres": 40},
+    }
     verdict = verdict_from_audit(audit, log)
     report = write_report(
-        tmp_path / "report", collector, shape, {"id": "t1", "host": "http://test"},  # type: ignore[arg-type]
-        elapsed_s=shape.duration_s, thresholds=["latency:p(99)<500", "arrival_ratio:value>0.95"], verdict=verdict,
+        tmp_path / "report",
+        collector,
+        shape,
+        {"id": "t1", "host": "http://test"},  # type: ignore[arg-type]
+        elapsed_s=shape.duration_s,
+        thresholds=["latency:p(99)<500", "arrival_ratio:value>0.95"],
+        verdict=verdict,
         events=[DrillEvent(START + shape.t0_s + 2, "reserve released")],
     )
     folder = tmp_path / "report"
-    for name in ("summary.json", "timeline.csv", "latency-raw.hlog", "latency-corrected.hlog", "report.html",
-                 "requests.jsonl", "plots/arrivals.png", "plots/orders.png", "plots/latency.png", "plots/stock.png",
-                 "plots/queue.png"):
+    for name in (
+        "summary.json",
+        "timeline.csv",
+        "latency-raw.hlog",
+        "latency-corrected.hlog",
+        "report.html",
+        "requests.jsonl",
+        "plots/arrivals.png",
+        "plots/orders.png",
+        "plots/latency.png",
+        "plots/stock.png",
+        "plots/queue.png",
+    ):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "summary.json").read_text())
     assert summary["schema_version"] == SCHEMA_VERSION and summary["schema"] == "flashsale.drill.summary"
@@ -110,28 +152,73 @@ def test_report_folder(tmp_path: Path) -> None:
 def test_planted_violation_and_an_invalid_run_set_the_exit_code(tmp_path: Path) -> None:
     collector, shape = _synthetic_run(tmp_path, stall_at=6.0)
     log = read_request_log([collector.requests_path])  # type: ignore[list-item]
-    audit = {"ok": False, "violations": {**{k: [] for k in VIOLATION_KINDS}, "oversold": [{"sku": "phone", "by": 1}]},
-             "drained": True, "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 41, "reserve": 0}}}
+    audit = {
+        "ok": False,
+        "violations": {**{k: [] for k in VIOLATION_KINDS}, "oversold": [{"sku": "phone", "by": 1}]},
+        "drained": True,
+        "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 41, "reserve": 0}},
+    }
     kwargs = dict(elapsed_s=shape.duration_s, thresholds=["latency:p(99)<500"], plots=False)
-    report = write_report(tmp_path / "r1", collector, shape, {"id": "t2"}, verdict=verdict_from_audit(audit, log),  # type: ignore[arg-type]
-                          **kwargs)  # type: ignore[arg-type]
+    report = write_report(
+        tmp_path / "r1",
+        collector,
+        shape,
+        {"id": "t2"},
+        verdict=verdict_from_audit(audit, log),  # type: ignore[arg-type]
+        **kwargs,
+    )  # type: ignore[arg-type]
     assert report.exit_code == exit_codes.INVARIANT_VIOLATED
     # Without the oracle able to judge, the run is invalid rather than "all good".
-    report = write_report(tmp_path / "r2", collector, shape, {"id": "t3"}, oracle_error="service unreachable",  # type: ignore[arg-type]
-                          **kwargs)  # type: ignore[arg-type]
+    report = write_report(
+        tmp_path / "r2",
+        collector,
+        shape,
+        {"id": "t3"},
+        oracle_error="service unreachable",  # type: ignore[arg-type]
+        **kwargs,
+    )  # type: ignore[arg-type]
     assert report.exit_code == exit_codes.RUN_INVALID
     # The stall shows in the SLO: with a clean audit the run only misses its SLO.
-    clean = {**audit, "ok": True, "violations": {k: [] for k in VIOLATION_KINDS},
-             "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 40, "reserve": 0}}}
-    report = write_report(tmp_path / "r3", collector, shape, {"id": "t4"}, verdict=verdict_from_audit(clean, log),  # type: ignore[arg-type]
-                          **kwargs)  # type: ignore[arg-type]
+    clean = {
+        **audit,
+        "ok": True,
+        "violations": {k: [] for k in VIOLATION_KINDS},
+        "skus": {"phone": {"total": 40, "available": 0, "held": 0, "sold": 40, "reserve": 0}},
+    }
+    report = write_report(
+        tmp_path / "r3",
+        collector,
+        shape,
+        {"id": "t4"},
+        verdict=verdict_from_audit(clean, log),  # type: ignore[arg-type]
+        **kwargs,
+    )  # type: ignore[arg-type]
     assert report.exit_code == exit_codes.SLO_MISSED
     assert not (tmp_path / "r3" / "report.html").exists()
 
 
 def test_order_buckets() -> None:
-    assert [order_bucket(x) for x in ("201", "201:replayed", "409:sold_out", "429:limit_exceeded",
-                                      "409:sale_not_open", "422:invalid_request", "503:overloaded",
-                                      "504:outcome_unknown", "0:no_answer")] == [
-        "created", "replayed", "sold_out", "limit_exceeded", "not_open", "failed_other", "failed_other",
-        "unknown", "unknown"]
+    assert [
+        order_bucket(x)
+        for x in (
+            "201",
+            "201:replayed",
+            "409:sold_out",
+            "429:limit_exceeded",
+            "409:sale_not_open",
+            "422:invalid_request",
+            "503:overloaded",
+            "504:outcome_unknown",
+            "0:no_answer",
+        )
+    ] == [
+        "created",
+        "replayed",
+        "sold_out",
+        "limit_exceeded",
+        "not_open",
+        "failed_other",
+        "failed_other",
+        "unknown",
+        "unknown",
+    ]

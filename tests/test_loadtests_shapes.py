@@ -117,8 +117,12 @@ def test_shares_of_n_processes_add_up_to_the_one_process_schedule() -> None:
 
 
 def test_rendezvous_arrivals_fire_at_t0_and_countdown_ones_before() -> None:
-    shape = Shape("tiny", (Segment(0, 1, "constant", 10), Segment(1, 2, "constant", 10)),
-                  impulses=(Impulse(1.0, 25),), t0_s=1.0)
+    shape = Shape(
+        "tiny",
+        (Segment(0, 1, "constant", 10), Segment(1, 2, "constant", 10)),
+        impulses=(Impulse(1.0, 25),),
+        t0_s=1.0,
+    )
     arrivals = list(ArrivalPlan(shape, start_epoch=0.0))
     assert len(arrivals) == 45
     assert sum(1 for a in arrivals if a.kind == "rendezvous" and a.offset == 1.0) == 25

@@ -11,14 +11,39 @@ from loadtests import exit_codes
 from loadtests.slo import DEFAULT_THRESHOLDS, RunValidity, check_validity, evaluate, parse_threshold
 
 
-def _summary(p99: float = 120.0, p99c: float = 300.0, errors: float = 0.001, arrivals: float = 0.99,
-             dropped: float = 0.0, cpu_busy: float = 0.0, lag_p99: float = 2.0) -> dict[str, Any]:
-    lat = lambda p: {"count": 1000, "p50_ms": p / 4, "p90_ms": p / 2, "p99_ms": p, "p99.9_ms": p * 2,  # noqa: E731
-                     "max_ms": p * 3, "mean_ms": p / 3}
+def _summary(
+    p99: float = 120.0,
+    p99c: float = 300.0,
+    errors: float = 0.001,
+    arrivals: float = 0.99,
+    dropped: float = 0.0,
+    cpu_busy: float = 0.0,
+    lag_p99: float = 2.0,
+) -> dict[str, Any]:
+    def lat(p: float) -> dict[str, float]:
+        return {
+            "count": 1000,
+            "p50_ms": p / 4,
+            "p90_ms": p / 2,
+            "p99_ms": p,
+            "p99.9_ms": p * 2,
+            "max_ms": p * 3,
+            "mean_ms": p / 3,
+        }
+
     return {
-        "latency": {"raw": {"all": lat(p99), "order": lat(p99 / 2)}, "corrected": {"all": lat(p99c), "order": lat(p99c)}},
-        "ratios": {"error_ratio": errors, "arrival_ratio": arrivals, "dropped_ratio": dropped,
-                   "error_ratio_count": 5, "arrival_ratio_count": 990, "dropped_ratio_count": 0},
+        "latency": {
+            "raw": {"all": lat(p99), "order": lat(p99 / 2)},
+            "corrected": {"all": lat(p99c), "order": lat(p99c)},
+        },
+        "ratios": {
+            "error_ratio": errors,
+            "arrival_ratio": arrivals,
+            "dropped_ratio": dropped,
+            "error_ratio_count": 5,
+            "arrival_ratio_count": 990,
+            "dropped_ratio_count": 0,
+        },
         "generator": {"cpu_busy_ratio": {"local": cpu_busy}, "dispatch_lag": {"p99_ms": lag_p99}},
     }
 
@@ -61,7 +86,9 @@ def test_validity_bounds() -> None:
     assert not check_validity(_summary(lag_p99=900)).valid
     failed = _summary()
     failed["generator"]["failures"] = {"w1": "cannot mint buyer tokens: 401"}
-    assert check_validity(failed).reasons == ("Locust process w1 could not send its share: cannot mint buyer tokens: 401",)
+    assert check_validity(failed).reasons == (
+        "Locust process w1 could not send its share: cannot mint buyer tokens: 401",
+    )
 
 
 @pytest.mark.parametrize("invariants,valid,slo", list(itertools.product([True, False], repeat=3)))

@@ -21,7 +21,9 @@ async def _tables(conn: asyncpg.Connection) -> set[str]:
 
 
 def test_every_sql_file_is_a_numbered_migration() -> None:
-    files = sorted(p.name for p in (resources.files("flashsale") / "migrations").iterdir() if p.name.endswith(".sql"))
+    files = sorted(
+        p.name for p in (resources.files("flashsale") / "migrations").iterdir() if p.name.endswith(".sql")
+    )
     # A misnamed file would be skipped silently: every .sql file must be picked up, in order.
     assert [m.label + ".sql" for m in available()] == files
 
@@ -80,7 +82,9 @@ async def test_an_edited_migration_is_refused(pipeline_db_url: str) -> None:
         edited = (Migration(first.version, first.name, first.sql + "\n-- edited\n"), *rest)
         with pytest.raises(MigrationError, match="new migration"):
             await migrate(conn, migrations=edited)
-        assert {s.version: s.state for s in await migration_status(conn, migrations=edited)}[first.version] == "changed"
+        assert {s.version: s.state for s in await migration_status(conn, migrations=edited)}[
+            first.version
+        ] == "changed"
         # A migration recorded by a newer flashsale is reported, not dropped.
         older = tuple(m for m in available() if m.version != available()[-1].version)
         assert (await migration_status(conn, migrations=older))[-1].state == "unknown"
@@ -92,7 +96,9 @@ def test_cli_migrate_and_status(pipeline_db_url: str) -> None:
     env = {**os.environ, "FLASHSALE_DATABASE_URL": pipeline_db_url}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "flashsale", *args], env=env, capture_output=True, text=True, timeout=60)
+        return subprocess.run(
+            [sys.executable, "-m", "flashsale", *args], env=env, capture_output=True, text=True, timeout=60
+        )
 
     before = run("migrate", "--status")
     assert before.returncode == 0, before.stderr
@@ -103,6 +109,11 @@ def test_cli_migrate_and_status(pipeline_db_url: str) -> None:
     after = run("migrate", "--status")
     assert after.stdout.count("applied") == len(available()) and "pending" not in after.stdout
 
-    missing = subprocess.run([sys.executable, "-m", "flashsale", "migrate"], capture_output=True, text=True, timeout=60,
-                             env={k: v for k, v in env.items() if k != "FLASHSALE_DATABASE_URL"})  # fmt: skip
+    missing = subprocess.run(
+        [sys.executable, "-m", "flashsale", "migrate"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={k: v for k, v in env.items() if k != "FLASHSALE_DATABASE_URL"},
+    )
     assert missing.returncode == 2 and "FLASHSALE_DATABASE_URL" in missing.stderr

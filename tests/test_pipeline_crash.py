@@ -34,8 +34,10 @@ class WorkerProcess:
         with log.open("a") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "flashsale", "worker", "--consumer", consumer, "--batch", "2000"],
-                env=env, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def kill(self) -> None:
         self.proc.send_signal(signal.SIGKILL)
@@ -73,11 +75,16 @@ async def stream_orders(inv: Inventory, made: list[str], *, pause: float = 0.0, 
     """Waves of concurrent reservations; each wave also pays and cancels a few earlier holds,
     so status changes cross the crash too."""
     for w in range(WAVES):
-        holds = await asyncio.gather(*(
-            inv.reserve(f"u{w}-{i}", [Line("phone", 1)] + ([Line("case", 1)] if i % 4 == 0 else []),
-                        request_id=f"{tag}w{w}-{i}")
-            for i in range(WAVE)
-        ))  # fmt: skip
+        holds = await asyncio.gather(
+            *(
+                inv.reserve(
+                    f"u{w}-{i}",
+                    [Line("phone", 1)] + ([Line("case", 1)] if i % 4 == 0 else []),
+                    request_id=f"{tag}w{w}-{i}",
+                )
+                for i in range(WAVE)
+            )
+        )
         made.extend(h.hold_id for h in holds)
         for h in holds[:20]:
             await inv.confirm(h.hold_id)
@@ -106,7 +113,9 @@ async def wait_for(predicate: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.002)
 
 
-async def assert_nothing_lost(redis: Redis, database_url: str, inv: Inventory, made: list[str], drained: Any) -> None:
+async def assert_nothing_lost(
+    redis: Redis, database_url: str, inv: Inventory, made: list[str], drained: Any
+) -> None:
     await drained(redis, ["d11"], timeout=60)
     pool = await create_pool(database_url)  # a fresh pool: the test's own may have gone stale
     try:
@@ -122,9 +131,14 @@ async def assert_nothing_lost(redis: Redis, database_url: str, inv: Inventory, m
 
 @pytest.mark.parametrize("restart_as", ["same-consumer", "new-consumer"])
 async def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
-    restart_as: str, text_redis: Redis, pipeline_sale: Any, pipeline_db_url: str, worker_env: dict[str, str],
-    tmp_path: Path, drained: Any,
-) -> None:  # fmt: skip
+    restart_as: str,
+    text_redis: Redis,
+    pipeline_sale: Any,
+    pipeline_db_url: str,
+    worker_env: dict[str, str],
+    tmp_path: Path,
+    drained: Any,
+) -> None:
     inv = await pipeline_sale("d11", {"phone": 100_000, "case": 100_000})
     made: list[str] = []
     log = tmp_path / "worker.log"
@@ -150,15 +164,22 @@ async def test_worker_killed_mid_batch_loses_and_duplicates_nothing(
             if w is not None:
                 w.stop()
     events = (second or first).events()
-    assert ('"event": "pending_reread"' if restart_as == "same-consumer" else '"event": "reclaimed"') in events
+    assert (
+        '"event": "pending_reread"' if restart_as == "same-consumer" else '"event": "reclaimed"'
+    ) in events
     assert second is not None and second.proc.returncode == 0
     assert '"event": "dead_letter"' not in events
 
 
 async def test_postgres_killed_while_orders_stream_in(
-    embedded_stack: EmbeddedStack, text_redis: Redis, pipeline_sale: Any, pipeline_db_url: str,
-    worker_env: dict[str, str], tmp_path: Path, drained: Any,
-) -> None:  # fmt: skip
+    embedded_stack: EmbeddedStack,
+    text_redis: Redis,
+    pipeline_sale: Any,
+    pipeline_db_url: str,
+    worker_env: dict[str, str],
+    tmp_path: Path,
+    drained: Any,
+) -> None:
     if embedded_stack.postgres is None:
         pytest.skip("FLASHSALE_DATABASE_URL names an outside PostgreSQL: this test must stop and start it")
     postgres = embedded_stack.postgres

@@ -35,11 +35,21 @@ async def test_create_sale_with_every_setting(service: Service, redis_client: Re
     assert created["sale"] == "d11-2026"
     assert created["opens_at"] == "2026-11-10T16:00:00.000Z"
     assert created["opens_at_ms"] == 1_794_326_400_000
-    assert (created["early_access_ms"], created["hold_ttl_ms"], created["state"]) == (600_000, 900_000, "scheduled")
+    assert (created["early_access_ms"], created["hold_ttl_ms"], created["state"]) == (
+        600_000,
+        900_000,
+        "scheduled",
+    )
     assert created["skus"]["phone"] == {
-        "total": 100, "available": 80, "held": 0, "sold": 0, "reserve": 20,
-        "limit_per_user": 2, "low_stock_line": 10, "state": "in_stock",
-    }  # fmt: skip
+        "total": 100,
+        "available": 80,
+        "held": 0,
+        "sold": 0,
+        "reserve": 20,
+        "limit_per_user": 2,
+        "low_stock_line": 10,
+        "state": "in_stock",
+    }
     assert created["skus"]["case"]["total"] == 5 and created["skus"]["case"]["limit_per_user"] == 0
     assert await redis_client.smembers("fs:sales") == {b"d11-2026"}
     assert await redis_client.hgetall("fs:skus") == {b"phone": b"d11-2026", b"case": b"d11-2026"}
@@ -84,8 +94,14 @@ VALID_SKU = {"sku": "ok-sku", "stock": 5}
         ({"sale": "s", "skus": [VALID_SKU, {"sku": "neg", "stock": -1}]}, "stock"),
         ({"sale": "s", "skus": [VALID_SKU, {"sku": "big", "stock": 10**10}]}, "stock"),
         ({"sale": "s", "skus": [VALID_SKU, {"sku": "pool", "stock": 2, "reserve": 3}]}, "reserve"),
-        ({"sale": "s", "skus": [VALID_SKU, {"sku": "lim", "stock": 2, "limit_per_user": "2"}]}, "limit_per_user"),
-        ({"sale": "s", "skus": [VALID_SKU, {"sku": "low", "stock": 2, "low_stock_line": False}]}, "low_stock_line"),
+        (
+            {"sale": "s", "skus": [VALID_SKU, {"sku": "lim", "stock": 2, "limit_per_user": "2"}]},
+            "limit_per_user",
+        ),
+        (
+            {"sale": "s", "skus": [VALID_SKU, {"sku": "low", "stock": 2, "low_stock_line": False}]},
+            "low_stock_line",
+        ),
     ],
 )
 async def test_invalid_sale_is_refused_before_anything_is_written(
@@ -93,7 +109,9 @@ async def test_invalid_sale_is_refused_before_anything_is_written(
 ) -> None:
     await service.create_sale({new_id("sku"): 1})  # something in Redis to keep unchanged
     before = await dump_redis(redis_client)
-    refused = await expect_json(await service.client.post("/api/admin/sales", json=body, headers=ADMIN), 422, "invalid_request")
+    refused = await expect_json(
+        await service.client.post("/api/admin/sales", json=body, headers=ADMIN), 422, "invalid_request"
+    )
     assert refused["field"] == field
     assert changed_keys(before, await dump_redis(redis_client)) == []
 
@@ -102,19 +120,27 @@ async def test_existing_sale_is_refused_and_kept(service: Service, redis_client:
     await service.create_sale({"first-sku": 5}, sale="dup")
     before = await dump_redis(redis_client)
     await service.create_sale({"other-sku": 9}, sale="dup", expect=409)
-    refused = await service.client.post("/api/admin/sales", json={"sale": "dup", "skus": [{"sku": "x", "stock": 1}]}, headers=ADMIN)
+    refused = await service.client.post(
+        "/api/admin/sales", json={"sale": "dup", "skus": [{"sku": "x", "stock": 1}]}, headers=ADMIN
+    )
     await expect_json(refused, 409, "sale_exists")
     assert changed_keys(before, await dump_redis(redis_client)) == []
 
 
-async def test_sku_of_another_sale_is_refused_and_nothing_is_written(service: Service, redis_client: Redis) -> None:
+async def test_sku_of_another_sale_is_refused_and_nothing_is_written(
+    service: Service, redis_client: Redis
+) -> None:
     await service.create_sale({"phone": 5, "case": 5}, sale="first")
     before = await dump_redis(redis_client)
     body = {"sale": "second", "skus": [{"sku": "fresh", "stock": 1}, {"sku": "case", "stock": 3}]}
-    refused = await expect_json(await service.client.post("/api/admin/sales", json=body, headers=ADMIN), 409, "sku_taken")
+    refused = await expect_json(
+        await service.client.post("/api/admin/sales", json=body, headers=ADMIN), 409, "sku_taken"
+    )
     assert refused["skus"] == ["case"]
     assert changed_keys(before, await dump_redis(redis_client)) == [], "a refused sale left keys behind"
-    await expect_json(await service.client.get("/api/admin/sales/second", headers=ADMIN), 404, "sale_not_found")
+    await expect_json(
+        await service.client.get("/api/admin/sales/second", headers=ADMIN), 404, "sale_not_found"
+    )
     # The SKU the refused sale would have had is still free.
     await service.create_sale({"fresh": 1}, sale="second")
 
@@ -127,7 +153,9 @@ async def test_open_now_and_close(service: Service) -> None:
     opened = await expect_json(await service.client.post(f"/api/admin/sales/{sale}/open", headers=ADMIN), 200)
     assert opened["state"] == "open" and opened["opens_at_ms"] <= now_ms()
     await expect_json(await service.order("alice", sku), 201)
-    closed = await expect_json(await service.client.post(f"/api/admin/sales/{sale}/close", headers=ADMIN), 200)
+    closed = await expect_json(
+        await service.client.post(f"/api/admin/sales/{sale}/close", headers=ADMIN), 200
+    )
     assert closed["state"] == "closed"
     shown = await expect_json(await service.client.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200)
     assert shown["state"] == "closed" and shown["skus"][sku]["held"] == 1
@@ -135,6 +163,12 @@ async def test_open_now_and_close(service: Service) -> None:
 
 @pytest.mark.parametrize("sale", ["nope", "UPPER", "x" * 40, "%C3%A9"])
 async def test_unknown_sale_is_404_everywhere(service: Service, sale: str) -> None:
-    await expect_json(await service.client.get(f"/api/admin/sales/{sale}", headers=ADMIN), 404, "sale_not_found")
+    await expect_json(
+        await service.client.get(f"/api/admin/sales/{sale}", headers=ADMIN), 404, "sale_not_found"
+    )
     for action in ("open", "close"):
-        await expect_json(await service.client.post(f"/api/admin/sales/{sale}/{action}", headers=ADMIN), 404, "sale_not_found")
+        await expect_json(
+            await service.client.post(f"/api/admin/sales/{sale}/{action}", headers=ADMIN),
+            404,
+            "sale_not_found",
+        )

@@ -54,30 +54,42 @@ async def test_every_admin_route_refuses_wrong_credentials(service: Service, red
     for method, template in routes:
         path = template.replace("{sale}", sale).replace("{sku}", sku)
         for label, headers in WRONG_CREDENTIALS:
-            status, body = await service.raw(method, path, {**headers, "Content-Type": b"application/json"}, b'{"units": 1}')
-            assert (status, body.get("error")) == (401, "unauthorized"), f"{method} {path} with {label}: {status} {body}"
+            status, body = await service.raw(
+                method, path, {**headers, "Content-Type": b"application/json"}, b'{"units": 1}'
+            )
+            assert (status, body.get("error")) == (401, "unauthorized"), (
+                f"{method} {path} with {label}: {status} {body}"
+            )
     assert changed_keys(before, await dump_redis(redis_client)) == []
 
 
 async def test_switches_read_and_write(service: Service) -> None:
     assert await expect_json(await service.client.get("/api/admin/switches", headers=ADMIN), 200) == {
-        "browse": True, "order_lookup": True,
-    }  # fmt: skip
+        "browse": True,
+        "order_lookup": True,
+    }
     off = await service.client.post("/api/admin/switches", json={"browse": False}, headers=ADMIN)
     assert await expect_json(off, 200) == {"browse": False, "order_lookup": True}
     unchanged = await service.client.post("/api/admin/switches", json={}, headers=ADMIN)
     assert await expect_json(unchanged, 200) == {"browse": False, "order_lookup": True}
     assert await expect_json(await service.client.get("/api/admin/switches", headers=ADMIN), 200) == {
-        "browse": False, "order_lookup": True,
-    }  # fmt: skip
+        "browse": False,
+        "order_lookup": True,
+    }
 
 
 @pytest.mark.parametrize(
     ("body", "code"),
-    [({"checkout": False}, "invalid_request"), ({"browse": "off"}, "invalid_request"), ({"browse": 0}, "invalid_request"),
-     ([{"browse": False}], "malformed_json")],
-)  # fmt: skip
-async def test_bad_switches_change_nothing(service: Service, redis_client: Redis, body: Any, code: str) -> None:
+    [
+        ({"checkout": False}, "invalid_request"),
+        ({"browse": "off"}, "invalid_request"),
+        ({"browse": 0}, "invalid_request"),
+        ([{"browse": False}], "malformed_json"),
+    ],
+)
+async def test_bad_switches_change_nothing(
+    service: Service, redis_client: Redis, body: Any, code: str
+) -> None:
     before = await dump_redis(redis_client)
     await expect_json(await service.client.post("/api/admin/switches", json=body, headers=ADMIN), 422, code)
     assert changed_keys(before, await dump_redis(redis_client)) == []
@@ -85,7 +97,10 @@ async def test_bad_switches_change_nothing(service: Service, redis_client: Redis
 
 async def test_minted_tokens_are_accepted_by_the_service(service: Service) -> None:
     minted = await expect_json(
-        await service.client.post("/api/admin/tokens", json={"users": ["alice", "bob@example"], "ttl_s": 600}, headers=ADMIN), 200
+        await service.client.post(
+            "/api/admin/tokens", json={"users": ["alice", "bob@example"], "ttl_s": 600}, headers=ADMIN
+        ),
+        200,
     )
     assert set(minted["tokens"]) == {"alice", "bob@example"} and minted["expires_in_s"] == 600
     for user, token in minted["tokens"].items():
@@ -94,7 +109,10 @@ async def test_minted_tokens_are_accepted_by_the_service(service: Service) -> No
         await expect_json(resp, 404, "order_not_found")  # authenticated: 404, not 401
 
     members = await expect_json(
-        await service.client.post("/api/admin/tokens", json={"prefix": "vip", "count": 3, "member": True}, headers=ADMIN), 200
+        await service.client.post(
+            "/api/admin/tokens", json={"prefix": "vip", "count": 3, "member": True}, headers=ADMIN
+        ),
+        200,
     )
     assert sorted(members["tokens"]) == ["vip0", "vip1", "vip2"]
     assert members["expires_in_s"] == 3600
@@ -109,12 +127,17 @@ async def test_member_tokens_carry_early_access(service: Service) -> None:
         await service.client.post("/api/admin/tokens", json={"users": ["vip", "plain"]}, headers=ADMIN), 200
     )
     members = await expect_json(
-        await service.client.post("/api/admin/tokens", json={"users": ["vip"], "member": True}, headers=ADMIN), 200
+        await service.client.post(
+            "/api/admin/tokens", json={"users": ["vip"], "member": True}, headers=ADMIN
+        ),
+        200,
     )
 
     def order(token: str) -> Any:
         return service.client.post(
-            "/api/orders", json={"request_id": new_id("r"), "sku": sku}, headers={"Authorization": f"Bearer {token}"}
+            "/api/orders",
+            json={"request_id": new_id("r"), "sku": sku},
+            headers={"Authorization": f"Bearer {token}"},
         )
 
     await expect_json(await order(minted["tokens"]["plain"]), 409, "sale_not_open")
@@ -143,7 +166,9 @@ async def test_member_tokens_carry_early_access(service: Service) -> None:
     ],
 )
 async def test_bad_token_requests_are_422(service: Service, body: dict[str, Any]) -> None:
-    await expect_json(await service.client.post("/api/admin/tokens", json=body, headers=ADMIN), 422, "invalid_request")
+    await expect_json(
+        await service.client.post("/api/admin/tokens", json=body, headers=ADMIN), 422, "invalid_request"
+    )
 
 
 async def test_stats_shape(service: Service) -> None:
@@ -157,14 +182,23 @@ async def test_stats_shape(service: Service) -> None:
     assert stats["processes"] == 1
     assert set(stats["orders"]) >= set(OUTCOMES)
     assert (stats["orders"]["created"], stats["orders"]["sold_out"], stats["orders"]["invalid"]) == (1, 1, 0)
-    assert set(stats["latency_ms"]) == {"p50", "p99"} and 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]
+    assert (
+        set(stats["latency_ms"]) == {"p50", "p99"}
+        and 0 < stats["latency_ms"]["p50"] <= stats["latency_ms"]["p99"]
+    )
     assert stats["in_flight"] == 0
     assert isinstance(stats["writer"], dict)
     view = stats["sales"][sale]
     assert view["skus"][sku] == {
-        "total": 5, "available": 2, "held": 2, "sold": 0, "reserve": 1,
-        "limit_per_user": 0, "low_stock_line": 0, "state": "in_stock",
-    }  # fmt: skip
+        "total": 5,
+        "available": 2,
+        "held": 2,
+        "sold": 0,
+        "reserve": 1,
+        "limit_per_user": 0,
+        "low_stock_line": 0,
+        "state": "in_stock",
+    }
     assert view["holds_pending"] == 1
     assert view["backlog"] >= 2  # "stocked" and "reserved" events, none written to PostgreSQL yet
     assert view["dead_letters"] == 0

@@ -23,7 +23,9 @@ from service_support import (
 )
 
 
-async def test_rate_limit_is_per_buyer_and_refills(start_service: ServiceFactory, redis_client: Redis) -> None:
+async def test_rate_limit_is_per_buyer_and_refills(
+    start_service: ServiceFactory, redis_client: Redis
+) -> None:
     service = await start_service(user_rate=4.0, user_burst=2)
     sku = new_id("sku")
     await service.create_sale({sku: 100})
@@ -33,7 +35,9 @@ async def test_rate_limit_is_per_buyer_and_refills(start_service: ServiceFactory
     refused = await service.order("bot", sku)
     await expect_json(refused, 429, "rate_limited")
     assert int(refused.headers["Retry-After"]) >= 1
-    assert changed_keys(before, await dump_redis(redis_client)) == [], "a rate-limited order reached the stock"
+    assert changed_keys(before, await dump_redis(redis_client)) == [], (
+        "a rate-limited order reached the stock"
+    )
     # Another buyer is not slowed down by the bot.
     await expect_json(await service.order("human", sku), 201)
     # 4 tokens a second: after 0.3 s there is one again.

@@ -27,13 +27,19 @@ async def test_audit_after_the_writer_drained_is_clean_and_catches_a_lost_order(
     acknowledged = []
     for user in ("alice", "bob", "carol"):
         acknowledged.append((await expect_json(await service.order(user, sku, 2), 201))["order_id"])
-    await expect_json(await service.client.post(f"/api/orders/{acknowledged[0]}/pay", headers=buyer("alice")), 200)
-    await expect_json(await service.client.post(f"/api/orders/{acknowledged[1]}/cancel", headers=buyer("bob")), 200)
+    await expect_json(
+        await service.client.post(f"/api/orders/{acknowledged[0]}/pay", headers=buyer("alice")), 200
+    )
+    await expect_json(
+        await service.client.post(f"/api/orders/{acknowledged[1]}/cancel", headers=buyer("bob")), 200
+    )
     await expect_json(await service.order("dave", sku, 9), 409, "sold_out")
 
     async with writer_running():
         report = await expect_json(
-            await service.client.post("/api/admin/audit", json={"acknowledged": acknowledged, "wait_s": 20}, headers=ADMIN),
+            await service.client.post(
+                "/api/admin/audit", json={"acknowledged": acknowledged, "wait_s": 20}, headers=ADMIN
+            ),
             200,
         )
         assert report["ok"] is True, report["violations"]
@@ -44,7 +50,11 @@ async def test_audit_after_the_writer_drained_is_clean_and_catches_a_lost_order(
 
         made_up = f"{sale}.neverexisted"
         report = await expect_json(
-            await service.client.post("/api/admin/audit", json={"acknowledged": [*acknowledged, made_up], "wait_s": 20}, headers=ADMIN),
+            await service.client.post(
+                "/api/admin/audit",
+                json={"acknowledged": [*acknowledged, made_up], "wait_s": 20},
+                headers=ADMIN,
+            ),
             200,
         )
     assert report["ok"] is False
@@ -62,8 +72,17 @@ async def test_audit_without_a_database_says_what_to_set(start_service: ServiceF
 
 @pytest.mark.parametrize(
     "body",
-    [{"acknowledged": "d11.x"}, {"acknowledged": [1]}, {"wait_s": -1}, {"wait_s": 601}, {"wait_s": "10"}, ["d11.x"]],
+    [
+        {"acknowledged": "d11.x"},
+        {"acknowledged": [1]},
+        {"wait_s": -1},
+        {"wait_s": 601},
+        {"wait_s": "10"},
+        ["d11.x"],
+    ],
 )
-async def test_bad_audit_requests_are_422(start_service: ServiceFactory, pipeline_db_url: str, body: Any) -> None:
+async def test_bad_audit_requests_are_422(
+    start_service: ServiceFactory, pipeline_db_url: str, body: Any
+) -> None:
     service = await start_service(database_url=pipeline_db_url)
     await expect_json(await service.client.post("/api/admin/audit", json=body, headers=ADMIN), 422)

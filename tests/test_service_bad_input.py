@@ -41,7 +41,12 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
     ("truncated json", b'{"request_id": "r-new", "sku": "phone"', 422, "malformed_json"),
     ("invalid utf-8", b'{"request_id": "r-\xff", "sku": "phone"}', 422, "malformed_json"),
     ("deeply nested", b"[" * 5000 + b"]" * 5000, 422, "malformed_json"),
-    ("number with 5000 digits", b'{"request_id": "r-new", "sku": "phone", "qty": ' + b"9" * 5000 + b"}", 422, "malformed_json"),
+    (
+        "number with 5000 digits",
+        b'{"request_id": "r-new", "sku": "phone", "qty": ' + b"9" * 5000 + b"}",
+        422,
+        "malformed_json",
+    ),
     # JSON, but not an object
     ("a list", b'[{"request_id": "r-new", "sku": "phone"}]', 422, "malformed_json"),
     ("a string", b'"phone"', 422, "malformed_json"),
@@ -67,7 +72,12 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
     ("qty huge", order(sku=SKU, qty=10**12), 422, "invalid_quantity"),
     ("qty just over the cap", order(sku=SKU, qty=10_001), 422, "invalid_quantity"),
     ("qty float", order(sku=SKU, qty=1.5), 422, "invalid_quantity"),
-    ("qty float that looks whole", b'{"request_id": "r-new", "sku": "phone", "qty": 1.0}', 422, "invalid_quantity"),
+    (
+        "qty float that looks whole",
+        b'{"request_id": "r-new", "sku": "phone", "qty": 1.0}',
+        422,
+        "invalid_quantity",
+    ),
     ("qty exponent", b'{"request_id": "r-new", "sku": "phone", "qty": 1e0}', 422, "invalid_quantity"),
     ("qty true", order(sku=SKU, qty=True), 422, "invalid_quantity"),
     ("qty NaN", b'{"request_id": "r-new", "sku": "phone", "qty": NaN}', 422, "invalid_quantity"),
@@ -75,7 +85,12 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
     ("line qty negative", lines({"sku": SKU, "qty": -2}), 422, "invalid_quantity"),
     # ids
     ("unknown sku", order(sku="no-such-sku"), 422, "unknown_sku"),
-    ("unknown sku in a cart", lines({"sku": SKU, "qty": 1}, {"sku": "no-such-sku", "qty": 1}), 422, "unknown_sku"),
+    (
+        "unknown sku in a cart",
+        lines({"sku": SKU, "qty": 1}, {"sku": "no-such-sku", "qty": 1}),
+        422,
+        "unknown_sku",
+    ),
     ("non-ascii sku", order(sku="t\u00e9l\u00e9phone"), 422, "invalid_request"),
     ("over-long sku", order(sku="p" * 65), 422, "invalid_request"),
     ("sku with a colon", order(sku="phone:held"), 422, "invalid_request"),
@@ -90,7 +105,12 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
     # idempotency
     ("request id reused, other qty", order(request_id="r-used", sku=SKU, qty=2), 422, "request_conflict"),
     ("request id reused, other sku", order(request_id="r-used", sku=OTHER, qty=1), 422, "request_conflict"),
-    ("request id reused, as a cart", order(request_id="r-used", lines=[{"sku": SKU, "qty": 1}, {"sku": OTHER, "qty": 1}]), 422, "request_conflict"),
+    (
+        "request id reused, as a cart",
+        order(request_id="r-used", lines=[{"sku": SKU, "qty": 1}, {"sku": OTHER, "qty": 1}]),
+        422,
+        "request_conflict",
+    ),
     ("request id of another buyer", order(request_id="r-paid", sku=OTHER, qty=1), 422, "request_conflict"),
     # size
     ("body over the limit", order(sku=SKU, pad="x" * 20_000), 413, "body_too_large"),
@@ -100,10 +120,14 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
 @pytest.fixture
 async def sale_with_history(service: Service) -> Service:
     """Stock, a held order (request id r-used) and a paid one: state a bug could damage."""
-    await service.create_sale([{"sku": SKU, "stock": 10, "reserve": 2, "limit_per_user": 5}, {"sku": OTHER, "stock": 3}])
+    await service.create_sale(
+        [{"sku": SKU, "stock": 10, "reserve": 2, "limit_per_user": 5}, {"sku": OTHER, "stock": 3}]
+    )
     await expect_json(await service.order("alice", SKU, 1, request_id="r-used"), 201)
     paid = await expect_json(await service.order("bob", OTHER, 1, request_id="r-paid"), 201)
-    await expect_json(await service.client.post(f"/api/orders/{paid['order_id']}/pay", headers=buyer("bob")), 200)
+    await expect_json(
+        await service.client.post(f"/api/orders/{paid['order_id']}/pay", headers=buyer("bob")), 200
+    )
     return service
 
 
@@ -121,7 +145,9 @@ async def test_bad_order_is_refused_and_changes_nothing(
     assert changed_keys(before, await dump_redis(redis_client)) == [], f"{case}: Redis changed"
 
 
-async def test_body_over_the_limit_sent_chunked_is_413(sale_with_history: Service, redis_client: Redis) -> None:
+async def test_body_over_the_limit_sent_chunked_is_413(
+    sale_with_history: Service, redis_client: Redis
+) -> None:
     service = sale_with_history
 
     async def chunks() -> Any:
@@ -138,7 +164,9 @@ async def test_body_over_the_limit_sent_chunked_is_413(sale_with_history: Servic
 async def test_limit_is_the_configured_one(start_service: Any, redis_client: Redis) -> None:
     service = await start_service(max_body_bytes=300)
     await service.create_sale({SKU: 5})
-    await expect_json(await service.client.post("/api/orders", data=order(sku=SKU, pad="x" * 250), headers=buyer("a")), 201)
+    await expect_json(
+        await service.client.post("/api/orders", data=order(sku=SKU, pad="x" * 250), headers=buyer("a")), 201
+    )
     resp = await service.client.post("/api/orders", data=order(sku=SKU, pad="x" * 300), headers=buyer("a"))
     body = await expect_json(resp, 413, "body_too_large")
     assert "300" in body["message"]

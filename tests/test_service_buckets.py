@@ -20,7 +20,9 @@ from service_support import (
 
 async def test_bucketed_sale_sells_out_exactly_through_the_api(service: Service, redis_client: Redis) -> None:
     sale, sku = new_id("sale"), new_id("sku")
-    created = await service.create_sale([{"sku": sku, "stock": 40, "limit_per_user": 2}], sale=sale, buckets=4)
+    created = await service.create_sale(
+        [{"sku": sku, "stock": 40, "limit_per_user": 2}], sale=sale, buckets=4
+    )
     assert created["buckets"] == 4 and created["skus"][sku]["available"] == 40
     # Every bucket's event stream is registered for the order writer.
     registered = {m.decode() for m in await redis_client.smembers("fs:sales")}
@@ -43,11 +45,19 @@ async def test_bucketed_orders_are_found_paid_and_cancelled(service: Service) ->
     first = await expect_json(await service.order("alice", sku), 201)
     second = await expect_json(await service.order("alice", sku), 201)
     assert first["order_id"].startswith(f"{sale}-b")
-    got = await expect_json(await service.client.get(f"/api/orders/{first['order_id']}", headers=buyer("alice")), 200)
+    got = await expect_json(
+        await service.client.get(f"/api/orders/{first['order_id']}", headers=buyer("alice")), 200
+    )
     assert got["status"] == "held"
     # Another buyer cannot see it; a made-up bucket number is no order.
-    await expect_json(await service.client.get(f"/api/orders/{first['order_id']}", headers=buyer("bob")), 404, "order_not_found")
-    await expect_json(await service.client.get(f"/api/orders/{sale}-b9.{'0' * 24}", headers=buyer("alice")), 404)
+    await expect_json(
+        await service.client.get(f"/api/orders/{first['order_id']}", headers=buyer("bob")),
+        404,
+        "order_not_found",
+    )
+    await expect_json(
+        await service.client.get(f"/api/orders/{sale}-b9.{'0' * 24}", headers=buyer("alice")), 404
+    )
     paid = await service.client.post(f"/api/orders/{first['order_id']}/pay", headers=buyer("alice"))
     assert (await expect_json(paid, 200))["status"] == "paid"
     cancelled = await service.client.post(f"/api/orders/{second['order_id']}/cancel", headers=buyer("alice"))
@@ -66,7 +76,9 @@ async def test_restock_and_reserve_release_spread_over_buckets(service: Service)
     await service.create_sale([{"sku": sku, "stock": 12, "reserve": 6}], sale=sale, buckets=3)
     resp = await service.client.post(f"/api/admin/sales/{sale}/skus/{sku}/release-reserve", headers=ADMIN)
     assert (await expect_json(resp, 200))["available"] == 12
-    resp = await service.client.post(f"/api/admin/sales/{sale}/skus/{sku}/restock", json={"units": 7}, headers=ADMIN)
+    resp = await service.client.post(
+        f"/api/admin/sales/{sale}/skus/{sku}/restock", json={"units": 7}, headers=ADMIN
+    )
     body = await expect_json(resp, 200)
     assert (body["total"], body["available"]) == (19, 19)
     metrics = await (await service.client.get("/metrics")).text()

@@ -51,7 +51,10 @@ def _bad_tokens() -> list[tuple[str, bytes | str | None]]:
         ("tampered user", f"Bearer mallory.{expires}.{member}.{signature}".encode()),
         ("tampered expiry", f"Bearer {user}.{int(expires) + 1}.{member}.{signature}".encode()),
         ("tampered member flag", f"Bearer {user}.{expires}.1.{signature}".encode()),
-        ("signature of another token", f"Bearer {user}.{expires}.{member}.{mint(TOKEN_SECRET, 'bob').split('.')[3]}".encode()),
+        (
+            "signature of another token",
+            f"Bearer {user}.{expires}.{member}.{mint(TOKEN_SECRET, 'bob').split('.')[3]}".encode(),
+        ),
         ("expired", f"Bearer {mint(TOKEN_SECRET, 'alice', ttl_s=-5)}".encode()),
         ("non-ASCII signature", f"Bearer {user}.{expires}.{member}.{signature[:-1]}\u00e9".encode()),
         ("bytes that are not UTF-8", f"Bearer {user}.{expires}.{member}.".encode() + b"\xff\xfe"),
@@ -80,8 +83,12 @@ async def test_every_buyer_endpoint_answers_401_and_touches_nothing(
         ("POST", f"/api/orders/{order_id}/pay"),
         ("POST", f"/api/orders/{order_id}/cancel"),
     ]:
-        status, reply = await service.raw(method, path, {**headers, "Content-Type": b"application/json"}, body)
-        assert (status, reply.get("error")) == (401, "unauthorized"), f"{method} {path} with {label}: {status} {reply}"
+        status, reply = await service.raw(
+            method, path, {**headers, "Content-Type": b"application/json"}, body
+        )
+        assert (status, reply.get("error")) == (401, "unauthorized"), (
+            f"{method} {path} with {label}: {status} {reply}"
+        )
         assert reply["message"]
     assert changed_keys(before, await dump_redis(redis_client)) == []
 
@@ -91,7 +98,9 @@ async def test_401_says_bearer_and_what_to_do(service: Service) -> None:
     body = await expect_json(resp, 401, "unauthorized")
     assert resp.headers["WWW-Authenticate"] == "Bearer"
     assert "Bearer" in body["message"]
-    expired = await service.client.get("/api/orders/a.b", headers={"Authorization": f"Bearer {mint(TOKEN_SECRET, 'a', ttl_s=-1)}"})
+    expired = await service.client.get(
+        "/api/orders/a.b", headers={"Authorization": f"Bearer {mint(TOKEN_SECRET, 'a', ttl_s=-1)}"}
+    )
     body = await expect_json(expired, 401, "unauthorized")
     assert "expired" in body["message"] and "new token" in body["message"]
 
@@ -106,11 +115,17 @@ async def test_the_token_decides_who_orders(service: Service) -> None:
     )
     bobs = await expect_json(resp, 201)
     await expect_json(await service.client.get(f"/api/orders/{bobs['order_id']}", headers=buyer("bob")), 200)
-    await expect_json(await service.client.get(f"/api/orders/{bobs['order_id']}", headers=buyer("alice")), 404)
-    await expect_json(await service.client.get(f"/api/orders/{order['order_id']}", headers=buyer("alice")), 200)
+    await expect_json(
+        await service.client.get(f"/api/orders/{bobs['order_id']}", headers=buyer("alice")), 404
+    )
+    await expect_json(
+        await service.client.get(f"/api/orders/{order['order_id']}", headers=buyer("alice")), 200
+    )
 
 
 async def test_a_token_signed_with_another_services_secret_is_refused(start_service: object) -> None:
     other = await start_service(token_secret="another-secret")  # type: ignore[operator]
-    resp = await other.client.post("/api/orders", json={"request_id": "r", "sku": "x"}, headers=buyer("alice"))
+    resp = await other.client.post(
+        "/api/orders", json={"request_id": "r", "sku": "x"}, headers=buyer("alice")
+    )
     await expect_json(resp, 401, "unauthorized")

@@ -63,7 +63,9 @@ def _served_routes(service: Service) -> set[tuple[str, str]]:
 
 def _documented_routes(doc: dict[str, Any]) -> set[tuple[str, str]]:
     methods = {"get", "put", "post", "delete", "patch", "options", "head", "trace"}
-    return {(method.upper(), path) for path, item in doc["paths"].items() for method in item if method in methods}
+    return {
+        (method.upper(), path) for path, item in doc["paths"].items() for method in item if method in methods
+    }
 
 
 async def test_document_describes_exactly_the_served_routes(start_service: ServiceFactory) -> None:
@@ -80,7 +82,9 @@ def _credentials(path: str) -> dict[str, str]:
     return ADMIN if path.startswith("/api/admin") else buyer("fuzzer")
 
 
-def _fuzz(doc: dict[str, Any], base_url: str, *, random_examples: int, only: Callable[[str], bool] = lambda _: True) -> list[str]:
+def _fuzz(
+    doc: dict[str, Any], base_url: str, *, random_examples: int, only: Callable[[str], bool] = lambda _: True
+) -> list[str]:
     """Run schemathesis against ``base_url``; the distinct failures, as reports."""
     schema = schemathesis.openapi.from_dict(doc)
     failures: dict[str, str] = {}
@@ -88,7 +92,11 @@ def _fuzz(doc: dict[str, Any], base_url: str, *, random_examples: int, only: Cal
 
         def call(case: Any) -> None:
             case.call_and_validate(
-                base_url=base_url, session=session, headers=_credentials(case.operation.path), checks=CHECKS, timeout=10
+                base_url=base_url,
+                session=session,
+                headers=_credentials(case.operation.path),
+                checks=CHECKS,
+                timeout=10,
             )
 
         for result in schema.get_all_operations():
@@ -123,21 +131,27 @@ def _fuzz(doc: dict[str, Any], base_url: str, *, random_examples: int, only: Cal
                 except hypothesis.errors.Unsatisfiable:
                     pass  # nothing in this operation can be made invalid (no parameters, no body)
                 except FailureGroup as exc:
-                    failures.setdefault(f"{operation.label} ({mode.value}): {exc.exceptions[0].title}", str(exc))
+                    failures.setdefault(
+                        f"{operation.label} ({mode.value}): {exc.exceptions[0].title}", str(exc)
+                    )
     return [f"{title}\n{report}" for title, report in failures.items()]
 
 
 async def test_schemathesis_finds_nothing(start_service: ServiceFactory, redis_client: Redis) -> None:
     # No per-buyer rate limit, so fuzzed orders reach the stock instead of being throttled.
     service = await start_service(user_rate=0.0)
-    await service.create_sale([{"sku": "phone", "stock": 1000, "reserve": 10, "limit_per_user": 3}], sale="fuzz")
+    await service.create_sale(
+        [{"sku": "phone", "stock": 1000, "reserve": 10, "limit_per_user": 3}], sale="fuzz"
+    )
     doc = await expect_json(await service.client.get("/openapi.json"), 200)
     started = time.monotonic()
     failures = await asyncio.to_thread(_fuzz, doc, service.url.rstrip("/"), random_examples=RANDOM_EXAMPLES)
     assert not failures, "\n\n".join(failures)
     assert time.monotonic() - started < 90, "the fuzz run outgrew its budget: lower RANDOM_EXAMPLES"
     # The fuzzing did not break the service for real buyers.
-    order = await service.client.post("/api/orders", json={"request_id": "after", "sku": "phone"}, headers=buyer("alice"))
+    order = await service.client.post(
+        "/api/orders", json={"request_id": "after", "sku": "phone"}, headers=buyer("alice")
+    )
     assert order.status in (201, 409), await order.text()  # 409: the fuzzer may have closed the sale
 
 

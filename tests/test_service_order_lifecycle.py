@@ -26,7 +26,9 @@ from service_support import (
 )
 
 
-async def _held(service: Service, user: str = "alice", qty: int = 1, **sale_fields: Any) -> tuple[str, str, str]:
+async def _held(
+    service: Service, user: str = "alice", qty: int = 1, **sale_fields: Any
+) -> tuple[str, str, str]:
     """A sale with one SKU of 5 units and one order of ``user``: (sale, sku, order id)."""
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 5}, **sale_fields))["sale"]
@@ -50,29 +52,49 @@ async def test_owner_sees_the_order_others_get_404(service: Service) -> None:
 
 @pytest.mark.parametrize(
     "order_id",
-    ["nope", "no-such-sale.abc", "{sale}.doesnotexist", "{sale}." + "x" * 80, "{sale}.a b", "{sale}.%C3%A9", "a."],
+    [
+        "nope",
+        "no-such-sale.abc",
+        "{sale}.doesnotexist",
+        "{sale}." + "x" * 80,
+        "{sale}.a b",
+        "{sale}.%C3%A9",
+        "a.",
+    ],
 )
-async def test_unknown_or_malformed_order_ids_are_404(service: Service, redis_client: Redis, order_id: str) -> None:
+async def test_unknown_or_malformed_order_ids_are_404(
+    service: Service, redis_client: Redis, order_id: str
+) -> None:
     sale, _, _ = await _held(service)
     path = "/api/orders/" + order_id.format(sale=sale)
     before = await dump_redis(redis_client)
     await expect_json(await service.client.get(path, headers=buyer("alice")), 404, "order_not_found")
-    await expect_json(await service.client.post(path + "/pay", headers=buyer("alice")), 404, "order_not_found")
-    await expect_json(await service.client.post(path + "/cancel", headers=buyer("alice")), 404, "order_not_found")
+    await expect_json(
+        await service.client.post(path + "/pay", headers=buyer("alice")), 404, "order_not_found"
+    )
+    await expect_json(
+        await service.client.post(path + "/cancel", headers=buyer("alice")), 404, "order_not_found"
+    )
     assert changed_keys(before, await dump_redis(redis_client)) == []
 
 
 async def test_pay_is_idempotent_and_sells_once(service: Service, redis_client: Redis) -> None:
     sale, sku, order_id = await _held(service, qty=2)
-    paid = await expect_json(await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 200)
+    paid = await expect_json(
+        await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 200
+    )
     assert paid == {"order_id": order_id, "status": "paid"}
     before = await dump_redis(redis_client)
-    again = await expect_json(await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 200)
+    again = await expect_json(
+        await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 200
+    )
     assert again == paid
     assert changed_keys(before, await dump_redis(redis_client)) == [], "a repeated payment changed state"
     counters = await service.sku_counters(sale, sku)
     assert (counters["available"], counters["held"], counters["sold"]) == (3, 0, 2)
-    shown = await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
+    shown = await expect_json(
+        await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200
+    )
     assert shown["status"] == "paid"
 
 
@@ -91,7 +113,9 @@ async def test_cancel_is_idempotent_and_returns_stock_once(service: Service, red
 async def test_cancel_after_pay_is_hold_paid_and_pay_after_cancel_is_hold_cancelled(service: Service) -> None:
     sale, sku, paid_id = await _held(service)
     await expect_json(await service.client.post(f"/api/orders/{paid_id}/pay", headers=buyer("alice")), 200)
-    await expect_json(await service.client.post(f"/api/orders/{paid_id}/cancel", headers=buyer("alice")), 409, "hold_paid")
+    await expect_json(
+        await service.client.post(f"/api/orders/{paid_id}/cancel", headers=buyer("alice")), 409, "hold_paid"
+    )
 
     cancelled = await expect_json(await service.order("bob", sku), 201)
     url = f"/api/orders/{cancelled['order_id']}"
@@ -105,23 +129,33 @@ async def test_paying_after_the_deadline_is_hold_expired_and_the_unit_is_for_sal
     service: Service, redis_client: Redis
 ) -> None:
     sale, sku, order_id = await _held(service, hold_ttl_s=0.2)
-    order = await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
+    order = await expect_json(
+        await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200
+    )
     await asyncio.sleep(max(0.0, (order["pay_by_ms"] - now_ms()) / 1000) + 0.05)
-    await expect_json(await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 409, "hold_expired")
+    await expect_json(
+        await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 409, "hold_expired"
+    )
     counters = await service.sku_counters(sale, sku)
     assert (counters["available"], counters["held"], counters["sold"]) == (5, 0, 0)
     assert await redis_client.zscore(sale_keys(sale).deadlines, order_id) is None
-    shown = await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
+    shown = await expect_json(
+        await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200
+    )
     assert shown["status"] == "expired"
     # Paying again does not resurrect it; the unit really is for sale.
-    await expect_json(await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 409, "hold_expired")
+    await expect_json(
+        await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 409, "hold_expired"
+    )
     await expect_json(await service.order("bob", sku, 5), 201)
 
 
 async def test_cancelling_a_lapsed_order_says_expired(service: Service) -> None:
     sale, sku, order_id = await _held(service, hold_ttl_s=0.1)
     await asyncio.sleep(0.2)
-    body = await expect_json(await service.client.post(f"/api/orders/{order_id}/cancel", headers=buyer("alice")), 200)
+    body = await expect_json(
+        await service.client.post(f"/api/orders/{order_id}/cancel", headers=buyer("alice")), 200
+    )
     assert body == {"order_id": order_id, "status": "expired"}
     assert (await service.sku_counters(sale, sku))["available"] == 5
 
@@ -137,7 +171,9 @@ async def test_order_lookup_can_be_switched_off(start_service: ServiceFactory) -
     # The essentials still work while lookup is off.
     await expect_json(await service.order("bob", sku), 201)
     await expect_json(await service.client.post(f"/api/orders/{order_id}/pay", headers=buyer("alice")), 200)
-    await expect_json(await service.client.post("/api/admin/switches", json={"order_lookup": True}, headers=ADMIN), 200)
+    await expect_json(
+        await service.client.post("/api/admin/switches", json={"order_lookup": True}, headers=ADMIN), 200
+    )
     await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
 
 
@@ -156,14 +192,24 @@ async def test_order_redis_no_longer_has_is_read_from_postgresql(
     await pipeline_pool.execute(
         "INSERT INTO orders (order_id, sale, user_id, request_id, status, status_rank, created_at, pay_by,"
         " status_at, last_stream_id) VALUES ($1, $2, 'alice', 'r-old', 'paid', 1, $3, $3, $3, '1-0')",
-        order_id, sale, pay_by,
-    )  # fmt: skip
-    await pipeline_pool.execute("INSERT INTO order_lines (order_id, sku, qty) VALUES ($1, $2, 2)", order_id, sku)
-    shown = await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
+        order_id,
+        sale,
+        pay_by,
+    )
+    await pipeline_pool.execute(
+        "INSERT INTO order_lines (order_id, sku, qty) VALUES ($1, $2, 2)", order_id, sku
+    )
+    shown = await expect_json(
+        await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200
+    )
     assert (shown["order_id"], shown["status"], shown["request_id"]) == (order_id, "paid", "r-old")
     assert shown["lines"] == [{"sku": sku, "qty": 2}]
     assert shown["pay_by_ms"] == int(pay_by.timestamp() * 1000)
-    await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("bob")), 404, "order_not_found")
+    await expect_json(
+        await service.client.get(f"/api/orders/{order_id}", headers=buyer("bob")), 404, "order_not_found"
+    )
     # Without the database configured, the same id is simply not found.
     plain = await start_service()
-    await expect_json(await plain.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 404, "order_not_found")
+    await expect_json(
+        await plain.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 404, "order_not_found"
+    )

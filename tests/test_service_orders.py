@@ -42,7 +42,9 @@ async def test_created_order_holds_stock_until_pay_by(service: Service, redis_cl
     assert order["replayed"] is False
     assert before + 600_000 <= order["pay_by_ms"] <= after + 600_000
     parsed = datetime.fromisoformat(order["pay_by"].replace("Z", "+00:00"))
-    assert parsed.tzinfo is not None and parsed.astimezone(UTC) == datetime.fromtimestamp(order["pay_by_ms"] / 1000, UTC)
+    assert parsed.tzinfo is not None and parsed.astimezone(UTC) == datetime.fromtimestamp(
+        order["pay_by_ms"] / 1000, UTC
+    )
     counters = await service.sku_counters(sale, sku)
     assert (counters["available"], counters["held"], counters["sold"]) == (3, 2, 0)
     assert await holds_of_request(redis_client, sale, "r-1") == [order["order_id"]]
@@ -52,15 +54,21 @@ async def test_one_sku_short_form_and_lines_form_are_the_same_order(service: Ser
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 5}))["sale"]
     short = await expect_json(await service.order("alice", sku, 1, request_id="same"), 201)
-    long = await expect_json(await service.order("alice", lines=[{"sku": sku, "qty": 1}], request_id="same"), 201)
+    long = await expect_json(
+        await service.order("alice", lines=[{"sku": sku, "qty": 1}], request_id="same"), 201
+    )
     assert long["order_id"] == short["order_id"] and long["replayed"] is True
     # qty defaults to 1 in both forms.
-    resp = await service.client.post("/api/orders", json={"request_id": "no-qty", "sku": sku}, headers=buyer("bob"))
+    resp = await service.client.post(
+        "/api/orders", json={"request_id": "no-qty", "sku": sku}, headers=buyer("bob")
+    )
     assert (await expect_json(resp, 201))["lines"] == [{"sku": sku, "qty": 1}]
     assert (await service.sku_counters(sale, sku))["held"] == 2
 
 
-async def test_replay_returns_the_first_order_and_takes_stock_once(service: Service, redis_client: Redis) -> None:
+async def test_replay_returns_the_first_order_and_takes_stock_once(
+    service: Service, redis_client: Redis
+) -> None:
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 3}))["sale"]
     first = await expect_json(await service.order("alice", sku, 1, request_id="r-once"), 201)
@@ -76,7 +84,9 @@ async def test_replay_returns_the_first_order_and_takes_stock_once(service: Serv
     assert (await service.sku_counters(sale, sku))["available"] == 2
 
 
-async def test_request_id_reused_for_another_cart_or_buyer_is_a_conflict(service: Service, redis_client: Redis) -> None:
+async def test_request_id_reused_for_another_cart_or_buyer_is_a_conflict(
+    service: Service, redis_client: Redis
+) -> None:
     sku = new_id("sku")
     await service.create_sale({sku: 5})
     first = await expect_json(await service.order("alice", sku, 1, request_id="r-c"), 201)
@@ -133,9 +143,13 @@ async def test_cart_is_all_or_nothing(service: Service, redis_client: Redis) -> 
         await service.order("alice", lines=[{"sku": a, "qty": 1}, {"sku": b, "qty": 3}]), 409, "sold_out"
     )
     assert body["sku"] == b
-    assert changed_keys(before, await dump_redis(redis_client)) == [], "a refused cart must not keep its first line"
+    assert changed_keys(before, await dump_redis(redis_client)) == [], (
+        "a refused cart must not keep its first line"
+    )
 
-    order = await expect_json(await service.order("alice", lines=[{"sku": b, "qty": 2}, {"sku": a, "qty": 1}]), 201)
+    order = await expect_json(
+        await service.order("alice", lines=[{"sku": b, "qty": 2}, {"sku": a, "qty": 1}]), 201
+    )
     assert sorted((line["sku"], line["qty"]) for line in order["lines"]) == sorted([(a, 1), (b, 2)])
     assert (await service.sku_counters(sale, a))["held"] == 1
     assert (await service.sku_counters(sale, b))["held"] == 2
@@ -147,7 +161,9 @@ async def test_cart_spanning_two_sales_is_refused(service: Service, redis_client
     await service.create_sale({b: 5})
     before = await dump_redis(redis_client)
     await expect_json(
-        await service.order("alice", lines=[{"sku": a, "qty": 1}, {"sku": b, "qty": 1}]), 422, "cart_spans_sales"
+        await service.order("alice", lines=[{"sku": a, "qty": 1}, {"sku": b, "qty": 1}]),
+        422,
+        "cart_spans_sales",
     )
     assert changed_keys(before, await dump_redis(redis_client)) == []
 
@@ -157,9 +173,7 @@ async def test_before_t0_refused_with_opening_time_but_members_in_early_access_b
 ) -> None:
     sku = new_id("sku")
     opens_at_ms = now_ms() + 3_600_000
-    sale = (
-        await service.create_sale({sku: 5}, opens_at=opens_at_ms, early_access_s=2 * 3600)
-    )["sale"]
+    sale = (await service.create_sale({sku: 5}, opens_at=opens_at_ms, early_access_s=2 * 3600))["sale"]
     before = await dump_redis(redis_client)
     body = await expect_json(await service.order("alice", sku, 1), 409, "sale_not_open")
     assert body["opens_at_ms"] == opens_at_ms
@@ -229,4 +243,3 @@ async def test_orders_are_recorded_in_the_sale_stream(service: Service, redis_cl
     assert len(reserved) == 1
     assert reserved[0][b"order"].decode() == order["order_id"]
     assert reserved[0][b"lines"].decode() == f"{sku}:2"
-

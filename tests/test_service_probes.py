@@ -56,8 +56,10 @@ async def test_readyz_is_503_when_redis_is_down(start_service: ServiceFactory) -
 async def test_readyz_checks_postgresql(start_service: ServiceFactory, database_url: str) -> None:
     service = await start_service(database_url=database_url)
     assert (await expect_json(await service.client.get("/readyz"), 200))["checks"] == {
-        "redis": "ok", "scripts": "ok", "postgres": "ok",
-    }  # fmt: skip
+        "redis": "ok",
+        "scripts": "ok",
+        "postgres": "ok",
+    }
 
 
 async def test_readyz_is_503_when_postgresql_is_down_but_orders_go_on(start_service: ServiceFactory) -> None:
@@ -97,8 +99,10 @@ async def test_metrics_name_what_dashboards_use(service: Service) -> None:
     assert samples[("flashsale_orders_total", (("outcome", "created"),))] == 1
     assert samples[("flashsale_orders_total", (("outcome", "sold_out"),))] == 1
     assert samples[("flashsale_request_seconds_count", (("route", "orders"),))] == 2
-    stock = {state: samples[("flashsale_stock_units", (("sale", sale), ("sku", sku), ("state", state)))]
-             for state in ("available", "held", "sold", "reserve")}  # fmt: skip
+    stock = {
+        state: samples[("flashsale_stock_units", (("sale", sale), ("sku", sku), ("state", state)))]
+        for state in ("available", "held", "sold", "reserve")
+    }
     assert stock == {"available": 2, "held": 2, "sold": 0, "reserve": 1}
     assert samples[("flashsale_holds_pending", (("sale", sale),))] == 1
     assert samples[("flashsale_stream_backlog", (("sale", sale),))] >= 2

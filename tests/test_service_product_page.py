@@ -22,7 +22,14 @@ async def test_in_stock_then_low_then_sold_out(start_service: ServiceFactory) ->
     sku = new_id("sku")
     sale = (await service.create_sale([{"sku": sku, "stock": 5, "low_stock_line": 2}]))["sale"]
     page = await expect_json(await service.client.get(f"/api/skus/{sku}"), 200)
-    assert page == {"sku": sku, "sale": sale, "state": "in_stock", "available": 5, "opens_at": page["opens_at"], "open": True}
+    assert page == {
+        "sku": sku,
+        "sale": sale,
+        "state": "in_stock",
+        "available": 5,
+        "opens_at": page["opens_at"],
+        "open": True,
+    }
     await expect_json(await service.order("alice", sku, 3), 201)
     page = await expect_json(await service.client.get(f"/api/skus/{sku}"), 200)
     assert (page["state"], page["available"]) == ("low", 2)
@@ -77,7 +84,9 @@ async def test_restock_refreshes_the_page_at_once(start_service: ServiceFactory)
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 1}))["sale"]
     await expect_json(await service.client.get(f"/api/skus/{sku}"), 200)
-    resp = await service.client.post(f"/api/admin/sales/{sale}/skus/{sku}/restock", json={"units": 4}, headers=ADMIN)
+    resp = await service.client.post(
+        f"/api/admin/sales/{sale}/skus/{sku}/restock", json={"units": 4}, headers=ADMIN
+    )
     await expect_json(resp, 200)
     assert (await expect_json(await service.client.get(f"/api/skus/{sku}"), 200))["available"] == 5
 
@@ -105,5 +114,7 @@ async def test_browse_switched_off_is_503_degraded_while_orders_go_on(start_serv
     # The other process follows within its sale_cache_s.
     await asyncio.sleep(0.35)
     await expect_json(await other.client.get(f"/api/skus/{sku}"), 503, "degraded")
-    await expect_json(await service.client.post("/api/admin/switches", json={"browse": True}, headers=ADMIN), 200)
+    await expect_json(
+        await service.client.post("/api/admin/switches", json={"browse": True}, headers=ADMIN), 200
+    )
     await expect_json(await service.client.get(f"/api/skus/{sku}"), 200)

@@ -90,7 +90,9 @@ def _socket_inodes(pid: int) -> set[str]:
 
 
 @pytest.fixture
-def serve_two(redis_client: Redis, redis_url: str, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, str]]:
+def serve_two(
+    redis_client: Redis, redis_url: str, tmp_path: Path
+) -> Iterator[tuple[subprocess.Popen[bytes], int, str]]:
     """``flashsale serve --workers 2`` against the suite's Redis, on its own key prefix;
     killed (its whole session) if the test leaves it running."""
     port = _free_port()
@@ -107,9 +109,23 @@ def serve_two(redis_client: Redis, redis_url: str, tmp_path: Path) -> Iterator[t
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     with open(tmp_path / "serve.log", "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flashsale", "serve", "--workers", "2", "--host", "127.0.0.1", "--port", str(port)],
-            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "flashsale",
+                "serve",
+                "--workers",
+                "2",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+            ],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         yield proc, port, prefix
     finally:
@@ -223,13 +239,20 @@ async def test_serve_stops_with_an_error_when_workers_cannot_start(redis_url: st
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        env = dict(os.environ, FLASHSALE_REDIS_URL=redis_url, FLASHSALE_TOKEN_SECRET=TOKEN_SECRET,
-                   FLASHSALE_ADMIN_TOKEN=ADMIN_TOKEN)  # fmt: skip
+        env = dict(
+            os.environ,
+            FLASHSALE_REDIS_URL=redis_url,
+            FLASHSALE_TOKEN_SECRET=TOKEN_SECRET,
+            FLASHSALE_ADMIN_TOKEN=ADMIN_TOKEN,
+        )
         with open(tmp_path / "serve.log", "wb") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "flashsale", "serve", "--workers", "2", "--port", str(port)],
-                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )  # fmt: skip
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         try:
             code = await asyncio.to_thread(proc.wait, 60)
         finally:
@@ -248,7 +271,11 @@ def _token_cli(*args: str, secret: str | None = None) -> subprocess.CompletedPro
     if secret is not None:
         env["FLASHSALE_TOKEN_SECRET"] = secret
     return subprocess.run(
-        [sys.executable, "-m", "flashsale", "token", *args], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "flashsale", "token", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 
@@ -266,7 +293,9 @@ async def test_token_command_mints_tokens_the_service_accepts(service: Service) 
 
     async def order(token: str) -> aiohttp.ClientResponse:
         return await service.client.post(
-            "/api/orders", json={"request_id": new_id("r"), "sku": sku}, headers={"Authorization": f"Bearer {token}"}
+            "/api/orders",
+            json={"request_id": new_id("r"), "sku": sku},
+            headers={"Authorization": f"Bearer {token}"},
         )
 
     # Accepted (not 401); only the member is inside the early-access window.

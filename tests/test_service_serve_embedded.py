@@ -27,19 +27,27 @@ def test_serve_embedded_starts_everything_and_stops_it_on_ctrl_c() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "serve", "--embedded", "--port", str(port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        start_new_session=True,
     )
     try:
         exported: dict[str, str] = {}
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("export "):
-                name, _, value = line[len("export "):].strip().partition("=")
+                name, _, value = line[len("export ") :].strip().partition("=")
                 exported[name] = value
             if line.startswith("# serving"):
                 break
-        assert set(exported) == {"FLASHSALE_REDIS_URL", "FLASHSALE_DATABASE_URL",
-                                 "FLASHSALE_TOKEN_SECRET", "FLASHSALE_ADMIN_TOKEN"}
+        assert set(exported) == {
+            "FLASHSALE_REDIS_URL",
+            "FLASHSALE_DATABASE_URL",
+            "FLASHSALE_TOKEN_SECRET",
+            "FLASHSALE_ADMIN_TOKEN",
+        }
         deadline = time.monotonic() + 30
         while True:
             try:

@@ -7,10 +7,10 @@ from __future__ import annotations
 import asyncio
 
 from redis.asyncio import Redis
+from redis_mode import redis_from_url
 
 from flashsale.admission import InFlight
 from flashsale.metrics import ServiceMetrics
-from redis_mode import redis_from_url
 
 
 async def test_publisher_stops_whenever_it_is_cancelled(redis_client: Redis, redis_url: str) -> None:

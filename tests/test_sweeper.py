@@ -13,16 +13,18 @@ import time
 from typing import Any
 
 from redis.asyncio import Redis
+from redis_mode import redis_from_url
 
 from flashsale.sweeper import HoldSweeper
 from inventory import HoldState, Line
-from redis_mode import redis_from_url
 
 
 async def test_one_sweep_expires_every_due_hold_in_every_sale(text_redis: Redis, pipeline_sale: Any) -> None:
     a = await pipeline_sale("a", {"phone": 100})
     b = await pipeline_sale("b", {"phone": 100})
-    due = [await a.reserve(f"u{i}", [Line("phone", 2)], request_id=f"r{i}", hold_ttl=0.001) for i in range(23)]
+    due = [
+        await a.reserve(f"u{i}", [Line("phone", 2)], request_id=f"r{i}", hold_ttl=0.001) for i in range(23)
+    ]
     due.append(await b.reserve("v", [Line("phone", 1)], request_id="r", hold_ttl=0.001))
     paid = await a.reserve("payer", [Line("phone", 1)], request_id="p", hold_ttl=0.05)
     await a.confirm(paid.hold_id)
@@ -75,7 +77,10 @@ def test_sweeper_only_runs_without_postgres_and_stops_on_sigterm(redis_url: str,
             inv = Inventory(redis, "solo")
             await inv.stock("phone", 10)
             await redis.sadd("fs:sales", "solo")
-            return [(await inv.reserve(f"u{i}", "phone", request_id=f"r{i}", hold_ttl=0.3)).hold_id for i in range(4)]
+            return [
+                (await inv.reserve(f"u{i}", "phone", request_id=f"r{i}", hold_ttl=0.3)).hold_id
+                for i in range(4)
+            ]
         finally:
             await redis.aclose()
 
@@ -92,8 +97,13 @@ def test_sweeper_only_runs_without_postgres_and_stops_on_sigterm(redis_url: str,
     ids = asyncio.run(stock_and_hold())
     env = {k: v for k, v in os.environ.items() if k != "FLASHSALE_DATABASE_URL"}
     env.update(FLASHSALE_REDIS_URL=redis_url, FLASHSALE_SWEEPER_INTERVAL_MS="50")
-    proc = subprocess.Popen([sys.executable, "-m", "flashsale", "worker", "--sweeper-only"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "worker", "--sweeper-only"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 20
         while asyncio.run(states(ids)) != {"expired"}:

@@ -27,15 +27,39 @@ WRONG = {"Authorization": "Bearer not-the-admin-token"}
 
 #: What the data endpoint adds to /api/admin/stats (which it repeats whole).
 ADDED_TOP = {
-    "now_ms", "switches", "history", "rates_now", "error_ratio", "target", "progress",
-    "thresholds", "alerts", "health", "log", "lapsing_window_ms",
+    "now_ms",
+    "switches",
+    "history",
+    "rates_now",
+    "error_ratio",
+    "target",
+    "progress",
+    "thresholds",
+    "alerts",
+    "health",
+    "log",
+    "lapsing_window_ms",
 }
 ADDED_SALE = {"phase", "countdown_ms", "holds_lapsing", "holds_overdue"}
 ADDED_SKU = {"sold_out_at_ms", "sold_out_exact", "first_sold_out_at_ms"}
 HISTORY_KEYS = {"window_ms", "t_ms", "rates", "created_total", "p50_ms", "p99_ms", "backlog", "writer_rate"}
 ALERTS = {"backlog", "p99_ms", "error_ratio", "dead_letters"}
 LOG_KEYS = {"entries", "unwritten", "refused", "postgres", "postgres_error"}
-ENTRY_KEYS = {"id", "at_ms", "operator", "action", "sale", "sku", "params", "status", "outcome", "result", "note", "remote", "user_agent"}
+ENTRY_KEYS = {
+    "id",
+    "at_ms",
+    "operator",
+    "action",
+    "sale",
+    "sku",
+    "params",
+    "status",
+    "outcome",
+    "result",
+    "note",
+    "remote",
+    "user_agent",
+}
 
 
 @pytest.fixture
@@ -93,7 +117,9 @@ async def test_every_data_and_control_route_needs_the_admin_token(room: WarRoom,
             await expect_json(resp, 401, "unauthorized")
     after = await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200)
     assert after == before, "a refused control changed the sale"
-    assert (await expect_json(await room.http.get("/api/admin/switches", headers=ADMIN), 200))["browse"] is True
+    assert (await expect_json(await room.http.get("/api/admin/switches", headers=ADMIN), 200))[
+        "browse"
+    ] is True
     assert (await room.data())["log"]["entries"] == []
     assert await pg_log(warroom_db) == []
 
@@ -154,7 +180,10 @@ async def test_data_endpoint_shape_is_stats_plus_a_stable_set_of_fields(room: Wa
 
     assert set(data) == set(stats) | ADDED_TOP
     assert set(data["sales"][sale]) == set(stats["sales"][sale]) | ADDED_SALE
-    assert set(data["sales"][sale]["skus"]["shape-a"]) == set(stats["sales"][sale]["skus"]["shape-a"]) | ADDED_SKU
+    assert (
+        set(data["sales"][sale]["skus"]["shape-a"])
+        == set(stats["sales"][sale]["skus"]["shape-a"]) | ADDED_SKU
+    )
     assert set(data["history"]) == HISTORY_KEYS
     assert set(data["history"]["rates"]) == set(warroom.OUTCOME_GROUPS) == set(data["rates_now"])
     n = len(data["history"]["t_ms"])
@@ -189,11 +218,15 @@ async def test_numbers_follow_the_orders(room: WarRoom) -> None:
     assert sale["skus"]["num-a"]["held"] == 12 and sale["holds_pending"] == 12
     assert sale["holds_lapsing"] == 0  # default hold TTL is 30 min
     assert data["alerts"]["backlog"]["value"] == sale["backlog"] >= 12  # no writer is running
-    assert max(v for v in data["history"]["rates"]["created"] if v is not None) <= 12 / 2 + 0.001  # over ≥ 2 s
+    assert (
+        max(v for v in data["history"]["rates"]["created"] if v is not None) <= 12 / 2 + 0.001
+    )  # over ≥ 2 s
     assert data["progress"]["points"][-1][1] == 12
 
 
-async def test_history_keeps_one_sample_per_publish_whatever_the_viewers(room: WarRoom, redis_client: Any) -> None:
+async def test_history_keeps_one_sample_per_publish_whatever_the_viewers(
+    room: WarRoom, redis_client: Any
+) -> None:
     await room.create_sale([{"sku": "hist-a", "stock": 5}])
     await room.data_until(lambda d: len(d["history"]["t_ms"]) >= 1)
     started = time.monotonic()
@@ -238,7 +271,9 @@ async def test_sold_out_moments_latest_and_first(room: WarRoom) -> None:
     again = await room.data()
     assert again["sales"][sale]["skus"]["so-a"]["sold_out_at_ms"] == sku["sold_out_at_ms"]
     # Stock comes back: no longer sold out, but the first moment is remembered ...
-    await expect_json(await room.http.post(control_path(sale, "restock", "so-a"), json={"units": 1}, headers=ADMIN), 200)
+    await expect_json(
+        await room.http.post(control_path(sale, "restock", "so-a"), json={"units": 1}, headers=ADMIN), 200
+    )
     back = (await room.data())["sales"][sale]["skus"]["so-a"]
     assert back["sold_out_at_ms"] is None and back["first_sold_out_at_ms"] == sku["sold_out_at_ms"]
     # ... and selling out again records a new latest moment beside it.
@@ -277,14 +312,18 @@ async def test_the_documented_target_example_is_accepted_as_written(room: WarRoo
     doc = (Path(__file__).resolve().parent.parent / "docs" / "warroom.md").read_text(encoding="utf-8")
     section = doc.split("## Registering a target curve", 1)[1]
     example = json.loads(re.search(r"```json\n(.*?)```", section, re.S).group(1))  # type: ignore[union-attr]
-    stored = await expect_json(await room.http.put("/api/admin/warroom/target", json=example, headers=ADMIN), 200)
+    stored = await expect_json(
+        await room.http.put("/api/admin/warroom/target", json=example, headers=ADMIN), 200
+    )
     assert stored["points"] == example["points"] and stored["scenario"] == example["scenario"]
     assert (await room.data())["target"]["scenario"] == example["scenario"]
 
 
 async def test_target_of_an_unknown_sale_is_refused(room: WarRoom) -> None:
     body = {"scenario": "s", "sale": "no-such-sale", "points": [[0, 0], [10, 5]]}
-    await expect_json(await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 404, "sale_not_found")
+    await expect_json(
+        await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 404, "sale_not_found"
+    )
 
 
 async def test_target_is_compared_with_orders_made_since_it_was_registered(room: WarRoom) -> None:
@@ -292,8 +331,14 @@ async def test_target_is_compared_with_orders_made_since_it_was_registered(room:
     assert await room.order("early", "tgt-a") == 201  # before the scenario: not counted
     await room.data_until(lambda d: d["orders"]["created"] == 1)
     origin = now_ms() - 30_000
-    body = {"scenario": "midnight_surge", "origin_ms": origin, "points": [[0, 0], [60_000, 600], [120_000, 600]]}
-    stored = await expect_json(await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 200)
+    body = {
+        "scenario": "midnight_surge",
+        "origin_ms": origin,
+        "points": [[0, 0], [60_000, 600], [120_000, 600]],
+    }
+    stored = await expect_json(
+        await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 200
+    )
     assert stored["baseline_created"] == 1 and stored["origin_ms"] == origin
     assert await expect_json(await room.http.get("/api/admin/warroom/target", headers=ADMIN), 200) == stored
     for i in range(3):
@@ -315,7 +360,9 @@ async def test_target_of_a_sale_starts_at_its_t0(room: WarRoom) -> None:
     t0 = now_ms() + 3_600_000
     sale = await room.create_sale([{"sku": "tgt-t0", "stock": 5}], opens_at=t0)
     body = {"scenario": "s", "sale": sale, "points": [[-60_000, 0], [0, 0], [60_000, 5]]}
-    stored = await expect_json(await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 200)
+    stored = await expect_json(
+        await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 200
+    )
     assert stored["origin_ms"] == t0
     data = await room.data()
     assert data["target"]["expected_now"] == 0  # an hour before T0: nothing expected yet
@@ -352,16 +399,26 @@ def test_error_ratio_counts_shed_unknown_and_fenced_over_all_answers() -> None:
 
 def test_thresholds_come_from_the_environment_and_bad_values_say_which() -> None:
     assert warroom.AlertThresholds.from_env({}) == warroom.AlertThresholds()
-    t = warroom.AlertThresholds.from_env({"FLASHSALE_WARROOM_BACKLOG": "5", "FLASHSALE_WARROOM_P99_MS": "80",
-                                          "FLASHSALE_WARROOM_ERROR_RATIO": "0.05"})
+    t = warroom.AlertThresholds.from_env(
+        {
+            "FLASHSALE_WARROOM_BACKLOG": "5",
+            "FLASHSALE_WARROOM_P99_MS": "80",
+            "FLASHSALE_WARROOM_ERROR_RATIO": "0.05",
+        }
+    )
     assert (t.backlog, t.p99_ms, t.error_ratio) == (5, 80.0, 0.05)
-    for var, raw in (("FLASHSALE_WARROOM_P99_MS", "fast"), ("FLASHSALE_WARROOM_BACKLOG", "-1"),
-                     ("FLASHSALE_WARROOM_ERROR_RATIO", "nan")):
+    for var, raw in (
+        ("FLASHSALE_WARROOM_P99_MS", "fast"),
+        ("FLASHSALE_WARROOM_BACKLOG", "-1"),
+        ("FLASHSALE_WARROOM_ERROR_RATIO", "nan"),
+    ):
         with pytest.raises(ValueError, match=var):
             warroom.AlertThresholds.from_env({var: raw})
 
 
-async def test_alerts_fire_above_their_thresholds(room: WarRoom, redis_client: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_alerts_fire_above_their_thresholds(
+    room: WarRoom, redis_client: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     sale = await room.create_sale([{"sku": "al-a", "stock": 50}])
     for i in range(3):
         assert await room.order(f"u{i}", "al-a") == 201
@@ -372,7 +429,11 @@ async def test_alerts_fire_above_their_thresholds(room: WarRoom, redis_client: A
 
     monkeypatch.setenv("FLASHSALE_WARROOM_BACKLOG", "2")
     data = await room.data()
-    assert data["alerts"]["backlog"] == {"value": data["alerts"]["backlog"]["value"], "limit": 2, "firing": True}
+    assert data["alerts"]["backlog"] == {
+        "value": data["alerts"]["backlog"]["value"],
+        "limit": 2,
+        "firing": True,
+    }
     assert data["health"]["status"] == "alert"
     assert any("PostgreSQL" in r for r in data["health"]["reasons"])
     monkeypatch.delenv("FLASHSALE_WARROOM_BACKLOG")
@@ -400,42 +461,76 @@ async def test_alerts_fire_above_their_thresholds(room: WarRoom, redis_client: A
 # ----------------------------------------------------------------- controls and the operator log
 
 
-async def test_controls_act_like_the_admin_endpoints_and_are_logged_in_redis_and_postgres(room: WarRoom, warroom_db: str) -> None:
+async def test_controls_act_like_the_admin_endpoints_and_are_logged_in_redis_and_postgres(
+    room: WarRoom, warroom_db: str
+) -> None:
     sale = await room.create_sale([{"sku": "ctl-a", "stock": 10, "reserve": 4}], opens_at=now_ms() + 600_000)
     who = {**ADMIN, "X-Operator": quote("Lǐ Wěi"), "X-Operator-Note": quote("plan B: sales beat the plan ✓")}
 
     opened = await room.http.post(control_path(sale, "open"), headers=who)
     assert (await expect_json(opened, 200))["state"] == "open"
     assert opened.headers["X-Operator-Log"].endswith("; postgres=written")
-    released = await expect_json(await room.http.post(control_path(sale, "release-reserve", "ctl-a"), json={"units": 3}, headers=who), 200)
+    released = await expect_json(
+        await room.http.post(control_path(sale, "release-reserve", "ctl-a"), json={"units": 3}, headers=who),
+        200,
+    )
     assert (released["available"], released["reserve"]) == (9, 1)
-    restocked = await expect_json(await room.http.post(control_path(sale, "restock", "ctl-a"), json={"units": 5}, headers=who), 200)
+    restocked = await expect_json(
+        await room.http.post(control_path(sale, "restock", "ctl-a"), json={"units": 5}, headers=who), 200
+    )
     assert (restocked["total"], restocked["available"]) == (15, 14)
-    switched = await expect_json(await room.http.post("/api/admin/warroom/switches", json={"browse": False}, headers=who), 200)
+    switched = await expect_json(
+        await room.http.post("/api/admin/warroom/switches", json={"browse": False}, headers=who), 200
+    )
     assert switched == {"browse": False, "order_lookup": True}
     closed = await expect_json(await room.http.post(control_path(sale, "close"), headers=who), 200)
     assert closed["state"] == "closed"
 
     # The actions really happened (read back through the admin API, not the answers).
-    counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))["skus"]["ctl-a"]
+    counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))[
+        "skus"
+    ]["ctl-a"]
     assert (counters["total"], counters["available"], counters["reserve"]) == (15, 14, 1)
-    assert (await expect_json(await room.http.get("/api/admin/switches", headers=ADMIN), 200))["browse"] is False
+    assert (await expect_json(await room.http.get("/api/admin/switches", headers=ADMIN), 200))[
+        "browse"
+    ] is False
 
-    entries = (await expect_json(await room.http.get("/api/admin/warroom/log", headers=ADMIN), 200))["entries"]
-    assert [e["action"] for e in entries] == ["close_sale", "switches", "restock", "release_reserve", "open_sale"]
+    entries = (await expect_json(await room.http.get("/api/admin/warroom/log", headers=ADMIN), 200))[
+        "entries"
+    ]
+    assert [e["action"] for e in entries] == [
+        "close_sale",
+        "switches",
+        "restock",
+        "release_reserve",
+        "open_sale",
+    ]
     for e in entries:
         assert set(e) == ENTRY_KEYS
-        assert (e["operator"], e["note"], e["outcome"], e["status"]) == ("Lǐ Wěi", "plan B: sales beat the plan ✓", "ok", 200)
+        assert (e["operator"], e["note"], e["outcome"], e["status"]) == (
+            "Lǐ Wěi",
+            "plan B: sales beat the plan ✓",
+            "ok",
+            200,
+        )
         assert e["sale"] == (None if e["action"] == "switches" else sale)
     by_action = {e["action"]: e for e in entries}
-    assert by_action["release_reserve"]["params"] == {"units": 3} and by_action["release_reserve"]["sku"] == "ctl-a"
+    assert (
+        by_action["release_reserve"]["params"] == {"units": 3}
+        and by_action["release_reserve"]["sku"] == "ctl-a"
+    )
     assert by_action["switches"]["params"] == {"browse": False}
     assert by_action["restock"]["result"]["total"] == 15
 
     rows = await pg_log(warroom_db)
     assert [r["entry_id"] for r in rows] == [e["id"] for e in reversed(entries)]
     for row in rows:
-        assert (row["operator"], row["note"], row["outcome"], row["status"]) == ("Lǐ Wěi", "plan B: sales beat the plan ✓", "ok", 200)
+        assert (row["operator"], row["note"], row["outcome"], row["status"]) == (
+            "Lǐ Wěi",
+            "plan B: sales beat the plan ✓",
+            "ok",
+            200,
+        )
     assert json.loads(rows[1]["params"]) == {"units": 3}
     data = await room.data()
     assert data["log"]["postgres"] == "ok" and data["log"]["unwritten"] == 0
@@ -444,9 +539,19 @@ async def test_controls_act_like_the_admin_endpoints_and_are_logged_in_redis_and
 
 async def test_a_refused_control_is_logged_with_its_code(room: WarRoom, warroom_db: str) -> None:
     sale = await room.create_sale([{"sku": "ref-a", "stock": 3}])
-    await expect_json(await room.http.post(control_path(sale, "restock", "ref-a"), json={"units": 0}, headers=ADMIN), 422, "invalid_request")
-    await expect_json(await room.http.post(control_path("no-such-sale", "close"), headers=ADMIN), 404, "sale_not_found")
-    await expect_json(await room.http.post("/api/admin/warroom/switches", json={"everything": False}, headers=ADMIN), 422, "invalid_request")
+    await expect_json(
+        await room.http.post(control_path(sale, "restock", "ref-a"), json={"units": 0}, headers=ADMIN),
+        422,
+        "invalid_request",
+    )
+    await expect_json(
+        await room.http.post(control_path("no-such-sale", "close"), headers=ADMIN), 404, "sale_not_found"
+    )
+    await expect_json(
+        await room.http.post("/api/admin/warroom/switches", json={"everything": False}, headers=ADMIN),
+        422,
+        "invalid_request",
+    )
     entries = (await room.data())["log"]["entries"]
     assert [(e["action"], e["status"], e["outcome"], e["operator"]) for e in entries] == [
         ("switches", 422, "invalid_request", "anonymous"),
@@ -454,15 +559,24 @@ async def test_a_refused_control_is_logged_with_its_code(room: WarRoom, warroom_
         ("restock", 422, "invalid_request", "anonymous"),
     ]
     assert entries[2]["params"] == {"units": 0} and entries[2]["result"] is None
-    assert sorted(r["outcome"] for r in await pg_log(warroom_db)) == ["invalid_request", "invalid_request", "sale_not_found"]
-    counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))["skus"]["ref-a"]
+    assert sorted(r["outcome"] for r in await pg_log(warroom_db)) == [
+        "invalid_request",
+        "invalid_request",
+        "sale_not_found",
+    ]
+    counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))[
+        "skus"
+    ]["ref-a"]
     assert counters["total"] == 3
 
 
 async def test_a_press_with_a_non_json_number_keeps_the_page_readable(room: WarRoom, warroom_db: str) -> None:
     sale = await room.create_sale([{"sku": "nan-a", "stock": 3}])
-    resp = await room.http.post(control_path(sale, "restock", "nan-a"), data=b'{"units": NaN}',
-                                headers={**ADMIN, "Content-Type": "application/json"})
+    resp = await room.http.post(
+        control_path(sale, "restock", "nan-a"),
+        data=b'{"units": NaN}',
+        headers={**ADMIN, "Content-Type": "application/json"},
+    )
     await expect_json(resp, 422)
     raw = await (await room.http.get("/api/admin/warroom", headers=ADMIN)).text()
     data = json.loads(raw, parse_constant=lambda c: pytest.fail(f"{c} in the page's data"))
@@ -470,7 +584,9 @@ async def test_a_press_with_a_non_json_number_keeps_the_page_readable(room: WarR
     assert [r["params"] for r in await pg_log(warroom_db)] == [json.dumps({"unreadable": '{"units": NaN}'})]
 
 
-async def test_a_bad_operator_header_is_refused_before_anything_happens(room: WarRoom, warroom_db: str) -> None:
+async def test_a_bad_operator_header_is_refused_before_anything_happens(
+    room: WarRoom, warroom_db: str
+) -> None:
     sale = await room.create_sale([{"sku": "hdr-a", "stock": 3}])
     for header in ({"X-Operator": "x" * 65}, {"X-Operator-Note": quote("a\x00b")}):
         resp = await room.http.post(control_path(sale, "close"), headers={**ADMIN, **header})
@@ -480,7 +596,9 @@ async def test_a_bad_operator_header_is_refused_before_anything_happens(room: Wa
     assert await pg_log(warroom_db) == []
 
 
-async def test_log_entries_wait_in_redis_until_postgres_has_the_table(start_warroom: WarRoomFactory, pipeline_db_url: str) -> None:
+async def test_log_entries_wait_in_redis_until_postgres_has_the_table(
+    start_warroom: WarRoomFactory, pipeline_db_url: str
+) -> None:
     room = await start_warroom(database_url=pipeline_db_url)  # a schema the migrations never reached
     sale = await room.create_sale([{"sku": "wait-a", "stock": 3}])
     resp = await room.http.post(control_path(sale, "close"), headers={**ADMIN, "X-Operator": "ana"})
@@ -495,19 +613,38 @@ async def test_log_entries_wait_in_redis_until_postgres_has_the_table(start_warr
     data = await room.data_until(lambda d: d["log"]["postgres"] == "ok", timeout=10)
     assert data["log"]["unwritten"] == 0 and data["log"]["postgres_error"] is None
     rows = await pg_log(pipeline_db_url)
-    assert [(r["entry_id"], r["operator"], r["action"]) for r in rows] == [(data["log"]["entries"][0]["id"], "ana", "close_sale")]
+    assert [(r["entry_id"], r["operator"], r["action"]) for r in rows] == [
+        (data["log"]["entries"][0]["id"], "ana", "close_sale")
+    ]
 
 
-async def test_an_entry_postgres_refuses_for_good_is_set_aside_not_lost(room: WarRoom, warroom_db: str, redis_client: Any) -> None:
+async def test_an_entry_postgres_refuses_for_good_is_set_aside_not_lost(
+    room: WarRoom, warroom_db: str, redis_client: Any
+) -> None:
     # An entry a newer or buggy writer left in the outbox that no row can hold (status
     # does not fit a smallint): it moves to the refused list; the entries behind it go on.
-    bad = {"id": "0-bad", "at_ms": now_ms(), "operator": "x", "action": "restock", "sale": None, "sku": None,
-           "params": {}, "status": 10**6, "outcome": "ok", "result": None, "note": "", "remote": None, "user_agent": ""}
+    bad = {
+        "id": "0-bad",
+        "at_ms": now_ms(),
+        "operator": "x",
+        "action": "restock",
+        "sale": None,
+        "sku": None,
+        "params": {},
+        "status": 10**6,
+        "outcome": "ok",
+        "result": None,
+        "note": "",
+        "remote": None,
+        "user_agent": "",
+    }
     await redis_client.rpush("{fs:warroom}:log:unwritten", json.dumps(bad, separators=(",", ":")))
     sale = await room.create_sale([{"sku": "bad-a", "stock": 3}])
     resp = await room.http.post(control_path(sale, "close"), headers=ADMIN)
     assert resp.headers["X-Operator-Log"].endswith("; postgres=written")
-    assert [json.loads(e)["id"] for e in await redis_client.lrange("{fs:warroom}:log:refused", 0, -1)] == ["0-bad"]
+    assert [json.loads(e)["id"] for e in await redis_client.lrange("{fs:warroom}:log:refused", 0, -1)] == [
+        "0-bad"
+    ]
     assert await redis_client.llen("{fs:warroom}:log:unwritten") == 0
     assert [r["action"] for r in await pg_log(warroom_db)] == ["close_sale"]
     assert (await room.data())["log"]["refused"] == 1
@@ -521,5 +658,14 @@ async def test_without_a_database_the_log_is_kept_in_redis_and_says_so(start_war
     data = await room.data()
     assert data["log"]["postgres"] == "no_database" and data["log"]["unwritten"] == 0
     assert [e["action"] for e in data["log"]["entries"]] == ["close_sale"]
-    await expect_json(await room.http.get("/api/admin/warroom/log?limit=0", headers=ADMIN), 422, "invalid_request")
-    assert len((await expect_json(await room.http.get("/api/admin/warroom/log?limit=1", headers=ADMIN), 200))["entries"]) == 1
+    await expect_json(
+        await room.http.get("/api/admin/warroom/log?limit=0", headers=ADMIN), 422, "invalid_request"
+    )
+    assert (
+        len(
+            (await expect_json(await room.http.get("/api/admin/warroom/log?limit=1", headers=ADMIN), 200))[
+                "entries"
+            ]
+        )
+        == 1
+    )

@@ -27,8 +27,14 @@ from flashsale.migrate import migrate_url
 CHROMIUM = os.environ.get("FLASHSALE_CHROMIUM", "/usr/bin/chromium")
 # Headless, and nothing that talks to the outside world or needs a GPU or a sandbox.
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
 ]
 VIEWPORT = {"width": 1600, "height": 1000}
 
@@ -40,7 +46,9 @@ def _require_browser() -> None:
     try:
         import playwright.async_api  # noqa: F401
     except ImportError:
-        missing.append("the playwright package (pip install 'flashsale[test]'; no `playwright install` needed)")
+        missing.append(
+            "the playwright package (pip install 'flashsale[test]'; no `playwright install` needed)"
+        )
     if not missing:
         return
     message = "the war-room browser test needs " + " and ".join(missing)
@@ -95,7 +103,11 @@ async def test_war_room_during_a_surge_in_headless_chromium(
         {"sku": "charger", "stock": 30, "reserve": 10, "low_stock_line": 8},
     ]
     sale = await room.create_sale(skus, hold_ttl_s=45)
-    target = {"scenario": "midnight_surge (test)", "sale": sale, "points": [[0, 0], [5_000, 80], [20_000, 200], [60_000, 320]]}
+    target = {
+        "scenario": "midnight_surge (test)",
+        "sale": sale,
+        "points": [[0, 0], [5_000, 80], [20_000, 200], [60_000, 320]],
+    }
     await expect_json(await room.http.put("/api/admin/warroom/target", json=target, headers=ADMIN), 200)
 
     stop = asyncio.Event()
@@ -109,7 +121,12 @@ async def test_war_room_during_a_surge_in_headless_chromium(
             try:
                 page = await browser.new_page(viewport=VIEWPORT)
                 page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-                page.on("console", lambda msg: problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None)
+                page.on(
+                    "console",
+                    lambda msg: (
+                        problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
+                    ),
+                )
                 page.set_default_timeout(15_000)
 
                 await page.goto(f"{room.base_url}/warroom?token={ADMIN_TOKEN}")
@@ -119,7 +136,10 @@ async def test_war_room_during_a_surge_in_headless_chromium(
                 await page.wait_for_selector('.sku[data-sku="charger"][data-state="in_stock"]')
 
                 # The surge starts while the page watches: numbers arrive and keep changing.
-                buyers.extend(asyncio.create_task(_surge(room, stop, [s["sku"] for s in skus], placed)) for _ in range(3))
+                buyers.extend(
+                    asyncio.create_task(_surge(room, stop, [s["sku"] for s in skus], placed))
+                    for _ in range(3)
+                )
                 first = await _wait_for_shown(page, "#v-created-total", lambda v: v > 0)
                 await _wait_for_shown(page, "#v-created-total", lambda v: v > first)
                 await page.wait_for_selector('#health[data-status="healthy"]')
@@ -127,8 +147,13 @@ async def test_war_room_during_a_surge_in_headless_chromium(
                 assert (await page.locator("#phase").inner_text()) == "OPEN"
                 assert (await page.locator("#countdown").inner_text()).startswith("T0 + ")
                 assert "midnight_surge (test)" in await page.locator("#v-target-detail").inner_text()
-                await page.wait_for_selector('.sku[data-sku="charger"][data-state="sold_out"]', timeout=20_000)
-                assert "sold out at T0 + " in await page.locator('.sku[data-sku="charger"] .sku-moment').inner_text()
+                await page.wait_for_selector(
+                    '.sku[data-sku="charger"][data-state="sold_out"]', timeout=20_000
+                )
+                assert (
+                    "sold out at T0 + "
+                    in await page.locator('.sku[data-sku="charger"] .sku-moment').inner_text()
+                )
                 surge_shot = folder / "warroom-surge.png"
                 await page.screenshot(path=str(surge_shot), full_page=True)
 
@@ -142,7 +167,9 @@ async def test_war_room_during_a_surge_in_headless_chromium(
                 left = await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200)
                 available = left["skus"]["phone-x"]["available"]
                 await page.wait_for_function(
-                    "(n) => +document.querySelector('.sku[data-sku=\"phone-x\"]').dataset.available === n", arg=available)
+                    "(n) => +document.querySelector('.sku[data-sku=\"phone-x\"]').dataset.available === n",
+                    arg=available,
+                )
                 assert await row.get_attribute("data-reserve") == "150"
                 box = await row.locator(".seg.available").bounding_box()
                 assert box is not None
@@ -157,10 +184,12 @@ async def test_war_room_during_a_surge_in_headless_chromium(
                 # The stock bar grows by the pool (read from the page, not from the API).
                 await page.wait_for_function(
                     "(before) => +document.querySelector('.sku[data-sku=\"phone-x\"]').dataset.available === before + 150",
-                    arg=available)
+                    arg=available,
+                )
                 await page.wait_for_function(
                     "(w) => document.querySelector('.sku[data-sku=\"phone-x\"] .seg.available').getBoundingClientRect().width > w + 100",
-                    arg=box["width"])
+                    arg=box["width"],
+                )
                 assert await row.locator('button[data-action="release_reserve"]').is_disabled()
                 await page.wait_for_selector('#log-rows tr[data-action="release_reserve"][data-outcome="ok"]')
                 assert "PostgreSQL: written" in await page.locator("#toast").inner_text()
@@ -189,7 +218,9 @@ async def test_war_room_during_a_surge_in_headless_chromium(
         record_property("screenshot", str(shot))
         print(f"war-room screenshot: {shot}")
     assert problems == [], problems
-    counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))["skus"]["phone-x"]
+    counters = (await expect_json(await room.http.get(f"/api/admin/sales/{sale}", headers=ADMIN), 200))[
+        "skus"
+    ]["phone-x"]
     assert (counters["available"], counters["reserve"]) == (available + 150, 0)
     conn = await asyncpg.connect(pipeline_db_url)
     try:

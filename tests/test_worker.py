@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
-
 from redis_mode import single_server_only
 
 from flashsale.worker import GROUP, OrderWriter, ensure_group, events_key, stream_backlog
@@ -39,17 +38,29 @@ def assert_same_orders(pg: dict[str, dict[str, Any]], holds: dict[str, Any]) -> 
     assert set(pg) == set(holds)
     for hold_id, hold in holds.items():
         row = pg[hold_id]
-        assert (row["status"], row["user_id"], row["request_id"]) == (hold.state.value, hold.user, hold.request_id)
+        assert (row["status"], row["user_id"], row["request_id"]) == (
+            hold.state.value,
+            hold.user,
+            hold.request_id,
+        )
         assert row["lines"] == {line.sku: line.qty for line in hold.lines}
         assert int(row["pay_by"].timestamp() * 1000) == hold.deadline_ms
         assert int(row["created_at"].timestamp() * 1000) == hold.created_ms
 
 
 async def make_orders(inv: Inventory, n: int, *, prefix: str = "r") -> list[Any]:
-    return list(await asyncio.gather(*(
-        inv.reserve(f"u{i % 40}", [Line("phone", 1)] + ([Line("case", 2)] if i % 3 == 0 else []), request_id=f"{prefix}{i}")
-        for i in range(n)
-    )))  # fmt: skip
+    return list(
+        await asyncio.gather(
+            *(
+                inv.reserve(
+                    f"u{i % 40}",
+                    [Line("phone", 1)] + ([Line("case", 2)] if i % 3 == 0 else []),
+                    request_id=f"{prefix}{i}",
+                )
+                for i in range(n)
+            )
+        )
+    )
 
 
 @pytest.mark.parametrize("method", ["unnest", "copy"])
@@ -77,7 +88,9 @@ async def test_every_order_and_stock_change_reaches_postgres(
     pg = await orders_in_pg(pipeline_pool)
     assert_same_orders(pg, await holds_in_redis(inv))
     assert {r["status"] for r in pg.values()} == {"held", "paid", "cancelled", "expired"}
-    events = await pipeline_pool.fetch("SELECT type, sku, total, reserve, delta, units FROM stock_events ORDER BY stream_ms, stream_seq")
+    events = await pipeline_pool.fetch(
+        "SELECT type, sku, total, reserve, delta, units FROM stock_events ORDER BY stream_ms, stream_seq"
+    )
     assert [tuple(e) for e in events] == [
         ("stocked", "phone", 500, 50, None, None),
         ("stocked", "case", 800, 50, None, None),
@@ -110,8 +123,16 @@ async def test_replaying_the_whole_stream_changes_nothing(
 
 
 def _entry(kind: str, order: str, at: int, **extra: str) -> dict[str, str]:
-    return {"type": kind, "order": order, "user": "alice", "lines": "phone:1", "request": "req-" + order[-3:],
-            "deadline": "1900000000000", "at": str(at), **extra}  # fmt: skip
+    return {
+        "type": kind,
+        "order": order,
+        "user": "alice",
+        "lines": "phone:1",
+        "request": "req-" + order[-3:],
+        "deadline": "1900000000000",
+        "at": str(at),
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("batch", [1, 100])
@@ -175,7 +196,12 @@ async def test_a_dead_consumers_entries_are_reclaimed(
 
 
 async def test_nothing_is_acknowledged_before_it_is_committed(
-    text_redis: Redis, pipeline_db_url: str, pipeline_pool: Any, pipeline_sale: Any, writer_running: Any, drained: Any
+    text_redis: Redis,
+    pipeline_db_url: str,
+    pipeline_pool: Any,
+    pipeline_sale: Any,
+    writer_running: Any,
+    drained: Any,
 ) -> None:
     """A database that cannot take the writes (here: the schema is missing) keeps every entry
     pending — none acknowledged, none dead-lettered — and they are written once it can."""
@@ -197,7 +223,12 @@ async def test_nothing_is_acknowledged_before_it_is_committed(
 
 
 async def test_stale_pooled_connections_are_replaced(
-    text_redis: Redis, pipeline_db_url: str, pipeline_pool: Any, pipeline_sale: Any, writer_running: Any, drained: Any
+    text_redis: Redis,
+    pipeline_db_url: str,
+    pipeline_pool: Any,
+    pipeline_sale: Any,
+    writer_running: Any,
+    drained: Any,
 ) -> None:
     """What a PostgreSQL restart does to a pool: every connection it holds is dead."""
     from flashsale.pgpool import close_pool, create_pool
@@ -210,7 +241,8 @@ async def test_stale_pooled_connections_are_replaced(
             await make_orders(inv, 5, prefix="a")
             await drained(text_redis, ["d11"])
             killed = await pipeline_pool.fetchval(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1", name
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = $1",
+                name,
             )
             assert killed == 2
             await make_orders(inv, 5, prefix="b")
@@ -297,9 +329,14 @@ async def test_stop_finishes_and_publishes_the_counters(
 
 
 async def test_a_redis_outage_is_waited_out(
-    embedded_stack: Any, redis_url: str, text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, drained: Any,
+    embedded_stack: Any,
+    redis_url: str,
+    text_redis: Redis,
+    pipeline_pool: Any,
+    pipeline_sale: Any,
+    drained: Any,
     caplog: pytest.LogCaptureFixture,
-) -> None:  # fmt: skip
+) -> None:
     """Redis stops answering for a while (frozen: a failover, a long fork): the writer logs
     the outage once, waits, and carries on where it was."""
     from flashsale.worker import WorkerSettings
@@ -333,13 +370,20 @@ async def test_a_redis_outage_is_waited_out(
 
 
 async def test_a_bytes_client_writes_the_same_rows(
-    redis_client: Redis, text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, redis_url: str, drained: Any
+    redis_client: Redis,
+    text_redis: Redis,
+    pipeline_pool: Any,
+    pipeline_sale: Any,
+    redis_url: str,
+    drained: Any,
 ) -> None:
     from flashsale.worker import WorkerSettings
 
     inv = await pipeline_sale("d11", STOCK)
     await make_orders(inv, 10)
-    writer = OrderWriter(redis_client, pipeline_pool, WorkerSettings(redis_url=redis_url, consumer="w1", block_ms=20))
+    writer = OrderWriter(
+        redis_client, pipeline_pool, WorkerSettings(redis_url=redis_url, consumer="w1", block_ms=20)
+    )
     task = asyncio.ensure_future(writer.run())
     try:
         await drained(text_redis, ["d11"])

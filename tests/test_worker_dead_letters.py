@@ -18,8 +18,16 @@ DEAD = dead_letter_key("fs", "d11")
 
 
 def reserved(n: int, **override: str) -> dict[str, str]:
-    return {"type": "reserved", "order": f"d11.{n:06d}", "user": f"u{n}", "lines": "phone:1",
-            "request": f"r{n}", "deadline": "1900000000000", "at": "1800000000000", **override}  # fmt: skip
+    return {
+        "type": "reserved",
+        "order": f"d11.{n:06d}",
+        "user": f"u{n}",
+        "lines": "phone:1",
+        "request": f"r{n}",
+        "deadline": "1900000000000",
+        "at": "1800000000000",
+        **override,
+    }
 
 
 async def setup_stream(redis: Redis, entries: list[dict[str, str]]) -> list[str]:
@@ -102,7 +110,9 @@ async def test_a_reclaimed_entry_delivered_too_often_is_set_aside(
     ids = await setup_stream(text_redis, [reserved(0)])
     await text_redis.xreadgroup(GROUP, "gone", {KEY: ">"}, count=1)
     await text_redis.xreadgroup(GROUP, "gone", {KEY: "0"}, count=1)
-    async with writer_running(consumer="w2", max_deliveries=2, claim_idle_ms=50, claim_interval_s=0.05) as writer:
+    async with writer_running(
+        consumer="w2", max_deliveries=2, claim_idle_ms=50, claim_interval_s=0.05
+    ) as writer:
         await drained(text_redis, ["d11"])
     assert writer.stats.reclaimed == 1 and writer.stats.dead_letters == 1
     assert (await dead_letters(text_redis))[0]["dead_stream_id"] == ids[0]

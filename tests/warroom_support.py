@@ -34,7 +34,9 @@ class WarRoom:
     async def data(self) -> dict[str, Any]:
         return await expect_json(await self.http.get("/api/admin/warroom", headers=ADMIN), 200)  # type: ignore[no-any-return]
 
-    async def data_until(self, check: Callable[[dict[str, Any]], bool], timeout: float = 10.0) -> dict[str, Any]:
+    async def data_until(
+        self, check: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any]:
         """Poll the data endpoint (as the page does) until ``check`` holds."""
         deadline = time.monotonic() + timeout
         while True:
@@ -42,7 +44,9 @@ class WarRoom:
             if check(data):
                 return data
             if time.monotonic() > deadline:
-                raise AssertionError(f"war-room data never satisfied the check within {timeout} s; last: {data}")
+                raise AssertionError(
+                    f"war-room data never satisfied the check within {timeout} s; last: {data}"
+                )
             await asyncio.sleep(0.2)
 
     async def create_sale(self, skus: list[dict[str, Any]], **fields: Any) -> str:
