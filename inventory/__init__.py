@@ -13,7 +13,7 @@ validates first, then writes, and appends the change to the sale's event stream.
 The only dependency is redis-py.
 """
 
-from ._buckets import BucketedInventory
+from ._buckets import BucketedInventory, bucket_sale_id, parent_sale_id
 from ._engine import DEFAULT_HOLD_TTL, Inventory
 from ._errors import (
     HoldCancelled,
@@ -63,4 +63,6 @@ __all__ = [
     "SoldOut",
     "StockState",
     "UnknownSku",
+    "bucket_sale_id",
+    "parent_sale_id",
 ]

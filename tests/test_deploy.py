@@ -338,7 +338,7 @@ def test_redis_flags_are_accepted_by_a_real_redis_server(redis_argv: list[str]) 
     # A misspelt directive or value passes every YAML check; redis-server itself refuses it.
     from redis import Redis
 
-    from flashsale.embedded import RedisServer
+    from flashsale.runtime.embedded import RedisServer
 
     flags = _redis_flags(redis_argv)
     with RedisServer(extra_args=redis_argv[1:]) as server:

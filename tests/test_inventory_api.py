@@ -46,6 +46,8 @@ EXPECTED_EXPORTS = {
     "SoldOut",
     "StockState",
     "UnknownSku",
+    "bucket_sale_id",
+    "parent_sale_id",
 }
 
 

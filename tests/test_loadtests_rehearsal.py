@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 import redis
 
-from flashsale.embedded import EmbeddedStack
-from flashsale.rehearse import Rehearsal, RehearsalSettings
+from flashsale.drills.rehearse import Rehearsal, RehearsalSettings
+from flashsale.runtime.embedded import EmbeddedStack
 from loadtests import exit_codes, oracle
 from loadtests.oracle import read_request_log
 
@@ -257,7 +257,7 @@ def test_ctrl_c_stops_everything_and_still_judges(embedded_stack: EmbeddedStack,
 
     env = {**os.environ, **embedded_stack.environ(), "FLASHSALE_KEY_PREFIX": f"rc{uuid.uuid4().hex[:6]}"}
     script = (
-        "import sys; from pathlib import Path; from flashsale.rehearse import Rehearsal, RehearsalSettings; "
+        "import sys; from pathlib import Path; from flashsale.drills.rehearse import Rehearsal, RehearsalSettings; "
         f"sys.exit(Rehearsal(RehearsalSettings(peak_rps=40, time_scale=1.0, hold_ttl_s=2, audit_wait_s=20, "
         f"report_dir=Path({str(tmp_path)!r}))).run())"
     )
