@@ -61,6 +61,7 @@ from flashsale.redis_client import as_text
 from flashsale.settings import Settings, SettingsError
 from flashsale.settings import parse_env_value as parse_setting
 from flashsale.streams import GROUP, dead_letter_key, ensure_group, events_key
+from inventory import EventError, OrderEvent, StreamId, parse_event
 
 __all__ = [
     "OrderWriter",
@@ -76,8 +77,6 @@ logger = logging.getLogger("flashsale.worker")
 # CLUSTERDOWN / TRYAGAIN: an outage to wait out like a lost connection, not a bug.
 _REDIS_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError)
 _RANK = {"held": 0, "paid": 1, "cancelled": 1, "expired": 1}
-_ORDER_STATUS = {"reserved": "held", "confirmed": "paid", "released": "cancelled", "expired": "expired"}
-_STOCK_TYPES = frozenset({"stocked", "restocked", "written_off", "reserve_released"})
 
 
 # ------------------------------------------------------------------------ settings
@@ -250,16 +249,6 @@ def _fields(raw: Mapping[Any, Any] | None) -> dict[str, str] | None:
     }
 
 
-def _parse_id(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
-def _next_id(stream_id: str) -> str:
-    ms, seq = _parse_id(stream_id)
-    return f"{ms}-{seq + 1}"
-
-
 # ------------------------------------------------------------------------ entries
 class EntryError(ValueError):
     """A stream entry that can never be written: malformed or of an unknown type."""
@@ -301,69 +290,43 @@ class StockChange:
     at_ms: int
 
 
-def _need(fields: Mapping[str, str], name: str) -> str:
-    value = fields.get(name)
-    if value is None or value == "":
-        raise EntryError(f"field {name!r} is missing")
-    return value
-
-
-def _need_int(fields: Mapping[str, str], name: str) -> int:
-    raw = _need(fields, name)
-    try:
-        return int(raw)
-    except ValueError:
-        raise EntryError(f"field {name!r} is not a whole number: {raw[:40]!r}") from None
-
-
-def _opt_int(fields: Mapping[str, str], name: str) -> int | None:
-    return _need_int(fields, name) if name in fields else None
-
-
 def parse_entry(entry: StreamEntry) -> OrderChange | StockChange:
-    """The change a stream entry records; :class:`EntryError` if it cannot be written."""
-    f = entry.fields
-    if f is None:
+    """The change a stream entry records; :class:`EntryError` if it cannot be written. The
+    fields are read by inventory's entry contract (``inventory.parse_event``); what is
+    checked here is the writer's own: the entry's order belongs to the stream's sale."""
+    if entry.fields is None:
         raise EntryError("the entry was deleted from the stream before it was written")
-    kind = _need(f, "type")
-    if kind in _ORDER_STATUS:
-        order_id = _need(f, "order")
-        if not order_id.startswith(entry.sale + "."):
-            raise EntryError(f"order id {order_id[:80]!r} is not from sale {entry.sale!r}")
-        lines: list[tuple[str, int]] = []
-        for part in _need(f, "lines").split(","):
-            sku, _, qty = part.rpartition(":")
-            if not sku or not qty.isdigit() or int(qty) < 1:
-                raise EntryError(f"line {part[:80]!r} is not '<sku>:<qty>'")
-            lines.append((sku, int(qty)))
-        if len({sku for sku, _ in lines}) != len(lines):
-            raise EntryError("a SKU appears on two lines")
+    try:
+        event = parse_event(entry.fields)
+    except EventError as exc:
+        raise EntryError(str(exc)) from None
+    if isinstance(event, OrderEvent):
+        if not event.hold_id.startswith(entry.sale + "."):
+            raise EntryError(f"order id {event.hold_id[:80]!r} is not from sale {entry.sale!r}")
         return OrderChange(
-            order_id=order_id,
+            order_id=event.hold_id,
             sale=entry.sale,
-            user=_need(f, "user"),
-            request_id=_need(f, "request"),
-            status=_ORDER_STATUS[kind],
-            lines=tuple(lines),
-            pay_by_ms=_need_int(f, "deadline"),
-            at_ms=_need_int(f, "at"),
+            user=event.user,
+            request_id=event.request_id,
+            status=event.state.value,
+            lines=tuple((line.sku, line.qty) for line in event.lines),
+            pay_by_ms=event.deadline_ms,
+            at_ms=event.at_ms,
             stream_id=entry.stream_id,
         )
-    if kind in _STOCK_TYPES:
-        return StockChange(
-            sale=entry.sale,
-            stream_id=entry.stream_id,
-            type=kind,
-            sku=_need(f, "sku"),
-            total=_opt_int(f, "total"),
-            reserve=_opt_int(f, "reserve"),
-            per_user_limit=_opt_int(f, "limit"),
-            low_stock_line=_opt_int(f, "low"),
-            delta=_opt_int(f, "delta"),
-            units=_opt_int(f, "units"),
-            at_ms=_need_int(f, "at"),
-        )
-    raise EntryError(f"unknown event type {kind[:40]!r}")
+    return StockChange(
+        sale=entry.sale,
+        stream_id=entry.stream_id,
+        type=event.type,
+        sku=event.sku,
+        total=event.total,
+        reserve=event.reserve,
+        per_user_limit=event.limit_per_user,
+        low_stock_line=event.low_stock_line,
+        delta=event.delta,
+        units=event.units,
+        at_ms=event.at_ms,
+    )
 
 
 # ---------------------------------------------------------------------- SQL
@@ -1035,16 +998,16 @@ async def _trim_floor(redis: Any, key: str) -> str | None:
     groups = await redis.xinfo_groups(key)
     if not groups:
         return None
-    floor: tuple[int, int] | None = None
+    floor: StreamId | None = None
     for g in groups:
-        candidates = [_parse_id(_next_id(as_text(g["last-delivered-id"])))]
+        candidates = [StreamId.parse(g["last-delivered-id"]).next()]
         summary = await redis.xpending(key, as_text(g["name"]))
         if summary and int(summary["pending"]) > 0 and summary["min"] is not None:
-            candidates.append(_parse_id(as_text(summary["min"])))
+            candidates.append(StreamId.parse(summary["min"]))
         low = min(candidates)
         floor = low if floor is None else min(floor, low)
     assert floor is not None
-    return f"{floor[0]}-{floor[1]}"
+    return str(floor)
 
 
 def _describe(exc: BaseException) -> str:
