@@ -28,6 +28,9 @@ dead_letter        stream entries the writer set aside (they need a person)
 not_drained        the stream still had uncommitted entries when the wait ran out
 =================  ==========================================================================
 
+Every audit leaves its counts by kind in ``<prefix>:audit:last`` (:func:`last_audit_key`), which
+the service's ``/metrics`` exports so that an alert fires on any violation until a clean audit.
+
 Differences that a live sale explains (an order paid or created after the snapshot) are
 re-checked against Redis before they are reported. The snapshot reads every hold in one
 command, so on a very large sale run the audit after the surge, not during it.
@@ -51,7 +54,7 @@ from inventory import SaleKeys
 
 from .worker import GROUP, dead_letter_key, stream_backlog
 
-__all__ = ["KINDS", "SCHEMA", "AuditReport", "SkuAudit", "Violation", "run_audit"]
+__all__ = ["KINDS", "SCHEMA", "AuditReport", "SkuAudit", "Violation", "last_audit_key", "run_audit"]
 
 SCHEMA = "flashsale.audit/1"
 KINDS = (
@@ -70,6 +73,11 @@ KINDS = (
 LISTED_PER_KIND = 200
 
 _COUNTED = ("held", "paid")  # hold states whose units are taken from stock
+
+
+def last_audit_key(prefix: str) -> str:
+    """Hash: the last audit's violation count per kind, and ``at_ms`` (when it started)."""
+    return f"{prefix}:audit:last"
 
 
 def _text(value: Any) -> str:
@@ -820,7 +828,7 @@ async def run_audit(
     }
     order = {k: i for i, k in enumerate(KINDS)}
     violations.sort(key=lambda v: (order[v.kind], v.sale, v.sku or "", v.order_id or ""))
-    return AuditReport(
+    report = AuditReport(
         prefix=prefix,
         sales=tuple(sale_list),
         started_at=started,
@@ -832,3 +840,5 @@ async def run_audit(
         skus=tuple(skus),
         violations=tuple(violations),
     )
+    await redis.hset(last_audit_key(prefix), mapping={"at_ms": int(started * 1000), **report.by_kind()})
+    return report
