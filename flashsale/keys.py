@@ -16,6 +16,7 @@ key                                    type    what it holds
 ``<prefix>:stats:procs``               set     the per-process stats keys published
 ``<prefix>:stats:proc:<pid>``          hash    one service process's published counters
 ``<prefix>:writer:stats``              hash    the order writer's published counters
+``<prefix>:audit:last``                hash    the last audit's violations per kind, and when
 ``{<prefix>:<sale>}:dead``             stream  entries PostgreSQL refused (the sale's slot)
 ``{<prefix>:warroom}:<name>``          *       the war room's history and operator log (one slot)
 =====================================  ======  ===============================================
@@ -61,6 +62,10 @@ class ServiceKeys:
 
     def stats_proc(self, pid: int) -> str:
         return f"{self.prefix}:stats:proc:{pid}"
+
+    @property
+    def audit_last(self) -> str:
+        return f"{self.prefix}:audit:last"
 
     @property
     def writer_stats(self) -> str:

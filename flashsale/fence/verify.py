@@ -86,11 +86,7 @@ class FenceUnavailable(RuntimeError):
 
 
 def lineage_key(prefix: str) -> str:
-    return f"{prefix}:lineage"
-
-
-def _sale_key(prefix: str, sale: str) -> str:
-    return ServiceKeys(prefix).sale(sale)
+    return ServiceKeys(prefix).lineage
 
 
 def _stream_ms(stream_id: str | None) -> int:

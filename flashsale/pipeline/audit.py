@@ -28,6 +28,9 @@ dead_letter        stream entries the writer set aside (they need a person)
 not_drained        the stream still had uncommitted entries when the wait ran out
 =================  ==========================================================================
 
+Every audit leaves its counts by kind in ``<prefix>:audit:last`` (:attr:`flashsale.keys.ServiceKeys.audit_last`), which
+the service's ``/metrics`` exports so that an alert fires on any violation until a clean audit.
+
 Differences that a live sale explains (an order paid or created after the snapshot) are
 re-checked against Redis before they are reported. The snapshot reads every hold in one
 command, so on a very large sale run the audit after the surge, not during it.
@@ -817,7 +820,7 @@ async def run_audit(
     }
     order = {k: i for i, k in enumerate(KINDS)}
     violations.sort(key=lambda v: (order[v.kind], v.sale, v.sku or "", v.order_id or ""))
-    return AuditReport(
+    report = AuditReport(
         prefix=prefix,
         sales=tuple(sale_list),
         started_at=started,
@@ -829,3 +832,7 @@ async def run_audit(
         skus=tuple(skus),
         violations=tuple(violations),
     )
+    await redis.hset(
+        ServiceKeys(prefix).audit_last, mapping={"at_ms": int(started * 1000), **report.by_kind()}
+    )
+    return report

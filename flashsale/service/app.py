@@ -74,7 +74,11 @@ async def _pg_pool(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def create_app(settings: Settings) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=settings.max_body_bytes)
+    metrics = ServiceMetrics()
+    # Outermost: the per-route metrics see every answer as the client gets it.
+    app = web.Application(
+        middlewares=[metrics.middleware(), error_middleware], client_max_size=settings.max_body_bytes
+    )
     app.add_routes(buyer_api.routes)
     app.add_routes(admin_api.routes)
     app.add_routes(probes.routes)
@@ -89,7 +93,7 @@ def create_app(settings: Settings) -> web.Application:
             settings=settings,
             redis=redis,
             sales=SaleBook(redis, settings.key_prefix, ttl_s=settings.sale_cache_s),
-            metrics=ServiceMetrics(),
+            metrics=metrics,
             rate=RateLimiter(settings.user_rate, settings.user_burst),
             in_flight=InFlight(settings.max_in_flight),
             sold_out=SoldOutCache(settings.sold_out_cache_s),

@@ -1,11 +1,21 @@
 """What the service counts, and how it is read: Prometheus exposition at ``/metrics``
 and the live numbers behind ``/api/admin/stats`` (progress lines, the war room).
 
-Request counters and latency histograms live in each process (prometheus-client; in
-multi-process mode they are merged through ``PROMETHEUS_MULTIPROC_DIR``). Numbers that
-belong to the whole deployment — stock per SKU, holds pending, stream backlog, the
-order writer's progress — are read from Redis at scrape time, so every process reports
-the same truth.
+Per process (prometheus-client; in multi-process mode merged through
+``PROMETHEUS_MULTIPROC_DIR``): order outcomes, and for every route — labelled by the
+route's template (``/api/orders/{order_id}``), never the raw path, so the label values
+stay bounded — a latency histogram and the answers by status code (:meth:`ServiceMetrics.middleware`).
+``process_*``: prometheus-client's process collector; in multi-process mode summed over the
+service processes that share the port (:class:`_ServiceProcesses`).
+
+Numbers that belong to the whole deployment are read from Redis at scrape time, so every
+process reports the same truth (:func:`read_deployment`): stock per SKU, holds pending,
+stream backlog, dead letters waiting and the fence, per sale; the order writer's counters and
+its last commit (the writer publishes them to Redis; it serves no ``/metrics`` of its own);
+the last audit's violations. A sale's series leave ``/metrics`` once it has ended — nothing
+decided for ``ended_sale_s`` (closed, or simply over) with nothing left to write, no dead
+letter and no fence — so a deployment that ran many drills does not keep a series per sale
+forever; a deleted sale leaves at once.
 
 Each process also publishes its outcome counters and recent latency percentiles to
 Redis once a second (``<prefix>:stats:proc:<pid>``, expiring, named in the set
@@ -20,23 +30,31 @@ import json
 import os
 import time
 from collections.abc import Iterator
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
     CollectorRegistry,
     Counter,
     Histogram,
+    ProcessCollector,
     disable_created_metrics,
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from flashsale.keys import ServiceKeys
 
-__all__ = ["OUTCOMES", "ServiceMetrics", "read_published", "stream_backlog"]
+if TYPE_CHECKING:
+    from flashsale.service.state import ServiceState
+
+__all__ = ["OUTCOMES", "ServiceMetrics", "read_deployment", "read_published", "stream_backlog"]
 
 #: Outcomes of POST /api/orders, as counted everywhere (metrics, stats, the war room).
 OUTCOMES = (
@@ -62,6 +80,7 @@ _LATENCY_BUCKETS = (
     0.05,
     0.1,
     0.2,
+    0.25,  # the order p99 objective the alerts and the war room start from (250 ms)
     0.5,
     1.0,
     2.0,
@@ -69,30 +88,72 @@ _LATENCY_BUCKETS = (
 )
 
 
-class _SaleGauges(Collector):
-    """Deployment-wide gauges, filled just before each scrape."""
+#: Methods counted under their own name; any other becomes "other" (label values stay bounded).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The route label of a request no route matched (404, 405): one value, whatever the path.
+UNMATCHED = "unmatched"
+
+
+class _Deployment(Collector):
+    """The deployment-wide families (:func:`read_deployment`), set just before each scrape."""
 
     def __init__(self) -> None:
-        self.rows: list[tuple[str, str, list[str], float]] = []
+        self.families: list[Metric] = []
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        families: dict[str, GaugeMetricFamily] = {}
-        for name, doc, labels, value in self.rows:
-            label_names = _LABELS[name]
-            family = families.get(name)
-            if family is None:
-                family = families[name] = GaugeMetricFamily(name, doc, labels=label_names)
-            family.add_metric(labels, value)
-        yield from families.values()
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
 
 
-_LABELS = {
-    "flashsale_stock_units": ["sale", "sku", "state"],
-    "flashsale_holds_pending": ["sale"],
-    "flashsale_stream_backlog": ["sale"],
-    "flashsale_writer_rows_total": [],
-    "flashsale_dead_letters_total": [],
-}
+class _ServiceProcesses(Collector):
+    """``process_*`` in multi-process mode: prometheus-client's process collector read for
+    every service process behind this port (the children of our parent that run our
+    command line), then added up — CPU, memory and open files are the target's. A scrape
+    answered by one process alone would otherwise report a different process each time."""
+
+    def __init__(self) -> None:
+        self._pid: int | str = "self"
+        self._reader = ProcessCollector(pid=lambda: self._pid, registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, float] = {}
+        docs: dict[str, tuple[str, str]] = {}
+        for pid in _service_pids():
+            self._pid = pid
+            for family in self._reader.collect():
+                (sample,) = family.samples
+                docs[sample.name] = (family.documentation, family.type)
+                if sample.name == "process_start_time_seconds":  # the oldest one
+                    totals[sample.name] = min(totals.get(sample.name, sample.value), sample.value)
+                elif sample.name == "process_max_fds":  # a per-process limit, not a sum
+                    totals[sample.name] = sample.value if pid == os.getpid() else totals.get(sample.name, 0)
+                else:
+                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        self._pid = "self"
+        for name, value in totals.items():
+            doc, kind = docs[name]
+            if kind == "counter":
+                yield CounterMetricFamily(name.removesuffix("_total"), doc, value=value)
+            else:
+                yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _service_pids() -> list[int]:
+    """This process and its siblings started with the same command line (``flashsale serve``
+    starts its processes that way), from ``/proc/<parent>/task/<parent>/children``."""
+    me, parent = os.getpid(), os.getppid()
+    try:
+        command = Path(f"/proc/{me}/cmdline").read_bytes()
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return [me]
+    pids = {me}
+    for child in children:
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes() == command:
+                pids.add(int(child))
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+    return sorted(pids)
 
 
 async def stream_backlog(redis: Any, stream: str) -> int:
@@ -118,25 +179,136 @@ async def read_published(redis: Any, prefix: str) -> list[tuple[str, bytes | Non
     return list(zip(keys, values))
 
 
-class ServiceMetrics:
-    """One per process."""
+async def read_deployment(state: ServiceState) -> list[Metric]:
+    """The deployment-wide families, read from Redis (see the module docstring). A Redis
+    that does not answer leaves them out: the scrape still answers with the process's own."""
+    try:
+        return await _read_deployment(state)
+    except Exception:
+        return []
 
-    def __init__(self) -> None:
+
+async def _read_deployment(state: ServiceState) -> list[Metric]:
+
+    redis, prefix = state.redis, state.settings.key_prefix
+    stock = GaugeMetricFamily(
+        "flashsale_stock_units", "units per SKU by state", labels=["sale", "sku", "state"]
+    )
+    holds = GaugeMetricFamily("flashsale_holds_pending", "holds waiting for payment", labels=["sale"])
+    backlog = GaugeMetricFamily(
+        "flashsale_stream_backlog", "events not yet written to PostgreSQL", labels=["sale"]
+    )
+    dead = GaugeMetricFamily(
+        "flashsale_dead_letters_waiting", "events set aside in the sale's dead-letter stream", labels=["sale"]
+    )
+    fenced = GaugeMetricFamily(
+        "flashsale_sale_fenced", "1 while the sale is fenced (sales refused until recovery)", labels=["sale"]
+    )
+    ended_before_ms = (time.time() - state.metrics.ended_sale_s) * 1000
+    for sale in await state.sales.all_sales():
+        settings = await state.sales.sale(sale)
+        if settings is None:  # a bucket's sale id (counted under its sale), or a deleted sale
+            continue
+        parts = state.engine_parts(settings)
+        waiting = sum([await stream_backlog(redis, p.keys.events) for p in parts])
+        dead_letters = sum([int(await redis.xlen(ServiceKeys(prefix).dead_letters(p.sale))) for p in parts])
+        last_ms = max([settings.opens_at_ms] + [await _last_decision_ms(redis, p.keys.events) for p in parts])
+        if last_ms < ended_before_ms and not (waiting or dead_letters or settings.fenced):
+            continue  # ended: its series leave
+        for sku, snap in (await state.engine(settings).snapshots()).items():
+            for name in ("available", "held", "sold", "reserve"):
+                stock.add_metric([sale, sku, name], getattr(snap, name))
+        holds.add_metric([sale], sum([await redis.zcard(p.keys.deadlines) for p in parts]))
+        backlog.add_metric([sale], waiting)
+        dead.add_metric([sale], dead_letters)
+        fenced.add_metric([sale], 1 if settings.fenced else 0)
+    writer = await redis.hgetall(ServiceKeys(prefix).writer_stats)
+    families: list[Metric] = [
+        stock,
+        holds,
+        backlog,
+        dead,
+        fenced,
+        CounterMetricFamily(
+            "flashsale_writer_rows",
+            "order, line and stock-event rows the order writers wrote to PostgreSQL",
+            value=float(writer.get(b"rows_total", 0)),
+        ),
+        CounterMetricFamily(
+            "flashsale_dead_letters",
+            "events the order writers set aside in dead-letter streams",
+            value=float(writer.get(b"dead_letters_total", 0)),
+        ),
+        GaugeMetricFamily(
+            "flashsale_writer_last_commit_timestamp_seconds",
+            "when an order writer last committed a batch to PostgreSQL (0: never)",
+            value=int(writer.get(b"last_commit_ms", 0)) / 1000,
+        ),
+    ]
+    audit = await redis.hgetall(ServiceKeys(prefix).audit_last)
+    if audit:
+        at_ms = int(audit.pop(b"at_ms", 0))
+        violations = GaugeMetricFamily(
+            "flashsale_audit_violations", "violations the last audit found, by kind", labels=["kind"]
+        )
+        for kind, count in sorted(audit.items()):
+            violations.add_metric([kind.decode()], int(count))
+        families.append(violations)
+        families.append(
+            GaugeMetricFamily(
+                "flashsale_audit_last_run_timestamp_seconds",
+                "when the last audit started",
+                value=at_ms / 1000,
+            )
+        )
+    return families
+
+
+async def _last_decision_ms(redis: Any, stream: str) -> int:
+    """When the engine last decided anything for a sale: every reservation, payment,
+    cancellation, expiry and restock appends to its stream, whose last generated id keeps
+    the time even after the writer trimmed the entries. 0 for a stream never written."""
+    try:
+        info = await redis.xinfo_stream(stream)
+    except ResponseError:  # no such key
+        return 0
+    last = info.get("last-generated-id") or b"0-0"
+    return int((last.decode() if isinstance(last, bytes) else str(last)).split("-")[0])
+
+
+class ServiceMetrics:
+    """One per process. ``ended_sale_s``: how long after its last decision an ended sale's
+    series stay (see the module docstring)."""
+
+    def __init__(self, *, ended_sale_s: float = 900.0) -> None:
         # The *_created series (one timestamp per label set) is noise on a dashboard.
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.ended_sale_s = ended_sale_s
         self.registry = CollectorRegistry()
         self.orders = Counter(
             "flashsale_orders", "POST /api/orders answers by outcome", ["outcome"], registry=self.registry
         )
         self.latency = Histogram(
             "flashsale_request_seconds",
-            "time to answer, by route",
-            ["route"],
+            "time to answer, by method and route template",
+            ["method", "route"],
             buckets=_LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.gauges = _SaleGauges()
+        self.responses = Counter(
+            "flashsale_responses",
+            "answers by method, route template and status code",
+            ["method", "route", "code"],
+            registry=self.registry,
+        )
+        self.deployment = _Deployment()
+        self.registry.register(self.deployment)
+        if not self.multiprocess:
+            ProcessCollector(registry=self.registry)
+        # (method, resource, status) -> the histogram and counter children: the hot path pays
+        # one dict lookup, not prometheus-client's label resolution, per request.
+        self._children: dict[tuple[str, object, int], tuple[Any, Any]] = {}
         self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._recent: list[float] = []  # order latencies since the last publish
 
@@ -145,18 +317,60 @@ class ServiceMetrics:
         self.orders.labels(outcome).inc()
 
     def observe(self, route: str, seconds: float) -> None:
-        self.latency.labels(route).observe(seconds)
+        """An order's time to answer, for the war room's percentiles (the histogram is fed
+        for every route by :meth:`middleware`)."""
         if route == "orders" and len(self._recent) < 50_000:
             self._recent.append(seconds)
 
-    def exposition(self) -> bytes:
+    def middleware(self) -> Middleware:
+        """The outermost middleware: times every request and counts its answer by route."""
+        children = self._children
+
+        @web.middleware
+        async def route_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+            started = time.perf_counter()
+
+            def record(status: int) -> None:
+                method = request.method if request.method in _METHODS else "other"
+                resource = request.match_info.route.resource
+                child = children.get((method, resource, status)) or self._children_for(
+                    method, resource, status
+                )
+                child[0].observe(time.perf_counter() - started)
+                child[1].inc()
+
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:  # redirects (the error middleware answers the rest)
+                record(exc.status)
+                raise
+            except Exception:  # what aiohttp will answer: 500
+                record(500)
+                raise
+            # (A cancelled request got no answer: nothing is counted.)
+            record(response.status)
+            return response
+
+        return route_metrics
+
+    def _children_for(
+        self, method: str, resource: web.AbstractResource | None, status: int
+    ) -> tuple[Any, Any]:
+        route = UNMATCHED if resource is None else resource.canonical
+        child = (self.latency.labels(method, route), self.responses.labels(method, route, str(status)))
+        self._children[(method, resource, status)] = child
+        return child
+
+    def exposition(self, families: list[Metric]) -> bytes:
+        """The text format: this process's metrics (all processes', in multi-process mode)
+        and ``families`` (:func:`read_deployment`)."""
+        self.deployment.families = families
         if self.multiprocess:
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-            registry.register(self.gauges)
+            registry.register(self.deployment)
+            registry.register(_ServiceProcesses())
             return generate_latest(registry)
-        if self.gauges not in getattr(self.registry, "_collector_to_names", {}):
-            self.registry.register(self.gauges)
         return generate_latest(self.registry)
 
     def take_percentiles(self) -> dict[str, float | int]:

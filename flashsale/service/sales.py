@@ -83,7 +83,7 @@ class SaleBook:
         self._switches: tuple[float, dict[str, bool]] = (0.0, {})
 
     def sale_key(self, sale: str) -> str:
-        return f"{self.prefix}:sale:{sale}"
+        return ServiceKeys(self.prefix).sale(sale)
 
     @property
     def sales_key(self) -> str:
@@ -91,11 +91,11 @@ class SaleBook:
 
     @property
     def skus_key(self) -> str:
-        return f"{self.prefix}:skus"
+        return ServiceKeys(self.prefix).skus
 
     @property
     def switches_key(self) -> str:
-        return f"{self.prefix}:switches"
+        return ServiceKeys(self.prefix).switches
 
     async def sale(self, sale: str, *, fresh: bool = False) -> SaleSettings | None:
         now = time.monotonic()
