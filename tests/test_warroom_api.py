@@ -21,6 +21,7 @@ from warroom_support import WarRoom, WarRoomFactory, start_warroom  # noqa: F401
 
 from flashsale.pipeline.migrate import migrate_url
 from flashsale.service.sales import now_ms
+from flashsale.service.warroom import history, operator_log
 from flashsale.service.warroom import routes as warroom
 
 WRONG = {"Authorization": "Bearer not-the-admin-token"}
@@ -185,7 +186,7 @@ async def test_data_endpoint_shape_is_stats_plus_a_stable_set_of_fields(room: Wa
         == set(stats["sales"][sale]["skus"]["shape-a"]) | ADDED_SKU
     )
     assert set(data["history"]) == HISTORY_KEYS
-    assert set(data["history"]["rates"]) == set(warroom.OUTCOME_GROUPS) == set(data["rates_now"])
+    assert set(data["history"]["rates"]) == set(history.OUTCOME_GROUPS) == set(data["rates_now"])
     n = len(data["history"]["t_ms"])
     for name in ("created_total", "p50_ms", "p99_ms", "backlog", "writer_rate"):
         assert len(data["history"][name]) == n, name
@@ -378,7 +379,7 @@ def test_rates_come_from_publishes_and_never_go_negative() -> None:
         return {"t": t, "o": {"created": created}}
 
     samples = [sample(0, 0), sample(1000, 10), sample(2000, 30), sample(3000, 60), sample(4000, 5)]
-    rates = warroom.rate_series(samples, lambda s: s["o"]["created"], window_ms=2000)
+    rates = history.rate_series(samples, lambda s: s["o"]["created"], window_ms=2000)
     assert rates == [None, None, 15.0, 25.0, 0.0]  # a restarted process's count is no negative rate
 
 
@@ -386,15 +387,15 @@ def test_error_ratio_counts_shed_unknown_and_fenced_over_all_answers() -> None:
     def sample(t: int, **counts: int) -> dict[str, Any]:
         return {"t": t, "o": counts}
 
-    assert warroom.error_ratio([]) == 0.0
-    assert warroom.error_ratio([sample(0, created=5), sample(1000, created=5)]) == 0.0  # no answers
+    assert history.error_ratio([]) == 0.0
+    assert history.error_ratio([sample(0, created=5), sample(1000, created=5)]) == 0.0  # no answers
     old = sample(0, created=0, sold_out=0, shed=0, unknown=0, fenced=0)
     now = sample(5000, created=80, sold_out=10, shed=5, unknown=3, fenced=2)
-    assert warroom.error_ratio([old, now]) == pytest.approx(0.1)
+    assert history.error_ratio([old, now]) == pytest.approx(0.1)
     # Only the last ten seconds count.
     older = sample(0, created=0, shed=100)
     window = [older, sample(20_000, created=0, shed=100), sample(30_000, created=100, shed=100)]
-    assert warroom.error_ratio(window) == 0.0
+    assert history.error_ratio(window) == 0.0
 
 
 def test_thresholds_come_from_the_environment_and_bad_values_say_which() -> None:
@@ -609,7 +610,7 @@ async def test_log_entries_wait_in_redis_until_postgres_has_the_table(
     assert "operator_log" in data["log"]["postgres_error"]
 
     await migrate_url(pipeline_db_url)
-    await asyncio.sleep(warroom.FLUSH_EVERY_MS / 1000 + 0.2)  # the retry lock from the last poll lapses
+    await asyncio.sleep(operator_log.FLUSH_EVERY_MS / 1000 + 0.2)  # the retry lock from the last poll lapses
     data = await room.data_until(lambda d: d["log"]["postgres"] == "ok", timeout=10)
     assert data["log"]["unwritten"] == 0 and data["log"]["postgres_error"] is None
     rows = await pg_log(pipeline_db_url)
