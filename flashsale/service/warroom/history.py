@@ -28,9 +28,12 @@ from flashsale.service.state import ServiceState
 
 __all__ = [
     "ERROR_OUTCOMES",
+    "HISTORY_GAP_MS",
     "HISTORY_WINDOW_MS",
     "OUTCOME_GROUPS",
+    "PROGRESS_EVERY_MS",
     "PROGRESS_MAX",
+    "breaks",
     "error_ratio",
     "history_json",
     "progress_points",
@@ -58,6 +61,10 @@ HISTORY_WINDOW_MS = 300_000  # what the page gets: the last five minutes
 PROGRESS_EVERY_MS = 5_000  # orders created, kept coarser and longer for the target chart
 PROGRESS_MAX = 1440  # two hours of it
 RATE_WINDOW_MS = 2_000  # orders/s over at least this long, so one late publish does not spike
+#: Samples further apart than this have a hole between them: a publish lives five seconds
+#: (``metrics.publish_forever``), so nobody watched then or no process published. Charts
+#: break their lines there and no rate is computed across it.
+HISTORY_GAP_MS = 5_000
 ERROR_WINDOW_MS = 10_000  # the error ratio's window
 
 
@@ -146,10 +153,20 @@ def _group_total(sample: dict[str, Any], outcomes: Sequence[str]) -> int:
     return sum(int(sample["o"].get(o, 0)) for o in outcomes)
 
 
+def breaks(times: Sequence[int], gap_ms: int = HISTORY_GAP_MS) -> list[int]:
+    """Indices ``i`` where a new stretch begins: ``times[i]`` more than ``gap_ms`` after
+    ``times[i - 1]`` (what happened in between was not seen: no line is drawn across it)."""
+    return [i for i in range(1, len(times)) if times[i] - times[i - 1] > gap_ms]
+
+
 def _window_start(samples: Sequence[dict[str, Any]], i: int, window_ms: int) -> int | None:
-    """Index of the newest sample at least ``window_ms`` older than sample ``i``."""
+    """Index of the newest sample at least ``window_ms`` older than sample ``i``, within
+    sample ``i``'s stretch (None when a gap comes first: a rate across it is an average
+    over time nobody saw, not a rate)."""
     t = samples[i]["t"] - window_ms
     for j in range(i - 1, -1, -1):
+        if samples[j + 1]["t"] - samples[j]["t"] > HISTORY_GAP_MS:
+            return None
         if samples[j]["t"] <= t:
             return j
     return None
@@ -176,12 +193,14 @@ def rate_series(
 
 def error_ratio(samples: Sequence[dict[str, Any]], window_ms: int = ERROR_WINDOW_MS) -> float:
     """Share of order answers in the last ``window_ms`` that were errors (shed, unknown,
-    fenced): 0.0 with no answers. Uses the oldest sample when history is shorter."""
+    fenced): 0.0 with no answers. Uses the oldest sample of the last stretch (since the
+    last gap) when that is shorter."""
     if len(samples) < 2:
         return 0.0
     last = len(samples) - 1
     first = _window_start(samples, last, window_ms)
-    first = 0 if first is None else first
+    if first is None:
+        first = ([0] + breaks([s["t"] for s in samples]))[-1]
     answers = _group_total(samples[last], OUTCOMES) - _group_total(samples[first], OUTCOMES)
     errors = _group_total(samples[last], ERROR_OUTCOMES) - _group_total(samples[first], ERROR_OUTCOMES)
     if answers <= 0:
@@ -193,6 +212,8 @@ def history_json(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {
         "window_ms": HISTORY_WINDOW_MS,
         "t_ms": [s["t"] for s in samples],
+        "gap_ms": HISTORY_GAP_MS,
+        "breaks": breaks([s["t"] for s in samples]),
         "rates": {
             group: rate_series(samples, lambda s, g=outcomes: _group_total(s, g))  # type: ignore[misc]
             for group, outcomes in OUTCOME_GROUPS.items()

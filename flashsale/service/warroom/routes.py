@@ -40,7 +40,7 @@ from flashsale.service.state import STATE, ServiceState
 from flashsale.service.warroom import history, operator_log
 from flashsale.service.warroom import target as target_curve
 
-__all__ = ["AlertThresholds", "openapi_paths", "routes", "warroom_url"]
+__all__ = ["AlertThresholds", "current_sale", "openapi_paths", "routes", "warroom_url"]
 
 routes = web.RouteTableDef()
 
@@ -312,6 +312,26 @@ def _alerts(
     return alerts, reasons
 
 
+def current_sale(sales: Mapping[str, Any]) -> str | None:
+    """The sale the page opens on: the most recent one — the latest T0 among the sales not
+    closed (one still counting down to its T0 included: the drill about to start), else
+    the latest T0 of all. None without a sale. Old sales never closed stay pickable in
+    the page's list, but they are not what an operator opening the page came for."""
+    if not sales:
+        return None
+    live = [name for name, sale in sales.items() if sale["state"] != "closed"]
+    return max(live or sales, key=lambda name: (int(sales[name]["opens_at_ms"]), name))
+
+
+def _stock_left(target: Mapping[str, Any] | None, sales: Mapping[str, Any]) -> int:
+    """Units left for sale now: in the target's sale, else in every sale not closed."""
+    if target is not None and target.get("sale") in sales:
+        counted = [sales[target["sale"]]]
+    else:
+        counted = [sale for sale in sales.values() if sale["state"] != "closed"]
+    return sum(int(sku["available"]) for sale in counted for sku in sale["skus"].values())
+
+
 @routes.get("/api/admin/warroom")
 async def warroom_data(request: web.Request) -> web.Response:
     """Everything the page shows, in one answer: /api/admin/stats plus per-second history,
@@ -356,6 +376,7 @@ async def warroom_data(request: web.Request) -> web.Response:
     await operator_log.maybe_flush(state)
     target = await target_curve.stored(state)
     created_now = int(stats["orders"].get("created", 0))
+    shown = current_sale(stats["sales"])
     body = {
         **stats,
         "now_ms": now,
@@ -364,8 +385,11 @@ async def warroom_data(request: web.Request) -> web.Response:
         "history": past,
         "rates_now": rates_now,
         "error_ratio": ratio,
-        "target": target_curve.target_json(target, created_now, now),
-        "progress": await target_curve.progress(state, target, stats["sales"], created_now, now),
+        "current_sale": shown,
+        "target": target_curve.target_json(target, created_now, now, _stock_left(target, stats["sales"])),
+        "progress": await target_curve.progress(
+            state, target, stats["sales"].get(shown) if shown else None, created_now, now
+        ),
         "thresholds": thresholds.to_json(),
         "alerts": alerts,
         "health": {"status": "alert" if reasons else "healthy", "reasons": reasons},

@@ -16,11 +16,13 @@ from typing import Any
 from flashsale.keys import ServiceKeys
 from flashsale.service.errors import ApiError
 from flashsale.service.state import ServiceState
-from flashsale.service.warroom.history import progress_points
+from flashsale.service.warroom.history import HISTORY_GAP_MS, PROGRESS_EVERY_MS, breaks, progress_points
 
 __all__ = ["MAX_TARGET_POINTS", "forget", "parse_points", "progress", "store", "stored", "target_json"]
 
 MAX_TARGET_POINTS = 10_000
+#: Orders-made points come every PROGRESS_EVERY_MS while someone watches; further apart, a gap.
+PROGRESS_GAP_MS = PROGRESS_EVERY_MS + HISTORY_GAP_MS
 
 
 def _key(state: ServiceState) -> str:
@@ -76,35 +78,52 @@ def parse_points(value: Any) -> list[list[float]]:
     return points
 
 
-def target_json(target: dict[str, Any] | None, created_total: int, now: int) -> dict[str, Any] | None:
+def target_json(
+    target: dict[str, Any] | None, created_total: int, now: int, stock_left: int
+) -> dict[str, Any] | None:
+    """The target against the orders made since it was registered. The curve counts demand
+    (the order requests the scenario sends); orders stop when the stock is gone. So the
+    ratio compares the orders made with what the curve expects *as far as the stock
+    allows*: at most the orders made plus the units still left for sale (``stock_left``;
+    one unit an order). A sale that sold out on time is on target (100 %), not 27 %."""
     if target is None:
         return None
     elapsed = now - target["origin_ms"]
     expected = _interpolate(target["points"], elapsed)
     actual = max(0, created_total - target["baseline_created"])
+    possible = actual + max(0, stock_left)
+    compared = min(expected, float(possible))
     return {
         **target,
         "elapsed_ms": elapsed,
         "expected_now": round(expected, 1),
         "actual_now": actual,
-        "ratio": round(actual / expected, 3) if expected > 0 else None,
+        "stock_left": max(0, stock_left),
+        "capped_by_stock": possible < expected,
+        "compared_with": round(compared, 1),
+        "ratio": round(actual / compared, 3) if compared > 0 else None,
     }
 
 
 async def progress(
-    state: ServiceState, target: dict[str, Any] | None, sales: dict[str, Any], created_now: int, now: int
+    state: ServiceState,
+    target: dict[str, Any] | None,
+    sale: dict[str, Any] | None,
+    created_now: int,
+    now: int,
 ) -> dict[str, Any] | None:
-    """Orders created since the origin — the target's, else the T0 of the sale that opens
-    first among those not closed — as [ms since origin, orders] points for the chart.
-    With a target, counting starts when it was registered (at 0 orders, by definition)."""
+    """Orders created since the origin — the target's, else the T0 of ``sale`` (the one the
+    page opens on; None when it is closed) — as [ms since origin, orders] points for the
+    chart, and the indices where a new stretch begins after a gap (nobody watched: no
+    line is drawn across it). With a target, counting starts when it was registered (at
+    0 orders, by definition)."""
     if target is not None:
         origin, baseline = int(target["origin_ms"]), int(target["baseline_created"])
         start = int(target["registered_at_ms"]) - origin
+    elif sale is not None and sale["state"] != "closed":
+        origin, baseline, start = int(sale["opens_at_ms"]), 0, 0
     else:
-        live = [s["opens_at_ms"] for s in sales.values() if s["state"] != "closed"]
-        if not live:
-            return None
-        origin, baseline, start = min(live), 0, 0
+        return None
     points: list[list[int]] = [[start, baseline]] if target is not None else []
     for t, created in await progress_points(state):
         if t - origin <= start and target is None:
@@ -116,6 +135,7 @@ async def progress(
         "origin_ms": origin,
         "baseline": baseline,
         "points": [[t, max(0, c - baseline)] for t, c in points],
+        "breaks": breaks([t for t, _c in points], PROGRESS_GAP_MS),
     }
 
 
