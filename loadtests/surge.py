@@ -610,6 +610,11 @@ class Conductor:
             "p99_corrected_ms": corrected.get_value_at_percentile(99) / 1000
             if corrected.get_total_count()
             else None,
+            # The last ten whole seconds, so the reader can show the worst since its last line.
+            "p99_by_second": [
+                {"t_from_t0_s": round(s - shape.t0_s, 1), "p99_ms": p99, "p99_corrected_ms": corr}
+                for s, p99, corr in c.book.p99_by_second(last - 9, last)
+            ],
             "hot_sku": hot,
             "hot_available": sample.skus.get(hot, {}).get("available") if sample else None,
             "backlog": sample.backlog if sample else None,

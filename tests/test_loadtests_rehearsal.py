@@ -291,3 +291,13 @@ def test_ctrl_c_stops_everything_and_still_judges(embedded_stack: EmbeddedStack,
         if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ]
     assert left == [], f"processes left running after Ctrl-C: {left}"
+
+
+@pytest.mark.timeout(300)
+def test_the_live_lines_show_the_worst_second_and_when(drill: Drill) -> None:
+    progress = json.loads((drill.folder / "progress.json").read_text())
+    assert isinstance(progress["p99_by_second"], list)
+    for second in progress["p99_by_second"]:
+        assert set(second) == {"t_from_t0_s", "p99_ms", "p99_corrected_ms"}
+    lines = (drill.folder / "rehearse.out").read_text().splitlines()
+    assert any("@T0+" in line and " p99 " in line for line in lines), lines
