@@ -51,6 +51,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import SchemaMissing, SkuStock, orders_known, read_sales
 from flashsale.redis_client import as_text
 from flashsale.streams import GROUP, dead_letter_key, stream_backlog
 from inventory import SaleKeys
@@ -372,59 +373,19 @@ class _PgOrder:
     lines: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _PgStock:
-    total: int = 0
-    reserve: int = 0
-    limit: int = 0
-    stocked: bool = False
-
-
 async def _read_postgres(
     pool: Any, sales: list[str]
-) -> tuple[dict[str, _PgOrder], dict[tuple[str, str], _PgStock]]:
-    async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            if not await conn.fetchval("SELECT to_regclass('orders') IS NOT NULL"):
-                raise RuntimeError("PostgreSQL has no orders table: run `flashsale migrate` first")
-            orders = {
-                r["order_id"]: _PgOrder(r["sale"], r["user_id"], r["request_id"], r["status"])
-                for r in await conn.fetch(
-                    "SELECT order_id, sale, user_id, request_id, status FROM orders WHERE sale = ANY($1::text[])",
-                    sales,
-                )
-            }
-            for r in await conn.fetch(
-                "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = ANY($1::text[])",
-                sales,
-            ):
-                orders[r["order_id"]].lines[r["sku"]] = r["qty"]
-            stock: dict[tuple[str, str], _PgStock] = defaultdict(_PgStock)
-            for r in await conn.fetch(
-                "SELECT sale, sku, type, total, reserve, per_user_limit, delta, units FROM stock_events "
-                "WHERE sale = ANY($1::text[]) ORDER BY sale, sku, stream_ms, stream_seq",
-                sales,
-            ):
-                s = stock[(r["sale"], r["sku"])]
-                if r["type"] == "stocked":
-                    s.total += r["total"]
-                    s.reserve += r["reserve"]
-                    s.limit = r["per_user_limit"]
-                    s.stocked = True
-                elif r["type"] in ("restocked", "written_off"):
-                    s.total += r["delta"]
-                elif r["type"] == "reserve_released":
-                    s.reserve -= r["units"]
-    return orders, dict(stock)
-
-
-async def _orders_known_to_postgres(pool: Any, order_ids: list[str]) -> set[str]:
-    if not order_ids:
-        return set()
-    async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT order_id FROM orders WHERE order_id = ANY($1::text[])", order_ids)
-    return {r["order_id"] for r in rows}
+) -> tuple[dict[str, _PgOrder], dict[tuple[str, str], SkuStock]]:
+    try:
+        records = await read_sales(pool, sales)  # one snapshot
+    except SchemaMissing as exc:
+        raise RuntimeError(str(exc)) from None
+    orders = {
+        r["order_id"]: _PgOrder(r["sale"], r["user_id"], r["request_id"], r["status"]) for r in records.orders
+    }
+    for order_id, lines in records.lines.items():
+        orders[order_id].lines.update(lines)
+    return orders, records.stock()
 
 
 async def _current_holds(redis: Any, prefix: str, order_ids: Iterable[str]) -> dict[str, _Hold | None]:
@@ -462,7 +423,7 @@ def _per_user(holds: Iterable[_Hold | _PgOrder], attr: str) -> Counter[tuple[str
 def _compare_sale(
     snap: _RedisSale,
     pg_orders: dict[str, _PgOrder],
-    pg_stock: dict[tuple[str, str], _PgStock],
+    pg_stock: dict[tuple[str, str], SkuStock],
     grace_ms: int,
 ) -> tuple[list[SkuAudit], list[Violation]]:
     sale = snap.sale
@@ -780,7 +741,7 @@ async def run_audit(
 
     ack = sorted(set(acknowledged or ()))
     if ack:
-        in_pg = {o for o in ack if o in pg_orders} | await _orders_known_to_postgres(
+        in_pg = {o for o in ack if o in pg_orders} | await orders_known(
             pool, [o for o in ack if o not in pg_orders]
         )
         in_redis = {o for o in ack if o in all_holds}
