@@ -41,6 +41,7 @@ __all__ = [
     "require_schema",
 ]
 
+
 @dataclass(slots=True)
 class SkuStock:
     """One SKU's stock as PostgreSQL recorded it."""

@@ -4,7 +4,6 @@ tokens, the degraded-site switches, live stats and the audit."""
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import time
 from datetime import datetime
@@ -15,7 +14,7 @@ from aiohttp import web
 from flashsale.keys import ServiceKeys
 from flashsale.service.errors import ApiError
 from flashsale.service.http import bearer, read_json
-from flashsale.service.metrics import OUTCOMES, read_published, stream_backlog
+from flashsale.service.metrics import stream_backlog, sum_published
 from flashsale.service.sales import SWITCHES, SaleSettings, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import mint
@@ -325,25 +324,11 @@ async def collect_stats(state: ServiceState) -> dict[str, Any]:
     """Live numbers of the whole deployment: every process's counters, every sale's stock."""
     prefix = state.settings.key_prefix
     redis = state.redis
-    counts = dict.fromkeys(OUTCOMES, 0)
-    p50 = p99 = 0.0
-    processes = 0
-    in_flight = 0
-    stale = []
-    for key, raw in await read_published(redis, prefix):
-        if raw is None:
-            stale.append(key)
-            continue
-        proc = json.loads(raw)
-        processes += 1
-        in_flight += proc["in_flight"]
-        for outcome, n in proc["counts"].items():
-            counts[outcome] = counts.get(outcome, 0) + n
-        if proc["latency"]["n"]:
-            p50 = max(p50, proc["latency"]["p50_ms"])
-            p99 = max(p99, proc["latency"]["p99_ms"])
-    if stale:
-        await redis.srem(ServiceKeys(prefix).stats_procs, *stale)
+    published = await sum_published(redis, prefix)
+    counts, p50, p99 = published.counts, published.p50_ms, published.p99_ms
+    processes, in_flight = published.processes, published.in_flight
+    if published.stale:
+        await redis.srem(ServiceKeys(prefix).stats_procs, *published.stale)
     sales = {}
     for sale in await state.sales.all_sales():
         settings = await state.sales.sale(sale)

@@ -53,7 +53,7 @@ from flashsale.service import admin_api
 from flashsale.service.admin_api import collect_stats, require_admin
 from flashsale.service.errors import ApiError, status_for
 from flashsale.service.http import read_json
-from flashsale.service.metrics import OUTCOMES, read_published
+from flashsale.service.metrics import OUTCOMES, sum_published
 from flashsale.service.sales import now_ms
 from flashsale.service.state import STATE, ServiceState
 
@@ -182,25 +182,15 @@ async def _published(state: ServiceState) -> dict[str, Any] | None:
     counts and their time agree (collect_stats reads them too, but a sample needs the
     publish time: the rate is counts over the time between publishes, not between page
     polls)."""
-    values = [raw for _key, raw in await read_published(state.redis, state.settings.key_prefix)]
-    counts = dict.fromkeys(OUTCOMES, 0)
-    at = 0.0
-    p50 = p99 = 0.0
-    seen = 0
-    for raw in values:
-        if raw is None:
-            continue
-        proc = json.loads(raw)
-        seen += 1
-        at = max(at, float(proc["at"]))
-        for outcome, n in proc["counts"].items():
-            counts[outcome] = counts.get(outcome, 0) + int(n)
-        if proc["latency"]["n"]:
-            p50 = max(p50, float(proc["latency"]["p50_ms"]))
-            p99 = max(p99, float(proc["latency"]["p99_ms"]))
-    if not seen:
+    published = await sum_published(state.redis, state.settings.key_prefix)
+    if not published.processes:
         return None
-    return {"t": int(at * 1000), "o": counts, "p50": p50, "p99": p99}
+    return {
+        "t": int(published.at * 1000),
+        "o": published.counts,
+        "p50": published.p50_ms,
+        "p99": published.p99_ms,
+    }
 
 
 async def _sample(state: ServiceState, stats: dict[str, Any]) -> None:
