@@ -58,7 +58,7 @@ from typing import Any
 from flashsale.keys import ServiceKeys
 from flashsale.ledger import newest_stock_event_ms, order_counts, paid_units
 from flashsale.redis_client import as_text
-from inventory import SaleKeys, bucket_sale_id, parent_sale_id
+from inventory import SaleKeys, StreamId, bucket_sale_id, parent_sale_id
 
 __all__ = [
     "FenceUnavailable",
@@ -88,10 +88,6 @@ class FenceUnavailable(RuntimeError):
 
 def lineage_key(prefix: str) -> str:
     return ServiceKeys(prefix).lineage
-
-
-def _stream_ms(stream_id: str | None) -> int:
-    return int(stream_id.partition("-")[0]) if stream_id else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,7 +281,7 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
                 )
         committed = max(pg.stocked.get(engine, 0), pg.order_ms.get(engine, 0))
         last = None if isinstance(stream, Exception) else as_text(stream.get("last-generated-id") or "0-0")
-        if committed and _stream_ms(last) < committed:
+        if committed and (StreamId.parse(last).ms if last else 0) < committed:
             losses.append(
                 Loss(
                     sale,

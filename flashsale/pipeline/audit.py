@@ -54,7 +54,7 @@ from flashsale.keys import ServiceKeys
 from flashsale.ledger import SchemaMissing, SkuStock, orders_known, read_sales
 from flashsale.redis_client import as_text
 from flashsale.streams import GROUP, dead_letter_key, stream_backlog
-from inventory import SaleKeys
+from inventory import SaleKeys, StreamId
 
 __all__ = ["KINDS", "SCHEMA", "AuditReport", "SkuAudit", "Violation", "run_audit"]
 
@@ -318,11 +318,6 @@ async def _read_redis(redis: Any, prefix: str, sale: str) -> _RedisSale:
     )
 
 
-def _id(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def _outstanding(redis: Any, key: str, up_to: str | None) -> bool:
     """True while some entry at or below ``up_to`` is not committed by the writers."""
     if up_to is None:
@@ -335,7 +330,9 @@ async def _outstanding(redis: Any, key: str, up_to: str | None) -> bool:
     if ours is None:  # no writer ever read this stream
         return bool(await redis.xlen(key))
     last_delivered = as_text(ours["last-delivered-id"])
-    if _id(last_delivered) < _id(up_to) and await redis.xrange(key, "(" + last_delivered, up_to, count=1):
+    if StreamId.parse(last_delivered) < StreamId.parse(up_to) and await redis.xrange(
+        key, "(" + last_delivered, up_to, count=1
+    ):
         return True
     return bool(await redis.xpending_range(key, GROUP, "-", up_to, 1))
 

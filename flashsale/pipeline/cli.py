@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
 from flashsale.console import fail, run, write_json
+from flashsale.redis_client import connect
 
 if TYPE_CHECKING:
     from flashsale.settings import Settings
-from flashsale.redis_client import connect
 
 __all__ = ["register"]
 
