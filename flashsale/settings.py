@@ -92,6 +92,16 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
         "jwt_algorithms",
         "JWT algorithms accepted, comma-separated (default HS256 with a secret, RS256,ES256 with a key)",
     ),
+    (
+        "FLASHSALE_ROOM_POLL_RATE",
+        "room_poll_rate",
+        "waiting-room polls per second per buyer, per process (default 2)",
+    ),
+    (
+        "FLASHSALE_ROOM_POLL_BURST",
+        "room_poll_burst",
+        "burst allowance of the waiting-room poll limit (default 5)",
+    ),
     ("FLASHSALE_LOG_LEVEL", "log_level", "INFO, DEBUG, WARNING… (default INFO)"),
     (
         "FLASHSALE_ACCESS_LOG",
@@ -128,6 +138,8 @@ class Settings:
     jwt_user_claim: str = "sub"
     jwt_member_claim: str = "member"
     jwt_algorithms: str | None = None
+    room_poll_rate: float = 2.0
+    room_poll_burst: int = 5
     log_level: str = "INFO"
     access_log: bool = False
 

@@ -6,18 +6,21 @@ from __future__ import annotations
 import hmac
 import re
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from flashsale.keys import ServiceKeys
+from flashsale.service import waiting_room
 from flashsale.service.errors import ApiError
 from flashsale.service.http import bearer, read_json
 from flashsale.service.metrics import stream_backlog, sum_published
 from flashsale.service.sales import SWITCHES, SaleSettings, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import mint
+from flashsale.service.waiting_room import room_spec
 from inventory import BucketedInventory
 
 __all__ = ["routes", "require_admin"]
@@ -112,6 +115,7 @@ async def create_sale(request: web.Request) -> web.Response:
         state="open" if body.get("open") is True else "scheduled",
         buckets=_int(body, "buckets", 1, low=1, high=64),
     )
+    room = room_spec(body, settings.opens_at_ms)
     if BucketedInventory.parent_of(sale) is not None:
         raise ApiError(
             422, "invalid_request", "sale ids ending in -b<number> are kept for buckets", field="sale"
@@ -163,6 +167,9 @@ async def create_sale(request: web.Request) -> web.Response:
     inv = state.engine(settings)
     for sku, stock, reserve, limit, low in specs:
         await inv.stock(sku, stock, reserve=reserve, limit_per_user=limit, low_stock_line=low)
+    if room is not None:  # before the sale exists: no order slips past a room being set up
+        await waiting_room.configure_room(state, settings, room)
+        settings = replace(settings, room=1)
     await state.sales.create(
         settings, [s[0] for s in specs], [part.sale for part in state.engine_parts(settings)]
     )

@@ -16,6 +16,7 @@ from flashsale.service.http import bearer, read_json
 from flashsale.service.sales import SaleSettings, iso, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import Buyer, InvalidToken
+from flashsale.service.waiting_room import admit_order
 
 __all__ = ["routes", "read_json", "bearer"]
 
@@ -182,6 +183,13 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
             opens_at=iso(settings.opens_at_ms),
             opens_at_ms=settings.opens_at_ms,
         )
+
+    if settings.room:
+        try:
+            await admit_order(request, state, settings, buyer, request_id)
+        except ApiError:
+            metrics.count("no_ticket")
+            raise
 
     # A retry of a request whose outcome was unknown must reach Redis to learn it, so the
     # local sold-out shortcut is only for first attempts.

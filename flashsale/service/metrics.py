@@ -77,6 +77,7 @@ OUTCOMES = (
     "shed",
     "unknown",
     "fenced",
+    "no_ticket",  # the sale is behind its waiting room and the order had no valid ticket
 )
 
 _LATENCY_BUCKETS = (

@@ -78,7 +78,7 @@ OUTCOME_GROUPS: dict[str, tuple[str, ...]] = {
     "limited": ("limit_exceeded", "rate_limited"),
     "shed": ("shed",),
     "unknown": ("unknown",),
-    "other": ("replayed", "not_open", "invalid", "fenced"),
+    "other": ("replayed", "not_open", "invalid", "fenced", "no_ticket"),
 }
 #: Answers that mean the service failed the buyer (not a refusal it meant to give).
 ERROR_OUTCOMES = ("shed", "unknown", "fenced")
