@@ -24,7 +24,7 @@ import redis
 from flashsale.embedded import EmbeddedStack
 from flashsale.rehearse import Rehearsal, RehearsalSettings
 from loadtests import exit_codes, oracle
-from loadtests.oracle import read_request_log
+from loadtests.history import read_history, summarize_history
 
 
 @dataclass(frozen=True)
@@ -149,7 +149,7 @@ def stores(drill: Drill) -> Iterator[tuple[redis.Redis, str]]:
 
 
 def _acknowledged(drill: Drill) -> list[str]:
-    return list(read_request_log([drill.folder / "requests.jsonl"]).acknowledged)
+    return list(summarize_history(read_history([drill.folder / "requests.jsonl"]), ["order"]).acknowledged)
 
 
 @pytest.mark.timeout(180)
