@@ -31,13 +31,17 @@ def print_help(locustfile: Path) -> int:
     from locust.argument_parser import get_parser
     from locust.util.load_locustfile import load_locustfile
 
+    from loadtests.plugin import OPTIONS_TITLE
+
     if not locustfile.is_file():
         print(f"python -m loadtests help: no locustfile at {locustfile}", file=sys.stderr)
         return exit_codes.USAGE
     load_locustfile(str(locustfile))
-    parser = get_parser()
-    parser.prog = f"locust -f {locustfile}"
-    parser.print_help()
+    print(
+        f"Options of locust -f {locustfile}: the kit's under {OPTIONS_TITLE!r}, "
+        "the locustfile's own (parser.add_argument) under 'Common options'.\n"
+    )
+    get_parser().print_help()
     return exit_codes.OK
 
 

@@ -85,9 +85,20 @@ class UsageError(ValueError):
     """A bad option: the run does not start (exit ``exit_codes.USAGE``)."""
 
 
+#: The heading of the kit's options in ``--help`` (``python -m loadtests help``).
+OPTIONS_TITLE = "Rehearsal options (loadtests)"
+
+
 def _add_options(parser: Any, rehearsal: Rehearsal) -> None:
-    # Locust's own add_argument (web UI, secrets) is not on argument groups: options go on the parser.
-    add = parser.add_argument
+    group = parser.add_argument_group(
+        OPTIONS_TITLE, "open-model arrivals, the oracle, thresholds, the report"
+    )
+
+    def add(*names: str, **kwargs: Any) -> None:
+        # What Locust's own add_argument does, for a group: the options also show in the web UI's form.
+        action = group.add_argument(*names, **kwargs)
+        action.include_in_web_ui, action.is_secret, action.is_required = True, False, False
+
     add(
         "--shape",
         default=rehearsal.default_shape,

@@ -40,9 +40,9 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from loadtests.arrivals import Arrival
 from loadtests.history import HistorySummary, Operation, read_history
@@ -137,10 +137,14 @@ class OracleContext(RunContext):
         return read_history(self.history_paths)
 
 
+#: A persona: a function of one visit.
+VisitFn = Callable[[Visit], None]
+
+
 @dataclass(frozen=True)
 class Persona:
     name: str
-    visit: Callable[[Visit], None]
+    visit: VisitFn
     weight: float = 1.0
     kinds: tuple[WindowKind, ...] = ALL_KINDS
 
@@ -207,17 +211,37 @@ class Rehearsal:
         self._classes: tuple[type[Any], type[Any]] | None = None
 
     # -- declaring ---------------------------------------------------------------------------
+    @overload
     def persona(
         self,
-        visit: Callable[[Visit], None] | None = None,
+        visit: VisitFn,
         *,
         name: str | None = None,
         weight: float = 1.0,
         kinds: Sequence[WindowKind] = ALL_KINDS,
-    ) -> Any:
+    ) -> VisitFn: ...
+
+    @overload
+    def persona(
+        self,
+        visit: None = None,
+        *,
+        name: str | None = None,
+        weight: float = 1.0,
+        kinds: Sequence[WindowKind] = ALL_KINDS,
+    ) -> Callable[[VisitFn], VisitFn]: ...
+
+    def persona(
+        self,
+        visit: VisitFn | None = None,
+        *,
+        name: str | None = None,
+        weight: float = 1.0,
+        kinds: Sequence[WindowKind] = ALL_KINDS,
+    ) -> VisitFn | Callable[[VisitFn], VisitFn]:
         """Register a persona (as ``@rehearsal.persona`` or ``@rehearsal.persona(weight=…)``)."""
 
-        def register(fn: Callable[[Visit], None]) -> Callable[[Visit], None]:
+        def register(fn: VisitFn) -> VisitFn:
             key = name or fn.__name__
             if weight < 0:
                 raise ValueError(f"persona {key}: weight must be >= 0")
@@ -239,32 +263,43 @@ class Rehearsal:
         return register
 
     def setup(self, hook: F) -> F:
+        """Register ``hook(ctx: SetupContext) -> dict | None``: once, on the master, before the
+        first arrival; what it returns (JSON-able) is ``ctx.shared`` in every process."""
         self.setup_hook = hook
         return hook
 
     def process_setup(self, hook: F) -> F:
+        """Register ``hook(ctx: ProcessContext) -> Any``: once in every load process; what it
+        returns is ``visit.state`` there. Raise ``SetupError`` if the process cannot take part."""
         self.process_setup_hook = hook
         return hook
 
     def sampler(self, hook: F) -> F:
+        """Register ``hook(ctx: RunContext) -> ServiceSample | None``: once a second on the master,
+        for the live line and the stock and queue plots."""
         self.sampler_hook = hook
         return hook
 
     def oracle(self, hook: F) -> F:
+        """Register ``hook(ctx: OracleContext) -> Truth``: after the run, on the master; the kit
+        judges the Truth against the history (``loadtests.verdict``)."""
         self.oracle_hook = hook
         return hook
 
     # -- using -------------------------------------------------------------------------------
     def build_shape(self, name: str, peak_rps: float, time_scale: float, **params: float) -> Shape:
+        """The shape ``--shape name`` builds (shipped or yours), scaled."""
         if name not in self.shapes:
             raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(sorted(self.shapes))}")
         if peak_rps <= 0 or time_scale <= 0:
             raise ValueError("--peak-rps and --time-scale must be > 0")
         if params and name in SHAPES:
             return SHAPES[name](peak_rps, time_scale, **params)
-        return self.shapes[name](peak_rps, time_scale)
+        shape = self.shapes[name](peak_rps, time_scale)
+        return shape if shape.name == name else replace(shape, name=name)  # reported as --shape named it
 
     def weights(self, text: str = "") -> dict[str, float]:
+        """The persona weights in effect: the registered ones, or ``--personas`` text over them."""
         return parse_weights(text, {p.name: p.weight for p in self.personas.values()})
 
     def pick(self, arrival: Arrival, weights: Mapping[str, float], rng: random.Random) -> Persona:

@@ -75,6 +75,7 @@ class Segment:
         return self.end - self.start
 
     def rate(self, t: float) -> float:
+        """Arrivals per second at ``t`` (inside the segment)."""
         x = t - self.start
         if self.kind == "constant":
             return self.r0
@@ -196,6 +197,7 @@ class Shape:
         return math.inf, False
 
     def window_at(self, t: float) -> Window | None:
+        """The named window ``t`` falls in, if any."""
         for w in self.windows:
             if w.start <= t < w.end:
                 return w
