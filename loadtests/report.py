@@ -49,7 +49,9 @@ __all__ = [
 ]
 
 SCHEMA = "flashsale.drill.summary"
-SCHEMA_VERSION = 1
+#: 2: the oracle section is the kit's verdict (``not_judged``, ``drained``, ``evidence`` — flashsale's
+#: audit moved to ``evidence.audit``), ``run.sampler_errors`` (was ``stats_errors``), ``request_log.format``.
+SCHEMA_VERSION = 2
 CPU_BUSY_PERCENT = 90.0
 
 #: What the report says when no oracle judged the run (never "invariants held").

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from shop_support import LOOSE_SLO, ROOT, SHOP, LocustRun, run_locust, running_shop
+from shop_support import LOOSE_SLO, ROOT, SHOP, LocustRun, run_locust, running_shop, shop_command
 
 from loadtests import exit_codes
 from loadtests.history import read_history, summarize_history
@@ -239,3 +239,52 @@ def test_the_docs_python_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     # 0→100/s over 10 s, then 100→25/s over 30 s, plus a 100-arrival rendezvous at T0 (t=10 s).
     assert done.stdout.split() == ["40.0", "10.0", str(round(500 + 1875 + 100)), "['buyer']"]
+
+
+@pytest.mark.timeout(240)
+def test_distributed_a_master_and_two_workers_make_one_run(tmp_path: Path) -> None:
+    """Each worker sends its share of one schedule (both fire the T0 rendezvous); the master
+    merges their numbers and histories, judges once and exits with the verdict."""
+    locustfile = str(SHOP / "locustfile.py")
+    port = _free_port()
+    with running_shop(shop_command("naive", tmp_path / "shop.db"), tmp_path) as shop:
+        workers = [
+            subprocess.Popen(
+                [sys.executable, "-m", "locust", "-f", locustfile, "--worker", "--master-port", str(port)],
+                cwd=tmp_path,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            )
+            for _ in range(2)
+        ]
+        try:
+            run = run_locust(
+                ["locust", "-f", locustfile, "--headless", "--master", "--master-bind-host", "127.0.0.1"]
+                + [
+                    "--master-bind-port",
+                    str(port),
+                    "--expect-workers",
+                    "2",
+                    "--expect-workers-max-wait",
+                    "90",
+                ]
+                + ["--host", shop.url, "--shop-db", str(shop.db), "--peak-rps", "40", "--time-scale", "0.1"]
+                + ["--slo", LOOSE_SLO, "--no-plots"],
+                tmp_path,
+                tmp_path / "report",
+            )
+        finally:
+            for w in workers:
+                w.terminate()
+            for w in workers:
+                w.wait(30)
+    assert run.code == exit_codes.INVARIANT_VIOLATED, run.explain()
+    s = run.summary
+    assert len(s["run"]["processes"]) == 2 and len(s["generator"]["t0_sent_ms"]) == 2
+    ops = list(read_history([run.report / "requests.jsonl"]))
+    assert {o.proc for o in ops} == set(s["run"]["processes"])
+    assert sorted(p.name for p in (run.report / "processes").iterdir()) == sorted(
+        f"{p}.requests.jsonl" for p in s["run"]["processes"]
+    )
+    assert s["arrivals"]["started"] == round(s["arrivals"]["target"]) and s["arrivals"]["dropped"] == 0
