@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from flashsale.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack, ServerError
+from flashsale.runtime.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack, ServerError
 
 from . import ceilings, inventory_bench, strategies
 from .machine import describe_machine, load_average

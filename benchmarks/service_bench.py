@@ -39,7 +39,7 @@ from typing import Any
 
 import aiohttp
 
-from flashsale.tokens import mint
+from flashsale.service.tokens import mint
 
 from .harness import PidTreeCpu
 from .report import Figure

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["Settings", "SettingsError", "ENV_DOC", "parse_env_value"]
@@ -98,7 +98,6 @@ class Settings:
     sale_cache_s: float = 0.5
     log_level: str = "INFO"
     access_log: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

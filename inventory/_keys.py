@@ -2,7 +2,8 @@
 
 All keys of one sale share the hash tag ``{<prefix>:<sale>}``, so they live in one
 Redis Cluster hash slot and every script (which may touch any of them) runs on one
-shard. The event stream a script appends to is in that slot too.
+shard. The event stream a script appends to is in that slot too; the fields of its
+entries (one per change, of a few types) are a contract of their own, in ``_events.py``.
 
 =================================  ======  =============================================
 key                                type    holds
@@ -17,7 +18,8 @@ key                                type    holds
 ``{fs:<sale>}:users``              hash    ``<user>:<sku>`` -> units held or bought
 ``{fs:<sale>}:deadlines``          zset    open hold ids scored by deadline (ms)
 ``{fs:<sale>}:events``             stream  one entry per state change, appended by the
-                                           same script that made the change
+                                           same script that made the change (fields:
+                                           see ``_events.py``)
 ``{fs:<sale>}:transfers``          hash    transfer id -> JSON intent, while units move
                                            between a bucketed sale's buckets
 =================================  ======  =============================================

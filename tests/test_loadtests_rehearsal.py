@@ -21,8 +21,8 @@ import asyncpg
 import pytest
 import redis
 
-from flashsale.embedded import EmbeddedStack
-from flashsale.rehearse import Rehearsal, RehearsalSettings
+from flashsale.drills.rehearse import Rehearsal, RehearsalSettings
+from flashsale.runtime.embedded import EmbeddedStack
 from loadtests import exit_codes, oracle
 from loadtests.history import read_history, summarize_history
 
@@ -257,7 +257,7 @@ def test_ctrl_c_stops_everything_and_still_judges(embedded_stack: EmbeddedStack,
 
     env = {**os.environ, **embedded_stack.environ(), "FLASHSALE_KEY_PREFIX": f"rc{uuid.uuid4().hex[:6]}"}
     script = (
-        "import sys; from pathlib import Path; from flashsale.rehearse import Rehearsal, RehearsalSettings; "
+        "import sys; from pathlib import Path; from flashsale.drills.rehearse import Rehearsal, RehearsalSettings; "
         f"sys.exit(Rehearsal(RehearsalSettings(peak_rps=40, time_scale=1.0, hold_ttl_s=2, audit_wait_s=20, "
         f"report_dir=Path({str(tmp_path)!r}))).run())"
     )
@@ -300,7 +300,7 @@ async def test_a_service_with_no_writer_is_not_drained_not_lost(
     """`flashsale serve` alone (no `flashsale worker`: nothing drains the stream into
     PostgreSQL) used to end "invariant violated: lost N"; the orders are only queued. The
     drill must say "run invalid: not drained" and leave "lost" not judged."""
-    from flashsale.migrate import migrate_url
+    from flashsale.pipeline.migrate import migrate_url
 
     await migrate_url(embedded_stack.database_url)
     env = {

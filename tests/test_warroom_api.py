@@ -19,9 +19,9 @@ import pytest
 from service_support import ADMIN, ADMIN_TOKEN, expect_json
 from warroom_support import WarRoom, WarRoomFactory, start_warroom  # noqa: F401  (fixture)
 
-from flashsale import warroom
-from flashsale.migrate import migrate_url
-from flashsale.sales import now_ms
+from flashsale.pipeline.migrate import migrate_url
+from flashsale.service.sales import now_ms
+from flashsale.service.warroom import routes as warroom
 
 WRONG = {"Authorization": "Bearer not-the-admin-token"}
 

@@ -22,7 +22,7 @@ import pytest
 from service_support import ADMIN, ADMIN_TOKEN, expect_json
 from warroom_support import WarRoom, WarRoomFactory, start_warroom  # noqa: F401  (fixture)
 
-from flashsale.migrate import migrate_url
+from flashsale.pipeline.migrate import migrate_url
 
 CHROMIUM = os.environ.get("FLASHSALE_CHROMIUM", "/usr/bin/chromium")
 # Headless, and nothing that talks to the outside world or needs a GPU or a sandbox.
