@@ -17,9 +17,9 @@ Locust's parser and listens to Locust's events:
   and sets Locust's exit code to the verdict's (``loadtests.exit_codes``).
 
 ``ArrivalShape`` keeps exactly one driver per process: the number of Locust "users" is not
-the load here (the arrival rate is), so the web UI's user count and spawn-rate fields are
-hidden (Locust hides them for shape classes) and an "Open model" tab explains and shows the
-arrivals (``loadtests.webui``). ``-t/--run-time`` is refused: the shape sets the run's
+the load here (the arrival rate is), so the web UI's user count and ramp-up fields are
+disabled (Locust does that for shape classes) and an "Open model" tab explains them and
+shows the arrivals (``loadtests.webui``). ``-t/--run-time`` is refused: the shape sets the run's
 length; ``--duration`` or ``--time-scale`` change it.
 """
 
@@ -562,18 +562,18 @@ class Conductor:
             os.replace(tmp, path)
             n += 1
             if n % 5 == 0:
+                extra = f" {p['hot_sku']} left {p['hot_available']}" if p["hot_sku"] else ""
+                extra += f" backlog {p['backlog']}" if p["backlog"] is not None else ""
                 log.info(
-                    "%s t=%+.0fs target %.0f/s sent %d/s dropped %d/s orders %d/s p99 %s ms %s left %s backlog %s",
+                    "%s t=%+.0fs target %.0f/s sent %d/s dropped %d/s orders %d/s p99 %s ms%s",
                     p["phase"],
                     p["t_from_t0_s"],
                     p["target_per_s"],
                     p["sent_per_s"],
                     p["dropped_per_s"],
                     p["orders_per_s"],
-                    p["p99_ms"],
-                    p["hot_sku"],
-                    p["hot_available"],
-                    p["backlog"],
+                    "-" if p["p99_ms"] is None else f"{p['p99_ms']:.0f}",
+                    extra,
                 )
 
     def finish(self) -> None:

@@ -1,10 +1,11 @@
 """Locust's web UI under open-model arrivals: what its fields mean here, and the live arrivals.
 
-Locust's start form already hides the user count, spawn rate and run time when the
-locustfile has a shape class (``ArrivalShape``): the load is the shape's arrival rate, not a
-number of users. What stays visible but means something else is explained in an "Open
-model" tab, next to the live figures that do matter (arrivals the shape asks for vs sent,
-dropped, orders/s, p99 corrected for coordinated omission):
+Locust's start form disables the user count and ramp-up fields (0, "Disabled for tests using
+LoadTestShape class") and ignores the run time when the locustfile has a shape class
+(``ArrivalShape``): the load is the shape's arrival rate, not a number of users. What stays
+visible but means something else is explained in an "Open model" tab, next to the live
+figures that do matter (arrivals the shape asks for vs sent, dropped, orders/s, p99
+corrected for coordinated omission):
 
 - **Users** in the header is one arrival driver per Locust process, not the load;
 - **RPS** counts requests, several per visit; arrivals per second are below;
@@ -28,10 +29,11 @@ EXPLAINED = (
         "Users (header)",
         "one arrival driver per Locust process: not the load. The load is the shape's arrival rate",
     ),
-    ("RPS (header)", "requests per second; a visit makes several. Arrivals per second are below"),
+    ("RPS (header)", "requests per second; a visit makes several. Arrivals per second: the rows above"),
     (
         "Start form",
-        "user count, spawn rate and run time are hidden: the shape sets them (--duration to change it)",
+        "number of users and ramp up are disabled (0): the shape sets the load. Change it with "
+        "--peak-rps, --shape, --duration under Custom parameters",
     ),
     ("Options", "the kit's (--peak-rps, --shape, --slo …) are under Custom parameters"),
 )

@@ -3,7 +3,7 @@ the commands ``docs/your-backend.md`` gives — real processes, real Locust, a f
 loopback only: the correct shop passes (exit 0), the naive one is caught, OVERSOLD, exit 2.
 
 Also from the docs: ``python -m loadtests help`` lists a locustfile's options, ``-t`` is refused
-with what to use instead, the web UI hides what means nothing under open-model arrivals and
+with what to use instead, the web UI disables what means nothing under open-model arrivals and
 explains the rest, the history reads back, and the docs' Python snippets run.
 """
 
@@ -175,7 +175,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.timeout(120)
-def test_the_web_ui_hides_user_counts_and_explains_the_open_model(tmp_path: Path) -> None:
+def test_the_web_ui_disables_user_counts_and_explains_the_open_model(tmp_path: Path) -> None:
     port = _free_port()
     proc = subprocess.Popen(
         [
@@ -218,7 +218,7 @@ def test_the_web_ui_hides_user_counts_and_explains_the_open_model(tmp_path: Path
             stats = json.loads(resp.read())
         tab = next(t for t in stats["extended_stats"] if t["key"] == "open-model")
         what = {row["what"]: row["value"] for row in tab["data"]}
-        assert "not the load" in what["Users (header)"]
+        assert "not the load" in what["Users (header)"] and "disabled" in what["Start form"]
     finally:
         proc.terminate()
         proc.wait(30)
