@@ -19,6 +19,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from flashsale.service import admin_api, buyer_api, fence_guard, probes
 from flashsale.service.admission import InFlight, RateLimiter, SoldOutCache
 from flashsale.service.errors import error_middleware
+from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook
 from flashsale.service.state import STATE, ServiceState
@@ -97,6 +98,7 @@ def create_app(settings: Settings) -> web.Application:
             rate=RateLimiter(settings.user_rate, settings.user_burst),
             in_flight=InFlight(settings.max_in_flight),
             sold_out=SoldOutCache(settings.sold_out_cache_s),
+            identity=Identity.from_settings(settings),
             pg=pg,
         )
         app[STATE] = state

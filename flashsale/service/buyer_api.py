@@ -15,7 +15,7 @@ from flashsale.service.errors import ApiError
 from flashsale.service.http import bearer, read_json
 from flashsale.service.sales import SaleSettings, iso, now_ms
 from flashsale.service.state import STATE, ServiceState
-from flashsale.service.tokens import Buyer, InvalidToken, verify
+from flashsale.service.tokens import Buyer, InvalidToken
 
 __all__ = ["routes", "read_json", "bearer"]
 
@@ -24,7 +24,7 @@ routes = web.RouteTableDef()
 
 def buyer_of(request: web.Request, state: ServiceState) -> Buyer:
     try:
-        return verify(state.settings.token_secret, bearer(request))
+        return state.identity.buyer(bearer(request))
     except InvalidToken as exc:
         raise ApiError(
             401, "unauthorized", f"{exc}: get a new token", headers={"WWW-Authenticate": "Bearer"}

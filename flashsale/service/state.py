@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from flashsale.service.admission import InFlight, RateLimiter, SoldOutCache
+from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook, SaleSettings
 from flashsale.settings import Settings
@@ -26,6 +27,7 @@ class ServiceState:
     rate: RateLimiter
     in_flight: InFlight
     sold_out: SoldOutCache
+    identity: Identity
     pg: Any = None  # asyncpg pool, when a database is configured
     _inventories: dict[str, Inventory] = field(default_factory=dict)
     _bucketed: dict[str, BucketedInventory] = field(default_factory=dict)
