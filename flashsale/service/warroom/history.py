@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from flashsale.keys import ServiceKeys
-from flashsale.service.metrics import OUTCOMES, read_published
+from flashsale.service.metrics import OUTCOMES, sum_published
 from flashsale.service.state import ServiceState
 
 __all__ = [
@@ -51,7 +51,7 @@ OUTCOME_GROUPS: dict[str, tuple[str, ...]] = {
     "limited": ("limit_exceeded", "rate_limited"),
     "shed": ("shed",),
     "unknown": ("unknown",),
-    "other": ("replayed", "not_open", "invalid", "fenced"),
+    "other": ("replayed", "not_open", "invalid", "fenced", "no_ticket"),
 }
 #: Answers that mean the service failed the buyer (not a refusal it meant to give).
 ERROR_OUTCOMES = ("shed", "unknown", "fenced")
@@ -78,25 +78,10 @@ async def published(state: ServiceState) -> dict[str, Any] | None:
     counts and their time agree (collect_stats reads them too, but a sample needs the
     publish time: the rate is counts over the time between publishes, not between page
     polls)."""
-    values = [raw for _key, raw in await read_published(state.redis, state.settings.key_prefix)]
-    counts = dict.fromkeys(OUTCOMES, 0)
-    at = 0.0
-    p50 = p99 = 0.0
-    seen = 0
-    for raw in values:
-        if raw is None:
-            continue
-        proc = json.loads(raw)
-        seen += 1
-        at = max(at, float(proc["at"]))
-        for outcome, n in proc["counts"].items():
-            counts[outcome] = counts.get(outcome, 0) + int(n)
-        if proc["latency"]["n"]:
-            p50 = max(p50, float(proc["latency"]["p50_ms"]))
-            p99 = max(p99, float(proc["latency"]["p99_ms"]))
-    if not seen:
+    total = await sum_published(state.redis, state.settings.key_prefix)
+    if not total.processes:
         return None
-    return {"t": int(at * 1000), "o": counts, "p50": p50, "p99": p99}
+    return {"t": int(total.at * 1000), "o": total.counts, "p50": total.p50_ms, "p99": total.p99_ms}
 
 
 async def sample(state: ServiceState, stats: dict[str, Any]) -> None:
