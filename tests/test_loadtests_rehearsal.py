@@ -88,6 +88,10 @@ def test_short_headless_rehearsal_passes_the_oracle(drill: Drill) -> None:
         assert (drill.folder / name).is_file(), name
     text = (drill.folder / "rehearse.out").read_text()
     assert "VERDICT  exit 0" in text
+    # The report names the run's settings, never the admin token among them.
+    assert s["run"]["settings"]["admin_token"] == "(secret)" and s["run"]["settings"]["peak_rps"] == 60.0
+    token = drill.env["FLASHSALE_ADMIN_TOKEN"]
+    assert all(token not in (drill.folder / f).read_text() for f in ("summary.json", "report.html"))
 
 
 def _free_port() -> int:

@@ -12,82 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import random
-import shutil
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import asyncpg
-import pytest
+from browser_support import artifacts, browser_page, require_browser
 from service_support import ADMIN, ADMIN_TOKEN, expect_json
 from warroom_support import WarRoom, WarRoomFactory, start_warroom  # noqa: F401  (fixture)
 
 from flashsale.pipeline.migrate import migrate_url
 from flashsale.service.sales import now_ms
 
-CHROMIUM = os.environ.get("FLASHSALE_CHROMIUM", "/usr/bin/chromium")
-# Headless, and nothing that talks to the outside world or needs a GPU or a sandbox.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 VIEWPORT = {"width": 1600, "height": 1000}
-
-
-def _require_browser() -> None:
-    missing = []
-    if not (Path(CHROMIUM).is_file() or shutil.which(CHROMIUM)):
-        missing.append(f"Chromium at {CHROMIUM} (Debian: apt-get install -y chromium)")
-    try:
-        import playwright.async_api  # noqa: F401
-    except ImportError:
-        missing.append(
-            "the playwright package (pip install 'flashsale[test]'; no `playwright install` needed)"
-        )
-    if not missing:
-        return
-    message = "the war-room browser test needs " + " and ".join(missing)
-    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-        pytest.fail(message, pytrace=False)
-    pytest.skip(message)
-
-
-def _artifacts(tmp_path: Path) -> Path:
-    root = os.environ.get("FLASHSALE_TEST_ARTIFACTS")
-    folder = (Path(root) if root else tmp_path) / "warroom"
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
-
-
-@asynccontextmanager
-async def _browser_page(problems: list[str]) -> AsyncIterator[Any]:
-    """A page in headless Chromium; page errors and console errors land in ``problems``."""
-    from playwright.async_api import async_playwright
-
-    async with async_playwright() as pw:
-        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = await browser.new_page(viewport=VIEWPORT)
-            page.on("pageerror", lambda exc: problems.append(f"page error: {exc}"))
-            page.on(
-                "console",
-                lambda msg: (
-                    problems.append(f"console {msg.type}: {msg.text}") if msg.type == "error" else None
-                ),
-            )
-            page.set_default_timeout(15_000)
-            yield page
-        finally:
-            await browser.close()
 
 
 async def _surge(room: WarRoom, stop: asyncio.Event, skus: list[str], placed: list[int]) -> None:
@@ -118,7 +55,7 @@ async def _wait_for_shown(page: Any, selector: str, check: Any, timeout: float =
 async def test_war_room_during_a_surge_in_headless_chromium(
     start_warroom: WarRoomFactory, pipeline_db_url: str, tmp_path: Path, record_property: Any
 ) -> None:
-    _require_browser()
+    require_browser("war-room browser test")
     await migrate_url(pipeline_db_url)
     room = await start_warroom(database_url=pipeline_db_url)
     skus = [
@@ -137,10 +74,10 @@ async def test_war_room_during_a_surge_in_headless_chromium(
     stop = asyncio.Event()
     placed: list[int] = []
     buyers: list[asyncio.Task[None]] = []
-    folder = _artifacts(tmp_path)
+    folder = artifacts(tmp_path, "warroom")
     problems: list[str] = []
     try:
-        async with _browser_page(problems) as page:
+        async with browser_page(problems, viewport=VIEWPORT) as page:
             await page.goto(f"{room.base_url}/warroom?token={ADMIN_TOKEN}")
             # The token leaves the address bar at once (the tab keeps it in sessionStorage).
             await page.wait_for_function("() => !location.search.includes('token')")
@@ -243,7 +180,7 @@ async def test_the_page_opens_on_the_newest_sale_breaks_lines_at_gaps_and_caps_t
     line drawn across minutes nobody watched, and "against target" amber at 27 % for a sale
     that sold out. Each is read from what the page drew (the charts keep their stretches
     in ``data-segments``), not from the API."""
-    _require_browser()
+    require_browser("war-room browser test")
     room = await start_warroom(database_url=None)
     now = now_ms()
     await room.create_sale([{"sku": "old-sku", "stock": 5}], opens_at=now - 526 * 3_600_000)
@@ -258,7 +195,7 @@ async def test_the_page_opens_on_the_newest_sale_breaks_lines_at_gaps_and_caps_t
     assert [await room.order(f"b{i}", "hot-sku") for i in range(4)] == [201, 201, 201, 409]
 
     problems: list[str] = []
-    async with _browser_page(problems) as page:
+    async with browser_page(problems, viewport=VIEWPORT) as page:
         await page.goto(f"{room.base_url}/warroom?token={ADMIN_TOKEN}")
         # The newest sale, not the one open for 526 hours.
         await page.wait_for_function("(s) => document.getElementById('sale-select').value === s", arg=sale)
@@ -280,7 +217,7 @@ async def test_the_page_opens_on_the_newest_sale_breaks_lines_at_gaps_and_caps_t
         )
         assert await page.locator("#tile-target").get_attribute("data-behind") == ""
         assert "the stock allows" in await page.locator("#v-target-detail").inner_text()
-        shot = _artifacts(tmp_path) / "warroom-gap-and-cap.png"
+        shot = artifacts(tmp_path, "warroom") / "warroom-gap-and-cap.png"
         await page.screenshot(path=str(shot), full_page=True)
     record_property("screenshot", str(shot))
     assert problems == [], problems
