@@ -237,12 +237,14 @@ async def _surge(servers: Servers, settings: BenchSettings, workdir: Path, n: in
         f"rehearsal exit {code} ({summary.get('exit_meaning', '?')})",
     ]
     if not validity["valid"]:
-        notes.append("the rehearsal judged its run INVALID: " + "; ".join(validity["reasons"]))
+        # The first clause of each reason ("24.7% of arrivals were dropped (bound 5%)").
+        notes.append("rehearsal INVALID: " + "; ".join(r.split(":")[0] for r in validity["reasons"]))
     return _figure(
         SURGE,
         trace,
         per_second,
         errors=1 if code == _INVARIANT_VIOLATED else 0,
+        invalid_rounds=0 if validity["valid"] else 1,
         notes=tuple(notes),
     )
 

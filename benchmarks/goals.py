@@ -31,6 +31,8 @@ class Goal:
     unit: str
     #: The command that measures it alone.
     only: str
+    #: The figure it is a ratio to, when it is one (its generator must not saturate either).
+    reference: str | None = None
     #: The goal also needs every one of the figure's orders taken (201): a burst answered
     #: fast by refusing orders was not absorbed.
     all_taken: bool = False
@@ -57,6 +59,7 @@ GOALS: tuple[Goal, ...] = (
         False,
         "x",
         "service",
+        reference=service_bench.CEILING,
     ),
     Goal(
         "engine: Redis CPU per reservation, library coalesced, default batch (64)",
@@ -77,6 +80,7 @@ GOALS: tuple[Goal, ...] = (
         False,
         "x",
         "inventory",
+        reference=inventory_bench.RAW,
     ),
     Goal(
         "opening burst: time to the last answer, service vs trivial endpoint",
@@ -87,6 +91,7 @@ GOALS: tuple[Goal, ...] = (
         True,
         "x",
         "burst",
+        reference=burst_bench.CEILING,
         all_taken=True,
     ),
     Goal(
@@ -98,6 +103,7 @@ GOALS: tuple[Goal, ...] = (
         True,
         "x",
         "generator",
+        reference=generator_bench.BASELINE,
     ),
 )
 
@@ -108,7 +114,8 @@ def _number(value: float, unit: str) -> str:
 
 def judge(figures: Sequence[Figure]) -> list[dict[str, Any]]:
     """One verdict per goal: ``met``, ``not met`` or ``not measured``, with the median, its
-    spread and whether any figure of its section came from a saturated generator."""
+    spread, whether it or its reference came from a saturated generator, and how many of
+    its rounds their own harness judged invalid."""
     verdicts = []
     for goal in GOALS:
         found = next((f for f in figures if f.section == goal.section and f.name == goal.figure), None)
@@ -120,6 +127,7 @@ def judge(figures: Sequence[Figure]) -> list[dict[str, Any]]:
             "spread": None,
             "rounds": None if found is None else found.rounds,
             "generator_saturated": False,
+            "invalid_rounds": 0,
             "verdict": "not measured",
             "reason": "",
             "command": f"python -m benchmarks --only {goal.only}",
@@ -127,7 +135,12 @@ def judge(figures: Sequence[Figure]) -> list[dict[str, Any]]:
         if found is not None and value is not None:
             low_high = found.spread.get(goal.measure)
             row["spread"] = list(low_high) if low_high is not None else None
-            row["generator_saturated"] = any(f.generator_bound for f in figures if f.section == goal.section)
+            row["generator_saturated"] = any(
+                f.generator_bound
+                for f in figures
+                if f.section == goal.section and f.name in (goal.figure, goal.reference)
+            )
+            row["invalid_rounds"] = found.invalid_rounds
             compare = operator.le if goal.at_most else operator.ge
             row["verdict"] = "met" if compare(value, goal.target) else "not met"
             sent = (found.clients or 0) * found.rounds
@@ -154,7 +167,9 @@ def render_goals(verdicts: Sequence[dict[str, Any]]) -> str:
         if v["reason"]:
             verdict += f": {v['reason']}"
         if v["generator_saturated"]:
-            verdict += " (generator SATURATED: not a valid figure)"
+            verdict += " (a generator SATURATED: see the table)"
+        if v["invalid_rounds"]:
+            verdict += f" ({v['invalid_rounds']} of {v['rounds']} rounds judged INVALID by their own harness)"
         rows.append((v["goal"], v["target"], measured, verdict))
     header = ("issue 15 goal", "target", "this run: median [spread]", "verdict")
     widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(4)]

@@ -87,6 +87,9 @@ class Figure:
     #: run derives them from its CPU share and rate (``generator_us_per_op``).
     generator_us: float | None = None
     server_us: float | None = None
+    #: Rounds whose own harness judged them invalid (a rehearsal whose Locust process could
+    #: not keep up with its arrivals): their figures describe the generator's trouble.
+    invalid_rounds: int = 0
 
     @property
     def generator_bound(self) -> bool:

@@ -98,6 +98,7 @@ def combine(rounds: Sequence[Figure], *, notes: Sequence[str] = ()) -> Figure:
         granted=_sum([f.granted for f in rounds]),
         store_granted=_sum([f.store_granted for f in rounds]),
         errors=sum(f.errors for f in rounds) + len(miscounted),
+        invalid_rounds=sum(f.invalid_rounds for f in rounds),
         notes=(*seen, *notes),
         rounds=len(rounds),
         spread=spread,

@@ -364,7 +364,7 @@ def test_goals_are_judged_met_not_met_or_not_measured() -> None:
     assert "0.70x [0.60x - 0.80x, 3 rounds]" in table and "NOT met" in table and "not measured" in table
 
 
-def test_a_goal_on_a_saturated_generator_or_refused_orders_says_so() -> None:
+def test_a_goal_on_a_saturated_generator_refused_orders_or_invalid_rounds_says_so() -> None:
     burst = next(g for g in GOALS if g.all_taken)
     fast_by_refusing = _figure(
         section=burst.section, name=burst.figure, ratio=1.1, clients=1000, granted=400, generator_cpu=0.95
@@ -373,6 +373,9 @@ def test_a_goal_on_a_saturated_generator_or_refused_orders_says_so() -> None:
     assert verdict["verdict"] == "not met" and "600 of 1,000 orders not taken" in verdict["reason"]
     assert verdict["generator_saturated"]
     assert "generator SATURATED" in render_goals(judge([fast_by_refusing]))
+    generator = GOALS[-1]
+    starved = _figure(section=generator.section, name=generator.figure, ratio=1.5, rounds=3, invalid_rounds=2)
+    assert "2 of 3 rounds judged INVALID" in render_goals(judge([starved]))
 
 
 def test_generator_cpu_is_taken_over_the_whole_busy_seconds_only() -> None:
