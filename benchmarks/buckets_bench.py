@@ -23,7 +23,7 @@ from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 
-from flashsale.embedded_cluster import RedisClusterServer
+from flashsale.runtime.cluster import RedisClusterServer
 from inventory import BucketedInventory, Hold, SoldOut
 
 

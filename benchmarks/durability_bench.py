@@ -50,7 +50,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from flashsale.embedded import RedisServer
+from flashsale.runtime.embedded import RedisServer
 from inventory import Inventory, InventoryError
 
 MODES = ("aof-everysec", "aof-always", "no-persistence", "replica-async", "replica-wait", "replica-waitaof")

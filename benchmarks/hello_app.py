@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, required=True, help="port to bind")
     args = parser.parse_args()
-    try:  # as flashsale.serve does: uvloop in the entry point only
+    try:  # as flashsale.service.serve does: uvloop in the entry point only
         import uvloop
 
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())

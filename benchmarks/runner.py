@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from flashsale.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack, ServerError
+from flashsale.runtime.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack, ServerError
 
 from . import burst_bench, ceilings, generator_bench, inventory_bench, service_bench, strategies
 from .goals import judge, render_goals

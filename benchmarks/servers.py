@@ -1,5 +1,5 @@
 """The servers a benchmark run measures: the project's embedded Redis and PostgreSQL
-(``flashsale.embedded.EmbeddedStack``), or existing ones named by ``FLASHSALE_REDIS_URL`` /
+(``flashsale.runtime.embedded.EmbeddedStack``), or existing ones named by ``FLASHSALE_REDIS_URL`` /
 ``FLASHSALE_DATABASE_URL``. Every benchmark of a run uses the same two servers, so their
 figures can be compared as ratios.
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from flashsale.embedded import EmbeddedStack
+from flashsale.runtime.embedded import EmbeddedStack
 
 __all__ = ["Servers", "open_servers"]
 

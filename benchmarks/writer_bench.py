@@ -36,10 +36,11 @@ from typing import Any
 
 import asyncpg
 
-from flashsale.embedded import EmbeddedStack
-from flashsale.migrate import migrate
 from flashsale.pgpool import close_pool, create_pool
-from flashsale.worker import OrderWriter, WorkerSettings, ensure_group, events_key
+from flashsale.pipeline.migrate import migrate
+from flashsale.pipeline.writer import OrderWriter, WorkerSettings
+from flashsale.runtime.embedded import EmbeddedStack
+from flashsale.streams import ensure_group, events_key
 
 from .machine import describe_machine
 from .servers import open_servers

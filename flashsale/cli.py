@@ -10,20 +10,37 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, NoReturn
+
+from flashsale import exit_codes
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "flashsale.rehearse_cli",
-    "flashsale.drill_cli",
-    "flashsale.service_cli",
-    "flashsale.pipeline_cli",
-    "flashsale.embedded_cli",
-    "benchmarks.cli",
+    "flashsale.drills.cli",  # rehearse, capacity, drill
+    "flashsale.fence.cli",  # recover
+    "flashsale.service.cli",  # serve, token
+    "flashsale.pipeline.cli",  # migrate, worker, audit
+    "flashsale.runtime.cli",  # servers
 )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class CommandParser(argparse.ArgumentParser):
+    """argparse with this project's conventions: a usage error exits 64 (never a verdict's
+    code: see :mod:`flashsale.exit_codes`), and an abbreviated option is refused rather
+    than taken for the one it starts (``--peak`` is not ``--peak-rps``)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+        self.commands: Mapping[str, argparse.ArgumentParser] = {}  # name -> sub-command parser
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(exit_codes.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="flashsale",
         description=(
             "Reference backend and load-test kit for flash sales: an aiohttp order service "
@@ -33,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog="Start with `flashsale rehearse`; every sub-command has its own --help.",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
+    parser.commands = sub.choices
     for name in COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
@@ -52,12 +70,15 @@ def _missing(module: str) -> int:
         "Install everything with: pip install 'flashsale[all]'",
         file=sys.stderr,
     )
-    return 2
+    return exit_codes.USAGE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # say it with the sub-command's usage, which lists the flags it does take
+        command = parser.commands.get(getattr(args, "command", None) or "")
+        (command or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -10,10 +10,13 @@ validates first, then writes, and appends the change to the sale's event stream.
     hold = await inv.reserve("alice", [Line("phone", 1)], request_id="r-1")
     await inv.confirm(hold.hold_id, user="alice")
 
+Every change is appended to the sale's event stream as one entry; ``parse_event`` reads
+an entry back (the fields of each type are the contract in ``_events.py``).
+
 The only dependency is redis-py.
 """
 
-from ._buckets import BucketedInventory
+from ._buckets import BucketedInventory, bucket_sale_id, parent_sale_id
 from ._engine import DEFAULT_HOLD_TTL, Inventory
 from ._errors import (
     HoldCancelled,
@@ -33,12 +36,17 @@ from ._errors import (
     SoldOut,
     UnknownSku,
 )
+from ._events import EVENT_FIELDS, EventError, EventField, OrderEvent, StockEvent, StreamId, parse_event
 from ._keys import SaleKeys
+from ._room import RoomSettings, RoomStatus, TicketRefused, WaitingRoom, replay_shuffle
 from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, StockState
 
 __all__ = [
     "DEFAULT_HOLD_TTL",
+    "EVENT_FIELDS",
     "BucketedInventory",
+    "EventError",
+    "EventField",
     "ExpiryBatch",
     "Hold",
     "HoldCancelled",
@@ -54,13 +62,24 @@ __all__ = [
     "InventoryError",
     "LimitExceeded",
     "Line",
+    "OrderEvent",
     "OutcomeUnknown",
     "Refused",
+    "RoomSettings",
+    "RoomStatus",
     "RequestConflict",
     "SaleKeys",
     "SkuExists",
     "Snapshot",
     "SoldOut",
+    "StockEvent",
     "StockState",
+    "StreamId",
+    "TicketRefused",
     "UnknownSku",
+    "WaitingRoom",
+    "bucket_sale_id",
+    "parent_sale_id",
+    "parse_event",
+    "replay_shuffle",
 ]

@@ -21,6 +21,8 @@ Exception tree::
                                     not have happened. Retry with the same request id.
 
 Every exception has a stable ``code`` string (used as the service's JSON error code).
+A stream entry that breaks the event contract raises ``EventError`` (``_events.py``), a
+``ValueError``: bad data read back, not an answer of the engine, so outside this tree.
 """
 
 from __future__ import annotations

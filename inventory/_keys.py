@@ -2,7 +2,8 @@
 
 All keys of one sale share the hash tag ``{<prefix>:<sale>}``, so they live in one
 Redis Cluster hash slot and every script (which may touch any of them) runs on one
-shard. The event stream a script appends to is in that slot too.
+shard. The event stream a script appends to is in that slot too; the fields of its
+entries (one per change, of a few types) are a contract of their own, in ``_events.py``.
 
 =================================  ======  =============================================
 key                                type    holds
@@ -17,9 +18,16 @@ key                                type    holds
 ``{fs:<sale>}:users``              hash    ``<user>:<sku>`` -> units held or bought
 ``{fs:<sale>}:deadlines``          zset    open hold ids scored by deadline (ms)
 ``{fs:<sale>}:events``             stream  one entry per state change, appended by the
-                                           same script that made the change
+                                           same script that made the change (fields:
+                                           see ``_events.py``)
 ``{fs:<sale>}:transfers``          hash    transfer id -> JSON intent, while units move
                                            between a bucketed sale's buckets
+``{fs:<sale>}:room``               hash    the waiting room's settings and counters
+                                           (``_room.py``)
+``{fs:<sale>}:room:pre``           list    buyers who joined before T0, in arrival order
+``{fs:<sale>}:room:queue``         zset    waiting buyers scored by queue position
+``{fs:<sale>}:room:buyers``        hash    buyer -> JSON room record
+``{fs:<sale>}:room:tickets``       zset    admitted buyers scored by ticket expiry (ms)
 =================================  ======  =============================================
 """
 
@@ -70,6 +78,15 @@ class SaleKeys:
         """Bucket transfers in progress into this bucket (see ``_buckets.py``)."""
         return self.tag + ":transfers"
 
+    @property
+    def room(self) -> str:
+        """The sale's waiting room (see ``_room.py``); its other keys start with this."""
+        return self.tag + ":room"
+
+    def for_room(self) -> list[str]:
+        r = self.room
+        return [r, r + ":pre", r + ":queue", r + ":buyers", r + ":tickets", self.stock]
+
     def all(self) -> tuple[str, ...]:
         """Every key of the sale (for dumps, audits and deleting a finished sale)."""
         return (
@@ -80,6 +97,7 @@ class SaleKeys:
             self.deadlines,
             self.events,
             self.transfers,
+            *self.for_room()[:5],
         )
 
     def for_reserve(self) -> list[str]:

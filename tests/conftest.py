@@ -1,7 +1,7 @@
 """Shared fixtures: real Redis and PostgreSQL, embedded unless the environment names servers.
 
 ``FLASHSALE_REDIS_URL`` / ``FLASHSALE_DATABASE_URL`` point the whole suite at existing servers
-instead of starting its own (see ``flashsale.embedded.EmbeddedStack``).
+instead of starting its own (see ``flashsale.runtime.embedded.EmbeddedStack``).
 ``FLASHSALE_TEST_REDIS=cluster`` runs the Redis fixtures against an embedded three-master
 Redis Cluster instead (see ``redis_mode.py`` and the section at the end).
 """
@@ -15,7 +15,7 @@ import pytest
 from redis.asyncio import Redis
 from redis_mode import on_cluster, redis_from_url
 
-from flashsale.embedded import EmbeddedStack
+from flashsale.runtime.embedded import EmbeddedStack
 
 ALLOW_FLUSH_ENV = "FLASHSALE_TEST_ALLOW_FLUSH"
 
@@ -96,8 +96,8 @@ async def pipeline_db_url(database_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 async def pipeline_pool(pipeline_db_url: str) -> AsyncIterator[_pipeline_asyncpg.Pool]:
     """An asyncpg pool on a fresh schema with every migration applied."""
-    from flashsale.migrate import migrate
     from flashsale.pgpool import close_pool, create_pool
+    from flashsale.pipeline.migrate import migrate
 
     pool = await create_pool(pipeline_db_url, max_size=4)
     try:
@@ -152,7 +152,7 @@ def writer_running(text_redis: Redis, pipeline_pool, redis_url: str, pipeline_db
     import contextlib
     import dataclasses
 
-    from flashsale.worker import OrderWriter, WorkerSettings
+    from flashsale.pipeline.writer import OrderWriter, WorkerSettings
 
     @contextlib.asynccontextmanager
     async def running(pool=None, **overrides):  # type: ignore[no-untyped-def]
@@ -184,7 +184,7 @@ async def wait_until_drained(
     import asyncio
     import time
 
-    from flashsale.worker import events_key, stream_drained
+    from flashsale.streams import events_key, stream_drained
 
     deadline = time.monotonic() + timeout
     while not all([await stream_drained(redis, events_key(prefix, s)) for s in sales]):
@@ -205,7 +205,7 @@ def drained():  # type: ignore[no-untyped-def]
 # under FLASHSALE_TEST_REDIS=cluster, which also exports FLASHSALE_REDIS_CLUSTER=1 so that
 # services, workers and audits started by tests (in process or not) use cluster clients.
 # ----------------------------------------------------------------------------------------
-from flashsale.embedded_cluster import RedisClusterServer as _RedisClusterServer  # noqa: E402
+from flashsale.runtime.cluster import RedisClusterServer as _RedisClusterServer  # noqa: E402
 
 
 def pytest_configure(config: pytest.Config) -> None:

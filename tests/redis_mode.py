@@ -2,7 +2,7 @@
 
 ``FLASHSALE_TEST_REDIS=cluster pytest …`` runs the suites that use the shared fixtures
 (``redis_url``, ``redis_client``, ``text_redis``, ``service_settings``…) against an
-embedded three-master cluster (``flashsale.embedded_cluster``) instead of one server, so
+embedded three-master cluster (``flashsale.runtime.cluster``) instead of one server, so
 every multi-key command the code sends is checked for staying in one slot. In that mode
 the session exports ``FLASHSALE_REDIS_CLUSTER=1``: the service, the worker and the audit
 started by a test (in process or as a subprocess) build cluster clients.

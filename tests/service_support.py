@@ -27,10 +27,10 @@ from redis.backoff import NoBackoff
 from redis_mode import command_calls as command_calls  # re-exported: tests import it from here
 from redis_mode import on_cluster
 
-from flashsale.app import create_app
+from flashsale.service.app import create_app
+from flashsale.service.state import STATE, ServiceState
+from flashsale.service.tokens import mint
 from flashsale.settings import Settings
-from flashsale.state import STATE, ServiceState
-from flashsale.tokens import mint
 from inventory import SaleKeys
 
 TOKEN_SECRET = "service-tests-token-secret"

@@ -16,8 +16,9 @@ import pytest
 from redis.asyncio import Redis
 from redis_mode import redis_from_url
 
-from flashsale.audit import KINDS, SCHEMA, AuditReport, run_audit
-from flashsale.worker import dead_letter_key
+from flashsale import exit_codes
+from flashsale.pipeline.audit import KINDS, SCHEMA, AuditReport, run_audit
+from flashsale.streams import dead_letter_key
 from inventory import Inventory, Line
 
 STOCK = {"phone": 60, "case": 200}
@@ -243,7 +244,7 @@ def test_cli_exit_codes_and_json(
 
     asyncio.run(_tamper(redis_url, sale.inv.keys.stock))
     dirty = run("--json", str(out))
-    assert dirty.returncode == 3, dirty.stdout + dirty.stderr
+    assert dirty.returncode == exit_codes.INVARIANT_VIOLATED, dirty.stdout + dirty.stderr
     assert "AUDIT FAILED" in dirty.stdout
     doc = json.loads(out.read_text())
     assert doc["ok"] is False and doc["violations_by_kind"]["leaked"] >= 1
@@ -255,7 +256,7 @@ def test_cli_exit_codes_and_json(
         timeout=60,
         env={k: v for k, v in env.items() if k != "FLASHSALE_DATABASE_URL"},
     )
-    assert missing.returncode == 2 and "FLASHSALE_DATABASE_URL" in missing.stderr
+    assert missing.returncode == exit_codes.USAGE and "FLASHSALE_DATABASE_URL" in missing.stderr
 
 
 async def _tamper(redis_url: str, stock_key: str) -> None:

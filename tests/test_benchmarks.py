@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from flashsale.embedded import EmbeddedStack
+from flashsale.runtime.embedded import EmbeddedStack
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # benchmarks/ is a directory of the repo, not an installed package
@@ -249,18 +249,6 @@ def test_an_unknown_benchmark_name_is_refused_with_the_list() -> None:
     )
     assert done.returncode == 2
     assert "unknown benchmark nope" in done.stderr and "strategies" in done.stderr
-
-
-def test_flashsale_bench_takes_the_same_options() -> None:
-    import argparse
-
-    from benchmarks import cli
-
-    parser = argparse.ArgumentParser(prog="flashsale")
-    cli.register(parser.add_subparsers())
-    args = parser.parse_args(["bench", "--quick", "--only", "nope", "--clients", "8"])
-    assert (args.quick, args.clients) == (True, 8)
-    assert args.func(args) == 2  # the runner itself refused the unknown name
 
 
 def _row(stdout: str, section: str, name: str) -> str:

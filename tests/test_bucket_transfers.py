@@ -10,9 +10,9 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from flashsale import sweeper as sweeper_module
-from flashsale.audit import run_audit
-from flashsale.sweeper import HoldSweeper
+from flashsale.pipeline import sweeper as sweeper_module
+from flashsale.pipeline.audit import run_audit
+from flashsale.pipeline.sweeper import HoldSweeper
 from inventory import BucketedInventory
 
 

@@ -14,8 +14,8 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from flashsale.checker import History, Operation, check, classify, observe
-from flashsale.recovery import _drain
+from flashsale.drills.checker import History, Operation, check, classify, observe
+from flashsale.fence.recovery import _drain
 from inventory import Inventory, SoldOut
 
 PREFIX = "fs"

@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from flashsale.embedded_cluster import RedisClusterServer
+from flashsale.runtime.cluster import RedisClusterServer
 from inventory import BucketedInventory, Hold, Inventory, LimitExceeded, SoldOut
 
 

@@ -35,8 +35,9 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from flashsale.embedded_cluster import RedisClusterServer
-from flashsale.worker import OrderWriter, WorkerSettings, events_key, stream_drained
+from flashsale.pipeline.writer import OrderWriter, WorkerSettings
+from flashsale.runtime.cluster import RedisClusterServer
+from flashsale.streams import events_key, stream_drained
 from inventory import Inventory
 
 PREFIX = "fs"
@@ -70,7 +71,7 @@ def cluster_service(
 def worker_process(
     redis_cluster_server: RedisClusterServer, pipeline_pool: Any, pipeline_db_url: str, tmp_path: Path
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m flashsale.pipeline_cli worker`` on the cluster and the test's (migrated)
+    """``python -m flashsale worker`` on the cluster and the test's (migrated)
     schema, writer and sweeper; its log is in ``tmp_path / "worker.log"``."""
     env = {
         **os.environ,
@@ -84,7 +85,7 @@ def worker_process(
     }
     with (tmp_path / "worker.log").open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "flashsale.pipeline_cli", "worker"],
+            [sys.executable, "-m", "flashsale", "worker"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -209,7 +210,7 @@ async def test_sales_sell_out_drain_from_every_shard_and_audit_clean(
         [
             sys.executable,
             "-m",
-            "flashsale.pipeline_cli",
+            "flashsale",
             "audit",
             "--wait",
             "10",

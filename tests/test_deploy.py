@@ -8,7 +8,11 @@ is checked by the real tool that would read it, short of running it.
   ``kubectl kustomize``), each object validated strictly against the Kubernetes JSON schemas
   bundled in ``kubernetes-validate``, then cross-checked (selectors, probes, secrets).
 - Prometheus config through ``promtool check config``; the Grafana dashboard's queries,
-  with its metric-name constants expanded, through ``promtool check rules``.
+  with its metric-name constants expanded, through ``promtool check rules``; the dashboard
+  names no datasource uid (it takes its datasource from a variable). The alert rules and
+  the real ``/metrics`` are checked in test_deploy_alerts.py.
+- The Prometheus Operator's kinds (ServiceMonitor, PrometheusRule) are not in the
+  Kubernetes schemas: they are checked for what the stack relies on instead.
 - Redis flags: a real ``redis-server`` is started with exactly the flags both stacks ship.
 
 A missing tool skips its tests with the reason, except under ``CI=true``, where it fails:
@@ -48,19 +52,38 @@ OVERLAYS = ("drill", "external")
 
 INSTALL_HINT = "run `bash .ci/install-deploy-tools`"
 
-#: What the order service exposes at /metrics (flashsale/metrics.py); the dashboard may use
-#: these and nothing else.
+#: What the dashboard shows of the order service's /metrics (flashsale/metrics.py; that each
+#: is really served is checked against a running service in test_deploy_alerts.py).
 SERVICE_METRICS = frozenset(
     {
         "flashsale_orders_total",
         "flashsale_request_seconds_bucket",
+        "flashsale_responses_total",
         "flashsale_stock_units",
         "flashsale_holds_pending",
         "flashsale_stream_backlog",
         "flashsale_writer_rows_total",
+        "flashsale_writer_last_commit_timestamp_seconds",
         "flashsale_dead_letters_total",
+        "flashsale_dead_letters_waiting",
+        "flashsale_sale_fenced",
     }
 )
+#: Deployment-wide gauges: every replica reads the same value from Redis.
+READ_FROM_REDIS = (
+    "flashsale_stock_units",
+    "flashsale_holds_pending",
+    "flashsale_stream_backlog",
+    "flashsale_dead_letters_waiting",
+    "flashsale_sale_fenced",
+    "flashsale_writer_last_commit_timestamp_seconds",
+)
+#: Kinds that come with the Prometheus Operator's CRDs, not with Kubernetes.
+OPERATOR_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+RULES_FILE = DEPLOY / "prometheus" / "flashsale.rules.yml"
 
 #: Interpolated into the compose file; removed from the tool's environment so that only the
 #: env file the test names decides the result.
@@ -338,7 +361,7 @@ def test_redis_flags_are_accepted_by_a_real_redis_server(redis_argv: list[str]) 
     # A misspelt directive or value passes every YAML check; redis-server itself refuses it.
     from redis import Redis
 
-    from flashsale.embedded import RedisServer
+    from flashsale.runtime.embedded import RedisServer
 
     flags = _redis_flags(redis_argv)
     with RedisServer(extra_args=redis_argv[1:]) as server:
@@ -443,11 +466,12 @@ def test_grafana_provisioning_points_at_the_compose_prometheus(
     assert (url.hostname, url.port) == ("prometheus", 9090) and "prometheus" in compose["services"]
     # $__rate_interval is computed from this: it must be the real scrape interval.
     assert datasource["jsonData"]["timeInterval"] == prometheus_config["global"]["scrape_interval"]
-    # Every panel and query uses this datasource by uid.
+    # The dashboard's datasource variable picks the default datasource: this one.
+    assert datasource["isDefault"] is True and datasource["type"] == "prometheus"
     refs = [p["datasource"] for p in _panels(dashboard)] + [
         t["datasource"] for p in _panels(dashboard) for t in p.get("targets", [])
     ]
-    assert refs and all(ref == {"type": "prometheus", "uid": datasource["uid"]} for ref in refs)
+    assert refs and all(ref == {"type": "prometheus", "uid": "${datasource}"} for ref in refs)
 
     (provider,) = yaml.safe_load((GRAFANA_DIR / "provisioning/dashboards/flashsale.yaml").read_text())[
         "providers"
@@ -457,6 +481,34 @@ def test_grafana_provisioning_points_at_the_compose_prometheus(
     assert _mount_source(grafana, "/etc/grafana/provisioning") == (GRAFANA_DIR / "provisioning").resolve()
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
     assert home == f"{provider['options']['path']}/{DASHBOARD.name}"
+
+
+def _datasource_refs(node: Any, where: str = "") -> Iterator[tuple[str, Any]]:
+    """Every ``datasource`` reference in the dashboard JSON, with where it is."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "datasource":
+                yield where, value
+            else:
+                yield from _datasource_refs(value, f"{where}/{key}")
+    elif isinstance(node, list):
+        for n, value in enumerate(node):
+            yield from _datasource_refs(value, f"{where}/{n}")
+
+
+def test_dashboard_names_no_datasource_uid(dashboard: dict[str, Any]) -> None:
+    """A hard-coded uid breaks import into an existing Grafana: every reference is the
+    ``datasource`` variable (or Grafana's own built-in annotations source)."""
+    (variable,) = [v for v in dashboard["templating"]["list"] if v["name"] == "datasource"]
+    assert variable["type"] == "datasource" and variable["query"] == "prometheus"
+    builtin = {"type": "grafana", "uid": "-- Grafana --"}
+    refs = list(_datasource_refs(dashboard))
+    assert refs
+    for where, ref in refs:
+        assert ref in ({"type": "prometheus", "uid": "${datasource}"}, builtin), f"{where}: {ref}"
+    # Nor an import-only placeholder (``${DS_…}`` from __inputs), which file provisioning
+    # would leave unfilled.
+    assert "__inputs" not in dashboard and "${DS_" not in json.dumps(dashboard)
 
 
 def test_dashboard_metric_names_live_in_one_place(dashboard: dict[str, Any]) -> None:
@@ -496,7 +548,7 @@ def test_dashboard_has_the_war_room_panels(dashboard: dict[str, Any]) -> None:
     # Deployment-wide gauges are read from Redis by every replica: summing them would count
     # the same stock once per replica.
     for expr in exprs:
-        for gauge in ("flashsale_stock_units", "flashsale_holds_pending", "flashsale_stream_backlog"):
+        for gauge in READ_FROM_REDIS:
             if gauge in expr:
                 assert "max" in expr.split(gauge)[0], f"{gauge} must be max-ed across replicas: {expr}"
     ids = [p["id"] for p in _panels(dashboard)]
@@ -582,8 +634,9 @@ def test_kustomize_builds_every_overlay(k8s: dict[str, list[dict[str, Any]]]) ->
         ("Deployment", "flashsale-locust-worker"),
     }
     datastores = {("StatefulSet", "flashsale-redis"), ("StatefulSet", "flashsale-postgres")}
-    assert workloads | datastores <= kinds["drill"]
-    assert workloads <= kinds["external"] and not datastores & kinds["external"]
+    monitoring = {("ServiceMonitor", "flashsale-service"), ("PrometheusRule", "flashsale")}
+    assert workloads | datastores | monitoring <= kinds["drill"]
+    assert workloads | monitoring <= kinds["external"] and not datastores & kinds["external"]
     assert {o["metadata"].get("namespace") for o in k8s["drill"] if o["kind"] != "Namespace"} == {
         "flashsale-drill"
     }
@@ -597,6 +650,10 @@ def test_manifests_match_the_kubernetes_schemas(
     kv = _module("kubernetes_validate", "kubernetes-validate")
     version = kv.latest_version() if version == "latest" else version
     for obj in k8s[overlay]:
+        if (obj["apiVersion"], obj["kind"]) in OPERATOR_KINDS:
+            # Not Kubernetes' own: kubernetes-validate has no schema for them (it raises
+            # SchemaNotFoundError). test_service_monitor_* and test_prometheus_rule_* check them.
+            continue
         try:
             kv.validate(obj, version, strict=True)  # strict: unknown fields are errors
         except kv.ValidationError as exc:
@@ -648,6 +705,43 @@ def test_service_probes_autoscaling_and_disruption_budget(
     assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     # The budget must leave pods to serve: never all of the HPA's minimum at once.
     assert pdb["spec"].get("maxUnavailable", 0) < hpa["spec"]["minReplicas"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_service_monitor_scrapes_the_service_pods(k8s: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    objects = k8s[overlay]
+    monitor = _one(objects, "ServiceMonitor", "flashsale-service")
+    service = _one(objects, "Service", "flashsale-service")
+    assert monitor["metadata"]["namespace"] == service["metadata"]["namespace"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    # It must not select another Service too (each would be scraped).
+    selected = [
+        o["metadata"]["name"]
+        for o in objects
+        if o["kind"] == "Service"
+        and monitor["spec"]["selector"]["matchLabels"].items() <= o["metadata"].get("labels", {}).items()
+    ]
+    assert selected == ["flashsale-service"], selected
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint["port"] in {p["name"] for p in service["spec"]["ports"]}
+    assert endpoint["path"] == "/metrics"
+    # Only fields the operator's ServiceMonitor endpoint has (its CRD is not here to check).
+    assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout"}
+    assert set(monitor["spec"]) == {"selector", "endpoints"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_prometheus_rule_carries_the_rules_file(k8s: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    rule = _one(k8s[overlay], "PrometheusRule", "flashsale")
+    assert (
+        rule["metadata"]["namespace"]
+        == _one(k8s[overlay], "Service", "flashsale-service")["metadata"]["namespace"]
+    )
+    assert set(rule["spec"]) == {"groups"}
+    assert rule["spec"]["groups"] == _yaml().safe_load(RULES_FILE.read_text())["groups"], (
+        "deploy/k8s/components/monitoring/prometheusrule.yaml differs from deploy/prometheus/flashsale.rules.yml: "
+        "carry the change over"
+    )
 
 
 def test_drill_overlay_is_prescaled_for_the_opening(k8s: dict[str, list[dict[str, Any]]]) -> None:

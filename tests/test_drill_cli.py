@@ -1,4 +1,4 @@
-"""`flashsale drill` and `flashsale recover` as commands (``python -m flashsale.drill_cli``):
+"""`flashsale drill` and `flashsale recover` as commands (``python -m flashsale``):
 help that lists every fault, refusals that say what to do, a fault the configured servers
 cannot take reported as skipped, and `recover` finding, rebuilding and confirming a lost sale."""
 
@@ -12,17 +12,18 @@ import sys
 import asyncpg
 from redis.asyncio import Redis
 
-from flashsale import fence
-from flashsale.drill import FAULTS, DrillStack, run_drill
-from flashsale.recovery import _drain
-from flashsale.sales import SaleBook, SaleSettings, now_ms
+from flashsale import exit_codes
+from flashsale.drills.drill import FAULTS, DrillStack, run_drill
+from flashsale.fence import verify as fence
+from flashsale.fence.recovery import _drain
+from flashsale.service.sales import SaleBook, SaleSettings, now_ms
 from inventory import Inventory
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
     return subprocess.run(
-        [sys.executable, "-m", "flashsale.drill_cli", *args],
+        [sys.executable, "-m", "flashsale", *args],
         env={**base, **(env or {})},
         capture_output=True,
         text=True,
@@ -39,15 +40,15 @@ def test_help_lists_every_fault_and_what_it_proves() -> None:
 
 
 def test_bad_arguments_are_refused() -> None:
-    assert cli("drill").returncode == 2  # a fault or --all is required
-    assert cli("drill", "--fault", "meteor-strike").returncode == 2
+    assert cli("drill").returncode == exit_codes.USAGE  # a fault or --all is required
+    assert cli("drill", "--fault", "meteor-strike").returncode == exit_codes.USAGE
     done = cli("drill", "--fault", "redis-pause", "--duration", "1")
-    assert done.returncode == 2 and "--duration" in done.stderr
+    assert done.returncode == exit_codes.USAGE and "--duration" in done.stderr
 
 
 def test_recover_without_servers_says_what_to_set() -> None:
     done = cli("recover")
-    assert done.returncode == 2
+    assert done.returncode == exit_codes.USAGE
     assert "FLASHSALE_REDIS_URL" in done.stderr and "FLASHSALE_DATABASE_URL" in done.stderr
 
 
@@ -76,7 +77,7 @@ async def test_recover_finds_rebuilds_and_confirms(
     env = {"FLASHSALE_REDIS_URL": redis_url, "FLASHSALE_DATABASE_URL": pipeline_db_url}
 
     found = cli("recover", "--check", env=env)
-    assert found.returncode == 1, found.stdout + found.stderr
+    assert found.returncode == exit_codes.INVARIANT_VIOLATED, found.stdout + found.stderr
     assert "Redis lost data" in found.stdout and "lineage marker is missing" in found.stdout
 
     done = cli("recover", "--json", "-", env=env)

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from flashsale.embedded import RedisServer
+from flashsale.runtime.embedded import RedisServer
 
 
 def test_durability_bench_measures_loss_and_throughput(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from flashsale.drill import FAULTS, DrillReport, DrillSettings, DrillStack, run_drill
+from flashsale.drills.drill import FAULTS, DrillReport, DrillSettings, DrillStack, run_drill
 
 SHORT = DrillSettings(duration_s=6.0, concurrency=8, hold_ttl_s=2.0, seed=7)
 

@@ -22,7 +22,7 @@ import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
 
-from flashsale.embedded import (
+from flashsale.runtime.embedded import (
     DATABASE_URL_ENV,
     REDIS_URL_ENV,
     EmbeddedStack,
@@ -256,7 +256,7 @@ def test_stack_uses_servers_named_by_the_environment(embedded_stack: EmbeddedSta
         """
         import json, os
         from pathlib import Path
-        from flashsale.embedded import EmbeddedStack
+        from flashsale.runtime.embedded import EmbeddedStack
 
         def children():
             me = str(os.getpid())
@@ -303,7 +303,7 @@ def test_servers_die_with_a_parent_killed_by_sigkill() -> None:
     script = textwrap.dedent(
         """
         import json, time
-        from flashsale.embedded import PostgresServer, RedisServer
+        from flashsale.runtime.embedded import PostgresServer, RedisServer
         redis, pg = RedisServer().start(), PostgresServer().start()
         print(json.dumps({"redis": redis.pid, "pg": pg.pid,
                           "dirs": [str(redis.data_dir.parent), str(pg.data_dir.parent)]}), flush=True)
@@ -331,7 +331,7 @@ def test_servers_die_with_a_parent_killed_by_sigkill() -> None:
             [
                 sys.executable,
                 "-c",
-                "from flashsale.embedded import RedisServer; RedisServer().start().stop()",
+                "from flashsale.runtime.embedded import RedisServer; RedisServer().start().stop()",
             ],
             env=child_env(),
             check=True,

@@ -15,7 +15,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from flashsale.faultproxy import FaultProxy, ProxyThread
+from flashsale.drills.faultproxy import FaultProxy, ProxyThread
 
 
 def _client(port: int, timeout: float = 1.0) -> Redis:
@@ -159,7 +159,7 @@ def test_the_command_line_proxy_takes_faults_from_stdin(redis_client: Redis) -> 
         [
             sys.executable,
             "-m",
-            "flashsale.faultproxy",
+            "flashsale.drills.faultproxy",
             "--listen",
             str(port),
             "--target",

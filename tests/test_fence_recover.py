@@ -4,7 +4,7 @@ still when the settings hash vanishes), ``recover`` rebuilds it from PostgreSQL,
 is clean and the sale sells out exactly. Without the fence the same loss oversells.
 
 Each test runs its own redis-server (so it can be killed and restarted) with AOF
-``always``, a fresh PostgreSQL schema, the service app (``create_app`` + ``fence.install``)
+``always``, a fresh PostgreSQL schema, the service app (``create_app`` + ``fence_guard.install``)
 behind aiohttp's test server, and the order writer and sweeper as tasks.
 """
 
@@ -28,17 +28,19 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from flashsale import fence
-from flashsale.app import create_app
-from flashsale.audit import run_audit
-from flashsale.checker import History, Operation, check, classify, observe
-from flashsale.embedded import RedisServer
-from flashsale.recovery import _drain, forget, recover
-from flashsale.sales import SaleBook, SaleSettings, now_ms
+from flashsale.drills.checker import History, Operation, check, classify, observe
+from flashsale.fence import verify as fence
+from flashsale.fence.recovery import _drain, forget, recover
+from flashsale.pipeline.audit import run_audit
+from flashsale.pipeline.sweeper import HoldSweeper
+from flashsale.pipeline.writer import OrderWriter, WorkerSettings
+from flashsale.runtime.embedded import RedisServer
+from flashsale.service import fence_guard
+from flashsale.service.app import create_app
+from flashsale.service.sales import SaleBook, SaleSettings, now_ms
+from flashsale.service.tokens import mint
 from flashsale.settings import Settings
-from flashsale.sweeper import HoldSweeper
-from flashsale.tokens import mint
-from flashsale.worker import OrderWriter, WorkerSettings, stream_drained
+from flashsale.streams import stream_drained
 from inventory import BucketedInventory, Inventory, SoldOut
 
 SECRET, ADMIN = "fence-secret", "fence-admin"
@@ -83,9 +85,9 @@ class Stack:
         )
         app = create_app(settings)
         if fenced:  # create_app installs the fence; faster timers for the test
-            fence.install(app, poll_s=0.1, record_s=0.2)  # verify_s: the default, as deployed
+            fence_guard.install(app, poll_s=0.1, record_s=0.2)  # verify_s: the default, as deployed
         else:
-            fence.uninstall(app)
+            fence_guard.uninstall(app)
         self.client = TestClient(TestServer(app))
         await self.client.start_server()
 
@@ -383,7 +385,7 @@ async def test_a_restart_with_intact_data_is_verified_not_fenced(stack: Stack) -
     await stack.drained(sale)
     await stack.recorded(sale)
     assert stack.client is not None
-    guard = stack.client.app[fence.GUARD]
+    guard = stack.client.app[fence_guard.GUARD]
     before = guard.last_verdict.run_id if guard.last_verdict else None
 
     stack.server.kill()  # SIGKILL; appendfsync always keeps every acknowledged write
@@ -520,7 +522,7 @@ async def test_without_postgresql_the_guard_sells_on_unverified(redis_client: Re
         user_burst=1000,
     )
     app = create_app(settings)
-    fence.install(app, poll_s=0.1)
+    fence_guard.install(app, poll_s=0.1)
     client = TestClient(TestServer(app))
     await client.start_server()
     try:
@@ -536,7 +538,7 @@ async def test_without_postgresql_the_guard_sells_on_unverified(redis_client: Re
             json={"request_id": "r1", "sku": "nopg-phone"},
         )
         assert resp.status == 201, await resp.text()
-        guard = client.app[fence.GUARD]
+        guard = client.app[fence_guard.GUARD]
         assert not guard.fenced and guard.verifying is None
     finally:
         await client.close()

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from flashsale.rehearse_cli import register
+from flashsale.drills.cli import register
 from loadtests.capacity import PUBLISHED_PEAKS, CapacityLimits, plan_for, read_steps, sustained
 
 
@@ -72,7 +72,7 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 
 def test_rehearse_flags() -> None:
-    from flashsale.rehearse_cli import _settings
+    from flashsale.drills.cli import _settings
 
     args = _parse(
         "rehearse",

@@ -12,7 +12,8 @@ from importlib import resources
 import asyncpg
 import pytest
 
-from flashsale.migrate import Migration, MigrationError, available, migrate, migration_status
+from flashsale import exit_codes
+from flashsale.pipeline.migrate import Migration, MigrationError, available, migrate, migration_status
 
 
 async def _tables(conn: asyncpg.Connection) -> set[str]:
@@ -22,7 +23,9 @@ async def _tables(conn: asyncpg.Connection) -> set[str]:
 
 def test_every_sql_file_is_a_numbered_migration() -> None:
     files = sorted(
-        p.name for p in (resources.files("flashsale") / "migrations").iterdir() if p.name.endswith(".sql")
+        p.name
+        for p in (resources.files("flashsale.pipeline") / "migrations").iterdir()
+        if p.name.endswith(".sql")
     )
     # A misnamed file would be skipped silently: every .sql file must be picked up, in order.
     assert [m.label + ".sql" for m in available()] == files
@@ -116,4 +119,4 @@ def test_cli_migrate_and_status(pipeline_db_url: str) -> None:
         timeout=60,
         env={k: v for k, v in env.items() if k != "FLASHSALE_DATABASE_URL"},
     )
-    assert missing.returncode == 2 and "FLASHSALE_DATABASE_URL" in missing.stderr
+    assert missing.returncode == exit_codes.USAGE and "FLASHSALE_DATABASE_URL" in missing.stderr

@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from flashsale.audit import run_audit
-from flashsale.embedded import EmbeddedStack
 from flashsale.pgpool import close_pool, create_pool
-from flashsale.worker import GROUP
+from flashsale.pipeline.audit import run_audit
+from flashsale.runtime.embedded import EmbeddedStack
+from flashsale.streams import GROUP
 from inventory import Inventory, Line
 
 WAVES, WAVE = 40, 100  # 4,000 reservations per run

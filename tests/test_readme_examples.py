@@ -49,8 +49,8 @@ def test_readme_commands_are_the_ci_command() -> None:
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:
+    from flashsale.pipeline.writer import WORKER_ENV_DOC
     from flashsale.settings import ENV_DOC
-    from flashsale.worker import WORKER_ENV_DOC
 
     missing = [var for var, _, _ in (*ENV_DOC, *WORKER_ENV_DOC) if f"`{var}`" not in README]
     assert not missing, f"README's settings tables lack {missing}"
@@ -64,3 +64,33 @@ def test_every_command_the_readme_names_exists() -> None:
     named = set(re.findall(r"(?:^|[\s`/])flashsale ([a-z]+)", README, re.M))
     assert named, "the README names commands"
     assert named <= commands, f"README names commands that do not exist: {sorted(named - commands)}"
+
+
+def test_the_exit_code_table_is_one_table() -> None:
+    """Every judging command shares flashsale.exit_codes; the drill kit's 0-3 mean the same,
+    and a usage error never shares a code with a verdict."""
+    from flashsale import exit_codes
+    from loadtests import exit_codes as kit
+
+    for name in ("OK", "SLO_MISSED", "INVARIANT_VIOLATED", "RUN_INVALID"):
+        assert getattr(kit, name) == getattr(exit_codes, name), name
+    verdicts = {exit_codes.OK, exit_codes.SLO_MISSED, exit_codes.INVARIANT_VIOLATED, exit_codes.RUN_INVALID}
+    assert exit_codes.USAGE not in verdicts and exit_codes.NOT_READY not in verdicts
+    for code, meaning in exit_codes.MEANING.items():
+        assert f"| {code} " in README and meaning.split(":")[0] in README, (code, meaning)
+
+
+def test_a_usage_error_is_not_a_verdict() -> None:
+    """A typo in a CI script must never read like an oversell: bad flags exit 64, and an
+    abbreviated option is refused instead of taken for the one it starts."""
+    import subprocess
+    import sys
+
+    from flashsale import exit_codes
+
+    for args in (["rehearse", "--no-such-flag"], ["rehearse", "--peak", "100"], ["audit", "--wait", "x"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "flashsale", *args], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == exit_codes.USAGE, (args, done.returncode, done.stderr)
+        assert "usage: flashsale " + args[0] in done.stderr, done.stderr

@@ -22,8 +22,8 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from flashsale.metrics import OUTCOMES
-from flashsale.tokens import verify
+from flashsale.service.metrics import OUTCOMES
+from flashsale.service.tokens import verify
 
 WRONG_CREDENTIALS: list[tuple[str, dict[str, bytes]]] = [
     ("no header", {}),

@@ -23,7 +23,7 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from flashsale.tokens import mint
+from flashsale.service.tokens import mint
 
 
 def _signed(payload: str, secret: str = TOKEN_SECRET) -> str:

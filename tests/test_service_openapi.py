@@ -36,7 +36,7 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from flashsale.openapi import document
+from flashsale.service.openapi import document
 
 CHECKS = [
     not_a_server_error,

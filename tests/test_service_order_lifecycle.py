@@ -183,7 +183,7 @@ async def test_order_lookup_can_be_switched_off(start_service: ServiceFactory) -
 async def test_order_redis_no_longer_has_is_read_from_postgresql(
     start_service: ServiceFactory, pipeline_db_url: str, pipeline_pool: Any
 ) -> None:
-    """pipeline_pool: the test's own schema with every migration (flashsale.migrate) applied."""
+    """pipeline_pool: the test's own schema with every migration (flashsale.pipeline.migrate) applied."""
     service = await start_service(database_url=pipeline_db_url)
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 5}))["sale"]

@@ -1,24 +1,61 @@
 """Probes: /healthz (the process is up), /readyz (Redis and PostgreSQL reachable, scripts
 loaded — 503 otherwise) and /metrics (Prometheus text with the names dashboards and
-alerts use)."""
+alerts use: every route by its template, process metrics, the writer's progress, the last
+audit, and per-sale series that leave once the sale has ended)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
+import time
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from service_support import (
+    ADMIN,
     Service,
     ServiceFactory,
+    buyer,
     expect_json,
     new_id,
+    now_ms,
     service,  # noqa: F401  (fixture)
     start_service,  # noqa: F401  (fixture)
 )
 
+from flashsale.streams import dead_letter_key
 from inventory._scripts import SCRIPT_NAMES, script_source
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(service: Service) -> Samples:
+    """/metrics as {(sample name, sorted labels): value}."""
+    resp = await service.client.get("/metrics")
+    assert resp.status == 200 and resp.content_type == "text/plain"
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(await resp.text())
+        for s in family.samples
+    }
+
+
+def sales_in(samples: Samples) -> set[str]:
+    """Sales with any per-sale series."""
+    return {dict(labels)["sale"] for _, labels in samples if "sale" in dict(labels)}
+
+
+async def scrape_until(service: Service, done: Any, what: str, timeout: float = 30.0) -> Samples:
+    """Scrape until ``done(samples)`` (the writer and the sale cache act on their own clocks)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = await scrape(service)
+        if done(samples):
+            return samples
+        assert time.monotonic() < deadline, f"{what}: not seen within {timeout} s"
+        await asyncio.sleep(0.05)
 
 
 def _closed_port() -> int:
@@ -77,28 +114,32 @@ async def test_metrics_name_what_dashboards_use(service: Service) -> None:
     sale = (await service.create_sale([{"sku": sku, "stock": 5, "reserve": 1}]))["sale"]
     await expect_json(await service.order("alice", sku, 2), 201)
     await expect_json(await service.order("bob", sku, 9), 409, "sold_out")
-    resp = await service.client.get("/metrics")
-    assert resp.status == 200 and resp.content_type == "text/plain"
-    samples = {
-        (s.name, tuple(sorted(s.labels.items()))): s.value
-        for family in text_string_to_metric_families(await resp.text())
-        for s in family.samples
-    }
+    samples = await scrape(service)
     names = {name for name, _ in samples}
     for name in (
         "flashsale_orders_total",
         "flashsale_request_seconds_bucket",
         "flashsale_request_seconds_count",
+        "flashsale_responses_total",
         "flashsale_stock_units",
         "flashsale_holds_pending",
         "flashsale_stream_backlog",
+        "flashsale_dead_letters_waiting",
+        "flashsale_sale_fenced",
         "flashsale_writer_rows_total",
         "flashsale_dead_letters_total",
+        "flashsale_writer_last_commit_timestamp_seconds",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     ):
         assert name in names, name
     assert samples[("flashsale_orders_total", (("outcome", "created"),))] == 1
     assert samples[("flashsale_orders_total", (("outcome", "sold_out"),))] == 1
-    assert samples[("flashsale_request_seconds_count", (("route", "orders"),))] == 2
+    orders = (("method", "POST"), ("route", "/api/orders"))
+    assert samples[("flashsale_request_seconds_count", orders)] == 2
+    assert samples[("flashsale_responses_total", (("code", "201"), *orders))] == 1
+    assert samples[("flashsale_responses_total", (("code", "409"), *orders))] == 1
     stock = {
         state: samples[("flashsale_stock_units", (("sale", sale), ("sku", sku), ("state", state)))]
         for state in ("available", "held", "sold", "reserve")
@@ -106,3 +147,119 @@ async def test_metrics_name_what_dashboards_use(service: Service) -> None:
     assert stock == {"available": 2, "held": 2, "sold": 0, "reserve": 1}
     assert samples[("flashsale_holds_pending", (("sale", sale),))] == 1
     assert samples[("flashsale_stream_backlog", (("sale", sale),))] >= 2
+    assert samples[("flashsale_dead_letters_waiting", (("sale", sale),))] == 0
+    assert samples[("flashsale_sale_fenced", (("sale", sale),))] == 0
+    # No writer ran: "never" is 0, which the writer-stalled alert reads as long ago.
+    assert samples[("flashsale_writer_last_commit_timestamp_seconds", ())] == 0
+    assert samples[("process_resident_memory_bytes", ())] > 0
+
+
+async def test_every_route_is_counted_by_its_template(service: Service) -> None:
+    """Latency and answers by status code for every route, labelled by the route's template:
+    ids in paths, unknown paths and made-up methods never become label values."""
+    sku = new_id("sku")
+    await service.create_sale({sku: 5})
+    order_id = (await expect_json(await service.order("alice", sku), 201))["order_id"]
+    for oid in (order_id, "o-no-such-order-1", "o-no-such-order-2"):
+        await service.client.get(f"/api/orders/{oid}", headers=buyer("alice"))
+    for n in range(3):
+        await expect_json(await service.client.get(f"/no/such/path/{n}"), 404, "not_found")
+    await expect_json(await service.client.delete("/api/orders"), 405, "method_not_allowed")
+    resp = await service.client.request("PROPFIND", "/healthz")  # a WebDAV method
+    assert resp.status == 405
+
+    samples = await scrape(service)
+    answers = {
+        (labels["method"], labels["route"], labels["code"]): value
+        for (name, pairs), value in samples.items()
+        if name == "flashsale_responses_total"
+        for labels in [dict(pairs)]
+    }
+    lookup = ("GET", "/api/orders/{order_id}")
+    assert answers[(*lookup, "200")] == 1 and answers[(*lookup, "404")] == 2
+    assert answers[("GET", "unmatched", "404")] == 3
+    assert answers[("DELETE", "unmatched", "405")] == 1
+    assert answers[("other", "unmatched", "405")] == 1
+    assert answers[("POST", "/api/orders", "201")] == 1
+    assert samples[("flashsale_request_seconds_count", (("method", "GET"), ("route", lookup[1])))] == 3
+    templates = {resource.canonical for resource in service.app.router.resources()} | {"unmatched"}
+    routes = {dict(pairs)["route"] for (_, pairs) in samples if "route" in dict(pairs)}
+    assert routes <= templates, routes - templates
+    assert not any(order_id in label or "no-such" in label for label in routes)
+
+
+async def test_series_of_ended_sales_leave_metrics(
+    service: Service, redis_client: Redis, writer_running: Any, drained: Any
+) -> None:
+    """A sale's series stay while it lives — and afterwards for ``ended_sale_s`` since its
+    last decision — then leave; never while orders wait for PostgreSQL, a dead letter waits
+    or a fence stands. A deleted sale leaves at once; a scheduled one stays."""
+    skus = {name: new_id("sku") for name in ("quiet", "closed", "deleted", "fenced", "dead")}
+    sales = {name: (await service.create_sale({sku: 10}))["sale"] for name, sku in skus.items()}
+    scheduled = (await service.create_sale({new_id("sku"): 10}, opens_at=now_ms() + 3_600_000))["sale"]
+    for name, sku in skus.items():
+        await expect_json(await service.order(f"buyer-{name}", sku), 201)
+    await expect_json(
+        await service.client.post(f"/api/admin/sales/{sales['closed']}/close", headers=ADMIN), 200
+    )
+    async with writer_running():
+        await drained(redis_client, list(sales.values()) + [scheduled])
+    waiting = (await service.create_sale({new_id("sku"): 10}))["sale"]  # its stock event waits
+    everything = {*sales.values(), scheduled, waiting}
+    assert sales_in(await scrape(service)) == everything  # ended_sale_s (15 min) not over yet
+
+    # From now on a sale ends as soon as nothing more happens to it.
+    service.state.metrics.ended_sale_s = 0.0
+    await redis_client.delete(f"fs:sale:{sales['deleted']}")
+    await redis_client.hset(f"fs:sale:{sales['fenced']}", "fenced", "drill: Redis lost data")
+    await redis_client.xadd(dead_letter_key("fs", sales["dead"]), {"type": "order", "dead_error": "drill"})
+    stay = {sales["fenced"], sales["dead"], scheduled, waiting}  # `waiting` was never drained
+    samples = await scrape_until(service, lambda s: sales_in(s) == stay, f"only {sorted(stay)} left")
+    assert samples[("flashsale_sale_fenced", (("sale", sales["fenced"]),))] == 1
+    assert samples[("flashsale_dead_letters_waiting", (("sale", sales["dead"]),))] == 1
+    assert samples[("flashsale_stream_backlog", (("sale", waiting),))] > 0
+
+    # A new decision brings an ended sale back.
+    await expect_json(await service.order("another-buyer", skus["quiet"]), 201)
+    assert sales["quiet"] in sales_in(await scrape(service))
+
+
+async def test_writer_progress_and_the_last_audit_reach_metrics(
+    start_service: ServiceFactory,
+    pipeline_db_url: str,
+    redis_client: Redis,
+    writer_running: Any,
+    drained: Any,
+) -> None:
+    """The writer publishes through Redis (it serves no /metrics); every audit leaves its
+    violation counts, which stay until the next audit."""
+    service = await start_service(database_url=pipeline_db_url)
+    sku = new_id("sku")
+    sale = (await service.create_sale({sku: 10}))["sale"]
+    await expect_json(await service.order("alice", sku), 201)
+    started = time.time()
+    async with writer_running():
+        samples = await scrape_until(
+            service,
+            lambda s: s.get(("flashsale_writer_last_commit_timestamp_seconds", ()), 0) > 0,
+            "the writer's last commit",
+        )
+        await drained(redis_client, [sale])
+    assert started - 5 < samples[("flashsale_writer_last_commit_timestamp_seconds", ())] <= time.time()
+    assert samples[("flashsale_writer_rows_total", ())] > 0
+    assert not any(name == "flashsale_audit_violations" for name, _ in samples)  # no audit ran yet
+
+    report = await expect_json(await service.client.post("/api/admin/audit", json={}, headers=ADMIN), 200)
+    assert report["ok"], report
+    samples = await scrape(service)
+    kinds = {
+        dict(pairs)["kind"]: v for (name, pairs), v in samples.items() if name == "flashsale_audit_violations"
+    }
+    assert set(kinds) == set(report["violations_by_kind"]) and not any(kinds.values())
+    assert samples[("flashsale_audit_last_run_timestamp_seconds", ())] >= started - 1
+
+    await redis_client.xadd(dead_letter_key("fs", sale), {"type": "order", "dead_error": "drill"})
+    report = await expect_json(await service.client.post("/api/admin/audit", json={}, headers=ADMIN), 200)
+    assert report["violations_by_kind"]["dead_letter"] == 1
+    samples = await scrape(service)
+    assert samples[("flashsale_audit_violations", (("kind", "dead_letter"),))] == 1

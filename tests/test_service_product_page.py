@@ -61,7 +61,7 @@ async def test_closed_sale_page_is_not_open(start_service: ServiceFactory) -> No
     assert (await expect_json(await service.client.get(f"/api/skus/{sku}"), 200))["open"] is False
 
 
-async def test_page_is_cached_for_sku_cache_s_without_asking_redis(
+async def test_page_is_cached_forsku_cache_s_without_asking_redis(
     start_service: ServiceFactory, redis_client: Redis
 ) -> None:
     service = await start_service(sku_cache_s=1.0)

@@ -32,8 +32,9 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from flashsale.serve import STARTUP_GRACE_S
-from flashsale.tokens import verify
+from flashsale import exit_codes
+from flashsale.service.serve import STARTUP_GRACE_S
+from flashsale.service.tokens import verify
 
 REQUESTS = 40
 
@@ -308,6 +309,6 @@ async def test_token_command_explains_what_is_missing() -> None:
         asyncio.to_thread(_token_cli, "--user", "alice"),
         asyncio.to_thread(_token_cli, "--user", "not a user", secret="s"),
     )
-    assert no_secret.returncode == 2 and "FLASHSALE_TOKEN_SECRET" in no_secret.stderr
-    assert bad_user.returncode == 2 and "user ids" in bad_user.stderr
+    assert no_secret.returncode == exit_codes.USAGE and "FLASHSALE_TOKEN_SECRET" in no_secret.stderr
+    assert bad_user.returncode == exit_codes.USAGE and "user ids" in bad_user.stderr
     assert no_secret.stdout == bad_user.stdout == ""

@@ -9,8 +9,8 @@ import asyncio
 from redis.asyncio import Redis
 from redis_mode import redis_from_url
 
-from flashsale.admission import InFlight
-from flashsale.metrics import ServiceMetrics
+from flashsale.service.admission import InFlight
+from flashsale.service.metrics import ServiceMetrics
 
 
 async def test_publisher_stops_whenever_it_is_cancelled(redis_client: Redis, redis_url: str) -> None:

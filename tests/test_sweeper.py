@@ -15,7 +15,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis_mode import redis_from_url
 
-from flashsale.sweeper import HoldSweeper
+from flashsale.pipeline.sweeper import HoldSweeper
 from inventory import HoldState, Line
 
 

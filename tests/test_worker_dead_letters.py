@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from redis.asyncio import Redis
 
-from flashsale.worker import GROUP, dead_letter_key, ensure_group, events_key
+from flashsale.streams import GROUP, dead_letter_key, ensure_group, events_key
 
 pytestmark = pytest.mark.usefixtures("pipeline_pool")
 

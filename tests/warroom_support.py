@@ -1,5 +1,5 @@
 """What the war-room tests share: a factory that runs the real app (``create_app``) with
-the war-room routes mounted the way ``flashsale.app`` mounts them, on a real loopback
+the war-room routes mounted the way ``flashsale.service.app`` mounts them, on a real loopback
 port (a browser has to reach it), plus a client and the page's data endpoint.
 
 Test modules import the fixture they use from here (``from warroom_support import
@@ -19,7 +19,7 @@ from aiohttp import ClientSession, web
 from redis.asyncio import Redis
 from service_support import ADMIN, buyer, expect_json, new_id, service_settings
 
-from flashsale.app import create_app
+from flashsale.service.app import create_app
 from flashsale.settings import Settings
 
 

@@ -10,6 +10,8 @@ KEYS[1] stock   KEYS[2] events   KEYS[3] requests (operation ids, "op:<id>")
 ARGV[1] sku  ARGV[2] delta (non-zero integer, |delta| <= MAX_UNITS)
 ARGV[3] operation id (fresh per call)
 
+Event entry: see inventory/_events.py (EVENT_FIELDS['restocked'], EVENT_FIELDS['written_off'])
+
 Returns {OK, total, available, held, sold, reserve}
      | {REPLAYED, total, available, held, sold, reserve} | {UNKNOWN_SKU, sku}
      | {INSUFFICIENT_STOCK, sku, available} | {INVALID, reason}

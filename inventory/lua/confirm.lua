@@ -10,6 +10,9 @@ KEYS[1] stock  KEYS[2] holds  KEYS[3] users  KEYS[4] deadlines  KEYS[5] events
 ARGV[1] hold id
 ARGV[2] user the hold must belong to ('' = any: operator action)
 
+Event entry (by hold_close): see inventory/_events.py (EVENT_FIELDS['confirmed'],
+EVENT_FIELDS['expired'])
+
 Returns {OK, state, deadline_ms, changed (1 = this call made the transition, 0 = already)}
      or {HOLD_NOT_FOUND} | {HOLD_EXPIRED} | {HOLD_CANCELLED}
 ]]

@@ -6,6 +6,8 @@ while "more" is 1.
 KEYS[1] stock  KEYS[2] holds  KEYS[3] users  KEYS[4] deadlines  KEYS[5] events
 ARGV[1] batch limit (1..1000)
 
+Event entry (by hold_close): see inventory/_events.py (EVENT_FIELDS['expired'])
+
 Returns {OK, more (0|1), hold_id...} listing the holds this call expired
      | {INVALID, 'bad_limit'}
 ]]

@@ -9,6 +9,9 @@ KEYS[1] stock  KEYS[2] holds  KEYS[3] users  KEYS[4] deadlines  KEYS[5] events
 ARGV[1] hold id
 ARGV[2] user the hold must belong to ('' = any: operator action)
 
+Event entry (by hold_close): see inventory/_events.py (EVENT_FIELDS['released'],
+EVENT_FIELDS['expired'])
+
 Returns {OK, state, deadline_ms, changed} or {HOLD_NOT_FOUND} | {HOLD_PAID}
 ]]
 -- @include codes

@@ -7,6 +7,9 @@ KEYS[1] stock   KEYS[2] events   KEYS[3] requests (operation ids, "op:<id>")
 ARGV[1] sku  ARGV[2] units to release (0 = the whole pool)
 ARGV[3] operation id (fresh per call)
 
+Event entry: see inventory/_events.py (EVENT_FIELDS['reserve_released']); none
+when no unit moves.
+
 Returns {OK, total, available, held, sold, reserve, released}
      | {REPLAYED, total, available, held, sold, reserve, 0} | {UNKNOWN_SKU, sku}
      | {INSUFFICIENT_STOCK, sku, reserve} | {INVALID, reason}

@@ -22,6 +22,8 @@ KEYS[6] events     stream, one "reserved" entry per hold made
 ARGV[1]   number of requests N
 then N groups: request_id, hold_id, user, ttl_ms, n_lines, sku_1, qty_1, ..., sku_n, qty_n
 
+Event entry: see inventory/_events.py (EVENT_FIELDS['reserved'])
+
 Returns one array per request:
   {OK, hold_id, deadline_ms, 'held', created_ms}
   {REPLAYED, hold_id, deadline_ms, state, created_ms}   same request id seen before

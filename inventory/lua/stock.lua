@@ -11,6 +11,8 @@ ARGV[1] sku  ARGV[2] total  ARGV[3] reserve  ARGV[4] per-user limit (0 = none)
 ARGV[5] low-stock warning line (units available at or below it show "low")
 ARGV[6] operation id (fresh per call)
 
+Event entry: see inventory/_events.py (EVENT_FIELDS['stocked'])
+
 Returns {OK, total, available, held, sold, reserve}
      | {REPLAYED, total, available, held, sold, reserve} | {SKU_EXISTS} | {INVALID, reason}
 ]]

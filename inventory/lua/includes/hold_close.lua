@@ -4,6 +4,8 @@
 --
 -- rec is the decoded hold record: {u=user, l={{sku, qty}, ...}, s=state, d=deadline,
 -- c=created, r=request id}. to_state is 'paid', 'cancelled' or 'expired'.
+-- Event entry: see inventory/_events.py (EVENT_FIELDS['confirmed'], EVENT_FIELDS['released'],
+-- EVENT_FIELDS['expired']).
 local function hold_close(keys, hold_id, rec, to_state, now)
   local stock_key, holds_key, users_key, deadlines_key, events_key =
     keys.stock, keys.holds, keys.users, keys.deadlines, keys.events

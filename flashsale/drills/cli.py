@@ -1,0 +1,289 @@
+"""The drill harness's commands: ``flashsale rehearse`` (the main job: replay a Double 11
+opening and judge it), ``flashsale capacity`` (the highest arrival rate within the SLO) and
+``flashsale drill`` (break a part of the stack mid-surge and prove nothing was lost).
+
+Exit codes: the table in :mod:`flashsale.exit_codes` (a failed drill is an invariant
+violated, 2; bad flags are 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from flashsale import exit_codes
+from flashsale.console import fail, write_json
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    _register_rehearse(sub)
+    _register_drill(sub)
+
+
+def _register_rehearse(sub: Any) -> None:
+    r = sub.add_parser(
+        "rehearse",
+        help="replay a Double 11 opening against a real service and judge it (start here)",
+        description=(
+            "Start Redis and PostgreSQL (embedded, unless FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL name "
+            "servers), the order service and the worker; replay the midnight surge with Locust (open-model "
+            "arrivals, a T0 rendezvous, browsers, buyers, abandoners, bots and retry storms); then check that "
+            "nothing was oversold, lost or duplicated and how fast it went. About two minutes on a 2-core machine. "
+            "Ctrl-C stops everything cleanly (the report is still written). Exit code: 0 all good, 1 SLO missed, "
+            "2 invariant violated, 3 run invalid (the load generator could not keep up), 130 interrupted."
+        ),
+        epilog="Extra Locust drill options go after '--', e.g. -- --personas 'buyer=1,bot=1'. "
+        "See docs/rehearsal.md for what the report shows.",
+    )
+    _common(r, peak=150.0)
+    r.add_argument(
+        "--shape",
+        default="midnight_surge",
+        choices=sorted(_SHAPE_SECONDS),
+        help="arrival shape (default midnight_surge)",
+    )
+    r.add_argument(
+        "--duration",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds of arrivals (sets --time-scale; midnight_surge is 75 s at scale 1)",
+    )
+    r.add_argument(
+        "--time-scale", type=float, default=1.0, help="stretch every phase of the shape (default 1)"
+    )
+    r.set_defaults(func=_rehearse)
+
+    c = sub.add_parser(
+        "capacity",
+        help="find the highest arrival rate this machine sustains within the SLO, and plan for a peak",
+        description=(
+            "Run the capacity_step shape (stairs of rising arrival rate up to --peak-rps) against a real service, "
+            "find the highest step within the SLO (corrected p99, error ratio, achieved arrivals), and print the "
+            "rate per service process and a plan: how many service processes and Redis shards a peak would need "
+            "(the published 50,000 orders/s of 2013 and 583,000 orders/s of 2020 by default), with the "
+            "assumptions stated."
+        ),
+    )
+    _common(c, peak=600.0)
+    c.add_argument("--steps", type=int, default=6, help="stairs up to --peak-rps (default 6)")
+    c.add_argument("--step-s", type=float, default=15.0, help="seconds per stair (default 15)")
+    c.add_argument(
+        "--p99-ms", type=float, default=1000.0, help="corrected p99 a step must stay under (default 1000)"
+    )
+    c.add_argument(
+        "--plan-for",
+        type=float,
+        action="append",
+        default=None,
+        metavar="ORDERS_PER_S",
+        help="peak orders/s to plan for (repeatable; default the published 50,000 and 583,000)",
+    )
+    c.set_defaults(func=_capacity)
+
+
+def _register_drill(sub: Any) -> None:
+    from flashsale.drills.drill import FAULTS
+
+    d = sub.add_parser(
+        "drill",
+        help="break a part of the stack mid-surge and prove nothing was oversold, lost or doubled",
+        description=(
+            "Run a short surge against the real stack (embedded Redis with AOF and PostgreSQL, "
+            "or the servers named by FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL), with "
+            "`flashsale serve --workers 2` and `flashsale worker` as subprocesses, inject a fault "
+            "a third of the way in, repair it, let holds lapse, then check every request's "
+            "outcome against PostgreSQL and Redis and run the audit. Exits 1 if any check fails."
+        ),
+        epilog="faults:\n" + "\n".join(f"  {name:<16} {what}" for name, what in FAULTS.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    which = d.add_mutually_exclusive_group(required=True)
+    which.add_argument(
+        "--fault", choices=sorted(FAULTS), metavar="NAME", help="the fault to inject (see below)"
+    )
+    which.add_argument("--all", action="store_true", help="every fault in turn, one table at the end")
+    d.add_argument(
+        "--duration",
+        type=float,
+        default=9.0,
+        metavar="S",
+        help="seconds of surge per drill (default 9, the CI size)",
+    )
+    d.add_argument("--concurrency", type=int, default=12, help="buyers sending at once (default 12)")
+    d.add_argument("--seed", type=int, help="random seed for the buyers' choices")
+    d.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the report(s) as JSON to FILE ('-' for stdout)"
+    )
+    d.add_argument(
+        "--appendfsync",
+        choices=("everysec", "always"),
+        default="everysec",
+        help="the embedded Redis's AOF fsync policy (default everysec; see docs/drills.md for what each loses)",
+    )
+    d.add_argument(
+        "--workdir",
+        type=Path,
+        metavar="DIR",
+        help="keep servers' data, histories and logs here (default: a temp dir removed at the end)",
+    )
+    d.set_defaults(func=_drill)
+
+
+# ----------------------------------------------------------------------- drill
+def _drill(args: argparse.Namespace) -> int:
+    from flashsale.drills.drill import FAULTS, DrillSettings, DrillStack, run_drill, summary_table
+    from flashsale.runtime.embedded import ServerError
+
+    if args.duration < 3 or args.concurrency < 1:
+        return fail("--duration must be at least 3 s and --concurrency at least 1")
+    settings = DrillSettings(duration_s=args.duration, concurrency=args.concurrency, seed=args.seed)
+    faults = list(FAULTS) if args.all else [args.fault]
+    quiet = str(args.json) == "-"
+    out = sys.stderr if quiet else sys.stdout
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        stack = DrillStack(
+            redis_url=os.environ.get("FLASHSALE_REDIS_URL") or None,
+            database_url=os.environ.get("FLASHSALE_DATABASE_URL") or None,
+            workdir=args.workdir,
+            appendfsync=args.appendfsync,
+        ).start()
+    except ServerError as exc:
+        return fail(f"cannot start the drill's servers: {exc}", exit_codes.NOT_READY)
+    reports = []
+    try:
+        for fault in faults:
+            print(
+                f"drill {fault}: {settings.duration_s:.0f} s surge, fault at {settings.fault_start:.1f} s "
+                f"for {settings.fault_length:.1f} s …",
+                file=out,
+                flush=True,
+            )
+            report = run_drill(stack, fault, settings)
+            reports.append(report)
+            print(report.text(), file=out, flush=True)
+    finally:
+        stack.stop()
+    if len(reports) > 1:
+        print("\n" + summary_table(reports), file=out)
+    write_json(args.json, [r.to_json() for r in reports] if args.all else reports[0].to_json())
+    return exit_codes.OK if all(r.passed for r in reports) else exit_codes.INVARIANT_VIOLATED
+
+
+#: Seconds of arrivals of each shape at time scale 1 (see loadtests.shapes).
+_SHAPE_SECONDS = {"midnight_surge": 75.0, "double11_day": 240.0, "capacity_step": 100.0, "soak": 600.0}
+
+
+def _common(p: argparse.ArgumentParser, *, peak: float) -> None:
+    p.add_argument(
+        "--peak-rps", type=float, default=peak, help=f"peak arrivals per second (default {peak:g})"
+    )
+    p.add_argument(
+        "--service-workers", type=int, default=2, help="service processes (default 2: one per core)"
+    )
+    p.add_argument(
+        "--locust-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="run Locust distributed: a master and N worker processes (default 0: one local process)",
+    )
+    p.add_argument(
+        "--report-dir", type=Path, default=None, help="report folder (default reports/rehearsal-<time>)"
+    )
+    p.add_argument("--slo", default=None, help="';'-separated k6-style thresholds, e.g. 'latency:p(99)<300'")
+    p.add_argument("--hold-ttl", type=float, default=None, metavar="S", help="hold TTL of the drill's sale")
+    p.add_argument(
+        "--audit-wait",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds the audit may wait for the queue to drain (default 60)",
+    )
+    p.add_argument("locust_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+
+
+def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
+    from flashsale.drills.rehearse import RehearsalSettings
+
+    extra = list(args.locust_args or [])
+    if extra[:1] == ["--"]:
+        extra = extra[1:]
+    return RehearsalSettings(
+        peak_rps=args.peak_rps,
+        service_workers=args.service_workers,
+        locust_workers=args.locust_workers,
+        report_dir=args.report_dir,
+        slo=args.slo,
+        hold_ttl_s=args.hold_ttl,
+        audit_wait_s=args.audit_wait,
+        locust_args=tuple(extra),
+        **overrides,
+    )
+
+
+def _rehearse(args: argparse.Namespace) -> int:
+    from flashsale.drills.rehearse import Rehearsal
+
+    time_scale = args.time_scale
+    if args.duration is not None:
+        time_scale = args.duration / _SHAPE_SECONDS[args.shape]
+    if time_scale <= 0 or args.peak_rps <= 0:
+        return fail("rehearse: --peak-rps and --duration/--time-scale must be > 0")
+    return Rehearsal(_settings(args, shape=args.shape, time_scale=time_scale)).run()
+
+
+def _capacity(args: argparse.Namespace) -> int:
+    from flashsale.drills.rehearse import Rehearsal
+    from loadtests.capacity import PUBLISHED_PEAKS, CapacityLimits, plan_for, read_steps, sustained
+
+    if args.steps < 1 or args.step_s <= 0 or args.peak_rps <= 0:
+        return fail("capacity: --steps, --step-s and --peak-rps must be > 0")
+    settings = _settings(args, shape="capacity_step", time_scale=args.step_s / 20.0)  # 20 s stairs at scale 1
+    settings = replace(settings, locust_args=(*settings.locust_args, "--steps", str(args.steps)))
+    rehearsal = Rehearsal(settings)
+    code = rehearsal.run()
+    summary_path = rehearsal.report_dir / "summary.json"
+    if not summary_path.exists():
+        return code
+    summary = json.loads(summary_path.read_text())
+    steps = read_steps(summary, CapacityLimits(p99_corrected_ms=args.p99_ms))
+    print("\ncapacity steps (arrivals/s; orders/s counts every order request, sold out or not)")
+    print(f"  {'step':<22}{'target/s':>9}{'sent/s':>8}{'orders/s':>9}{'p99 corr':>10}{'errors':>8}  verdict")
+    for s in steps:
+        print(
+            f"  {s.name:<22}{s.target_rps:>9.0f}{s.sent_rps:>8.0f}{s.orders_per_s:>9.0f}{s.p99_corrected_ms:>9.0f}ms"
+            f"{s.error_ratio:>8.1%}  {'within SLO' if s.within_slo else s.why_not}"
+        )
+    best = sustained(steps)
+    if best is None:
+        print("no step stayed within the SLO: lower --peak-rps")
+        return code
+    per_process = best.orders_per_s / settings.service_workers
+    print(
+        f"\nsustained within the SLO: {best.sent_rps:.0f} arrivals/s, {best.orders_per_s:.0f} orders/s with "
+        f"{settings.service_workers} service process(es): {per_process:.0f} orders/s per process "
+        f"(measured here, load generator and databases on the same cores)"
+    )
+    if best is steps[-1]:
+        print("  (the top step was still within the SLO: raise --peak-rps to find the limit)")
+    peaks = args.plan_for or list(PUBLISHED_PEAKS.values())
+    names = {v: k for k, v in PUBLISHED_PEAKS.items()}
+    for peak in peaks:
+        plan = plan_for(peak, per_process)
+        label = f" (published Double 11 peak, {names[peak]})" if peak in names else ""
+        print(
+            f"plan for {peak:,.0f} orders/s{label}: {plan.service_processes:,} service processes, "
+            f"{plan.redis_shards} Redis shards"
+        )
+    print("assumptions: " + "; ".join(plan_for(1.0, max(per_process, 1e-9)).assumptions))
+    return code

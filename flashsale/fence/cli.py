@@ -1,0 +1,111 @@
+"""``flashsale recover``: rebuild sales in Redis from PostgreSQL after Redis lost data, and
+reopen them (``--check`` only reports what the fence finds)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from flashsale import exit_codes
+from flashsale.console import fail, run, write_json
+
+if TYPE_CHECKING:
+    from flashsale.settings import Settings
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    r = sub.add_parser(
+        "recover",
+        help="rebuild sales in Redis from PostgreSQL after Redis lost data, then reopen them",
+        description=(
+            "Compare Redis with what PostgreSQL has committed (lineage marker, hold records, "
+            "sold counters, stream ids). For every sale found lost, or fenced, or named: fence "
+            "it, write whatever its stream still holds to PostgreSQL, rebuild its stock, holds, "
+            "idempotency records, per-user counts and deadlines from PostgreSQL, and reopen it. "
+            "Settings: FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL, FLASHSALE_KEY_PREFIX. Safe to "
+            "run again; run it with the worker running or stopped."
+        ),
+    )
+    r.add_argument(
+        "--sale", action="append", dest="sales", metavar="SALE", help="recover this sale (repeatable)"
+    )
+    r.add_argument("--force", action="store_true", help="rebuild every recorded sale, even those that verify")
+    r.add_argument(
+        "--check", action="store_true", help="only compare and report; change nothing (exit 2 on a loss)"
+    )
+    r.add_argument("--forget", metavar="SALE", help="tell the fence SALE was removed from Redis on purpose")
+    r.add_argument(
+        "--json", type=Path, metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)"
+    )
+    r.set_defaults(func=_recover)
+
+
+# --------------------------------------------------------------------- recover
+def _recover(args: argparse.Namespace) -> int:
+    from flashsale.settings import Settings
+
+    settings = Settings.from_env()
+    if not os.environ.get("FLASHSALE_REDIS_URL") or not settings.database_url:
+        return fail(
+            "recovery reads PostgreSQL and rewrites Redis: set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
+            "(and FLASHSALE_KEY_PREFIX if not 'fs')"
+        )
+    return run(_recover_async(settings, args))
+
+
+async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
+    from flashsale.fence import recovery
+    from flashsale.fence import verify as fence
+    from flashsale.pgpool import close_pool, create_pool
+    from flashsale.redis_client import connect
+
+    assert settings.database_url, "checked by _recover"
+    redis = connect(settings.redis_url, decode=True, timeout_s=30, connect_timeout_s=5)
+    try:
+        pool = await create_pool(settings.database_url, max_size=2, application_name="flashsale-recover")
+    except (OSError, TimeoutError) as exc:
+        await redis.aclose()
+        return fail(f"cannot connect to PostgreSQL: {exc}", exit_codes.NOT_READY)
+    prefix = settings.key_prefix
+    try:
+        if args.forget:
+            done = await recovery.forget(pool, prefix=prefix, sale=args.forget)
+            print(
+                f"sale {args.forget} forgotten by the fence"
+                if done
+                else f"the fence has no sale {args.forget!r} recorded"
+            )
+            return exit_codes.OK if done else exit_codes.USAGE
+        if args.check:
+            verdict = await fence.verify(redis, pool, prefix=prefix)
+            body: dict[str, Any] = {
+                "ok": verdict.ok,
+                "run_id": verdict.run_id,
+                "lost": verdict.lost_sales(),
+                "losses": [loss.reason for loss in verdict.losses],
+                "checked": list(verdict.checked),
+            }
+            write_json(args.json, body)
+            if str(args.json) != "-":
+                print(
+                    "Redis agrees with PostgreSQL"
+                    if verdict.ok
+                    else "\n".join(["Redis lost data:", *body["losses"]])
+                )
+            return exit_codes.OK if verdict.ok else exit_codes.INVARIANT_VIOLATED
+        report = await recovery.recover(redis, pool, prefix=prefix, sales=args.sales, force=args.force)
+    except fence.FenceUnavailable as exc:
+        return fail(str(exc), exit_codes.NOT_READY)
+    except recovery.RecoveryError as exc:
+        return fail(str(exc), exit_codes.INVARIANT_VIOLATED)
+    finally:
+        await close_pool(pool)
+        await redis.aclose()
+    write_json(args.json, report.to_json())
+    if str(args.json) != "-":
+        print(report.table())
+    return exit_codes.OK if report.ok else exit_codes.INVARIANT_VIOLATED

@@ -1,0 +1,429 @@
+"""The fence: sales stop when Redis comes back without its data or with older data, and
+stay stopped until ``flashsale recover`` has rebuilt the stock from PostgreSQL.
+
+Why: Redis decides, PostgreSQL remembers. If Redis loses acknowledged writes (restarted
+without its AOF, wiped, failed over to a lagging replica) while their orders already
+reached PostgreSQL, Redis's counters say more units are available than really are —
+selling on would oversell. The fence notices and refuses; :mod:`flashsale.fence.recovery`
+rebuilds.
+
+How a loss is noticed (:func:`verify`). PostgreSQL is read first, then Redis: everything
+in PostgreSQL came from Redis's streams, so an intact Redis is never behind what was read
+first, and any of these means Redis went back in time:
+
+* the **lineage marker** ``<prefix>:lineage`` (a token also recorded in PostgreSQL) is
+  missing or different: Redis came back empty, or it is another dataset;
+* a sale PostgreSQL has stock events for has **no stock** in Redis: the sale was lost;
+* Redis has **fewer hold records** than PostgreSQL has orders for the sale (Redis never
+  deletes a hold);
+* Redis counts **fewer units sold** of a SKU than PostgreSQL has in paid orders (a sold
+  counter never goes down);
+* the sale stream's **last generated id** is older than the newest one PostgreSQL has
+  committed (compared to the millisecond).
+
+Where it runs. :class:`flashsale.service.fence_guard.FenceGuard` lives in every service process
+(:func:`flashsale.service.fence_guard.install`):
+
+* at start-up it verifies before the process takes a request;
+* it hooks the service's Redis client so that every **new connection** first learns the
+  server's ``run_id``; a server it has not verified (a restart, a failover) is verified
+  before the connection is used. Meanwhile, order, pay and cancel requests are answered
+  503 ``sale_fenced`` ("verifying"), so nothing is sold from a Redis nobody has checked;
+* a loss **fences** the sale: the sale's settings hash gets ``fenced = <reason>`` (every
+  process, even one without the guard, then answers 503 ``sale_fenced``), the sale is put
+  back in the SKU index so buyers get that answer rather than "unknown SKU", the event is
+  logged in ``fence_log``, and the process keeps its own flag — which holds even if the
+  settings hash vanishes again. Connections to the bad server are refused for a short
+  grace so requests that were already past the check cannot reserve on it;
+* every half second it polls the server's run id (an idle process also notices a
+  restart), re-verifies while a fence stands, lifts its flag once ``flashsale recover``
+  cleared the sale's ``fenced`` field and the data verifies, and records every sale's
+  settings and SKUs in ``fence_sales`` (what recovery needs if Redis loses them too).
+
+The order writer needs no guard: every write it makes is idempotent and a status only
+moves up, so replaying an older stream into PostgreSQL changes nothing; recovery drains
+the stream itself before rebuilding (see :mod:`flashsale.fence.recovery`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from flashsale.keys import ServiceKeys
+from flashsale.ledger import newest_stock_event_ms, order_counts, paid_units
+from flashsale.redis_client import as_text
+from inventory import SaleKeys, StreamId, bucket_sale_id, parent_sale_id
+
+__all__ = [
+    "FenceUnavailable",
+    "Loss",
+    "SaleRecord",
+    "Verdict",
+    "ensure_lineage",
+    "fallback_record",
+    "lineage_key",
+    "load_registry",
+    "log_fence",
+    "raise_fence",
+    "record_sales",
+    "require_tables",
+    "verify",
+]
+
+logger = logging.getLogger("flashsale.fence")
+
+#: Settings fields kept in ``fence_sales`` (the live ones, ``fenced`` and ``epoch``, are not).
+_SETTINGS_FIELDS = ("opens_at_ms", "early_access_ms", "hold_ttl_ms", "state", "buckets")
+
+
+class FenceUnavailable(RuntimeError):
+    """PostgreSQL lacks the fence's tables (run ``flashsale migrate``)."""
+
+
+def lineage_key(prefix: str) -> str:
+    return ServiceKeys(prefix).lineage
+
+
+@dataclass(frozen=True, slots=True)
+class SaleRecord:
+    """A sale as ``fence_sales`` remembers it."""
+
+    sale: str
+    settings: dict[str, Any]
+    skus: tuple[str, ...]
+    forgotten: bool = False
+
+    @property
+    def buckets(self) -> int:
+        return int(self.settings.get("buckets", 1) or 1)
+
+    @property
+    def engine_sales(self) -> list[str]:
+        """The sale ids whose keys and streams hold the stock: the sale, or its buckets."""
+        if self.buckets <= 1:
+            return [self.sale]
+        return [bucket_sale_id(self.sale, k) for k in range(self.buckets)]
+
+
+@dataclass(frozen=True, slots=True)
+class Loss:
+    """One piece of evidence that Redis lost data of ``sale``."""
+
+    sale: str  # the sale buyers order from
+    engine_sale: str | None  # the bucket (or the sale itself) the evidence is about
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    run_id: str
+    losses: tuple[Loss, ...]
+    registry: dict[str, SaleRecord]
+    checked: tuple[str, ...]  # engine sales compared
+    parents: dict[str, str] = field(default_factory=dict)  # engine sale -> sale
+
+    @property
+    def ok(self) -> bool:
+        return not self.losses
+
+    def lost_sales(self) -> dict[str, str]:
+        """Sale -> one line saying what was lost and what to do."""
+        reasons: dict[str, list[str]] = defaultdict(list)
+        for loss in self.losses:
+            reasons[loss.sale].append(loss.reason)
+        return {
+            sale: "Redis lost data ("
+            + "; ".join(found[:3])
+            + "): run `flashsale recover` to rebuild it from PostgreSQL"
+            for sale, found in reasons.items()
+        }
+
+
+# ------------------------------------------------------------------ PostgreSQL side
+async def require_tables(conn: Any) -> None:
+    if not await conn.fetchval("SELECT to_regclass('fence_sales') IS NOT NULL"):
+        raise FenceUnavailable("PostgreSQL has no fence tables: run `flashsale migrate`")
+
+
+async def load_registry(conn: Any, prefix: str) -> dict[str, SaleRecord]:
+    """Every sale recorded in ``fence_sales`` for ``prefix``."""
+    await require_tables(conn)
+    rows = await conn.fetch(
+        "SELECT sale, settings, skus, forgotten_at FROM fence_sales WHERE prefix = $1", prefix
+    )
+    return {
+        r["sale"]: SaleRecord(
+            r["sale"], json.loads(r["settings"]), tuple(r["skus"]), r["forgotten_at"] is not None
+        )
+        for r in rows
+    }
+
+
+@dataclass(slots=True)
+class _PgFacts:
+    lineage: str | None
+    registry: dict[str, SaleRecord]
+    stocked: dict[str, int]  # engine sale -> newest stock event's stream ms
+    orders: dict[str, int]  # engine sale -> orders
+    order_ms: dict[str, int]  # engine sale -> newest committed order change's stream ms
+    paid: dict[tuple[str, str], int]  # (engine sale, sku) -> units in paid orders
+
+
+async def _read_postgres(pool: Any, prefix: str) -> _PgFacts:
+    async with pool.acquire() as conn:
+        async with conn.transaction(isolation="repeatable_read", readonly=True):
+            registry = await load_registry(conn, prefix)
+            lineage = await conn.fetchval("SELECT token FROM fence_lineage WHERE prefix = $1", prefix)
+            # PostgreSQL's orders carry no key prefix: a sale another prefix recorded is not
+            # ours. One nobody recorded yet (Redis lost before a guard saw it) counts.
+            other_engines: set[str] = set()
+            for r in await conn.fetch("SELECT sale, settings FROM fence_sales WHERE prefix <> $1", prefix):
+                other_engines.update(SaleRecord(r["sale"], json.loads(r["settings"]), ()).engine_sales)
+            ours = {e for rec in registry.values() for e in rec.engine_sales}
+            stocked = {
+                sale: ms
+                for sale, ms in (await newest_stock_event_ms(conn)).items()
+                if sale in ours or sale not in other_engines
+            }
+            forgotten = {e for rec in registry.values() if rec.forgotten for e in rec.engine_sales}
+            engines = sorted(
+                (
+                    {e for rec in registry.values() if not rec.forgotten for e in rec.engine_sales}
+                    | set(stocked)
+                )
+                - forgotten
+            )
+            counts = await order_counts(conn, engines)
+            orders = {sale: n for sale, (n, _) in counts.items()}
+            order_ms = {sale: ms for sale, (_, ms) in counts.items()}
+            paid = await paid_units(conn, engines)
+    stocked = {s: ms for s, ms in stocked.items() if s not in forgotten}
+    return _PgFacts(lineage, registry, stocked, orders, order_ms, paid)
+
+
+def _parent_of(engine: str, registry: dict[str, SaleRecord]) -> str:
+    for rec in registry.values():
+        if engine in rec.engine_sales:
+            return rec.sale
+    parsed = parent_sale_id(engine)
+    return parsed[0] if parsed else engine
+
+
+# ------------------------------------------------------------------- verification
+async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
+    """Compare Redis with what PostgreSQL has committed; see the module docstring.
+
+    ``redis`` is a ``redis.asyncio.Redis`` (bytes or decoded replies) that is *not* hooked
+    by a guard, ``pool`` an asyncpg pool. Raises :class:`FenceUnavailable` without the
+    fence's tables, and the drivers' errors when a server does not answer.
+    """
+    pg = await _read_postgres(pool, prefix)
+    engines = sorted(
+        set(pg.stocked) | {e for rec in pg.registry.values() if not rec.forgotten for e in rec.engine_sales}
+    )
+    parents = {e: _parent_of(e, pg.registry) for e in engines}
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.info("server")
+        pipe.get(lineage_key(prefix))
+        for engine in engines:
+            keys = SaleKeys(prefix, engine)
+            pipe.hgetall(keys.stock)
+            pipe.hlen(keys.holds)
+            pipe.xinfo_stream(keys.events)
+        replies = await pipe.execute(raise_on_error=False)
+    if isinstance(replies[0], Exception):
+        raise replies[0]
+    run_id = as_text(replies[0]["run_id"])
+    token = None if replies[1] is None or isinstance(replies[1], Exception) else as_text(replies[1])
+    losses: list[Loss] = []
+    knows_sales = bool(engines)
+    if pg.lineage is not None and knows_sales and token != pg.lineage:
+        why = (
+            "Redis came back without its data: the lineage marker is missing"
+            if token is None
+            else f"Redis holds another dataset: lineage {token[:8]}…, PostgreSQL expects {pg.lineage[:8]}…"
+        )
+        losses += [Loss(sale, None, why) for sale in sorted(set(parents.values()))]
+    for i, engine in enumerate(engines):
+        stock_raw, holds, stream = replies[2 + 3 * i : 5 + 3 * i]
+        sale = parents[engine]
+        stock: dict[str, dict[str, int]] = defaultdict(dict)
+        if not isinstance(stock_raw, Exception):
+            for name, value in stock_raw.items():
+                sku, _, counter = as_text(name).rpartition(":")
+                stock[sku][counter] = int(value)
+        if engine in pg.stocked and not stock:
+            losses.append(
+                Loss(sale, engine, f"Redis has no stock for {engine}, PostgreSQL has its stock events")
+            )
+            continue
+        in_pg = pg.orders.get(engine, 0)
+        in_redis = 0 if isinstance(holds, Exception) else int(holds)
+        if in_redis < in_pg:
+            losses.append(
+                Loss(
+                    sale, engine, f"{engine}: Redis holds {in_redis} orders, PostgreSQL has committed {in_pg}"
+                )
+            )
+        for (paid_sale, sku), units in pg.paid.items():
+            sold = stock.get(sku, {}).get("sold", 0)
+            if paid_sale == engine and sold < units:
+                losses.append(
+                    Loss(
+                        sale, engine, f"{engine}/{sku}: Redis counts {sold} sold, PostgreSQL has {units} paid"
+                    )
+                )
+        committed = max(pg.stocked.get(engine, 0), pg.order_ms.get(engine, 0))
+        last = None if isinstance(stream, Exception) else as_text(stream.get("last-generated-id") or "0-0")
+        if committed and (StreamId.parse(last).ms if last else 0) < committed:
+            losses.append(
+                Loss(
+                    sale,
+                    engine,
+                    f"{engine}: Redis's stream ends at {last or 'nothing'}, "
+                    f"PostgreSQL has committed entries from {committed}-*",
+                )
+            )
+    return Verdict(run_id, tuple(losses), pg.registry, tuple(engines), parents)
+
+
+# ---------------------------------------------------------------------- recording
+async def ensure_lineage(redis: Any, pool: Any, *, prefix: str = "fs") -> str:
+    """Make sure Redis and PostgreSQL share one lineage token; return it. Only call it on a
+    Redis that verified (or was just rebuilt): it writes PostgreSQL's token into Redis."""
+    async with pool.acquire() as conn:
+        await require_tables(conn)
+        known = await conn.fetchval("SELECT token FROM fence_lineage WHERE prefix = $1", prefix)
+        if known is None:
+            current = await redis.get(lineage_key(prefix))
+            candidate = as_text(current) if current is not None else secrets.token_hex(16)
+            await conn.execute(
+                "INSERT INTO fence_lineage (prefix, token) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+                prefix,
+                candidate,
+            )
+            known = await conn.fetchval("SELECT token FROM fence_lineage WHERE prefix = $1", prefix)
+    await redis.set(lineage_key(prefix), known)
+    return str(known)
+
+
+async def _read_sale(redis: Any, prefix: str, sale: str) -> SaleRecord | None:
+    raw = await redis.hgetall(ServiceKeys(prefix).sale(sale))
+    if not raw:
+        return None
+    fields = {as_text(k): as_text(v) for k, v in raw.items()}
+    settings: dict[str, Any] = {}
+    for name in _SETTINGS_FIELDS:
+        if name in fields:
+            settings[name] = fields[name] if name == "state" else int(fields[name])
+    record = SaleRecord(sale, settings, ())
+    skus: set[str] = set()
+    for engine in record.engine_sales:
+        for name in await redis.hkeys(SaleKeys(prefix, engine).stock):
+            skus.add(as_text(name).rpartition(":")[0])
+    return SaleRecord(sale, settings, tuple(sorted(skus)))
+
+
+async def record_sales(
+    redis: Any, pool: Any, *, prefix: str = "fs", known: dict[str, SaleRecord] | None = None
+) -> dict[str, SaleRecord]:
+    """Record in ``fence_sales`` every sale Redis lists whose settings or SKUs changed since
+    ``known``; returns the sales as now recorded. Only call it on a Redis that verified."""
+    known = dict(known or {})
+    members = sorted(as_text(m) for m in await redis.smembers(ServiceKeys(prefix).sales))
+    changed: list[SaleRecord] = []
+    for sale in members:
+        record = await _read_sale(redis, prefix, sale)
+        if record is None or not record.skus:
+            continue  # a bucket's id (no settings of its own) or a sale being created
+        old = known.get(sale)
+        if old is None or old.settings != record.settings or old.skus != record.skus:
+            changed.append(record)
+    if changed:
+        async with pool.acquire() as conn:
+            await require_tables(conn)
+            await conn.executemany(
+                "INSERT INTO fence_sales (prefix, sale, settings, skus) VALUES ($1, $2, $3::jsonb, $4::text[]) "
+                "ON CONFLICT (prefix, sale) DO UPDATE SET settings = excluded.settings, skus = excluded.skus, "
+                "recorded_at = now()",
+                [(prefix, r.sale, json.dumps(r.settings), list(r.skus)) for r in changed],
+            )
+        for r in changed:
+            known[r.sale] = r
+    return known
+
+
+async def log_fence(
+    pool: Any,
+    *,
+    prefix: str,
+    sale: str | None,
+    action: str,
+    reason: str,
+    detail: dict[str, Any] | None = None,
+) -> None:
+    async with pool.acquire() as conn:
+        await conn.execute(
+            "INSERT INTO fence_log (prefix, sale, action, reason, detail) VALUES ($1, $2, $3, $4, $5::jsonb)",
+            prefix,
+            sale,
+            action,
+            reason,
+            json.dumps(detail or {}),
+        )
+
+
+async def raise_fence(redis: Any, pool: Any, *, prefix: str, record: SaleRecord, reason: str) -> bool:
+    """Fence ``record``'s sale in Redis (and log it once). If Redis lost the sale's settings,
+    they are put back from the record — fenced — together with its SKU index entries, so
+    buyers are told why instead of "unknown SKU". Returns True if this call raised it."""
+    key = ServiceKeys(prefix).sale(record.sale)
+    current = await redis.hget(key, "fenced")
+    if current is not None and as_text(current):
+        return False
+    exists = await redis.exists(key)
+    mapping: dict[str, Any] = {"fenced": reason}
+    if not exists:
+        mapping.update(
+            {
+                name: record.settings.get(name, default)
+                for name, default in (
+                    ("opens_at_ms", 0),
+                    ("early_access_ms", 0),
+                    ("hold_ttl_ms", 1_800_000),
+                    ("state", "open"),
+                    ("buckets", 1),
+                )
+            }
+        )
+        mapping["epoch"] = 0
+    if record.skus:
+        await redis.hset(ServiceKeys(prefix).skus, mapping=dict.fromkeys(record.skus, record.sale))
+    await redis.sadd(
+        ServiceKeys(prefix).sales, record.sale, *(e for e in record.engine_sales if e != record.sale)
+    )
+    await redis.hset(key, mapping=mapping)
+    await log_fence(
+        pool,
+        prefix=prefix,
+        sale=record.sale,
+        action="fenced",
+        reason=reason,
+        detail={"settings_restored": not exists},
+    )
+    logger.error("sale_fenced", extra={"sale": record.sale, "reason": reason})
+    return True
+
+
+def fallback_record(sale: str, engines: Iterable[str]) -> SaleRecord:
+    """A sale PostgreSQL has orders for but ``fence_sales`` never recorded (Redis was lost
+    before a guard saw it): enough to fence it; recovery fills in the rest."""
+    engines = list(engines)
+    buckets = len(engines) if any(parent_sale_id(e) for e in engines) else 1
+    return SaleRecord(sale, {"buckets": buckets, "state": "open"}, ())

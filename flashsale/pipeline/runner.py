@@ -1,0 +1,150 @@
+"""The worker process: signals, waiting for Redis and PostgreSQL to come up, the schema
+check, then the order writer and the hold sweeper side by side until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+from flashsale import exit_codes
+from flashsale.console import fail
+
+if TYPE_CHECKING:
+    from flashsale.pipeline.writer import WorkerSettings
+from flashsale.redis_client import connect
+
+__all__ = ["run_worker"]
+
+
+async def run_worker(settings: WorkerSettings, *, writer: bool = True, sweeper: bool = True) -> int:
+    """Run the order writer and/or the sweeper until SIGTERM/SIGINT; returns an exit code."""
+    import logging
+
+    from flashsale.pgpool import close_pool, create_pool
+    from flashsale.pipeline.sweeper import HoldSweeper
+    from flashsale.pipeline.writer import OrderWriter
+
+    log = logging.getLogger("flashsale.worker")
+    # Socket timeout well above XREADGROUP's BLOCK, so an idle wait is never taken for an outage.
+    redis = connect(
+        settings.redis_url, cluster=settings.redis_cluster, decode=True, timeout_s=10, connect_timeout_s=5
+    )
+    pool = None
+    stops: list[Callable[[], None]] = []
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        stopping.set()
+        for stop in stops:
+            stop()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        jobs: list[Awaitable[None]] = []
+        if settings.redis_cluster and not await _wait_for_cluster(redis, stopping, log):
+            return 0
+        if writer:
+            pool = await _wait_for_pool(settings, stopping, create_pool, log)
+            if pool is None:
+                return 0
+            problem = await _schema_problem(pool)
+            if problem:
+                return fail(problem, exit_codes.NOT_READY)
+            order_writer = OrderWriter(redis, pool, settings)
+            stops.append(order_writer.stop)
+            jobs.append(order_writer.run())
+        if sweeper:
+            hold_sweeper = HoldSweeper(
+                redis,
+                prefix=settings.prefix,
+                interval_s=settings.sweep_interval_ms / 1000,
+                limit=settings.sweep_limit,
+                sales_refresh_s=settings.sales_refresh_s,
+            )
+            stops.append(hold_sweeper.stop)
+            jobs.append(hold_sweeper.run())
+        if stopping.is_set():
+            on_signal()
+        await asyncio.gather(*jobs)
+        return 0
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        if pool is not None:
+            await close_pool(pool)
+        await redis.aclose()
+
+
+async def _wait_for_cluster(redis: Any, stopping: asyncio.Event, log: Any) -> bool:
+    """Learn the cluster's slot map before the writer and the sweeper share the client:
+    redis-py 8.1 breaks commands that race a cold cluster client's first use (AttributeError
+    on a connection it closed meanwhile). Waits for the cluster like for PostgreSQL; False
+    if told to stop first."""
+    from redis.exceptions import RedisClusterException, RedisError
+
+    def outage(exc: Exception) -> bool:
+        return isinstance(exc, (RedisError, RedisClusterException, OSError))
+
+    return await _keep_trying(redis.initialize, outage, "redis_unavailable", stopping, log) is not None
+
+
+async def _wait_for_pool(
+    settings: WorkerSettings, stopping: asyncio.Event, create_pool: Any, log: Any
+) -> Any:
+    """Open the pool, waiting (with backoff) for PostgreSQL to come up; None if told to stop."""
+    from flashsale.pgpool import is_transient
+
+    def open_pool() -> Awaitable[Any]:
+        return create_pool(  # type: ignore[no-any-return]
+            settings.database_url,
+            max_size=settings.pool_size,
+            statement_timeout_ms=settings.statement_timeout_ms,
+            application_name=f"flashsale-worker:{settings.consumer}",
+        )
+
+    return await _keep_trying(open_pool, is_transient, "postgres_unavailable", stopping, log)
+
+
+async def _keep_trying(
+    attempt: Callable[[], Awaitable[Any]],
+    retryable: Callable[[Exception], bool],
+    event: str,
+    stopping: asyncio.Event,
+    log: Any,
+) -> Any:
+    """``await attempt()`` until it succeeds, through the failures ``retryable`` accepts
+    (logged once, as ``event``), waiting 0.2 s doubling up to 5 s; None if told to stop."""
+    delay = 0.2
+    warned = False
+    while not stopping.is_set():
+        try:
+            return await attempt()
+        except Exception as exc:
+            if not retryable(exc):
+                raise
+            if not warned:
+                log.warning(event, extra={"error": f"{type(exc).__name__}: {exc}"})
+                warned = True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), delay)
+            delay = min(delay * 2, 5.0)
+    return None
+
+
+async def _schema_problem(pool: Any) -> str | None:
+    from flashsale.pipeline.migrate import migration_status
+
+    async with pool.acquire() as conn:
+        states = await migration_status(conn)
+    behind = [f"{s.version:04d}_{s.name}" for s in states if s.state in ("pending", "changed")]
+    if behind:
+        return (
+            f"the database schema is not up to date ({', '.join(behind)} not applied): "
+            "run `flashsale migrate` first"
+        )
+    return None

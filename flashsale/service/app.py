@@ -1,0 +1,125 @@
+"""The app factory: ``create_app(settings)`` builds the order service. Resources (the
+Redis client, the PostgreSQL pool, the stats publisher) are opened and closed in one
+cleanup context; uvloop is installed by the entry point (``flashsale serve``), never here."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import RedisClusterException, RedisError
+
+from flashsale.service import admin_api, buyer_api, fence_guard, probes, waiting_room
+from flashsale.service.admission import InFlight, RateLimiter, SoldOutCache
+from flashsale.service.errors import error_middleware
+from flashsale.service.identity import Identity
+from flashsale.service.metrics import ServiceMetrics
+from flashsale.service.sales import SaleBook
+from flashsale.service.state import STATE, ServiceState
+from flashsale.service.warroom import routes as warroom
+from flashsale.settings import Settings
+
+__all__ = ["create_app", "redis_client"]
+
+log = logging.getLogger("flashsale.service")
+
+
+def redis_client(settings: Settings) -> Redis | RedisCluster:
+    """The service's Redis client. At most one re-send on timeout: the scripts are
+    idempotent, so a re-send is safe, but each one adds a whole timeout to the worst case
+    before the buyer hears "outcome unknown"."""
+    if settings.redis_cluster:
+        return RedisCluster.from_url(
+            settings.redis_url,
+            socket_timeout=settings.redis_timeout_s,
+            socket_connect_timeout=settings.redis_timeout_s,
+            retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1),
+            max_connections=1024,
+        )
+    return Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1),
+        max_connections=256,
+        health_check_interval=30,
+    )
+
+
+async def _learn_slot_map(redis: RedisCluster) -> None:
+    """Ask the cluster for its slot map before the first request: redis-py 8.1 breaks
+    commands that race a cold cluster client's first use (a burst on a freshly started
+    process got 503s). A cluster that is down does not stop start-up (/readyz says so);
+    the client then learns the map on first use."""
+    try:
+        await redis.initialize()
+    except (RedisError, RedisClusterException, OSError) as exc:
+        log.warning("redis cluster not reachable at start-up: %s", exc)
+
+
+async def _pg_pool(settings: Settings):  # type: ignore[no-untyped-def]
+    if not settings.database_url:
+        return None
+    import asyncpg
+
+    # min_size=0: no connection at startup. Orders never wait on PostgreSQL, so a database
+    # that is down must not stop the service from starting; /readyz reports it instead.
+    return await asyncpg.create_pool(settings.database_url, min_size=0, max_size=4, command_timeout=10)
+
+
+def create_app(settings: Settings) -> web.Application:
+    metrics = ServiceMetrics()
+    # Outermost: the per-route metrics see every answer as the client gets it.
+    app = web.Application(
+        middlewares=[metrics.middleware(), error_middleware], client_max_size=settings.max_body_bytes
+    )
+    app.add_routes(buyer_api.routes)
+    app.add_routes(waiting_room.routes)
+    app.add_routes(admin_api.routes)
+    app.add_routes(probes.routes)
+    app.add_routes(warroom.routes)
+
+    async def resources(app: web.Application) -> AsyncIterator[None]:
+        redis = redis_client(settings)
+        if isinstance(redis, RedisCluster):
+            await _learn_slot_map(redis)
+        pg = await _pg_pool(settings)
+        state = ServiceState(
+            settings=settings,
+            redis=redis,
+            sales=SaleBook(redis, settings.key_prefix, ttl_s=settings.sale_cache_s),
+            metrics=metrics,
+            rate=RateLimiter(settings.user_rate, settings.user_burst),
+            in_flight=InFlight(settings.max_in_flight),
+            sold_out=SoldOutCache(settings.sold_out_cache_s),
+            identity=Identity.from_settings(settings),
+            room_polls=RateLimiter(settings.room_poll_rate, settings.room_poll_burst),
+            pg=pg,
+        )
+        app[STATE] = state
+        publisher = asyncio.ensure_future(
+            state.metrics.publish_forever(redis, settings.key_prefix, state.in_flight)
+        )
+        try:
+            yield
+        finally:
+            publisher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publisher
+            await state.aclose()
+            if pg is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(pg.close(), timeout=5)
+            await redis.aclose()
+
+    app.cleanup_ctx.append(resources)
+    # After Redis loses data, refuse sales until `flashsale recover` (uses the clients above).
+    fence_guard.install(app)
+    return app

@@ -1,0 +1,322 @@
+"""Buyers' endpoints: the product page, placing an order (the hot path), looking it up,
+paying and cancelling."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from aiohttp import web
+
+import inventory
+from flashsale.ledger import archived_order
+from flashsale.service.errors import ApiError
+from flashsale.service.http import bearer, read_json
+from flashsale.service.sales import SaleSettings, iso, now_ms
+from flashsale.service.state import STATE, ServiceState
+from flashsale.service.tokens import Buyer, InvalidToken
+from flashsale.service.waiting_room import admit_order
+
+__all__ = ["routes", "read_json", "bearer"]
+
+routes = web.RouteTableDef()
+
+
+def buyer_of(request: web.Request, state: ServiceState) -> Buyer:
+    try:
+        return state.identity.buyer(bearer(request))
+    except InvalidToken as exc:
+        raise ApiError(
+            401, "unauthorized", f"{exc}: get a new token", headers={"WWW-Authenticate": "Bearer"}
+        ) from None
+
+
+def _cart(body: dict[str, Any]) -> list[inventory.Line]:
+    """Accept {"lines": [{"sku", "qty"}]} or the one-SKU short form {"sku", "qty"}."""
+    if "lines" in body:
+        lines = body["lines"]
+        if not isinstance(lines, list):
+            raise ApiError(
+                422, "invalid_request", '\'lines\' must be a list of {"sku", "qty"}', field="lines"
+            )
+    elif "sku" in body:
+        lines = [{"sku": body["sku"], "qty": body.get("qty", 1)}]
+    else:
+        raise ApiError(
+            422, "invalid_request", "give 'lines' (a list of {\"sku\", \"qty\"}) or 'sku'", field="lines"
+        )
+    cart = []
+    for line in lines:
+        if not isinstance(line, dict) or not isinstance(line.get("sku"), str):
+            raise ApiError(
+                422, "invalid_request", 'each line is {"sku": string, "qty": integer}', field="lines"
+            )
+        qty = line.get("qty", 1)
+        if not isinstance(qty, int) or isinstance(qty, bool):
+            raise ApiError(422, "invalid_quantity", "qty must be a whole number", field="qty")
+        cart.append(inventory.Line(line["sku"], qty))
+    return cart
+
+
+def order_json(hold: inventory.Hold, *, status: int = 200) -> web.Response:
+    body = {
+        "order_id": hold.hold_id,
+        "status": hold.state.value,
+        "sale": inventory.Inventory.sale_of(hold.hold_id),
+        "lines": [{"sku": line.sku, "qty": line.qty} for line in hold.lines],
+        "pay_by": iso(hold.deadline_ms),
+        "pay_by_ms": hold.deadline_ms,
+        "created_ms": hold.created_ms,
+        "request_id": hold.request_id,
+        "replayed": hold.replayed,
+    }
+    return web.json_response(body, status=status)
+
+
+@routes.get("/api/skus/{sku}")
+async def get_sku(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not (await state.sales.switches())["browse"]:
+        raise ApiError(
+            503,
+            "degraded",
+            "product pages are switched off during the peak; ordering still works",
+            headers={"Retry-After": "5"},
+        )
+    sku = request.match_info["sku"]
+    now = time.monotonic()
+    cached = state.sku_cache.get(sku)
+    if cached is not None and cached[0] > now:
+        return web.json_response(cached[1])
+    sale = await state.sales.sale_of_sku(sku)
+    settings = await state.sales.sale(sale) if sale else None
+    if sale is None or settings is None:
+        raise ApiError(404, "unknown_sku", f"no SKU {sku!r} is on sale", sku=sku)
+    snap = await state.engine(settings).snapshot(sku)
+    if snap is None:
+        raise ApiError(404, "unknown_sku", f"no SKU {sku!r} is on sale", sku=sku)
+    body = {
+        "sku": sku,
+        "sale": sale,
+        "state": snap.state.value,
+        "available": snap.available,
+        "opens_at": iso(settings.opens_at_ms),
+        "open": settings.state != "closed" and now_ms() >= settings.opens_at_ms,
+    }
+    state.sku_cache[sku] = (now + state.settings.sku_cache_s, body)
+    return web.json_response(body)
+
+
+@routes.post("/api/orders")
+async def create_order(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    started = time.perf_counter()
+    if not state.in_flight.enter():
+        state.metrics.count("shed")
+        raise ApiError(
+            503,
+            "overloaded",
+            "too many orders in progress; retry shortly with the same request_id",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        return await _create_order(request, state)
+    finally:
+        state.in_flight.leave()
+        state.metrics.observe("orders", time.perf_counter() - started)
+
+
+async def _create_order(request: web.Request, state: ServiceState) -> web.Response:
+    metrics = state.metrics
+    buyer = buyer_of(request, state)
+    try:
+        body = await read_json(request)
+        cart = _cart(body)
+        request_id = body.get("request_id")
+        if not isinstance(request_id, str):
+            raise ApiError(
+                422,
+                "invalid_request",
+                "request_id (a string you choose, reused on retries) is required",
+                field="request_id",
+            )
+        inventory.Inventory.check_reserve(buyer.user, cart, request_id)
+    except (ApiError, inventory.InvalidRequest):
+        metrics.count("invalid")
+        raise
+    if not state.rate.allow(buyer.user):
+        metrics.count("rate_limited")
+        raise ApiError(
+            429, "rate_limited", "too many orders from this buyer; slow down", headers={"Retry-After": "1"}
+        )
+
+    sales = set()
+    for line in cart:
+        sale = await state.sales.sale_of_sku(line.sku)
+        if sale is None:
+            metrics.count("invalid")
+            raise ApiError(422, "unknown_sku", f"no SKU {line.sku!r} is on sale", sku=line.sku)
+        sales.add(sale)
+    if len(sales) != 1:
+        metrics.count("invalid")
+        raise ApiError(422, "cart_spans_sales", "every line of one order must come from the same sale")
+    sale = sales.pop()
+    settings = await state.sales.sale(sale)
+    if settings is None:
+        metrics.count("invalid")
+        raise ApiError(422, "unknown_sku", f"sale {sale!r} no longer exists")
+    if settings.fenced:
+        metrics.count("fenced")
+        raise ApiError(
+            503, "sale_fenced", f"sales are paused: {settings.fenced}", headers={"Retry-After": "5"}
+        )
+    if settings.state == "closed":
+        metrics.count("not_open")
+        raise ApiError(409, "sale_closed", f"sale {sale!r} is closed")
+    if settings.state != "open" and now_ms() < settings.opens_for(buyer.member):
+        metrics.count("not_open")
+        raise ApiError(
+            409,
+            "sale_not_open",
+            f"sale {sale!r} opens at {iso(settings.opens_at_ms)}",
+            opens_at=iso(settings.opens_at_ms),
+            opens_at_ms=settings.opens_at_ms,
+        )
+
+    if settings.room:
+        try:
+            await admit_order(request, state, settings, buyer, request_id)
+        except ApiError:
+            metrics.count("no_ticket")
+            raise
+
+    # A retry of a request whose outcome was unknown must reach Redis to learn it, so the
+    # local sold-out shortcut is only for first attempts.
+    first_attempt = request.headers.get("X-Retry-Attempt", "0") in ("", "0")
+    state.sold_out.observe_epoch(sale, settings.epoch)
+    if first_attempt:
+        for line in cart:
+            if state.sold_out.is_sold_out(sale, line.sku):
+                metrics.count("sold_out")
+                raise ApiError(409, "sold_out", f"SKU {line.sku!r} is sold out", sku=line.sku, available=0)
+
+    inv = state.engine(settings)
+    try:
+        # asyncio.timeout, not wait_for: no extra task per order on the hot path.
+        async with asyncio.timeout(state.settings.redis_timeout_s * 2):
+            hold = await inv.reserve(buyer.user, cart, request_id=request_id)
+    except TimeoutError:
+        metrics.count("unknown")
+        raise ApiError(
+            504,
+            "outcome_unknown",
+            "Redis did not answer in time: the order may or may not exist. "
+            "Retry with the same request_id (and X-Retry-Attempt: 1) to learn the outcome.",
+            request_id=request_id,
+        ) from None
+    except inventory.SoldOut as exc:
+        if exc.available == 0:
+            state.sold_out.mark(sale, exc.sku)
+        metrics.count("sold_out")
+        raise
+    except inventory.LimitExceeded:
+        metrics.count("limit_exceeded")
+        raise
+    except inventory.OutcomeUnknown:
+        metrics.count("unknown")
+        raise
+    except inventory.InvalidRequest:
+        metrics.count("invalid")
+        raise
+    metrics.count("replayed" if hold.replayed else "created")
+    return order_json(hold, status=201)
+
+
+async def _order_id(request: web.Request, state: ServiceState) -> tuple[str, SaleSettings]:
+    """The order id and its sale; 404 unless the sale exists (so a made-up id never
+    makes this process build state for a sale nobody created). Orders of a sale split
+    into buckets name their bucket (``<sale>-b<k>.<random>``)."""
+    order_id = request.match_info["order_id"]
+    try:
+        sale: str | None = inventory.Inventory.sale_of(order_id)
+    except inventory.InvalidRequest:
+        sale = None
+    settings = await state.sales.sale(sale) if sale else None
+    if settings is None and sale is not None:
+        parent = inventory.BucketedInventory.parent_of(sale)
+        if parent is not None:
+            settings = await state.sales.sale(parent[0])
+            if settings is not None and parent[1] >= settings.buckets:
+                settings = None
+    if settings is None:
+        raise ApiError(404, "order_not_found", "no such order")
+    return order_id, settings
+
+
+@routes.get("/api/orders/{order_id}")
+async def get_order(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    buyer = buyer_of(request, state)
+    if not (await state.sales.switches())["order_lookup"]:
+        raise ApiError(
+            503,
+            "degraded",
+            "order lookup is switched off during the peak; your order is safe",
+            headers={"Retry-After": "5"},
+        )
+    order_id, sale = await _order_id(request, state)
+    try:
+        hold = await state.engine(sale).hold(order_id)
+    except inventory.InvalidRequest:
+        hold = None
+    if hold is None and state.pg is not None:
+        hold = await _archived_order(state, order_id)
+    if hold is None or hold.user != buyer.user:
+        raise ApiError(404, "order_not_found", "no such order")
+    return order_json(hold)
+
+
+async def _archived_order(state: ServiceState, order_id: str) -> inventory.Hold | None:
+    """An order Redis no longer has (its sale was archived) as PostgreSQL recorded it."""
+    try:
+        order = await archived_order(state.pg, order_id)
+    except Exception:
+        return None
+    if order is None:
+        return None
+    return inventory.Hold(
+        hold_id=order_id,
+        user=order.user,
+        lines=tuple(inventory.Line(sku, qty) for sku, qty in order.lines),
+        state=inventory.HoldState(order.status),
+        deadline_ms=int(order.pay_by.timestamp() * 1000),
+        created_ms=int(order.created_at.timestamp() * 1000),
+        request_id=order.request_id,
+    )
+
+
+@routes.post("/api/orders/{order_id}/pay")
+async def pay_order(request: web.Request) -> web.Response:
+    return await _close_order(request, pay=True)
+
+
+@routes.post("/api/orders/{order_id}/cancel")
+async def cancel_order(request: web.Request) -> web.Response:
+    return await _close_order(request, pay=False)
+
+
+async def _close_order(request: web.Request, *, pay: bool) -> web.Response:
+    state = request.app[STATE]
+    buyer = buyer_of(request, state)
+    order_id, sale = await _order_id(request, state)
+    inv = state.engine(sale)
+    try:
+        if pay:
+            hold = await inv.confirm(order_id, user=buyer.user)
+        else:
+            hold = await inv.release(order_id, user=buyer.user)
+    except inventory.InvalidRequest:
+        # Not an order id at all (too long, odd characters): as for GET, no such order.
+        raise ApiError(404, "order_not_found", "no such order") from None
+    return web.json_response({"order_id": hold.hold_id, "status": hold.state.value})

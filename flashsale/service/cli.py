@@ -1,0 +1,122 @@
+"""``flashsale serve`` and ``flashsale token``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from flashsale.console import fail
+from flashsale.settings import Settings, SettingsError
+
+__all__ = ["register"]
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the order service (N processes sharing one port)",
+        description=(
+            "Run the order service. Settings come from FLASHSALE_* environment variables "
+            "(see README), overridden by these flags. FLASHSALE_REDIS_URL, "
+            "FLASHSALE_TOKEN_SECRET and FLASHSALE_ADMIN_TOKEN are required unless --embedded "
+            "starts Redis and PostgreSQL here and generates the secrets (printed once)."
+        ),
+    )
+    p.add_argument("--host", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port to bind (default 8080)")
+    p.add_argument(
+        "--workers", type=int, help="service processes sharing the port (default 1; use one per core)"
+    )
+    p.add_argument("--redis-url", help="Redis URL (FLASHSALE_REDIS_URL)")
+    p.add_argument("--database-url", help="PostgreSQL URL (FLASHSALE_DATABASE_URL)")
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="start embedded Redis and PostgreSQL for this run (try-outs; data is thrown away)",
+    )
+    p.set_defaults(func=_serve)
+
+    t = sub.add_parser(
+        "token",
+        help="mint a buyer token (for load tests and curl)",
+        description="Print a signed buyer token. The secret is FLASHSALE_TOKEN_SECRET (or --secret).",
+    )
+    t.add_argument("--user", required=True, help="user id (1-64 characters of A-Z a-z 0-9 _ @ -)")
+    t.add_argument("--member", action="store_true", help="a member: may buy during the early-access window")
+    t.add_argument("--ttl", type=int, default=3600, help="seconds until it expires (default 3600)")
+    t.add_argument("--secret", help="HMAC secret (default: FLASHSALE_TOKEN_SECRET)")
+    t.set_defaults(func=_token)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from flashsale.service.identity import JwtVerifier
+    from flashsale.service.serve import serve
+
+    try:
+        settings = Settings.from_env(
+            host=args.host,
+            port=args.port,
+            workers=args.workers,
+            redis_url=args.redis_url,
+            database_url=args.database_url,
+        )
+        if not args.embedded:
+            if "FLASHSALE_REDIS_URL" not in os.environ and not args.redis_url:
+                raise SettingsError(
+                    "no Redis configured: set FLASHSALE_REDIS_URL (or --redis-url), "
+                    "or add --embedded to start one for a try-out"
+                )
+            JwtVerifier.from_settings(settings)  # a JWT key that cannot be used: say so now
+            return serve(settings)
+    except SettingsError as exc:
+        return fail(f"serve: {exc}")
+    return _serve_embedded(settings)
+
+
+def _serve_embedded(settings: Settings) -> int:
+    import secrets
+    from dataclasses import replace
+
+    from flashsale.runtime.embedded import EmbeddedStack
+    from flashsale.service.serve import serve
+
+    with EmbeddedStack() as stack:
+        settings = replace(
+            settings,
+            redis_url=stack.redis_url,
+            database_url=stack.database_url,
+            token_secret=settings.token_secret or secrets.token_hex(16),
+            admin_token=settings.admin_token or secrets.token_hex(16),
+        )
+        _migrate(settings)
+        print(f"export FLASHSALE_REDIS_URL={settings.redis_url}")
+        print(f"export FLASHSALE_DATABASE_URL={settings.database_url}")
+        print(f"export FLASHSALE_TOKEN_SECRET={settings.token_secret}")
+        print(f"export FLASHSALE_ADMIN_TOKEN={settings.admin_token}")
+        print(f"# serving on http://{settings.host}:{settings.port}  (Ctrl-C stops everything)", flush=True)
+        return serve(settings)
+
+
+def _migrate(settings: Settings) -> None:
+    try:
+        from flashsale.pipeline.migrate import migrate_url
+    except ImportError:
+        return
+    import asyncio
+
+    assert settings.database_url
+    asyncio.run(migrate_url(settings.database_url))
+
+
+def _token(args: argparse.Namespace) -> int:
+    from flashsale.service.tokens import mint
+
+    secret = args.secret or os.environ.get("FLASHSALE_TOKEN_SECRET")
+    if not secret:
+        return fail("token: set FLASHSALE_TOKEN_SECRET or pass --secret")
+    try:
+        print(mint(secret, args.user, ttl_s=args.ttl, member=args.member))
+    except ValueError as exc:
+        return fail(f"token: {exc}")
+    return 0

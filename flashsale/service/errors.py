@@ -1,0 +1,120 @@
+"""HTTP errors: the one middleware that turns every failure into
+``{"error": "<stable_code>", "message": "…"}`` with the right status.
+
+Inventory exceptions carry their own stable codes; this module maps each to a status.
+Anything a client can send ends in a 4xx; a 5xx means the server could not decide
+(Redis or PostgreSQL unreachable, outcome unknown) and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from redis.exceptions import RedisError
+
+import inventory
+
+__all__ = ["ApiError", "error_middleware", "error_response", "status_for"]
+
+log = logging.getLogger("flashsale.errors")
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An answer other than success, raised anywhere in a handler."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        **details: Any,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        self.details = details
+
+
+# Most specific first: the first isinstance match wins.
+_STATUS: tuple[tuple[type[inventory.InventoryError], int], ...] = (
+    (inventory.SoldOut, 409),
+    (inventory.LimitExceeded, 429),
+    (inventory.HoldClosed, 409),
+    (inventory.InvalidRequest, 422),
+    (inventory.HoldNotFound, 404),
+    (inventory.SkuExists, 409),
+    (inventory.InsufficientStock, 409),
+    (inventory.OutcomeUnknown, 504),
+    (inventory.TicketRefused, 403),
+)
+
+
+def status_for(exc: inventory.InventoryError) -> int:
+    for cls, status in _STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None, **details: Any
+) -> web.Response:
+    body = {"error": code, "message": message}
+    body.update({k: v for k, v in details.items() if v is not None})
+    return web.Response(
+        status=status,
+        text=json.dumps(body),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _from_inventory(exc: inventory.InventoryError) -> web.Response:
+    code = "order_not_found" if isinstance(exc, inventory.HoldNotFound) else exc.code
+    details = {k: v for k, v in exc.details.items() if k != "hold_id"}
+    return error_response(status_for(exc), code, exc.message, **details)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.details)
+    except inventory.InventoryError as exc:
+        return _from_inventory(exc)
+    except web.HTTPRequestEntityTooLarge:
+        # aiohttp raises this while reading a body sent without Content-Length (chunked);
+        # the exception does not keep the limit, the request does.
+        return error_response(
+            413, "body_too_large", f"request body is larger than {request.client_max_size} bytes"
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
+        # Only Allow is worth keeping (405); copying all of exc.headers brought its
+        # Content-Type along, which web.Response refuses beside content_type (a 500).
+        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return error_response(exc.status, code, exc.reason, allow)
+    except RedisError as exc:
+        log.warning("redis error on %s: %s", request.path, exc)
+        return error_response(
+            503,
+            "redis_unavailable",
+            "the stock store is not answering; try again shortly",
+            {"Retry-After": "1"},
+        )
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, "internal_error", "unexpected server error; it has been logged")

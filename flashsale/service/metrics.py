@@ -1,0 +1,457 @@
+"""What the service counts, and how it is read: Prometheus exposition at ``/metrics``
+and the live numbers behind ``/api/admin/stats`` (progress lines, the war room).
+
+Per process (prometheus-client; in multi-process mode merged through
+``PROMETHEUS_MULTIPROC_DIR``): order outcomes, and for every route — labelled by the
+route's template (``/api/orders/{order_id}``), never the raw path, so the label values
+stay bounded — a latency histogram and the answers by status code (:meth:`ServiceMetrics.middleware`).
+``process_*``: prometheus-client's process collector; in multi-process mode summed over the
+service processes that share the port (:class:`_ServiceProcesses`).
+
+Numbers that belong to the whole deployment are read from Redis at scrape time, so every
+process reports the same truth (:func:`read_deployment`): stock per SKU, holds pending,
+stream backlog, dead letters waiting and the fence, per sale; the order writer's counters and
+its last commit (the writer publishes them to Redis; it serves no ``/metrics`` of its own);
+the last audit's violations. A sale's series leave ``/metrics`` once it has ended — nothing
+decided for ``ended_sale_s`` (closed, or simply over) with nothing left to write, no dead
+letter and no fence — so a deployment that ran many drills does not keep a series per sale
+forever; a deleted sale leaves at once.
+
+Each process also publishes its outcome counters and recent latency percentiles to
+Redis once a second (``<prefix>:stats:proc:<pid>``, expiring, named in the set
+``<prefix>:stats:procs``), so ``/api/admin/stats`` can add up all processes whichever one
+answers (:func:`read_published`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
+
+from flashsale.keys import ServiceKeys
+
+if TYPE_CHECKING:
+    from flashsale.service.state import ServiceState
+
+__all__ = [
+    "OUTCOMES",
+    "ServiceMetrics",
+    "Published",
+    "read_deployment",
+    "read_published",
+    "stream_backlog",
+    "sum_published",
+]
+
+#: Outcomes of POST /api/orders, as counted everywhere (metrics, stats, the war room).
+OUTCOMES = (
+    "created",
+    "replayed",
+    "sold_out",
+    "limit_exceeded",
+    "rate_limited",
+    "not_open",
+    "invalid",
+    "shed",
+    "unknown",
+    "fenced",
+    "no_ticket",  # the sale is behind its waiting room and the order had no valid ticket
+)
+
+_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.05,
+    0.1,
+    0.2,
+    0.25,  # the order p99 objective the alerts and the war room start from (250 ms)
+    0.5,
+    1.0,
+    2.0,
+    5.0,
+)
+
+
+#: Methods counted under their own name; any other becomes "other" (label values stay bounded).
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+#: The route label of a request no route matched (404, 405): one value, whatever the path.
+UNMATCHED = "unmatched"
+
+
+class _Deployment(Collector):
+    """The deployment-wide families (:func:`read_deployment`), set just before each scrape."""
+
+    def __init__(self) -> None:
+        self.families: list[Metric] = []
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.families
+
+
+class _ServiceProcesses(Collector):
+    """``process_*`` in multi-process mode: prometheus-client's process collector read for
+    every service process behind this port (the children of our parent that run our
+    command line), then added up — CPU, memory and open files are the target's. A scrape
+    answered by one process alone would otherwise report a different process each time."""
+
+    def __init__(self) -> None:
+        self._pid: int | str = "self"
+        self._reader = ProcessCollector(pid=lambda: self._pid, registry=None)
+
+    def collect(self) -> Iterator[Metric]:
+        totals: dict[str, float] = {}
+        docs: dict[str, tuple[str, str]] = {}
+        for pid in _service_pids():
+            self._pid = pid
+            for family in self._reader.collect():
+                (sample,) = family.samples
+                docs[sample.name] = (family.documentation, family.type)
+                if sample.name == "process_start_time_seconds":  # the oldest one
+                    totals[sample.name] = min(totals.get(sample.name, sample.value), sample.value)
+                elif sample.name == "process_max_fds":  # a per-process limit, not a sum
+                    totals[sample.name] = sample.value if pid == os.getpid() else totals.get(sample.name, 0)
+                else:
+                    totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+        self._pid = "self"
+        for name, value in totals.items():
+            doc, kind = docs[name]
+            if kind == "counter":
+                yield CounterMetricFamily(name.removesuffix("_total"), doc, value=value)
+            else:
+                yield GaugeMetricFamily(name, doc, value=value)
+
+
+def _service_pids() -> list[int]:
+    """This process and its siblings started with the same command line (``flashsale serve``
+    starts its processes that way), from ``/proc/<parent>/task/<parent>/children``."""
+    me, parent = os.getpid(), os.getppid()
+    try:
+        command = Path(f"/proc/{me}/cmdline").read_bytes()
+        children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    except OSError:
+        return [me]
+    pids = {me}
+    for child in children:
+        try:
+            if Path(f"/proc/{child}/cmdline").read_bytes() == command:
+                pids.add(int(child))
+        except (OSError, ValueError):  # gone meanwhile
+            continue
+    return sorted(pids)
+
+
+async def stream_backlog(redis: Any, stream: str) -> int:
+    """Entries the order writer has not committed yet (see ``flashsale.pipeline.writer.stream_backlog``:
+    exact on Redis >= 7, and on 6.2 exact up to 10,000 undelivered entries)."""
+    from flashsale.streams import stream_backlog as backlog_of  # the writer owns what "committed" means
+
+    return (await backlog_of(redis, stream, count_up_to=10_000)).total
+
+
+async def read_published(redis: Any, prefix: str) -> list[tuple[str, bytes | None]]:
+    """Every process's last published numbers: (key, JSON, or None once it expired). One
+    MGET on one server; on a Redis Cluster the keys hash to different slots, which one
+    MGET may not span, so redis-py sends one MGET per slot (the values are read alike:
+    each process's numbers are one key, so nothing is torn)."""
+    keys = sorted(
+        k.decode() if isinstance(k, bytes) else str(k)
+        for k in await redis.smembers(ServiceKeys(prefix).stats_procs)
+    )
+    if not keys:
+        return []
+    values = await (redis.mget_nonatomic(keys) if isinstance(redis, RedisCluster) else redis.mget(keys))
+    return list(zip(keys, values))
+
+
+@dataclass(slots=True)
+class Published:
+    """Every live process's published numbers, added up."""
+
+    processes: int = 0
+    in_flight: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    p50_ms: float = 0.0  # the worst process's (percentiles do not add up)
+    p99_ms: float = 0.0
+    at: float = 0.0  # the newest publish time (epoch s)
+    stale: list[str] = field(default_factory=list)  # keys whose process stopped publishing
+
+
+async def sum_published(redis: Any, prefix: str) -> Published:
+    """The deployment's counters: each process's last publish (:func:`read_published`) added up."""
+    total = Published()
+    for key, raw in await read_published(redis, prefix):
+        if raw is None:
+            total.stale.append(key)
+            continue
+        proc = json.loads(raw)
+        total.processes += 1
+        total.in_flight += int(proc["in_flight"])
+        total.at = max(total.at, float(proc["at"]))
+        for outcome, n in proc["counts"].items():
+            total.counts[outcome] = total.counts.get(outcome, 0) + int(n)
+        if proc["latency"]["n"]:
+            total.p50_ms = max(total.p50_ms, float(proc["latency"]["p50_ms"]))
+            total.p99_ms = max(total.p99_ms, float(proc["latency"]["p99_ms"]))
+    return total
+
+
+async def read_deployment(state: ServiceState) -> list[Metric]:
+    """The deployment-wide families, read from Redis (see the module docstring). A Redis
+    that does not answer leaves them out: the scrape still answers with the process's own."""
+    try:
+        return await _read_deployment(state)
+    except Exception:
+        return []
+
+
+async def _read_deployment(state: ServiceState) -> list[Metric]:
+
+    redis, prefix = state.redis, state.settings.key_prefix
+    stock = GaugeMetricFamily(
+        "flashsale_stock_units", "units per SKU by state", labels=["sale", "sku", "state"]
+    )
+    holds = GaugeMetricFamily("flashsale_holds_pending", "holds waiting for payment", labels=["sale"])
+    backlog = GaugeMetricFamily(
+        "flashsale_stream_backlog", "events not yet written to PostgreSQL", labels=["sale"]
+    )
+    dead = GaugeMetricFamily(
+        "flashsale_dead_letters_waiting", "events set aside in the sale's dead-letter stream", labels=["sale"]
+    )
+    fenced = GaugeMetricFamily(
+        "flashsale_sale_fenced", "1 while the sale is fenced (sales refused until recovery)", labels=["sale"]
+    )
+    ended_before_ms = (time.time() - state.metrics.ended_sale_s) * 1000
+    for sale in await state.sales.all_sales():
+        settings = await state.sales.sale(sale)
+        if settings is None:  # a bucket's sale id (counted under its sale), or a deleted sale
+            continue
+        parts = state.engine_parts(settings)
+        waiting = sum([await stream_backlog(redis, p.keys.events) for p in parts])
+        dead_letters = sum([int(await redis.xlen(ServiceKeys(prefix).dead_letters(p.sale))) for p in parts])
+        last_ms = max([settings.opens_at_ms] + [await _last_decision_ms(redis, p.keys.events) for p in parts])
+        if last_ms < ended_before_ms and not (waiting or dead_letters or settings.fenced):
+            continue  # ended: its series leave
+        for sku, snap in (await state.engine(settings).snapshots()).items():
+            for name in ("available", "held", "sold", "reserve"):
+                stock.add_metric([sale, sku, name], getattr(snap, name))
+        holds.add_metric([sale], sum([await redis.zcard(p.keys.deadlines) for p in parts]))
+        backlog.add_metric([sale], waiting)
+        dead.add_metric([sale], dead_letters)
+        fenced.add_metric([sale], 1 if settings.fenced else 0)
+    writer = await redis.hgetall(ServiceKeys(prefix).writer_stats)
+    families: list[Metric] = [
+        stock,
+        holds,
+        backlog,
+        dead,
+        fenced,
+        CounterMetricFamily(
+            "flashsale_writer_rows",
+            "order, line and stock-event rows the order writers wrote to PostgreSQL",
+            value=float(writer.get(b"rows_total", 0)),
+        ),
+        CounterMetricFamily(
+            "flashsale_dead_letters",
+            "events the order writers set aside in dead-letter streams",
+            value=float(writer.get(b"dead_letters_total", 0)),
+        ),
+        GaugeMetricFamily(
+            "flashsale_writer_last_commit_timestamp_seconds",
+            "when an order writer last committed a batch to PostgreSQL (0: never)",
+            value=int(writer.get(b"last_commit_ms", 0)) / 1000,
+        ),
+    ]
+    audit = await redis.hgetall(ServiceKeys(prefix).audit_last)
+    if audit:
+        at_ms = int(audit.pop(b"at_ms", 0))
+        violations = GaugeMetricFamily(
+            "flashsale_audit_violations", "violations the last audit found, by kind", labels=["kind"]
+        )
+        for kind, count in sorted(audit.items()):
+            violations.add_metric([kind.decode()], int(count))
+        families.append(violations)
+        families.append(
+            GaugeMetricFamily(
+                "flashsale_audit_last_run_timestamp_seconds",
+                "when the last audit started",
+                value=at_ms / 1000,
+            )
+        )
+    return families
+
+
+async def _last_decision_ms(redis: Any, stream: str) -> int:
+    """When the engine last decided anything for a sale: every reservation, payment,
+    cancellation, expiry and restock appends to its stream, whose last generated id keeps
+    the time even after the writer trimmed the entries. 0 for a stream never written."""
+    try:
+        info = await redis.xinfo_stream(stream)
+    except ResponseError:  # no such key
+        return 0
+    last = info.get("last-generated-id") or b"0-0"
+    return int((last.decode() if isinstance(last, bytes) else str(last)).split("-")[0])
+
+
+class ServiceMetrics:
+    """One per process. ``ended_sale_s``: how long after its last decision an ended sale's
+    series stay (see the module docstring)."""
+
+    def __init__(self, *, ended_sale_s: float = 900.0) -> None:
+        # The *_created series (one timestamp per label set) is noise on a dashboard.
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.ended_sale_s = ended_sale_s
+        self.registry = CollectorRegistry()
+        self.orders = Counter(
+            "flashsale_orders", "POST /api/orders answers by outcome", ["outcome"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "flashsale_request_seconds",
+            "time to answer, by method and route template",
+            ["method", "route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.responses = Counter(
+            "flashsale_responses",
+            "answers by method, route template and status code",
+            ["method", "route", "code"],
+            registry=self.registry,
+        )
+        self.deployment = _Deployment()
+        self.registry.register(self.deployment)
+        if not self.multiprocess:
+            ProcessCollector(registry=self.registry)
+        # (method, resource, status) -> the histogram and counter children: the hot path pays
+        # one dict lookup, not prometheus-client's label resolution, per request.
+        self._children: dict[tuple[str, object, int], tuple[Any, Any]] = {}
+        self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self._recent: list[float] = []  # order latencies since the last publish
+
+    def count(self, outcome: str) -> None:
+        self.counts[outcome] += 1
+        self.orders.labels(outcome).inc()
+
+    def observe(self, route: str, seconds: float) -> None:
+        """An order's time to answer, for the war room's percentiles (the histogram is fed
+        for every route by :meth:`middleware`)."""
+        if route == "orders" and len(self._recent) < 50_000:
+            self._recent.append(seconds)
+
+    def middleware(self) -> Middleware:
+        """The outermost middleware: times every request and counts its answer by route."""
+        children = self._children
+
+        @web.middleware
+        async def route_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
+            started = time.perf_counter()
+
+            def record(status: int) -> None:
+                method = request.method if request.method in _METHODS else "other"
+                resource = request.match_info.route.resource
+                child = children.get((method, resource, status)) or self._children_for(
+                    method, resource, status
+                )
+                child[0].observe(time.perf_counter() - started)
+                child[1].inc()
+
+            try:
+                response = await handler(request)
+            except web.HTTPException as exc:  # redirects (the error middleware answers the rest)
+                record(exc.status)
+                raise
+            except Exception:  # what aiohttp will answer: 500
+                record(500)
+                raise
+            # (A cancelled request got no answer: nothing is counted.)
+            record(response.status)
+            return response
+
+        return route_metrics
+
+    def _children_for(
+        self, method: str, resource: web.AbstractResource | None, status: int
+    ) -> tuple[Any, Any]:
+        route = UNMATCHED if resource is None else resource.canonical
+        child = (self.latency.labels(method, route), self.responses.labels(method, route, str(status)))
+        self._children[(method, resource, status)] = child
+        return child
+
+    def exposition(self, families: list[Metric]) -> bytes:
+        """The text format: this process's metrics (all processes', in multi-process mode)
+        and ``families`` (:func:`read_deployment`)."""
+        self.deployment.families = families
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            registry.register(self.deployment)
+            registry.register(_ServiceProcesses())
+            return generate_latest(registry)
+        return generate_latest(self.registry)
+
+    def take_percentiles(self) -> dict[str, float | int]:
+        samples = sorted(self._recent)
+        self._recent = []
+        if not samples:
+            return {"n": 0, "p50_ms": 0.0, "p99_ms": 0.0, "max_ms": 0.0}
+
+        def pct(q: float) -> float:
+            return round(samples[min(len(samples) - 1, int(q * len(samples)))] * 1000, 3)
+
+        return {
+            "n": len(samples),
+            "p50_ms": pct(0.50),
+            "p99_ms": pct(0.99),
+            "max_ms": round(samples[-1] * 1000, 3),
+        }
+
+    async def publish_forever(self, redis: Any, prefix: str, in_flight: Any, interval_s: float = 1.0) -> None:
+        """Publish this process's numbers to Redis once a second (until cancelled)."""
+        key = ServiceKeys(prefix).stats_proc(os.getpid())
+        while True:
+            await asyncio.sleep(interval_s)
+            payload = {
+                "at": time.time(),
+                "counts": self.counts,
+                "latency": self.take_percentiles(),
+                "in_flight": in_flight.current,
+            }
+            try:
+                async with redis.pipeline(transaction=False) as pipe:
+                    pipe.set(key, json.dumps(payload), ex=max(3, int(interval_s * 5)))
+                    pipe.sadd(ServiceKeys(prefix).stats_procs, key)
+                    await pipe.execute()
+            except Exception:  # stats are best effort; never take the process down
+                pass
+            # A cancel that arrives while the pipeline runs can be swallowed by redis-py (8.1:
+            # execute() returns normally, the task stays "cancelling"); looping on would
+            # make shutdown, which cancels and awaits this task, wait forever.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError

@@ -1,0 +1,173 @@
+"""The sale book: which sales exist, their settings (opening time T0, members' early
+access, hold TTL, open/closed, fenced), the SKU → sale index, and the degraded-site
+switches — stored in Redis so every service process sees the same, cached locally for
+a fraction of a second so the hot path does not pay a round trip for them.
+
+Redis keys (outside any sale's hash slot: they are read by the service only, never by
+the reservation scripts):
+
+``<prefix>:sales``          set   sale ids (the worker discovers the event streams here)
+``<prefix>:sale:<sale>``    hash  the sale's settings (below) and ``epoch``, bumped on
+                                  every restock / reserve release so processes drop
+                                  their sold-out caches at once
+``<prefix>:skus``           hash  sku -> sale (a SKU belongs to one sale)
+``<prefix>:switches``       hash  endpoint switches of the degraded-site plan
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from flashsale.keys import ServiceKeys
+
+__all__ = ["SaleSettings", "SaleBook", "SWITCHES"]
+
+#: Non-essential endpoints an operator can switch off under load (the degraded site).
+SWITCHES = ("browse", "order_lookup")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True, slots=True)
+class SaleSettings:
+    sale: str
+    opens_at_ms: int
+    early_access_ms: int = 0
+    hold_ttl_ms: int = 30 * 60 * 1000
+    state: str = "scheduled"  # scheduled (opens at T0) | open | closed
+    fenced: str = ""  # non-empty: sales refused until `flashsale recover` (the reason)
+    epoch: int = 0
+    buckets: int = 1  # > 1: stock split over that many hash slots (inventory.BucketedInventory)
+    room: int = 0  # 1: orders need a waiting-room ticket (flashsale.service.waiting_room)
+
+    def opens_for(self, member: bool) -> int:
+        return self.opens_at_ms - (self.early_access_ms if member else 0)
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["opens_at"] = iso(self.opens_at_ms)
+        return out
+
+    @classmethod
+    def from_hash(cls, sale: str, raw: dict[bytes, bytes]) -> SaleSettings:
+        f = {k.decode(): v.decode() for k, v in raw.items()}
+        return cls(
+            sale=sale,
+            opens_at_ms=int(f.get("opens_at_ms", 0)),
+            early_access_ms=int(f.get("early_access_ms", 0)),
+            hold_ttl_ms=int(f.get("hold_ttl_ms", 1_800_000)),
+            state=f.get("state", "scheduled"),
+            fenced=f.get("fenced", ""),
+            epoch=int(f.get("epoch", 0)),
+            buckets=int(f.get("buckets", 1)),
+            room=int(f.get("room", 0)),
+        )
+
+
+def iso(ms: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+
+
+class SaleBook:
+    """Reads and writes sale settings; caches reads for ``ttl_s``."""
+
+    def __init__(self, redis: Any, prefix: str, *, ttl_s: float = 0.5) -> None:
+        self.redis = redis
+        self.prefix = prefix
+        self.keys = ServiceKeys(prefix)
+        self.ttl_s = ttl_s
+        self._sales: dict[str, tuple[float, SaleSettings | None]] = {}
+        self._sku_sale: dict[str, str] = {}  # a SKU never changes sale: cache forever
+        self._switches: tuple[float, dict[str, bool]] = (0.0, {})
+
+    def sale_key(self, sale: str) -> str:
+        return ServiceKeys(self.prefix).sale(sale)
+
+    @property
+    def sales_key(self) -> str:
+        return ServiceKeys(self.prefix).sales
+
+    @property
+    def skus_key(self) -> str:
+        return ServiceKeys(self.prefix).skus
+
+    @property
+    def switches_key(self) -> str:
+        return ServiceKeys(self.prefix).switches
+
+    async def sale(self, sale: str, *, fresh: bool = False) -> SaleSettings | None:
+        now = time.monotonic()
+        cached = self._sales.get(sale)
+        if cached is not None and not fresh and cached[0] > now:
+            return cached[1]
+        raw = await self.redis.hgetall(self.sale_key(sale))
+        settings = SaleSettings.from_hash(sale, raw) if raw else None
+        if settings is not None:  # never cache made-up sale ids: memory stays bounded
+            self._sales[sale] = (now + self.ttl_s, settings)
+        return settings
+
+    async def sale_of_sku(self, sku: str) -> str | None:
+        sale = self._sku_sale.get(sku)
+        if sale is None:
+            raw = await self.redis.hget(self.skus_key, sku)
+            if raw is None:
+                return None
+            sale = self._sku_sale[sku] = raw.decode()
+        return sale
+
+    async def all_sales(self) -> list[str]:
+        return sorted(s.decode() for s in await self.redis.smembers(self.sales_key))
+
+    async def switches(self) -> dict[str, bool]:
+        now = time.monotonic()
+        if self._switches[0] > now:
+            return self._switches[1]
+        raw = await self.redis.hgetall(self.switches_key)
+        values = {name: raw.get(name.encode(), b"1") == b"1" for name in SWITCHES}
+        self._switches = (now + self.ttl_s, values)
+        return values
+
+    async def set_switches(self, values: dict[str, bool]) -> dict[str, bool]:
+        if values:
+            await self.redis.hset(self.switches_key, mapping={k: int(v) for k, v in values.items()})
+        self._switches = (0.0, {})
+        return await self.switches()
+
+    async def create(
+        self, settings: SaleSettings, skus: list[str], engine_sales: list[str] | None = None
+    ) -> None:
+        """Register a sale and claim its SKUs. The caller checked nothing is taken.
+
+        ``engine_sales`` are the sale ids whose event streams the order writer must drain:
+        the sale itself, or its buckets (``<sale>-b<k>``). The keys live in different hash
+        slots, so they are written one by one (a Redis Cluster refuses a transaction over
+        them); the settings hash goes last, and it is what makes the sale exist."""
+        await self.redis.hset(self.skus_key, mapping={sku: settings.sale for sku in skus})
+        await self.redis.sadd(self.sales_key, settings.sale, *(engine_sales or []))
+        await self.redis.hset(
+            self.sale_key(settings.sale),
+            mapping={
+                "opens_at_ms": settings.opens_at_ms,
+                "early_access_ms": settings.early_access_ms,
+                "hold_ttl_ms": settings.hold_ttl_ms,
+                "state": settings.state,
+                "fenced": settings.fenced,
+                "epoch": 0,
+                "buckets": settings.buckets,
+                "room": settings.room,
+            },
+        )
+        self._sales.pop(settings.sale, None)
+
+    async def update(self, sale: str, **fields: Any) -> SaleSettings | None:
+        await self.redis.hset(self.sale_key(sale), mapping=fields)
+        return await self.sale(sale, fresh=True)
+
+    async def bump_epoch(self, sale: str) -> None:
+        """Stock came back (restock, reserve release): every process drops its sold-out cache."""
+        await self.redis.hincrby(self.sale_key(sale), "epoch", 1)
+        self._sales.pop(sale, None)
