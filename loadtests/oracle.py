@@ -77,8 +77,9 @@ class RequestLogSummary:
     unknown: int
     replays: int
     paid: tuple[str, ...]
-    #: Request ids answered with more than one order id: a client-visible duplicate.
-    rid_conflicts: dict[str, list[str]]
+    #: (buyer, request id) answered with more than one order id: a client-visible
+    #: duplicate. Request ids are each buyer's own, so two buyers' orders under one id are not.
+    rid_conflicts: dict[tuple[str, str], list[str]]
     #: The latest pay-by instant (epoch ms) of an acknowledged order not seen paid.
     last_unpaid_pay_by_ms: int | None
     failed_by_code: dict[str, int] = field(default_factory=dict)
@@ -105,7 +106,7 @@ def merge_request_logs(paths: Iterable[Path], out: Path) -> int:
 
 def read_request_log(paths: Iterable[Path]) -> RequestLogSummary:
     acked: dict[str, None] = {}
-    by_rid: dict[str, set[str]] = defaultdict(set)
+    by_rid: dict[tuple[str, str], set[str]] = defaultdict(set)
     paid: set[str] = set()
     pay_by: dict[str, int] = {}
     failed_by_code: dict[str, int] = defaultdict(int)
@@ -123,7 +124,7 @@ def read_request_log(paths: Iterable[Path]) -> RequestLogSummary:
             ok += 1
             oid = str(line["order_id"])
             acked[oid] = None
-            by_rid[str(line.get("rid"))].add(oid)
+            by_rid[(str(line.get("user")), str(line.get("rid")))].add(oid)
             replays += bool(line.get("replayed"))
             if line.get("pay_by_ms") is not None:
                 pay_by[oid] = max(pay_by.get(oid, 0), int(line["pay_by_ms"]))
@@ -247,8 +248,8 @@ def verdict_from_audit(
         count = view.counts.get(kind, len(found))
         if kind == "duplicate" and log.rid_conflicts:
             conflicts = [
-                {"request_id": rid, "order_ids": ids, "seen_by": "clients"}
-                for rid, ids in log.rid_conflicts.items()
+                {"user": user, "request_id": rid, "order_ids": ids, "seen_by": "clients"}
+                for (user, rid), ids in log.rid_conflicts.items()
             ]
             found += conflicts
             count += len(conflicts)

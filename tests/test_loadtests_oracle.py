@@ -76,6 +76,7 @@ def _order(rid: str, oid: str | None, outcome: str = "ok", **kw: Any) -> dict[st
     return {
         "kind": "order",
         "rid": rid,
+        "user": "u1",
         "order_id": oid,
         "outcome": outcome,
         "status": 201 if oid else 409,
@@ -198,6 +199,14 @@ def test_one_request_id_answered_with_two_orders_is_a_duplicate(tmp_path: Path) 
     merged = tmp_path / "requests.jsonl"
     assert merge_request_logs([a, b], merged) == 2
     log = read_request_log([merged])
-    assert log.rid_conflicts == {"r7": ["o7", "o8"]}
+    assert log.rid_conflicts == {("u1", "r7"): ["o7", "o8"]}
     verdict = verdict_from_audit(_clean_audit(), log)
     assert [c.name for c in verdict.failed] == ["duplicate"]
+
+
+def test_one_request_id_of_two_buyers_is_not_a_duplicate(tmp_path: Path) -> None:
+    # Request ids are each buyer's own: two buyers may both send "r7".
+    lines = [_order("r7", "o7", user="alice"), _order("r7", "o8", user="bob")]
+    log = read_request_log([_write_log(tmp_path / "requests.jsonl", lines)])
+    assert log.rid_conflicts == {}
+    assert verdict_from_audit(_clean_audit(), log).failed == []
