@@ -183,6 +183,9 @@ class BucketedInventory:
                     raise
         raise SoldOut(cart[0].sku, 0)
 
+    async def made_hold(self, user: str, request_id: str) -> bool:
+        return await self.home(user).made_hold(user, request_id)
+
     async def confirm(self, hold_id: str, *, user: str | None = None) -> Hold:
         return await self.bucket_of_hold(hold_id).confirm(hold_id, user=user)
 
