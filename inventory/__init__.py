@@ -41,6 +41,7 @@ from ._errors import (
 )
 from ._events import EVENT_FIELDS, EventError, EventField, OrderEvent, StockEvent, StreamId, parse_event
 from ._keys import SaleKeys
+from ._room import RoomSettings, RoomStatus, TicketRefused, WaitingRoom, replay_shuffle
 from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, StockState
 
 __all__ = [
@@ -67,6 +68,8 @@ __all__ = [
     "OrderEvent",
     "OutcomeUnknown",
     "Refused",
+    "RoomSettings",
+    "RoomStatus",
     "RequestConflict",
     "SaleKeys",
     "SkuExists",
@@ -75,8 +78,11 @@ __all__ = [
     "StockEvent",
     "StockState",
     "StreamId",
+    "TicketRefused",
     "UnknownSku",
+    "WaitingRoom",
     "bucket_sale_id",
     "parent_sale_id",
     "parse_event",
+    "replay_shuffle",
 ]

@@ -24,6 +24,12 @@ key                                type    holds
                                            see ``_events.py``)
 ``{fs:<sale>}:transfers``          hash    transfer id -> JSON intent, while units move
                                            between a bucketed sale's buckets
+``{fs:<sale>}:room``               hash    the waiting room's settings and counters
+                                           (``_room.py``)
+``{fs:<sale>}:room:pre``           list    buyers who joined before T0, in arrival order
+``{fs:<sale>}:room:queue``         zset    waiting buyers scored by queue position
+``{fs:<sale>}:room:buyers``        hash    buyer -> JSON room record
+``{fs:<sale>}:room:tickets``       zset    admitted buyers scored by ticket expiry (ms)
 =================================  ======  =============================================
 """
 
@@ -83,6 +89,15 @@ class SaleKeys:
         unambiguous and never one of the ``op:`` records of stock changes."""
         return "r:" + user + ":" + request_id
 
+    @property
+    def room(self) -> str:
+        """The sale's waiting room (see ``_room.py``); its other keys start with this."""
+        return self.tag + ":room"
+
+    def for_room(self) -> list[str]:
+        r = self.room
+        return [r, r + ":pre", r + ":queue", r + ":buyers", r + ":tickets", self.stock]
+
     def all(self) -> tuple[str, ...]:
         """Every key of the sale (for dumps, audits and deleting a finished sale)."""
         return (
@@ -93,6 +108,7 @@ class SaleKeys:
             self.deadlines,
             self.events,
             self.transfers,
+            *self.for_room()[:5],
         )
 
     def for_reserve(self) -> list[str]:

@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from flashsale.ledger import read_sales
 from flashsale.redis_client import as_text
 from inventory import SaleKeys
 
@@ -173,41 +174,16 @@ class Observed:
 async def observe(redis: Any, pool: Any, *, prefix: str, sale: str, audit: Any = None) -> Observed:
     """Read PostgreSQL's orders and stock events of ``sale`` (and its buckets ``<sale>-b<k>``)
     and Redis's counters. Run it after the writer drained (``run_audit`` waits for that)."""
-    async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            rows = await conn.fetch(
-                "SELECT order_id, sale, request_id, user_id, status, pay_by FROM orders "
-                "WHERE sale = $1 OR sale LIKE $1 || '-b%'",
-                sale,
-            )
-            lines = await conn.fetch(
-                "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = $1 OR o.sale LIKE $1 || '-b%'",
-                sale,
-            )
-            events = await conn.fetch(
-                "SELECT sale, sku, type, total, reserve, delta, units FROM stock_events "
-                "WHERE sale = $1 OR sale LIKE $1 || '-b%' ORDER BY stream_ms, stream_seq",
-                sale,
-            )
+    records = await read_sales(pool, [sale], with_buckets=True)
     orders = {
         r["order_id"]: _Order(
             r["sale"], r["request_id"], r["user_id"], r["status"], int(r["pay_by"].timestamp() * 1000)
         )
-        for r in rows
+        for r in records.orders
     }
-    for r in lines:
-        orders[r["order_id"]].lines[r["sku"]] = int(r["qty"])
-    stock: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for e in events:
-        s = stock[(e["sale"], e["sku"])]
-        if e["type"] == "stocked":
-            s[0] += e["total"]
-            s[1] += e["reserve"]
-        elif e["type"] in ("restocked", "written_off"):
-            s[0] += e["delta"]
-        elif e["type"] == "reserve_released":
-            s[1] -= e["units"]
+    for order_id, lines in records.lines.items():
+        orders[order_id].lines.update(lines)
+    stock = {key: [s.total, s.reserve] for key, s in records.stock().items()}
     engines = sorted({engine for engine, _ in stock})
     redis_stock: dict[tuple[str, str], dict[str, int]] = {}
     for engine in engines:

@@ -43,6 +43,7 @@ class SaleSettings:
     fenced: str = ""  # non-empty: sales refused until `flashsale recover` (the reason)
     epoch: int = 0
     buckets: int = 1  # > 1: stock split over that many hash slots (inventory.BucketedInventory)
+    room: int = 0  # 1: orders need a waiting-room ticket (flashsale.service.waiting_room)
 
     def opens_for(self, member: bool) -> int:
         return self.opens_at_ms - (self.early_access_ms if member else 0)
@@ -64,6 +65,7 @@ class SaleSettings:
             fenced=f.get("fenced", ""),
             epoch=int(f.get("epoch", 0)),
             buckets=int(f.get("buckets", 1)),
+            room=int(f.get("room", 0)),
         )
 
 
@@ -163,6 +165,7 @@ class SaleBook:
                 "fenced": settings.fenced,
                 "epoch": 0,
                 "buckets": settings.buckets,
+                "room": settings.room,
             },
         )
         self._sales.pop(settings.sale, None)
