@@ -872,7 +872,7 @@ def _rates(history: History, timeline: Timeline, recovered_at: float | None) -> 
 def _unknowns(history: History) -> dict[str, int]:
     attempts = [op for op in history if op.outcome == "unknown"]
     by_request = history.orders()
-    ids = {op.key for op in attempts if op.kind == "order"}
+    ids = {(op.user, op.key) for op in attempts if op.kind == "order"}
     had_run = had_not = unsettled = 0
     for rid in ids:
         later = [op for op in by_request[rid] if op.outcome != "unknown"]

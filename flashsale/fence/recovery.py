@@ -12,8 +12,8 @@ lost, or those named), and for each of its engine sales (the sale, or each bucke
 3. **rebuild** from PostgreSQL, in one MULTI guarded by WATCH on the stream, the holds and
    their hashes: stock counters per SKU (total and reserve pool from the stock events;
    held and sold from the orders; available = total − reserve − held − sold), hold
-   records, idempotency records for every request id (so a buyer's retry still gets its
-   first outcome), per-user counts, payment deadlines. Stock-change operation ids and
+   records, idempotency records for every (buyer, request id) (so a buyer's retry still
+   gets its first outcome), per-user counts, payment deadlines. Stock-change operation ids and
    unfinished bucket transfers already in Redis are kept. If anything wrote to the
    stream after step 2 (a sweeper, a late reservation), WATCH fails and 2–3 run again;
 4. move the stream's last id up to what PostgreSQL has committed (``XSETID``), so new
@@ -215,7 +215,9 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         holds[order_id] = json.dumps(record, separators=(",", ":"))
         # The reserve script's fingerprint: user, then each line of the (sorted) cart.
         fingerprint = o["user_id"] + "".join(f"|{sku}:{qty}" for sku, qty in cart)
-        requests[o["request_id"]] = json.dumps({"h": order_id, "f": fingerprint}, separators=(",", ":"))
+        requests[SaleKeys.request_field(o["user_id"], o["request_id"])] = json.dumps(
+            {"h": order_id, "f": fingerprint}, separators=(",", ":")
+        )
         if status in ("held", "paid"):
             for sku, qty in cart:
                 users[f"{o['user_id']}:{sku}"] += qty

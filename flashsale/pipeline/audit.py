@@ -14,7 +14,7 @@ oversold           units sold + held beyond the units stocked, per SKU: from Red
                    events
 lost               an order Redis holds, or a client was acknowledged (``acknowledged``), that
                    PostgreSQL does not have — or that Redis does not have
-duplicate          two orders for one (sale, request id), in PostgreSQL or in Redis
+duplicate          two orders for one (sale, buyer, request id), in PostgreSQL or in Redis
 conflict           an order whose status, buyer, request id or lines differ between Redis and
                    PostgreSQL
 phantom            an order PostgreSQL has and Redis does not (Redis lost data: stock rebuilt
@@ -581,20 +581,21 @@ def _compare_sale(
             )
 
     for where, pairs in (
-        ("postgresql", [((p.request_id), o) for o, p in mine.items()]),
-        ("redis", [(h.request_id, o) for o, h in snap.holds.items()]),
+        # Request ids are each buyer's own: two buyers' orders under one id are no duplicate.
+        ("postgresql", [((p.user, p.request_id), o) for o, p in mine.items()]),
+        ("redis", [((h.user, h.request_id), o) for o, h in snap.holds.items()]),
     ):
-        by_request: dict[str, list[str]] = defaultdict(list)
-        for request_id, order_id in pairs:
-            by_request[request_id].append(order_id)
-        for request_id, ids in sorted(by_request.items()):
+        by_request: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for buyer_request, order_id in pairs:
+            by_request[buyer_request].append(order_id)
+        for (user, request_id), ids in sorted(by_request.items()):
             if len(ids) > 1:
                 out.append(
                     Violation(
                         "duplicate",
                         sale,
                         where,
-                        f"request {request_id} has {len(ids)} orders: {', '.join(sorted(ids))}",
+                        f"request {request_id} of buyer {user} has {len(ids)} orders: {', '.join(sorted(ids))}",
                         order_id=sorted(ids)[1],
                         units=len(ids) - 1,
                     )

@@ -250,6 +250,7 @@ def _document() -> dict[str, Any]:
                             "name": "X-Retry-Attempt",
                             "in": "header",
                             "required": False,
+                            "description": "accepted and ignored: a retry is recognised by its request_id",
                             "schema": {"type": "integer", "minimum": 0},
                         },
                         {
