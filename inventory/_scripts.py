@@ -12,7 +12,19 @@ from typing import Any
 
 __all__ = ["SCRIPT_NAMES", "script_source", "register_all"]
 
-SCRIPT_NAMES = ("reserve", "confirm", "release", "expire", "stock", "adjust", "release_reserve")
+SCRIPT_NAMES = (
+    "reserve",
+    "confirm",
+    "release",
+    "expire",
+    "stock",
+    "adjust",
+    "release_reserve",
+    "transfer_begin",
+    "transfer_out",
+    "transfer_in",
+    "transfer_due",
+)
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 
 

@@ -193,8 +193,8 @@ async def _plan(pool: Any, engine: str) -> _Plan:
                 engine,
             )
             events = await conn.fetch(
-                "SELECT stream_id, type, sku, total, reserve, per_user_limit, low_stock_line, delta, units "
-                "FROM stock_events WHERE sale = $1 ORDER BY stream_ms, stream_seq",
+                "SELECT stream_id, type, sku, total, reserve, per_user_limit, low_stock_line, delta, units, "
+                "transfer FROM stock_events WHERE sale = $1 ORDER BY stream_ms, stream_seq",
                 engine,
             )
     by_order: dict[str, list[tuple[str, int]]] = defaultdict(list)
@@ -204,10 +204,14 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         lambda: dict.fromkeys(("total", "reserve", "limit", "low", "held", "sold"), 0)
     )
     problems: list[str] = []
+    requests: dict[str, str] = {}
     top = (0, 0)
     for e in events:
         c = counters[e["sku"]]
         top = max(top, _id_tuple(e["stream_id"]))
+        if e["transfer"] is not None:  # the form transfer_out / transfer_in record
+            side = "xo" if e["delta"] < 0 else "xi"
+            requests[f"op:{side}-{e['transfer']}"] = f"adjust {e['sku']} {e['delta']}"
         if e["type"] == "stocked":
             c.update(
                 total=e["total"],
@@ -220,7 +224,6 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         elif e["type"] == "reserve_released":
             c["reserve"] -= e["units"]
     holds: dict[str, str] = {}
-    requests: dict[str, str] = {}
     users: Counter[str] = Counter()
     deadlines: dict[str, int] = {}
     statuses: Counter[str] = Counter()

@@ -380,9 +380,22 @@ class _PgStock:
     stocked: bool = False
 
 
+@dataclass(slots=True)
+class _TransferLegs:
+    """One bucket transfer as PostgreSQL recorded it: (engine sale, sku, units) per side."""
+
+    out: list[tuple[str, str, int]] = field(default_factory=list)  # the donor's write-off
+    into: list[tuple[str, str, int]] = field(default_factory=list)  # the receiver's add
+
+    @property
+    def gap(self) -> int:
+        """Units written off minus units received (> 0: still on their way, or lost)."""
+        return sum(u for _, _, u in self.out) - sum(u for _, _, u in self.into)
+
+
 async def _read_postgres(
     pool: Any, sales: list[str]
-) -> tuple[dict[str, _PgOrder], dict[tuple[str, str], _PgStock]]:
+) -> tuple[dict[str, _PgOrder], dict[tuple[str, str], _PgStock], dict[str, _TransferLegs]]:
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
             if not await conn.fetchval("SELECT to_regclass('orders') IS NOT NULL"):
@@ -401,11 +414,15 @@ async def _read_postgres(
             ):
                 orders[r["order_id"]].lines[r["sku"]] = r["qty"]
             stock: dict[tuple[str, str], _PgStock] = defaultdict(_PgStock)
+            transfers: dict[str, _TransferLegs] = defaultdict(_TransferLegs)
             for r in await conn.fetch(
-                "SELECT sale, sku, type, total, reserve, per_user_limit, delta, units FROM stock_events "
-                "WHERE sale = ANY($1::text[]) ORDER BY sale, sku, stream_ms, stream_seq",
+                "SELECT sale, sku, type, total, reserve, per_user_limit, delta, units, transfer "
+                "FROM stock_events WHERE sale = ANY($1::text[]) ORDER BY sale, sku, stream_ms, stream_seq",
                 sales,
             ):
+                if r["transfer"] is not None:
+                    side = transfers[r["transfer"]].out if r["delta"] < 0 else transfers[r["transfer"]].into
+                    side.append((r["sale"], r["sku"], abs(r["delta"])))
                 s = stock[(r["sale"], r["sku"])]
                 if r["type"] == "stocked":
                     s.total += r["total"]
@@ -416,7 +433,7 @@ async def _read_postgres(
                     s.total += r["delta"]
                 elif r["type"] == "reserve_released":
                     s.reserve -= r["units"]
-    return orders, dict(stock)
+    return orders, dict(stock), dict(transfers)
 
 
 async def _orders_known_to_postgres(pool: Any, order_ids: list[str]) -> set[str]:
@@ -670,28 +687,78 @@ def _order_differences(h: _Hold, p: _PgOrder) -> list[str]:
     return diffs
 
 
-async def _stranded_transfers(
-    redis: Any, prefix: str, sales: list[str], grace_s: float = 15.0
-) -> list[Violation]:
-    """Units between two buckets of a bucketed sale for longer than a transfer takes: a
-    process died mid-pull and nothing has settled it yet (the worker's sweeper does)."""
-    out = []
+async def _intents(redis: Any, prefix: str, sales: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Transfer id -> (receiving sale, intent) of every transfer still in progress."""
+    found = {}
     for sale in sales:
         for transfer, raw in (await redis.hgetall(SaleKeys(prefix, sale).transfers)).items():
-            intent = json.loads(raw)
+            found[as_text(transfer)] = (sale, json.loads(raw))
+    return found
+
+
+def _stranded_transfers(
+    intents: dict[str, tuple[str, dict[str, Any]]], snapshots: dict[str, _RedisSale], grace_s: float = 15.0
+) -> list[Violation]:
+    """Units between two buckets of a bucketed sale for longer than a transfer takes: a
+    process died mid-pull and nothing has settled it yet (the worker's sweeper does). An
+    intent's age is read on the clock that stamped it: the receiving bucket's Redis."""
+    out = []
+    for transfer, (sale, intent) in intents.items():
+        if "at_ms" in intent:
+            age = (snapshots[sale].now_ms - int(intent["at_ms"])) / 1000
+        else:  # stamped by a version before transfer ids: seconds of the process's clock
             age = time.time() - float(intent["at"])
-            if age >= grace_s:
-                out.append(
-                    Violation(
-                        "leaked",
-                        sale,
-                        "redis",
-                        f"transfer {as_text(transfer)} of {intent['units']} unit(s) from {intent['from']} unsettled for {age:.0f} s: "
-                        "is `flashsale worker` (its sweeper settles transfers) running?",
-                        sku=intent["sku"],
-                        units=int(intent["units"]),
-                    )
+        if age >= grace_s:
+            out.append(
+                Violation(
+                    "leaked",
+                    sale,
+                    "redis",
+                    f"transfer {transfer} of {intent['units']} unit(s) from {intent['from']} unsettled for {age:.0f} s: "
+                    "is `flashsale worker` (its sweeper settles transfers) running?",
+                    sku=intent["sku"],
+                    units=int(intent["units"]),
                 )
+            )
+    return out
+
+
+async def _unreceived_transfers(
+    redis: Any,
+    prefix: str,
+    sales: list[str],
+    legs: dict[str, _TransferLegs],
+    intents: dict[str, tuple[str, dict[str, Any]]],
+) -> list[Violation]:
+    """Transfers whose two stock events in PostgreSQL do not add up and that no intent in
+    Redis explains: units written off that no bucket received are lost in transit (a
+    transfer's intent dropped without its units, e.g. after Redis lost the donor's record),
+    units received that no bucket wrote off were made from nothing. A live sale may have
+    finished a transfer after PostgreSQL was read: the other side's operation record in
+    Redis is asked before anything is reported."""
+    out = []
+    for transfer, leg in sorted(legs.items()):
+        if leg.gap == 0 or transfer in intents:
+            continue  # balanced, or still in progress (judged by _stranded_transfers)
+        side, want = ("xi", leg.out) if leg.gap > 0 else ("xo", leg.into)
+        records = [
+            await redis.hget(SaleKeys(prefix, sale).requests, f"op:{side}-{transfer}") for sale in sales
+        ]
+        if any(r is not None and as_text(r) != "aborted" for r in records):
+            continue  # the other side happened; its entry was not in PostgreSQL yet
+        sale, sku, _ = want[0]
+        units = abs(leg.gap)
+        detail = (
+            f"transfer {transfer}: {units} unit(s) written off here that no bucket received, and no "
+            "intent is left to finish it: lost in transit"
+            if leg.gap > 0
+            else f"transfer {transfer}: {units} unit(s) received here that no bucket wrote off"
+        )
+        out.append(
+            Violation(
+                "leaked" if leg.gap > 0 else "stock_mismatch", sale, "both", detail, sku=sku, units=units
+            )
+        )
     return out
 
 
@@ -720,7 +787,7 @@ async def run_audit(
         sale_list = sorted(set(sales))
     snapshots = {sale: await _read_redis(redis, prefix, sale) for sale in sale_list}
     drained, waited, outstanding = await _wait_drained(redis, prefix, snapshots, wait_drain_s)
-    pg_orders, pg_stock = await _read_postgres(pool, sale_list)
+    pg_orders, pg_stock, pg_transfers = await _read_postgres(pool, sale_list)
 
     skus: list[SkuAudit] = []
     violations: list[Violation] = []
@@ -739,7 +806,9 @@ async def run_audit(
         sale_skus, sale_violations = _compare_sale(snap, pg_orders, pg_stock, int(expiry_grace_s * 1000))
         skus += sale_skus
         violations += sale_violations
-    violations += await _stranded_transfers(redis, prefix, sale_list)
+    intents = await _intents(redis, prefix, sale_list)
+    violations += _stranded_transfers(intents, snapshots)
+    violations += await _unreceived_transfers(redis, prefix, sale_list, pg_transfers, intents)
 
     # Orders: every hold Redis knows must be in PostgreSQL with the same story.
     all_holds = {o: h for snap in snapshots.values() for o, h in snap.holds.items()}
