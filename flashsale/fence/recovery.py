@@ -14,15 +14,24 @@ lost, or those named), and for each of its engine sales (the sale, or each bucke
    held and sold from the orders; available = total − reserve − held − sold), hold
    records, idempotency records for every request id (so a buyer's retry still gets its
    first outcome), per-user counts, payment deadlines. Stock-change operation ids and
-   unfinished bucket transfers already in Redis are kept. If anything wrote to the
-   stream after step 2 (a sweeper, a late reservation), WATCH fails and 2–3 run again;
+   unfinished bucket transfers already in Redis are kept, and each bucket transfer's
+   operation records (``op:xo-<id>`` / ``op:xi-<id>``) are rebuilt from the transfer ids
+   on the stock events: a transfer the loss cut is then finished by the settle step, its
+   units neither dropped (the donor's record lost) nor added twice (the receiver's). If
+   anything wrote to the stream after step 2 (a sweeper, a late reservation), WATCH
+   fails and 2–3 run again;
 4. move the stream's last id up to what PostgreSQL has committed (``XSETID``), so new
    entries sort after everything already written;
 
-then put back the sale's settings (from ``fence_sales`` if Redis lost them), its SKU index
-and its place in the sales set, clear ``fenced``, bump the sale's epoch (every process
-drops its sold-out cache), re-write the lineage marker, log ``recovered`` in ``fence_log``,
-and verify again.
+then put back the sale's settings (from ``fence_sales`` if Redis lost them or holds
+another generation), its SKU index and its place in the sales set, clear ``fenced``, bump
+the sale's epoch (every process drops its sold-out cache), re-write the lineage marker,
+log ``recovered`` in ``fence_log``, and verify again.
+
+Only the generation being rebuilt is read from PostgreSQL (the one recorded last; a sale id
+used again has the rows of its earlier creations there too, see
+:mod:`flashsale.fence.verify`). A sale created again over a generation never retired is
+not rebuilt: that would overwrite the new creation; it is reported instead.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from redis.exceptions import WatchError
@@ -179,23 +188,27 @@ class _Plan:
     skus_seen: set[str]
 
 
-async def _plan(pool: Any, engine: str) -> _Plan:
+async def _plan(pool: Any, engine: str, generation: int) -> _Plan:
+    made_since = f"o.sale = $1 AND {fence.ORDER_MADE_AT} >= to_timestamp($2 / 1000.0)"
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):
             orders = await conn.fetch(
                 "SELECT order_id, user_id, request_id, status, created_at, pay_by, status_at, last_stream_id "
-                "FROM orders WHERE sale = $1",
+                f"FROM orders o WHERE {made_since}",
                 engine,
+                generation,
             )
             lines = await conn.fetch(
                 "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = $1 ORDER BY l.order_id, l.sku",
+                f"WHERE {made_since} ORDER BY l.order_id, l.sku",
                 engine,
+                generation,
             )
             events = await conn.fetch(
                 "SELECT stream_id, type, sku, total, reserve, per_user_limit, low_stock_line, delta, units, "
-                "transfer FROM stock_events WHERE sale = $1 ORDER BY stream_ms, stream_seq",
+                "transfer FROM stock_events WHERE sale = $1 AND stream_ms >= $2 ORDER BY stream_ms, stream_seq",
                 engine,
+                generation,
             )
     by_order: dict[str, list[tuple[str, int]]] = defaultdict(list)
     for r in lines:
@@ -296,8 +309,11 @@ async def _last_generated(redis: Any, key: str) -> str:
     return as_text((await redis.xinfo_stream(key)).get("last-generated-id") or "0-0")
 
 
-async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tuple[int, _Plan, int]:
-    """Drain then rebuild one engine sale; returns (entries drained, plan, attempts)."""
+async def _rebuild_engine(
+    redis: Any, pool: Any, prefix: str, engine: str, generation: int
+) -> tuple[int, _Plan, int]:
+    """Drain then rebuild one engine sale's ``generation``; returns (entries drained, plan,
+    attempts)."""
     keys = SaleKeys(prefix, engine)
     await ensure_group(redis, keys.events)  # the stream must exist to be watched (and for the writer)
     drained, problems = 0, []
@@ -307,7 +323,7 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
         n, last, found = await _drain(redis, pool, prefix, engine, last)
         drained += n
         problems += found
-        plan = await _plan(pool, engine)
+        plan = await _plan(pool, engine, generation)
         async with redis.pipeline(transaction=True) as pipe:
             await pipe.watch(keys.events, keys.holds, keys.stock, keys.requests)
             if await _last_generated(pipe, keys.events) != seen:
@@ -349,13 +365,15 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
     )
 
 
-async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
+async def _derived_settings(pool: Any, engines: list[str], generation: int) -> dict[str, Any]:
     """Settings for a sale ``fence_sales`` never recorded, read off its orders."""
     async with pool.acquire() as conn:
         row = await conn.fetchrow(
             "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM pay_by - created_at)) AS ttl, "
-            "min(created_at) AS first FROM orders WHERE sale = ANY($1::text[]) AND created_at IS NOT NULL",
+            "min(created_at) AS first FROM orders WHERE sale = ANY($1::text[]) AND created_at IS NOT NULL "
+            "AND created_at >= to_timestamp($2 / 1000.0)",
             engines,
+            generation,
         )
     ttl_ms = int(float(row["ttl"]) * 1000) if row and row["ttl"] is not None else 1_800_000
     opens = _ms(row["first"]) if row and row["first"] is not None else 0
@@ -370,13 +388,14 @@ async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
 
 async def _reopen(redis: Any, pool: Any, prefix: str, record: fence.SaleRecord, skus: set[str]) -> bool:
     """Put back the sale's settings, SKU index and sales-set entries; clear ``fenced``.
-    Returns True if the settings hash had to be restored."""
+    Returns True if the settings hash had to be restored (lost, or another generation's)."""
     key = ServiceKeys(prefix).sale(record.sale)
-    restored = not await redis.hexists(key, "opens_at_ms")
+    held = await redis.hmget(key, ["opens_at_ms", "generation"])
+    restored = held[0] is None or int(held[1] or 0) != record.generation
     settings = (
         record.settings
         if record.settings.get("opens_at_ms") is not None
-        else {**await _derived_settings(pool, record.engine_sales), **record.settings}
+        else {**await _derived_settings(pool, record.engine_sales, record.generation), **record.settings}
     )
     if restored:
         await redis.hset(
@@ -393,6 +412,7 @@ async def _reopen(redis: Any, pool: Any, prefix: str, record: fence.SaleRecord, 
                     )
                 },
                 "epoch": 0,
+                "generation": record.generation,
             },
         )
     if skus:
@@ -445,6 +465,16 @@ async def recover(
         record = registry.get(sale) or fence.SaleRecord(
             sale, {"buckets": len(engines) if len(engines) > 1 else 1}, ()
         )
+        held = before.generations.get(sale)
+        if held is not None and held > record.generation:
+            if sale in registry and not record.forgotten:
+                problems.append(
+                    f"{sale}: Redis holds a newer creation (generation {held}) than the one recorded "
+                    f"({record.generation}), which was never retired; not rebuilt (that would overwrite "
+                    f"the new one): run `flashsale recover --forget {sale}` if the old one was removed on purpose"
+                )
+                continue
+            record = replace(record, generation=held)  # created again, not recorded yet: rebuild that one
         if not engines:
             engines = record.engine_sales
         if record.engine_sales != engines and sale not in registry:
@@ -459,7 +489,7 @@ async def recover(
         sale_problems: list[str] = []
         skus: set[str] = set(record.skus)
         for engine in engines:
-            n, plan, tries = await _rebuild_engine(redis, pool, prefix, engine)
+            n, plan, tries = await _rebuild_engine(redis, pool, prefix, engine, record.generation)
             drained += n
             attempts = max(attempts, tries)
             orders.update(plan.orders)
@@ -515,12 +545,19 @@ async def recover(
 
 
 async def forget(pool: Any, *, prefix: str, sale: str) -> bool:
-    """Tell the fence a sale was removed from Redis on purpose (its absence is no loss)."""
+    """Tell the fence a sale was removed from Redis on purpose (its absence is no loss): its
+    generations recorded so far are retired, and the id may be created again (a new
+    generation, fenced like any sale)."""
     async with pool.acquire() as conn:
-        done = await conn.execute(
-            "UPDATE fence_sales SET forgotten_at = now() WHERE prefix = $1 AND sale = $2", prefix, sale
+        known = await conn.fetchval(
+            "SELECT count(*) FROM fence_sales WHERE prefix = $1 AND sale = $2", prefix, sale
         )
-    if done.endswith(" 0"):
+        await conn.execute(
+            "UPDATE fence_sales SET forgotten_at = now() WHERE prefix = $1 AND sale = $2 AND forgotten_at IS NULL",
+            prefix,
+            sale,
+        )
+    if not known:
         return False
     await fence.log_fence(
         pool, prefix=prefix, sale=sale, action="forgotten", reason="removed from Redis on purpose"

@@ -31,6 +31,13 @@ not_drained        the stream still had uncommitted entries when the wait ran ou
 Every audit leaves its counts by kind in ``<prefix>:audit:last`` (:attr:`flashsale.keys.ServiceKeys.audit_last`), which
 the service's ``/metrics`` exports so that an alert fires on any violation until a clean audit.
 
+A sale id used again (a yearly ``d11``) has the rows of each of its creations in
+PostgreSQL: every row belongs to a generation (:func:`flashsale.fence.verify.generation_of`;
+the generations recorded in ``fence_sales`` and the one Redis holds). Redis is compared
+with the rows of the generation it holds; each earlier generation is audited on its own
+rows (oversold, duplicate, limit_breach), so one creation's stock never hides another's
+oversell. A violation names its ``generation``.
+
 Differences that a live sale explains (an order paid or created after the snapshot) are
 re-checked against Redis before they are reported. The snapshot reads every hold in one
 command, so on a very large sale run the audit after the surge, not during it.
@@ -42,18 +49,19 @@ import asyncio
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from flashsale.fence.verify import ORDER_MADE_AT, generation_of, generations_recorded
 from flashsale.keys import ServiceKeys
 from flashsale.redis_client import as_text
 from flashsale.streams import GROUP, dead_letter_key, stream_backlog
-from inventory import SaleKeys
+from inventory import SaleKeys, parent_sale_id
 
 __all__ = ["KINDS", "SCHEMA", "AuditReport", "SkuAudit", "Violation", "run_audit"]
 
@@ -89,6 +97,9 @@ class Violation:
     sku: str | None = None
     order_id: str | None = None
     units: int = 0
+    #: The creation of the sale id the violation is about (ms of the Redis clock; 0: from
+    #: before generations); None for what is not about one (the stream, transfers, Redis).
+    generation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -369,6 +380,7 @@ class _PgOrder:
     user: str
     request_id: str
     status: str
+    generation: int = 0
     lines: dict[str, int] = field(default_factory=dict)
 
 
@@ -393,17 +405,30 @@ class _TransferLegs:
         return sum(u for _, _, u in self.out) - sum(u for _, _, u in self.into)
 
 
+#: (engine sale, generation, sku) -> the SKU's stock as that creation's events add it up
+_StockByGeneration = dict[tuple[str, int, str], _PgStock]
+
+
 async def _read_postgres(
-    pool: Any, sales: list[str]
-) -> tuple[dict[str, _PgOrder], dict[tuple[str, str], _PgStock], dict[str, _TransferLegs]]:
+    pool: Any, sales: list[str], generations: dict[str, list[int]]
+) -> tuple[dict[str, _PgOrder], _StockByGeneration, dict[str, _TransferLegs]]:
+    """Orders, stock and transfers of ``sales``; every order and stock event is placed in its
+    generation (``generations``: engine sale -> the generations known of its sale)."""
     async with pool.acquire() as conn:
         async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
             if not await conn.fetchval("SELECT to_regclass('orders') IS NOT NULL"):
                 raise RuntimeError("PostgreSQL has no orders table: run `flashsale migrate` first")
             orders = {
-                r["order_id"]: _PgOrder(r["sale"], r["user_id"], r["request_id"], r["status"])
+                r["order_id"]: _PgOrder(
+                    r["sale"],
+                    r["user_id"],
+                    r["request_id"],
+                    r["status"],
+                    generation_of(round(r["made_at"].timestamp() * 1000), generations.get(r["sale"], ())),
+                )
                 for r in await conn.fetch(
-                    "SELECT order_id, sale, user_id, request_id, status FROM orders WHERE sale = ANY($1::text[])",
+                    f"SELECT order_id, sale, user_id, request_id, status, {ORDER_MADE_AT} AS made_at "
+                    "FROM orders o WHERE sale = ANY($1::text[])",
                     sales,
                 )
             }
@@ -413,17 +438,19 @@ async def _read_postgres(
                 sales,
             ):
                 orders[r["order_id"]].lines[r["sku"]] = r["qty"]
-            stock: dict[tuple[str, str], _PgStock] = defaultdict(_PgStock)
+            stock: _StockByGeneration = defaultdict(_PgStock)
             transfers: dict[str, _TransferLegs] = defaultdict(_TransferLegs)
             for r in await conn.fetch(
-                "SELECT sale, sku, type, total, reserve, per_user_limit, delta, units, transfer "
+                "SELECT sale, sku, type, total, reserve, per_user_limit, delta, units, transfer, stream_ms "
                 "FROM stock_events WHERE sale = ANY($1::text[]) ORDER BY sale, sku, stream_ms, stream_seq",
                 sales,
             ):
                 if r["transfer"] is not None:
                     side = transfers[r["transfer"]].out if r["delta"] < 0 else transfers[r["transfer"]].into
                     side.append((r["sale"], r["sku"], abs(r["delta"])))
-                s = stock[(r["sale"], r["sku"])]
+                s = stock[
+                    (r["sale"], generation_of(r["stream_ms"], generations.get(r["sale"], ())), r["sku"])
+                ]
                 if r["type"] == "stocked":
                     s.total += r["total"]
                     s.reserve += r["reserve"]
@@ -434,6 +461,38 @@ async def _read_postgres(
                 elif r["type"] == "reserve_released":
                     s.reserve -= r["units"]
     return orders, dict(stock), dict(transfers)
+
+
+def _merged(stock: _StockByGeneration, keep: Callable[[str, int], bool]) -> dict[tuple[str, str], _PgStock]:
+    """(sale, sku) -> stock, adding up the generations ``keep(sale, generation)`` accepts."""
+    out: dict[tuple[str, str], _PgStock] = {}
+    for (sale, gen, sku), s in sorted(stock.items()):
+        if not keep(sale, gen):
+            continue
+        m = out.setdefault((sale, sku), _PgStock())
+        m.total, m.reserve, m.stocked = m.total + s.total, m.reserve + s.reserve, m.stocked or s.stocked
+        m.limit = s.limit if s.stocked else m.limit
+    return out
+
+
+async def _generations(
+    redis: Any, pool: Any, prefix: str, sales: list[str]
+) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """(engine sale -> the generation Redis holds, engine sale -> every generation known of
+    its sale). Without a settings hash, Redis is taken to hold the one recorded last."""
+    parents = {sale: (parent_sale_id(sale) or (sale, 0))[0] for sale in sales}
+    recorded = await generations_recorded(pool, prefix, parents.values())
+    held: dict[str, int] = {}
+    for parent in sorted(set(parents.values())):
+        gen, opens = await redis.hmget(ServiceKeys(prefix).sale(parent), ["generation", "opens_at_ms"])
+        if gen is None and opens is None:
+            held[parent] = max(recorded.get(parent, [0]))
+        else:
+            held[parent] = int(gen or 0)
+    return (
+        {sale: held[parent] for sale, parent in parents.items()},
+        {sale: sorted({0, held[parent], *recorded.get(parent, [])}) for sale, parent in parents.items()},
+    )
 
 
 async def _orders_known_to_postgres(pool: Any, order_ids: list[str]) -> set[str]:
@@ -476,12 +535,79 @@ def _per_user(holds: Iterable[_Hold | _PgOrder], attr: str) -> Counter[tuple[str
     return owned
 
 
+def _limit_breaches(
+    sale: str, where: str, owned: Counter[tuple[str, str]], limits: dict[str, int]
+) -> list[Violation]:
+    out = []
+    for (user, sku), units in sorted(owned.items()):
+        limit = limits.get(sku, 0)
+        if limit and units > limit:
+            out.append(
+                Violation(
+                    "limit_breach",
+                    sale,
+                    where,
+                    f"buyer {user} holds or owns {units} units, limit {limit}",
+                    sku=sku,
+                    units=units - limit,
+                )
+            )
+    return out
+
+
+def _duplicates(sale: str, where: str, pairs: Iterable[tuple[str, str]]) -> list[Violation]:
+    """Two orders for one request id (``pairs``: request id, order id)."""
+    by_request: dict[str, list[str]] = defaultdict(list)
+    for request_id, order_id in pairs:
+        by_request[request_id].append(order_id)
+    return [
+        Violation(
+            "duplicate",
+            sale,
+            where,
+            f"request {request_id} has {len(ids)} orders: {', '.join(sorted(ids))}",
+            order_id=sorted(ids)[1],
+            units=len(ids) - 1,
+        )
+        for request_id, ids in sorted(by_request.items())
+        if len(ids) > 1
+    ]
+
+
+def _earlier_generation(
+    sale: str, generation: int, orders: dict[str, _PgOrder], stock: dict[str, _PgStock]
+) -> list[Violation]:
+    """An earlier creation of the sale id, on PostgreSQL's rows alone (Redis holds a later
+    one): its own orders against its own stock."""
+    label = f"generation {generation} (an earlier creation of {sale})"
+    held, paid = _units(orders.values(), "held", "status"), _units(orders.values(), "paid", "status")
+    out = [
+        Violation(
+            "oversold",
+            sale,
+            "postgresql",
+            f"units in paid and held orders exceed the {s.total} units stocked by {over}",
+            sku=sku,
+            units=over,
+        )
+        for sku, s in sorted(stock.items())
+        if (over := held[sku] + paid[sku] - s.total) > 0
+    ]
+    out += _limit_breaches(
+        sale, "postgresql", _per_user(orders.values(), "status"), {k: s.limit for k, s in stock.items()}
+    )
+    out += _duplicates(sale, "postgresql", [(p.request_id, o) for o, p in orders.items()])
+    return [replace(v, generation=generation, detail=f"{label}: {v.detail}") for v in out]
+
+
 def _compare_sale(
     snap: _RedisSale,
     pg_orders: dict[str, _PgOrder],
     pg_stock: dict[tuple[str, str], _PgStock],
     grace_ms: int,
+    generation: int,
 ) -> tuple[list[SkuAudit], list[Violation]]:
+    """The sale as Redis holds it (its ``generation``) against PostgreSQL's rows of it."""
     sale = snap.sale
     out: list[Violation] = []
     mine = {o: p for o, p in pg_orders.items() if p.sale == sale}
@@ -607,23 +733,8 @@ def _compare_sale(
             )
         )
 
-    for where, attr, population in (
-        ("redis", "state", snap.holds.values()),
-        ("postgresql", "status", mine.values()),
-    ):
-        for (user, sku), owned in sorted(_per_user(population, attr).items()):
-            limit = limits.get(sku, 0)
-            if limit and owned > limit:
-                out.append(
-                    Violation(
-                        "limit_breach",
-                        sale,
-                        where,
-                        f"buyer {user} holds or owns {owned} units, limit {limit}",
-                        sku=sku,
-                        units=owned - limit,
-                    )
-                )
+    out += _limit_breaches(sale, "redis", _per_user(snap.holds.values(), "state"), limits)
+    out += _limit_breaches(sale, "postgresql", _per_user(mine.values(), "status"), limits)
 
     for hold_id, h in snap.holds.items():
         if h.state == "held" and h.deadline_ms + grace_ms < snap.now_ms:
@@ -639,25 +750,8 @@ def _compare_sale(
                 )
             )
 
-    for where, pairs in (
-        ("postgresql", [((p.request_id), o) for o, p in mine.items()]),
-        ("redis", [(h.request_id, o) for o, h in snap.holds.items()]),
-    ):
-        by_request: dict[str, list[str]] = defaultdict(list)
-        for request_id, order_id in pairs:
-            by_request[request_id].append(order_id)
-        for request_id, ids in sorted(by_request.items()):
-            if len(ids) > 1:
-                out.append(
-                    Violation(
-                        "duplicate",
-                        sale,
-                        where,
-                        f"request {request_id} has {len(ids)} orders: {', '.join(sorted(ids))}",
-                        order_id=sorted(ids)[1],
-                        units=len(ids) - 1,
-                    )
-                )
+    out += _duplicates(sale, "postgresql", [(p.request_id, o) for o, p in mine.items()])
+    out += _duplicates(sale, "redis", [(h.request_id, o) for o, h in snap.holds.items()])
 
     if snap.dead_letters:
         out.append(
@@ -671,7 +765,7 @@ def _compare_sale(
                 units=snap.dead_letters,
             )
         )
-    return skus, out
+    return skus, [v if v.kind == "dead_letter" else replace(v, generation=generation) for v in out]
 
 
 def _order_differences(h: _Hold, p: _PgOrder) -> list[str]:
@@ -787,7 +881,12 @@ async def run_audit(
         sale_list = sorted(set(sales))
     snapshots = {sale: await _read_redis(redis, prefix, sale) for sale in sale_list}
     drained, waited, outstanding = await _wait_drained(redis, prefix, snapshots, wait_drain_s)
-    pg_orders, pg_stock, pg_transfers = await _read_postgres(pool, sale_list)
+    held, known = await _generations(redis, pool, prefix, sale_list)
+    every_order, every_stock, pg_transfers = await _read_postgres(pool, sale_list, known)
+    # Redis is compared with the generation it holds (and any later one PostgreSQL has:
+    # Redis went back); each earlier one is audited on its own below.
+    pg_orders = {o: p for o, p in every_order.items() if p.generation >= held[p.sale]}
+    pg_stock = _merged(every_stock, lambda sale, gen: gen >= held[sale])
 
     skus: list[SkuAudit] = []
     violations: list[Violation] = []
@@ -803,9 +902,17 @@ async def run_audit(
                 )
             )
     for snap in snapshots.values():
-        sale_skus, sale_violations = _compare_sale(snap, pg_orders, pg_stock, int(expiry_grace_s * 1000))
+        sale_skus, sale_violations = _compare_sale(
+            snap, pg_orders, pg_stock, int(expiry_grace_s * 1000), held[snap.sale]
+        )
         skus += sale_skus
         violations += sale_violations
+    earlier = {(p.sale, p.generation) for p in every_order.values()} | {(s, g) for s, g, _ in every_stock}
+    for sale, gen in sorted(earlier):
+        if gen < held[sale]:
+            orders = {o: p for o, p in every_order.items() if (p.sale, p.generation) == (sale, gen)}
+            stock = {sku: st for (s, g, sku), st in every_stock.items() if (s, g) == (sale, gen)}
+            violations += _earlier_generation(sale, gen, orders, stock)
     intents = await _intents(redis, prefix, sale_list)
     violations += _stranded_transfers(intents, snapshots)
     violations += await _unreceived_transfers(redis, prefix, sale_list, pg_transfers, intents)
