@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import secrets
 import time
 from typing import Any
 
@@ -20,7 +21,7 @@ from flashsale.pipeline import sweeper as sweeper_module
 from flashsale.pipeline.audit import run_audit
 from flashsale.pipeline.sweeper import HoldSweeper
 from flashsale.service.sales import SaleBook, SaleSettings, now_ms
-from inventory import BucketedInventory, Inventory
+from inventory import BucketedInventory, Inventory, SoldOut
 
 
 async def _strand(redis: Redis, inv: BucketedInventory, units: int, age_s: float) -> str:
@@ -243,3 +244,31 @@ async def test_a_transfer_cut_by_a_redis_data_loss_is_finished_after_recovery(
         await drained(text_redis, engines)
     audit = await run_audit(text_redis, pipeline_pool, sales=engines, wait_drain_s=2)
     assert audit.ok, audit.table()
+
+
+class Contested(BucketedInventory):
+    """A bucketed sale where another buyer of the same home bucket takes every unit a pull
+    brings in before the puller can reserve it (what a crowd does to one hot bucket)."""
+
+    rival = ""
+
+    async def transfer(self, sku: str, units: int, *, source: Inventory, target: Inventory) -> bool:
+        moved = await super().transfer(sku, units, source=source, target=target)
+        if moved:
+            await target.reserve(self.rival, [(sku, units)], request_id=f"grab-{secrets.token_hex(4)}")
+        return moved
+
+
+async def test_pulls_lost_to_a_crowd_are_not_reported_as_sold_out(redis_client: Redis) -> None:
+    """The retry loop can run out while other buckets still have units: the refusal says
+    how many the sale still has, so the service does not cache the SKU as sold out."""
+    inv = Contested(redis_client, "crowd", 2, coalesce=False)
+    inv.rival = next(f"rival{i}" for i in range(1000) if inv.home(f"rival{i}") is inv.home("alice"))
+    await inv.stock("hot", 40)
+    home = inv.home("alice")
+    await home.reserve(inv.rival, [("hot", 20)], request_id="first-grab")  # the home bucket is empty
+    with pytest.raises(SoldOut) as refused:
+        await inv.reserve("alice", [("hot", 1)], request_id="a-1")
+    left = await inv.snapshot("hot")
+    assert left is not None and left.available > 0, "the test needs units left elsewhere"
+    assert (refused.value.sku, refused.value.available) == ("hot", left.available)

@@ -6,10 +6,13 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
 from flashsale.console import fail, run, write_json
+
+if TYPE_CHECKING:
+    from flashsale.settings import Settings
 
 __all__ = ["register"]
 
@@ -58,12 +61,13 @@ def _recover(args: argparse.Namespace) -> int:
     return run(_recover_async(settings, args))
 
 
-async def _recover_async(settings: Any, args: argparse.Namespace) -> int:
+async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
     from flashsale.fence import recovery
     from flashsale.fence import verify as fence
     from flashsale.pgpool import close_pool, create_pool
     from flashsale.redis_client import connect
 
+    assert settings.database_url, "checked by _recover"
     redis = connect(settings.redis_url, decode=True, timeout_s=30, connect_timeout_s=5)
     try:
         pool = await create_pool(settings.database_url, max_size=2, application_name="flashsale-recover")

@@ -28,7 +28,7 @@ named by the instant it was created (ms of the Redis clock, the settings hash's
 ``generation`` field; 0 for sales from before generations). ``fence_sales`` keeps a row per
 generation, and everything compared above is read for the generation recorded last: a row
 of ``orders`` or ``stock_events`` belongs to the newest generation created at or before it
-(:func:`generation_of`). A generation newer than the one recorded is a sale created again:
+(:func:`flashsale.ledger.generation_of`). A generation newer than the one recorded is a sale created again:
 it is recorded, then checked — unless the one before it was never retired, which is how a
 Redis wiped and then given a new sale of the same id looks (a loss, until retired).
 
@@ -67,18 +67,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import newest_stock_event_ms, order_counts, paid_units
 from flashsale.redis_client import as_text
-from inventory import SaleKeys, bucket_sale_id, parent_sale_id
+from inventory import SaleKeys, StreamId, bucket_sale_id, parent_sale_id
 
 __all__ = [
-    "ORDER_MADE_AT",
     "FenceUnavailable",
     "Loss",
     "SaleRecord",
     "Verdict",
     "ensure_lineage",
     "fallback_record",
-    "generation_of",
     "generations_recorded",
     "lineage_key",
     "load_registry",
@@ -102,21 +101,6 @@ class FenceUnavailable(RuntimeError):
 
 def lineage_key(prefix: str) -> str:
     return ServiceKeys(prefix).lineage
-
-
-def _stream_ms(stream_id: str | None) -> int:
-    return int(stream_id.partition("-")[0]) if stream_id else 0
-
-
-def generation_of(at_ms: int, generations: Iterable[int]) -> int:
-    """The generation a row made at ``at_ms`` (Redis clock) belongs to: the newest of
-    ``generations`` created at or before it; 0 (before any recorded) if none."""
-    return max((g for g in generations if g <= at_ms), default=0)
-
-
-#: When an order was made, on the Redis clock (a row a closing entry wrote first has only
-#: the time of its status until its "reserved" entry arrives): what places it in a generation.
-ORDER_MADE_AT = "coalesce(o.created_at, o.status_at)"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,38 +249,16 @@ async def _read_postgres(pool: Any, prefix: str) -> _PgFacts:
             }
             forgotten = {e for rec in registry.values() if rec.forgotten for e in rec.engine_sales}
             ours = set(since) | forgotten
-            window = "unnest($1::text[], $2::bigint[]) AS g(sale, since)"
-            bounds = [list(since), list(since.values())]
             stocked = {
-                r["sale"]: int(r["ms"])
-                for r in await conn.fetch(
-                    f"SELECT e.sale, max(e.stream_ms) AS ms FROM stock_events e LEFT JOIN {window} USING (sale) "
-                    "WHERE e.stream_ms >= coalesce(g.since, 0) GROUP BY e.sale",
-                    *bounds,
-                )
-                if r["sale"] in ours or r["sale"] not in other_engines
+                sale: ms
+                for sale, ms in (await newest_stock_event_ms(conn, since)).items()
+                if sale in ours or sale not in other_engines
             }
             engines = sorted(set(since) | (set(stocked) - forgotten))
-            bounds = [engines, [since.get(e, 0) for e in engines]]
-            made_since = f"{ORDER_MADE_AT} >= to_timestamp(g.since / 1000.0)"
-            orders: dict[str, int] = {}
-            order_ms: dict[str, int] = {}
-            for r in await conn.fetch(
-                "SELECT o.sale, count(*) AS n, max(split_part(o.last_stream_id, '-', 1)::bigint) AS ms "
-                f"FROM orders o JOIN {window} USING (sale) WHERE {made_since} GROUP BY o.sale",
-                *bounds,
-            ):
-                orders[r["sale"]] = int(r["n"])
-                order_ms[r["sale"]] = int(r["ms"])
-            paid = {
-                (r["sale"], r["sku"]): int(r["units"])
-                for r in await conn.fetch(
-                    "SELECT o.sale, l.sku, sum(l.qty) AS units FROM orders o JOIN order_lines l USING (order_id) "
-                    f"JOIN {window} ON g.sale = o.sale WHERE o.status = 'paid' AND {made_since} "
-                    "GROUP BY o.sale, l.sku",
-                    *bounds,
-                )
-            }
+            counts = await order_counts(conn, engines, since)
+            orders = {sale: n for sale, (n, _) in counts.items()}
+            order_ms = {sale: ms for sale, (_, ms) in counts.items()}
+            paid = await paid_units(conn, engines, since)
     stocked = {s: ms for s, ms in stocked.items() if s not in forgotten}
     return _PgFacts(lineage, registry, stocked, orders, order_ms, paid)
 
@@ -413,7 +375,7 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
                 )
         committed = max(pg.stocked.get(engine, 0), pg.order_ms.get(engine, 0))
         last = None if isinstance(stream, Exception) else as_text(stream.get("last-generated-id") or "0-0")
-        if committed and _stream_ms(last) < committed:
+        if committed and (StreamId.parse(last).ms if last else 0) < committed:
             losses.append(
                 Loss(
                     sale,

@@ -14,7 +14,7 @@ oversold           units sold + held beyond the units stocked, per SKU: from Red
                    events
 lost               an order Redis holds, or a client was acknowledged (``acknowledged``), that
                    PostgreSQL does not have — or that Redis does not have
-duplicate          two orders for one (sale, request id), in PostgreSQL or in Redis
+duplicate          two orders for one (sale, buyer, request id), in PostgreSQL or in Redis
 conflict           an order whose status, buyer, request id or lines differ between Redis and
                    PostgreSQL
 phantom            an order PostgreSQL has and Redis does not (Redis lost data: stock rebuilt
@@ -49,7 +49,7 @@ import asyncio
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
@@ -57,11 +57,20 @@ from typing import Any
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from flashsale.fence.verify import ORDER_MADE_AT, generation_of, generations_recorded
+from flashsale.fence.verify import generations_recorded
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import (
+    SchemaMissing,
+    SkuStock,
+    fold_stock,
+    generation_of,
+    made_at_ms,
+    orders_known,
+    read_sales,
+)
 from flashsale.redis_client import as_text
 from flashsale.streams import GROUP, dead_letter_key, stream_backlog
-from inventory import SaleKeys, parent_sale_id
+from inventory import SaleKeys, StreamId, parent_sale_id
 
 __all__ = ["KINDS", "SCHEMA", "AuditReport", "SkuAudit", "Violation", "run_audit"]
 
@@ -328,11 +337,6 @@ async def _read_redis(redis: Any, prefix: str, sale: str) -> _RedisSale:
     )
 
 
-def _id(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def _outstanding(redis: Any, key: str, up_to: str | None) -> bool:
     """True while some entry at or below ``up_to`` is not committed by the writers."""
     if up_to is None:
@@ -345,7 +349,9 @@ async def _outstanding(redis: Any, key: str, up_to: str | None) -> bool:
     if ours is None:  # no writer ever read this stream
         return bool(await redis.xlen(key))
     last_delivered = as_text(ours["last-delivered-id"])
-    if _id(last_delivered) < _id(up_to) and await redis.xrange(key, "(" + last_delivered, up_to, count=1):
+    if StreamId.parse(last_delivered) < StreamId.parse(up_to) and await redis.xrange(
+        key, "(" + last_delivered, up_to, count=1
+    ):
         return True
     return bool(await redis.xpending_range(key, GROUP, "-", up_to, 1))
 
@@ -385,14 +391,6 @@ class _PgOrder:
 
 
 @dataclass(slots=True)
-class _PgStock:
-    total: int = 0
-    reserve: int = 0
-    limit: int = 0
-    stocked: bool = False
-
-
-@dataclass(slots=True)
 class _TransferLegs:
     """One bucket transfer as PostgreSQL recorded it: (engine sale, sku, units) per side."""
 
@@ -405,74 +403,39 @@ class _TransferLegs:
         return sum(u for _, _, u in self.out) - sum(u for _, _, u in self.into)
 
 
-#: (engine sale, generation, sku) -> the SKU's stock as that creation's events add it up
-_StockByGeneration = dict[tuple[str, int, str], _PgStock]
+#: Stock events, each with the generation it belongs to, in stream order per SKU.
+_Events = list[tuple[int, Mapping[str, Any]]]
 
 
 async def _read_postgres(
     pool: Any, sales: list[str], generations: dict[str, list[int]]
-) -> tuple[dict[str, _PgOrder], _StockByGeneration, dict[str, _TransferLegs]]:
-    """Orders, stock and transfers of ``sales``; every order and stock event is placed in its
-    generation (``generations``: engine sale -> the generations known of its sale)."""
-    async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            if not await conn.fetchval("SELECT to_regclass('orders') IS NOT NULL"):
-                raise RuntimeError("PostgreSQL has no orders table: run `flashsale migrate` first")
-            orders = {
-                r["order_id"]: _PgOrder(
-                    r["sale"],
-                    r["user_id"],
-                    r["request_id"],
-                    r["status"],
-                    generation_of(round(r["made_at"].timestamp() * 1000), generations.get(r["sale"], ())),
-                )
-                for r in await conn.fetch(
-                    f"SELECT order_id, sale, user_id, request_id, status, {ORDER_MADE_AT} AS made_at "
-                    "FROM orders o WHERE sale = ANY($1::text[])",
-                    sales,
-                )
-            }
-            for r in await conn.fetch(
-                "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = ANY($1::text[])",
-                sales,
-            ):
-                orders[r["order_id"]].lines[r["sku"]] = r["qty"]
-            stock: _StockByGeneration = defaultdict(_PgStock)
-            transfers: dict[str, _TransferLegs] = defaultdict(_TransferLegs)
-            for r in await conn.fetch(
-                "SELECT sale, sku, type, total, reserve, per_user_limit, delta, units, transfer, stream_ms "
-                "FROM stock_events WHERE sale = ANY($1::text[]) ORDER BY sale, sku, stream_ms, stream_seq",
-                sales,
-            ):
-                if r["transfer"] is not None:
-                    side = transfers[r["transfer"]].out if r["delta"] < 0 else transfers[r["transfer"]].into
-                    side.append((r["sale"], r["sku"], abs(r["delta"])))
-                s = stock[
-                    (r["sale"], generation_of(r["stream_ms"], generations.get(r["sale"], ())), r["sku"])
-                ]
-                if r["type"] == "stocked":
-                    s.total += r["total"]
-                    s.reserve += r["reserve"]
-                    s.limit = r["per_user_limit"]
-                    s.stocked = True
-                elif r["type"] in ("restocked", "written_off"):
-                    s.total += r["delta"]
-                elif r["type"] == "reserve_released":
-                    s.reserve -= r["units"]
-    return orders, dict(stock), dict(transfers)
-
-
-def _merged(stock: _StockByGeneration, keep: Callable[[str, int], bool]) -> dict[tuple[str, str], _PgStock]:
-    """(sale, sku) -> stock, adding up the generations ``keep(sale, generation)`` accepts."""
-    out: dict[tuple[str, str], _PgStock] = {}
-    for (sale, gen, sku), s in sorted(stock.items()):
-        if not keep(sale, gen):
-            continue
-        m = out.setdefault((sale, sku), _PgStock())
-        m.total, m.reserve, m.stocked = m.total + s.total, m.reserve + s.reserve, m.stocked or s.stocked
-        m.limit = s.limit if s.stocked else m.limit
-    return out
+) -> tuple[dict[str, _PgOrder], _Events, dict[str, _TransferLegs]]:
+    """Orders, stock events and transfers of ``sales``, every order and stock event placed
+    in its generation (``generations``: engine sale -> the generations known of its sale)."""
+    try:
+        records = await read_sales(pool, sales)  # one snapshot
+    except SchemaMissing as exc:
+        raise RuntimeError(str(exc)) from None
+    orders = {
+        r["order_id"]: _PgOrder(
+            r["sale"],
+            r["user_id"],
+            r["request_id"],
+            r["status"],
+            generation_of(made_at_ms(r), generations.get(r["sale"], ())),
+        )
+        for r in records.orders
+    }
+    for order_id, lines in records.lines.items():
+        orders[order_id].lines.update(lines)
+    events: _Events = []
+    transfers: dict[str, _TransferLegs] = defaultdict(_TransferLegs)
+    for e in records.events:
+        events.append((generation_of(e["stream_ms"], generations.get(e["sale"], ())), e))
+        if e["transfer"] is not None:
+            leg = transfers[e["transfer"]]
+            (leg.out if e["delta"] < 0 else leg.into).append((e["sale"], e["sku"], abs(e["delta"])))
+    return orders, events, dict(transfers)
 
 
 async def _generations(
@@ -493,14 +456,6 @@ async def _generations(
         {sale: held[parent] for sale, parent in parents.items()},
         {sale: sorted({0, held[parent], *recorded.get(parent, [])}) for sale, parent in parents.items()},
     )
-
-
-async def _orders_known_to_postgres(pool: Any, order_ids: list[str]) -> set[str]:
-    if not order_ids:
-        return set()
-    async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT order_id FROM orders WHERE order_id = ANY($1::text[])", order_ids)
-    return {r["order_id"] for r in rows}
 
 
 async def _current_holds(redis: Any, prefix: str, order_ids: Iterable[str]) -> dict[str, _Hold | None]:
@@ -555,27 +510,28 @@ def _limit_breaches(
     return out
 
 
-def _duplicates(sale: str, where: str, pairs: Iterable[tuple[str, str]]) -> list[Violation]:
-    """Two orders for one request id (``pairs``: request id, order id)."""
-    by_request: dict[str, list[str]] = defaultdict(list)
-    for request_id, order_id in pairs:
-        by_request[request_id].append(order_id)
+def _duplicates(sale: str, where: str, pairs: Iterable[tuple[tuple[str, str], str]]) -> list[Violation]:
+    """Two orders for one request of one buyer (``pairs``: (buyer, request id), order id).
+    Request ids are each buyer's own: two buyers' orders under one id are no duplicate."""
+    by_request: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for buyer_request, order_id in pairs:
+        by_request[buyer_request].append(order_id)
     return [
         Violation(
             "duplicate",
             sale,
             where,
-            f"request {request_id} has {len(ids)} orders: {', '.join(sorted(ids))}",
+            f"request {request_id} of buyer {user} has {len(ids)} orders: {', '.join(sorted(ids))}",
             order_id=sorted(ids)[1],
             units=len(ids) - 1,
         )
-        for request_id, ids in sorted(by_request.items())
+        for (user, request_id), ids in sorted(by_request.items())
         if len(ids) > 1
     ]
 
 
 def _earlier_generation(
-    sale: str, generation: int, orders: dict[str, _PgOrder], stock: dict[str, _PgStock]
+    sale: str, generation: int, orders: dict[str, _PgOrder], stock: dict[str, SkuStock]
 ) -> list[Violation]:
     """An earlier creation of the sale id, on PostgreSQL's rows alone (Redis holds a later
     one): its own orders against its own stock."""
@@ -596,14 +552,14 @@ def _earlier_generation(
     out += _limit_breaches(
         sale, "postgresql", _per_user(orders.values(), "status"), {k: s.limit for k, s in stock.items()}
     )
-    out += _duplicates(sale, "postgresql", [(p.request_id, o) for o, p in orders.items()])
+    out += _duplicates(sale, "postgresql", [((p.user, p.request_id), o) for o, p in orders.items()])
     return [replace(v, generation=generation, detail=f"{label}: {v.detail}") for v in out]
 
 
 def _compare_sale(
     snap: _RedisSale,
     pg_orders: dict[str, _PgOrder],
-    pg_stock: dict[tuple[str, str], _PgStock],
+    pg_stock: dict[tuple[str, str], SkuStock],
     grace_ms: int,
     generation: int,
 ) -> tuple[list[SkuAudit], list[Violation]]:
@@ -750,8 +706,8 @@ def _compare_sale(
                 )
             )
 
-    out += _duplicates(sale, "postgresql", [(p.request_id, o) for o, p in mine.items()])
-    out += _duplicates(sale, "redis", [(h.request_id, o) for o, h in snap.holds.items()])
+    out += _duplicates(sale, "postgresql", [((p.user, p.request_id), o) for o, p in mine.items()])
+    out += _duplicates(sale, "redis", [((h.user, h.request_id), o) for o, h in snap.holds.items()])
 
     if snap.dead_letters:
         out.append(
@@ -882,11 +838,11 @@ async def run_audit(
     snapshots = {sale: await _read_redis(redis, prefix, sale) for sale in sale_list}
     drained, waited, outstanding = await _wait_drained(redis, prefix, snapshots, wait_drain_s)
     held, known = await _generations(redis, pool, prefix, sale_list)
-    every_order, every_stock, pg_transfers = await _read_postgres(pool, sale_list, known)
+    every_order, events, pg_transfers = await _read_postgres(pool, sale_list, known)
     # Redis is compared with the generation it holds (and any later one PostgreSQL has:
     # Redis went back); each earlier one is audited on its own below.
     pg_orders = {o: p for o, p in every_order.items() if p.generation >= held[p.sale]}
-    pg_stock = _merged(every_stock, lambda sale, gen: gen >= held[sale])
+    pg_stock = fold_stock(e for gen, e in events if gen >= held[e["sale"]])
 
     skus: list[SkuAudit] = []
     violations: list[Violation] = []
@@ -907,12 +863,12 @@ async def run_audit(
         )
         skus += sale_skus
         violations += sale_violations
-    earlier = {(p.sale, p.generation) for p in every_order.values()} | {(s, g) for s, g, _ in every_stock}
+    earlier = {(p.sale, p.generation) for p in every_order.values()} | {(e["sale"], g) for g, e in events}
     for sale, gen in sorted(earlier):
         if gen < held[sale]:
             orders = {o: p for o, p in every_order.items() if (p.sale, p.generation) == (sale, gen)}
-            stock = {sku: st for (s, g, sku), st in every_stock.items() if (s, g) == (sale, gen)}
-            violations += _earlier_generation(sale, gen, orders, stock)
+            stock = fold_stock(e for g, e in events if (e["sale"], g) == (sale, gen))
+            violations += _earlier_generation(sale, gen, orders, {sku: st for (_, sku), st in stock.items()})
     intents = await _intents(redis, prefix, sale_list)
     violations += _stranded_transfers(intents, snapshots)
     violations += await _unreceived_transfers(redis, prefix, sale_list, pg_transfers, intents)
@@ -956,7 +912,7 @@ async def run_audit(
 
     ack = sorted(set(acknowledged or ()))
     if ack:
-        in_pg = {o for o in ack if o in pg_orders} | await _orders_known_to_postgres(
+        in_pg = {o for o in ack if o in pg_orders} | await orders_known(
             pool, [o for o in ack if o not in pg_orders]
         )
         in_redis = {o for o in ack if o in all_holds}

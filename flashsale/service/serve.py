@@ -1,10 +1,10 @@
 """Running the service: N processes sharing one port (SO_REUSEPORT), so every core takes
 connections; the parent supervises them (restarts one that dies, stops all on SIGTERM or
-Ctrl-C). uvloop is installed here, in the entry point, and nowhere else."""
+Ctrl-C). uvloop is installed here, in the entry point (chosen by ``flashsale.console``), never on
+import."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -17,6 +17,7 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from flashsale.console import install_uvloop
 from flashsale.logs import configure
 from flashsale.settings import Settings
 
@@ -26,15 +27,6 @@ log = logging.getLogger("flashsale.serve")
 
 #: A worker that exits sooner than this after its start failed to start: stop, do not loop.
 STARTUP_GRACE_S = 5.0
-
-
-def install_uvloop() -> bool:
-    try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
 
 
 def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
