@@ -32,7 +32,7 @@ Every audit leaves its counts by kind in ``<prefix>:audit:last`` (:attr:`flashsa
 the service's ``/metrics`` exports so that an alert fires on any violation until a clean audit.
 
 A sale id used again (a yearly ``d11``) has the rows of each of its creations in
-PostgreSQL: every row belongs to a generation (:func:`flashsale.fence.verify.generation_of`;
+PostgreSQL: every row belongs to a generation (:func:`flashsale.ledger.generation_of`;
 the generations recorded in ``fence_sales`` and the one Redis holds). Redis is compared
 with the rows of the generation it holds; each earlier generation is audited on its own
 rows (oversold, duplicate, limit_breach), so one creation's stock never hides another's
