@@ -10,7 +10,8 @@ the reservation scripts):
 ``<prefix>:sales``          set   sale ids (the worker discovers the event streams here)
 ``<prefix>:sale:<sale>``    hash  the sale's settings (below) and ``epoch``, bumped on
                                   every restock / reserve release so processes drop
-                                  their sold-out caches at once
+                                  their sold-out caches at once, and ``generation``:
+                                  which creation of the sale id this is
 ``<prefix>:skus``           hash  sku -> sale (a SKU belongs to one sale)
 ``<prefix>:switches``       hash  endpoint switches of the degraded-site plan
 """
@@ -43,6 +44,9 @@ class SaleSettings:
     fenced: str = ""  # non-empty: sales refused until `flashsale recover` (the reason)
     epoch: int = 0
     buckets: int = 1  # > 1: stock split over that many hash slots (inventory.BucketedInventory)
+    #: When this creation of the sale was made (ms, Redis clock): a sale id used again is a
+    #: new generation (see flashsale.fence.verify); 0 for sales from before generations.
+    generation: int = 0
     room: int = 0  # 1: orders need a waiting-room ticket (flashsale.service.waiting_room)
 
     def opens_for(self, member: bool) -> int:
@@ -65,6 +69,7 @@ class SaleSettings:
             fenced=f.get("fenced", ""),
             epoch=int(f.get("epoch", 0)),
             buckets=int(f.get("buckets", 1)),
+            generation=int(f.get("generation", 0)),
             room=int(f.get("room", 0)),
         )
 
@@ -165,6 +170,7 @@ class SaleBook:
                 "fenced": settings.fenced,
                 "epoch": 0,
                 "buckets": settings.buckets,
+                "generation": settings.generation,
                 "room": settings.room,
             },
         )
