@@ -74,6 +74,7 @@ __all__ = [
     "build_timeline",
     "format_console",
     "generator_health",
+    "latency_lines",
     "order_columns",
     "run_charts",
     "software_versions",
@@ -885,6 +886,23 @@ def _dots(label: str, width: int = 38) -> str:
     return f"{label} " + "." * max(width - len(label) - 1, 2)
 
 
+def latency_lines(summary: Mapping[str, Any], indent: str = "  ") -> list[str]:
+    """The latency table, k6's columns and HdrHistogram's: p50/p90/p95/p99/p99.9, max, mean
+    (ms), raw and corrected per request kind."""
+    lat = summary["latency"]
+    head = "".join(f"{h:>8}" for h in ("p50", "p90", "p95", "p99", "p99.9", "max", "mean"))
+    out = [f"{indent}{'latency ms':<26}{head}   count"]
+    for name in lat["raw"]:
+        for which in ("raw", "corrected"):
+            x = lat[which][name]
+            cells = "".join(
+                f"{x[k]:>8.1f}"
+                for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "p99.9_ms", "max_ms", "mean_ms")
+            )
+            out.append(f"{indent}{name + ' ' + which:<26}{cells}   {x['count']}")
+    return out
+
+
 def format_console(summary: Mapping[str, Any], folder: Path | None = None) -> str:
     """The end-of-run summary for a terminal, k6-style: a ✓/✗ line per invariant check and per
     threshold, validity with the generator's figures behind it, arrivals, requests and errors
@@ -929,17 +947,7 @@ def format_console(summary: Mapping[str, Any], folder: Path | None = None) -> st
         f"  requests: {tp['requests']} ({tp['requests_per_s']:.1f}/s, busiest second {tp['requests_per_s_peak']}), "
         f"errors: {tp['errors']} ({tp['errors_per_s']:.2f}/s, busiest second {tp['errors_per_s_peak']})"
     )
-    lat = summary["latency"]
-    head = "".join(f"{h:>8}" for h in ("p50", "p90", "p95", "p99", "p99.9", "max", "mean"))
-    out.append(f"  {'latency ms':<26}{head}   count")
-    for name in lat["raw"]:
-        for which in ("raw", "corrected"):
-            x = lat[which][name]
-            cells = "".join(
-                f"{x[k]:>8.1f}"
-                for k in ("p50_ms", "p90_ms", "p95_ms", "p99_ms", "p99.9_ms", "max_ms", "mean_ms")
-            )
-            out.append(f"  {name + ' ' + which:<26}{cells}   {x['count']}")
+    out += latency_lines(summary)
     verdict = summary["exit_meaning"]
     if summary["exit_code"] == exit_codes.INVARIANT_VIOLATED and "checks" in oracle:
         failed = [c["name"].upper() for c in oracle["checks"] if not c["passed"]]

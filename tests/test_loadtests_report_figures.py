@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from report_support import SETTINGS, SPIKE_SECOND, two_kinds, two_kinds_report
 
+from flashsale.drills.rehearse import format_verdict_table
 from loadtests.latency import LatencyBook, new_histogram, to_us
 from loadtests.report import Report, format_console, generator_health
 from loadtests.slo import RunValidity, evaluate
@@ -70,6 +71,9 @@ def test_p95_and_mean_beside_p50_p90_p99(made: tuple[Report, Path]) -> None:
     assert head.split()[2:] == ["p50", "p90", "p95", "p99", "p99.9", "max", "mean", "count"]
     row = next(line for line in console.splitlines() if line.strip().startswith("order raw"))
     assert f"{order['p95_ms']:.1f}" in row.split() and f"{order['mean_ms']:.1f}" in row.split()
+
+    # flashsale rehearse's own verdict table shows the same columns.
+    assert head in format_verdict_table(report.summary, folder).splitlines()
 
     page = (folder / "report.html").read_text()
     latency_table = page[page.index("<h2>Latency (ms)</h2>") :].split("</table>")[0]

@@ -474,15 +474,9 @@ def format_verdict_table(summary: dict[str, Any], folder: Path) -> str:
             f"  T0 rendezvous fired {min(sent.values()):.1f}-{max(sent.values()):.1f} ms after T0 by "
             f"{len(sent)} Locust process(es) (skew {summary['generator']['t0_skew_ms']:.1f} ms)"
         )
-    lat = summary["latency"]
-    rows.append(f"  {'latency ms':<22}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>9}   count")
-    for name in lat["raw"]:
-        for which in ("raw", "corrected"):
-            x = lat[which][name]
-            rows.append(
-                f"  {name + ' ' + which:<22}{x['p50_ms']:>8.1f}{x['p90_ms']:>8.1f}{x['p99_ms']:>8.1f}"
-                f"{x['p99.9_ms']:>8.1f}{x['max_ms']:>9.1f}   {x['count']}"
-            )
+    from loadtests.report import latency_lines  # the kit's table: p50/p90/p95/p99/p99.9, max, mean
+
+    rows += latency_lines(summary)
     sold_out = summary.get("service", {}).get("sold_out_at_s_from_t0") or {}
     for sku, times in sold_out.items():
         rows.append(
