@@ -49,12 +49,13 @@ from loadtests import exit_codes
 from loadtests.admin import AdminClient, AdminError, admin_token_from_env
 from loadtests.arrivals import Arrival, ArrivalDispatcher, ArrivalPlan
 from loadtests.drill import DrillSale, default_sale, expected_orders, sale_from_settings
+from loadtests.latency import PERCENTILES
 from loadtests.oracle import Verdict, format_verdict, run_oracle
 from loadtests.personas import Behaviour, Catalogue, CatalogueItem, PersonaWeights, Reply, Shopper, classify
 from loadtests.recording import ProcessRecorder, RunCollector, parse_stats
 from loadtests.report import DrillEvent, write_report
 from loadtests.shapes import SHAPES, Shape, build_shape
-from loadtests.slo import DEFAULT_THRESHOLDS, RunValidity, parse_threshold
+from loadtests.slo import DEFAULT_THRESHOLDS, RunValidity, parse_slo
 
 log = logging.getLogger("flashsale.drill")
 
@@ -174,10 +175,8 @@ def _drill_options(parser: Any) -> None:
 
 
 def _thresholds(text: str) -> list[str]:
-    items = [t.strip() for t in text.replace("\n", ";").split(";") if t.strip()]
-    for t in items:
-        parse_threshold(t)  # fail at start, not at the end of a long run
-    return items
+    # Fail at start, not at the end of a long run.
+    return [t.text for t in parse_slo(text, percentiles=PERCENTILES)]
 
 
 # -- one process's part: the driver ------------------------------------------------------------
