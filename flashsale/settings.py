@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -78,6 +78,40 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
         "sale_cache_s",
         "seconds sale settings (opening time, switches) are cached (default 0.5)",
     ),
+    (
+        "FLASHSALE_JWT_SECRET",
+        "jwt_secret",
+        "accept HS256 JWT bearer tokens signed with this secret (beside flashsale's own tokens)",
+    ),
+    (
+        "FLASHSALE_JWT_PUBLIC_KEY",
+        "jwt_public_key",
+        "accept RS256/ES256 JWTs verified with this PEM public key file",
+    ),
+    ("FLASHSALE_JWT_JWKS", "jwt_jwks", "accept RS256/ES256 JWTs verified with this JWKS file (by kid)"),
+    ("FLASHSALE_JWT_ISSUER", "jwt_issuer", "the JWT issuer ('iss') required, when set"),
+    ("FLASHSALE_JWT_AUDIENCE", "jwt_audience", "the JWT audience ('aud') required, when set"),
+    ("FLASHSALE_JWT_USER_CLAIM", "jwt_user_claim", "the JWT claim that holds the user id (default sub)"),
+    (
+        "FLASHSALE_JWT_MEMBER_CLAIM",
+        "jwt_member_claim",
+        "the JWT claim that says the buyer is a member (default member)",
+    ),
+    (
+        "FLASHSALE_JWT_ALGORITHMS",
+        "jwt_algorithms",
+        "JWT algorithms accepted, comma-separated (default HS256 with a secret, RS256,ES256 with a key)",
+    ),
+    (
+        "FLASHSALE_ROOM_POLL_RATE",
+        "room_poll_rate",
+        "waiting-room polls per second per buyer, per process (default 2)",
+    ),
+    (
+        "FLASHSALE_ROOM_POLL_BURST",
+        "room_poll_burst",
+        "burst allowance of the waiting-room poll limit (default 5)",
+    ),
     ("FLASHSALE_LOG_LEVEL", "log_level", "INFO, DEBUG, WARNING… (default INFO)"),
     (
         "FLASHSALE_ACCESS_LOG",
@@ -106,9 +140,18 @@ class Settings:
     sku_cache_s: float = 0.25
     sold_out_cache_s: float = 0.5
     sale_cache_s: float = 0.5
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_user_claim: str = "sub"
+    jwt_member_claim: str = "member"
+    jwt_algorithms: str | None = None
+    room_poll_rate: float = 2.0
+    room_poll_burst: int = 5
     log_level: str = "INFO"
     access_log: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_redis_url(self.redis_url)

@@ -10,7 +10,13 @@ in one place, and a cart is atomic inside the home bucket.
 When the home bucket has run out of a SKU that other buckets still have, the reservation
 **pulls** units from the fullest other bucket into the home bucket and tries again; it is
 refused as sold out only when every bucket is out. So the SKU sells out exactly: no
-oversell (each bucket is atomic) and no unit stranded in a bucket.
+oversell (each bucket is atomic) and no unit stranded in a bucket. (Under a crowd, the
+units a pull brings in may be taken by the home bucket's other buyers before this buyer
+retries; after a bounded number of pulls the refusal is ``SoldOut`` with the units the
+sale still has, never 0 while units remain.)
+
+Request ids are per buyer (``SaleKeys.request_field``) and a buyer's records all live in
+the home bucket, so a bucketed sale answers a reused id exactly as a plain sale does.
 
 A pull is a crash-safe transfer in three steps, each idempotent:
 
@@ -174,14 +180,23 @@ class BucketedInventory:
         cart = Inventory.check_reserve(user, lines, request_id)
         home = self.home(user)
         wanted = {line.sku: line.qty for line in cart}
+        short = cart[0].sku
         for _ in range(len(cart) * len(self.buckets) + 1):
             try:
                 return await home.reserve(user, cart, request_id=request_id, hold_ttl=hold_ttl)
             except SoldOut as refusal:
+                short = refusal.sku
                 moved = await self._pull(refusal.sku, wanted[refusal.sku] - refusal.available, into=home)
                 if moved == 0:
                     raise
-        raise SoldOut(cart[0].sku, 0)
+        # Other buyers kept taking what the pulls brought in. The SKU may still have units
+        # in other buckets: say how many, so nobody takes this for "sold out" (available 0)
+        # and refuses the SKU's later buyers from a cache.
+        snap = await self.snapshot(short)
+        raise SoldOut(short, snap.available if snap is not None else 0)
+
+    async def made_hold(self, user: str, request_id: str) -> bool:
+        return await self.home(user).made_hold(user, request_id)
 
     async def confirm(self, hold_id: str, *, user: str | None = None) -> Hold:
         return await self.bucket_of_hold(hold_id).confirm(hold_id, user=user)

@@ -192,6 +192,18 @@ class LatencyBook:
     def seconds(self) -> list[int]:
         return sorted(set(self.intervals) | set(self._sealed))
 
+    def p99_by_second(self, first: int, last: int) -> list[tuple[int, float, float]]:
+        """(second, raw p99 ms, corrected p99 ms) of each second from ``first`` to ``last``
+        in which a request completed: the live progress line shows the worst of them since
+        its last line, so a one-second spike never falls between two lines."""
+        out = []
+        for second in range(first, last + 1):
+            raw, corrected = self.interval(second)
+            if raw.get_total_count():
+                p99 = raw.get_value_at_percentile(99) / 1000
+                out.append((second, p99, corrected.get_value_at_percentile(99) / 1000))
+        return out
+
     def interval(self, second: int) -> tuple[HdrHistogram, HdrHistogram]:
         """(raw, corrected) of one second of the run; empty histograms if nothing completed then."""
         if second in self.intervals:

@@ -1,15 +1,18 @@
-"""The drill's report folder: ``summary.json`` (schema-versioned), ``timeline.csv`` (one row
-per second), HdrHistogram logs (``latency-raw.hlog``, ``latency-corrected.hlog``),
-``requests.jsonl`` (the merged request log, written during the run), ``plots/*.png`` and
-``report.html`` with the plots embedded.
+"""The report folder: ``summary.json`` (schema-versioned), ``timeline.csv`` (one row per
+second), HdrHistogram logs (``latency-raw.hlog``, ``latency-corrected.hlog``), ``requests.jsonl``
+(the merged history, ``loadtests.history/1``, written during the run), ``plots/*.png`` and
+``report.html`` with the plots embedded — and the end-of-run table on the console, k6-style.
 
-The plots are meant to tell the run's story to someone who was not watching:
+The plots tell the run's story to someone who was not watching; each is drawn only when
+its data exists:
 
 1. arrivals the shape asked for vs arrivals sent (and dropped) — did the generator keep up;
-2. orders per second by outcome — when the hot SKU sold out, what the crowd got;
-3. latency percentiles over time, raw and corrected for coordinated omission;
-4. stock remaining per SKU, with the sold-out moments and the reserve release marked;
-5. the order queue's backlog and the PostgreSQL writer's rate — the peak being shaved.
+2. latency percentiles over time, raw and corrected for coordinated omission;
+3. orders per second by outcome (created, replayed, each refusal's code, unknown) — when
+   the run has order operations;
+4. stock remaining per item, with the sold-out moments and the drill's actions marked —
+   when a sampler reported stock;
+5. a queue's backlog and its writer's rate — when a sampler reported them.
 """
 
 from __future__ import annotations
@@ -26,11 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import exit_codes
+from loadtests.history import HISTORY_FORMAT
 from loadtests.latency import INTERVAL_SIGNIFICANT_FIGURES, merge, summarize, write_log
-from loadtests.oracle import Verdict
 from loadtests.recording import RunCollector, ServiceSample
 from loadtests.shapes import Shape
 from loadtests.slo import RunValidity, Validity, check_validity, evaluate
+from loadtests.verdict import Verdict
 
 __all__ = [
     "SCHEMA",
@@ -39,47 +43,55 @@ __all__ = [
     "Report",
     "build_summary",
     "build_timeline",
+    "format_console",
+    "order_columns",
     "write_report",
 ]
 
 SCHEMA = "flashsale.drill.summary"
-SCHEMA_VERSION = 1
+#: 2: the oracle section is the kit's verdict (``not_judged``, ``drained``, ``evidence`` — flashsale's
+#: audit moved to ``evidence.audit``), ``run.sampler_errors`` (was ``stats_errors``), ``request_log.format``.
+SCHEMA_VERSION = 2
 CPU_BUSY_PERCENT = 90.0
 
-ORDER_OUTCOMES = ("created", "replayed", "sold_out", "limit_exceeded", "not_open", "failed_other", "unknown")
+#: What the report says when no oracle judged the run (never "invariants held").
+NO_ORACLE = (
+    "no oracle: nothing checked for oversold, lost or duplicate orders — add one with @rehearsal.oracle "
+    "(docs/your-backend.md)"
+)
 
 
 @dataclass(frozen=True)
 class DrillEvent:
-    """Something the drill did to the sale (e.g. released the reserve pool), for the plots."""
+    """Something the run did to the backend (e.g. released a reserve pool), for the plots."""
 
     t: float  # epoch seconds
     what: str
 
 
-def order_bucket(label: str) -> str:
-    """Which ``ORDER_OUTCOMES`` column an order answer label (``201``, ``409:sold_out`` …) counts in."""
-    status, _, code = label.partition(":")
-    s = int(status) if status.isdigit() else 0
-    if 200 <= s < 300:
-        return "replayed" if code == "replayed" else "created"
-    if code == "sold_out":
-        return "sold_out"
-    if code == "limit_exceeded":
-        return "limit_exceeded"
-    if code == "sale_not_open":
-        return "not_open"
-    if 400 <= s < 500 or s == 503:
-        return "failed_other"
-    return "unknown"
+def order_columns(collector: RunCollector, order_operations: Sequence[str]) -> list[str]:
+    """The order-outcome buckets seen in the run, in the timeline's column order: created,
+    replayed, then each refusal's code (most frequent first), unknown last."""
+    totals: Counter[str] = Counter()
+    for c in collector.seconds.values():
+        for key, n in c.items():
+            for op in order_operations:
+                if key.startswith(f"res.{op}."):
+                    totals[key[len(f"res.{op}.") :]] += n
+    first, last = ("created", "replayed", "ok"), ("unknown",)
+    middle = sorted((b for b in totals if b not in first + last), key=lambda b: (-totals[b], b))
+    return [b for b in first if b in totals] + middle + [b for b in last if b in totals]
 
 
-def build_timeline(collector: RunCollector, shape: Shape, last_second: int) -> list[dict[str, Any]]:
-    """One row per second from the drill's start to ``last_second`` (inclusive)."""
+def build_timeline(
+    collector: RunCollector, shape: Shape, last_second: int, order_operations: Sequence[str] = ("order",)
+) -> list[dict[str, Any]]:
+    """One row per second from the run's start to ``last_second`` (inclusive)."""
     samples: dict[int, ServiceSample] = {}
     for polled in collector.service:
         samples[int(math.floor(polled.t - collector.start_epoch))] = polled
     skus = sorted({sku for s in collector.service for sku in s.skus})
+    buckets = order_columns(collector, order_operations)
     first = min([0, *collector.seconds.keys()])
     rows: list[dict[str, Any]] = []
     prev_written: int | None = None
@@ -94,12 +106,8 @@ def build_timeline(collector: RunCollector, shape: Shape, last_second: int) -> l
             "arrivals_started": c.get("arrivals.started", 0),
             "arrivals_dropped": c.get("arrivals.dropped", 0),
         }
-        outcomes = Counter[str]()
-        for key, n in c.items():
-            if key.startswith("out.order."):
-                outcomes[order_bucket(key[len("out.order.") :])] += n
-        for name in ORDER_OUTCOMES:
-            row[f"orders_{name}"] = outcomes.get(name, 0)
+        for bucket in buckets:
+            row[f"orders_{bucket}"] = sum(c.get(f"res.{op}.{bucket}", 0) for op in order_operations)
         row["requests"] = sum(n for k, n in c.items() if k.startswith("req."))
         row["errors"] = sum(n for k, n in c.items() if k.startswith("err."))
         raw, corrected = collector.book.interval(s)
@@ -150,8 +158,11 @@ def build_summary(
     bounds: RunValidity = RunValidity(),
     verdict: Verdict | None = None,
     oracle_error: str = "",
+    oracle_skipped: str = "",
     rows: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
+    """The run in one JSON-able dict. ``verdict`` is the oracle's (None: no oracle ran —
+    ``oracle_skipped`` says why, ``oracle_error`` if it failed, which makes the run invalid)."""
     totals = collector.totals()
     target = shape.expected(0.0, min(max(elapsed_s, 0.0), shape.duration_s))
     started, dropped = totals.get("arrivals.started", 0), totals.get("arrivals.dropped", 0)
@@ -252,27 +263,50 @@ def build_summary(
         "request_log": {
             "lines": collector.request_lines,
             "path": collector.requests_path.name if collector.requests_path else None,
+            "format": HISTORY_FORMAT,
         },
     }
     slo_results = evaluate(thresholds, summary)
     validity = check_validity(summary, bounds)
+    reasons = list(validity.reasons)
+    if verdict is not None and not verdict.drained:
+        # First: it is why the invariants could not all be judged.
+        reasons.insert(
+            0,
+            "not drained: the backend had not finished recording when the oracle looked "
+            f"({verdict.drain_detail or 'a backlog'}); lost orders cannot be told from a backlog — "
+            "let it drain (is its writer running?) and judge again",
+        )
     if oracle_error:
-        validity = Validity(False, (*validity.reasons, f"the oracle could not judge the run: {oracle_error}"))
+        reasons.append(f"the oracle could not judge the run: {oracle_error}")
+    validity = Validity(not reasons, tuple(reasons))
     summary["slo"] = {
         "thresholds": [r.__dict__ for r in slo_results],
         "passed": all(r.passed for r in slo_results),
     }
     summary["validity"] = validity.as_dict()
-    summary["oracle"] = (
-        verdict.as_dict() if verdict else {"skipped": oracle_error or "the oracle was not run"}
-    )
+    if verdict is not None:
+        summary["oracle"] = verdict.as_dict()
+    else:
+        summary["oracle"] = {"skipped": oracle_error or oracle_skipped or NO_ORACLE}
     code = exit_codes.decide(
         invariants_held=verdict.invariants_held if verdict else True,
         run_valid=validity.valid,
         slo_passed=summary["slo"]["passed"],
     )
+    if verdict is None:
+        unjudged = "no oracle" if not oracle_error else "the oracle failed"
+    elif not verdict.judged:
+        unjudged = "the oracle judged nothing"
+    else:
+        unjudged = ""
     summary["exit_code"] = code
-    summary["exit_meaning"] = exit_codes.MEANING[code]
+    summary["exit_meaning"] = exit_codes.meaning(
+        code,
+        unjudged=unjudged,
+        failed=[c.name for c in verdict.failed] if verdict else (),
+        invalid_because=validity.reasons,
+    )
     return summary
 
 
@@ -356,30 +390,6 @@ def _plots(
     save(fig, "arrivals", "Target vs achieved arrivals (grey band: countdown before T0)")
 
     fig, ax = plt.subplots(figsize=(10, 3.6))
-    colours = {
-        "created": "tab:green",
-        "replayed": "tab:olive",
-        "sold_out": "tab:orange",
-        "limit_exceeded": "tab:brown",
-        "not_open": "0.6",
-        "failed_other": "tab:pink",
-        "unknown": "tab:red",
-    }
-    bottom = [0.0] * len(rows)
-    for name in ORDER_OUTCOMES:
-        vals = [float(r[f"orders_{name}"]) for r in rows]
-        if not any(vals):
-            continue
-        ax.bar(
-            x, vals, width=1.0, align="edge", bottom=bottom, color=colours[name], label=name.replace("_", " ")
-        )
-        bottom = [b + v for b, v in zip(bottom, vals)]
-    decorate(ax, "Orders per second by outcome", "orders / s")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="upper right", fontsize=8, ncol=2)
-    save(fig, "orders", "Order answers per second by outcome")
-
-    fig, ax = plt.subplots(figsize=(10, 3.6))
     ax.plot(x, num("p50_ms"), label="p50 raw", color="tab:blue", lw=1)
     ax.plot(x, num("p99_ms"), label="p99 raw", color="tab:orange", lw=1.2)
     ax.plot(
@@ -390,12 +400,31 @@ def _plots(
     ax.legend(loc="upper right", fontsize=8)
     save(fig, "latency", "Latency percentiles over time, raw and corrected for coordinated omission")
 
+    buckets = [k[len("orders_") :] for k in (rows[0].keys() if rows else []) if k.startswith("orders_")]
+    if buckets:
+        colours = {"created": "tab:green", "replayed": "tab:olive", "ok": "tab:green", "unknown": "tab:red"}
+        refusal_colours = iter(
+            ["tab:orange", "tab:brown", "0.6", "tab:pink", "tab:cyan", "tab:purple", "0.3"]
+        )
+        fig, ax = plt.subplots(figsize=(10, 3.6))
+        bottom = [0.0] * len(rows)
+        for name in buckets:
+            vals = [float(r[f"orders_{name}"]) for r in rows]
+            colour = colours.get(name) or next(refusal_colours, None)
+            ax.bar(
+                x, vals, width=1.0, align="edge", bottom=bottom, color=colour, label=name.replace("_", " ")
+            )
+            bottom = [b + v for b, v in zip(bottom, vals)]
+        decorate(ax, "Orders per second by outcome", "orders / s")
+        ax.legend(loc="upper right", fontsize=8, ncol=2)
+        save(fig, "orders", "Order answers per second by outcome")
+
     stock_keys = [k for k in (rows[0].keys() if rows else []) if k.startswith("available_")]
-    fig, ax = plt.subplots(figsize=(10, 3.6))
     if stock_keys:
+        fig, ax = plt.subplots(figsize=(10, 3.6))
         for key in stock_keys:
             sku = key[len("available_") :]
-            label = sku.removesuffix(f"-{run_id}") if run_id else sku  # the drill's SKUs carry the run id
+            label = sku.removesuffix(f"-{run_id}") if run_id else sku  # per-run item names carry the run id
             (line,) = ax.plot(x, num(key), label=label, lw=1.4)
             for k, t in enumerate(sold_out.get(sku, [])):
                 ax.plot([t], [0], marker="v", color=line.get_color(), ms=9)
@@ -410,39 +439,25 @@ def _plots(
                     )
         ax.set_yscale("symlog", linthresh=10)
         ax.legend(loc="upper right", fontsize=8)
-    else:
-        ax.text(
-            0.5,
-            0.5,
-            "the service's /api/admin/stats reported no per-SKU stock",
-            ha="center",
-            transform=ax.transAxes,
+        decorate(
+            ax,
+            "Stock available per item (▼ sold out; stock can come back, e.g. as unpaid holds lapse)",
+            "units (symlog)",
         )
-    decorate(
-        ax, "Stock available per SKU (▼ sold out; it comes back when unpaid holds lapse)", "units (symlog)"
-    )
-    save(fig, "stock", "Stock remaining per SKU, with sold-out moments and the reserve release")
+        save(fig, "stock", "Stock remaining per item, with sold-out moments and the run's actions")
 
-    fig, ax = plt.subplots(figsize=(10, 3.6))
     backlog, rate = num("backlog"), num("writer_rows_per_s")
     if any(not math.isnan(v) for v in backlog + rate):
-        ax.plot(x, backlog, label="backlog: stream entries not yet in PostgreSQL", color="tab:purple", lw=1.4)
+        fig, ax = plt.subplots(figsize=(10, 3.6))
+        ax.plot(x, backlog, label="backlog: entries not yet recorded", color="tab:purple", lw=1.4)
         ax2 = ax.twinx()
-        ax2.step(x, rate, where="post", label="orders written to PostgreSQL / s", color="tab:green", lw=1)
-        ax2.set_ylabel("orders written / s")
+        ax2.step(x, rate, where="post", label="orders recorded / s", color="tab:green", lw=1)
+        ax2.set_ylabel("orders recorded / s")
         h1, l1 = ax.get_legend_handles_labels()
         h2, l2 = ax2.get_legend_handles_labels()
         ax.legend(h1 + h2, l1 + l2, loc="upper right", fontsize=8)
-    else:
-        ax.text(
-            0.5,
-            0.5,
-            "the service's /api/admin/stats reported no backlog or writer progress",
-            ha="center",
-            transform=ax.transAxes,
-        )
-    decorate(ax, "Order queue: backlog and PostgreSQL writer rate", "stream entries")
-    save(fig, "queue", "Queue backlog and writer rate: the peak shaved into PostgreSQL")
+        decorate(ax, "Queue: backlog and writer rate", "entries")
+        save(fig, "queue", "Queue backlog and writer rate: the peak shaved into the database")
     return made
 
 
@@ -469,12 +484,15 @@ def write_report(
     bounds: RunValidity = RunValidity(),
     verdict: Verdict | None = None,
     oracle_error: str = "",
+    oracle_skipped: str = "",
     events: Sequence[DrillEvent] = (),
     plots: bool = True,
 ) -> Report:
+    """Write the folder. ``run`` describes the run (``id``, ``name``, ``host``, ``command``,
+    ``order_operations`` …; it is copied into ``summary.json``)."""
     folder.mkdir(parents=True, exist_ok=True)
     last = max([int(math.ceil(elapsed_s)), *collector.seconds.keys(), *collector.book.seconds()])
-    rows = build_timeline(collector, shape, last)
+    rows = build_timeline(collector, shape, last, tuple(run.get("order_operations", ("order",))))
     summary = build_summary(
         collector,
         shape,
@@ -484,6 +502,7 @@ def write_report(
         bounds=bounds,
         verdict=verdict,
         oracle_error=oracle_error,
+        oracle_skipped=oracle_skipped,
         rows=rows,
     )
     summary["events"] = [
@@ -536,12 +555,15 @@ def _html(summary: Mapping[str, Any], images: Sequence[tuple[str, Path]]) -> str
         oracle_html = _table(
             ["check", "result", "observed", "detail"],
             [
-                [c["name"], "ok" if c["passed"] else "FAIL", c["observed"], c["detail"]]
-                for c in oracle["checks"]
+                *(
+                    [c["name"], "ok" if c["passed"] else "FAIL", c["observed"], c["detail"]]
+                    for c in oracle["checks"]
+                ),
+                *([c["name"], "not judged", "—", c["detail"]] for c in oracle.get("not_judged", [])),
             ],
         )
     else:
-        oracle_html = f"<p>Not judged: {html.escape(str(oracle.get('skipped')))}</p>"
+        oracle_html = f"<p><strong>Not judged</strong> — {html.escape(str(oracle.get('skipped')))}</p>"
     slo_html = _table(
         ["threshold", "observed", "result"],
         [
@@ -578,19 +600,19 @@ def _html(summary: Mapping[str, Any], images: Sequence[tuple[str, Path]]) -> str
         [[w["name"], w["target"], w["started"], w["dropped"]] for w in arr["windows"]],
     )
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>flashsale drill {html.escape(str(run.get("id", "")))}</title>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(str(run.get("name", "")))} drill {html.escape(str(run.get("id", "")))}</title>
 <style>
 body{{font-family:system-ui,sans-serif;max-width:1060px;margin:2em auto;color:#1f2328}}
 table{{border-collapse:collapse;margin:.5em 0 1.5em}}td,th{{border:1px solid #d0d7de;padding:3px 8px;font-size:13px;text-align:left}}
 .verdict{{font-size:1.3em;font-weight:600;color:{colour}}}figure{{margin:1em 0}}img{{max-width:100%}}
 figcaption{{font-size:12px;color:#57606a}}
 </style></head><body>
-<h1>flashsale drill: {html.escape(run["shape"])} at {run["peak_rps"]:g} arrivals/s peak</h1>
+<h1>{html.escape(str(run.get("name", "")))} drill: {html.escape(run["shape"])} at {run["peak_rps"]:g} arrivals/s peak</h1>
 <p class="verdict">exit {code}: {html.escape(summary["exit_meaning"])}</p>
 <p>Run {html.escape(str(run.get("id", "")))} against {html.escape(str(run.get("host", "")))};
 {len(run.get("processes", []))} load process(es); {run["elapsed_s"]:.0f} s.
 Command: <code>{html.escape(str(run.get("command", "")))}</code></p>
-<h2>Invariants (the oracle)</h2>{oracle_html}
+<h2>Invariants (the oracle: the backend's truth against what clients were told)</h2>{oracle_html}
 <h2>SLO thresholds</h2>{slo_html}
 <h2>Validity of the run</h2><p>{"valid" if validity["valid"] else "INVALID"}</p>
 <ul>{"".join(f"<li>{html.escape(r)}</li>" for r in validity["reasons"])}</ul>
@@ -601,3 +623,62 @@ Command: <code>{html.escape(str(run.get("command", "")))}</code></p>
 <p>Files: {", ".join(html.escape(f) for f in summary.get("files", []))}</p>
 </body></html>
 """
+
+
+# -- the console -------------------------------------------------------------------------------
+def _dots(label: str, width: int = 38) -> str:
+    return f"{label} " + "." * max(width - len(label) - 1, 2)
+
+
+def format_console(summary: Mapping[str, Any], folder: Path | None = None) -> str:
+    """The end-of-run summary for a terminal, k6-style: a ✓/✗ line per invariant check and per
+    threshold, validity, arrivals, latency, and the verdict with its exit code."""
+    run, oracle = summary["run"], summary["oracle"]
+    out = [
+        "",
+        f"  {run.get('name', '')} drill {run.get('id', '')}: {run['shape']} at {run['peak_rps']:g} arrivals/s peak, "
+        f"{len(run.get('processes', []))} process(es), {run['elapsed_s']:.0f} s",
+        "",
+        "  invariants (the oracle)",
+    ]
+    if "checks" in oracle:
+        for c in oracle["checks"]:
+            mark = "✓" if c["passed"] else "✗"
+            detail = f"  {str(c['detail'])[:100]}" if c["detail"] else ""
+            out.append(f"    {mark} {_dots(c['name'])} {c['observed']}{detail}")
+        for c in oracle.get("not_judged", []):
+            out.append(
+                f"    - {_dots(c['name'])} not judged: {str(c['detail']).removeprefix('not judged: ')[:100]}"
+            )
+    else:
+        out.append(f"    - {oracle.get('skipped')}")
+    out += ["", "  thresholds"]
+    for t in summary["slo"]["thresholds"]:
+        observed = "no samples" if t["observed"] is None else f"{t['observed']:.4g}"
+        out.append(f"    {'✓' if t['passed'] else '✗'} {_dots(t['threshold'])} {observed}")
+    validity = summary["validity"]
+    out += ["", f"  run validity: {'valid' if validity['valid'] else 'INVALID'}"]
+    out += [f"    ✗ {r}" for r in validity["reasons"]]
+    arr, ratios = summary["arrivals"], summary["ratios"]
+    ratio = ratios.get("arrival_ratio")
+    out.append(
+        f"  arrivals: target {arr['target']:.0f}, sent {arr['started']}, dropped {arr['dropped']}"
+        + (f" (achieved/target {ratio:.3f})" if ratio is not None else "")
+    )
+    lat = summary["latency"]
+    out.append(f"  {'latency ms':<26}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>9}   count")
+    for name in lat["raw"]:
+        for which in ("raw", "corrected"):
+            x = lat[which][name]
+            out.append(
+                f"  {name + ' ' + which:<26}{x['p50_ms']:>8.1f}{x['p90_ms']:>8.1f}{x['p99_ms']:>8.1f}"
+                f"{x['p99.9_ms']:>8.1f}{x['max_ms']:>9.1f}   {x['count']}"
+            )
+    verdict = summary["exit_meaning"]
+    if summary["exit_code"] == exit_codes.INVARIANT_VIOLATED and "checks" in oracle:
+        failed = [c["name"].upper() for c in oracle["checks"] if not c["passed"]]
+        verdict = f"INVARIANT VIOLATED: {', '.join(failed)}"
+    out += ["", f"  VERDICT  exit {summary['exit_code']}: {verdict}"]
+    if folder is not None:
+        out.append(f"  report: {folder}")
+    return "\n".join(out) + "\n"

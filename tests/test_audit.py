@@ -49,7 +49,8 @@ async def sale(
         await inv.confirm(h.hold_id)
     for h in holds[10:15]:
         await inv.release(h.hold_id)
-    late = await inv.reserve("late", [Line("case", 2)], request_id="late", hold_ttl=0.001)
+    # The same request id as Alice's: ids are each buyer's own, so this is no duplicate.
+    late = await inv.reserve("late", [Line("case", 2)], request_id="a1", hold_ttl=0.001)
     await asyncio.sleep(0.005)
     assert late.hold_id in (await inv.expire_due()).expired
     holds.append(late)

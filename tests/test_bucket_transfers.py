@@ -5,15 +5,17 @@ unit is never silent."""
 from __future__ import annotations
 
 import json
+import secrets
 import time
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
 from flashsale.pipeline import sweeper as sweeper_module
 from flashsale.pipeline.audit import run_audit
 from flashsale.pipeline.sweeper import HoldSweeper
-from inventory import BucketedInventory
+from inventory import BucketedInventory, Inventory, SoldOut
 
 
 async def _strand(redis: Redis, inv: BucketedInventory, units: int, age_s: float) -> str:
@@ -69,3 +71,29 @@ async def test_the_audit_reports_units_stranded_between_buckets(
     report = await run_audit(redis_client, pipeline_pool, sales=[b.sale for b in inv.buckets], wait_drain_s=0)
     stranded = [v for v in report.violations if v.kind == "leaked" and xfer in v.detail]
     assert len(stranded) == 1 and stranded[0].units == 30 and not report.ok
+
+
+class Contested(BucketedInventory):
+    """A bucketed sale where another buyer of the same home bucket takes every unit a pull
+    brings in before the puller can reserve it (what a crowd does to one hot bucket)."""
+
+    rival = ""
+
+    async def transfer(self, sku: str, units: int, *, source: Inventory, target: Inventory) -> None:
+        await super().transfer(sku, units, source=source, target=target)
+        await target.reserve(self.rival, [(sku, units)], request_id=f"grab-{secrets.token_hex(4)}")
+
+
+async def test_pulls_lost_to_a_crowd_are_not_reported_as_sold_out(redis_client: Redis) -> None:
+    """The retry loop can run out while other buckets still have units: the refusal says
+    how many the sale still has, so the service does not cache the SKU as sold out."""
+    inv = Contested(redis_client, "crowd", 2, coalesce=False)
+    inv.rival = next(f"rival{i}" for i in range(1000) if inv.home(f"rival{i}") is inv.home("alice"))
+    await inv.stock("hot", 40)
+    home = inv.home("alice")
+    await home.reserve(inv.rival, [("hot", 20)], request_id="first-grab")  # the home bucket is empty
+    with pytest.raises(SoldOut) as refused:
+        await inv.reserve("alice", [("hot", 1)], request_id="a-1")
+    left = await inv.snapshot("hot")
+    assert left is not None and left.available > 0, "the test needs units left elsewhere"
+    assert (refused.value.sku, refused.value.available) == ("hot", left.available)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import time
 import uuid
@@ -462,6 +463,12 @@ async def test_a_forgotten_sale_is_not_a_loss(
 
 
 # ------------------------------------------------------------------------ buckets
+async def _request_records(redis: Redis, inv: Inventory) -> dict[str, Any]:
+    """A bucket's idempotency records of buyers' requests (not the stock changes' ones)."""
+    raw = await redis.hgetall(inv.keys.requests)
+    return {f: json.loads(v) for f, v in raw.items() if f.startswith("r:")}
+
+
 async def test_a_buckets_split_sale_is_rebuilt_per_bucket(
     text_redis: Redis, pipeline_pool: asyncpg.Pool
 ) -> None:
@@ -480,6 +487,7 @@ async def test_a_buckets_split_sale_is_rebuilt_per_bucket(
     await fence.record_sales(text_redis, pipeline_pool)
     await fence.ensure_lineage(text_redis, pipeline_pool)
     before = {b.sale: await b.snapshot("bk-phone") for b in inv.buckets}
+    records = {b.sale: await _request_records(text_redis, b) for b in inv.buckets}
 
     await text_redis.flushdb()
     verdict = await fence.verify(text_redis, pipeline_pool)
@@ -493,6 +501,8 @@ async def test_a_buckets_split_sale_is_rebuilt_per_bucket(
         await text_redis.hget("fs:sale:bk", "buckets") == "3"
         and await text_redis.hget("fs:sale:bk", "fenced") == ""
     )
+    # Every buyer's idempotency record is back where the engine keeps it, as it was.
+    assert {b.sale: await _request_records(text_redis, b) for b in inv.buckets} == records
     again = await inv.reserve("u1", [("bk-phone", 1)], request_id="r1")  # replays from the home bucket
     assert again.replayed and again.hold_id == holds[1].hold_id
     sold = 0

@@ -17,7 +17,7 @@ from inventory_support import audit_sale, events, open_sale
 
 import inventory
 from inventory import _errors, _validate
-from inventory._scripts import SCRIPT_NAMES, script_source
+from inventory._scripts import ROOM_SCRIPT_NAMES, SCRIPT_NAMES, script_source
 
 EXPECTED_EXPORTS = {
     "DEFAULT_HOLD_TTL",
@@ -27,7 +27,9 @@ EXPECTED_EXPORTS = {
     "OrderEvent",
     "StockEvent",
     "StreamId",
+    "TicketRefused",
     "parse_event",
+    "replay_shuffle",
     "BucketedInventory",
     "ExpiryBatch",
     "Hold",
@@ -46,6 +48,8 @@ EXPECTED_EXPORTS = {
     "Line",
     "OutcomeUnknown",
     "Refused",
+    "RoomSettings",
+    "RoomStatus",
     "RequestConflict",
     "SaleKeys",
     "SkuExists",
@@ -53,6 +57,7 @@ EXPECTED_EXPORTS = {
     "SoldOut",
     "StockState",
     "UnknownSku",
+    "WaitingRoom",
     "bucket_sale_id",
     "parent_sale_id",
 }
@@ -82,7 +87,7 @@ def test_every_error_has_a_distinct_stable_code() -> None:
         and issubclass(obj, Exception)
         and obj is not inventory.EventError
     ]
-    assert len(errors) == 16
+    assert len(errors) == 17
     assert all(issubclass(cls, inventory.InventoryError) for cls in errors)
     codes = [cls.code for cls in errors]
     assert len(set(codes)) == len(codes)
@@ -160,7 +165,8 @@ def test_includes_exist_and_say_what_they_share(name: str) -> None:
 
 
 def test_every_include_is_used() -> None:
-    used = {inc for n in SCRIPT_NAMES for inc in re.findall(r"^-- @include (\w+)$", lua(f"{n}.lua"), re.M)}
+    names = (*SCRIPT_NAMES, *ROOM_SCRIPT_NAMES)
+    used = {inc for n in names for inc in re.findall(r"^-- @include (\w+)$", lua(f"{n}.lua"), re.M)}
     present = {
         p.name.removesuffix(".lua")
         for p in resources.files("inventory").joinpath("lua", "includes").iterdir()

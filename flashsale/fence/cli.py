@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
 from flashsale.cli import add_store_options, both_stores
 from flashsale.console import fail, run, store_failed, write_json
+
+if TYPE_CHECKING:
+    from flashsale.settings import Settings
 
 __all__ = ["register"]
 
@@ -53,7 +56,7 @@ def _recover(args: argparse.Namespace) -> int:
     return run(_recover_async(settings, args))
 
 
-async def _recover_async(settings: Any, args: argparse.Namespace) -> int:
+async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
     import asyncpg
 
     from flashsale.fence import recovery
@@ -61,6 +64,7 @@ async def _recover_async(settings: Any, args: argparse.Namespace) -> int:
     from flashsale.pgpool import close_pool, create_pool, is_transient
     from flashsale.redis_client import connect
 
+    assert settings.database_url, "checked by _recover"
     redis = connect(settings.redis_url, decode=True, timeout_s=30, connect_timeout_s=5)
     try:
         pool = await create_pool(settings.database_url, max_size=2, application_name="flashsale-recover")

@@ -12,8 +12,8 @@ lost, or those named), and for each of its engine sales (the sale, or each bucke
 3. **rebuild** from PostgreSQL, in one MULTI guarded by WATCH on the stream, the holds and
    their hashes: stock counters per SKU (total and reserve pool from the stock events;
    held and sold from the orders; available = total − reserve − held − sold), hold
-   records, idempotency records for every request id (so a buyer's retry still gets its
-   first outcome), per-user counts, payment deadlines. Stock-change operation ids and
+   records, idempotency records for every (buyer, request id) (so a buyer's retry still
+   gets its first outcome), per-user counts, payment deadlines. Stock-change operation ids and
    unfinished bucket transfers already in Redis are kept. If anything wrote to the
    stream after step 2 (a sweeper, a late reservation), WATCH fails and 2–3 run again;
 4. move the stream's last id up to what PostgreSQL has committed (``XSETID``), so new
@@ -37,10 +37,11 @@ from redis.exceptions import WatchError
 
 from flashsale.fence import verify as fence
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import order_timing, read_sales
 from flashsale.pipeline.writer import EntryError, StreamEntry, parse_entry, write_changes
 from flashsale.redis_client import as_text
 from flashsale.streams import ensure_group
-from inventory import SaleKeys
+from inventory import SaleKeys, StreamId
 
 __all__ = ["RecoveryError", "RecoveryReport", "SaleRecovery", "SkuRebuilt", "forget", "recover"]
 
@@ -54,11 +55,6 @@ class RecoveryError(RuntimeError):
 
 def _ms(ts: Any) -> int:
     return int(round(ts.timestamp() * 1000))
-
-
-def _id_tuple(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,45 +176,17 @@ class _Plan:
 
 
 async def _plan(pool: Any, engine: str) -> _Plan:
-    async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            orders = await conn.fetch(
-                "SELECT order_id, user_id, request_id, status, created_at, pay_by, status_at, last_stream_id "
-                "FROM orders WHERE sale = $1",
-                engine,
-            )
-            lines = await conn.fetch(
-                "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = $1 ORDER BY l.order_id, l.sku",
-                engine,
-            )
-            events = await conn.fetch(
-                "SELECT stream_id, type, sku, total, reserve, per_user_limit, low_stock_line, delta, units "
-                "FROM stock_events WHERE sale = $1 ORDER BY stream_ms, stream_seq",
-                engine,
-            )
-    by_order: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for r in lines:
-        by_order[r["order_id"]].append((r["sku"], int(r["qty"])))
+    records = await read_sales(pool, [engine])
+    orders, by_order = records.orders, records.lines
     counters: dict[str, dict[str, int]] = defaultdict(
         lambda: dict.fromkeys(("total", "reserve", "limit", "low", "held", "sold"), 0)
     )
+    for (_, sku), recorded in records.stock().items():
+        counters[sku].update(
+            total=recorded.total, reserve=recorded.reserve, limit=recorded.limit, low=recorded.low
+        )
     problems: list[str] = []
-    top = (0, 0)
-    for e in events:
-        c = counters[e["sku"]]
-        top = max(top, _id_tuple(e["stream_id"]))
-        if e["type"] == "stocked":
-            c.update(
-                total=e["total"],
-                reserve=e["reserve"],
-                limit=e["per_user_limit"],
-                low=e["low_stock_line"] or 0,
-            )
-        elif e["type"] in ("restocked", "written_off"):
-            c["total"] += e["delta"]
-        elif e["type"] == "reserve_released":
-            c["reserve"] -= e["units"]
+    top = max((StreamId.parse(e["stream_id"]) for e in records.events), default=StreamId(0, 0))
     holds: dict[str, str] = {}
     requests: dict[str, str] = {}
     users: Counter[str] = Counter()
@@ -230,7 +198,7 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         if not cart:
             problems.append(f"order {order_id} has no lines in PostgreSQL; left out")
             continue
-        top = max(top, _id_tuple(o["last_stream_id"]))
+        top = max(top, StreamId.parse(o["last_stream_id"]))
         statuses[status] += 1
         deadline = _ms(o["pay_by"])
         created = _ms(o["created_at"] or o["status_at"])
@@ -247,7 +215,9 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         holds[order_id] = json.dumps(record, separators=(",", ":"))
         # The reserve script's fingerprint: user, then each line of the (sorted) cart.
         fingerprint = o["user_id"] + "".join(f"|{sku}:{qty}" for sku, qty in cart)
-        requests[o["request_id"]] = json.dumps({"h": order_id, "f": fingerprint}, separators=(",", ":"))
+        requests[SaleKeys.request_field(o["user_id"], o["request_id"])] = json.dumps(
+            {"h": order_id, "f": fingerprint}, separators=(",", ":")
+        )
         if status in ("held", "paid"):
             for sku, qty in cart:
                 users[f"{o['user_id']}:{sku}"] += qty
@@ -281,7 +251,7 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         requests,
         dict(users),
         deadlines,
-        f"{top[0]}-{top[1]}",
+        str(top),
         statuses,
         skus,
         problems,
@@ -314,7 +284,7 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
                 for k, v in (await pipe.hgetall(keys.requests)).items()
                 if as_text(k).startswith(("op:", "xfer:"))
             }
-            target = max(_id_tuple(seen), _id_tuple(plan.top_id))
+            target = max(StreamId.parse(seen), StreamId.parse(plan.top_id))
             pipe.multi()
             pipe.delete(keys.stock, keys.holds, keys.requests, keys.users, keys.deadlines)
             if plan.stock:
@@ -333,7 +303,7 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
             deadlines = list(plan.deadlines.items())
             for i in range(0, len(deadlines), _CHUNK):
                 pipe.zadd(keys.deadlines, dict(deadlines[i : i + _CHUNK]))
-            pipe.execute_command("XSETID", keys.events, f"{target[0]}-{target[1]}")
+            pipe.execute_command("XSETID", keys.events, str(target))
             try:
                 await pipe.execute()
             except WatchError:
@@ -348,14 +318,9 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
 
 async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
     """Settings for a sale ``fence_sales`` never recorded, read off its orders."""
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM pay_by - created_at)) AS ttl, "
-            "min(created_at) AS first FROM orders WHERE sale = ANY($1::text[]) AND created_at IS NOT NULL",
-            engines,
-        )
-    ttl_ms = int(float(row["ttl"]) * 1000) if row and row["ttl"] is not None else 1_800_000
-    opens = _ms(row["first"]) if row and row["first"] is not None else 0
+    ttl_s, first = await order_timing(pool, engines)
+    ttl_ms = int(ttl_s * 1000) if ttl_s is not None else 1_800_000
+    opens = _ms(first) if first is not None else 0
     return {
         "opens_at_ms": opens,
         "early_access_ms": 0,

@@ -56,8 +56,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import newest_stock_event_ms, order_counts, paid_units
 from flashsale.redis_client import as_text
-from inventory import SaleKeys, bucket_sale_id, parent_sale_id
+from inventory import SaleKeys, StreamId, bucket_sale_id, parent_sale_id
 
 __all__ = [
     "FenceUnavailable",
@@ -87,10 +88,6 @@ class FenceUnavailable(RuntimeError):
 
 def lineage_key(prefix: str) -> str:
     return ServiceKeys(prefix).lineage
-
-
-def _stream_ms(stream_id: str | None) -> int:
-    return int(stream_id.partition("-")[0]) if stream_id else 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,9 +187,9 @@ async def _read_postgres(pool: Any, prefix: str) -> _PgFacts:
                 other_engines.update(SaleRecord(r["sale"], json.loads(r["settings"]), ()).engine_sales)
             ours = {e for rec in registry.values() for e in rec.engine_sales}
             stocked = {
-                r["sale"]: int(r["ms"])
-                for r in await conn.fetch("SELECT sale, max(stream_ms) AS ms FROM stock_events GROUP BY sale")
-                if r["sale"] in ours or r["sale"] not in other_engines
+                sale: ms
+                for sale, ms in (await newest_stock_event_ms(conn)).items()
+                if sale in ours or sale not in other_engines
             }
             forgotten = {e for rec in registry.values() if rec.forgotten for e in rec.engine_sales}
             engines = sorted(
@@ -202,23 +199,10 @@ async def _read_postgres(pool: Any, prefix: str) -> _PgFacts:
                 )
                 - forgotten
             )
-            orders: dict[str, int] = {}
-            order_ms: dict[str, int] = {}
-            for r in await conn.fetch(
-                "SELECT sale, count(*) AS n, max(split_part(last_stream_id, '-', 1)::bigint) AS ms "
-                "FROM orders WHERE sale = ANY($1::text[]) GROUP BY sale",
-                engines,
-            ):
-                orders[r["sale"]] = int(r["n"])
-                order_ms[r["sale"]] = int(r["ms"])
-            paid = {
-                (r["sale"], r["sku"]): int(r["units"])
-                for r in await conn.fetch(
-                    "SELECT o.sale, l.sku, sum(l.qty) AS units FROM orders o JOIN order_lines l USING (order_id) "
-                    "WHERE o.status = 'paid' AND o.sale = ANY($1::text[]) GROUP BY o.sale, l.sku",
-                    engines,
-                )
-            }
+            counts = await order_counts(conn, engines)
+            orders = {sale: n for sale, (n, _) in counts.items()}
+            order_ms = {sale: ms for sale, (_, ms) in counts.items()}
+            paid = await paid_units(conn, engines)
     stocked = {s: ms for s, ms in stocked.items() if s not in forgotten}
     return _PgFacts(lineage, registry, stocked, orders, order_ms, paid)
 
@@ -297,7 +281,7 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
                 )
         committed = max(pg.stocked.get(engine, 0), pg.order_ms.get(engine, 0))
         last = None if isinstance(stream, Exception) else as_text(stream.get("last-generated-id") or "0-0")
-        if committed and _stream_ms(last) < committed:
+        if committed and (StreamId.parse(last).ms if last else 0) < committed:
             losses.append(
                 Loss(
                     sale,

@@ -14,7 +14,7 @@ oversold           units sold + held beyond the units stocked, per SKU: from Red
                    events
 lost               an order Redis holds, or a client was acknowledged (``acknowledged``), that
                    PostgreSQL does not have — or that Redis does not have
-duplicate          two orders for one (sale, request id), in PostgreSQL or in Redis
+duplicate          two orders for one (sale, buyer, request id), in PostgreSQL or in Redis
 conflict           an order whose status, buyer, request id or lines differ between Redis and
                    PostgreSQL
 phantom            an order PostgreSQL has and Redis does not (Redis lost data: stock rebuilt
@@ -51,9 +51,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import SchemaMissing, SkuStock, orders_known, read_sales
 from flashsale.redis_client import as_text
 from flashsale.streams import GROUP, dead_letter_key, stream_backlog
-from inventory import SaleKeys
+from inventory import SaleKeys, StreamId
 
 __all__ = ["KINDS", "SCHEMA", "AuditReport", "SkuAudit", "Violation", "run_audit"]
 
@@ -317,11 +318,6 @@ async def _read_redis(redis: Any, prefix: str, sale: str) -> _RedisSale:
     )
 
 
-def _id(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def _outstanding(redis: Any, key: str, up_to: str | None) -> bool:
     """True while some entry at or below ``up_to`` is not committed by the writers."""
     if up_to is None:
@@ -334,7 +330,9 @@ async def _outstanding(redis: Any, key: str, up_to: str | None) -> bool:
     if ours is None:  # no writer ever read this stream
         return bool(await redis.xlen(key))
     last_delivered = as_text(ours["last-delivered-id"])
-    if _id(last_delivered) < _id(up_to) and await redis.xrange(key, "(" + last_delivered, up_to, count=1):
+    if StreamId.parse(last_delivered) < StreamId.parse(up_to) and await redis.xrange(
+        key, "(" + last_delivered, up_to, count=1
+    ):
         return True
     return bool(await redis.xpending_range(key, GROUP, "-", up_to, 1))
 
@@ -372,59 +370,19 @@ class _PgOrder:
     lines: dict[str, int] = field(default_factory=dict)
 
 
-@dataclass(slots=True)
-class _PgStock:
-    total: int = 0
-    reserve: int = 0
-    limit: int = 0
-    stocked: bool = False
-
-
 async def _read_postgres(
     pool: Any, sales: list[str]
-) -> tuple[dict[str, _PgOrder], dict[tuple[str, str], _PgStock]]:
-    async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            if not await conn.fetchval("SELECT to_regclass('orders') IS NOT NULL"):
-                raise RuntimeError("PostgreSQL has no orders table: run `flashsale migrate` first")
-            orders = {
-                r["order_id"]: _PgOrder(r["sale"], r["user_id"], r["request_id"], r["status"])
-                for r in await conn.fetch(
-                    "SELECT order_id, sale, user_id, request_id, status FROM orders WHERE sale = ANY($1::text[])",
-                    sales,
-                )
-            }
-            for r in await conn.fetch(
-                "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = ANY($1::text[])",
-                sales,
-            ):
-                orders[r["order_id"]].lines[r["sku"]] = r["qty"]
-            stock: dict[tuple[str, str], _PgStock] = defaultdict(_PgStock)
-            for r in await conn.fetch(
-                "SELECT sale, sku, type, total, reserve, per_user_limit, delta, units FROM stock_events "
-                "WHERE sale = ANY($1::text[]) ORDER BY sale, sku, stream_ms, stream_seq",
-                sales,
-            ):
-                s = stock[(r["sale"], r["sku"])]
-                if r["type"] == "stocked":
-                    s.total += r["total"]
-                    s.reserve += r["reserve"]
-                    s.limit = r["per_user_limit"]
-                    s.stocked = True
-                elif r["type"] in ("restocked", "written_off"):
-                    s.total += r["delta"]
-                elif r["type"] == "reserve_released":
-                    s.reserve -= r["units"]
-    return orders, dict(stock)
-
-
-async def _orders_known_to_postgres(pool: Any, order_ids: list[str]) -> set[str]:
-    if not order_ids:
-        return set()
-    async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT order_id FROM orders WHERE order_id = ANY($1::text[])", order_ids)
-    return {r["order_id"] for r in rows}
+) -> tuple[dict[str, _PgOrder], dict[tuple[str, str], SkuStock]]:
+    try:
+        records = await read_sales(pool, sales)  # one snapshot
+    except SchemaMissing as exc:
+        raise RuntimeError(str(exc)) from None
+    orders = {
+        r["order_id"]: _PgOrder(r["sale"], r["user_id"], r["request_id"], r["status"]) for r in records.orders
+    }
+    for order_id, lines in records.lines.items():
+        orders[order_id].lines.update(lines)
+    return orders, records.stock()
 
 
 async def _current_holds(redis: Any, prefix: str, order_ids: Iterable[str]) -> dict[str, _Hold | None]:
@@ -462,7 +420,7 @@ def _per_user(holds: Iterable[_Hold | _PgOrder], attr: str) -> Counter[tuple[str
 def _compare_sale(
     snap: _RedisSale,
     pg_orders: dict[str, _PgOrder],
-    pg_stock: dict[tuple[str, str], _PgStock],
+    pg_stock: dict[tuple[str, str], SkuStock],
     grace_ms: int,
 ) -> tuple[list[SkuAudit], list[Violation]]:
     sale = snap.sale
@@ -623,20 +581,21 @@ def _compare_sale(
             )
 
     for where, pairs in (
-        ("postgresql", [((p.request_id), o) for o, p in mine.items()]),
-        ("redis", [(h.request_id, o) for o, h in snap.holds.items()]),
+        # Request ids are each buyer's own: two buyers' orders under one id are no duplicate.
+        ("postgresql", [((p.user, p.request_id), o) for o, p in mine.items()]),
+        ("redis", [((h.user, h.request_id), o) for o, h in snap.holds.items()]),
     ):
-        by_request: dict[str, list[str]] = defaultdict(list)
-        for request_id, order_id in pairs:
-            by_request[request_id].append(order_id)
-        for request_id, ids in sorted(by_request.items()):
+        by_request: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for buyer_request, order_id in pairs:
+            by_request[buyer_request].append(order_id)
+        for (user, request_id), ids in sorted(by_request.items()):
             if len(ids) > 1:
                 out.append(
                     Violation(
                         "duplicate",
                         sale,
                         where,
-                        f"request {request_id} has {len(ids)} orders: {', '.join(sorted(ids))}",
+                        f"request {request_id} of buyer {user} has {len(ids)} orders: {', '.join(sorted(ids))}",
                         order_id=sorted(ids)[1],
                         units=len(ids) - 1,
                     )
@@ -780,7 +739,7 @@ async def run_audit(
 
     ack = sorted(set(acknowledged or ()))
     if ack:
-        in_pg = {o for o in ack if o in pg_orders} | await _orders_known_to_postgres(
+        in_pg = {o for o in ack if o in pg_orders} | await orders_known(
             pool, [o for o in ack if o not in pg_orders]
         )
         in_redis = {o for o in ack if o in all_holds}

@@ -12,13 +12,16 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
 from flashsale.cli import add_store_options, both_stores, store_overrides
 from flashsale.console import fail, run, store_failed, write_json
 from flashsale.redis_client import connect
 from flashsale.settings import SettingsError, check_database_url
+
+if TYPE_CHECKING:
+    from flashsale.settings import Settings
 
 __all__ = ["register"]
 
@@ -226,13 +229,14 @@ def _audit(args: argparse.Namespace) -> int:
     return run(_audit_async(settings, args, acknowledged))
 
 
-async def _audit_async(settings: Any, args: argparse.Namespace, acknowledged: list[str] | None) -> int:
+async def _audit_async(settings: Settings, args: argparse.Namespace, acknowledged: list[str] | None) -> int:
     import asyncpg
     from redis.exceptions import RedisError
 
     from flashsale.pgpool import close_pool, create_pool, is_transient
     from flashsale.pipeline.audit import run_audit
 
+    assert settings.database_url, "checked by _audit"
     redis = connect(settings.redis_url, cluster=settings.redis_cluster, decode=True)
     try:
         pool = await create_pool(settings.database_url, max_size=2, application_name="flashsale-audit")

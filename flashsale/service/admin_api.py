@@ -4,21 +4,23 @@ tokens, the degraded-site switches, live stats and the audit."""
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from flashsale.keys import ServiceKeys
+from flashsale.service import waiting_room
 from flashsale.service.errors import ApiError
 from flashsale.service.http import bearer, read_json
-from flashsale.service.metrics import OUTCOMES, read_published, stream_backlog
+from flashsale.service.metrics import stream_backlog, sum_published
 from flashsale.service.sales import SWITCHES, SaleSettings, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import mint
+from flashsale.service.waiting_room import room_spec
 from inventory import BucketedInventory
 
 __all__ = ["routes", "require_admin"]
@@ -113,6 +115,7 @@ async def create_sale(request: web.Request) -> web.Response:
         state="open" if body.get("open") is True else "scheduled",
         buckets=_int(body, "buckets", 1, low=1, high=64),
     )
+    room = room_spec(body, settings.opens_at_ms)
     if BucketedInventory.parent_of(sale) is not None:
         raise ApiError(
             422, "invalid_request", "sale ids ending in -b<number> are kept for buckets", field="sale"
@@ -164,6 +167,9 @@ async def create_sale(request: web.Request) -> web.Response:
     inv = state.engine(settings)
     for sku, stock, reserve, limit, low in specs:
         await inv.stock(sku, stock, reserve=reserve, limit_per_user=limit, low_stock_line=low)
+    if room is not None:  # before the sale exists: no order slips past a room being set up
+        await waiting_room.configure_room(state, settings, room)
+        settings = replace(settings, room=1)
     await state.sales.create(
         settings, [s[0] for s in specs], [part.sale for part in state.engine_parts(settings)]
     )
@@ -325,25 +331,11 @@ async def collect_stats(state: ServiceState) -> dict[str, Any]:
     """Live numbers of the whole deployment: every process's counters, every sale's stock."""
     prefix = state.settings.key_prefix
     redis = state.redis
-    counts = dict.fromkeys(OUTCOMES, 0)
-    p50 = p99 = 0.0
-    processes = 0
-    in_flight = 0
-    stale = []
-    for key, raw in await read_published(redis, prefix):
-        if raw is None:
-            stale.append(key)
-            continue
-        proc = json.loads(raw)
-        processes += 1
-        in_flight += proc["in_flight"]
-        for outcome, n in proc["counts"].items():
-            counts[outcome] = counts.get(outcome, 0) + n
-        if proc["latency"]["n"]:
-            p50 = max(p50, proc["latency"]["p50_ms"])
-            p99 = max(p99, proc["latency"]["p99_ms"])
-    if stale:
-        await redis.srem(ServiceKeys(prefix).stats_procs, *stale)
+    published = await sum_published(redis, prefix)
+    counts, p50, p99 = published.counts, published.p50_ms, published.p99_ms
+    processes, in_flight = published.processes, published.in_flight
+    if published.stale:
+        await redis.srem(ServiceKeys(prefix).stats_procs, *published.stale)
     sales = {}
     for sale in await state.sales.all_sales():
         settings = await state.sales.sale(sale)

@@ -63,6 +63,7 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from flashsale.service.identity import JwtVerifier
     from flashsale.service.serve import serve
 
     try:
@@ -79,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
                     "no Redis configured: set FLASHSALE_REDIS_URL (or --redis-url), "
                     "or add --embedded to start one for a try-out"
                 )
+            JwtVerifier.from_settings(settings)  # a JWT key that cannot be used: say so now
             return serve(settings)
         return _serve_embedded(settings, store_overrides(args, os.environ))
     except SettingsError as exc:

@@ -1,6 +1,7 @@
 """Running the service: N processes sharing one port (SO_REUSEPORT), so every core takes
 connections; the parent supervises them (restarts one that dies, stops all on SIGTERM or
-Ctrl-C). uvloop is installed here, in the entry point, and nowhere else.
+Ctrl-C). uvloop is installed here, in the entry point (chosen by ``flashsale.console``), never on
+import.
 
 Before the first process starts, :func:`check_stores` asks Redis and PostgreSQL once. A
 store that refuses this service for good (wrong password, no such database, not a

@@ -9,10 +9,11 @@ from typing import Any
 from aiohttp import web
 
 from flashsale.service.admission import InFlight, RateLimiter, SoldOutCache
+from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook, SaleSettings
 from flashsale.settings import Settings
-from inventory import BucketedInventory, Inventory
+from inventory import BucketedInventory, Inventory, WaitingRoom
 
 __all__ = ["ServiceState", "STATE"]
 
@@ -26,10 +27,13 @@ class ServiceState:
     rate: RateLimiter
     in_flight: InFlight
     sold_out: SoldOutCache
+    identity: Identity
+    room_polls: RateLimiter
     pg: Any = None  # asyncpg pool, when a database is configured
     _inventories: dict[str, Inventory] = field(default_factory=dict)
     _bucketed: dict[str, BucketedInventory] = field(default_factory=dict)
     sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    rooms: dict[str, WaitingRoom] = field(default_factory=dict)  # sale -> its waiting room
 
     def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> Inventory:
         """The engine for one sale (one per sale per process, so reservations coalesce)."""
