@@ -44,7 +44,7 @@ COMMAND_MODULES: tuple[str, ...] = (
 )
 
 #: Import names that differ from their distribution's name (pyproject's extras list distributions).
-_IMPORT_NAMES = {"hdrhistogram": "hdrh", "prometheus-client": "prometheus_client"}
+_IMPORT_NAMES = {"hdrhistogram": "hdrh", "prometheus-client": "prometheus_client", "pyjwt": "jwt"}
 
 
 class CommandParser(argparse.ArgumentParser):

@@ -34,8 +34,10 @@ __all__ = ["check_stores", "run_one_process", "serve", "settings_env"]
 
 log = logging.getLogger("flashsale.serve")
 
-#: A worker that exits sooner than this after its start failed to start: stop, do not loop.
-STARTUP_GRACE_S = 5.0
+#: Where each service process of a multi-process serve leaves a file named by its pid once
+#: it listens: one that exits without having left it never got going (a supervisor's
+#: internal variable, not a setting).
+SERVING_DIR_ENV = "FLASHSALE_SERVING_DIR"
 #: How long the start-up check waits for each store before saying it does not answer.
 STORE_CHECK_TIMEOUT_S = 3.0
 
@@ -92,8 +94,8 @@ def _not_answering(store: str, url: str, exc: BaseException) -> None:
     )
 
 
-def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
-    """Serve in this process until SIGTERM/SIGINT."""
+def run_one_process(settings: Settings, *, reuse_port: bool, serving_file: str | None = None) -> None:
+    """Serve in this process until SIGTERM/SIGINT; ``serving_file`` is written once it listens."""
     from flashsale.service.app import create_app
 
     configure(settings.log_level, access_log=settings.access_log)
@@ -105,7 +107,8 @@ def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
         port=settings.port,
         reuse_port=reuse_port,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        print=None,
+        # Called once the socket listens (and before any request is handled).
+        print=(lambda _banner: _touch(serving_file)) if serving_file else None,
         backlog=4096,
         shutdown_timeout=5.0,
     )
@@ -121,18 +124,19 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
             _touch(ready_file)
         run_one_process(settings, reuse_port=False)
         return 0
-    metrics_dir = tempfile.mkdtemp(prefix="flashsale-metrics-")
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
+    run_dir = tempfile.mkdtemp(prefix="flashsale-serve-")
+    metrics_dir, serving_dir = os.path.join(run_dir, "metrics"), os.path.join(run_dir, "serving")
+    os.mkdir(metrics_dir)
+    os.mkdir(serving_dir)
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir, **{SERVING_DIR_ENV: serving_dir})
     env.update(settings_env(settings))
     command = [sys.executable, "-m", "flashsale.service.serve"]
     children: dict[int, subprocess.Popen[bytes]] = {}
-    started_at: dict[int, float] = {}
     stopping = False
     failed = False
 
     def start(slot: int) -> None:
         children[slot] = subprocess.Popen(command, env=env)
-        started_at[slot] = time.monotonic()
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -159,9 +163,11 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
                 code = child.poll()
                 if code is None or stopping:
                     continue
-                if time.monotonic() - started_at[slot] < STARTUP_GRACE_S:
+                if not os.path.exists(os.path.join(serving_dir, str(child.pid))):
                     # It never got going (port taken, bad setting): restarting it would only
-                    # repeat the same error five times a second, forever.
+                    # repeat the same error five times a second, forever. (Whether it listened
+                    # is asked, not guessed from how long it lived: a busy machine can take
+                    # seconds to import the service.)
                     log.error(
                         "a service process exited while starting; stopping all. Its error is "
                         "above: is the port taken, or a setting wrong?",
@@ -182,7 +188,7 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
         log.info("service stopped")
     return 1 if failed else 0
 
@@ -206,4 +212,9 @@ def _touch(path: str) -> None:
 
 
 if __name__ == "__main__":  # one child of a multi-process `flashsale serve`
-    run_one_process(replace(Settings.from_env(), workers=1), reuse_port=True)
+    serving_dir = os.environ.get(SERVING_DIR_ENV)
+    run_one_process(
+        replace(Settings.from_env(), workers=1),
+        reuse_port=True,
+        serving_file=os.path.join(serving_dir, str(os.getpid())) if serving_dir else None,
+    )
