@@ -209,8 +209,8 @@ async def test_serve_runs_two_processes_on_one_port_and_sigterm_stops_all(
     ]
     assert invalid == [REQUESTS], invalid
 
-    # A worker that dies once it was running (both answered above) is replaced; one that
-    # dies before it listens stops everything: see the next test.
+    # A worker that dies once it was running (both answered above: both listen) is replaced;
+    # one that dies before it listened stops everything (see the next test).
     killed = workers[0]
     os.kill(killed, signal.SIGKILL)
     deadline = time.monotonic() + 15

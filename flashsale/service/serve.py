@@ -34,10 +34,8 @@ __all__ = ["check_stores", "run_one_process", "serve", "settings_env"]
 
 log = logging.getLogger("flashsale.serve")
 
-#: Where each service process of a multi-process serve leaves a file named by its pid once
-#: it listens: one that exits without having left it never got going (a supervisor's
-#: internal variable, not a setting).
-SERVING_DIR_ENV = "FLASHSALE_SERVING_DIR"
+#: A service process writes this file once it listens; one that exits before did not start.
+READY_FILE_ENV = "FLASHSALE_PROCESS_READY_FILE"
 #: How long the start-up check waits for each store before saying it does not answer.
 STORE_CHECK_TIMEOUT_S = 3.0
 
@@ -94,21 +92,22 @@ def _not_answering(store: str, url: str, exc: BaseException) -> None:
     )
 
 
-def run_one_process(settings: Settings, *, reuse_port: bool, serving_file: str | None = None) -> None:
-    """Serve in this process until SIGTERM/SIGINT; ``serving_file`` is written once it listens."""
+def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
+    """Serve in this process until SIGTERM/SIGINT."""
     from flashsale.service.app import create_app
 
     configure(settings.log_level, access_log=settings.access_log)
     fast_loop = install_uvloop()
     log.info("service process starting", extra={"port": settings.port, "uvloop": fast_loop})
+    ready = os.environ.get(READY_FILE_ENV)
     web.run_app(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         reuse_port=reuse_port,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        # Called once the socket listens (and before any request is handled).
-        print=(lambda _banner: _touch(serving_file)) if serving_file else None,
+        # run_app "prints" once every site listens: the supervisor's sign that it started.
+        print=(lambda *_args, **_kw: _touch(ready)) if ready else None,
         backlog=4096,
         shutdown_timeout=5.0,
     )
@@ -124,19 +123,20 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
             _touch(ready_file)
         run_one_process(settings, reuse_port=False)
         return 0
-    run_dir = tempfile.mkdtemp(prefix="flashsale-serve-")
-    metrics_dir, serving_dir = os.path.join(run_dir, "metrics"), os.path.join(run_dir, "serving")
-    os.mkdir(metrics_dir)
-    os.mkdir(serving_dir)
-    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir, **{SERVING_DIR_ENV: serving_dir})
+    metrics_dir = tempfile.mkdtemp(prefix="flashsale-metrics-")
+    env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
     env.update(settings_env(settings))
     command = [sys.executable, "-m", "flashsale.service.serve"]
     children: dict[int, subprocess.Popen[bytes]] = {}
+    ready_files: dict[int, str] = {}
     stopping = False
     failed = False
 
     def start(slot: int) -> None:
-        children[slot] = subprocess.Popen(command, env=env)
+        ready_files[slot] = os.path.join(
+            metrics_dir, f"ready-{slot}-{len(ready_files) + time.monotonic_ns()}"
+        )
+        children[slot] = subprocess.Popen(command, env={**env, READY_FILE_ENV: ready_files[slot]})
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -163,11 +163,10 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
                 code = child.poll()
                 if code is None or stopping:
                     continue
-                if not os.path.exists(os.path.join(serving_dir, str(child.pid))):
-                    # It never got going (port taken, bad setting): restarting it would only
-                    # repeat the same error five times a second, forever. (Whether it listened
-                    # is asked, not guessed from how long it lived: a busy machine can take
-                    # seconds to import the service.)
+                if not os.path.exists(ready_files[slot]):
+                    # It never got to listen (port taken, bad setting): restarting it would
+                    # only repeat the same error five times a second, forever. (Its own sign,
+                    # not a clock: on a busy machine a start can take any time.)
                     log.error(
                         "a service process exited while starting; stopping all. Its error is "
                         "above: is the port taken, or a setting wrong?",
@@ -188,7 +187,7 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()
-        shutil.rmtree(run_dir, ignore_errors=True)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
         log.info("service stopped")
     return 1 if failed else 0
 
@@ -212,9 +211,4 @@ def _touch(path: str) -> None:
 
 
 if __name__ == "__main__":  # one child of a multi-process `flashsale serve`
-    serving_dir = os.environ.get(SERVING_DIR_ENV)
-    run_one_process(
-        replace(Settings.from_env(), workers=1),
-        reuse_port=True,
-        serving_file=os.path.join(serving_dir, str(os.getpid())) if serving_dir else None,
-    )
+    run_one_process(replace(Settings.from_env(), workers=1), reuse_port=True)
