@@ -89,11 +89,13 @@ def test_migrate_takes_the_database_url() -> None:
 async def test_the_url_flags_are_what_the_commands_use(
     redis_url: str, pipeline_db_url: str, pipeline_pool: object
 ) -> None:
-    """No FLASHSALE_* in the environment: the flags alone point audit and recover at the stores."""
+    """No store variable in the environment: the flags alone point audit and recover at the
+    stores (on a key prefix of their own: other tests' sales are not this test's)."""
     stores = ("--redis-url", redis_url, "--database-url", pipeline_db_url)
-    audit = flashsale("audit", *stores, "--wait", "0")
+    own = {"FLASHSALE_KEY_PREFIX": f"cli{os.getpid()}"}
+    audit = flashsale("audit", *stores, "--wait", "0", env=own)
     assert audit.returncode == exit_codes.OK, audit.stdout + audit.stderr
-    check = flashsale("recover", "--check", *stores)
+    check = flashsale("recover", "--check", *stores, env=own)
     assert check.returncode == exit_codes.OK, check.stdout + check.stderr
     # The worker reads its flag (and says what is wrong with it) rather than asking for the variable.
     worker = flashsale("worker", "--redis-url", redis_url, "--database-url", "mysql://x/y")
