@@ -9,8 +9,18 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["Settings", "SettingsError", "ENV_DOC", "parse_env_value"]
+from flashsale.console import redact
+
+__all__ = [
+    "ENV_DOC",
+    "Settings",
+    "SettingsError",
+    "check_database_url",
+    "check_redis_url",
+    "parse_env_value",
+]
 
 
 class SettingsError(ValueError):
@@ -143,6 +153,11 @@ class Settings:
     log_level: str = "INFO"
     access_log: bool = False
 
+    def __post_init__(self) -> None:
+        check_redis_url(self.redis_url)
+        if self.database_url is not None:
+            check_database_url(self.database_url)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``FLASHSALE_*`` variables; keyword overrides win (CLI flags)."""
@@ -170,6 +185,40 @@ class Settings:
                 "For a local try-out: export FLASHSALE_TOKEN_SECRET=$(openssl rand -hex 16) "
                 "FLASHSALE_ADMIN_TOKEN=$(openssl rand -hex 16)"
             )
+
+
+def _check_url(url: str, schemes: tuple[str, ...], var: str, example: str) -> None:
+    """One clear line when ``url`` cannot name the store ``var`` names (the driver would
+    raise a traceback instead, several lines down a start-up)."""
+    problem = ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here, not in the driver
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme.lower() not in schemes:
+            problem = f"it must start with {' or '.join(s + '://' for s in schemes)}"
+    if problem:
+        flag = "--" + var.removeprefix("FLASHSALE_").lower().replace("_", "-")
+        raise SettingsError(
+            f"{var} (or {flag}) {redact(url)!r} is not a usable URL: {problem}; write it as {example}"
+        )
+
+
+def check_redis_url(url: str) -> None:
+    """SettingsError unless ``url`` is a Redis URL redis-py can use."""
+    _check_url(url, ("redis", "rediss", "unix"), "FLASHSALE_REDIS_URL", "redis://HOST:6379/0")
+
+
+def check_database_url(url: str) -> None:
+    """SettingsError unless ``url`` is a PostgreSQL URL (asyncpg takes no other)."""
+    _check_url(
+        url,
+        ("postgresql", "postgres"),
+        "FLASHSALE_DATABASE_URL",
+        "postgresql://USER@HOST:5432/DATABASE",
+    )
 
 
 def parse_env_value(var: str, raw: str, type_name: str) -> Any:

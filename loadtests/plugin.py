@@ -49,6 +49,7 @@ from locust.runners import STATE_CLEANUP, STATE_STOPPED, STATE_STOPPING, MasterR
 from loadtests import exit_codes
 from loadtests.arrivals import Arrival, ArrivalDispatcher, ArrivalPlan
 from loadtests.history import read_history, summarize_history
+from loadtests.latency import PERCENTILES
 from loadtests.recording import ProcessRecorder, RunCollector
 from loadtests.rehearsal import (
     OracleContext,
@@ -60,7 +61,7 @@ from loadtests.rehearsal import (
 )
 from loadtests.report import DrillEvent, format_console, write_report
 from loadtests.shapes import Shape
-from loadtests.slo import RunValidity, parse_threshold
+from loadtests.slo import RunValidity, parse_slo
 from loadtests.verdict import Verdict, format_verdict, judge
 from loadtests.visits import Visit, _ProcessVisits, _Sessions
 
@@ -226,10 +227,8 @@ def _without_password(url: str) -> str:
 
 
 def _thresholds(text: str) -> list[str]:
-    items = [t.strip() for t in text.replace("\n", ";").split(";") if t.strip()]
-    for t in items:
-        parse_threshold(t)  # fail at start, not at the end of a long run
-    return items
+    # Fail at start, not at the end of a long run.
+    return [t.text for t in parse_slo(text, percentiles=PERCENTILES)]
 
 
 def _shape(rehearsal: Rehearsal, spec: Mapping[str, Any]) -> Shape:

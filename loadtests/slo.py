@@ -33,6 +33,7 @@ __all__ = [
     "Validity",
     "check_validity",
     "evaluate",
+    "parse_slo",
     "parse_threshold",
 ]
 
@@ -85,6 +86,18 @@ def parse_threshold(text: str) -> Threshold:
     if m["metric"] in _LATENCY and agg in ("rate", "value"):
         raise ValueError(f"bad threshold {text!r}: latencies take p(N), max, avg, med or count")
     return Threshold(text.strip(), m["metric"], m["name"] or "all", agg, m["op"], float(m["limit"]))
+
+
+def parse_slo(text: str, *, percentiles: Sequence[float] = ()) -> list[Threshold]:
+    """Every threshold of a ``--slo`` value (``;``- or newline-separated), parsed: a
+    ValueError names the first bad one. With ``percentiles`` (those the run will record),
+    a ``p(N)`` the report cannot show is refused too — before a run, not after it."""
+    thresholds = [parse_threshold(t) for t in text.replace("\n", ";").split(";") if t.strip()]
+    for t in thresholds:
+        if percentiles and t.agg.startswith("p(") and float(t.agg[2:-1]) not in percentiles:
+            recorded = ", ".join(f"p({p:g})" for p in percentiles)
+            raise ValueError(f"bad threshold {t.text!r}: only {recorded} are recorded in the summary")
+    return thresholds
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ HISTORY_KEYS = {
     "backlog",
     "writer_rate",
 }
-ALERTS = {"backlog", "p99_ms", "error_ratio", "dead_letters"}
+ALERTS = {"backlog", "p99_ms", "error_ratio", "dead_letters", "writer_stalled_s"}
 LOG_KEYS = {"entries", "unwritten", "refused", "postgres", "postgres_error"}
 ENTRY_KEYS = {
     "id",
@@ -207,7 +207,7 @@ async def test_data_endpoint_shape_is_stats_plus_a_stable_set_of_fields(room: Wa
     assert set(data["alerts"]) == ALERTS
     for alert in data["alerts"].values():
         assert set(alert) == {"value", "limit", "firing"}
-    assert set(data["thresholds"]) == {"backlog", "p99_ms", "error_ratio"}
+    assert set(data["thresholds"]) == {"backlog", "p99_ms", "error_ratio", "writer_stall_s"}
     assert set(data["health"]) == {"status", "reasons"} and data["health"]["status"] in ("healthy", "alert")
     assert set(data["log"]) == LOG_KEYS
     assert data["switches"] == {"browse": True, "order_lookup": True}

@@ -39,6 +39,7 @@ from flashsale.service.sales import now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.warroom import history, operator_log
 from flashsale.service.warroom import target as target_curve
+from flashsale.streams import oldest_waiting_ms
 
 __all__ = ["AlertThresholds", "current_sale", "openapi_paths", "routes", "warroom_url"]
 
@@ -72,6 +73,9 @@ class AlertThresholds:
     backlog: int = 10_000  # stream entries not yet in PostgreSQL, all sales together
     p99_ms: float = 250.0  # order latency p99 of the last second, worst process
     error_ratio: float = 0.01  # shed + unknown + fenced over all order answers, last 10 s
+    #: Orders waiting this long with no writer commit in that time: the writer is stalled
+    #: (the same 60 s as the FlashsaleWriterStalled alert rule).
+    writer_stall_s: float = 60.0
 
     ENV = (
         (
@@ -84,6 +88,11 @@ class AlertThresholds:
             "FLASHSALE_WARROOM_ERROR_RATIO",
             "error_ratio",
             "war room: error alert above this share of answers (default 0.01)",
+        ),
+        (
+            "FLASHSALE_WARROOM_WRITER_STALL_S",
+            "writer_stall_s",
+            "war room: writer-stalled alert when orders wait this many seconds and no writer committed meanwhile (default 60)",
         ),
     )
 
@@ -105,7 +114,12 @@ class AlertThresholds:
         return cls(**values)
 
     def to_json(self) -> dict[str, float]:
-        return {"backlog": self.backlog, "p99_ms": self.p99_ms, "error_ratio": self.error_ratio}
+        return {
+            "backlog": self.backlog,
+            "p99_ms": self.p99_ms,
+            "error_ratio": self.error_ratio,
+            "writer_stall_s": self.writer_stall_s,
+        }
 
 
 # --------------------------------------------------------------------------- target curve
@@ -269,6 +283,25 @@ async def _holds(state: ServiceState, sale: str, now: int) -> tuple[int, int]:
     return sum(counts[0::2]), sum(counts[1::2])
 
 
+async def writer_stalled_s(state: ServiceState, stats: dict[str, Any], now: int) -> float:
+    """For how long orders have waited with no order writer committing: the time since the
+    last commit or since the oldest order still waiting, whichever is shorter (a writer that
+    never committed counts as long ago); 0.0 when nothing waits. A writer that commits, even
+    slowly, keeps it near 0; one that is not running lets it grow as long as orders wait."""
+    oldest: int | None = None
+    for sale in stats["sales"]:
+        settings = await state.sales.sale(sale)
+        parts = state.engine_parts(settings) if settings is not None else [state.inventory(sale)]
+        for part in parts:
+            since = await oldest_waiting_ms(state.redis, part.keys.events)
+            if since is not None:
+                oldest = since if oldest is None else min(oldest, since)
+    if oldest is None:
+        return 0.0
+    last_commit = int(float(stats["writer"].get("last_commit_ms", 0) or 0))
+    return max(0.0, (now - max(oldest, last_commit)) / 1000)
+
+
 def _phase(sale: dict[str, Any], now: int) -> str:
     if sale["fenced"]:
         return "fenced"
@@ -280,7 +313,7 @@ def _phase(sale: dict[str, Any], now: int) -> str:
 
 
 def _alerts(
-    stats: dict[str, Any], ratio: float, thresholds: AlertThresholds
+    stats: dict[str, Any], ratio: float, thresholds: AlertThresholds, *, stalled_s: float = 0.0
 ) -> tuple[dict[str, dict[str, Any]], list[str]]:
     backlog = sum(int(s["backlog"]) for s in stats["sales"].values())
     dead = sum(int(s["dead_letters"]) for s in stats["sales"].values())
@@ -294,8 +327,18 @@ def _alerts(
             "firing": ratio > thresholds.error_ratio,
         },
         "dead_letters": {"value": dead, "limit": 0, "firing": dead > 0},
+        "writer_stalled_s": {
+            "value": round(stalled_s, 1),
+            "limit": thresholds.writer_stall_s,
+            "firing": stalled_s > thresholds.writer_stall_s,
+        },
     }
     reasons = []
+    if alerts["writer_stalled_s"]["firing"]:
+        reasons.append(
+            f"no order writer has committed for {stalled_s:.0f} s while {backlog} stream entries wait to "
+            f"reach PostgreSQL (limit {thresholds.writer_stall_s:g} s): is `flashsale worker` running?"
+        )
     if alerts["p99_ms"]["firing"]:
         reasons.append(f"order latency p99 {p99:.0f} ms is above {thresholds.p99_ms:g} ms")
     if alerts["error_ratio"]["firing"]:
@@ -367,7 +410,7 @@ async def warroom_data(request: web.Request) -> web.Response:
             "holds_overdue": overdue,
         }
     ratio = history.error_ratio(samples)
-    alerts, reasons = _alerts(stats, ratio, thresholds)
+    alerts, reasons = _alerts(stats, ratio, thresholds, stalled_s=await writer_stalled_s(state, stats, now))
     past = history.history_json(samples)
     rates_now = {
         group: next((v for v in reversed(series) if v is not None), 0.0)
