@@ -17,6 +17,7 @@ from inventory_support import connect, new_sale_id
 from redis.asyncio import Redis
 
 from inventory import Inventory, Line, RoomSettings, TicketRefused, WaitingRoom, replay_shuffle
+from inventory._room import TOLD_BUCKETS_MS, WAIT_BUCKETS_MS
 from inventory._scripts import ROOM_SCRIPT_NAMES, script_source
 
 
@@ -57,6 +58,13 @@ def test_every_room_script_has_a_header(name: str) -> None:
     assert re.search(r"^KEYS\[1\]", header, re.M) and re.search(r"^ARGV\[1\]", header, re.M)
     assert re.search(r"^Returns ", header, re.M)
     assert "@include" not in script_source(name)
+
+
+def test_the_histogram_bounds_in_lua_are_pythons() -> None:
+    text = resources.files("inventory").joinpath("lua", "includes", "room.lua").read_text()
+    for name, bounds in (("WAIT_BUCKETS_MS", WAIT_BUCKETS_MS), ("TOLD_BUCKETS_MS", TOLD_BUCKETS_MS)):
+        (table,) = re.findall(rf"^local {name} = {{([\d, ]+)}}$", text, re.M)
+        assert tuple(int(b) for b in table.split(",")) == bounds, name
 
 
 def test_the_room_keys_share_the_sales_slot() -> None:
@@ -226,3 +234,59 @@ async def test_concurrent_joiners_from_many_clients_get_distinct_places(sale: Sa
     record = await sale.room.record()
     positions = [json.loads(r)["p"] for r in record["buyers"].values()]
     assert len(positions) == 300 and len(set(positions)) == 300
+
+
+# ---------------------------------------------------------------- what the room counts
+async def test_figures_count_joins_admissions_waits_and_tellings(sale: Sale) -> None:
+    """One read gives the queue lengths, the counters, the wait histogram (a pre-queue
+    buyer's wait starts at T0, not when they joined) and the told-after histogram."""
+    await sale.inv.stock("phone", 1)
+    await sale.inv.stock("case", 100)
+    before = await sale.room.figures()
+    assert before.on is False and before.joined == 0 and before.wait_quantile_ms(0.5) is None
+    await _open_room(sale, rate=1000, opens_in_ms=60_000)
+    for buyer in ("p0", "p1", "p2"):
+        await sale.room.join(buyer, ["phone"])
+    early = await sale.room.figures()
+    assert (early.on, early.pre_queue, early.waiting, early.joined) == (True, 3, 0, 3)
+    await _open_room(sale, rate=1000)  # T0 is now: the pre-queue is shuffled on the next call
+    await sale.room.join("c0", ["case"])
+    statuses = {b: await sale.room.poll(b) for b in ("p0", "p1", "p2", "c0")}
+    admitted = [b for b, s in statuses.items() if s.state == "admitted"]
+    assert len(admitted) == 2 and "c0" in admitted
+    mid = await sale.room.figures()
+    assert (mid.pre_queue, mid.waiting, mid.tickets_out, mid.admitted) == (0, 2, 2, 2)
+    assert sum(n for _, n in mid.wait_buckets) == 2 and mid.wait_buckets[-1][0] == float("inf")
+    # Joined a minute before T0, admitted just after it: a wait of well under a minute.
+    assert mid.wait_sum_ms < 10_000 and (mid.wait_quantile_ms(0.99) or 0) <= 10_000
+    phone = next(b for b in admitted if b != "c0")
+    await sale.room.use(phone, statuses[phone].ticket_nonce, "r-1")
+    hold = await sale.inv.reserve(phone, [Line("phone", 1)], request_id="r-1")
+    await sale.inv.confirm(hold.hold_id)
+    told = [await sale.room.poll(b) for b in ("p0", "p1", "p2") if b != phone]
+    assert {s.state for s in told} == {"sold_out"}
+    after = await sale.room.figures()
+    assert (after.used, after.told_sold_out, after.waiting, after.tickets_out) == (1, 2, 0, 1)
+    assert sum(n for _, n in after.told_buckets) == 2
+    assert after.told_max_ms == max(s.told_after_ms for s in told)
+    assert set(after.sold_out_seen_ms) == {"phone"}
+    record = await sale.room.record()
+    assert json.loads(record["buyers"][phone])["u"] >= json.loads(record["buyers"][phone])["a"]
+
+
+async def test_the_headroom_says_how_soon_a_sell_out_could_come(sale: Sale) -> None:
+    """A waiting buyer learns how many units no ticket speaks for: the soonest their SKU
+    could sell out is the time to admit that many buyers (the service polls them sooner
+    as it nears 0)."""
+    await sale.inv.stock("phone", 30)
+    await _open_room(sale, rate=2.0)  # a burst of 2, then 2 a second
+    for i in range(5):
+        await sale.room.join(f"b{i}", ["phone"])
+    waiting = await sale.room.poll("b4")
+    assert waiting.state == "waiting" and waiting.headroom == 28  # two tickets out
+    assert waiting.sell_out_horizon_s == (28 - 2) / 2.0
+    admitted = await sale.room.poll("b0")
+    assert admitted.headroom == -1 and admitted.sell_out_horizon_s == float("inf")
+    await sale.inv.reserve("x", [Line("phone", 28)], request_id="r-x")  # all but the spoken-for
+    edge = await sale.room.poll("b4")
+    assert edge.headroom == 0 and edge.sell_out_horizon_s == 0.0

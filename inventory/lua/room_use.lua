@@ -28,7 +28,7 @@ if now > num(rec.x, 0) then
   redis.call('ZREM', tickets_key, buyer)
   return {'ticket_expired'}
 end
-rec.st, rec.r = 'used', request_id
+rec.st, rec.r, rec.u = 'used', request_id, now
 put_buyer(buyer, rec)
 release_outstanding(rec)
 redis.call('ZREM', tickets_key, buyer)

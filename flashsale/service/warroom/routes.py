@@ -49,7 +49,7 @@ from redis.exceptions import RedisError
 
 import inventory
 from flashsale.keys import ServiceKeys
-from flashsale.service import admin_api
+from flashsale.service import admin_api, waiting_room
 from flashsale.service.admin_api import collect_stats, require_admin
 from flashsale.service.errors import ApiError, status_for
 from flashsale.service.http import read_json
@@ -870,6 +870,8 @@ async def warroom_data(request: web.Request) -> web.Response:
             "holds_lapsing": lapsing,
             "holds_overdue": overdue,
         }
+        if sale.get("room"):  # behind its waiting room: the room's queue, waits and tellings
+            sales[name]["waiting_room"] = await waiting_room.room_view(state, name)
     ratio = error_ratio(samples)
     alerts, reasons = _alerts(stats, ratio, thresholds)
     history = _history_json(samples)

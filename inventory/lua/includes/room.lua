@@ -3,7 +3,14 @@
 -- Buyer records live in the room's buyers hash as JSON: {s = "sku1,sku2", j = joined ms,
 -- st = pre|waiting|admitted|used|expired|sold_out, p = queue position (0 in the pre-queue),
 -- a = admitted ms, n = ticket nonce, x = ticket expiry ms, o = SKUs the admission counted
--- against, r = request id the ticket was used for, t = ms the buyer was told "sold out", d = ms between the sell-out and then}.
+-- against, r = request id the ticket was used for, u = ms it was used, t = ms the buyer was
+-- told "sold out", d = ms between the room seeing the sell-out and then}.
+--
+-- Counters in the room hash: joined, admits, used, expired, told_sold_out, told_max_ms,
+-- soldout:<sku> (when the room first saw the SKU sold out), and two histograms, each a
+-- count per bucket (``<name>_le:<upper bound ms>`` or ``<name>_le:inf``) and a sum
+-- (``<name>_sum_ms``): ``wait`` (admission minus joining, or minus T0 for the pre-queue)
+-- and ``told`` (d above). inventory/_room.py holds the same bounds; tests check they agree.
 -- A SKU "could still be sold" while available + held (holds may lapse) + reserve pool > 0;
 -- buyers are admitted against what is available now (times the oversubscription factor).
 
@@ -12,6 +19,8 @@ local room_key, pre_key, queue_key, buyers_key, tickets_key, stock_key =
 
 local SCAN = 200          -- queue entries one admission step looks at (bounded work)
 local EXPIRE_BATCH = 200  -- lapsed tickets one step takes back
+local WAIT_BUCKETS_MS = {100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000, 1800000}
+local TOLD_BUCKETS_MS = {50, 100, 250, 500, 1000, 2000, 5000, 10000, 30000, 60000}
 
 local function room_config()
   local raw = redis.call('HGETALL', room_key)
@@ -30,6 +39,16 @@ local function get_buyer(buyer)
   local raw = redis.call('HGET', buyers_key, buyer)
   if not raw then return nil end
   return cjson.decode(raw)
+end
+
+-- One observation of a histogram kept in the room hash (see the header).
+local function observe(name, bounds, ms)
+  local field = name .. '_le:inf'
+  for _, bound in ipairs(bounds) do
+    if ms <= bound then field = name .. '_le:' .. bound; break end
+  end
+  redis.call('HINCRBY', room_key, field, 1)
+  redis.call('HINCRBY', room_key, name .. '_sum_ms', ms)
 end
 
 local function put_buyer(buyer, rec)
@@ -170,6 +189,8 @@ local function admit_step(c, now, capacity)
             admitted = admitted + 1
             local nonce = redis.call('HINCRBY', room_key, 'admits', 1)
             rec.st, rec.a, rec.n, rec.x = 'admitted', now, tostring(nonce), now + num(c.ttl_ms, 120000)
+            -- A pre-queue buyer's wait starts at T0: joining early is not waiting in the queue.
+            observe('wait', WAIT_BUCKETS_MS, math.max(0, now - math.max(num(rec.j, now), num(c.t0, 0))))
             redis.call('ZREM', queue_key, buyer)
             redis.call('ZADD', tickets_key, rec.x, buyer)
             local counted = {}
@@ -209,10 +230,24 @@ local function status(buyer, c, now, capacity)
     redis.call('HINCRBY', room_key, 'told_sold_out', 1)
     local worst = num(redis.call('HGET', room_key, 'told_max_ms'), 0)
     if rec.d > worst then redis.call('HSET', room_key, 'told_max_ms', tostring(rec.d)) end
+    observe('told', TOLD_BUCKETS_MS, rec.d)
   end
   local ahead = 0
   if rec.st == 'waiting' then ahead = num(redis.call('ZRANK', queue_key, buyer), 0) end
+  -- Headroom: the units of the buyer's SKUs not yet spoken for by an unused ticket (one unit
+  -- a ticket), the largest over their SKUs: they hear "sold out" only once every SKU is gone,
+  -- and admitting that many buyers takes time at the room's rate (how soon to poll again).
+  local headroom = -1
+  if rec.st == 'waiting' or rec.st == 'pre' then
+    for _, sku in ipairs(split_skus(rec.s)) do
+      local could, available = capacity(sku)
+      if could > 0 then
+        local left = math.max(0, available - num(redis.call('HGET', room_key, 'out:' .. sku), 0))
+        if left > headroom then headroom = left end
+      end
+    end
+  end
   return {rec.st, tostring(ahead), tostring(redis.call('ZCARD', queue_key)),
           tostring(redis.call('LLEN', pre_key)), rec.n or '', tostring(rec.x or 0),
-          tostring(now), c.t0 or '0', c.rate or '0', tostring(rec.d or -1)}
+          tostring(now), c.t0 or '0', c.rate or '0', tostring(rec.d or -1), tostring(headroom)}
 end
