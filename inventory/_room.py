@@ -26,8 +26,11 @@ survives a restarted service process and is shared by every process):
   sell-out each buyer heard it.
 * **Tickets**: an admitted buyer gets a ticket (a nonce with an expiry); the caller signs
   it (this package holds no secret). :meth:`WaitingRoom.use` binds a ticket to the first
-  request id that spends it: retries with that id pass again, any other id is refused.
-  A ticket that lapses unused gives its place back; the buyer may join again at the back.
+  request id that spends it, for the SKUs its buyer queued for: retries with that id pass
+  again, any other id — or another SKU — is refused. The ticket counts against its SKUs'
+  stock until :meth:`WaitingRoom.settle` (the order has reserved its units), so the room
+  never admits a second buyer for a unit between the two. A ticket that lapses unused gives
+  its place back; the buyer may join again at the back.
 
 A bucketed sale's stock lives in its buckets' slots, which one script cannot read: the
 caller passes the summed counts (``capacities={sku: (could still be sold, available)}``)
@@ -91,10 +94,14 @@ class RoomStatus:
     now_ms: int = 0  # Redis's clock when this was read
     opens_at_ms: int = 0
     rate_per_s: float = 0.0
-    told_after_ms: int = -1  # sold out: ms between the room seeing the sell-out and this buyer hearing it
+    told_after_ms: int = (
+        -1
+    )  # sold out: ms between the room seeing the sell-out (or joining, if later) and hearing it
     #: Waiting: units of the buyer's SKUs that no unused ticket speaks for (the most over
     #: their SKUs); -1 when not waiting.
     headroom: int = -1
+    #: The SKUs the buyer queues for (joining again with others keeps these).
+    skus: tuple[str, ...] = ()
 
     @property
     def eta_s(self) -> float:
@@ -115,7 +122,8 @@ class RoomStatus:
 
 class TicketRefused(Refused):
     """A ticket that does not admit this order: ``reason`` is ``ticket_invalid``,
-    ``ticket_used`` (spent on another request id) or ``ticket_expired``."""
+    ``ticket_used`` (spent on another request id), ``ticket_expired`` or
+    ``ticket_other_sku`` (the order asks for a SKU the buyer did not queue for)."""
 
     code = "ticket_refused"
 
@@ -141,6 +149,7 @@ def _status(reply: Sequence[Any]) -> RoomStatus:
         rate_per_s=float(items[8]),
         told_after_ms=int(float(items[9])),
         headroom=int(float(items[10])) if len(items) > 10 else -1,
+        skus=tuple(s for s in items[11].split(",") if s) if len(items) > 11 else (),
     )
 
 
@@ -251,15 +260,25 @@ class WaitingRoom:
         )
         return _status(reply)
 
-    async def use(self, buyer: str, nonce: str, request_id: str) -> None:
-        """Spend ``buyer``'s ticket on ``request_id`` (again for the same id: fine);
-        :class:`TicketRefused` otherwise."""
+    async def use(self, buyer: str, nonce: str, request_id: str, skus: Sequence[str] = ()) -> None:
+        """Spend ``buyer``'s ticket on ``request_id`` (again for the same id: fine) for an
+        order of ``skus`` (each one the buyer queued for; empty: not checked);
+        :class:`TicketRefused` otherwise. Call :meth:`settle` once the order has reserved
+        its units (or was refused): until then the ticket still counts against the stock."""
         reply = await self._scripts["room_use"](
-            keys=self._keys, args=[ident(buyer, "user"), nonce, request_id]
+            keys=self._keys, args=[ident(buyer, "user"), nonce, request_id, ",".join(skus)]
         )
         outcome = _text(reply[0])
         if outcome != "ok":
             raise TicketRefused(outcome)
+
+    async def settle(self, buyer: str, request_id: str) -> bool:
+        """The order ``request_id`` (the ticket was spent on) has reserved its units, or was
+        refused: the ticket stops counting against the stock. False if no ticket of
+        ``buyer`` was spent on that request id. Idempotent; a ticket never settled is
+        released at its expiry."""
+        reply = await self._scripts["room_settle"](keys=self._keys, args=[ident(buyer, "user"), request_id])
+        return _text(reply[0]) == "ok"
 
     async def figures(self) -> RoomFigures:
         """The room's counters, queue lengths and histograms in one round trip."""

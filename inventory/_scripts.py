@@ -14,7 +14,7 @@ __all__ = ["ROOM_SCRIPT_NAMES", "SCRIPT_NAMES", "register_all", "register_room",
 
 SCRIPT_NAMES = ("reserve", "confirm", "release", "expire", "stock", "adjust", "release_reserve")
 #: The waiting room's scripts (``_room.py``): registered by a WaitingRoom, not an Inventory.
-ROOM_SCRIPT_NAMES = ("room_configure", "room_join", "room_poll", "room_use")
+ROOM_SCRIPT_NAMES = ("room_configure", "room_join", "room_poll", "room_use", "room_settle")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 
 

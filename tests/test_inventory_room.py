@@ -155,6 +155,9 @@ async def test_a_sold_out_sku_is_told_to_every_waiting_buyer_on_their_next_poll(
     assert (await sale.room.poll("c0")).state == "admitted"  # another SKU's buyers go on
     record = await sale.room.record()
     assert int(record["room"]["told_sold_out"]) == 28
+    # A buyer who comes after the sell-out is told at once: 0 ms of waiting for stock that is gone.
+    late = await sale.room.join("late", ["phone"])
+    assert (late.state, late.told_after_ms) == ("sold_out", 0)
 
 
 async def test_units_coming_back_resume_admission_in_queue_order(sale: Sale) -> None:
@@ -169,6 +172,7 @@ async def test_units_coming_back_resume_admission_in_queue_order(sale: Sale) -> 
     status = await sale.room.poll("b0")
     await sale.room.use("b0", status.ticket_nonce, "r-b0")
     await inv.reserve("b0", [Line("phone", 1)], request_id="r-b0")
+    assert await sale.room.settle("b0", "r-b0")
     assert (await sale.room.poll("b1")).state == "waiting"  # the unit is held, not gone
     while not (await inv.expire_due()).expired:
         await asyncio.sleep(0.05)
@@ -177,6 +181,53 @@ async def test_units_coming_back_resume_admission_in_queue_order(sale: Sale) -> 
 
 
 # ---------------------------------------------------------------- tickets
+async def test_a_spent_ticket_holds_its_unit_until_the_order_settles(sale: Sale) -> None:
+    """Between spending a ticket and the order's reservation the unit is still available:
+    were the ticket released at once, the room would admit a second buyer for that one unit
+    (seen in a rehearsal: admitted buyers told "sold out"). It counts until settled."""
+    await sale.inv.stock("phone", 1)
+    await _open_room(sale, rate=1000)
+    alice = await sale.room.join("alice", ["phone"])
+    assert alice.state == "admitted" and (await sale.room.join("bob", ["phone"])).state == "waiting"
+    await sale.room.use("alice", alice.ticket_nonce, "r-1")
+    assert (await sale.room.poll("bob")).state == "waiting"  # the unit is alice's, not yet held
+    await sale.inv.reserve("alice", [Line("phone", 1)], request_id="r-1")
+    assert not await sale.room.settle("alice", "r-other") and not await sale.room.settle("bob", "r-1")
+    assert await sale.room.settle("alice", "r-1") and await sale.room.settle("alice", "r-1")  # idempotent
+    assert (await sale.room.poll("bob")).state == "waiting"  # held now: nothing left to admit for
+    assert (await sale.room.figures()).tickets_out == 0
+
+
+async def test_a_spent_ticket_never_settled_is_released_at_its_expiry(sale: Sale) -> None:
+    """A service process that dies between spending a ticket and settling it does not hold
+    the unit forever: the ticket's expiry releases it (the room admits slower, never more)."""
+    await sale.inv.stock("phone", 1)
+    await _open_room(sale, rate=1000, ticket_ttl_ms=300)
+    alice = await sale.room.join("alice", ["phone"])
+    await sale.room.join("bob", ["phone"])
+    await sale.room.use("alice", alice.ticket_nonce, "r-1")  # ... and the order never came
+    while await _server_ms(sale.redis) <= alice.ticket_expires_ms:
+        await asyncio.sleep(0.05)
+    assert (await sale.room.poll("bob")).state == "admitted"
+    assert (await sale.room.poll("alice")).state == "used"
+
+
+async def test_a_ticket_admits_only_the_skus_its_buyer_queued_for(sale: Sale) -> None:
+    """Admission is by each SKU's stock: a ticket won in the short queue of a plentiful SKU
+    must not buy the scarce one past its queue. Refused before anything changes."""
+    await sale.inv.stock("phone", 1)
+    await sale.inv.stock("case", 100)
+    await _open_room(sale, rate=1000)
+    mallory = await sale.room.join("mallory", ["case"])
+    assert mallory.state == "admitted" and mallory.skus == ("case",)
+    before = await sale.room.record()
+    with pytest.raises(TicketRefused) as refused:
+        await sale.room.use("mallory", mallory.ticket_nonce, "r-1", ["case", "phone"])
+    assert refused.value.reason == "ticket_other_sku"
+    assert await sale.room.record() == before
+    await sale.room.use("mallory", mallory.ticket_nonce, "r-1", ["case"])
+
+
 async def test_a_ticket_admits_one_order_attempt_series(sale: Sale) -> None:
     await sale.inv.stock("phone", 10)
     await _open_room(sale, rate=1000)
@@ -262,6 +313,7 @@ async def test_figures_count_joins_admissions_waits_and_tellings(sale: Sale) -> 
     phone = next(b for b in admitted if b != "c0")
     await sale.room.use(phone, statuses[phone].ticket_nonce, "r-1")
     hold = await sale.inv.reserve(phone, [Line("phone", 1)], request_id="r-1")
+    await sale.room.settle(phone, "r-1")
     await sale.inv.confirm(hold.hold_id)
     told = [await sale.room.poll(b) for b in ("p0", "p1", "p2") if b != phone]
     assert {s.state for s in told} == {"sold_out"}

@@ -91,6 +91,44 @@ async def test_orders_behind_the_room_need_the_buyers_own_ticket(
     assert (await _poll(service, sale, "alice"))["state"] == "used"
 
 
+async def test_a_ticket_buys_only_what_its_buyer_queued_for(service: Service, redis_client: Redis) -> None:
+    """Won in the short queue of a plentiful SKU, a ticket must not buy the scarce one past
+    its queue: 403 ticket_not_for_sku, nothing changes; the answer says what they queue for."""
+    sale, scarce, plenty = new_id("room"), new_id("sku"), new_id("sku")
+    await service.create_sale(
+        [{"sku": scarce, "stock": 1}, {"sku": plenty, "stock": 50}],
+        sale=sale,
+        waiting_room={"rate_per_s": 1000},
+    )
+    mallory = await _join(service, sale, "mallory", plenty)
+    assert mallory["state"] == "admitted" and mallory["skus"] == [plenty]
+    again = await service.client.post(
+        f"/api/sales/{sale}/room", json={"skus": [scarce]}, headers=buyer("mallory")
+    )
+    assert (await expect_json(again, 200))["skus"] == [plenty]  # joining again keeps the first place
+    before = await dump_redis(redis_client)
+    await expect_json(
+        await _order(service, "mallory", scarce, mallory["ticket"], "r-1"), 403, "ticket_not_for_sku"
+    )
+    assert changed_keys(before, await dump_redis(redis_client)) == []
+    await expect_json(await _order(service, "mallory", plenty, mallory["ticket"], "r-1"), 201)
+
+
+async def test_an_order_settles_its_ticket_whatever_its_outcome(service: Service) -> None:
+    """The ticket counts against the stock until its order has reserved — or was refused:
+    then the unit is free again and the next buyer in the queue is admitted at once."""
+    sale, sku = await _room_sale(service, stock=1)
+    alice = await _join(service, sale, "alice", sku)
+    assert (await _join(service, sale, "bob", sku))["state"] == "waiting"
+    resp = await service.client.post(
+        "/api/orders",
+        json={"request_id": "r-1", "sku": sku, "qty": 2},  # more than the one unit: refused
+        headers=buyer("alice", extra={TICKET_HEADER: alice["ticket"]}),
+    )
+    assert resp.status == 409, await resp.text()
+    assert (await _poll(service, sale, "bob"))["state"] == "admitted"
+
+
 async def test_a_lapsed_ticket_is_refused_and_its_place_given_back(start_service: ServiceFactory) -> None:
     service = await start_service()
     sale, sku = await _room_sale(service, stock=1, ticket_ttl_s=1)

@@ -16,7 +16,7 @@ from flashsale.service.http import bearer, read_json
 from flashsale.service.sales import SaleSettings, iso, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import Buyer, InvalidToken
-from flashsale.service.waiting_room import admit_order
+from flashsale.service.waiting_room import admit_order, settle_ticket
 
 __all__ = ["routes", "read_json", "bearer"]
 
@@ -186,14 +186,30 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
 
     if settings.room:
         try:
-            await admit_order(request, state, settings, buyer, request_id)
+            await admit_order(request, state, settings, buyer, request_id, [line.sku for line in cart])
         except ApiError:
             metrics.count("no_ticket")
             raise
+        try:
+            return await _reserve(request, state, settings, buyer, cart, request_id)
+        finally:  # reserved or refused: the ticket stops counting against the stock
+            await settle_ticket(state, settings, buyer, request_id)
+    return await _reserve(request, state, settings, buyer, cart, request_id)
 
+
+async def _reserve(
+    request: web.Request,
+    state: ServiceState,
+    settings: SaleSettings,
+    buyer: Buyer,
+    cart: list[inventory.Line],
+    request_id: str,
+) -> web.Response:
+    metrics, sale = state.metrics, settings.sale
     # A retry of a request whose outcome was unknown must reach Redis to learn it, so the
-    # local sold-out shortcut is only for first attempts.
-    first_attempt = request.headers.get("X-Retry-Attempt", "0") in ("", "0")
+    # local sold-out shortcut is only for first attempts — and not behind a waiting room,
+    # which admits a buyer only when a unit is there (a stale "sold out" would refuse them).
+    first_attempt = request.headers.get("X-Retry-Attempt", "0") in ("", "0") and not settings.room
     state.sold_out.observe_epoch(sale, settings.epoch)
     if first_attempt:
         for line in cart:

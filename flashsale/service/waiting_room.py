@@ -27,7 +27,9 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -49,10 +51,12 @@ __all__ = [
     "room_spec",
     "room_view",
     "routes",
+    "settle_ticket",
     "verify_ticket",
 ]
 
 routes = web.RouteTableDef()
+log = logging.getLogger("flashsale.waiting_room")
 
 #: The header an order carries its ticket in while the sale's room is on.
 TICKET_HEADER = "X-Flashsale-Ticket"
@@ -203,6 +207,8 @@ async def room_record(request: web.Request) -> web.Response:
         rec = json.loads(raw)
         entry: dict[str, Any] = {"skus": str(rec.get("s", "")).split(",")}
         entry.update({name: rec[short] for short, name in _RECORD_FIELDS.items() if short in rec})
+        if not entry.get("position"):  # a pre-queue buyer has no place until T0 (p = 0)
+            entry.pop("position", None)
         buyers[buyer] = entry
 
     def number(name: str) -> int:
@@ -286,6 +292,7 @@ def _answer(
         "pre_queue": status.pre_queue,
         "opens_at": iso(status.opens_at_ms),
         "eta_s": round(status.eta_s, 1),
+        "skus": list(status.skus),
     }
     if status.state == "admitted":
         body["ticket"] = mint_ticket(
@@ -365,10 +372,16 @@ async def poll_room(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- the order gate
 async def admit_order(
-    request: web.Request, state: ServiceState, sale: SaleSettings, buyer: Buyer, request_id: str
+    request: web.Request,
+    state: ServiceState,
+    sale: SaleSettings,
+    buyer: Buyer,
+    request_id: str,
+    skus: Sequence[str] = (),
 ) -> None:
     """While the sale's room is on, an order needs its buyer's ticket for this sale, unspent
-    or spent on this very request id (a retry)."""
+    or spent on this very request id (a retry), for SKUs the buyer queued for. Once the
+    order has reserved its units, or was refused, call :func:`settle_ticket`."""
     ticket = request.headers.get(TICKET_HEADER, "")
     if not ticket:
         raise ApiError(
@@ -381,10 +394,28 @@ async def admit_order(
     if fields["u"] != buyer.user or fields["s"] != sale.sale:
         raise ApiError(403, "ticket_not_yours", "this ticket was issued to another buyer or for another sale")
     try:
-        await room_of(state, sale.sale).use(buyer.user, fields["n"], request_id)
+        await room_of(state, sale.sale).use(buyer.user, fields["n"], request_id, skus)
     except inventory.TicketRefused as exc:
         if exc.reason == "ticket_expired":
             raise ApiError(401, "ticket_expired", "the ticket lapsed: join the room again") from None
         if exc.reason == "ticket_used":
             raise ApiError(403, "ticket_used", "the ticket was spent on another order (request_id)") from None
+        if exc.reason == "ticket_other_sku":
+            raise ApiError(
+                403, "ticket_not_for_sku", "the ticket admits orders of the SKUs you queued for, not others"
+            ) from None
         raise ApiError(403, "ticket_invalid", "this ticket no longer admits an order") from None
+
+
+async def settle_ticket(state: ServiceState, sale: SaleSettings, buyer: Buyer, request_id: str) -> None:
+    """The order has reserved its units (or was refused): its ticket stops counting against
+    the stock. Never raises — the order's answer stands; a ticket not settled is released
+    at its expiry (the room admits more slowly meanwhile, never too many)."""
+    try:
+        await room_of(state, sale.sale).settle(buyer.user, request_id)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.warning(
+            "waiting room of %s: ticket of %s not settled; it is released at its expiry",
+            sale.sale,
+            buyer.user,
+        )

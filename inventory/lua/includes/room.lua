@@ -1,10 +1,12 @@
--- Shared: the waiting room's state and its admission step (room_join, room_poll, room_use).
+-- Shared: the waiting room's state and its admission step (room_join, room_poll, room_use,
+-- room_settle).
 --
 -- Buyer records live in the room's buyers hash as JSON: {s = "sku1,sku2", j = joined ms,
 -- st = pre|waiting|admitted|used|expired|sold_out, p = queue position (0 in the pre-queue),
 -- a = admitted ms, n = ticket nonce, x = ticket expiry ms, o = SKUs the admission counted
 -- against, r = request id the ticket was used for, u = ms it was used, t = ms the buyer was
--- told "sold out", d = ms between the room seeing the sell-out and then}.
+-- told "sold out", d = ms between the room seeing the sell-out (or the buyer joining, if
+-- later) and then}.
 --
 -- Counters in the room hash: joined, admits, used, expired, told_sold_out, told_max_ms,
 -- soldout:<sku> (when the room first saw the SKU sold out), and two histograms, each a
@@ -127,6 +129,8 @@ local function release_outstanding(rec)
   rec.o = nil
 end
 
+-- Tickets past their expiry: an unused one lapses (its buyer may join again); a used one
+-- whose order never settled it (room_settle) stops counting against the stock.
 local function expire_tickets(now)
   local lapsed = redis.call('ZRANGEBYSCORE', tickets_key, '-inf', now, 'LIMIT', 0, EXPIRE_BATCH)
   for _, buyer in ipairs(lapsed) do
@@ -136,6 +140,9 @@ local function expire_tickets(now)
       rec.st = 'expired'
       put_buyer(buyer, rec)
       redis.call('HINCRBY', room_key, 'expired', 1)
+    elseif rec and rec.st == 'used' and rec.o ~= nil then
+      release_outstanding(rec)
+      put_buyer(buyer, rec)
     end
     redis.call('ZREM', tickets_key, buyer)
   end
@@ -225,7 +232,8 @@ local function status(buyer, c, now, capacity)
     for _, sku in ipairs(split_skus(rec.s)) do
       newest = math.max(newest, num(redis.call('HGET', room_key, 'soldout:' .. sku), now))
     end
-    rec.d = math.max(0, now - newest)
+    -- Measured from the sell-out, or from joining for a buyer who came after it (told at once).
+    rec.d = math.max(0, now - math.max(newest, num(rec.j, now)))
     put_buyer(buyer, rec)
     redis.call('HINCRBY', room_key, 'told_sold_out', 1)
     local worst = num(redis.call('HGET', room_key, 'told_max_ms'), 0)
@@ -249,5 +257,5 @@ local function status(buyer, c, now, capacity)
   end
   return {rec.st, tostring(ahead), tostring(redis.call('ZCARD', queue_key)),
           tostring(redis.call('LLEN', pre_key)), rec.n or '', tostring(rec.x or 0),
-          tostring(now), c.t0 or '0', c.rate or '0', tostring(rec.d or -1), tostring(headroom)}
+          tostring(now), c.t0 or '0', c.rate or '0', tostring(rec.d or -1), tostring(headroom), rec.s or ''}
 end
