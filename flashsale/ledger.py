@@ -32,6 +32,7 @@ __all__ = [
     "SkuStock",
     "archived_order",
     "fold_stock",
+    "last_paid_ms",
     "newest_stock_event_ms",
     "order_counts",
     "order_timing",
@@ -203,6 +204,19 @@ async def paid_units(conn: Any, engines: Sequence[str]) -> dict[tuple[str, str],
         list(engines),
     )
     return {(r["sale"], r["sku"]): int(r["units"]) for r in rows}
+
+
+async def last_paid_ms(pool: Any, engines: Sequence[str]) -> dict[str, int]:
+    """SKU -> when (ms of the Redis server's clock, as the engine stamped it) the latest
+    payment of it among ``engines``' orders happened: for a SKU sold out, its sell-out."""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT l.sku, (extract(epoch FROM max(o.status_at)) * 1000)::bigint AS ms "
+            "FROM orders o JOIN order_lines l USING (order_id) "
+            "WHERE o.status = 'paid' AND o.sale = ANY($1::text[]) GROUP BY l.sku",
+            list(engines),
+        )
+    return {r["sku"]: int(r["ms"]) for r in rows}
 
 
 async def order_timing(pool: Any, engines: Sequence[str]) -> tuple[float | None, datetime | None]:

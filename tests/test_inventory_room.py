@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from inventory_support import connect, new_sale_id
 from redis.asyncio import Redis
+from redis_mode import command_calls
 
 from inventory import Inventory, Line, RoomSettings, TicketRefused, WaitingRoom, replay_shuffle
 from inventory._room import TOLD_BUCKETS_MS, WAIT_BUCKETS_MS
@@ -342,3 +343,25 @@ async def test_the_headroom_says_how_soon_a_sell_out_could_come(sale: Sale) -> N
     await sale.inv.reserve("x", [Line("phone", 28)], request_id="r-x")  # all but the spoken-for
     edge = await sale.room.poll("b4")
     assert edge.headroom == 0 and edge.sell_out_horizon_s == 0.0
+
+
+async def test_polls_of_a_blocked_queue_do_not_read_its_head_again(sale: Sale) -> None:
+    """A queue waiting for held units (every unit spoken for) cannot move until something
+    changes: a poll then costs a few reads, not a scan of up to 200 buyer records — and the
+    first change (a ticket's order settled and refused: its unit free again) admits the
+    next buyer at once."""
+    await sale.inv.stock("phone", 1)
+    await _open_room(sale, rate=1000)
+    alice = await sale.room.join("alice", ["phone"])
+    for i in range(150):
+        await sale.room.join(f"w{i:03d}", ["phone"])
+    await sale.room.poll("w000")  # a fruitless scan: it notes what it saw
+    before = await command_calls(sale.redis, "hget")
+    for i in range(10):
+        assert (await sale.room.poll(f"w{i:03d}")).state == "waiting"
+    per_poll = (await command_calls(sale.redis, "hget") - before) / 10
+    assert per_poll < 20, per_poll  # a scan reads each of the 150 records (and more)
+    await sale.room.use("alice", alice.ticket_nonce, "r-1")
+    await sale.room.settle("alice", "r-1")  # her order was refused: the unit is free
+    assert (await sale.room.poll("w149")).state == "waiting"
+    assert (await sale.room.poll("w000")).state == "admitted"  # the head, in order

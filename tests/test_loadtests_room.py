@@ -265,7 +265,7 @@ def test_room_told_fails_when_a_waiting_buyer_hears_late(scene: Scene) -> None:
 
 
 def test_room_told_fails_when_a_poll_after_the_sell_out_says_waiting(scene: Scene) -> None:
-    stale = [*scene.ops, answer("late1", T0 + 2.1, "waiting")]
+    stale = [*scene.ops, answer("late1", T0 + 2.2, "waiting")]
     assert "room_told" in failed(scene.judge(ops=stale))
 
 
@@ -287,3 +287,15 @@ def test_room_told_fails_on_a_sold_out_told_while_units_were_left(scene: Scene) 
     assert "room_told" in failed(scene.judge(ops=early))
     wrong = [*scene.ops, answer("c9", T0 + 1.0, "sold_out", sku=CASE)]  # cases were never sold out
     assert "room_told" in failed(scene.judge(ops=wrong))
+
+
+def test_room_told_measures_from_the_exact_sell_out_when_the_record_has_it(scene: Scene) -> None:
+    """From the history alone the sell-out is when the last payment was sent (T0 + 2 s): an
+    upper bound of the delay. The service's record knows when it was paid (here T0 + 2.2 s)."""
+    assert scene.judge()["figures"]["told_after_sell_out_ms"]["max"] >= 250
+    exact = replace(scene.record, sold_out_at_ms={PHONE: ms(T0 + 2.2)})
+    result = scene.judge(exact)
+    assert result["figures"]["told_after_sell_out_ms"]["max"] <= 60
+    assert result["figures"]["sold_out_at_s_from_t0"] == {PHONE: 2.2}
+    # A buyer told before the recorded sell-out was told wrongly.
+    assert "room_told" in failed(scene.judge(replace(scene.record, sold_out_at_ms={PHONE: ms(T0 + 2.5)})))

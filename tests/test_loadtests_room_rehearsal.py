@@ -65,6 +65,7 @@ def test_a_rehearsal_behind_the_room_passes_the_extended_oracle(drill: RoomDrill
     room = drill.room
     assert room["pre_queue"] > 0 and room["admitted"] > 0 and room["told_sold_out"] > 0, room
     assert room["told_after_sell_out_ms"]["count"] > 0, room
+    assert room["sold_out_moment"].startswith("exact"), room  # from the service's PostgreSQL record
     assert room["wait_ms"]["count"] == room["admitted"]
     # Bots tried all three ways past the room, and each was refused.
     assert set(room["skip_attempts"]) == {"none", "forged", "borrowed"}, room["skip_attempts"]

@@ -258,6 +258,7 @@ async def test_the_admin_record_lets_an_auditor_replay_the_shuffle(service: Serv
     assert buyers["late"]["position"] == 13 and buyers["late"]["skus"] == [sku]
     assert buyers["late"]["admitted_ms"] >= buyers["late"]["joined_ms"] >= opens_at
     assert "n" not in buyers["late"] and late["ticket"] not in json.dumps(record)
+    assert "sold_out_at_ms" in record  # (None: this service has no database to say when)
 
 
 async def test_the_admin_record_refuses_strangers_and_roomless_sales(service: Service) -> None:

@@ -223,6 +223,11 @@ def _document() -> dict[str, Any]:
                         "shuffled_n": {"type": "integer"},
                         "counters": {"type": "object", "additionalProperties": {"type": "integer"}},
                         "sold_out_seen_ms": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "sold_out_at_ms": {
+                            "type": "object",
+                            "nullable": True,
+                            "additionalProperties": {"type": "integer"},
+                        },
                         "pre_queue": {"type": "array", "items": {"type": "string"}},
                         "buyers": {
                             "type": "object",

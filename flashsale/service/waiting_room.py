@@ -236,10 +236,31 @@ async def room_record(request: web.Request) -> web.Response:
             )
         },
         "sold_out_seen_ms": {k[len("soldout:") :]: number(k) for k in room if k.startswith("soldout:")},
+        "sold_out_at_ms": await _sold_out_at_ms(state, sale),
         "pre_queue": record["pre_queue"],
         "buyers": buyers,
     }
     return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def _sold_out_at_ms(state: ServiceState, sale: SaleSettings) -> dict[str, int] | None:
+    """For each SKU sold out now (nothing available, held or in reserve), when its last unit
+    was paid, from PostgreSQL's record (exact, unlike when the room first noticed); None
+    without a database. Read it once the writer has drained: a payment not yet recorded
+    makes the moment look earlier than it was."""
+    if state.pg is None:
+        return None
+    from flashsale.ledger import last_paid_ms
+
+    gone = [
+        sku
+        for sku, s in (await state.engine(sale).snapshots()).items()
+        if s.total and not s.available + s.held + s.reserve
+    ]
+    if not gone:
+        return {}
+    paid = await last_paid_ms(state.pg, [p.sale for p in state.engine_parts(sale)])
+    return {sku: paid[sku] for sku in gone if sku in paid}
 
 
 async def room_view(state: ServiceState, sale: str) -> dict[str, Any]:

@@ -164,26 +164,52 @@ local function leave_sold_out(buyer, rec)
   redis.call('ZREM', queue_key, buyer)
 end
 
+-- What decides whether anyone at the head of the queue can be admitted: the queue (its
+-- length and the positions counter), the oversubscription factor, and each of ``skus``'
+-- stock and tickets out.
+local function head_print(skus, capacity, factor)
+  local parts = {tostring(redis.call('ZCARD', queue_key)), tostring(redis.call('HGET', room_key, 'next') or '0'),
+                 tostring(factor)}
+  for _, sku in ipairs(skus) do
+    local could, available = capacity(sku)
+    parts[#parts + 1] = sku .. '=' .. could .. '/' .. available .. '/' .. (redis.call('HGET', room_key, 'out:' .. sku) or '0')
+  end
+  return table.concat(parts, ',')
+end
+
 -- One admission step: take back lapsed tickets, refill the rate budget, then admit from
 -- the head of the queue in order while the budget lasts and each asked-for SKU has room
--- (admitted-but-unused tickets < available now x oversubscription).
+-- (admitted-but-unused tickets < available now x oversubscription). A scan that admitted
+-- nobody and sent nobody away leaves a note of what it saw (``blocked``: the SKUs, and
+-- head_print of them); while that has not changed, the next step cannot admit anyone
+-- either and does not read the head again — polls of a queue waiting for held units to be
+-- paid or to lapse stay cheap (a scan reads up to SCAN buyer records).
 local function admit_step(c, now, capacity)
   expire_tickets(now)
   local rate, burst = num(c.rate, 1), math.max(1, num(c.burst, 1))
   local tokens = math.min(burst, num(c.tokens, burst) + (now - num(c.refill_ms, now)) * rate / 1000)
   local factor = num(c.factor, 1)
   local admitted = 0
-  if tokens >= 1 then
+  local blocked = false
+  if tokens >= 1 and c.blocked then
+    local sep = string.find(c.blocked, '|', 1, true)
+    blocked = head_print(split_skus(string.sub(c.blocked, 1, sep - 1)), capacity, factor) == string.sub(c.blocked, sep + 1)
+  end
+  if tokens >= 1 and not blocked then
     local head = redis.call('ZRANGE', queue_key, 0, SCAN - 1)
+    local seen, moved = {}, false
     for _, buyer in ipairs(head) do
       if tokens < 1 then break end
       local rec = get_buyer(buyer)
       if rec == nil then
         redis.call('ZREM', queue_key, buyer)
+        moved = true
       else
         local skus = split_skus(rec.s)
+        for _, sku in ipairs(skus) do seen[sku] = true end
         if all_gone(skus, capacity, now) then
           leave_sold_out(buyer, rec)
+          moved = true
         else
           local fits = true
           for _, sku in ipairs(skus) do
@@ -212,6 +238,14 @@ local function admit_step(c, now, capacity)
           end
         end
       end
+    end
+    if admitted == 0 and not moved and #head > 0 then
+      local skus = {}
+      for sku in pairs(seen) do skus[#skus + 1] = sku end
+      table.sort(skus)
+      redis.call('HSET', room_key, 'blocked', table.concat(skus, ',') .. '|' .. head_print(skus, capacity, factor))
+    elseif c.blocked then
+      redis.call('HDEL', room_key, 'blocked')
     end
   end
   redis.call('HSET', room_key, 'tokens', tostring(tokens), 'refill_ms', tostring(now))
