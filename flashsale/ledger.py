@@ -16,6 +16,14 @@ event type           effect on the SKU's recorded stock
 ``written_off``      total += delta (delta < 0)
 ``reserve_released`` reserve pool -= units (they moved to ``available``)
 ===================  ==================================================================
+
+Generations. A sale id used again (a yearly ``d11``) has the rows of each of its creations
+here; no column says which. Each creation (a generation) is named by the instant it was
+made, in ms of the Redis clock, and every row carries that clock already: an order its
+creation time (:data:`ORDER_MADE_AT`), a stock event its stream id. A row belongs to the
+newest generation created at or before it (:func:`generation_of`); the reads below take a
+``since`` (engine sale -> generation) to read one creation and what came after it.
+A bucket transfer's id is on both of its stock events (``transfer``).
 """
 
 from __future__ import annotations
@@ -26,13 +34,16 @@ from datetime import datetime
 from typing import Any
 
 __all__ = [
+    "ORDER_MADE_AT",
     "ArchivedOrder",
     "SaleRecords",
     "SchemaMissing",
     "SkuStock",
     "archived_order",
     "fold_stock",
+    "generation_of",
     "last_paid_ms",
+    "made_at_ms",
     "newest_stock_event_ms",
     "order_counts",
     "order_timing",
@@ -41,6 +52,33 @@ __all__ = [
     "read_sales",
     "require_schema",
 ]
+
+
+#: When an order was made, on the Redis clock: its "reserved" entry's time (a row a closing
+#: entry wrote first has only the time of its status until then). What places it in a generation.
+ORDER_MADE_AT = "coalesce(o.created_at, o.status_at)"
+
+
+def generation_of(at_ms: int, generations: Iterable[int]) -> int:
+    """The generation a row made at ``at_ms`` (Redis clock) belongs to: the newest of
+    ``generations`` created at or before it; 0 (before any recorded) if none."""
+    return max((g for g in generations if g <= at_ms), default=0)
+
+
+def made_at_ms(order: Mapping[str, Any]) -> int:
+    """An order row's :data:`ORDER_MADE_AT`, in ms."""
+    made: datetime = order["created_at"] or order["status_at"]
+    return round(made.timestamp() * 1000)
+
+
+# A per-engine lower bound (a generation) joined to a query: $1 engines, $2 their bounds.
+_SINCE = "unnest($1::text[], $2::bigint[]) AS g(sale, since)"
+_MADE_SINCE = f"{ORDER_MADE_AT} >= to_timestamp(g.since / 1000.0)"
+
+
+def _bounds(engines: Sequence[str], since: Mapping[str, int] | None) -> list[list[Any]]:
+    names = list(engines)
+    return [names, [int((since or {}).get(e, 0)) for e in names]]
 
 
 @dataclass(slots=True)
@@ -84,6 +122,16 @@ class SaleRecords:
     def stock(self) -> dict[tuple[str, str], SkuStock]:
         return fold_stock(self.events)
 
+    def since(self, generation: int) -> SaleRecords:
+        """Only the rows of ``generation`` and later ones (every sale here from it on)."""
+        orders = [o for o in self.orders if made_at_ms(o) >= generation]
+        kept = {o["order_id"] for o in orders}
+        return SaleRecords(
+            orders,
+            {k: v for k, v in self.lines.items() if k in kept},
+            [e for e in self.events if e["stream_ms"] >= generation],
+        )
+
 
 class SchemaMissing(RuntimeError):
     """PostgreSQL has not been migrated (``flashsale migrate``)."""
@@ -97,7 +145,7 @@ async def require_schema(conn: Any) -> None:
 _ORDER_COLUMNS = "order_id, sale, user_id, request_id, status, created_at, pay_by, status_at, last_stream_id"
 _EVENT_COLUMNS = (
     "sale, stream_id, stream_ms, stream_seq, type, sku, total, reserve, per_user_limit, "
-    "low_stock_line, delta, units"
+    "low_stock_line, delta, units, transfer"
 )
 
 
@@ -180,35 +228,46 @@ async def archived_order(pool: Any, order_id: str) -> ArchivedOrder | None:
 
 
 # ------------------------------------------------- aggregates (the fence and recovery)
-async def newest_stock_event_ms(conn: Any) -> dict[str, int]:
-    """Engine sale -> the newest stream ms of its recorded stock events."""
-    rows = await conn.fetch("SELECT sale, max(stream_ms) AS ms FROM stock_events GROUP BY sale")
+async def newest_stock_event_ms(conn: Any, since: Mapping[str, int] | None = None) -> dict[str, int]:
+    """Engine sale -> the newest stream ms of its recorded stock events (for the engines in
+    ``since``, of that generation on; of every one for the others)."""
+    rows = await conn.fetch(
+        f"SELECT e.sale, max(e.stream_ms) AS ms FROM stock_events e LEFT JOIN {_SINCE} USING (sale) "
+        "WHERE e.stream_ms >= coalesce(g.since, 0) GROUP BY e.sale",
+        *_bounds(list(since or {}), since),
+    )
     return {r["sale"]: int(r["ms"]) for r in rows}
 
 
-async def order_counts(conn: Any, engines: Sequence[str]) -> dict[str, tuple[int, int]]:
-    """Engine sale -> (orders recorded, newest stream ms among their last entries)."""
+async def order_counts(
+    conn: Any, engines: Sequence[str], since: Mapping[str, int] | None = None
+) -> dict[str, tuple[int, int]]:
+    """Engine sale -> (orders recorded, newest stream ms among their last entries), counting
+    the orders of its generation in ``since`` and later (default: all)."""
     rows = await conn.fetch(
-        "SELECT sale, count(*) AS n, max(split_part(last_stream_id, '-', 1)::bigint) AS ms "
-        "FROM orders WHERE sale = ANY($1::text[]) GROUP BY sale",
-        list(engines),
+        "SELECT o.sale, count(*) AS n, max(split_part(o.last_stream_id, '-', 1)::bigint) AS ms "
+        f"FROM orders o JOIN {_SINCE} USING (sale) WHERE {_MADE_SINCE} GROUP BY o.sale",
+        *_bounds(engines, since),
     )
     return {r["sale"]: (int(r["n"]), int(r["ms"])) for r in rows}
 
 
-async def paid_units(conn: Any, engines: Sequence[str]) -> dict[tuple[str, str], int]:
-    """(engine sale, sku) -> units in paid orders."""
+async def paid_units(
+    conn: Any, engines: Sequence[str], since: Mapping[str, int] | None = None
+) -> dict[tuple[str, str], int]:
+    """(engine sale, sku) -> units in paid orders (of its generation in ``since`` and later)."""
     rows = await conn.fetch(
         "SELECT o.sale, l.sku, sum(l.qty) AS units FROM orders o JOIN order_lines l USING (order_id) "
-        "WHERE o.status = 'paid' AND o.sale = ANY($1::text[]) GROUP BY o.sale, l.sku",
-        list(engines),
+        f"JOIN {_SINCE} ON g.sale = o.sale WHERE o.status = 'paid' AND {_MADE_SINCE} GROUP BY o.sale, l.sku",
+        *_bounds(engines, since),
     )
     return {(r["sale"], r["sku"]): int(r["units"]) for r in rows}
 
 
 async def last_paid_ms(pool: Any, engines: Sequence[str]) -> dict[str, int]:
     """SKU -> when (ms of the Redis server's clock, as the engine stamped it) the latest
-    payment of it among ``engines``' orders happened: for a SKU sold out, its sell-out."""
+    payment of it among ``engines``' orders happened: for a SKU sold out, its sell-out. (The
+    latest: a reused sale id's earlier generations paid earlier.)"""
     async with pool.acquire() as conn:
         rows = await conn.fetch(
             "SELECT l.sku, (extract(epoch FROM max(o.status_at)) * 1000)::bigint AS ms "
@@ -219,14 +278,19 @@ async def last_paid_ms(pool: Any, engines: Sequence[str]) -> dict[str, int]:
     return {r["sku"]: int(r["ms"]) for r in rows}
 
 
-async def order_timing(pool: Any, engines: Sequence[str]) -> tuple[float | None, datetime | None]:
+async def order_timing(
+    pool: Any, engines: Sequence[str], since: int = 0
+) -> tuple[float | None, datetime | None]:
     """(median seconds from an order's creation to its payment deadline, the first order's
-    creation time) over ``engines``' orders: a sale's hold TTL and opening, read off its orders."""
+    creation time) over ``engines``' orders made at or after ``since`` (a generation): a
+    sale's hold TTL and opening, read off its orders."""
     async with pool.acquire() as conn:
         row = await conn.fetchrow(
             "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM pay_by - created_at)) AS ttl, "
-            "min(created_at) AS first FROM orders WHERE sale = ANY($1::text[]) AND created_at IS NOT NULL",
+            "min(created_at) AS first FROM orders WHERE sale = ANY($1::text[]) AND created_at IS NOT NULL "
+            "AND created_at >= to_timestamp($2 / 1000.0)",
             list(engines),
+            since,
         )
     if row is None:
         return None, None

@@ -10,6 +10,9 @@ validates first, then writes, and appends the change to the sale's event stream.
     hold = await inv.reserve("alice", [Line("phone", 1)], request_id="r-1")
     await inv.confirm(hold.hold_id, user="alice")
 
+Request ids are each buyer's own (``SaleKeys.request_field``): a retry by the same buyer
+replays the first hold; another buyer using the same id gets a hold of their own.
+
 Every change is appended to the sale's event stream as one entry; ``parse_event`` reads
 an entry back (the fields of each type are the contract in ``_events.py``).
 

@@ -12,9 +12,11 @@ key                                type    holds
                                            limit|low`` counters of every SKU of the sale
 ``{fs:<sale>}:holds``              hash    hold id -> JSON hold record (user, lines,
                                            state, deadline, created, request id)
-``{fs:<sale>}:requests``           hash    request id -> JSON {hold id, fingerprint}:
-                                           the idempotency record; ``op:<id>`` -> what a
-                                           stock change did (so a re-sent one is a no-op)
+``{fs:<sale>}:requests``           hash    ``r:<user>:<request id>`` -> JSON {hold id,
+                                           fingerprint}: a buyer's idempotency record
+                                           (:meth:`SaleKeys.request_field`); ``op:<id>`` ->
+                                           what a stock change did (so a re-sent one is a
+                                           no-op)
 ``{fs:<sale>}:users``              hash    ``<user>:<sku>`` -> units held or bought
 ``{fs:<sale>}:deadlines``          zset    open hold ids scored by deadline (ms)
 ``{fs:<sale>}:events``             stream  one entry per state change, appended by the
@@ -77,6 +79,15 @@ class SaleKeys:
     def transfers(self) -> str:
         """Bucket transfers in progress into this bucket (see ``_buckets.py``)."""
         return self.tag + ":transfers"
+
+    @staticmethod
+    def request_field(user: str, request_id: str) -> str:
+        """The field of :attr:`requests` holding ``user``'s record of ``request_id``.
+
+        Request ids are scoped per buyer: one buyer's id never answers, blocks or reveals
+        another buyer's. Neither part may contain ':' (ids are checked), so the field is
+        unambiguous and never one of the ``op:`` records of stock changes."""
+        return "r:" + user + ":" + request_id
 
     @property
     def room(self) -> str:

@@ -12,7 +12,19 @@ from typing import Any
 
 __all__ = ["ROOM_SCRIPT_NAMES", "SCRIPT_NAMES", "register_all", "register_room", "script_source"]
 
-SCRIPT_NAMES = ("reserve", "confirm", "release", "expire", "stock", "adjust", "release_reserve")
+SCRIPT_NAMES = (
+    "reserve",
+    "confirm",
+    "release",
+    "expire",
+    "stock",
+    "adjust",
+    "release_reserve",
+    "transfer_begin",
+    "transfer_out",
+    "transfer_in",
+    "transfer_due",
+)
 #: The waiting room's scripts (``_room.py``): registered by a WaitingRoom, not an Inventory.
 ROOM_SCRIPT_NAMES = ("room_configure", "room_join", "room_poll", "room_use", "room_settle")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)

@@ -41,7 +41,9 @@ The pieces, one concern per module. The kit (any backend):
 - ``slo``        k6-style thresholds and run validity;
 - ``exit_codes`` what a run's exit status means;
 - ``report``     summary.json, the per-second timeline, HdrHistogram logs, report.html, the
-                 console table.
+                 console table;
+- ``charts``     the report's charts, each as a PNG and as an interactive chart (uPlot,
+                 vendored in ``static/`` and inlined: the page opens offline).
 
 flashsale's own drill, the kit's first client:
 

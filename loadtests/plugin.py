@@ -37,6 +37,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gevent
 import gevent.event
@@ -174,6 +175,54 @@ def _add_options(parser: Any, rehearsal: Rehearsal) -> None:
     )
     add("--seed", type=int, default=0, help="seed of the personas' random choices")
     add("--no-plots", action="store_true", default=False, help="skip report.html and the PNG plots")
+
+
+#: Locust's own options that shape the load, reported among the run's settings beside every
+#: option Locust does not define (the kit's and the locustfile's own).
+LOCUST_SETTINGS = ("host", "locustfile", "headless", "master", "expect_workers", "processes")
+
+
+def run_settings(options: Any, parser: Any | None) -> dict[str, Any]:
+    """The run's settings for the report, with the value of every secret option (``is_secret``,
+    e.g. an admin token) masked and any password in the host's URL left out."""
+    from locust.argument_parser import default_args_dict
+
+    locust_own = set(default_args_dict())
+    secret = {a.dest for a in getattr(parser, "_actions", ()) if getattr(a, "is_secret", False)}
+    out: dict[str, Any] = {}
+    for name, value in sorted(vars(options).items()):
+        if name in locust_own and name not in LOCUST_SETTINGS:
+            continue
+        if name in secret:
+            value = "(secret)" if value else value
+        elif name == "host" and isinstance(value, str):
+            value = _without_password(value)
+        out[name] = value if isinstance(value, (str, int, float, bool, type(None))) else str(value)
+    return out
+
+
+def run_command(argv: list[str], parser: Any | None) -> str:
+    """The command line for the report, with secret options' values and URL passwords masked."""
+    flags = {
+        f for a in getattr(parser, "_actions", ()) if getattr(a, "is_secret", False) for f in a.option_strings
+    }
+    out, masking = [], False
+    for arg in argv:
+        flag, eq, _ = arg.partition("=")
+        if masking:
+            arg, masking = "(secret)", False
+        elif flag in flags:
+            arg, masking = (f"{flag}=(secret)", False) if eq else (arg, True)
+        elif "://" in arg:  # a URL, or --flag=URL
+            head, eq, url = arg.rpartition("=") if arg.startswith("-") else ("", "", arg)
+            arg = head + eq + _without_password(url)
+        out.append(arg)
+    return " ".join(shlex.quote(a) for a in out)
+
+
+def _without_password(url: str) -> str:
+    password = urlsplit(url).password
+    return url if password is None else url.replace(f":{password}@", ":***@", 1)
 
 
 def _thresholds(text: str) -> list[str]:
@@ -542,6 +591,11 @@ class Conductor:
             "p99_corrected_ms": corrected.get_value_at_percentile(99) / 1000
             if corrected.get_total_count()
             else None,
+            # The last ten whole seconds, so the reader can show the worst since its last line.
+            "p99_by_second": [
+                {"t_from_t0_s": round(s - shape.t0_s, 1), "p99_ms": p99, "p99_corrected_ms": corr}
+                for s, p99, corr in c.book.p99_by_second(last - 9, last)
+            ],
             "hot_sku": self.watch,
             "hot_available": sample.skus.get(self.watch, {}).get("available")
             if sample and self.watch
@@ -599,11 +653,12 @@ class Conductor:
         run = {
             "id": self.run_id,
             "name": self.rehearsal.name,
-            "host": self.environment.host,
-            "command": " ".join(shlex.quote(a) for a in sys.argv),
+            "host": _without_password(self.environment.host or ""),
+            "command": run_command(sys.argv, _PARSER[0]),
             **self.context._notes,
             "order_operations": list(self.rehearsal.order_operations),
             "sampler_errors": self.sampler_errors,
+            "settings": run_settings(opt, _PARSER[0]),
         }
         report = write_report(
             self.report_dir,
@@ -775,12 +830,18 @@ class ArrivalShape(LoadTestShape):
 
 
 _INSTALLED: list[Rehearsal] = []
+#: Locust's parser (the last one built), to tell which options are secret.
+_PARSER: list[Any] = [None]
 
 
 def _installed() -> Rehearsal:
     if not _INSTALLED:
         raise RuntimeError("no rehearsal installed: call rehearsal.locust_classes() in the locustfile")
     return _INSTALLED[0]
+
+
+def _keep_parser(parser: Any, **_kw: Any) -> None:
+    _PARSER[0] = parser
 
 
 def install(rehearsal: Rehearsal) -> tuple[type[User], type[LoadTestShape]]:
@@ -793,6 +854,7 @@ def install(rehearsal: Rehearsal) -> tuple[type[User], type[LoadTestShape]]:
         return ArrivalDriver, ArrivalShape
     _INSTALLED.append(rehearsal)
     events.init_command_line_parser.add_listener(lambda parser, **_: _add_options(parser, rehearsal))  # type: ignore[no-untyped-call]
+    events.init_command_line_parser.add_listener(_keep_parser)  # type: ignore[no-untyped-call]
     events.init.add_listener(_on_init)  # type: ignore[no-untyped-call]
     events.test_start.add_listener(_on_test_start)  # type: ignore[no-untyped-call]
     events.test_stop.add_listener(_on_test_stop)  # type: ignore[no-untyped-call]

@@ -5,7 +5,9 @@ counts arrivals (intended, started, dropped — by intended second), request out
 completion second) and its own CPU use; it records latency into a ``LatencyBook`` and
 appends every operation to its history (``loadtests.history``: JSON lines, one file per
 process). ``export()`` hands everything since the last export to the collector as one
-JSON-able payload: in distributed Locust runs it travels as a message to the master.
+JSON-able payload: in distributed Locust runs it travels as a message to the master. The
+first payload also says what machine the process runs on (``describe_machine``): a
+generator's CPU figures mean little without its core count.
 
 The ``RunCollector`` (the master, or the only process) adds the payloads up, appends the
 history lines to the merged ``requests.jsonl``, keeps the backend's own numbers
@@ -16,6 +18,8 @@ the live progress line.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -25,7 +29,34 @@ from typing import Any, TextIO
 
 from loadtests.latency import LatencyBook
 
-__all__ = ["ProcessRecorder", "RunCollector", "ServiceSample"]
+__all__ = ["ProcessRecorder", "RunCollector", "ServiceSample", "describe_machine"]
+
+
+def describe_machine() -> dict[str, Any]:
+    """The machine this process runs on: host, OS, CPU model and count, memory, Python."""
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "arch": platform.machine(),
+        "cpu": platform.processor(),
+        "cpus": os.cpu_count(),
+        # What this process may use: a container or taskset may allow fewer than the machine has.
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux names the CPU model here only
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        info["cpu"] = model or info["cpu"]
+    except OSError:
+        pass
+    try:
+        import psutil  # type: ignore[import-untyped]
+
+        info["memory_bytes"] = int(psutil.virtual_memory().total)
+    except ImportError:  # psutil comes with the loadtest extra; without it, no memory figure
+        pass
+    return info
 
 
 class ProcessRecorder:
@@ -48,6 +79,7 @@ class ProcessRecorder:
         #: Why this process could not send its share (the run is then invalid).
         self.failure = ""
         self.rendezvous_first: float | None = None
+        self._machine: dict[str, Any] | None = describe_machine()  # sent once, with the first export
 
     def second(self, epoch: float) -> int:
         return (
@@ -112,6 +144,8 @@ class ProcessRecorder:
             "failure": self.failure,
             "rendezvous_first": self.rendezvous_first,
         }
+        if self._machine is not None:
+            payload["machine"], self._machine = self._machine, None
         self.seconds = defaultdict(Counter)
         self.cpu = {}
         return payload
@@ -147,6 +181,7 @@ class RunCollector:
         self.dispatch: dict[str, dict[str, Any]] = {}
         self.failures: dict[str, str] = {}
         self.rendezvous_first: dict[str, float] = {}
+        self.machines: dict[str, dict[str, Any]] = {}
         self.service: list[ServiceSample] = []
         self.request_lines = 0
         self._requests: TextIO | None = None
@@ -181,6 +216,8 @@ class RunCollector:
             self.rendezvous_first[proc] = float(payload["rendezvous_first"])
         if payload.get("failure"):
             self.failures[proc] = str(payload["failure"])
+        if payload.get("machine"):
+            self.machines[proc] = dict(payload["machine"])
 
     def add_service_sample(self, sample: ServiceSample) -> None:
         self.service.append(sample)

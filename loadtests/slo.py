@@ -106,7 +106,7 @@ def _observe(t: Threshold, summary: Mapping[str, Any]) -> float | None:
             key = f"p{float(t.agg[2:-1]):g}_ms"
             if key not in lat:
                 raise ValueError(
-                    f"{t.text}: only p(50), p(90), p(99) and p(99.9) are recorded in the summary"
+                    f"{t.text}: only p(50), p(90), p(95), p(99) and p(99.9) are recorded in the summary"
                 )
             return float(lat[key])
         return float(lat["p50_ms" if t.agg == "med" else ("mean_ms" if t.agg == "avg" else "max_ms")])

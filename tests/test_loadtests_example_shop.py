@@ -104,6 +104,9 @@ def test_the_correct_shop_passes(correct: LocustRun) -> None:
     assert log["acknowledged"] >= 3, log  # every mug (3) and some tees
     assert s["requests"]["checkout"]["outcomes"].get("409:out_of_stock", 0) > 0  # the crowd met "sold out"
     assert s["arrivals"]["dropped"] == 0 and s["run"]["name"] == "example shop"
+    # The report says how the run was set up and where it ran: the kit's and the locustfile's options.
+    assert s["run"]["settings"]["shop_db"] == "shop.db" and s["run"]["settings"]["no_plots"] is True
+    assert s["generator"]["machines"]["local"]["cpus"] >= 1 and s["versions"]["locust"]
     assert "✓ oversold" in correct.out and "VERDICT  exit 0" in correct.out
 
 

@@ -94,6 +94,10 @@ def test_short_headless_rehearsal_passes_the_oracle(drill: Drill) -> None:
         assert (drill.folder / name).is_file(), name
     text = (drill.folder / "rehearse.out").read_text()
     assert "VERDICT  exit 0" in text
+    # The report names the run's settings, never the admin token among them.
+    assert s["run"]["settings"]["admin_token"] == "(secret)" and s["run"]["settings"]["peak_rps"] == 60.0
+    token = drill.env["FLASHSALE_ADMIN_TOKEN"]
+    assert all(token not in (drill.folder / f).read_text() for f in ("summary.json", "report.html"))
 
 
 def _free_port() -> int:
@@ -298,6 +302,16 @@ def test_ctrl_c_stops_everything_and_still_judges(embedded_stack: EmbeddedStack,
         if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ]
     assert left == [], f"processes left running after Ctrl-C: {left}"
+
+
+@pytest.mark.timeout(300)
+def test_the_live_lines_show_the_worst_second_and_when(drill: Drill) -> None:
+    progress = json.loads((drill.folder / "progress.json").read_text())
+    assert isinstance(progress["p99_by_second"], list)
+    for second in progress["p99_by_second"]:
+        assert set(second) == {"t_from_t0_s", "p99_ms", "p99_corrected_ms"}
+    lines = (drill.folder / "rehearse.out").read_text().splitlines()
+    assert any("@T0+" in line and " p99 " in line for line in lines), lines
 
 
 @pytest.mark.timeout(240)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import random
+import re
 from pathlib import Path
 
 from loadtests import exit_codes
@@ -148,6 +149,9 @@ def test_report_folder(tmp_path: Path) -> None:
         "plots/latency.png",
         "plots/stock.png",
         "plots/queue.png",
+        "plots/requests.png",
+        "plots/latency_by_kind.png",
+        "plots/generator.png",
     ):
         assert (folder / name).is_file(), name
     summary = json.loads((folder / "summary.json").read_text())
@@ -178,7 +182,7 @@ def test_report_folder(tmp_path: Path) -> None:
     assert read_log(folder / "latency-raw.hlog").get_total_count() == sum(int(r["requests"]) for r in rows)
 
     page = (folder / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 5
+    assert page.count("data:image/png;base64,") == 8
     assert "exit 0" in page and "all good" in page and "flashsale drill" in page
     assert summary["events"] == [{"t_from_t0_s": 2.0, "what": "reserve released"}]
 
@@ -272,13 +276,12 @@ def test_a_run_without_oracle_or_samples_says_so_and_draws_only_what_it_has(tmp_
     assert "no oracle" in page and "invariants held" not in page
     console = format_console(summary, folder)
     assert "no oracle" in console and "invariants held" not in console
-    # No stats were sampled: the stock and queue plots are left out, not drawn empty.
-    assert sorted(p.name for p in (folder / "plots").iterdir()) == [
-        "arrivals.png",
-        "latency.png",
-        "orders.png",
-    ]
-    assert page.count("data:image/png;base64,") == 3
+    # No stats were sampled: the stock and queue plots are left out, not drawn empty, on the
+    # page as in plots/.
+    drawn = ["arrivals", "generator", "latency", "latency_by_kind", "orders", "requests"]
+    assert sorted(p.stem for p in (folder / "plots").iterdir()) == drawn
+    assert page.count("data:image/png;base64,") == len(drawn)
+    assert sorted(re.findall(r'<figure class="chart" id="chart-(\w+)">', page)) == drawn
 
 
 def test_a_backend_that_had_not_drained_is_an_invalid_run_not_lost_orders(tmp_path: Path) -> None:

@@ -583,16 +583,6 @@ class Surge:
             await asyncio.gather(*(self.buyer(session) for _ in range(self.s.concurrency)))
 
 
-def _process_age(pid: int) -> float:
-    """Seconds since ``pid`` started (0 if unknown)."""
-    try:
-        start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-
-
 # ------------------------------------------------------------------------ faults
 class Faults:
     """Applies and repairs one fault; blocking server operations run in a thread."""
@@ -638,19 +628,12 @@ class Faults:
         self.note("worker restarted (same consumer name: it re-reads its pending entries)")
 
     async def _service_kill(self, length: float) -> None:
-        from flashsale.service import serve
-
-        # The supervisor takes a death in a process's first seconds for a start-up failure
-        # and stops everything; a crash at the peak comes later than that.
-        grace = getattr(serve, "STARTUP_GRACE_S", 0.0) + 0.5
+        # Mid-surge every service process listens (the supervisor takes a death before a
+        # process listened for a start-up failure and stops everything; after, it restarts it).
         children = self.procs.service_children()
         if not children:
             raise RuntimeError("no service process to kill")
         victim = children[0]
-        wait = grace - _process_age(victim)
-        if wait > 0:
-            self.note(f"waiting {wait:.1f} s: the service processes are still in their start-up grace")
-            await asyncio.sleep(wait)
         os.kill(victim, signal.SIGKILL)
         self.note(f"service process {victim} killed (of {children})")
         deadline = time.monotonic() + 15
@@ -872,7 +855,7 @@ def _rates(history: History, timeline: Timeline, recovered_at: float | None) -> 
 def _unknowns(history: History) -> dict[str, int]:
     attempts = [op for op in history if op.outcome == "unknown"]
     by_request = history.orders()
-    ids = {op.key for op in attempts if op.kind == "order"}
+    ids = {(op.user, op.key) for op in attempts if op.kind == "order"}
     had_run = had_not = unsettled = 0
     for rid in ids:
         later = [op for op in by_request[rid] if op.outcome != "unknown"]

@@ -37,7 +37,11 @@ def register(sub: Any) -> None:
     r.add_argument(
         "--check", action="store_true", help="only compare and report; change nothing (exit 2 on a loss)"
     )
-    r.add_argument("--forget", metavar="SALE", help="tell the fence SALE was removed from Redis on purpose")
+    r.add_argument(
+        "--forget",
+        metavar="SALE",
+        help="tell the fence SALE was removed from Redis on purpose (retired: the id may be created again)",
+    )
     r.add_argument(
         "--json", type=Path, metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)"
     )

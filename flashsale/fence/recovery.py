@@ -12,17 +12,26 @@ lost, or those named), and for each of its engine sales (the sale, or each bucke
 3. **rebuild** from PostgreSQL, in one MULTI guarded by WATCH on the stream, the holds and
    their hashes: stock counters per SKU (total and reserve pool from the stock events;
    held and sold from the orders; available = total − reserve − held − sold), hold
-   records, idempotency records for every request id (so a buyer's retry still gets its
-   first outcome), per-user counts, payment deadlines. Stock-change operation ids and
-   unfinished bucket transfers already in Redis are kept. If anything wrote to the
-   stream after step 2 (a sweeper, a late reservation), WATCH fails and 2–3 run again;
+   records, idempotency records for every (buyer, request id) (so a buyer's retry still
+   gets its first outcome), per-user counts, payment deadlines. Stock-change operation ids
+   and unfinished bucket transfers already in Redis are kept, and each bucket transfer's
+   operation records (``op:xo-<id>`` / ``op:xi-<id>``) are rebuilt from the transfer ids
+   on the stock events: a transfer the loss cut is then finished by the settle step, its
+   units neither dropped (the donor's record lost) nor added twice (the receiver's). If
+   anything wrote to the stream after step 2 (a sweeper, a late reservation), WATCH
+   fails and 2–3 run again;
 4. move the stream's last id up to what PostgreSQL has committed (``XSETID``), so new
    entries sort after everything already written;
 
-then put back the sale's settings (from ``fence_sales`` if Redis lost them), its SKU index
-and its place in the sales set, clear ``fenced``, bump the sale's epoch (every process
-drops its sold-out cache), re-write the lineage marker, log ``recovered`` in ``fence_log``,
-and verify again.
+then put back the sale's settings (from ``fence_sales`` if Redis lost them or holds
+another generation), its SKU index and its place in the sales set, clear ``fenced``, bump
+the sale's epoch (every process drops its sold-out cache), re-write the lineage marker,
+log ``recovered`` in ``fence_log``, and verify again.
+
+Only the generation being rebuilt is read from PostgreSQL (the one recorded last; a sale id
+used again has the rows of its earlier creations there too, see
+:mod:`flashsale.fence.verify`). A sale created again over a generation never retired is
+not rebuilt: that would overwrite the new creation; it is reported instead.
 """
 
 from __future__ import annotations
@@ -30,7 +39,7 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from redis.exceptions import WatchError
@@ -175,8 +184,8 @@ class _Plan:
     skus_seen: set[str]
 
 
-async def _plan(pool: Any, engine: str) -> _Plan:
-    records = await read_sales(pool, [engine])
+async def _plan(pool: Any, engine: str, generation: int) -> _Plan:
+    records = (await read_sales(pool, [engine])).since(generation)
     orders, by_order = records.orders, records.lines
     counters: dict[str, dict[str, int]] = defaultdict(
         lambda: dict.fromkeys(("total", "reserve", "limit", "low", "held", "sold"), 0)
@@ -187,8 +196,12 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         )
     problems: list[str] = []
     top = max((StreamId.parse(e["stream_id"]) for e in records.events), default=StreamId(0, 0))
-    holds: dict[str, str] = {}
     requests: dict[str, str] = {}
+    for e in records.events:
+        if e["transfer"] is not None:  # the records transfer_out / transfer_in keep
+            side = "xo" if e["delta"] < 0 else "xi"
+            requests[f"op:{side}-{e['transfer']}"] = f"adjust {e['sku']} {e['delta']}"
+    holds: dict[str, str] = {}
     users: Counter[str] = Counter()
     deadlines: dict[str, int] = {}
     statuses: Counter[str] = Counter()
@@ -215,7 +228,9 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         holds[order_id] = json.dumps(record, separators=(",", ":"))
         # The reserve script's fingerprint: user, then each line of the (sorted) cart.
         fingerprint = o["user_id"] + "".join(f"|{sku}:{qty}" for sku, qty in cart)
-        requests[o["request_id"]] = json.dumps({"h": order_id, "f": fingerprint}, separators=(",", ":"))
+        requests[SaleKeys.request_field(o["user_id"], o["request_id"])] = json.dumps(
+            {"h": order_id, "f": fingerprint}, separators=(",", ":")
+        )
         if status in ("held", "paid"):
             for sku, qty in cart:
                 users[f"{o['user_id']}:{sku}"] += qty
@@ -261,8 +276,11 @@ async def _last_generated(redis: Any, key: str) -> str:
     return as_text((await redis.xinfo_stream(key)).get("last-generated-id") or "0-0")
 
 
-async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tuple[int, _Plan, int]:
-    """Drain then rebuild one engine sale; returns (entries drained, plan, attempts)."""
+async def _rebuild_engine(
+    redis: Any, pool: Any, prefix: str, engine: str, generation: int
+) -> tuple[int, _Plan, int]:
+    """Drain then rebuild one engine sale's ``generation``; returns (entries drained, plan,
+    attempts)."""
     keys = SaleKeys(prefix, engine)
     await ensure_group(redis, keys.events)  # the stream must exist to be watched (and for the writer)
     drained, problems = 0, []
@@ -272,7 +290,7 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
         n, last, found = await _drain(redis, pool, prefix, engine, last)
         drained += n
         problems += found
-        plan = await _plan(pool, engine)
+        plan = await _plan(pool, engine, generation)
         async with redis.pipeline(transaction=True) as pipe:
             await pipe.watch(keys.events, keys.holds, keys.stock, keys.requests)
             if await _last_generated(pipe, keys.events) != seen:
@@ -314,9 +332,9 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
     )
 
 
-async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
+async def _derived_settings(pool: Any, engines: list[str], generation: int) -> dict[str, Any]:
     """Settings for a sale ``fence_sales`` never recorded, read off its orders."""
-    ttl_s, first = await order_timing(pool, engines)
+    ttl_s, first = await order_timing(pool, engines, generation)
     ttl_ms = int(ttl_s * 1000) if ttl_s is not None else 1_800_000
     opens = _ms(first) if first is not None else 0
     return {
@@ -330,13 +348,14 @@ async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
 
 async def _reopen(redis: Any, pool: Any, prefix: str, record: fence.SaleRecord, skus: set[str]) -> bool:
     """Put back the sale's settings, SKU index and sales-set entries; clear ``fenced``.
-    Returns True if the settings hash had to be restored."""
+    Returns True if the settings hash had to be restored (lost, or another generation's)."""
     key = ServiceKeys(prefix).sale(record.sale)
-    restored = not await redis.hexists(key, "opens_at_ms")
+    held = await redis.hmget(key, ["opens_at_ms", "generation"])
+    restored = held[0] is None or int(held[1] or 0) != record.generation
     settings = (
         record.settings
         if record.settings.get("opens_at_ms") is not None
-        else {**await _derived_settings(pool, record.engine_sales), **record.settings}
+        else {**await _derived_settings(pool, record.engine_sales, record.generation), **record.settings}
     )
     if restored:
         await redis.hset(
@@ -353,6 +372,7 @@ async def _reopen(redis: Any, pool: Any, prefix: str, record: fence.SaleRecord, 
                     )
                 },
                 "epoch": 0,
+                "generation": record.generation,
             },
         )
     if skus:
@@ -405,6 +425,16 @@ async def recover(
         record = registry.get(sale) or fence.SaleRecord(
             sale, {"buckets": len(engines) if len(engines) > 1 else 1}, ()
         )
+        held = before.generations.get(sale)
+        if held is not None and held > record.generation:
+            if sale in registry and not record.forgotten:
+                problems.append(
+                    f"{sale}: Redis holds a newer creation (generation {held}) than the one recorded "
+                    f"({record.generation}), which was never retired; not rebuilt (that would overwrite "
+                    f"the new one): run `flashsale recover --forget {sale}` if the old one was removed on purpose"
+                )
+                continue
+            record = replace(record, generation=held)  # created again, not recorded yet: rebuild that one
         if not engines:
             engines = record.engine_sales
         if record.engine_sales != engines and sale not in registry:
@@ -419,7 +449,7 @@ async def recover(
         sale_problems: list[str] = []
         skus: set[str] = set(record.skus)
         for engine in engines:
-            n, plan, tries = await _rebuild_engine(redis, pool, prefix, engine)
+            n, plan, tries = await _rebuild_engine(redis, pool, prefix, engine, record.generation)
             drained += n
             attempts = max(attempts, tries)
             orders.update(plan.orders)
@@ -475,12 +505,19 @@ async def recover(
 
 
 async def forget(pool: Any, *, prefix: str, sale: str) -> bool:
-    """Tell the fence a sale was removed from Redis on purpose (its absence is no loss)."""
+    """Tell the fence a sale was removed from Redis on purpose (its absence is no loss): its
+    generations recorded so far are retired, and the id may be created again (a new
+    generation, fenced like any sale)."""
     async with pool.acquire() as conn:
-        done = await conn.execute(
-            "UPDATE fence_sales SET forgotten_at = now() WHERE prefix = $1 AND sale = $2", prefix, sale
+        known = await conn.fetchval(
+            "SELECT count(*) FROM fence_sales WHERE prefix = $1 AND sale = $2", prefix, sale
         )
-    if done.endswith(" 0"):
+        await conn.execute(
+            "UPDATE fence_sales SET forgotten_at = now() WHERE prefix = $1 AND sale = $2 AND forgotten_at IS NULL",
+            prefix,
+            sale,
+        )
+    if not known:
         return False
     await fence.log_fence(
         pool, prefix=prefix, sale=sale, action="forgotten", reason="removed from Redis on purpose"

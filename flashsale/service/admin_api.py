@@ -3,7 +3,9 @@ tokens, the degraded-site switches, live stats and the audit."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
 import re
 import time
 from dataclasses import replace
@@ -25,6 +27,7 @@ from inventory import BucketedInventory
 
 __all__ = ["routes", "require_admin"]
 
+logger = logging.getLogger("flashsale.service")
 routes = web.RouteTableDef()
 
 _SALE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -164,6 +167,12 @@ async def create_sale(request: web.Request) -> web.Response:
         raise ApiError(
             409, "sku_taken", f"SKU(s) already on another sale: {', '.join(clash[:10])}", skus=clash[:10]
         )
+    await _refuse_unretired(state, settings)
+    # This creation's generation: the Redis clock now, before its first entry is written, so
+    # every row of it in PostgreSQL is stamped at or after it (rows of an earlier creation
+    # of the id, before: see flashsale.fence.verify).
+    seconds, micros = await state.redis.time()
+    settings = replace(settings, generation=int(seconds) * 1000 + int(micros) // 1000)
     inv = state.engine(settings)
     for sku, stock, reserve, limit, low in specs:
         await inv.stock(sku, stock, reserve=reserve, limit_per_user=limit, low_stock_line=low)
@@ -174,6 +183,46 @@ async def create_sale(request: web.Request) -> web.Response:
         settings, [s[0] for s in specs], [part.sale for part in state.engine_parts(settings)]
     )
     return web.json_response(await _sale_json(state, settings), status=201)
+
+
+async def _refuse_unretired(state: ServiceState, settings: SaleSettings) -> None:
+    """A sale id may be used again (a yearly ``d11``): each creation is a generation of its
+    own. Refused (409) while the earlier creation is still there: its keys in Redis, or
+    its generation in the fence's record not retired (``flashsale recover --forget``) —
+    a sale that Redis lost without anyone retiring it must be recovered, not replaced."""
+    sale = settings.sale
+    for part in state.engine_parts(settings):
+        # An empty events stream is no leftover: the worker re-creates one (with its group)
+        # for every sale it still lists.
+        kept = [k for k in part.keys.all() if k != part.keys.events]
+        if await state.redis.exists(*kept) or await state.redis.xlen(part.keys.events):
+            raise ApiError(
+                409,
+                "sale_keys_remain",
+                f"keys of an earlier creation of sale {sale!r} are still in Redis ({part.keys.tag}:*): "
+                f"remove them, then run `flashsale recover --forget {sale}`, before using the id again",
+                sale=sale,
+            )
+    if state.pg is None:
+        return
+    from flashsale.fence.verify import newest_record  # asyncpg-side, loaded when a sale is made
+
+    try:
+        recorded = await asyncio.wait_for(newest_record(state.pg, state.settings.key_prefix, sale), 5.0)
+    except Exception as exc:  # noqa: BLE001 - PostgreSQL down or not migrated: the fence checks later
+        logger.warning(
+            "sale_generation_unchecked", extra={"sale": sale, "error": f"{type(exc).__name__}: {exc}"}
+        )
+        return
+    if recorded is not None and not recorded.forgotten:
+        raise ApiError(
+            409,
+            "sale_not_retired",
+            f"sale {sale!r} was created before and its creation was never retired: if it was removed "
+            f"from Redis on purpose, run `flashsale recover --forget {sale}` first; if Redis lost it, "
+            "run `flashsale recover`",
+            sale=sale,
+        )
 
 
 def _number(body: dict[str, Any], name: str, default: float, *, low: float, high: float) -> float:

@@ -206,21 +206,27 @@ async def _reserve(
     request_id: str,
 ) -> web.Response:
     metrics, sale = state.metrics, settings.sale
-    # A retry of a request whose outcome was unknown must reach Redis to learn it, so the
-    # local sold-out shortcut is only for first attempts — and not behind a waiting room,
-    # which admits a buyer only when a unit is there (a stale "sold out" would refuse them).
-    first_attempt = request.headers.get("X-Retry-Attempt", "0") in ("", "0") and not settings.room
     state.sold_out.observe_epoch(sale, settings.epoch)
-    if first_attempt:
-        for line in cart:
-            if state.sold_out.is_sold_out(sale, line.sku):
-                metrics.count("sold_out")
-                raise ApiError(409, "sold_out", f"SKU {line.sku!r} is sold out", sku=line.sku, available=0)
-
+    # Not behind a waiting room, which admits a buyer only when a unit is there: a stale
+    # "sold out" would refuse them.
+    cached_out = (
+        None
+        if settings.room
+        else next((line.sku for line in cart if state.sold_out.is_sold_out(sale, line.sku)), None)
+    )
     inv = state.engine(settings)
     try:
         # asyncio.timeout, not wait_for: no extra task per order on the hot path.
         async with asyncio.timeout(state.settings.redis_timeout_s * 2):
+            # The sold-out shortcut refuses without running the reserve script, but not a
+            # retry whose first answer was lost (a 504, a cut connection) and whose hold
+            # exists: one read of the buyer's own idempotency record tells them apart,
+            # whatever headers the client sends.
+            if cached_out is not None and not await inv.made_hold(buyer.user, request_id):
+                metrics.count("sold_out")
+                raise ApiError(
+                    409, "sold_out", f"SKU {cached_out!r} is sold out", sku=cached_out, available=0
+                )
             hold = await inv.reserve(buyer.user, cart, request_id=request_id)
     except TimeoutError:
         metrics.count("unknown")
@@ -228,7 +234,7 @@ async def _reserve(
             504,
             "outcome_unknown",
             "Redis did not answer in time: the order may or may not exist. "
-            "Retry with the same request_id (and X-Retry-Attempt: 1) to learn the outcome.",
+            "Retry with the same request_id to learn the outcome.",
             request_id=request_id,
         ) from None
     except inventory.SoldOut as exc:

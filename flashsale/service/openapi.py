@@ -296,6 +296,7 @@ def _document() -> dict[str, Any]:
                             "name": "X-Retry-Attempt",
                             "in": "header",
                             "required": False,
+                            "description": "accepted and ignored: a retry is recognised by its request_id",
                             "schema": {"type": "integer", "minimum": 0},
                         },
                         {
@@ -422,7 +423,7 @@ def _document() -> dict[str, Any]:
                         "201": _ok("the sale", "Sale"),
                         **_AUTH_ERRORS,
                         **_BODY_ERRORS,
-                        "409": _err("sale_exists or sku_taken"),
+                        "409": _err("sale_exists, sku_taken, sale_keys_remain or sale_not_retired"),
                     },
                 }
             },

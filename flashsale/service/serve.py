@@ -25,8 +25,8 @@ __all__ = ["serve", "run_one_process"]
 
 log = logging.getLogger("flashsale.serve")
 
-#: A worker that exits sooner than this after its start failed to start: stop, do not loop.
-STARTUP_GRACE_S = 5.0
+#: A service process writes this file once it listens; one that exits before did not start.
+READY_FILE_ENV = "FLASHSALE_PROCESS_READY_FILE"
 
 
 def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
@@ -36,13 +36,15 @@ def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
     configure(settings.log_level, access_log=settings.access_log)
     fast_loop = install_uvloop()
     log.info("service process starting", extra={"port": settings.port, "uvloop": fast_loop})
+    ready = os.environ.get(READY_FILE_ENV)
     web.run_app(
         create_app(settings),
         host=settings.host,
         port=settings.port,
         reuse_port=reuse_port,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        print=None,
+        # run_app "prints" once every site listens: the supervisor's sign that it started.
+        print=(lambda *_args, **_kw: _touch(ready)) if ready else None,
         backlog=4096,
         shutdown_timeout=5.0,
     )
@@ -62,13 +64,15 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
     env.update(_settings_env(settings))
     command = [sys.executable, "-m", "flashsale.service.serve"]
     children: dict[int, subprocess.Popen[bytes]] = {}
-    started_at: dict[int, float] = {}
+    ready_files: dict[int, str] = {}
     stopping = False
     failed = False
 
     def start(slot: int) -> None:
-        children[slot] = subprocess.Popen(command, env=env)
-        started_at[slot] = time.monotonic()
+        ready_files[slot] = os.path.join(
+            metrics_dir, f"ready-{slot}-{len(ready_files) + time.monotonic_ns()}"
+        )
+        children[slot] = subprocess.Popen(command, env={**env, READY_FILE_ENV: ready_files[slot]})
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -95,9 +99,10 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
                 code = child.poll()
                 if code is None or stopping:
                     continue
-                if time.monotonic() - started_at[slot] < STARTUP_GRACE_S:
-                    # It never got going (port taken, bad setting): restarting it would only
-                    # repeat the same error five times a second, forever.
+                if not os.path.exists(ready_files[slot]):
+                    # It never got to listen (port taken, bad setting): restarting it would
+                    # only repeat the same error five times a second, forever. (Its own sign,
+                    # not a clock: on a busy machine a start can take any time.)
                     log.error(
                         "a service process exited while starting; stopping all. Its error is "
                         "above: is the port taken, or a setting wrong?",

@@ -49,7 +49,7 @@ class ServiceState:
         if sale.buckets <= 1:
             return self.inventory(sale.sale, sale.hold_ttl_ms)
         engine = self._bucketed.get(sale.sale)
-        if engine is None:
+        if engine is None or len(engine.buckets) != sale.buckets:  # the id created again, split otherwise
             engine = self._bucketed[sale.sale] = BucketedInventory(
                 self.redis, sale.sale, sale.buckets, prefix=self.settings.key_prefix
             )
