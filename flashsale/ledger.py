@@ -42,6 +42,7 @@ __all__ = [
     "archived_order",
     "fold_stock",
     "generation_of",
+    "last_paid_ms",
     "made_at_ms",
     "newest_stock_event_ms",
     "order_counts",
@@ -261,6 +262,20 @@ async def paid_units(
         *_bounds(engines, since),
     )
     return {(r["sale"], r["sku"]): int(r["units"]) for r in rows}
+
+
+async def last_paid_ms(pool: Any, engines: Sequence[str]) -> dict[str, int]:
+    """SKU -> when (ms of the Redis server's clock, as the engine stamped it) the latest
+    payment of it among ``engines``' orders happened: for a SKU sold out, its sell-out. (The
+    latest: a reused sale id's earlier generations paid earlier.)"""
+    async with pool.acquire() as conn:
+        rows = await conn.fetch(
+            "SELECT l.sku, (extract(epoch FROM max(o.status_at)) * 1000)::bigint AS ms "
+            "FROM orders o JOIN order_lines l USING (order_id) "
+            "WHERE o.status = 'paid' AND o.sale = ANY($1::text[]) GROUP BY l.sku",
+            list(engines),
+        )
+    return {r["sku"]: int(r["ms"]) for r in rows}
 
 
 async def order_timing(

@@ -41,7 +41,7 @@ from ._errors import (
 )
 from ._events import EVENT_FIELDS, EventError, EventField, OrderEvent, StockEvent, StreamId, parse_event
 from ._keys import SaleKeys
-from ._room import RoomSettings, RoomStatus, TicketRefused, WaitingRoom, replay_shuffle
+from ._room import RoomFigures, RoomSettings, RoomStatus, TicketRefused, WaitingRoom, replay_shuffle
 from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, StockState
 
 __all__ = [
@@ -68,6 +68,7 @@ __all__ = [
     "OrderEvent",
     "OutcomeUnknown",
     "Refused",
+    "RoomFigures",
     "RoomSettings",
     "RoomStatus",
     "RequestConflict",

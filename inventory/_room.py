@@ -26,8 +26,11 @@ survives a restarted service process and is shared by every process):
   sell-out each buyer heard it.
 * **Tickets**: an admitted buyer gets a ticket (a nonce with an expiry); the caller signs
   it (this package holds no secret). :meth:`WaitingRoom.use` binds a ticket to the first
-  request id that spends it: retries with that id pass again, any other id is refused.
-  A ticket that lapses unused gives its place back; the buyer may join again at the back.
+  request id that spends it, for the SKUs its buyer queued for: retries with that id pass
+  again, any other id — or another SKU — is refused. The ticket counts against its SKUs'
+  stock until :meth:`WaitingRoom.settle` (the order has reserved its units), so the room
+  never admits a second buyer for a unit between the two. A ticket that lapses unused gives
+  its place back; the buyer may join again at the back.
 
 A bucketed sale's stock lives in its buckets' slots, which one script cannot read: the
 caller passes the summed counts (``capacities={sku: (could still be sold, available)}``)
@@ -38,7 +41,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ._errors import Refused
@@ -46,11 +49,26 @@ from ._keys import SaleKeys
 from ._scripts import register_room
 from ._validate import ident
 
-__all__ = ["RoomSettings", "RoomState", "RoomStatus", "TicketRefused", "WaitingRoom", "replay_shuffle"]
+__all__ = [
+    "TOLD_BUCKETS_MS",
+    "WAIT_BUCKETS_MS",
+    "RoomFigures",
+    "RoomSettings",
+    "RoomState",
+    "RoomStatus",
+    "TicketRefused",
+    "WaitingRoom",
+    "replay_shuffle",
+]
 
 RoomState = Literal["pre", "waiting", "admitted", "used", "expired", "sold_out", "not_in_room", "room_off"]
 _STATES = frozenset({"pre", "waiting", "admitted", "used", "expired", "sold_out"})
 _MODULUS = 2147483647  # 2^31 - 1, the Park-Miller modulus
+#: Upper bounds (ms) of the buckets the room counts waits in: admission minus joining (minus
+#: T0 for the pre-queue). ``lua/includes/room.lua`` holds the same table.
+WAIT_BUCKETS_MS = (100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000, 1800000)
+#: Upper bounds (ms) of the buckets of "told sold out this long after the room saw the sell-out".
+TOLD_BUCKETS_MS = (50, 100, 250, 500, 1000, 2000, 5000, 10000, 30000, 60000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,17 +94,36 @@ class RoomStatus:
     now_ms: int = 0  # Redis's clock when this was read
     opens_at_ms: int = 0
     rate_per_s: float = 0.0
-    told_after_ms: int = -1  # sold out: ms between the room seeing the sell-out and this buyer hearing it
+    told_after_ms: int = (
+        -1
+    )  # sold out: ms between the room seeing the sell-out (or joining, if later) and hearing it
+    #: Waiting: units of the buyer's SKUs that no unused ticket speaks for (the most over
+    #: their SKUs); -1 when not waiting.
+    headroom: int = -1
+    #: The SKUs the buyer queues for (joining again with others keeps these).
+    skus: tuple[str, ...] = ()
 
     @property
     def eta_s(self) -> float:
         """A rough wait: the buyers ahead at the admission rate (sooner if stock runs out)."""
         return self.ahead / self.rate_per_s if self.rate_per_s > 0 else 0.0
 
+    @property
+    def sell_out_horizon_s(self) -> float:
+        """The soonest this waiting buyer's SKUs could all sell out, from the admission rate
+        alone: the units no ticket speaks for must first go to buyers the room admits (one
+        unit a buyer), ``rate`` a second after a burst of one second's worth. 0 when every
+        unit is already spoken for (a sell-out may come at any moment); infinite when the
+        buyer is not waiting."""
+        if self.headroom < 0 or self.rate_per_s <= 0:
+            return float("inf")
+        return max(0.0, self.headroom - max(1.0, self.rate_per_s)) / self.rate_per_s
+
 
 class TicketRefused(Refused):
     """A ticket that does not admit this order: ``reason`` is ``ticket_invalid``,
-    ``ticket_used`` (spent on another request id) or ``ticket_expired``."""
+    ``ticket_used`` (spent on another request id), ``ticket_expired`` or
+    ``ticket_other_sku`` (the order asks for a SKU the buyer did not queue for)."""
 
     code = "ticket_refused"
 
@@ -96,7 +133,7 @@ class TicketRefused(Refused):
 
 
 def _status(reply: Sequence[Any]) -> RoomStatus:
-    items = [v.decode() if isinstance(v, bytes) else str(v) for v in reply]
+    items = [_text(v) for v in reply]
     state = items[0]
     if state not in _STATES:
         return RoomStatus(state)  # type: ignore[arg-type]  # not_in_room | room_off
@@ -111,7 +148,58 @@ def _status(reply: Sequence[Any]) -> RoomStatus:
         opens_at_ms=int(float(items[7])),
         rate_per_s=float(items[8]),
         told_after_ms=int(float(items[9])),
+        headroom=int(float(items[10])) if len(items) > 10 else -1,
+        skus=tuple(s for s in items[11].split(",") if s) if len(items) > 11 else (),
     )
+
+
+@dataclass(frozen=True, slots=True)
+class RoomFigures:
+    """The room's counters as one read (:meth:`WaitingRoom.figures`): what metrics and a
+    war room show. Histogram buckets are ``(upper bound ms, count)``, not cumulative, the
+    last bound infinite."""
+
+    on: bool = False
+    waiting: int = 0  # in the queue (after T0)
+    pre_queue: int = 0  # joined before T0, not shuffled yet (0 once T0 has passed)
+    tickets_out: int = 0  # admitted, neither used nor lapsed yet
+    joined: int = 0
+    admitted: int = 0
+    used: int = 0
+    expired: int = 0
+    told_sold_out: int = 0
+    told_max_ms: int = 0
+    wait_buckets: tuple[tuple[float, int], ...] = ()
+    wait_sum_ms: int = 0
+    told_buckets: tuple[tuple[float, int], ...] = ()
+    told_sum_ms: int = 0
+    #: SKU -> when (Redis ms) the room first saw it sold out.
+    sold_out_seen_ms: Mapping[str, int] = field(default_factory=dict)
+
+    def wait_quantile_ms(self, q: float) -> float | None:
+        """The upper bound of the bucket holding the ``q`` quantile of waits (None: no admission yet)."""
+        return _bucket_quantile(self.wait_buckets, q)
+
+    def told_quantile_ms(self, q: float) -> float | None:
+        """The same for "told sold out this long after the room saw the sell-out"."""
+        return _bucket_quantile(self.told_buckets, q)
+
+
+def _bucket_quantile(buckets: Sequence[tuple[float, int]], q: float) -> float | None:
+    total = sum(n for _, n in buckets)
+    if total == 0:
+        return None
+    seen = 0
+    for bound, n in buckets:
+        seen += n
+        if seen >= q * total:
+            return bound
+    return buckets[-1][0]
+
+
+def _histogram(fields: Mapping[str, str], name: str, bounds: Sequence[int]) -> tuple[tuple[float, int], ...]:
+    keys = [*(f"{name}_le:{b}" for b in bounds), f"{name}_le:inf"]
+    return tuple((float(b), int(float(fields.get(k, 0)))) for b, k in zip([*bounds, float("inf")], keys))
 
 
 def _capacities(capacities: Mapping[str, tuple[int, int]] | None) -> str:
@@ -172,15 +260,57 @@ class WaitingRoom:
         )
         return _status(reply)
 
-    async def use(self, buyer: str, nonce: str, request_id: str) -> None:
-        """Spend ``buyer``'s ticket on ``request_id`` (again for the same id: fine);
-        :class:`TicketRefused` otherwise."""
+    async def use(self, buyer: str, nonce: str, request_id: str, skus: Sequence[str] = ()) -> None:
+        """Spend ``buyer``'s ticket on ``request_id`` (again for the same id: fine) for an
+        order of ``skus`` (each one the buyer queued for; empty: not checked);
+        :class:`TicketRefused` otherwise. Call :meth:`settle` once the order has reserved
+        its units (or was refused): until then the ticket still counts against the stock."""
         reply = await self._scripts["room_use"](
-            keys=self._keys, args=[ident(buyer, "user"), nonce, request_id]
+            keys=self._keys, args=[ident(buyer, "user"), nonce, request_id, ",".join(skus)]
         )
-        outcome = reply[0].decode() if isinstance(reply[0], bytes) else str(reply[0])
+        outcome = _text(reply[0])
         if outcome != "ok":
             raise TicketRefused(outcome)
+
+    async def settle(self, buyer: str, request_id: str) -> bool:
+        """The order ``request_id`` (the ticket was spent on) has reserved its units, or was
+        refused: the ticket stops counting against the stock. False if no ticket of
+        ``buyer`` was spent on that request id. Idempotent; a ticket never settled is
+        released at its expiry."""
+        reply = await self._scripts["room_settle"](keys=self._keys, args=[ident(buyer, "user"), request_id])
+        return _text(reply[0]) == "ok"
+
+    async def figures(self) -> RoomFigures:
+        """The room's counters, queue lengths and histograms in one round trip."""
+        room, pre, queue, _, tickets, _ = self._keys
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(room)
+            pipe.zcard(queue)
+            pipe.llen(pre)
+            pipe.zcard(tickets)
+            raw, waiting, pre_queue, tickets_out = await pipe.execute()
+        f = {_text(k): _text(v) for k, v in raw.items()}
+
+        def count(name: str) -> int:
+            return int(float(f.get(name, 0)))
+
+        return RoomFigures(
+            on=f.get("on") == "1",
+            waiting=int(waiting),
+            pre_queue=0 if f.get("shuffled") == "1" else int(pre_queue),
+            tickets_out=int(tickets_out),
+            joined=count("joined"),
+            admitted=count("admits"),
+            used=count("used"),
+            expired=count("expired"),
+            told_sold_out=count("told_sold_out"),
+            told_max_ms=count("told_max_ms"),
+            wait_buckets=_histogram(f, "wait", WAIT_BUCKETS_MS),
+            wait_sum_ms=count("wait_sum_ms"),
+            told_buckets=_histogram(f, "told", TOLD_BUCKETS_MS),
+            told_sum_ms=count("told_sum_ms"),
+            sold_out_seen_ms={k[len("soldout:") :]: count(k) for k in f if k.startswith("soldout:")},
+        )
 
     async def record(self) -> dict[str, Any]:
         """Everything an auditor needs: the room's settings and counters, the pre-queue in
@@ -189,13 +319,14 @@ class WaitingRoom:
         return {"room": room, "pre_queue": pre, "buyers": buyers}
 
     async def _read_many(self) -> tuple[dict[str, str], list[str], dict[str, str]]:
-        def text(v: Any) -> str:
-            return v.decode() if isinstance(v, bytes) else str(v)
-
-        room = {text(k): text(v) for k, v in (await self.redis.hgetall(self._keys[0])).items()}
-        pre = [text(v) for v in await self.redis.lrange(self._keys[1], 0, -1)]
-        buyers = {text(k): text(v) for k, v in (await self.redis.hgetall(self._keys[3])).items()}
+        room = {_text(k): _text(v) for k, v in (await self.redis.hgetall(self._keys[0])).items()}
+        pre = [_text(v) for v in await self.redis.lrange(self._keys[1], 0, -1)]
+        buyers = {_text(k): _text(v) for k, v in (await self.redis.hgetall(self._keys[3])).items()}
         return room, pre, buyers
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def replay_shuffle(pre_queue: Sequence[str], seed: int) -> list[str]:

@@ -26,7 +26,7 @@ SCRIPT_NAMES = (
     "transfer_due",
 )
 #: The waiting room's scripts (``_room.py``): registered by a WaitingRoom, not an Inventory.
-ROOM_SCRIPT_NAMES = ("room_configure", "room_join", "room_poll", "room_use")
+ROOM_SCRIPT_NAMES = ("room_configure", "room_join", "room_poll", "room_use", "room_settle")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 
 

@@ -48,10 +48,14 @@ The pieces, one concern per module. The kit (any backend):
 flashsale's own drill, the kit's first client:
 
 - ``surge``      the locustfile (``locust -f "$(python -m loadtests path)" --host …``);
-- ``personas``   browsers, buyers, abandoners, bots and retry-storm clients on flashsale's API;
+- ``personas``   browsers, buyers, abandoners, bots and retry-storm clients on flashsale's API
+                 (behind its waiting room too: they queue, poll, order with their ticket; bots
+                 try to skip it);
 - ``drill``      the drill's sale, sized from the shape;
 - ``admin``      flashsale's operator API (tokens, sales, stats, audit);
 - ``oracle``     flashsale's audit read as a ``Truth`` (``python -m loadtests.oracle``);
+- ``room``       flashsale's waiting room judged: its record, the shuffle replayed, the room's
+                 checks and figures;
 - ``capacity``   what a capacity_step run says about a machine.
 
 This package talks to backends over HTTP only; it never imports the service. Names are

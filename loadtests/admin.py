@@ -1,6 +1,6 @@
 """flashsale's operator API as its drill uses it, over HTTP (docs/http-api.md, "Operators"):
-mint buyer tokens, create and steer the drill's sale, poll live stats (``parse_stats``),
-ask for the audit.
+mint buyer tokens, create and steer the drill's sale (and its waiting room), poll live stats
+(``parse_stats``), ask for the audit and the waiting room's record.
 
 Plain ``urllib`` so it works in a Locust process (gevent-patched sockets) and in a plain
 Python process (the oracle run on its own) alike.
@@ -114,6 +114,14 @@ class AdminClient:
     def release_reserve(self, sale: str, sku: str, units: int | None = None) -> Any:
         body = {} if units is None else {"units": units}
         return self.call("POST", f"/api/admin/sales/{sale}/skus/{sku}/release-reserve", body)
+
+    def switch_room(self, sale: str, on: bool = True, **settings: Any) -> Any:
+        """Put the sale behind its waiting room (or take it out): ``rate_per_s``, ``oversubscribe``…"""
+        return self.call("POST", f"/api/admin/sales/{sale}/room", {"on": on, **settings})
+
+    def room_record(self, sale: str) -> Any:
+        """The waiting room's record (seed, pre-queue, every buyer's place and times)."""
+        return self.call("GET", f"/api/admin/sales/{sale}/room")
 
     def close_sale(self, sale: str) -> Any:
         return self.call("POST", f"/api/admin/sales/{sale}/close", {})

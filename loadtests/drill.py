@@ -12,7 +12,9 @@ whatever ``--peak-rps`` is:
 - a SKU that never sells out (``charger``, stock ≈ 2× demand, limit 5);
 - a short hold TTL (10 s × time scale) so abandoned holds lapse within the run.
 
-It opens at the shape's T0 on the wall clock (``opens_at`` = the rendezvous instant).
+It opens at the shape's T0 on the wall clock (``opens_at`` = the rendezvous instant). With
+``waiting_room`` (the ``waiting_room`` object of ``POST /api/admin/sales``: rate,
+oversubscription…) the sale is created behind flashsale's waiting room.
 """
 
 from __future__ import annotations
@@ -76,6 +78,7 @@ def default_sale(
     behaviour: Behaviour | None = None,
     start_epoch: float,
     hold_ttl_s: float | None = None,
+    waiting_room: Mapping[str, Any] | None = None,
 ) -> DrillSale:
     behaviour = behaviour or Behaviour()
     orders = expected_orders(shape, weights, behaviour)
@@ -122,6 +125,8 @@ def default_sale(
             for sku, _, limit in plan
         ],
     }
+    if waiting_room is not None:
+        spec["waiting_room"] = dict(waiting_room)
     # Mid-surge: halfway through the opening plateau (or a third into shapes without one).
     opening = next((win for win in shape.windows if win.name == "opening"), None)
     release_at = (opening.start + opening.end) / 2 if opening else shape.duration_s / 3

@@ -10,7 +10,12 @@ acknowledged order missing in PostgreSQL or Redis); **duplicate**; conflict; pha
 **limit_breach**; **leaked**; stock_mismatch; dead_letter — plus:
 
 - **conservation**: sold + available + reserve pool + held == stocked, per SKU;
-- **holds lapsed**: no unit is still held once every unpaid hold's TTL has passed.
+- **holds lapsed**: no unit is still held once every unpaid hold's TTL has passed;
+- for a sale behind its waiting room (``judge_waiting_room``), the room's checks from its
+  record (``GET /api/admin/sales/{sale}/room``) and the history (``loadtests.room``): one
+  shuffle at T0, first come first served after, no order without a ticket, admissions within
+  the stock, every waiting buyer of a sold-out SKU told within a second — and the room's
+  figures (queue, admissions, waits, tellings) for the report.
 
 The kit judges it (``loadtests.verdict``): oversold also from the stock figures, duplicate
 also from the clients' side (no request id answered with two order ids). An audit whose
@@ -18,7 +23,8 @@ queue did not drain (``not_drained``) makes the run invalid, not "lost": lost, c
 stock_mismatch are then not judged (PostgreSQL is behind, not wrong).
 
 With a sale name, only that sale's violations count (the audit covers every sale).
-``python -m loadtests.oracle`` judges a finished run again from its history.
+``python -m loadtests.oracle`` judges a finished run again from its history (and, for a sale
+behind its waiting room, the room too).
 """
 
 from __future__ import annotations
@@ -29,19 +35,21 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from loadtests import exit_codes
 from loadtests.admin import AdminClient, AdminError, admin_token_from_env
 from loadtests.history import Operation, read_history, summarize_history
+from loadtests.room import ROOM_CHECKS, RoomRecord, room_checks
 from loadtests.verdict import Check, Truth, Verdict, format_verdict, judge
 
 __all__ = [
     "VIOLATION_KINDS",
     "AuditView",
     "Payments",
+    "judge_waiting_room",
     "read_audit",
     "read_payments",
     "run_oracle",
@@ -250,6 +258,45 @@ def run_oracle(
     return truth_from_audit(audit, sale=sale, paid=len(payments.paid))
 
 
+def judge_waiting_room(
+    truth: Truth,
+    admin: AdminClient,
+    sale: str,
+    operations: Iterable[Operation],
+    *,
+    told_within_s: float = 1.0,
+    record_path: Path | None = None,
+    t0_epoch: float | None = None,
+) -> Truth:
+    """``truth`` (from ``run_oracle``) with the waiting room's checks and figures added, for
+    a sale behind its room; ``truth`` as it is when the sale never had one. The room's record
+    is kept at ``record_path`` (JSON) for a later audit. A record that cannot be read leaves
+    the room's checks not judged (the run is not "passed" on them)."""
+    try:
+        body = admin.room_record(sale)
+    except AdminError as exc:
+        if exc.code == "no_room":
+            return truth
+        why = f"not judged: the room's record could not be read ({exc})"
+        return replace(truth, checks=(*truth.checks, *(Check(n, False, None, why) for n in ROOM_CHECKS)))
+    if record_path is not None:
+        record_path.write_text(json.dumps(body, indent=1) + "\n", encoding="utf-8")
+    view = read_audit(truth.evidence.get("audit", {}), sale)
+    stocked = {sku: c["total"] for sku, c in view.skus.items()}
+    sold_out = {
+        sku for sku, c in view.skus.items() if c["total"] and not (c["available"] + c["held"] + c["reserve"])
+    }
+    checks, figures = room_checks(
+        RoomRecord.from_json(body),
+        operations,
+        stocked=stocked,
+        sold_out=sold_out,
+        told_within_s=told_within_s,
+        t0_epoch=t0_epoch,
+    )
+    return replace(truth, checks=(*truth.checks, *checks), figures={**truth.figures, "waiting_room": figures})
+
+
 #: Order ids per audit call: keeps each body well under the service's 16 KiB request limit.
 AUDIT_CHUNK_BYTES = 12_000
 
@@ -308,20 +355,34 @@ def main(argv: list[str] | None = None) -> int:
         "--wait", type=float, default=60.0, help="seconds the audit may wait for the queue to drain"
     )
     parser.add_argument(
-        "--sale", default=None, help="judge only this sale (default: every sale the audit covers)"
+        "--sale",
+        default=None,
+        help="judge only this sale (default: every sale the audit covers); behind its waiting room, the room too",
+    )
+    parser.add_argument(
+        "--room-told-within",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="waiting buyers of a sold-out SKU must be told within this many seconds (default 1)",
     )
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exit_codes.USAGE if exc.code else exit_codes.OK
+    admin = AdminClient(args.host, args.admin_token)
     try:
         truth = run_oracle(
-            AdminClient(args.host, args.admin_token),
+            admin,
             args.requests,
             wait_s=args.wait,
             progress=lambda m: print(m, file=sys.stderr),
             sale=args.sale,
         )
+        if args.sale:
+            truth = judge_waiting_room(
+                truth, admin, args.sale, read_history(args.requests), told_within_s=args.room_told_within
+            )
     except AdminError as exc:
         print(f"oracle: {exc}", file=sys.stderr)
         return exit_codes.RUN_INVALID

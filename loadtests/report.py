@@ -727,6 +727,31 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]], *, head: bool 
     return f"<table>{f'<thead><tr>{th}</tr></thead>' if head else ''}<tbody>{body}</tbody></table>"
 
 
+def _flat(figures: Mapping[str, Any], prefix: str = "") -> list[list[str]]:
+    """A nested mapping as rows of (dotted name, value)."""
+    rows: list[list[str]] = []
+    for key, value in figures.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            rows += _flat(value, f"{name}.")
+        else:
+            rows.append(
+                [name, json.dumps(value, default=str) if isinstance(value, list | Mapping) else str(value)]
+            )
+    return rows
+
+
+def _figure_tables(log: Mapping[str, Any]) -> str:
+    """The oracle's figures that come as a group (``Truth.figures`` entries that are
+    mappings, e.g. flashsale's ``waiting_room``): one table each."""
+    return "".join(
+        f"<h2>{html.escape(key.replace('_', ' ').capitalize())} (from the oracle)</h2>"
+        + _table(["figure", "value"], _flat(value))
+        for key, value in log.items()
+        if isinstance(value, Mapping) and value
+    )
+
+
 def _requests_html(summary: Mapping[str, Any]) -> str:
     """Requests and errors per request kind: how many, per second of the run, the busiest second."""
     throughput = summary["throughput"]
@@ -863,6 +888,7 @@ details summary{{font-size:12px;color:#57606a;cursor:pointer}}
 {len(run.get("processes", []))} load process(es); {run["elapsed_s"]:.0f} s.
 Command: <code>{html.escape(str(run.get("command", "")))}</code></p>
 <h2>Invariants (the oracle: the backend's truth against what clients were told)</h2>{oracle_html}
+{_figure_tables(oracle.get("log") or {})}
 <h2>SLO thresholds</h2>{slo_html}
 <h2>Validity of the run</h2><p>{"valid" if validity["valid"] else "INVALID"}</p>
 <ul>{"".join(f"<li>{html.escape(r)}</li>" for r in validity["reasons"])}</ul>

@@ -9,14 +9,16 @@
 What it declares (``loadtests.rehearsal``):
 
 - **setup** (the master): create the drill's sale opening at T0 (``loadtests.drill``) — or
-  drive ``--sale`` — register the war room's target curve, schedule the hot SKU's reserve
-  release mid-surge, and watch the hot SKU on the live line;
+  drive ``--sale`` — behind flashsale's waiting room with ``--waiting-room``, register the
+  war room's target curve, schedule the hot SKU's reserve release mid-surge, and watch the
+  hot SKU on the live line;
 - **process setup** (every Locust process): mint its buyers' and bots' tokens;
 - **personas**: browsers, buyers, abandoners, bots and retry storms (``loadtests.personas``);
 - **sampler**: ``GET /api/admin/stats`` once a second (stock per SKU, the stream's backlog,
   the writer's progress) for the live line and the stock and queue plots;
 - **oracle**: wait for unpaid holds to lapse, then ``POST /api/admin/audit`` with every
-  acknowledged order (``loadtests.oracle``).
+  acknowledged order (``loadtests.oracle``); behind the waiting room, the room's checks from
+  its record, which is kept in the report folder (``waiting-room.json``).
 
 Locust's own statistics still work (every request fires Locust's request event); an
 expected "sold out" or "limit reached" is marked a success there too.
@@ -44,8 +46,17 @@ from loadtests import (
 )
 from loadtests.admin import AdminClient, AdminError, admin_token_from_env, parse_stats
 from loadtests.drill import DrillSale, default_sale, expected_orders, sale_from_settings
-from loadtests.oracle import ORDER_OPERATIONS, run_oracle
-from loadtests.personas import DEFAULT_WEIGHTS, KINDS, VISITS, Behaviour, Catalogue, CatalogueItem, Shop
+from loadtests.oracle import ORDER_OPERATIONS, judge_waiting_room, run_oracle
+from loadtests.personas import (
+    DEFAULT_WEIGHTS,
+    KINDS,
+    VISITS,
+    Behaviour,
+    Catalogue,
+    CatalogueItem,
+    RoomVisits,
+    Shop,
+)
 
 rehearsal = Rehearsal("flashsale", order_operations=ORDER_OPERATIONS)
 for _name, _visit in VISITS.items():
@@ -81,6 +92,26 @@ def _drill_options(parser: Any, **_kw: Any) -> None:
         help="retry-storm clients' timeout in seconds (they retry what they did not hear back about)",
     )
     add("--audit-wait", type=float, default=60.0, help="seconds the audit may wait for the queue to drain")
+    add(
+        "--waiting-room",
+        action="store_true",
+        default=False,
+        help="put the sale behind flashsale's waiting room: buyers join and poll it, bots try to skip it, "
+        "and the oracle checks the room (docs/waiting-room.md)",
+    )
+    add("--room-rate", type=float, default=50.0, help="waiting room: buyers admitted per second (default 50)")
+    add(
+        "--room-oversubscribe",
+        type=float,
+        default=1.0,
+        help="waiting room: admit up to this many buyers per unit available (default 1)",
+    )
+    add(
+        "--room-told-within",
+        type=float,
+        default=1.0,
+        help="waiting room: seconds within which every waiting buyer of a sold-out SKU must hear it (default 1)",
+    )
 
 
 events.init_command_line_parser.add_listener(_drill_options)  # type: ignore[no-untyped-call]
@@ -104,9 +135,14 @@ def create_sale(ctx: SetupContext) -> dict[str, Any]:
         )
     admin = _admin(ctx)
     behaviour = _behaviour(opt)
+    room = (
+        {"rate_per_s": opt.room_rate, "oversubscribe": opt.room_oversubscribe} if opt.waiting_room else None
+    )
     try:
         if opt.sale:
             sale = sale_from_settings(admin.sale(opt.sale))
+            if room is not None:
+                admin.switch_room(sale.name, **room)
         else:
             sale = default_sale(
                 ctx.shape,
@@ -115,6 +151,7 @@ def create_sale(ctx: SetupContext) -> dict[str, Any]:
                 behaviour=behaviour,
                 start_epoch=ctx.start_epoch,
                 hold_ttl_s=opt.hold_ttl if opt.hold_ttl > 0 else None,
+                waiting_room=room,
             )
             admin.create_sale(sale.spec)
     except (AdminError, ValueError) as exc:
@@ -124,11 +161,14 @@ def create_sale(ctx: SetupContext) -> dict[str, Any]:
         ctx.at(sale.release_reserve_at_s, lambda: _release_reserve(admin, sale, ctx.run_id))
     ctx.watch(sale.catalogue.hot)
     ctx.note("sale", sale.name)
+    if room is not None:
+        ctx.note("waiting_room", room)
     if command := os.environ.get("FLASHSALE_DRILL_COMMAND"):  # `flashsale rehearse` passes its own
         ctx.note("command", command)
     return {
         "sale": sale.name,
         "catalogue": {"items": [asdict(i) for i in sale.catalogue.items], "hot": sale.catalogue.hot},
+        "waiting_room": room is not None,
     }
 
 
@@ -173,6 +213,8 @@ def mint_tokens(ctx: ProcessContext) -> Shop:
         tokens,
         behaviour,
         impatient_timeout_s=ctx.options.impatient_timeout,
+        # The service's accounts are the minted names: "<run id>-buyer-7".
+        room=RoomVisits(ctx.shared["sale"], f"{ctx.run_id}-") if ctx.shared.get("waiting_room") else None,
     )
 
 
@@ -183,13 +225,26 @@ def stats(ctx: RunContext) -> ServiceSample:
 
 @rehearsal.oracle
 def audit(ctx: OracleContext) -> Truth:
-    return run_oracle(
-        _admin(ctx),
+    admin = _admin(ctx)
+    truth = run_oracle(
+        admin,
         ctx.history_paths,
         wait_s=ctx.options.audit_wait,
         sleep=ctx.sleep,
         progress=ctx.progress,
         sale=ctx.shared.get("sale"),
+    )
+    if not ctx.shared.get("waiting_room"):
+        return truth
+    ctx.progress("checking the waiting room against its record")
+    return judge_waiting_room(
+        truth,
+        admin,
+        ctx.shared["sale"],
+        ctx.operations(),
+        told_within_s=ctx.options.room_told_within,
+        record_path=ctx.report_dir / "waiting-room.json",
+        t0_epoch=ctx.t0_epoch,
     )
 
 

@@ -27,7 +27,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
-from service_support import ADMIN, ServiceFactory, buyer, expect_json, new_id
+from service_support import ADMIN, Service, ServiceFactory, buyer, expect_json, new_id
 from service_support import start_service as start_service  # noqa: F401  (fixture)
 from test_deploy import (
     DASHBOARD,
@@ -47,6 +47,8 @@ from test_deploy import compose_tool as compose_tool  # noqa: F401  (fixture)
 from test_deploy import promtool as promtool  # noqa: F401  (fixture)
 from test_service_serve import _children, _wait_until_serving
 from test_service_serve import serve_two as serve_two  # noqa: F401  (fixture)
+
+from flashsale.service.waiting_room import TICKET_HEADER
 
 RULES = DEPLOY / "prometheus" / "flashsale.rules.yml"
 RULES_TESTS = DEPLOY / "prometheus" / "flashsale.rules.test.yml"
@@ -168,9 +170,39 @@ async def busy_metrics(
     async with writer_running():
         await drained(redis_client, [sale])
     await expect_json(await service.client.post("/api/admin/audit", json={}, headers=ADMIN), 200)
+    await _room_sale_with_a_sell_out(service)
     resp = await service.client.get("/metrics")
     assert resp.status == 200
     return await resp.text()
+
+
+async def _room_sale_with_a_sell_out(service: Service) -> None:
+    """A sale behind its waiting room: one buyer admitted who buys the only unit, one still
+    waiting for a SKU in stock, one told the other sold out (every flashsale_room_* series)."""
+    one, many = new_id("sku"), new_id("sku")
+    sale = new_id("room")
+    await service.create_sale(
+        [{"sku": one, "stock": 1}, {"sku": many, "stock": 5}], sale=sale, waiting_room={"rate_per_s": 1}
+    )
+
+    async def join(user: str, sku: str) -> Any:
+        resp = await service.client.post(f"/api/sales/{sale}/room", json={"skus": [sku]}, headers=buyer(user))
+        return await expect_json(resp, 200)
+
+    ticket = (await join("ann", one))["ticket"]
+    assert (await join("ben", one))["state"] == "waiting"
+    await join("cid", many)
+    order = await service.client.post(
+        "/api/orders",
+        json={"request_id": "r-ann", "sku": one},
+        headers=buyer("ann", extra={TICKET_HEADER: ticket}),
+    )
+    paid = await service.client.post(
+        f"/api/orders/{(await expect_json(order, 201))['order_id']}/pay", headers=buyer("ann")
+    )
+    await expect_json(paid, 200)
+    resp = await service.client.get(f"/api/sales/{sale}/room", headers=buyer("ben"))
+    assert (await expect_json(resp, 200))["state"] == "sold_out"
 
 
 def _check_metrics(promtool: str, body: str) -> None:  # noqa: F811

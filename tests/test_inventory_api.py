@@ -48,6 +48,7 @@ EXPECTED_EXPORTS = {
     "Line",
     "OutcomeUnknown",
     "Refused",
+    "RoomFigures",
     "RoomSettings",
     "RoomStatus",
     "RequestConflict",

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 from inventory_support import connect, new_sale_id
 from redis.asyncio import Redis
+from redis_mode import command_calls
 
 from inventory import Inventory, Line, RoomSettings, TicketRefused, WaitingRoom, replay_shuffle
+from inventory._room import TOLD_BUCKETS_MS, WAIT_BUCKETS_MS
 from inventory._scripts import ROOM_SCRIPT_NAMES, script_source
 
 
@@ -57,6 +59,13 @@ def test_every_room_script_has_a_header(name: str) -> None:
     assert re.search(r"^KEYS\[1\]", header, re.M) and re.search(r"^ARGV\[1\]", header, re.M)
     assert re.search(r"^Returns ", header, re.M)
     assert "@include" not in script_source(name)
+
+
+def test_the_histogram_bounds_in_lua_are_pythons() -> None:
+    text = resources.files("inventory").joinpath("lua", "includes", "room.lua").read_text()
+    for name, bounds in (("WAIT_BUCKETS_MS", WAIT_BUCKETS_MS), ("TOLD_BUCKETS_MS", TOLD_BUCKETS_MS)):
+        (table,) = re.findall(rf"^local {name} = {{([\d, ]+)}}$", text, re.M)
+        assert tuple(int(b) for b in table.split(",")) == bounds, name
 
 
 def test_the_room_keys_share_the_sales_slot() -> None:
@@ -147,6 +156,9 @@ async def test_a_sold_out_sku_is_told_to_every_waiting_buyer_on_their_next_poll(
     assert (await sale.room.poll("c0")).state == "admitted"  # another SKU's buyers go on
     record = await sale.room.record()
     assert int(record["room"]["told_sold_out"]) == 28
+    # A buyer who comes after the sell-out is told at once: 0 ms of waiting for stock that is gone.
+    late = await sale.room.join("late", ["phone"])
+    assert (late.state, late.told_after_ms) == ("sold_out", 0)
 
 
 async def test_units_coming_back_resume_admission_in_queue_order(sale: Sale) -> None:
@@ -161,6 +173,7 @@ async def test_units_coming_back_resume_admission_in_queue_order(sale: Sale) -> 
     status = await sale.room.poll("b0")
     await sale.room.use("b0", status.ticket_nonce, "r-b0")
     await inv.reserve("b0", [Line("phone", 1)], request_id="r-b0")
+    assert await sale.room.settle("b0", "r-b0")
     assert (await sale.room.poll("b1")).state == "waiting"  # the unit is held, not gone
     while not (await inv.expire_due()).expired:
         await asyncio.sleep(0.05)
@@ -169,6 +182,53 @@ async def test_units_coming_back_resume_admission_in_queue_order(sale: Sale) -> 
 
 
 # ---------------------------------------------------------------- tickets
+async def test_a_spent_ticket_holds_its_unit_until_the_order_settles(sale: Sale) -> None:
+    """Between spending a ticket and the order's reservation the unit is still available:
+    were the ticket released at once, the room would admit a second buyer for that one unit
+    (seen in a rehearsal: admitted buyers told "sold out"). It counts until settled."""
+    await sale.inv.stock("phone", 1)
+    await _open_room(sale, rate=1000)
+    alice = await sale.room.join("alice", ["phone"])
+    assert alice.state == "admitted" and (await sale.room.join("bob", ["phone"])).state == "waiting"
+    await sale.room.use("alice", alice.ticket_nonce, "r-1")
+    assert (await sale.room.poll("bob")).state == "waiting"  # the unit is alice's, not yet held
+    await sale.inv.reserve("alice", [Line("phone", 1)], request_id="r-1")
+    assert not await sale.room.settle("alice", "r-other") and not await sale.room.settle("bob", "r-1")
+    assert await sale.room.settle("alice", "r-1") and await sale.room.settle("alice", "r-1")  # idempotent
+    assert (await sale.room.poll("bob")).state == "waiting"  # held now: nothing left to admit for
+    assert (await sale.room.figures()).tickets_out == 0
+
+
+async def test_a_spent_ticket_never_settled_is_released_at_its_expiry(sale: Sale) -> None:
+    """A service process that dies between spending a ticket and settling it does not hold
+    the unit forever: the ticket's expiry releases it (the room admits slower, never more)."""
+    await sale.inv.stock("phone", 1)
+    await _open_room(sale, rate=1000, ticket_ttl_ms=300)
+    alice = await sale.room.join("alice", ["phone"])
+    await sale.room.join("bob", ["phone"])
+    await sale.room.use("alice", alice.ticket_nonce, "r-1")  # ... and the order never came
+    while await _server_ms(sale.redis) <= alice.ticket_expires_ms:
+        await asyncio.sleep(0.05)
+    assert (await sale.room.poll("bob")).state == "admitted"
+    assert (await sale.room.poll("alice")).state == "used"
+
+
+async def test_a_ticket_admits_only_the_skus_its_buyer_queued_for(sale: Sale) -> None:
+    """Admission is by each SKU's stock: a ticket won in the short queue of a plentiful SKU
+    must not buy the scarce one past its queue. Refused before anything changes."""
+    await sale.inv.stock("phone", 1)
+    await sale.inv.stock("case", 100)
+    await _open_room(sale, rate=1000)
+    mallory = await sale.room.join("mallory", ["case"])
+    assert mallory.state == "admitted" and mallory.skus == ("case",)
+    before = await sale.room.record()
+    with pytest.raises(TicketRefused) as refused:
+        await sale.room.use("mallory", mallory.ticket_nonce, "r-1", ["case", "phone"])
+    assert refused.value.reason == "ticket_other_sku"
+    assert await sale.room.record() == before
+    await sale.room.use("mallory", mallory.ticket_nonce, "r-1", ["case"])
+
+
 async def test_a_ticket_admits_one_order_attempt_series(sale: Sale) -> None:
     await sale.inv.stock("phone", 10)
     await _open_room(sale, rate=1000)
@@ -226,3 +286,82 @@ async def test_concurrent_joiners_from_many_clients_get_distinct_places(sale: Sa
     record = await sale.room.record()
     positions = [json.loads(r)["p"] for r in record["buyers"].values()]
     assert len(positions) == 300 and len(set(positions)) == 300
+
+
+# ---------------------------------------------------------------- what the room counts
+async def test_figures_count_joins_admissions_waits_and_tellings(sale: Sale) -> None:
+    """One read gives the queue lengths, the counters, the wait histogram (a pre-queue
+    buyer's wait starts at T0, not when they joined) and the told-after histogram."""
+    await sale.inv.stock("phone", 1)
+    await sale.inv.stock("case", 100)
+    before = await sale.room.figures()
+    assert before.on is False and before.joined == 0 and before.wait_quantile_ms(0.5) is None
+    await _open_room(sale, rate=1000, opens_in_ms=60_000)
+    for buyer in ("p0", "p1", "p2"):
+        await sale.room.join(buyer, ["phone"])
+    early = await sale.room.figures()
+    assert (early.on, early.pre_queue, early.waiting, early.joined) == (True, 3, 0, 3)
+    await _open_room(sale, rate=1000)  # T0 is now: the pre-queue is shuffled on the next call
+    await sale.room.join("c0", ["case"])
+    statuses = {b: await sale.room.poll(b) for b in ("p0", "p1", "p2", "c0")}
+    admitted = [b for b, s in statuses.items() if s.state == "admitted"]
+    assert len(admitted) == 2 and "c0" in admitted
+    mid = await sale.room.figures()
+    assert (mid.pre_queue, mid.waiting, mid.tickets_out, mid.admitted) == (0, 2, 2, 2)
+    assert sum(n for _, n in mid.wait_buckets) == 2 and mid.wait_buckets[-1][0] == float("inf")
+    # Joined a minute before T0, admitted just after it: a wait of well under a minute.
+    assert mid.wait_sum_ms < 10_000 and (mid.wait_quantile_ms(0.99) or 0) <= 10_000
+    phone = next(b for b in admitted if b != "c0")
+    await sale.room.use(phone, statuses[phone].ticket_nonce, "r-1")
+    hold = await sale.inv.reserve(phone, [Line("phone", 1)], request_id="r-1")
+    await sale.room.settle(phone, "r-1")
+    await sale.inv.confirm(hold.hold_id)
+    told = [await sale.room.poll(b) for b in ("p0", "p1", "p2") if b != phone]
+    assert {s.state for s in told} == {"sold_out"}
+    after = await sale.room.figures()
+    assert (after.used, after.told_sold_out, after.waiting, after.tickets_out) == (1, 2, 0, 1)
+    assert sum(n for _, n in after.told_buckets) == 2
+    assert after.told_max_ms == max(s.told_after_ms for s in told)
+    assert set(after.sold_out_seen_ms) == {"phone"}
+    record = await sale.room.record()
+    assert json.loads(record["buyers"][phone])["u"] >= json.loads(record["buyers"][phone])["a"]
+
+
+async def test_the_headroom_says_how_soon_a_sell_out_could_come(sale: Sale) -> None:
+    """A waiting buyer learns how many units no ticket speaks for: the soonest their SKU
+    could sell out is the time to admit that many buyers (the service polls them sooner
+    as it nears 0)."""
+    await sale.inv.stock("phone", 30)
+    await _open_room(sale, rate=2.0)  # a burst of 2, then 2 a second
+    for i in range(5):
+        await sale.room.join(f"b{i}", ["phone"])
+    waiting = await sale.room.poll("b4")
+    assert waiting.state == "waiting" and waiting.headroom == 28  # two tickets out
+    assert waiting.sell_out_horizon_s == (28 - 2) / 2.0
+    admitted = await sale.room.poll("b0")
+    assert admitted.headroom == -1 and admitted.sell_out_horizon_s == float("inf")
+    await sale.inv.reserve("x", [Line("phone", 28)], request_id="r-x")  # all but the spoken-for
+    edge = await sale.room.poll("b4")
+    assert edge.headroom == 0 and edge.sell_out_horizon_s == 0.0
+
+
+async def test_polls_of_a_blocked_queue_do_not_read_its_head_again(sale: Sale) -> None:
+    """A queue waiting for held units (every unit spoken for) cannot move until something
+    changes: a poll then costs a few reads, not a scan of up to 200 buyer records — and the
+    first change (a ticket's order settled and refused: its unit free again) admits the
+    next buyer at once."""
+    await sale.inv.stock("phone", 1)
+    await _open_room(sale, rate=1000)
+    alice = await sale.room.join("alice", ["phone"])
+    for i in range(150):
+        await sale.room.join(f"w{i:03d}", ["phone"])
+    await sale.room.poll("w000")  # a fruitless scan: it notes what it saw
+    before = await command_calls(sale.redis, "hget")
+    for i in range(10):
+        assert (await sale.room.poll(f"w{i:03d}")).state == "waiting"
+    per_poll = (await command_calls(sale.redis, "hget") - before) / 10
+    assert per_poll < 20, per_poll  # a scan reads each of the 150 records (and more)
+    await sale.room.use("alice", alice.ticket_nonce, "r-1")
+    await sale.room.settle("alice", "r-1")  # her order was refused: the unit is free
+    assert (await sale.room.poll("w149")).state == "waiting"
+    assert (await sale.room.poll("w000")).state == "admitted"  # the head, in order

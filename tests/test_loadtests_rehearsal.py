@@ -13,6 +13,7 @@ import time
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,16 +40,15 @@ class Drill:
         return str(self.summary["run"]["sale"])
 
 
-@pytest.fixture(scope="module")
-def drill(embedded_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Drill:
-    folder = tmp_path_factory.mktemp("rehearsal")
+def short_rehearsal(stack: EmbeddedStack, folder: Path, prefix: str, **settings: Any) -> Drill:
+    """A short headless rehearsal on ``stack`` (keys under ``<prefix>…``), report in ``folder``."""
     env = {
-        **embedded_stack.environ(),
-        "FLASHSALE_KEY_PREFIX": f"rt{uuid.uuid4().hex[:6]}",
+        **stack.environ(),
+        "FLASHSALE_KEY_PREFIX": f"{prefix}{uuid.uuid4().hex[:6]}",
         "FLASHSALE_TOKEN_SECRET": uuid.uuid4().hex,
         "FLASHSALE_ADMIN_TOKEN": uuid.uuid4().hex,
     }
-    settings = RehearsalSettings(
+    options = RehearsalSettings(
         peak_rps=60.0,
         time_scale=0.3,
         hold_ttl_s=3.0,
@@ -57,11 +57,17 @@ def drill(embedded_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactor
         env=env,
         # A CI machine is shared: judge correctness here, and latency loosely.
         slo="latency_corrected:p(99)<5000;error_ratio:rate<0.02;arrival_ratio:value>0.9",
+        **settings,
     )
     with open(folder / "rehearse.out", "w") as out:
-        code = Rehearsal(settings, out=out).run()
+        code = Rehearsal(options, out=out).run()
     summary = json.loads((folder / "summary.json").read_text())
     return Drill(summary, folder, env, code)
+
+
+@pytest.fixture(scope="module")
+def drill(embedded_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Drill:
+    return short_rehearsal(embedded_stack, tmp_path_factory.mktemp("rehearsal"), "rt")
 
 
 @pytest.mark.timeout(300)
@@ -100,13 +106,14 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def judge(drill: Drill) -> Iterator[Any]:
-    """The service started again on the drill's stores; ``judge()`` reruns the oracle (exit code)."""
+@contextmanager
+def serve_again(env: dict[str, str]) -> Iterator[str]:
+    """``flashsale serve`` started again on a finished drill's stores (``env``), until ready;
+    yields its URL."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "serve", "--port", str(port), "--workers", "1"],
-        env={**os.environ, **drill.env},
+        env={**os.environ, **env},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -119,28 +126,28 @@ def judge(drill: Drill) -> Iterator[Any]:
                 break
         except OSError:
             time.sleep(0.2)
-
-    def run(*extra: str) -> int:
-        return oracle.main(
-            [
-                str(drill.folder / "requests.jsonl"),
-                "--host",
-                host,
-                "--sale",
-                drill.sale,
-                "--admin-token",
-                drill.env["FLASHSALE_ADMIN_TOKEN"],
-                "--wait",
-                "5",
-                *extra,
-            ]
-        )
-
     try:
-        yield run
+        yield host
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def judge(drill: Drill) -> Iterator[Any]:
+    """The service started again on the drill's stores; ``judge()`` reruns the oracle (exit code)."""
+    with serve_again(drill.env) as host:
+        yield lambda *extra: _oracle(drill, host, *extra)
+
+
+def _oracle(drill: Drill, host: str, *extra: str) -> int:
+    return oracle.main(
+        [
+            str(drill.folder / "requests.jsonl"),
+            *("--host", host, "--sale", drill.sale, "--admin-token", drill.env["FLASHSALE_ADMIN_TOKEN"]),
+            *("--wait", "5", *extra),
+        ]
+    )
 
 
 @pytest.fixture

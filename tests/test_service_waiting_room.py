@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from service_support import (
     ADMIN,
@@ -26,7 +28,8 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from flashsale.service.waiting_room import TICKET_HEADER
+from flashsale.service.waiting_room import EDGE_POLL_S, TICKET_HEADER
+from inventory import replay_shuffle
 
 
 async def _room_sale(service: Service, stock: int = 5, **room: Any) -> tuple[str, str]:
@@ -86,6 +89,44 @@ async def test_orders_behind_the_room_need_the_buyers_own_ticket(
     assert again["order_id"] == first["order_id"] and again["replayed"]  # a retry passes
     await expect_json(await _order(service, "alice", sku, alice["ticket"], "r-2"), 403, "ticket_used")
     assert (await _poll(service, sale, "alice"))["state"] == "used"
+
+
+async def test_a_ticket_buys_only_what_its_buyer_queued_for(service: Service, redis_client: Redis) -> None:
+    """Won in the short queue of a plentiful SKU, a ticket must not buy the scarce one past
+    its queue: 403 ticket_not_for_sku, nothing changes; the answer says what they queue for."""
+    sale, scarce, plenty = new_id("room"), new_id("sku"), new_id("sku")
+    await service.create_sale(
+        [{"sku": scarce, "stock": 1}, {"sku": plenty, "stock": 50}],
+        sale=sale,
+        waiting_room={"rate_per_s": 1000},
+    )
+    mallory = await _join(service, sale, "mallory", plenty)
+    assert mallory["state"] == "admitted" and mallory["skus"] == [plenty]
+    again = await service.client.post(
+        f"/api/sales/{sale}/room", json={"skus": [scarce]}, headers=buyer("mallory")
+    )
+    assert (await expect_json(again, 200))["skus"] == [plenty]  # joining again keeps the first place
+    before = await dump_redis(redis_client)
+    await expect_json(
+        await _order(service, "mallory", scarce, mallory["ticket"], "r-1"), 403, "ticket_not_for_sku"
+    )
+    assert changed_keys(before, await dump_redis(redis_client)) == []
+    await expect_json(await _order(service, "mallory", plenty, mallory["ticket"], "r-1"), 201)
+
+
+async def test_an_order_settles_its_ticket_whatever_its_outcome(service: Service) -> None:
+    """The ticket counts against the stock until its order has reserved — or was refused:
+    then the unit is free again and the next buyer in the queue is admitted at once."""
+    sale, sku = await _room_sale(service, stock=1)
+    alice = await _join(service, sale, "alice", sku)
+    assert (await _join(service, sale, "bob", sku))["state"] == "waiting"
+    resp = await service.client.post(
+        "/api/orders",
+        json={"request_id": "r-1", "sku": sku, "qty": 2},  # more than the one unit: refused
+        headers=buyer("alice", extra={TICKET_HEADER: alice["ticket"]}),
+    )
+    assert resp.status == 409, await resp.text()
+    assert (await _poll(service, sale, "bob"))["state"] == "admitted"
 
 
 async def test_a_lapsed_ticket_is_refused_and_its_place_given_back(start_service: ServiceFactory) -> None:
@@ -183,3 +224,105 @@ async def test_a_bucketed_sale_admits_by_its_buckets_summed_stock(service: Servi
     )
     answers = [await _join(service, sale, f"b{i}", sku) for i in range(10)]
     assert sum(a["state"] == "admitted" for a in answers) == 6
+
+
+# ---------------------------------------------------------------- the record, polls, metrics
+async def test_the_admin_record_lets_an_auditor_replay_the_shuffle(service: Service) -> None:
+    """GET /api/admin/sales/{sale}/room: the seed, the pre-queue in arrival order and each
+    buyer's position and times — the documented shuffle replayed from them gives the order
+    the room gave the pre-queue at T0."""
+    sale, sku = new_id("room"), new_id("sku")
+    opens_at = int(time.time() * 1000) + 1_500
+    await service.create_sale(
+        [{"sku": sku, "stock": 100}],
+        sale=sale,
+        opens_at=opens_at,
+        waiting_room={"rate_per_s": 1000, "seed": 4242},
+    )
+    early = [f"e{i}" for i in range(12)]
+    for user in early:
+        assert (await _join(service, sale, user, sku))["state"] == "pre"
+    while time.time() * 1000 < opens_at + 50:  # the opening: the next call shuffles
+        await asyncio.sleep(0.1)
+    late = await _join(service, sale, "late", sku)
+    assert late["state"] == "admitted"
+    record = await expect_json(await service.client.get(f"/api/admin/sales/{sale}/room", headers=ADMIN), 200)
+    assert record["seed"] == 4242 and record["shuffled"] and record["shuffled_n"] == 12
+    assert record["pre_queue"] == early and record["opens_at_ms"] == opens_at
+    assert record["counters"]["joined"] == 13 and record["counters"]["admitted"] >= 1
+    buyers = record["buyers"]
+    assert set(buyers) == {*early, "late"}
+    by_place = sorted(early, key=lambda u: buyers[u]["position"])
+    assert by_place == replay_shuffle(early, 4242)
+    assert [buyers[u]["position"] for u in by_place] == list(range(1, 13))
+    assert buyers["late"]["position"] == 13 and buyers["late"]["skus"] == [sku]
+    assert buyers["late"]["admitted_ms"] >= buyers["late"]["joined_ms"] >= opens_at
+    assert "n" not in buyers["late"] and late["ticket"] not in json.dumps(record)
+    assert "sold_out_at_ms" in record  # (None: this service has no database to say when)
+
+
+async def test_the_admin_record_refuses_strangers_and_roomless_sales(service: Service) -> None:
+    sale, _ = await _room_sale(service)
+    plain = (await service.create_sale({new_id("sku"): 5}))["sale"]
+    for path, status, code in [
+        (f"/api/admin/sales/{plain}/room", 404, "no_room"),
+        ("/api/admin/sales/no-such-sale/room", 404, "sale_not_found"),
+    ]:
+        await expect_json(await service.client.get(path, headers=ADMIN), status, code)
+    await expect_json(await service.client.get(f"/api/admin/sales/{sale}/room", headers=buyer("x")), 401)
+
+
+async def test_a_waiting_buyer_polls_soon_once_every_unit_is_spoken_for(service: Service) -> None:
+    """Far from a sell-out the answer lets a buyer wait; once every unit is spoken for (a
+    sell-out may come at any moment) it says to poll within EDGE_POLL_S × 1.2, so the buyer
+    hears "sold out" within a second."""
+    sale, sku = await _room_sale(service, stock=3, rate_per_s=0.01)
+    await _join(service, sale, "first", sku)  # the burst of one: admitted
+    far = [await _join(service, sale, f"q{i}", sku) for i in range(40)]
+    assert all(a["state"] == "waiting" for a in far)
+    # 39 ahead at 0.01 a second, two units no ticket speaks for: the second of them cannot
+    # go before another 100 s of admissions.
+    assert far[-1]["poll_after_ms"] >= 0.8 * 5000
+    sale2, sku2 = await _room_sale(service, stock=1)
+    assert (await _join(service, sale2, "a", sku2))["state"] == "admitted"  # the only unit: spoken for
+    edge = await _join(service, sale2, "b", sku2)
+    assert edge["state"] == "waiting" and edge["poll_after_ms"] <= EDGE_POLL_S * 1.2 * 1000
+
+
+async def _room_metrics(service: Service) -> dict[str, dict[tuple[str, ...], float]]:
+    text = await (await service.client.get("/metrics")).text()
+    out: dict[str, dict[tuple[str, ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith("flashsale_room_"):
+                key = tuple(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+                out.setdefault(sample.name, {})[key] = sample.value
+    return out
+
+
+async def test_metrics_show_the_queue_admissions_waits_and_tellings(service: Service) -> None:
+    sale, sku = await _room_sale(service, stock=1)
+    plain = (await service.create_sale({new_id("sku"): 5}))["sale"]
+    alice = await _join(service, sale, "alice", sku)
+    for user in ("bob", "carol"):
+        assert (await _join(service, sale, user, sku))["state"] == "waiting"
+    m = await _room_metrics(service)
+    one = (f"sale={sale}",)
+    assert m["flashsale_room_queue_buyers"][one] == 2
+    assert m["flashsale_room_admitted_total"][one] == 1 and m["flashsale_room_joined_total"][one] == 3
+    assert m["flashsale_room_tickets_outstanding"][one] == 1
+    assert m["flashsale_room_wait_seconds_count"][one] == 1
+    assert all(labels != (f"sale={plain}",) for series in m.values() for labels in series)
+    order = await expect_json(await _order(service, "alice", sku, alice["ticket"], "r-a"), 201)
+    await expect_json(
+        await service.client.post(f"/api/orders/{order['order_id']}/pay", headers=buyer("alice")), 200
+    )
+    for user in ("bob", "carol"):
+        assert (await _poll(service, sale, user))["state"] == "sold_out"
+    m = await _room_metrics(service)
+    assert m["flashsale_room_queue_buyers"][one] == 0
+    assert m["flashsale_room_tickets_used_total"][one] == 1
+    assert m["flashsale_room_told_sold_out_total"][one] == 2
+    assert m["flashsale_room_told_after_seconds_count"][one] == 2
+    told_inf = m["flashsale_room_told_after_seconds_bucket"][("le=+Inf", f"sale={sale}")]
+    assert told_inf == 2

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import asyncpg
 import pytest
-from service_support import ADMIN, ADMIN_TOKEN, expect_json
+from service_support import ADMIN, ADMIN_TOKEN, buyer, expect_json
 from warroom_support import WarRoom, WarRoomFactory, start_warroom  # noqa: F401  (fixture)
 
 from flashsale.pipeline.migrate import migrate_url
@@ -57,6 +57,22 @@ HISTORY_KEYS = {
     "writer_rate",
 }
 ALERTS = {"backlog", "p99_ms", "error_ratio", "dead_letters", "writer_stalled_s"}
+#: A sale behind its waiting room also gets ``waiting_room`` with these.
+ROOM_KEYS = {
+    "on",
+    "waiting",
+    "pre_queue",
+    "tickets_out",
+    "joined",
+    "admitted",
+    "used",
+    "expired",
+    "told_sold_out",
+    "told_max_ms",
+    "wait_p50_ms",
+    "wait_p99_ms",
+    "told_p99_ms",
+}
 LOG_KEYS = {"entries", "unwritten", "refused", "postgres", "postgres_error"}
 ENTRY_KEYS = {
     "id",
@@ -216,6 +232,31 @@ async def test_data_endpoint_shape_is_stats_plus_a_stable_set_of_fields(room: Wa
     assert set(data["progress"]) == {"origin_ms", "baseline", "points", "breaks"}
     assert data["current_sale"] == sale
     json.dumps(data, allow_nan=False)  # strict JSON: a browser's JSON.parse takes it
+
+
+async def test_a_sale_behind_its_waiting_room_shows_the_room(room: WarRoom) -> None:
+    """Only a sale behind its room gets the room's figures: its queue, admissions and waits
+    (percentiles as bucket bounds) and the buyers told "sold out"."""
+    plain = await room.create_sale([{"sku": "wr-plain", "stock": 5}])
+    sale = await room.create_sale([{"sku": "wr-room", "stock": 1}], waiting_room={"rate_per_s": 1000})
+    for user in ("ann", "bob", "cy"):
+        resp = await room.http.post(
+            f"/api/sales/{sale}/room", json={"skus": ["wr-room"]}, headers=buyer(user)
+        )
+        await expect_json(resp, 200)
+    data = await room.data()
+    assert "waiting_room" not in data["sales"][plain]
+    view = data["sales"][sale]["waiting_room"]
+    assert set(view) == ROOM_KEYS
+    assert (view["on"], view["waiting"], view["admitted"], view["tickets_out"], view["joined"]) == (
+        True,
+        2,
+        1,
+        1,
+        3,
+    )
+    assert view["wait_p50_ms"] is not None and view["told_sold_out"] == 0
+    json.dumps(data, allow_nan=False)
 
 
 async def test_numbers_follow_the_orders(room: WarRoom) -> None:

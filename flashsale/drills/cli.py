@@ -65,6 +65,30 @@ def _register_rehearse(sub: Any) -> None:
     r.add_argument(
         "--time-scale", type=float, default=1.0, help="stretch every phase of the shape (default 1)"
     )
+    room = r.add_argument_group(
+        "waiting room",
+        "put the sale behind the stock-aware waiting room (docs/waiting-room.md): buyers join and poll it, "
+        "bots try to skip it, and the oracle checks its shuffle, its order, its tickets, its admissions and "
+        "how soon waiting buyers heard of a sell-out",
+    )
+    room.add_argument("--waiting-room", action="store_true", help="put the drill's sale behind the room")
+    room.add_argument(
+        "--room-rate", type=float, default=50.0, metavar="N", help="buyers admitted per second (default 50)"
+    )
+    room.add_argument(
+        "--room-oversubscribe",
+        type=float,
+        default=1.0,
+        metavar="F",
+        help="admit up to F buyers per unit available (default 1: never more buyers than units)",
+    )
+    room.add_argument(
+        "--room-told-within",
+        type=float,
+        default=1.0,
+        metavar="S",
+        help="every waiting buyer of a sold-out SKU must hear it within S seconds (default 1)",
+    )
     r.set_defaults(func=_rehearse)
 
     c = sub.add_parser(
@@ -339,7 +363,19 @@ def _rehearse(args: argparse.Namespace) -> int:
     time_scale = args.time_scale
     if args.duration is not None:
         time_scale = args.duration / _SHAPE_SECONDS[args.shape]
-    return Rehearsal(_settings(args, shape=args.shape, time_scale=time_scale)).run()
+    if not (
+        0 < args.room_rate <= 100_000 and 0 <= args.room_oversubscribe <= 100 and args.room_told_within > 0
+    ):
+        return fail(
+            "rehearse: --room-rate must be in (0, 100000], --room-oversubscribe in [0, 100], --room-told-within > 0"
+        )
+    room = {
+        "waiting_room": args.waiting_room,
+        "room_rate": args.room_rate,
+        "room_oversubscribe": args.room_oversubscribe,
+        "room_told_within_s": args.room_told_within,
+    }
+    return Rehearsal(_settings(args, shape=args.shape, time_scale=time_scale, **room)).run()
 
 
 def _common_numbers(args: argparse.Namespace) -> dict[str, tuple[float | None, float, bool]]:

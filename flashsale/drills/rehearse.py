@@ -13,7 +13,8 @@ with Locust, judge it, and stop everything — also on Ctrl-C.
    module only starts things and watches ``progress.json``;
 4. a live progress line (phase, arrivals target vs sent, orders/s, the worst second's p99
    since the last line, hot-SKU stock left, backlog), then the verdict table from
-   ``summary.json``;
+   ``summary.json`` (with the waiting room's figures when the sale was behind it:
+   ``waiting_room``);
 5. stops Locust, the service, the worker and the servers it started, in that order.
 
 The exit code is the drill's (``loadtests.exit_codes``): 0 all good, 1 SLO missed,
@@ -47,6 +48,7 @@ __all__ = [
     "Rehearsal",
     "RehearsalSettings",
     "format_progress",
+    "format_room",
     "format_verdict_table",
 ]
 
@@ -74,6 +76,12 @@ class RehearsalSettings:
     slo: str | None = None
     hold_ttl_s: float | None = None
     audit_wait_s: float = 60.0
+    #: Put the drill's sale behind the waiting room (docs/waiting-room.md): admissions per
+    #: second, buyers per unit, and how soon a waiting buyer must hear of a sell-out.
+    waiting_room: bool = False
+    room_rate: float = 50.0
+    room_oversubscribe: float = 1.0
+    room_told_within_s: float = 1.0
     #: Extra ``locust`` arguments, passed through as they are (e.g. ``["--personas", "bot=1"]``).
     locust_args: tuple[str, ...] = ()
     ready_timeout_s: float = 60.0
@@ -264,6 +272,16 @@ class Rehearsal:
             argv += ["--slo", s.slo]
         if s.hold_ttl_s:
             argv += ["--hold-ttl", f"{s.hold_ttl_s:g}"]
+        if s.waiting_room:
+            argv += [
+                "--waiting-room",
+                "--room-rate",
+                f"{s.room_rate:g}",
+                "--room-oversubscribe",
+                f"{s.room_oversubscribe:g}",
+                "--room-told-within",
+                f"{s.room_told_within_s:g}",
+            ]
         return argv + list(s.locust_args)
 
     def _drill(self, env: dict[str, str]) -> int:
@@ -434,6 +452,25 @@ def format_progress(p: dict[str, Any], worst: WorstSecond | None = None) -> str:
     )
 
 
+def format_room(room: dict[str, Any]) -> list[str]:
+    """The waiting room's figures (``loadtests.room``) in three lines."""
+
+    def ms(p: dict[str, Any]) -> str:
+        if not p.get("count"):
+            return "none"
+        return f"p50 {p['p50']:.0f} / p99 {p['p99']:.0f} / max {p['max']:.0f} ms ({p['count']})"
+
+    rate = room.get("admitted_per_s") or {}
+    return [
+        f"waiting room: {room.get('joined')} joined ({room.get('pre_queue')} before T0, one shuffle of seed "
+        f"{room.get('seed')}), {room.get('admitted')} admitted (peak {rate.get('peak')}/s), queue at most "
+        f"{room.get('queue_max')}",
+        f"  wait to admission {ms(room.get('wait_ms') or {})}",
+        f"  told sold out: {room.get('told_sold_out')}; after the sell-out "
+        f"{ms(room.get('told_after_sell_out_ms') or {})} (limit {room.get('within_ms')} ms)",
+    ]
+
+
 def format_verdict_table(summary: dict[str, Any], folder: Path) -> str:
     """The terminal verdict: invariants, SLO thresholds, validity, arrivals, latency."""
     rows: list[str] = ["", "=" * 78]
@@ -453,6 +490,8 @@ def format_verdict_table(summary: dict[str, Any], folder: Path) -> str:
             f"  orders acknowledged {log.get('acknowledged')}, paid {log.get('paid')}, "
             f"refused {log.get('failed')}, unknown {log.get('unknown')}, replayed retries {log.get('replays')}"
         )
+        if room := log.get("waiting_room"):
+            rows += format_room(room)
     else:
         rows.append(f"invariants: NOT JUDGED ({oracle.get('skipped')})")
     rows.append("SLO thresholds")

@@ -16,7 +16,7 @@ from flashsale.service.http import bearer, read_json
 from flashsale.service.sales import SaleSettings, iso, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import Buyer, InvalidToken
-from flashsale.service.waiting_room import admit_order
+from flashsale.service.waiting_room import admit_order, settle_ticket
 
 __all__ = ["routes", "read_json", "bearer"]
 
@@ -186,13 +186,34 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
 
     if settings.room:
         try:
-            await admit_order(request, state, settings, buyer, request_id)
+            await admit_order(request, state, settings, buyer, request_id, [line.sku for line in cart])
         except ApiError:
             metrics.count("no_ticket")
             raise
+        try:
+            return await _reserve(request, state, settings, buyer, cart, request_id)
+        finally:  # reserved or refused: the ticket stops counting against the stock
+            await settle_ticket(state, settings, buyer, request_id)
+    return await _reserve(request, state, settings, buyer, cart, request_id)
 
+
+async def _reserve(
+    request: web.Request,
+    state: ServiceState,
+    settings: SaleSettings,
+    buyer: Buyer,
+    cart: list[inventory.Line],
+    request_id: str,
+) -> web.Response:
+    metrics, sale = state.metrics, settings.sale
     state.sold_out.observe_epoch(sale, settings.epoch)
-    cached_out = next((line.sku for line in cart if state.sold_out.is_sold_out(sale, line.sku)), None)
+    # Not behind a waiting room, which admits a buyer only when a unit is there: a stale
+    # "sold out" would refuse them.
+    cached_out = (
+        None
+        if settings.room
+        else next((line.sku for line in cart if state.sold_out.is_sold_out(sale, line.sku)), None)
+    )
     inv = state.engine(settings)
     try:
         # asyncio.timeout, not wait_for: no extra task per order on the hot path.

@@ -10,7 +10,9 @@ service processes that share the port (:class:`_ServiceProcesses`).
 
 Numbers that belong to the whole deployment are read from Redis at scrape time, so every
 process reports the same truth (:func:`read_deployment`): stock per SKU, holds pending,
-stream backlog, dead letters waiting and the fence, per sale; the order writer's counters and
+stream backlog, dead letters waiting and the fence, per sale; for a sale behind its waiting
+room, the room's queue, admissions, tickets, waits and "sold out" tellings (read from the
+room's own counters in Redis: :class:`inventory.RoomFigures`); the order writer's counters and
 its last commit (the writer publishes them to Redis; it serves no ``/metrics`` of its own);
 the last audit's violations. A sale's series leave ``/metrics`` once it has ended — nothing
 decided for ``ended_sale_s`` (closed, or simply over) with nothing left to write, no dead
@@ -45,12 +47,13 @@ from prometheus_client import (
     generate_latest,
     multiprocess,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from flashsale.keys import ServiceKeys
+from inventory import RoomFigures
 
 if TYPE_CHECKING:
     from flashsale.service.state import ServiceState
@@ -246,6 +249,7 @@ async def _read_deployment(state: ServiceState) -> list[Metric]:
     fenced = GaugeMetricFamily(
         "flashsale_sale_fenced", "1 while the sale is fenced (sales refused until recovery)", labels=["sale"]
     )
+    room = _RoomFamilies()
     ended_before_ms = (time.time() - state.metrics.ended_sale_s) * 1000
     for sale in await state.sales.all_sales():
         settings = await state.sales.sale(sale)
@@ -264,6 +268,10 @@ async def _read_deployment(state: ServiceState) -> list[Metric]:
         backlog.add_metric([sale], waiting)
         dead.add_metric([sale], dead_letters)
         fenced.add_metric([sale], 1 if settings.fenced else 0)
+        if settings.room:  # only a sale behind its room has one to read
+            from flashsale.service.waiting_room import room_of  # (it imports the service state)
+
+            room.add(sale, await room_of(state, sale).figures())
     writer = await redis.hgetall(ServiceKeys(prefix).writer_stats)
     families: list[Metric] = [
         stock,
@@ -271,6 +279,7 @@ async def _read_deployment(state: ServiceState) -> list[Metric]:
         backlog,
         dead,
         fenced,
+        *room.families(),
         CounterMetricFamily(
             "flashsale_writer_rows",
             "order, line and stock-event rows the order writers wrote to PostgreSQL",
@@ -304,6 +313,90 @@ async def _read_deployment(state: ServiceState) -> list[Metric]:
             )
         )
     return families
+
+
+def _le(seconds: float) -> str:
+    """A bucket's bound as Prometheus writes it (``+Inf``, ``0.1``, ``1800.0``)."""
+    return "+Inf" if seconds == float("inf") else repr(float(seconds))
+
+
+class _RoomFamilies:
+    """The waiting rooms' families, one series per sale behind its room (docs/alerts.md)."""
+
+    def __init__(self) -> None:
+        labels = ["sale"]
+        self.rooms = 0
+        self.queue = GaugeMetricFamily(
+            "flashsale_room_queue_buyers", "buyers waiting in the sale's room after T0", labels=labels
+        )
+        self.pre_queue = GaugeMetricFamily(
+            "flashsale_room_prequeue_buyers",
+            "buyers who joined the room before T0 (shuffled at T0, then 0)",
+            labels=labels,
+        )
+        self.tickets_out = GaugeMetricFamily(
+            "flashsale_room_tickets_outstanding",
+            "admitted buyers whose ticket is neither used nor lapsed",
+            labels=labels,
+        )
+        self.counters = {
+            figure: CounterMetricFamily(f"flashsale_room_{name}", doc, labels=labels)
+            for figure, name, doc in (
+                ("joined", "joined", "buyers who joined the room (again after a lapsed ticket)"),
+                ("admitted", "admitted", "buyers the room admitted (each got a ticket)"),
+                ("used", "tickets_used", "tickets spent on an order"),
+                ("expired", "tickets_expired", "tickets that lapsed unused (their buyers may join again)"),
+                ("told_sold_out", "told_sold_out", "waiting buyers told their SKUs had sold out"),
+            )
+        }
+        self.wait = HistogramMetricFamily(
+            "flashsale_room_wait_seconds",
+            "time from joining the room (or T0, for the pre-queue) to admission",
+            labels=labels,
+        )
+        self.told = HistogramMetricFamily(
+            "flashsale_room_told_after_seconds",
+            "time from the room seeing a SKU sold out to a waiting buyer of it hearing so",
+            labels=labels,
+        )
+        self.told_max = GaugeMetricFamily(
+            "flashsale_room_told_after_max_seconds",
+            "the longest a waiting buyer heard of a sell-out after the room saw it",
+            labels=labels,
+        )
+
+    def add(self, sale: str, f: RoomFigures) -> None:
+        self.rooms += 1
+        self.queue.add_metric([sale], f.waiting)
+        self.pre_queue.add_metric([sale], f.pre_queue)
+        self.tickets_out.add_metric([sale], f.tickets_out)
+        for name, counter in self.counters.items():
+            counter.add_metric([sale], getattr(f, name))
+        for histogram, buckets, total_ms in (
+            (self.wait, f.wait_buckets, f.wait_sum_ms),
+            (self.told, f.told_buckets, f.told_sum_ms),
+        ):
+            cumulative, rows = 0, []
+            for bound_ms, n in buckets:
+                cumulative += n
+                rows.append((_le(bound_ms / 1000), float(cumulative)))
+            histogram.add_metric([sale], rows, total_ms / 1000)
+        self.told_max.add_metric([sale], f.told_max_ms / 1000)
+
+    def families(self) -> list[Metric]:
+        """The families, or none while no sale is behind its room (so /metrics of a
+        deployment without rooms does not change)."""
+        if not self.rooms:
+            return []
+        return [
+            self.queue,
+            self.pre_queue,
+            self.tickets_out,
+            *self.counters.values(),
+            self.wait,
+            self.told,
+            self.told_max,
+        ]
 
 
 async def _last_decision_ms(redis: Any, stream: str) -> int:

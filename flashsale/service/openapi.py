@@ -34,6 +34,8 @@ def _body(schema: str | dict[str, Any], required: bool = True) -> dict[str, Any]
 
 
 _AUTH_ERRORS = {"401": _err("missing, forged or expired token")}
+#: Where a buyer stands in a waiting room (docs/waiting-room.md).
+_ROOM_STATE = {"enum": ["pre", "waiting", "admitted", "used", "expired", "sold_out"]}
 _BODY_ERRORS = {"413": _err("body too large"), "422": _err("invalid request")}
 
 
@@ -192,7 +194,7 @@ def _document() -> dict[str, Any]:
                     "type": "object",
                     "required": ["sale", "state", "ahead", "waiting"],
                     "properties": {
-                        "state": {"enum": ["pre", "waiting", "admitted", "used", "expired", "sold_out"]},
+                        "state": _ROOM_STATE,
                         "ahead": {"type": "integer"},
                         "waiting": {"type": "integer"},
                         "pre_queue": {"type": "integer"},
@@ -202,6 +204,50 @@ def _document() -> dict[str, Any]:
                         "ticket_header": {"type": "string"},
                         "ticket_expires_at": {"type": "string"},
                         "told_after_ms": {"type": "integer"},
+                    },
+                },
+                "RoomRecord": {
+                    "type": "object",
+                    "description": "docs/waiting-room.md, 'Auditing a room': replay the shuffle from "
+                    "seed and pre_queue; positions, admissions and tellings per buyer",
+                    "required": ["sale", "on", "opens_at_ms", "seed", "shuffled", "pre_queue", "buyers"],
+                    "properties": {
+                        "sale": {"type": "string"},
+                        "on": {"type": "boolean"},
+                        "opens_at_ms": {"type": "integer"},
+                        "rate_per_s": {"type": "number"},
+                        "oversubscribe": {"type": "number"},
+                        "ticket_ttl_ms": {"type": "integer"},
+                        "seed": {"type": "integer"},
+                        "shuffled": {"type": "boolean"},
+                        "shuffled_n": {"type": "integer"},
+                        "counters": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "sold_out_seen_ms": {"type": "object", "additionalProperties": {"type": "integer"}},
+                        "sold_out_at_ms": {
+                            "type": "object",
+                            "nullable": True,
+                            "additionalProperties": {"type": "integer"},
+                        },
+                        "pre_queue": {"type": "array", "items": {"type": "string"}},
+                        "buyers": {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "object",
+                                "required": ["state", "skus", "joined_ms"],
+                                "properties": {
+                                    "state": _ROOM_STATE,
+                                    "skus": {"type": "array", "items": {"type": "string"}},
+                                    "joined_ms": {"type": "integer"},
+                                    "position": {"type": "integer"},
+                                    "admitted_ms": {"type": "integer"},
+                                    "ticket_expires_ms": {"type": "integer"},
+                                    "used_ms": {"type": "integer"},
+                                    "request_id": {"type": "string"},
+                                    "told_ms": {"type": "integer"},
+                                    "told_after_ms": {"type": "integer"},
+                                },
+                            },
+                        },
                     },
                 },
                 "Units": {"type": "object", "properties": {"units": {"type": "integer", "minimum": 1}}},
@@ -355,7 +401,18 @@ def _document() -> dict[str, Any]:
                         **_BODY_ERRORS,
                         "404": _err("sale_not_found"),
                     },
-                }
+                },
+                "get": {
+                    "summary": "The room's record for an audit: seed, pre-queue in arrival order, every "
+                    "buyer's position, admission and told times (read it after the peak)",
+                    "security": admin,
+                    "parameters": [sale],
+                    "responses": {
+                        "200": _ok("the room's record", "RoomRecord"),
+                        **_AUTH_ERRORS,
+                        "404": _err("sale_not_found or no_room"),
+                    },
+                },
             },
             "/api/admin/sales": {
                 "post": {

@@ -11,9 +11,14 @@ edge owns:
   domain prefix) so a ticket cannot be forged, shared with another buyer or moved to another
   sale — and the room's ``use`` binds it to one order attempt series (its request id);
 * **polling answers** that say when to poll next (with jitter, so a crowd does not poll in
-  step), rate-limited per buyer and cheap: one Redis round trip, no PostgreSQL;
-* the room's settings on ``POST /api/admin/sales`` (``waiting_room``) and the operator's
-  switch ``POST /api/admin/sales/{sale}/room``.
+  step) — soon enough that a waiting buyer hears a sell-out within a second of it
+  (:func:`poll_after_s`) — rate-limited per buyer and cheap: one Redis round trip, no
+  PostgreSQL;
+* the room's settings on ``POST /api/admin/sales`` (``waiting_room``), the operator's
+  switch ``POST /api/admin/sales/{sale}/room``, and the room's record for an audit
+  ``GET /api/admin/sales/{sale}/room`` (the seed, the pre-queue in arrival order and every
+  buyer's position, admission and told times: enough to replay the shuffle at T0);
+* the room's figures as the war room shows them (:func:`room_view`).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import base64
 import hashlib
 import hmac
 import json
+import logging
 import random
+from collections.abc import Sequence
 from typing import Any
 
 from aiohttp import web
@@ -35,19 +42,27 @@ from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import Buyer
 
 __all__ = [
+    "EDGE_POLL_S",
     "TICKET_HEADER",
     "admit_order",
     "configure_room",
     "mint_ticket",
+    "poll_after_s",
     "room_spec",
+    "room_view",
     "routes",
+    "settle_ticket",
     "verify_ticket",
 ]
 
 routes = web.RouteTableDef()
+log = logging.getLogger("flashsale.waiting_room")
 
 #: The header an order carries its ticket in while the sale's room is on.
 TICKET_HEADER = "X-Flashsale-Ticket"
+#: How often a waiting buyer polls once a sell-out of their SKUs could come at any moment
+#: (every unit spoken for): at most 1.2 × this apart, so they hear it within a second.
+EDGE_POLL_S = 0.6
 
 
 # ------------------------------------------------------------------- tickets
@@ -157,6 +172,123 @@ async def switch_room(request: web.Request) -> web.Response:
     return web.json_response({"sale": sale.sale, "room": on, "seed": seed})
 
 
+#: A buyer's record in the room (compact JSON in Redis, see inventory's room.lua) -> the
+#: names the admin record answers with.
+_RECORD_FIELDS = {
+    "st": "state",
+    "j": "joined_ms",
+    "p": "position",
+    "a": "admitted_ms",
+    "x": "ticket_expires_ms",
+    "u": "used_ms",
+    "r": "request_id",
+    "t": "told_ms",
+    "d": "told_after_ms",
+}
+
+
+@routes.get("/api/admin/sales/{sale}/room")
+async def room_record(request: web.Request) -> web.Response:
+    """The room's record, for an audit after the sale: its settings and seed, the pre-queue
+    in arrival order, and every buyer's state, SKUs, position and times (docs/waiting-room.md).
+    It reads the whole room: ask after the peak, not during it."""
+    from flashsale.service.admin_api import require_admin
+
+    state = require_admin(request)
+    sale = await state.sales.sale(request.match_info["sale"], fresh=True)
+    if sale is None:
+        raise ApiError(404, "sale_not_found", "no such sale")
+    record = await room_of(state, sale.sale).record()
+    room = record["room"]
+    if not room:
+        raise ApiError(404, "no_room", f"sale {sale.sale!r} was never put behind a waiting room")
+    buyers: dict[str, dict[str, Any]] = {}
+    for buyer, raw in record["buyers"].items():
+        rec = json.loads(raw)
+        entry: dict[str, Any] = {"skus": str(rec.get("s", "")).split(",")}
+        entry.update({name: rec[short] for short, name in _RECORD_FIELDS.items() if short in rec})
+        if not entry.get("position"):  # a pre-queue buyer has no place until T0 (p = 0)
+            entry.pop("position", None)
+        buyers[buyer] = entry
+
+    def number(name: str) -> int:
+        return int(float(room.get(name, 0)))
+
+    body = {
+        "sale": sale.sale,
+        "on": room.get("on") == "1",
+        "opens_at_ms": number("t0"),
+        "rate_per_s": float(room.get("rate", 0)),
+        "oversubscribe": float(room.get("factor", 0)),
+        "ticket_ttl_ms": number("ttl_ms"),
+        "seed": number("seed"),
+        "shuffled": room.get("shuffled") == "1",
+        "shuffled_n": number("shuffled_n"),
+        "counters": {
+            name: number(field)
+            for name, field in (
+                ("joined", "joined"),
+                ("admitted", "admits"),
+                ("used", "used"),
+                ("expired", "expired"),
+                ("told_sold_out", "told_sold_out"),
+                ("told_max_ms", "told_max_ms"),
+            )
+        },
+        "sold_out_seen_ms": {k[len("soldout:") :]: number(k) for k in room if k.startswith("soldout:")},
+        "sold_out_at_ms": await _sold_out_at_ms(state, sale),
+        "pre_queue": record["pre_queue"],
+        "buyers": buyers,
+    }
+    return web.json_response(body, headers={"Cache-Control": "no-store"})
+
+
+async def _sold_out_at_ms(state: ServiceState, sale: SaleSettings) -> dict[str, int] | None:
+    """For each SKU sold out now (nothing available, held or in reserve), when its last unit
+    was paid, from PostgreSQL's record (exact, unlike when the room first noticed); None
+    without a database. Read it once the writer has drained: a payment not yet recorded
+    makes the moment look earlier than it was."""
+    if state.pg is None:
+        return None
+    from flashsale.ledger import last_paid_ms
+
+    gone = [
+        sku
+        for sku, s in (await state.engine(sale).snapshots()).items()
+        if s.total and not s.available + s.held + s.reserve
+    ]
+    if not gone:
+        return {}
+    paid = await last_paid_ms(state.pg, [p.sale for p in state.engine_parts(sale)])
+    return {sku: paid[sku] for sku in gone if sku in paid}
+
+
+async def room_view(state: ServiceState, sale: str) -> dict[str, Any]:
+    """The room's live figures for the war room: queue lengths, counters, and wait and
+    told-after percentiles (upper bounds of their histogram buckets)."""
+    f = await room_of(state, sale).figures()
+    return {
+        "on": f.on,
+        "waiting": f.waiting,
+        "pre_queue": f.pre_queue,
+        "tickets_out": f.tickets_out,
+        "joined": f.joined,
+        "admitted": f.admitted,
+        "used": f.used,
+        "expired": f.expired,
+        "told_sold_out": f.told_sold_out,
+        "told_max_ms": f.told_max_ms,
+        "wait_p50_ms": _finite(f.wait_quantile_ms(0.5)),
+        "wait_p99_ms": _finite(f.wait_quantile_ms(0.99)),
+        "told_p99_ms": _finite(f.told_quantile_ms(0.99)),
+    }
+
+
+def _finite(ms: float | None) -> float | None:
+    """JSON has no infinity: a quantile in the open top bucket is reported as None."""
+    return ms if ms is not None and ms != float("inf") else None
+
+
 # ---------------------------------------------------------------- buyers
 async def _capacities(state: ServiceState, sale: SaleSettings) -> dict[str, tuple[int, int]] | None:
     """A bucketed sale's stock summed over its buckets (one script cannot read them all)."""
@@ -181,6 +313,7 @@ def _answer(
         "pre_queue": status.pre_queue,
         "opens_at": iso(status.opens_at_ms),
         "eta_s": round(status.eta_s, 1),
+        "skus": list(status.skus),
     }
     if status.state == "admitted":
         body["ticket"] = mint_ticket(
@@ -195,12 +328,25 @@ def _answer(
     if status.state == "sold_out":
         body["told_after_ms"] = status.told_after_ms
     if status.state in ("pre", "waiting"):
-        # Poll again in about a quarter of the expected wait, 0.5-5 s, jittered by ±20 %.
-        base = min(5.0, max(0.5, status.eta_s / 4)) if status.state == "waiting" else 1.0
-        if status.state == "pre":
-            base = min(5.0, max(0.5, (status.opens_at_ms - status.now_ms) / 4000))
-        body["poll_after_ms"] = int(base * 1000 * random.uniform(0.8, 1.2))
+        body["poll_after_ms"] = int(poll_after_s(status) * 1000)
     return web.json_response(body)
+
+
+def poll_after_s(status: inventory.RoomStatus) -> float:
+    """When a buyer in the pre-queue or the queue should poll again: about a quarter of the
+    time to T0 (0.5-5 s) or of the expected wait (``EDGE_POLL_S``-5 s) — but never later
+    than the soonest their SKUs could sell out (``sell_out_horizon_s``; ``EDGE_POLL_S`` once
+    every unit is spoken for), so a waiting buyer hears "sold out" within a second of it.
+    Jittered by ±20 %, so a crowd does not poll in step. The price: a waiting buyer of a SKU
+    whose last units are spoken for polls about 1.7 times a second (within the default
+    per-buyer poll limit of 2) until they are sold or come back."""
+    if status.state == "pre":
+        base = min(5.0, max(0.5, (status.opens_at_ms - status.now_ms) / 4000))
+    else:
+        base = min(5.0, max(EDGE_POLL_S, status.eta_s / 4))
+        # The jitter may stretch the wait by a fifth: keep even that before the horizon.
+        base = min(base, max(EDGE_POLL_S, status.sell_out_horizon_s / 1.2))
+    return base * random.uniform(0.8, 1.2)
 
 
 async def _room_request(request: web.Request) -> tuple[ServiceState, SaleSettings, Buyer]:
@@ -247,10 +393,16 @@ async def poll_room(request: web.Request) -> web.Response:
 
 # ---------------------------------------------------------------- the order gate
 async def admit_order(
-    request: web.Request, state: ServiceState, sale: SaleSettings, buyer: Buyer, request_id: str
+    request: web.Request,
+    state: ServiceState,
+    sale: SaleSettings,
+    buyer: Buyer,
+    request_id: str,
+    skus: Sequence[str] = (),
 ) -> None:
     """While the sale's room is on, an order needs its buyer's ticket for this sale, unspent
-    or spent on this very request id (a retry)."""
+    or spent on this very request id (a retry), for SKUs the buyer queued for. Once the
+    order has reserved its units, or was refused, call :func:`settle_ticket`."""
     ticket = request.headers.get(TICKET_HEADER, "")
     if not ticket:
         raise ApiError(
@@ -263,10 +415,28 @@ async def admit_order(
     if fields["u"] != buyer.user or fields["s"] != sale.sale:
         raise ApiError(403, "ticket_not_yours", "this ticket was issued to another buyer or for another sale")
     try:
-        await room_of(state, sale.sale).use(buyer.user, fields["n"], request_id)
+        await room_of(state, sale.sale).use(buyer.user, fields["n"], request_id, skus)
     except inventory.TicketRefused as exc:
         if exc.reason == "ticket_expired":
             raise ApiError(401, "ticket_expired", "the ticket lapsed: join the room again") from None
         if exc.reason == "ticket_used":
             raise ApiError(403, "ticket_used", "the ticket was spent on another order (request_id)") from None
+        if exc.reason == "ticket_other_sku":
+            raise ApiError(
+                403, "ticket_not_for_sku", "the ticket admits orders of the SKUs you queued for, not others"
+            ) from None
         raise ApiError(403, "ticket_invalid", "this ticket no longer admits an order") from None
+
+
+async def settle_ticket(state: ServiceState, sale: SaleSettings, buyer: Buyer, request_id: str) -> None:
+    """The order has reserved its units (or was refused): its ticket stops counting against
+    the stock. Never raises — the order's answer stands; a ticket not settled is released
+    at its expiry (the room admits more slowly meanwhile, never too many)."""
+    try:
+        await room_of(state, sale.sale).settle(buyer.user, request_id)
+    except Exception:  # noqa: BLE001 - see the docstring
+        log.warning(
+            "waiting room of %s: ticket of %s not settled; it is released at its expiry",
+            sale.sale,
+            buyer.user,
+        )

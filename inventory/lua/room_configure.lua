@@ -19,4 +19,5 @@ end
 redis.call('HSET', room_key, 'on', on, 'rate', tostring(rate), 'burst', tostring(math.max(1, rate)),
   'factor', tostring(factor), 'ttl_ms', tostring(ttl_ms), 't0', tostring(t0))
 redis.call('HSETNX', room_key, 'seed', tostring(seed))
+redis.call('HDEL', room_key, 'blocked')  -- new settings: the next step reads the queue's head again
 return {'ok', redis.call('HGET', room_key, 'seed')}

@@ -9,7 +9,9 @@ KEYS[5] tickets (zset)  KEYS[6] stock (the sale's engine hash)
 ARGV[1] buyer  ARGV[2] capacities "sku=n,..." ('' = read KEYS[6])
 
 Returns {state, ahead, waiting, pre-queue length, ticket nonce, ticket expiry ms, now ms,
-         T0 ms, admissions/s, ms between the sell-out and this buyer hearing it (-1)}
+         T0 ms, admissions/s, ms between the sell-out and this buyer hearing it (-1),
+         headroom: units of the buyer's SKUs no unused ticket speaks for (-1: not waiting),
+         the SKUs the buyer queues for, comma-separated}
      | {'not_in_room'} | {'room_off'}
 state: pre | waiting | admitted | used | expired | sold_out
 ]]

@@ -31,7 +31,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 import inventory
-from flashsale.service import admin_api
+from flashsale.service import admin_api, waiting_room
 from flashsale.service.admin_api import collect_stats, require_admin
 from flashsale.service.errors import ApiError, status_for
 from flashsale.service.http import read_json
@@ -409,6 +409,8 @@ async def warroom_data(request: web.Request) -> web.Response:
             "holds_lapsing": lapsing,
             "holds_overdue": overdue,
         }
+        if sale.get("room"):  # behind its waiting room: the room's queue, waits and tellings
+            sales[name]["waiting_room"] = await waiting_room.room_view(state, name)
     ratio = history.error_ratio(samples)
     alerts, reasons = _alerts(stats, ratio, thresholds, stalled_s=await writer_stalled_s(state, stats, now))
     past = history.history_json(samples)

@@ -1,9 +1,18 @@
--- Shared: the waiting room's state and its admission step (room_join, room_poll, room_use).
+-- Shared: the waiting room's state and its admission step (room_join, room_poll, room_use,
+-- room_settle).
 --
 -- Buyer records live in the room's buyers hash as JSON: {s = "sku1,sku2", j = joined ms,
 -- st = pre|waiting|admitted|used|expired|sold_out, p = queue position (0 in the pre-queue),
 -- a = admitted ms, n = ticket nonce, x = ticket expiry ms, o = SKUs the admission counted
--- against, r = request id the ticket was used for, t = ms the buyer was told "sold out", d = ms between the sell-out and then}.
+-- against, r = request id the ticket was used for, u = ms it was used, t = ms the buyer was
+-- told "sold out", d = ms between the room seeing the sell-out (or the buyer joining, if
+-- later) and then}.
+--
+-- Counters in the room hash: joined, admits, used, expired, told_sold_out, told_max_ms,
+-- soldout:<sku> (when the room first saw the SKU sold out), and two histograms, each a
+-- count per bucket (``<name>_le:<upper bound ms>`` or ``<name>_le:inf``) and a sum
+-- (``<name>_sum_ms``): ``wait`` (admission minus joining, or minus T0 for the pre-queue)
+-- and ``told`` (d above). inventory/_room.py holds the same bounds; tests check they agree.
 -- A SKU "could still be sold" while available + held (holds may lapse) + reserve pool > 0;
 -- buyers are admitted against what is available now (times the oversubscription factor).
 
@@ -12,6 +21,8 @@ local room_key, pre_key, queue_key, buyers_key, tickets_key, stock_key =
 
 local SCAN = 200          -- queue entries one admission step looks at (bounded work)
 local EXPIRE_BATCH = 200  -- lapsed tickets one step takes back
+local WAIT_BUCKETS_MS = {100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 120000, 300000, 600000, 1800000}
+local TOLD_BUCKETS_MS = {50, 100, 250, 500, 1000, 2000, 5000, 10000, 30000, 60000}
 
 local function room_config()
   local raw = redis.call('HGETALL', room_key)
@@ -30,6 +41,16 @@ local function get_buyer(buyer)
   local raw = redis.call('HGET', buyers_key, buyer)
   if not raw then return nil end
   return cjson.decode(raw)
+end
+
+-- One observation of a histogram kept in the room hash (see the header).
+local function observe(name, bounds, ms)
+  local field = name .. '_le:inf'
+  for _, bound in ipairs(bounds) do
+    if ms <= bound then field = name .. '_le:' .. bound; break end
+  end
+  redis.call('HINCRBY', room_key, field, 1)
+  redis.call('HINCRBY', room_key, name .. '_sum_ms', ms)
 end
 
 local function put_buyer(buyer, rec)
@@ -108,6 +129,8 @@ local function release_outstanding(rec)
   rec.o = nil
 end
 
+-- Tickets past their expiry: an unused one lapses (its buyer may join again); a used one
+-- whose order never settled it (room_settle) stops counting against the stock.
 local function expire_tickets(now)
   local lapsed = redis.call('ZRANGEBYSCORE', tickets_key, '-inf', now, 'LIMIT', 0, EXPIRE_BATCH)
   for _, buyer in ipairs(lapsed) do
@@ -117,6 +140,9 @@ local function expire_tickets(now)
       rec.st = 'expired'
       put_buyer(buyer, rec)
       redis.call('HINCRBY', room_key, 'expired', 1)
+    elseif rec and rec.st == 'used' and rec.o ~= nil then
+      release_outstanding(rec)
+      put_buyer(buyer, rec)
     end
     redis.call('ZREM', tickets_key, buyer)
   end
@@ -138,26 +164,52 @@ local function leave_sold_out(buyer, rec)
   redis.call('ZREM', queue_key, buyer)
 end
 
+-- What decides whether anyone at the head of the queue can be admitted: the queue (its
+-- length and the positions counter), the oversubscription factor, and each of ``skus``'
+-- stock and tickets out.
+local function head_print(skus, capacity, factor)
+  local parts = {tostring(redis.call('ZCARD', queue_key)), tostring(redis.call('HGET', room_key, 'next') or '0'),
+                 tostring(factor)}
+  for _, sku in ipairs(skus) do
+    local could, available = capacity(sku)
+    parts[#parts + 1] = sku .. '=' .. could .. '/' .. available .. '/' .. (redis.call('HGET', room_key, 'out:' .. sku) or '0')
+  end
+  return table.concat(parts, ',')
+end
+
 -- One admission step: take back lapsed tickets, refill the rate budget, then admit from
 -- the head of the queue in order while the budget lasts and each asked-for SKU has room
--- (admitted-but-unused tickets < available now x oversubscription).
+-- (admitted-but-unused tickets < available now x oversubscription). A scan that admitted
+-- nobody and sent nobody away leaves a note of what it saw (``blocked``: the SKUs, and
+-- head_print of them); while that has not changed, the next step cannot admit anyone
+-- either and does not read the head again — polls of a queue waiting for held units to be
+-- paid or to lapse stay cheap (a scan reads up to SCAN buyer records).
 local function admit_step(c, now, capacity)
   expire_tickets(now)
   local rate, burst = num(c.rate, 1), math.max(1, num(c.burst, 1))
   local tokens = math.min(burst, num(c.tokens, burst) + (now - num(c.refill_ms, now)) * rate / 1000)
   local factor = num(c.factor, 1)
   local admitted = 0
-  if tokens >= 1 then
+  local blocked = false
+  if tokens >= 1 and c.blocked then
+    local sep = string.find(c.blocked, '|', 1, true)
+    blocked = head_print(split_skus(string.sub(c.blocked, 1, sep - 1)), capacity, factor) == string.sub(c.blocked, sep + 1)
+  end
+  if tokens >= 1 and not blocked then
     local head = redis.call('ZRANGE', queue_key, 0, SCAN - 1)
+    local seen, moved = {}, false
     for _, buyer in ipairs(head) do
       if tokens < 1 then break end
       local rec = get_buyer(buyer)
       if rec == nil then
         redis.call('ZREM', queue_key, buyer)
+        moved = true
       else
         local skus = split_skus(rec.s)
+        for _, sku in ipairs(skus) do seen[sku] = true end
         if all_gone(skus, capacity, now) then
           leave_sold_out(buyer, rec)
+          moved = true
         else
           local fits = true
           for _, sku in ipairs(skus) do
@@ -170,6 +222,8 @@ local function admit_step(c, now, capacity)
             admitted = admitted + 1
             local nonce = redis.call('HINCRBY', room_key, 'admits', 1)
             rec.st, rec.a, rec.n, rec.x = 'admitted', now, tostring(nonce), now + num(c.ttl_ms, 120000)
+            -- A pre-queue buyer's wait starts at T0: joining early is not waiting in the queue.
+            observe('wait', WAIT_BUCKETS_MS, math.max(0, now - math.max(num(rec.j, now), num(c.t0, 0))))
             redis.call('ZREM', queue_key, buyer)
             redis.call('ZADD', tickets_key, rec.x, buyer)
             local counted = {}
@@ -184,6 +238,14 @@ local function admit_step(c, now, capacity)
           end
         end
       end
+    end
+    if admitted == 0 and not moved and #head > 0 then
+      local skus = {}
+      for sku in pairs(seen) do skus[#skus + 1] = sku end
+      table.sort(skus)
+      redis.call('HSET', room_key, 'blocked', table.concat(skus, ',') .. '|' .. head_print(skus, capacity, factor))
+    elseif c.blocked then
+      redis.call('HDEL', room_key, 'blocked')
     end
   end
   redis.call('HSET', room_key, 'tokens', tostring(tokens), 'refill_ms', tostring(now))
@@ -204,15 +266,30 @@ local function status(buyer, c, now, capacity)
     for _, sku in ipairs(split_skus(rec.s)) do
       newest = math.max(newest, num(redis.call('HGET', room_key, 'soldout:' .. sku), now))
     end
-    rec.d = math.max(0, now - newest)
+    -- Measured from the sell-out, or from joining for a buyer who came after it (told at once).
+    rec.d = math.max(0, now - math.max(newest, num(rec.j, now)))
     put_buyer(buyer, rec)
     redis.call('HINCRBY', room_key, 'told_sold_out', 1)
     local worst = num(redis.call('HGET', room_key, 'told_max_ms'), 0)
     if rec.d > worst then redis.call('HSET', room_key, 'told_max_ms', tostring(rec.d)) end
+    observe('told', TOLD_BUCKETS_MS, rec.d)
   end
   local ahead = 0
   if rec.st == 'waiting' then ahead = num(redis.call('ZRANK', queue_key, buyer), 0) end
+  -- Headroom: the units of the buyer's SKUs not yet spoken for by an unused ticket (one unit
+  -- a ticket), the largest over their SKUs: they hear "sold out" only once every SKU is gone,
+  -- and admitting that many buyers takes time at the room's rate (how soon to poll again).
+  local headroom = -1
+  if rec.st == 'waiting' or rec.st == 'pre' then
+    for _, sku in ipairs(split_skus(rec.s)) do
+      local could, available = capacity(sku)
+      if could > 0 then
+        local left = math.max(0, available - num(redis.call('HGET', room_key, 'out:' .. sku), 0))
+        if left > headroom then headroom = left end
+      end
+    end
+  end
   return {rec.st, tostring(ahead), tostring(redis.call('ZCARD', queue_key)),
           tostring(redis.call('LLEN', pre_key)), rec.n or '', tostring(rec.x or 0),
-          tostring(now), c.t0 or '0', c.rate or '0', tostring(rec.d or -1)}
+          tostring(now), c.t0 or '0', c.rate or '0', tostring(rec.d or -1), tostring(headroom), rec.s or ''}
 end

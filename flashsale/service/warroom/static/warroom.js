@@ -341,10 +341,34 @@
       $("tile-target").dataset.behind = "";
     }
 
+    renderRoom(data, saleName, sale);
     renderCharts(data);
     renderSkus(data, saleName, sale);
     renderControls(data, saleName, sale);
     renderLog(data.log);
+  }
+
+  // The waiting room tile (sales behind a room only). Admitted/s is the change between two
+  // polls of the page: the room keeps counters, not a history.
+  var roomSeen = null;
+  function renderRoom(data, saleName, sale) {
+    var room = sale && sale.waiting_room;
+    $("tile-room").hidden = !room;
+    if (!room) { roomSeen = null; return; }
+    var upTo = function (ms) {
+      return ms === null ? "–" : "≤ " + (ms < 1000 ? ms + " ms" : ms < 60000 ? ms / 1000 + " s" : fmtDuration(ms));
+    };
+    var rate = null;
+    if (roomSeen && roomSeen.sale === saleName && data.now_ms > roomSeen.at) {
+      rate = Math.max(0, room.admitted - roomSeen.admitted) / ((data.now_ms - roomSeen.at) / 1000);
+    }
+    roomSeen = { sale: saleName, at: data.now_ms, admitted: room.admitted };
+    setText("v-room-waiting", fmtInt(room.waiting + room.pre_queue));
+    setText("v-room-rate", rate === null ? "–" : fmtRate(rate));
+    setText("v-room-p50", upTo(room.wait_p50_ms));
+    setText("v-room-p99", upTo(room.wait_p99_ms));
+    setText("v-room-told", fmtInt(room.told_sold_out));
+    setText("v-room-told-max", room.told_sold_out ? fmtMs(room.told_max_ms) + " ms" : "–");
   }
 
   function renderCharts(data) {
