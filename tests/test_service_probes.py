@@ -11,7 +11,6 @@ import socket
 import time
 from typing import Any
 
-from flashsale.streams import dead_letter_key
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from service_support import (
@@ -26,6 +25,7 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
+from flashsale.streams import dead_letter_key
 from inventory._scripts import SCRIPT_NAMES, script_source
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]

@@ -1,6 +1,10 @@
 """Running the service: N processes sharing one port (SO_REUSEPORT), so every core takes
 connections; the parent supervises them (restarts one that dies, stops all on SIGTERM or
-Ctrl-C). uvloop is installed here, in the entry point, and nowhere else."""
+Ctrl-C). uvloop is installed here, in the entry point, and nowhere else.
+
+Each process serves the app through :class:`flashsale.service.transport.ServiceRunner`
+(JSON answers even to requests aiohttp's parser refuses).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +22,10 @@ from dataclasses import replace
 from aiohttp import web
 
 from flashsale.logs import configure
+from flashsale.service.transport import ServiceRunner
 from flashsale.settings import Settings
 
-__all__ = ["serve", "run_one_process"]
+__all__ = ["run_one_process", "serve"]
 
 log = logging.getLogger("flashsale.serve")
 
@@ -44,16 +49,27 @@ def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
     configure(settings.log_level, access_log=settings.access_log)
     fast_loop = install_uvloop()
     log.info("service process starting", extra={"port": settings.port, "uvloop": fast_loop})
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        reuse_port=reuse_port,
+    asyncio.run(_serve_until_stopped(create_app(settings), settings, reuse_port=reuse_port))
+
+
+async def _serve_until_stopped(app: web.Application, settings: Settings, *, reuse_port: bool) -> None:
+    runner = ServiceRunner(
+        app,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        print=None,
-        backlog=4096,
+        keepalive_timeout=75.0,  # web.run_app's default (aiohttp's protocol alone keeps an hour)
         shutdown_timeout=5.0,
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=4096)
+        await site.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def serve(settings: Settings, *, ready_file: str | None = None) -> int:

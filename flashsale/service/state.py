@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flashsale.service.admission import InFlight, RateLimiter, SoldOutCache
+from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SharedLoads, SoldOutCache
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook, SaleSettings
 from flashsale.settings import Settings
@@ -26,10 +26,12 @@ class ServiceState:
     rate: RateLimiter
     in_flight: InFlight
     sold_out: SoldOutCache
+    buyers: BuyerTurns
     pg: Any = None  # asyncpg pool, when a database is configured
     _inventories: dict[str, Inventory] = field(default_factory=dict)
     _bucketed: dict[str, BucketedInventory] = field(default_factory=dict)
     sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    page_loads: SharedLoads[dict[str, Any]] = field(default_factory=SharedLoads)
 
     def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> Inventory:
         """The engine for one sale (one per sale per process, so reservations coalesce)."""
