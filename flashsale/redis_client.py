@@ -10,7 +10,10 @@ A full pool is not the caller's fault: redis-py's asyncio pools raise at once wh
 connection is busy (a burst of payments past the pool's size got 503s while Redis was
 healthy). Given ``wait_s``, a command waits its turn instead, first come first served,
 and only a wait longer than ``wait_s`` fails (``ConnectionError("No connection
-available.")``, as redis-py's ``BlockingConnectionPool`` words it).
+available.")``, as redis-py's ``BlockingConnectionPool`` words it). The turns are an
+``asyncio.Semaphore``: free when a connection is free, so the common case costs what the
+plain pool costs (``BlockingConnectionPool`` takes a lock, a condition and a timer per
+command: measured about a third more client time for 200 GETs at once).
 """
 
 from __future__ import annotations
@@ -18,17 +21,68 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["TurnTakingCluster", "as_text", "connect"]
+__all__ = ["TurnTakingCluster", "TurnTakingPool", "as_text", "connect"]
 
 #: Connections a turn-taking cluster client may open per node beyond its turns: a
 #: pipeline takes one connection per node and no turn.
 PIPELINE_HEADROOM = 64
+
+
+class _Turns:
+    """``turns`` turns, taken in arrival order, waited for at most ``wait_s``."""
+
+    def __init__(self, turns: int, wait_s: float) -> None:
+        self._free = asyncio.Semaphore(turns)
+        self._wait_s = wait_s
+
+    async def take(self) -> None:
+        if not self._free.locked():
+            await self._free.acquire()  # returns at once: no timer on the common path
+            return
+        try:
+            async with asyncio.timeout(self._wait_s):
+                await self._free.acquire()
+        except TimeoutError:
+            raise RedisConnectionError("No connection available.") from None
+
+    def give_back(self) -> None:
+        self._free.release()
+
+
+class TurnTakingPool(ConnectionPool):
+    """One server's connection pool whose callers wait (in arrival order, at most
+    ``wait_s``) for one of its ``max_connections`` instead of failing when all are busy."""
+
+    def __init__(self, *, wait_s: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._turns = _Turns(self.max_connections, wait_s)
+        self._holding: set[Any] = set()  # connections handed out with a turn
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        await self._turns.take()
+        try:
+            connection = await super().get_connection(*args, **kwargs)  # type: ignore[no-untyped-call]
+        except BaseException:
+            # (redis-py releases a connection it failed to set up itself: that one was not
+            # in _holding yet, so its turn is given back here, once.)
+            self._turns.give_back()
+            raise
+        self._holding.add(connection)
+        return connection
+
+    async def release(self, connection: Any) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            if connection in self._holding:
+                self._holding.discard(connection)
+                self._turns.give_back()
 
 
 class TurnTakingCluster(RedisCluster):
@@ -39,19 +93,14 @@ class TurnTakingCluster(RedisCluster):
     def __init__(self, *args: Any, turns: int, wait_s: float, **kwargs: Any) -> None:
         kwargs["max_connections"] = turns + PIPELINE_HEADROOM
         super().__init__(*args, **kwargs)
-        self._turns = asyncio.Semaphore(turns)
-        self._wait_s = wait_s
+        self._turns = _Turns(turns, wait_s)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            async with asyncio.timeout(self._wait_s):
-                await self._turns.acquire()
-        except TimeoutError:
-            raise RedisConnectionError("No connection available.") from None
+        await self._turns.take()
         try:
             return await super().execute_command(*args, **kwargs)
         finally:
-            self._turns.release()
+            self._turns.give_back()
 
 
 def connect(
@@ -98,7 +147,7 @@ def connect(
     if max_connections is not None:
         options["max_connections"] = max_connections
     if queued:
-        pool = BlockingConnectionPool.from_url(url, health_check_interval=30, timeout=wait_s, **options)
+        pool = TurnTakingPool.from_url(url, health_check_interval=30, wait_s=wait_s, **options)
         return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it
     return Redis.from_url(url, health_check_interval=30, **options)
 

@@ -21,7 +21,10 @@ import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from redis_mode import single_server_only
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis_mode import on_cluster, single_server_only
 from service_support import (
     ADMIN,
     TOKEN_SECRET,
@@ -38,6 +41,7 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
+from flashsale.redis_client import connect
 from flashsale.service.fence_guard import GUARD
 from flashsale.service.tokens import mint
 
@@ -94,6 +98,55 @@ async def stored_state(redis: Redis, order_id: str) -> str | None:
 
 
 # ----------------------------------------------------------------- 1. past the pool
+
+
+async def test_a_full_pool_makes_commands_wait_and_gives_every_turn_back(
+    redis_client: Redis, redis_url: str
+) -> None:
+    """Two connections, fifty commands at once, some of them failing: all are answered,
+    round after round (a turn lost would leave the pool short and the waits would run out;
+    a turn given back twice would let a third connection be asked for, which raises)."""
+    redis = connect(redis_url, cluster=on_cluster(), timeout_s=PATIENT, max_connections=2, wait_s=PATIENT)
+    try:
+        await redis_client.set("{surge}:text", "not a number")
+        for _ in range(5):
+            answers = await asyncio.gather(
+                *(redis.incr("{surge}:turns" if i % 5 else "{surge}:text") for i in range(50)),
+                return_exceptions=True,
+            )
+            assert sum(isinstance(a, ResponseError) for a in answers) == 10
+            assert all(isinstance(a, (int, ResponseError)) for a in answers), answers
+        assert int(await redis_client.get("{surge}:turns")) == 200
+    finally:
+        await redis.aclose()
+
+
+async def test_a_wait_for_a_connection_past_its_bound_fails_as_redis_unavailable(
+    redis_client: Redis, redis_url: str
+) -> None:
+    redis = connect(redis_url, cluster=on_cluster(), timeout_s=PATIENT, max_connections=1, wait_s=0.2)
+    try:
+        # A blocking pop holds the one connection (Redis itself stays responsive).
+        blocker = asyncio.ensure_future(redis.blpop(["{surge}:nothing"], timeout=int(PATIENT)))
+        deadline = time.monotonic() + 120
+        while await _blocked_clients(redis_client) < 1:
+            assert time.monotonic() < deadline, "the blocking pop never reached Redis"
+            await asyncio.sleep(0.01)
+        with pytest.raises(RedisConnectionError, match="No connection available"):
+            await redis.get("{surge}:k")
+        await redis_client.lpush("{surge}:nothing", "x")
+        assert list(await blocker) == [b"{surge}:nothing", b"x"]
+        assert await redis.ping()  # the turn came back
+    finally:
+        await redis.aclose()
+
+
+async def _blocked_clients(redis: Any) -> int:
+    if isinstance(redis, RedisCluster):
+        infos = list((await redis.info("clients", target_nodes=RedisCluster.PRIMARIES)).values())
+    else:
+        infos = [await redis.info("clients")]
+    return sum(int(i.get("blocked_clients", 0)) for i in infos)
 
 
 async def test_payments_past_the_redis_pool_wait_their_turn_and_all_pay(
