@@ -50,11 +50,12 @@ def process_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_queue_seconds() -> float | None:
-    """Time this process was ready to run but waited for a core (Linux schedstat), None
-    elsewhere. On a shared machine this is the share of a run lost to the neighbours."""
+def run_queue_seconds(pid: int | None = None) -> float | None:
+    """Time this process (or ``pid``) was ready to run but waited for a core (Linux
+    schedstat), None elsewhere. On a shared machine this is the share of a run lost to the
+    neighbours."""
     try:
-        with open("/proc/self/schedstat", encoding="ascii") as schedstat:
+        with open(f"/proc/{pid or 'self'}/schedstat", encoding="ascii") as schedstat:
             return int(schedstat.read().split()[1]) / 1e9
     except (OSError, IndexError, ValueError):
         return None

@@ -61,6 +61,8 @@ class Figure:
     server_cpu: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
+    #: The slowest answer (the opening burst: the time until the last buyer heard back).
+    max_ms: float | None = None
     claim: Claim | None = None
     stock: int | None = None
     granted: int | None = None
@@ -73,10 +75,40 @@ class Figure:
     ratio_to: str | None = None
     wall_s: float | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: Rounds this figure is the median of (``rounds.combine``); 1 for a single run.
+    rounds: int = 1
+    #: (lowest, highest) over the rounds of each measure that has one: "rate", "ratio",
+    #: "generator_us", "server_us", "max_ms", "p99_ms".
+    spread: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: The busiest round's generator CPU share: a figure is generator-bound when any of its
+    #: rounds was, not only the median one.
+    generator_cpu_max: float | None = None
+    #: Medians of the per-round CPU µs per operation, when combined from rounds; a single
+    #: run derives them from its CPU share and rate (``generator_us_per_op``).
+    generator_us: float | None = None
+    server_us: float | None = None
+    #: Rounds whose own harness judged them invalid (a rehearsal whose Locust process could
+    #: not keep up with its arrivals): their figures describe the generator's trouble.
+    invalid_rounds: int = 0
 
     @property
     def generator_bound(self) -> bool:
-        return self.generator_cpu is not None and self.generator_cpu > GENERATOR_BOUND
+        shares = [s for s in (self.generator_cpu, self.generator_cpu_max) if s is not None]
+        return bool(shares) and max(shares) > GENERATOR_BOUND
+
+    @property
+    def generator_us_per_op(self) -> float | None:
+        """CPU µs the load generator spent per operation (request, reservation, call)."""
+        if self.generator_us is not None:
+            return self.generator_us
+        return _per_op_us(self.generator_cpu, self.rate)
+
+    @property
+    def server_us_per_op(self) -> float | None:
+        """CPU µs the server (Redis, PostgreSQL, the service) spent per operation."""
+        if self.server_us is not None:
+            return self.server_us
+        return _per_op_us(self.server_cpu, self.rate)
 
     @property
     def undersold(self) -> int | None:
@@ -95,9 +127,18 @@ class Figure:
         out["claim"] = None if self.claim is None else self.claim.value
         out["notes"] = list(self.notes)
         out["generator_bound"] = self.generator_bound
+        out["generator_us_per_op"] = self.generator_us_per_op
+        out["server_us_per_op"] = self.server_us_per_op
+        out["spread"] = {k: list(v) for k, v in self.spread.items()}
         out["undersold"] = self.undersold
         out["wrong"] = self.wrong
         return out
+
+
+def _per_op_us(share: float | None, rate: float) -> float | None:
+    if share is None or share != share or rate <= 0:  # NaN: the CPU could not be read
+        return None
+    return share / rate * 1e6
 
 
 def check_claims(figures: Iterable[Figure]) -> list[str]:
@@ -148,12 +189,22 @@ def _oversold(f: Figure) -> str:
     return f"{f.oversold} !"
 
 
+def _us(value: float | None) -> str:
+    if value is None:
+        return ""
+    return f"{value:.1f}" if value < 100 else f"{value:,.0f}"
+
+
 def _ratio(f: Figure) -> str:
     if f.wrong:
         return "wrong, not fast"
     if f.ratio is None:
         return ""
-    return f"{f.ratio:.2f}x {f.ratio_to}"
+    text = f"{f.ratio:.2f}x {f.ratio_to}"
+    low_high = f.spread.get("ratio")
+    if low_high is not None and f.rounds > 1:
+        text += f" [{low_high[0]:.2f}-{low_high[1]:.2f}]"
+    return text
 
 
 def _verdict(f: Figure) -> str:
@@ -168,7 +219,10 @@ def _verdict(f: Figure) -> str:
         parts.append(f"CLAIM BROKEN: oversold {f.oversold}")
     parts.extend(f.notes)
     if f.generator_bound:
-        parts.append("generator-bound")
+        busiest = max(s for s in (f.generator_cpu, f.generator_cpu_max) if s is not None)
+        parts.append(
+            f"generator-bound (busiest round: {busiest:.0%} of a core)" if f.rounds > 1 else "generator-bound"
+        )
     if f.generator_wait is not None and f.generator_wait > STARVED:
         parts.append(f"machine busy: generator waited for a core {f.generator_wait:.0%} of the run")
     return "; ".join(parts)
@@ -181,10 +235,13 @@ _COLUMNS = (
     "rate /s",
     "p50 ms",
     "p99 ms",
+    "max ms",
     "oversold",
     "ratio",
     "gen CPU",
+    "gen µs/op",
     "server CPU",
+    "server µs/op",
     "notes",
 )
 
@@ -199,16 +256,19 @@ def render_table(figures: Sequence[Figure]) -> str:
             _rate(f),
             _ms(f.p50_ms),
             _ms(f.p99_ms),
+            _ms(f.max_ms),
             _oversold(f),
             _ratio(f),
             _share(f.generator_cpu, bound=f.generator_bound),
+            _us(f.generator_us_per_op),
             _share(f.server_cpu),
+            _us(f.server_us_per_op),
             _verdict(f),
         )
         for f in figures
     ]
     widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(_COLUMNS)]
-    right = {2, 3, 4, 5, 6, 8, 9}
+    right = {2, 3, 4, 5, 6, 7, 9, 10, 11, 12}
 
     def line(cells: Sequence[str]) -> str:
         padded = [c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))]

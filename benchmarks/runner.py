@@ -26,7 +26,8 @@ from typing import Any
 
 from flashsale.runtime.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack, ServerError
 
-from . import ceilings, inventory_bench, strategies
+from . import burst_bench, ceilings, generator_bench, inventory_bench, service_bench, strategies
+from .goals import judge, render_goals
 from .machine import describe_machine, load_average
 from .report import GENERATOR_BOUND, Claim, Figure, check_claims, render_table, write_json
 from .servers import Servers, open_servers
@@ -69,10 +70,16 @@ async def _ceilings(servers: Servers, settings: BenchSettings, done: list[Figure
     return ceilings.with_engine_share(await ceilings.measure_ceilings(servers, settings), engine_figure(done))
 
 
-async def _service(servers: Servers, settings: BenchSettings, done: list[Figure]) -> list[Figure]:
-    from . import service_bench
-
+async def _service(servers: Servers, settings: BenchSettings, _done: list[Figure]) -> list[Figure]:
     return await service_bench.measure_service(servers, settings)
+
+
+async def _burst(servers: Servers, settings: BenchSettings, _done: list[Figure]) -> list[Figure]:
+    return await burst_bench.measure_burst(servers, settings)
+
+
+async def _generator(servers: Servers, settings: BenchSettings, _done: list[Figure]) -> list[Figure]:
+    return await generator_bench.measure_generators(servers, settings)
 
 
 BENCHMARKS: tuple[Benchmark, ...] = (
@@ -88,6 +95,16 @@ BENCHMARKS: tuple[Benchmark, ...] = (
         "ceilings", "raw EVALSHA calls/s against the same Redis; the engine as a share of it", _ceilings
     ),
     Benchmark("service", "POST /api/orders beside a trivial aiohttp endpoint, same load generator", _service),
+    Benchmark(
+        "burst",
+        "the opening burst: N buyers on fresh connections order at one instant, service vs trivial endpoint",
+        _burst,
+    ),
+    Benchmark(
+        "generator",
+        "CPU per request of the rehearsal's Locust process vs a plain FastHttpUser, same request rate",
+        _generator,
+    ),
 )
 
 #: Benchmarks that are programs of their own, run as ``python -m benchmarks.<module>``.
@@ -98,8 +115,6 @@ EXTERNAL: dict[str, str] = {
 
 
 def _available(name: str) -> bool:
-    if name == "service":
-        return importlib.util.find_spec("benchmarks.service_bench") is not None
     if name in EXTERNAL:
         return importlib.util.find_spec(f"benchmarks.{EXTERNAL[name]}") is not None
     return True
@@ -168,20 +183,27 @@ _COLUMNS_EXPLAINED = f"""\
 rate /s: units reserved (or calls, requests) per second of wall time; in parentheses when
   the strategy oversold: a wrong answer fast is not a throughput.
 p50/p99 ms: latency of one attempt as its client saw it (closed loop: N clients, one attempt
-  outstanding each, so queueing inside the system is included).
+  outstanding each, so queueing inside the system is included). max ms: the slowest; for
+  the opening burst, the time from the release of all N orders until the last answer.
 oversold: units granted minus units stocked, counted from the clients' answers and checked
   against the store's own counters after the run.
-ratio: this rate over the named reference, both measured in this run.
+ratio: this figure over the named reference, both measured in this run; with rounds, the
+  median of the per-round ratios and [lowest-highest].
 gen CPU: CPU time of the process generating the load over wall time (100% = one core);
   above {GENERATOR_BOUND:.0%} it is SATURATED and the figure is what that process can push,
   not what the server can take. In-process benchmarks run the client library in the
   generator, as a service would: there the generator is the application.
-server CPU: Redis's (INFO cpu) or the embedded PostgreSQL's CPU time over wall time."""
+gen µs/op, server µs/op: CPU time per operation (reservation, request, call) of the
+  generator and of the server: Redis's (INFO cpu), the embedded PostgreSQL's, or the HTTP
+  server process's CPU time, over the operations made.
+server CPU: that CPU time over wall time (100% = one core).
+Figures measured in rounds are medians; their notes give the rounds' lowest and highest."""
 
 
 def _headline(machine: dict[str, Any], settings: BenchSettings) -> str:
     return (
-        f"flashsale benchmarks ({'quick' if settings.quick else 'full'}) on {machine['cpu_model']}, "
+        f"flashsale benchmarks ({'quick' if settings.quick else 'full'}: {settings.rounds} round(s) of "
+        f"{settings.seconds:g} s per figure) on {machine['cpu_model']}, "
         f"{machine['cores']} cores, load average {machine['load_average_at_start']} at start; "
         f"Python {machine['python']} ({machine['event_loop']}), Redis {machine['redis']['version']}, "
         f"PostgreSQL {machine['postgresql']['version']} (fsync={machine['postgresql']['fsync']})\n"
@@ -256,6 +278,9 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
             print(textwrap.indent(e["errors"].rstrip(), "  ! "))
     if skipped:
         print(f"\nnot run (module not there yet): {', '.join(skipped)}")
+    goals = judge(figures)
+    print("\nIssue 15's goals, judged on this run (printed, never asserted):")
+    print(render_goals(goals))
     print("\n" + _COLUMNS_EXPLAINED)
     if problems:
         print("\nPROBLEMS (the run fails):")
@@ -267,7 +292,7 @@ async def _run(selected: list[str], settings: BenchSettings, json_path: Path | N
             machine=machine,
             settings=settings.as_json(),
             figures=figures,
-            extra={"external": externals, "skipped": skipped},
+            extra={"external": externals, "skipped": skipped, "goals": goals},
             problems=problems,
         )
         print(f"\nJSON written to {json_path}")
@@ -315,6 +340,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--callers", type=int, help="concurrent callers in the inventory bench (default 256)")
     parser.add_argument("--seconds", type=float, help="seconds per figure (default 5, quick 1)")
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds of the inventory, service and burst benchmarks; figures are medians (default 5, quick 1)",
+    )
+    parser.add_argument(
+        "--generator-rounds",
+        type=int,
+        help="rounds of the generator comparison, each a whole rehearsal (default 3, quick 1)",
+    )
+    parser.add_argument("--burst-buyers", type=int, help="buyers of the opening burst (default 1000)")
+    parser.add_argument(
+        "--surge-peak-rps",
+        type=float,
+        help="peak arrivals/s of the rehearsal the generator comparison measures (default 400, quick 100)",
+    )
+    parser.add_argument(
+        "--surge-seconds", type=float, help="seconds of arrivals of that rehearsal (default 30, quick 6)"
+    )
+    parser.add_argument(
         "--event-loop",
         choices=("uvloop", "asyncio"),
         default="uvloop",
@@ -351,7 +395,14 @@ def run(args: argparse.Namespace) -> int:
             return 2
     try:
         settings = BenchSettings.from_env(quick=args.quick).with_overrides(
-            clients=args.clients, callers=args.callers, seconds=args.seconds
+            clients=args.clients,
+            callers=args.callers,
+            seconds=args.seconds,
+            rounds=args.rounds,
+            generator_rounds=args.generator_rounds,
+            burst_buyers=args.burst_buyers,
+            surge_peak_rps=args.surge_peak_rps,
+            surge_seconds=args.surge_seconds,
         )
     except ValueError as exc:
         print(f"benchmarks: {exc}", file=sys.stderr)

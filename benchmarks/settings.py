@@ -41,16 +41,45 @@ class BenchSettings:
     probe_s: float = 1.0
     #: Connections of the raw EVALSHA ceiling (redis-benchmark's default is 50).
     ceiling_connections: int = 50
+    #: Rounds of each benchmark that judges a change (inventory, service, burst): the
+    #: figure is the median round, its spread is shown (``benchmarks.rounds``).
+    rounds: int = 5
+    #: Rounds of the generator-cost comparison (each is a whole rehearsal: ~1 minute).
+    generator_rounds: int = 3
+    #: Buyers of the opening burst, each on its own fresh connection.
+    burst_buyers: int = 1000
+    #: The rehearsal whose Locust process the generator comparison measures: peak arrivals
+    #: per second and seconds of arrivals (``flashsale rehearse --peak-rps … --duration …``).
+    surge_peak_rps: float = 400.0
+    surge_seconds: float = 30.0
+
+    def __post_init__(self) -> None:
+        for name, value in asdict(self).items():
+            if not isinstance(value, bool) and value <= 0:
+                raise ValueError(f"{name} must be positive (got {value})")
 
     @classmethod
     def from_env(cls, *, quick: bool = False, environ: Mapping[str, str] | None = None) -> BenchSettings:
         env = os.environ if environ is None else environ
-        base = cls(quick=True, seconds=1.0, probe_s=0.3) if quick else cls()
+        base = (
+            cls(
+                quick=True,
+                seconds=1.0,
+                probe_s=0.3,
+                rounds=1,
+                generator_rounds=1,
+                surge_peak_rps=100.0,
+                surge_seconds=6.0,
+            )
+            if quick
+            else cls()
+        )
         return replace(
             base,
             clients=int(_number(env, "FLASHSALE_BENCH_CLIENTS", base.clients)),
             callers=int(_number(env, "FLASHSALE_BENCH_CALLERS", base.callers)),
             seconds=_number(env, "FLASHSALE_BENCH_SECONDS", base.seconds),
+            rounds=int(_number(env, "FLASHSALE_BENCH_ROUNDS", base.rounds)),
         )
 
     def with_overrides(self, **overrides: Any) -> BenchSettings:

@@ -1,19 +1,39 @@
 """The ``flashsale`` command line: one sub-command per module in ``COMMAND_MODULES``.
 
 Each listed module exposes ``register(subparsers)``, which adds its sub-command(s) and
-sets ``func`` (returning an exit code) on the parser. Modules are imported lazily so
-that ``flashsale --help`` works with only the base install.
+sets ``func`` (returning an exit code) on the parser. Registering imports nothing beyond
+the base install (``redis`` and the standard library), so ``flashsale --help`` and
+``--version`` work without extras; a command imports what it needs when it runs, and a
+missing extra is named (``pip install 'flashsale[service]'``), never a traceback.
+
+Shared here by every wing's commands: :func:`add_store_options` (``--redis-url`` /
+``--database-url``, the same two flags and meanings on every command that talks to the
+stores).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
+import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
 from flashsale import exit_codes
+from flashsale.settings import Settings, SettingsError
+
+__all__ = [
+    "CommandParser",
+    "add_store_options",
+    "both_stores",
+    "build_parser",
+    "extra_providing",
+    "main",
+    "store_overrides",
+]
 
 COMMAND_MODULES: tuple[str, ...] = (
     "flashsale.drills.cli",  # rehearse, capacity, drill
@@ -22,6 +42,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "flashsale.pipeline.cli",  # migrate, worker, audit
     "flashsale.runtime.cli",  # servers
 )
+
+#: Import names that differ from their distribution's name (pyproject's extras list distributions).
+_IMPORT_NAMES = {"hdrhistogram": "hdrh", "prometheus-client": "prometheus_client", "pyjwt": "jwt"}
 
 
 class CommandParser(argparse.ArgumentParser):
@@ -39,6 +62,47 @@ class CommandParser(argparse.ArgumentParser):
         self.exit(exit_codes.USAGE, f"{self.prog}: error: {message}\n")
 
 
+def add_store_options(parser: argparse.ArgumentParser, *, redis: bool = True, database: bool = True) -> None:
+    """``--redis-url`` / ``--database-url``: they win over ``FLASHSALE_REDIS_URL`` /
+    ``FLASHSALE_DATABASE_URL`` (read them with :func:`store_overrides`)."""
+    if redis:
+        parser.add_argument("--redis-url", metavar="URL", help="Redis URL (default: $FLASHSALE_REDIS_URL)")
+    if database:
+        parser.add_argument(
+            "--database-url", metavar="URL", help="PostgreSQL URL (default: $FLASHSALE_DATABASE_URL)"
+        )
+
+
+def store_overrides(args: argparse.Namespace, environ: Mapping[str, str]) -> dict[str, str]:
+    """``FLASHSALE_REDIS_URL`` / ``FLASHSALE_DATABASE_URL`` as the command sees them: the
+    environment with the flags of :func:`add_store_options` laid over it (an empty
+    variable counts as unset)."""
+    env = {k: v for k, v in environ.items() if k.startswith("FLASHSALE_") and v.strip()}
+    for flag, var in (("redis_url", "FLASHSALE_REDIS_URL"), ("database_url", "FLASHSALE_DATABASE_URL")):
+        value = getattr(args, flag, None)
+        if value:
+            env[var] = value
+    return env
+
+
+def both_stores(args: argparse.Namespace, *, why: str) -> Settings:
+    """Settings for a command that reads both stores: the environment with the flags laid
+    over it; SettingsError saying what to set (and ``why``) when either store is not named,
+    or is not a usable URL."""
+    env = store_overrides(args, os.environ)
+    missing = [var for var in ("FLASHSALE_REDIS_URL", "FLASHSALE_DATABASE_URL") if var not in env]
+    if missing:
+        raise SettingsError(f"{why}: set {' and '.join(missing)} (or pass --redis-url and --database-url)")
+    return Settings.from_env(env)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("flashsale")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> CommandParser:
     parser = CommandParser(
         prog="flashsale",
@@ -50,24 +114,38 @@ def build_parser() -> CommandParser:
         ),
         epilog="Start with `flashsale rehearse`; every sub-command has its own --help.",
     )
+    parser.add_argument("--version", action="version", version=f"flashsale {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)
     parser.commands = sub.choices
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:  # an extra is not installed: say which
-            missing = getattr(exc, "name", None) or str(exc)
-            stub = sub.add_parser(name.rsplit(".", 1)[-1], help=f"(unavailable: {missing} not installed)")
-            stub.set_defaults(func=lambda _a, m=missing: _missing(m))
-            continue
-        module.register(sub)
+        importlib.import_module(name).register(sub)
     return parser
 
 
-def _missing(module: str) -> int:
+def extra_providing(module: str) -> str | None:
+    """The extra of this package (``pyproject.toml``'s optional dependencies) that installs
+    ``module``, or None when none lists it (e.g. a dependency of a dependency)."""
+    top = module.split(".")[0]
+    try:
+        requirements = importlib.metadata.requires("flashsale") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for requirement in requirements:
+        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*).*extra\s*==\s*['\"]([\w-]+)['\"]", requirement)
+        if m is None or m[1].lower() == "flashsale":  # the "all" extra lists the others
+            continue
+        distribution = m[1].lower()
+        if _IMPORT_NAMES.get(distribution, distribution.replace("-", "_")) == top:
+            return m[2]
+    return None
+
+
+def _missing(command: str, module: str) -> int:
+    extra = extra_providing(module)
+    install = f"pip install 'flashsale[{extra}]'" if extra else "pip install 'flashsale[all]'"
+    from_extra = f" (the '{extra}' extra)" if extra else ""
     print(
-        f"flashsale: this command needs '{module}', which is not installed.\n"
-        "Install everything with: pip install 'flashsale[all]'",
+        f"flashsale {command}: needs {module}{from_extra}, which is not installed. Install it with: {install}",
         file=sys.stderr,
     )
     return exit_codes.USAGE
@@ -83,7 +161,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0
-    return int(func(args) or 0)
+    try:
+        return int(func(args) or 0)
+    except ModuleNotFoundError as exc:  # an extra is not installed: say which, not a traceback
+        if not exc.name or exc.name.split(".")[0] in ("flashsale", "inventory", "loadtests"):
+            raise  # our own module missing is a bug, not an extra to install
+        return _missing(args.command, exc.name)
 
 
 if __name__ == "__main__":

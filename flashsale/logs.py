@@ -1,5 +1,5 @@
 """Structured logs: one JSON object per line, one line per event (never per request on
-the hot path unless FLASHSALE_ACCESS_LOG=1)."""
+the hot path unless FLASHSALE_ACCESS_LOG=1), with every URL's password blanked out."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import logging
 import os
 import sys
 import time
+
+from flashsale.console import redact
 
 __all__ = ["configure", "JsonFormatter"]
 
@@ -26,7 +28,8 @@ class JsonFormatter(logging.Formatter):
         event.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             event["error"] = self.formatException(record.exc_info)
-        return json.dumps(event, default=str)
+        # A driver's error or a traceback may quote a URL: its password never reaches a log.
+        return redact(json.dumps(event, default=str))
 
 
 def configure(level: str = "INFO", *, access_log: bool = False) -> None:

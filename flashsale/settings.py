@@ -7,10 +7,20 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["Settings", "SettingsError", "ENV_DOC", "parse_env_value"]
+from flashsale.console import redact
+
+__all__ = [
+    "ENV_DOC",
+    "Settings",
+    "SettingsError",
+    "check_database_url",
+    "check_redis_url",
+    "parse_env_value",
+]
 
 
 class SettingsError(ValueError):
@@ -78,6 +88,40 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
         "sale_cache_s",
         "seconds sale settings (opening time, switches) are cached (default 0.5)",
     ),
+    (
+        "FLASHSALE_JWT_SECRET",
+        "jwt_secret",
+        "accept HS256 JWT bearer tokens signed with this secret (beside flashsale's own tokens)",
+    ),
+    (
+        "FLASHSALE_JWT_PUBLIC_KEY",
+        "jwt_public_key",
+        "accept RS256/ES256 JWTs verified with this PEM public key file",
+    ),
+    ("FLASHSALE_JWT_JWKS", "jwt_jwks", "accept RS256/ES256 JWTs verified with this JWKS file (by kid)"),
+    ("FLASHSALE_JWT_ISSUER", "jwt_issuer", "the JWT issuer ('iss') required, when set"),
+    ("FLASHSALE_JWT_AUDIENCE", "jwt_audience", "the JWT audience ('aud') required, when set"),
+    ("FLASHSALE_JWT_USER_CLAIM", "jwt_user_claim", "the JWT claim that holds the user id (default sub)"),
+    (
+        "FLASHSALE_JWT_MEMBER_CLAIM",
+        "jwt_member_claim",
+        "the JWT claim that says the buyer is a member (default member)",
+    ),
+    (
+        "FLASHSALE_JWT_ALGORITHMS",
+        "jwt_algorithms",
+        "JWT algorithms accepted, comma-separated (default HS256 with a secret, RS256,ES256 with a key)",
+    ),
+    (
+        "FLASHSALE_ROOM_POLL_RATE",
+        "room_poll_rate",
+        "waiting-room polls per second per buyer, per process (default 2)",
+    ),
+    (
+        "FLASHSALE_ROOM_POLL_BURST",
+        "room_poll_burst",
+        "burst allowance of the waiting-room poll limit (default 5)",
+    ),
     ("FLASHSALE_LOG_LEVEL", "log_level", "INFO, DEBUG, WARNING… (default INFO)"),
     (
         "FLASHSALE_ACCESS_LOG",
@@ -108,9 +152,23 @@ class Settings:
     sku_cache_s: float = 0.25
     sold_out_cache_s: float = 0.5
     sale_cache_s: float = 0.5
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_jwks: str | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_user_claim: str = "sub"
+    jwt_member_claim: str = "member"
+    jwt_algorithms: str | None = None
+    room_poll_rate: float = 2.0
+    room_poll_burst: int = 5
     log_level: str = "INFO"
     access_log: bool = False
-    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_redis_url(self.redis_url)
+        if self.database_url is not None:
+            check_database_url(self.database_url)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -139,6 +197,40 @@ class Settings:
                 "For a local try-out: export FLASHSALE_TOKEN_SECRET=$(openssl rand -hex 16) "
                 "FLASHSALE_ADMIN_TOKEN=$(openssl rand -hex 16)"
             )
+
+
+def _check_url(url: str, schemes: tuple[str, ...], var: str, example: str) -> None:
+    """One clear line when ``url`` cannot name the store ``var`` names (the driver would
+    raise a traceback instead, several lines down a start-up)."""
+    problem = ""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - a port that is not a number raises here, not in the driver
+    except ValueError as exc:
+        problem = str(exc)
+    else:
+        if parts.scheme.lower() not in schemes:
+            problem = f"it must start with {' or '.join(s + '://' for s in schemes)}"
+    if problem:
+        flag = "--" + var.removeprefix("FLASHSALE_").lower().replace("_", "-")
+        raise SettingsError(
+            f"{var} (or {flag}) {redact(url)!r} is not a usable URL: {problem}; write it as {example}"
+        )
+
+
+def check_redis_url(url: str) -> None:
+    """SettingsError unless ``url`` is a Redis URL redis-py can use."""
+    _check_url(url, ("redis", "rediss", "unix"), "FLASHSALE_REDIS_URL", "redis://HOST:6379/0")
+
+
+def check_database_url(url: str) -> None:
+    """SettingsError unless ``url`` is a PostgreSQL URL (asyncpg takes no other)."""
+    _check_url(
+        url,
+        ("postgresql", "postgres"),
+        "FLASHSALE_DATABASE_URL",
+        "postgresql://USER@HOST:5432/DATABASE",
+    )
 
 
 def parse_env_value(var: str, raw: str, type_name: str) -> Any:

@@ -19,6 +19,7 @@ __all__ = [
     "dead_letter_key",
     "ensure_group",
     "events_key",
+    "oldest_waiting_ms",
     "stream_backlog",
     "stream_drained",
 ]
@@ -84,6 +85,25 @@ async def stream_backlog(redis: Any, key: str, *, count_up_to: int = 0) -> Backl
     if counted < max(count_up_to, 1):
         return Backlog(key, length, pending, counted, True)
     return Backlog(key, length, pending, max(length - pending, counted), False)
+
+
+async def oldest_waiting_ms(redis: Any, key: str) -> int | None:
+    """When the oldest entry of ``key`` not yet committed by the writers' group was added
+    (Redis time, ms: a stream id starts with it) — the first pending one, else the first
+    not yet delivered; None when nothing waits."""
+    try:
+        groups = await redis.xinfo_groups(key)
+    except ResponseError:  # no such stream
+        return None
+    ours = next((g for g in groups if as_text(g["name"]) == GROUP), None)
+    first: Any = None
+    if ours is not None and int(ours["pending"]):
+        first = (await redis.xpending(key, GROUP))["min"]
+    else:
+        start = "-" if ours is None else "(" + as_text(ours["last-delivered-id"])
+        entries = await redis.xrange(key, start, "+", count=1)
+        first = entries[0][0] if entries else None
+    return None if first is None else int(as_text(first).split("-")[0])
 
 
 async def stream_drained(redis: Any, key: str) -> bool:

@@ -10,6 +10,9 @@ validates first, then writes, and appends the change to the sale's event stream.
     hold = await inv.reserve("alice", [Line("phone", 1)], request_id="r-1")
     await inv.confirm(hold.hold_id, user="alice")
 
+Request ids are each buyer's own (``SaleKeys.request_field``): a retry by the same buyer
+replays the first hold; another buyer using the same id gets a hold of their own.
+
 Every change is appended to the sale's event stream as one entry; ``parse_event`` reads
 an entry back (the fields of each type are the contract in ``_events.py``).
 
@@ -38,6 +41,7 @@ from ._errors import (
 )
 from ._events import EVENT_FIELDS, EventError, EventField, OrderEvent, StockEvent, StreamId, parse_event
 from ._keys import SaleKeys
+from ._room import RoomSettings, RoomStatus, TicketRefused, WaitingRoom, replay_shuffle
 from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, StockState
 
 __all__ = [
@@ -64,6 +68,8 @@ __all__ = [
     "OrderEvent",
     "OutcomeUnknown",
     "Refused",
+    "RoomSettings",
+    "RoomStatus",
     "RequestConflict",
     "SaleKeys",
     "SkuExists",
@@ -72,8 +78,11 @@ __all__ = [
     "StockEvent",
     "StockState",
     "StreamId",
+    "TicketRefused",
     "UnknownSku",
+    "WaitingRoom",
     "bucket_sale_id",
     "parent_sale_id",
     "parse_event",
+    "replay_shuffle",
 ]

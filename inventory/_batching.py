@@ -4,8 +4,10 @@ A flash-sale service receives thousands of reservations per second for the same 
 SKUs. One Redis round trip per reservation spends most of its time on the network and
 the client; sending everything that arrived during one loop turn as a single
 ``reserve`` call (the script decides each request on its own, in order) multiplies
-throughput. Each caller still gets its own result, and idempotency is per request id
-inside the script, so coalescing changes nothing about the guarantees.
+throughput. Each caller still gets its own result, and idempotency is per (buyer,
+request id) inside the script, so coalescing changes nothing about the guarantees.
+The engine's idempotency-record lookups (``made_hold``) are coalesced the same way, into
+one HMGET.
 """
 
 from __future__ import annotations

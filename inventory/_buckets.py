@@ -10,20 +10,36 @@ in one place, and a cart is atomic inside the home bucket.
 When the home bucket has run out of a SKU that other buckets still have, the reservation
 **pulls** units from the fullest other bucket into the home bucket and tries again; it is
 refused as sold out only when every bucket is out. So the SKU sells out exactly: no
-oversell (each bucket is atomic) and no unit stranded in a bucket.
+oversell (each bucket is atomic) and no unit stranded in a bucket. (Under a crowd, the
+units a pull brings in may be taken by the home bucket's other buyers before this buyer
+retries; after a bounded number of pulls the refusal is ``SoldOut`` with the units the
+sale still has, never 0 while units remain.)
 
-A pull is a crash-safe transfer in three steps, each idempotent:
+Request ids are per buyer (``SaleKeys.request_field``) and a buyer's records all live in
+the home bucket, so a bucketed sale answers a reused id exactly as a plain sale does.
 
-1. record an *intent* ``<id>`` in the home bucket's ``transfers`` hash (nothing has moved yet);
-2. write the units off in the donor bucket (the ``adjust`` script, operation ``xo-<id>``);
-3. add them in the home bucket (``adjust``, operation ``xi-<id>``), then drop the intent.
+A pull is a crash-safe transfer in three steps, each idempotent, each one script
+(``lua/transfer_*.lua``):
 
-A process that dies between 2 and 3 leaves an intent behind: :meth:`settle_transfers`
-finishes it — the donor's operation record says whether the units left — so no unit is
-lost in transit. ``flashsale worker``'s sweeper calls it every few seconds, and
-``flashsale audit`` reports any intent left unsettled as leaked stock.
-Events carry the moves as ``written_off`` / ``restocked`` in each bucket's stream, so
-PostgreSQL's per-bucket totals stay right.
+1. record an *intent* ``<id>`` in the home bucket's ``transfers`` hash, stamped with that
+   Redis server's clock (nothing has moved yet);
+2. write the units off in the donor bucket (operation ``xo-<id>``);
+3. add them in the home bucket (operation ``xi-<id>``) and drop the intent, together.
+
+A process that dies between 1 and 3 leaves an intent behind: :meth:`settle_transfers`
+finishes it. It asks the donor to decide the transfer for good — "moved" if the units
+left, else it records the transfer *aborted*, so a write-off that arrives late (a process
+paused rather than dead) is refused — and adds the moved units to the receiver. No clock
+of a process takes part: an intent's age is read on the clock that stamped it, and
+settling a live transfer early costs a retry, never a unit. ``flashsale worker``'s
+sweeper calls it every few seconds, and ``flashsale audit`` reports any intent left
+unsettled as leaked stock.
+
+Events carry the moves as ``written_off`` / ``restocked`` in each bucket's stream, each with
+the transfer's id (``transfer``), so PostgreSQL's per-bucket totals stay right and a
+write-off that no bucket received is visible there too (the audit reports it as leaked;
+recovery rebuilds the operation records from it, so a transfer cut by a Redis data loss is
+still finished).
 """
 
 from __future__ import annotations
@@ -32,14 +48,13 @@ import asyncio
 import json
 import re
 import secrets
-import time
 import zlib
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
 from . import _validate as check
-from ._engine import DEFAULT_HOLD_TTL, Inventory
+from ._engine import DEFAULT_HOLD_TTL, Inventory, _text
 from ._errors import InsufficientStock, InvalidRequest, SoldOut
 from ._types import ExpiryBatch, Hold, Line, Snapshot
 
@@ -47,7 +62,8 @@ __all__ = ["BucketedInventory", "bucket_sale_id", "parent_sale_id"]
 
 _BUCKET_SUFFIX = re.compile(r"^(?P<sale>.+)-b(?P<k>\d{1,3})$")
 MAX_BUCKETS = 64
-#: An intent older than this is finished by settle_transfers (younger ones may be in flight).
+#: An intent older than this, by the Redis clock that stamped it, is finished by
+#: settle_transfers (younger ones are most likely still in flight).
 SETTLE_AFTER_S = 10.0
 
 
@@ -174,14 +190,23 @@ class BucketedInventory:
         cart = Inventory.check_reserve(user, lines, request_id)
         home = self.home(user)
         wanted = {line.sku: line.qty for line in cart}
+        short = cart[0].sku
         for _ in range(len(cart) * len(self.buckets) + 1):
             try:
                 return await home.reserve(user, cart, request_id=request_id, hold_ttl=hold_ttl)
             except SoldOut as refusal:
+                short = refusal.sku
                 moved = await self._pull(refusal.sku, wanted[refusal.sku] - refusal.available, into=home)
                 if moved == 0:
                     raise
-        raise SoldOut(cart[0].sku, 0)
+        # Other buyers kept taking what the pulls brought in. The SKU may still have units
+        # in other buckets: say how many, so nobody takes this for "sold out" (available 0)
+        # and refuses the SKU's later buyers from a cache.
+        snap = await self.snapshot(short)
+        raise SoldOut(short, snap.available if snap is not None else 0)
+
+    async def made_hold(self, user: str, request_id: str) -> bool:
+        return await self.home(user).made_hold(user, request_id)
 
     async def confirm(self, hold_id: str, *, user: str | None = None) -> Hold:
         return await self.bucket_of_hold(hold_id).confirm(hold_id, user=user)
@@ -249,46 +274,58 @@ class BucketedInventory:
             # home bucket find units there instead of pulling one at a time.
             units = min(available, max(need, 1, available // 2))
             try:
-                await self.transfer(sku, units, source=donor, target=into)
+                moved = await self.transfer(sku, units, source=donor, target=into)
             except InsufficientStock:
                 continue  # the donor sold them meanwhile: look again
-            return units
+            if moved:
+                return units
+            # Aborted by the settle step while this process was paused: look again.
         return 0
 
-    async def transfer(self, sku: str, units: int, *, source: Inventory, target: Inventory) -> None:
-        """Move ``units`` available units of ``sku`` between two buckets (crash-safe)."""
+    async def transfer(self, sku: str, units: int, *, source: Inventory, target: Inventory) -> bool:
+        """Move ``units`` available units of ``sku`` between two buckets (crash-safe).
+        Returns False if the settle step aborted the transfer before its units left
+        (this process was paused longer than ``SETTLE_AFTER_S``): nothing moved."""
         xfer = secrets.token_hex(8)
-        intent = json.dumps({"from": source.sale, "sku": sku, "units": units, "at": time.time()})
-        await self.redis.hset(target.keys.transfers, xfer, intent)
+        await target._mutate("transfer_begin", [target.keys.transfers], [xfer, source.sale, sku, units], sku)
         try:
-            await source._mutate("adjust", source._stock_keys, [sku, -units, f"xo-{xfer}"], sku)
+            out = await source._mutate("transfer_out", source._stock_keys, [sku, units, xfer, "move"], sku)
         except InsufficientStock:
             await self.redis.hdel(target.keys.transfers, xfer)
             raise
-        await target._mutate("adjust", target._stock_keys, [sku, units, f"xi-{xfer}"], sku)
-        await self.redis.hdel(target.keys.transfers, xfer)
+        if _text(out[1]) != "moved":
+            return False
+        await target._mutate(
+            "transfer_in", [*target._stock_keys, target.keys.transfers], [sku, units, xfer], sku
+        )
+        return True
 
     async def settle_transfers(self, *, older_than_s: float = SETTLE_AFTER_S) -> int:
-        """Finish transfers a crashed process left half done. Returns how many it settled.
-        Cheap when there are none (one small hash per bucket), so the sweeper calls it."""
+        """Finish transfers a crashed process left half done: add the units the donor
+        wrote off to the receiver, or abort the transfer if they never left. Returns how
+        many it settled. Cheap when there are none (one small hash per bucket), so the
+        sweeper calls it."""
         settled = 0
         by_sale = {b.sale: b for b in self.buckets}
         for target in self.buckets:
-            pending = await self.redis.hgetall(target.keys.transfers)
-            for field, raw in pending.items():
-                xfer = field.decode() if isinstance(field, bytes) else field
-                intent = json.loads(raw)
-                if time.time() - float(intent["at"]) < older_than_s:
-                    continue
+            due = await target._mutate(
+                "transfer_due", [target.keys.transfers], [round(older_than_s * 1000)], ""
+            )
+            for field, raw in zip(due[2::2], due[3::2]):
+                xfer, intent = _text(field), json.loads(raw)
                 source = by_sale.get(intent["from"])
-                if source is not None and await self.redis.hexists(source.keys.requests, f"op:xo-{xfer}"):
+                if source is None:
+                    continue  # not a bucket of this sale: left for the audit to report
+                sku, units = intent["sku"], int(intent["units"])
+                out = await source._mutate(
+                    "transfer_out", source._stock_keys, [sku, units, xfer, "abort"], sku
+                )
+                if _text(out[1]) == "moved":
                     await target._mutate(
-                        "adjust",
-                        target._stock_keys,
-                        [intent["sku"], int(intent["units"]), f"xi-{xfer}"],
-                        intent["sku"],
+                        "transfer_in", [*target._stock_keys, target.keys.transfers], [sku, units, xfer], sku
                     )
-                await self.redis.hdel(target.keys.transfers, xfer)
+                else:
+                    await self.redis.hdel(target.keys.transfers, xfer)
                 settled += 1
         return settled
 
@@ -316,8 +353,10 @@ class BucketedInventory:
                 j = surplus[0]
                 units = min(targets[k] - avail[k], avail[j] - targets[j])
                 try:
-                    await self.transfer(sku, units, source=self.buckets[j], target=self.buckets[k])
+                    moved = await self.transfer(sku, units, source=self.buckets[j], target=self.buckets[k])
                 except InsufficientStock:
+                    moved = False
+                if not moved:
                     break  # stock moved under us (sales going on): good enough
                 avail[j] -= units
                 avail[k] += units

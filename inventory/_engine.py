@@ -69,6 +69,7 @@ class Inventory:
         self._close_keys = self.keys.for_hold_close()
         self._stock_keys = self.keys.for_stock_change()
         self._coalescer = Coalescer(self._reserve_call, max_batch=max_batch) if coalesce else None
+        self._lookups = Coalescer(self._lookup_call, max_batch=check.MAX_BATCH) if coalesce else None
 
     # ----------------------------------------------------------------- stocking
     async def stock(
@@ -125,6 +126,8 @@ class Inventory:
         """Hold every line of a cart for ``user``, all or nothing, until the deadline.
 
         Retrying with the same ``request_id`` returns the first hold (``replayed=True``).
+        Request ids are ``user``'s own: another buyer using the same id makes their own
+        hold, and learns nothing about this one.
         Raises a :class:`Refused` (sold out, over the limit), an :class:`InvalidRequest`,
         or :class:`OutcomeUnknown` when Redis did not answer: retry with the same id.
         """
@@ -173,6 +176,21 @@ class Inventory:
     async def _reserve_call(self, argv: list[Any]) -> list[Any]:
         result: list[Any] = await self._scripts["reserve"](keys=self._reserve_keys, args=argv)
         return result
+
+    async def made_hold(self, user: str, request_id: str) -> bool:
+        """Whether ``user``'s ``request_id`` made a hold (so :meth:`reserve` with it would
+        replay that hold, whatever the stock is now). One read, no script: a service that
+        refuses a sold-out SKU without asking the script asks this first, so a retry whose
+        first answer was lost still learns it has a hold. Lookups made in the same
+        event-loop turn travel as one HMGET. Redis errors propagate as they are."""
+        field = SaleKeys.request_field(check.ident(user, "user"), check.ident(request_id, "request_id"))
+        if self._lookups is not None:
+            return bool(await self._lookups.submit([field]))
+        return bool((await self._lookup_call([1, field]))[0])
+
+    async def _lookup_call(self, argv: list[Any]) -> list[Any]:
+        found: list[Any] = await self.redis.hmget(self.keys.requests, argv[1:])
+        return [value is not None for value in found]
 
     async def confirm(self, hold_id: str, *, user: str | None = None) -> Hold:
         """The buyer paid: the hold's units become sold. Idempotent.
@@ -315,5 +333,6 @@ class Inventory:
 
     async def aclose(self) -> None:
         """Wait for reservations already sent. The Redis client stays open (it is yours)."""
-        if self._coalescer is not None:
-            await self._coalescer.drain()
+        for coalescer in (self._coalescer, self._lookups):
+            if coalescer is not None:
+                await coalescer.drain()

@@ -5,24 +5,27 @@ writer, recovery, audit and checker). The fields of every entry type are named h
 nowhere else; each Lua script that appends an entry points here, and a test reads every
 ``XADD`` in ``lua/`` and fails if one writes a field set this table does not list.
 
-Every entry has a ``type``; its other fields, all written by the script (none optional
-today — an optional field would be marked so in :data:`EVENT_FIELDS`):
+Every entry has a ``type``; its other fields are written by the script. One is optional
+(``required=False`` in :data:`EVENT_FIELDS`): ``transfer``, present only when a bucket
+transfer moved the units (``_buckets.py``); an operator's restock or write-off has none.
 
-======================  ==========================================  ====================
+======================  ==========================================  ==========================
 type                    fields besides ``type``                      written by
-======================  ==========================================  ====================
+======================  ==========================================  ==========================
 ``reserved``            order, user, lines, request, deadline, at   reserve.lua
 ``confirmed``           order, user, lines, request, deadline, at   confirm.lua
 ``released``            order, user, lines, request, deadline, at   release.lua
 ``expired``             order, user, lines, request, deadline, at   expire, confirm, release
 ``stocked``             sku, total, reserve, limit, low, at         stock.lua
-``restocked``           sku, delta, at                              adjust.lua (delta > 0)
-``written_off``         sku, delta, at                              adjust.lua (delta < 0)
+``restocked``           sku, delta, at, transfer                    adjust (delta > 0), transfer_in
+``written_off``         sku, delta, at, transfer                    adjust (delta < 0), transfer_out
 ``reserve_released``    sku, units, at                              release_reserve.lua
-======================  ==========================================  ====================
+======================  ==========================================  ==========================
 
 (The four hold-closing types are written by ``includes/hold_close.lua``.) What each field
-means is in :data:`EVENT_FIELDS`. Values are text: ids as given, numbers in decimal
+means is in :data:`EVENT_FIELDS`. A transfer's two entries, the donor's ``written_off`` and
+the receiver's ``restocked``, carry the same ``transfer`` id: units written off under an id
+that no bucket received are units lost in transit, whatever became of Redis's records. Values are text: ids as given, numbers in decimal
 (``-?[0-9]+``), times in ms of the Redis server's clock, ``lines`` as
 ``<sku>:<qty>,<sku>:<qty>…`` (each SKU once, qty ≥ 1).
 
@@ -92,6 +95,12 @@ _HOLD = (
     _AT,
 )
 _SKU = EventField("sku", "the SKU whose stock changed")
+_TRANSFER = EventField(
+    "transfer",
+    "the bucket transfer that moved these units (the same id in the donor's written_off and the "
+    "receiver's restocked); absent when an operator changed the stock",
+    required=False,
+)
 
 
 def _table(rows: dict[str, tuple[EventField, ...]]) -> Mapping[str, Mapping[str, EventField]]:
@@ -113,11 +122,17 @@ EVENT_FIELDS: Mapping[str, Mapping[str, EventField]] = _table(
             _number("low", "the low-stock line (available at or below it shows 'low')", low=0),
             _AT,
         ),
-        "restocked": (_SKU, _number("delta", "units added: total and available grow by it", low=1), _AT),
+        "restocked": (
+            _SKU,
+            _number("delta", "units added: total and available grow by it", low=1),
+            _AT,
+            _TRANSFER,
+        ),
         "written_off": (
             _SKU,
             _number("delta", "minus the units written off: total and available move by it", high=-1),
             _AT,
+            _TRANSFER,
         ),
         "reserve_released": (
             _SKU,
@@ -173,6 +188,8 @@ class StockEvent:
     low_stock_line: int | None = None
     delta: int | None = None
     units: int | None = None
+    #: The bucket transfer that moved the units (``restocked`` / ``written_off`` only).
+    transfer: str | None = None
 
 
 _WHOLE = re.compile(r"-?[0-9]+")
@@ -255,6 +272,7 @@ def parse_event(fields: EntryFields) -> OrderEvent | StockEvent:
         low_stock_line=numbers.get("low"),
         delta=numbers.get("delta"),
         units=numbers.get("units"),
+        transfer=values.get("transfer"),
     )
 
 

@@ -12,9 +12,11 @@ key                                type    holds
                                            limit|low`` counters of every SKU of the sale
 ``{fs:<sale>}:holds``              hash    hold id -> JSON hold record (user, lines,
                                            state, deadline, created, request id)
-``{fs:<sale>}:requests``           hash    request id -> JSON {hold id, fingerprint}:
-                                           the idempotency record; ``op:<id>`` -> what a
-                                           stock change did (so a re-sent one is a no-op)
+``{fs:<sale>}:requests``           hash    ``r:<user>:<request id>`` -> JSON {hold id,
+                                           fingerprint}: a buyer's idempotency record
+                                           (:meth:`SaleKeys.request_field`); ``op:<id>`` ->
+                                           what a stock change did (so a re-sent one is a
+                                           no-op)
 ``{fs:<sale>}:users``              hash    ``<user>:<sku>`` -> units held or bought
 ``{fs:<sale>}:deadlines``          zset    open hold ids scored by deadline (ms)
 ``{fs:<sale>}:events``             stream  one entry per state change, appended by the
@@ -22,6 +24,12 @@ key                                type    holds
                                            see ``_events.py``)
 ``{fs:<sale>}:transfers``          hash    transfer id -> JSON intent, while units move
                                            between a bucketed sale's buckets
+``{fs:<sale>}:room``               hash    the waiting room's settings and counters
+                                           (``_room.py``)
+``{fs:<sale>}:room:pre``           list    buyers who joined before T0, in arrival order
+``{fs:<sale>}:room:queue``         zset    waiting buyers scored by queue position
+``{fs:<sale>}:room:buyers``        hash    buyer -> JSON room record
+``{fs:<sale>}:room:tickets``       zset    admitted buyers scored by ticket expiry (ms)
 =================================  ======  =============================================
 """
 
@@ -72,6 +80,24 @@ class SaleKeys:
         """Bucket transfers in progress into this bucket (see ``_buckets.py``)."""
         return self.tag + ":transfers"
 
+    @staticmethod
+    def request_field(user: str, request_id: str) -> str:
+        """The field of :attr:`requests` holding ``user``'s record of ``request_id``.
+
+        Request ids are scoped per buyer: one buyer's id never answers, blocks or reveals
+        another buyer's. Neither part may contain ':' (ids are checked), so the field is
+        unambiguous and never one of the ``op:`` records of stock changes."""
+        return "r:" + user + ":" + request_id
+
+    @property
+    def room(self) -> str:
+        """The sale's waiting room (see ``_room.py``); its other keys start with this."""
+        return self.tag + ":room"
+
+    def for_room(self) -> list[str]:
+        r = self.room
+        return [r, r + ":pre", r + ":queue", r + ":buyers", r + ":tickets", self.stock]
+
     def all(self) -> tuple[str, ...]:
         """Every key of the sale (for dumps, audits and deleting a finished sale)."""
         return (
@@ -82,6 +108,7 @@ class SaleKeys:
             self.deadlines,
             self.events,
             self.transfers,
+            *self.for_room()[:5],
         )
 
     def for_reserve(self) -> list[str]:

@@ -10,9 +10,23 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-__all__ = ["SCRIPT_NAMES", "script_source", "register_all"]
+__all__ = ["ROOM_SCRIPT_NAMES", "SCRIPT_NAMES", "register_all", "register_room", "script_source"]
 
-SCRIPT_NAMES = ("reserve", "confirm", "release", "expire", "stock", "adjust", "release_reserve")
+SCRIPT_NAMES = (
+    "reserve",
+    "confirm",
+    "release",
+    "expire",
+    "stock",
+    "adjust",
+    "release_reserve",
+    "transfer_begin",
+    "transfer_out",
+    "transfer_in",
+    "transfer_due",
+)
+#: The waiting room's scripts (``_room.py``): registered by a WaitingRoom, not an Inventory.
+ROOM_SCRIPT_NAMES = ("room_configure", "room_join", "room_poll", "room_use")
 _INCLUDE = re.compile(r"^-- @include (\w+)\s*$", re.MULTILINE)
 
 
@@ -23,7 +37,7 @@ def _read(path: str) -> str:
 @cache
 def script_source(name: str) -> str:
     """The full text of a script, includes inlined."""
-    if name not in SCRIPT_NAMES:
+    if name not in SCRIPT_NAMES and name not in ROOM_SCRIPT_NAMES:
         raise KeyError(name)
     return _INCLUDE.sub(lambda m: _read(f"includes/{m.group(1)}.lua"), _read(f"{name}.lua"))
 
@@ -31,3 +45,8 @@ def script_source(name: str) -> str:
 def register_all(redis: Any) -> dict[str, Any]:
     """Register every script on a client; returns name -> callable Script object."""
     return {name: redis.register_script(script_source(name)) for name in SCRIPT_NAMES}
+
+
+def register_room(redis: Any) -> dict[str, Any]:
+    """Register the waiting room's scripts on a client."""
+    return {name: redis.register_script(script_source(name)) for name in ROOM_SCRIPT_NAMES}

@@ -1,5 +1,6 @@
-"""The operator's side of a drill, over HTTP (docs/http-api.md, "Operators"): mint buyer
-tokens, create and steer the drill's sale, poll live stats, ask for the audit.
+"""flashsale's operator API as its drill uses it, over HTTP (docs/http-api.md, "Operators"):
+mint buyer tokens, create and steer the drill's sale, poll live stats (``parse_stats``),
+ask for the audit.
 
 Plain ``urllib`` so it works in a Locust process (gevent-patched sockets) and in a plain
 Python process (the oracle run on its own) alike.
@@ -11,11 +12,13 @@ import json
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["AdminClient", "AdminError", "admin_token_from_env", "parse_tokens"]
+from loadtests.recording import ServiceSample
+
+__all__ = ["AdminClient", "AdminError", "admin_token_from_env", "parse_stats", "parse_tokens"]
 
 
 class AdminError(RuntimeError):
@@ -135,3 +138,59 @@ class AdminClient:
             {"acknowledged": list(acknowledged), "wait_s": wait_s},
             timeout_s=wait_s + self.timeout_s,
         )
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _sku_counters(raw_skus: Any) -> dict[str, dict[str, int]]:
+    items: Iterable[tuple[str, Any]]
+    if isinstance(raw_skus, Mapping):
+        items = raw_skus.items()
+    else:
+        items = ((str(s.get("sku")), s) for s in raw_skus or [] if isinstance(s, Mapping))
+    out: dict[str, dict[str, int]] = {}
+    for sku, counters in items:
+        if isinstance(counters, Mapping):
+            out[sku] = {
+                k: v
+                for k, v in (
+                    (k, _int(counters.get(k))) for k in ("total", "available", "held", "sold", "reserve")
+                )
+                if v is not None
+            }
+    return out
+
+
+def parse_stats(body: Mapping[str, Any], t: float, sale: str | None = None) -> ServiceSample:
+    """Per-SKU stock, the order stream's backlog and the writer's progress from a stats body.
+
+    The service's form is ``{"sales": {sale: {"skus": {...}, "backlog": n}}, "writer":
+    {"orders_total": n, "rows_total": n, …}}``; with ``sale`` only that sale is read. A flat
+    ``{"skus", "backlog"}`` is read too. Whatever is missing stays ``None`` (the report
+    says "not reported").
+    """
+    skus: dict[str, dict[str, int]] = {}
+    backlog: int | None = None
+    sales = body.get("sales")
+    if isinstance(sales, Mapping):
+        for name, entry in sales.items():
+            if (sale is not None and name != sale) or not isinstance(entry, Mapping):
+                continue
+            skus.update(_sku_counters(entry.get("skus")))
+            if (b := _int(entry.get("backlog"))) is not None:
+                backlog = (backlog or 0) + b
+    else:
+        skus = _sku_counters(body.get("skus"))
+        backlog = _int(body.get("backlog"))
+    written = None
+    writer = body.get("writer")
+    if isinstance(writer, Mapping):
+        for key in ("orders_total", "written", "rows_total"):
+            if (written := _int(writer.get(key))) is not None:
+                break
+    return ServiceSample(t, skus, backlog, written)

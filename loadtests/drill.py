@@ -1,4 +1,4 @@
-"""The drill's sale: what is stocked, when it opens, and what happens to it mid-surge.
+"""flashsale's drill sale: what is stocked, when it opens, and what happens to it mid-surge.
 
 A default drill sale sized from the shape, so that every run shows the same story
 whatever ``--peak-rps`` is:
@@ -18,10 +18,11 @@ It opens at the shape's T0 on the wall clock (``opens_at`` = the rendezvous inst
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from loadtests.personas import Behaviour, Catalogue, CatalogueItem, PersonaWeights
+from loadtests.personas import DEFAULT_WEIGHTS, PERSONAS, Behaviour, Catalogue, CatalogueItem
 from loadtests.shapes import Shape
 
 __all__ = ["DrillSale", "default_sale", "sale_from_settings"]
@@ -39,9 +40,14 @@ class DrillSale:
     release_reserve_at_s: float | None = None
 
 
-def expected_orders(shape: Shape, weights: PersonaWeights, behaviour: Behaviour) -> float:
+def _weights(weights: Mapping[str, float] | None) -> dict[str, float]:
+    given = DEFAULT_WEIGHTS if weights is None else weights
+    return {p: float(given.get(p, 0.0)) for p in PERSONAS}
+
+
+def expected_orders(shape: Shape, weights: Mapping[str, float] | None, behaviour: Behaviour) -> float:
     """Roughly how many order requests a drill of ``shape`` sends (for sizing stock)."""
-    w = weights.as_dict()
+    w = _weights(weights)
     orders_per_visit = {
         "browser": 0.0,
         "buyer": 1.0,
@@ -49,7 +55,7 @@ def expected_orders(shape: Shape, weights: PersonaWeights, behaviour: Behaviour)
         "bot": float(behaviour.bot_burst),
         "retry_storm": 1.2,
     }
-    mean_all = sum(w[p] * orders_per_visit[p] for p in w) / sum(w.values())
+    mean_all = sum(w[p] * orders_per_visit[p] for p in w) / max(sum(w.values()), 1e-9)
     buying = {p: v for p, v in w.items() if p != "browser"}
     mean_rendezvous = (
         (sum(buying[p] * orders_per_visit[p] for p in buying) / sum(buying.values()))
@@ -66,17 +72,16 @@ def default_sale(
     shape: Shape,
     run_id: str,
     *,
-    weights: PersonaWeights | None = None,
+    weights: Mapping[str, float] | None = None,
     behaviour: Behaviour | None = None,
     start_epoch: float,
     hold_ttl_s: float | None = None,
 ) -> DrillSale:
-    weights = weights or PersonaWeights()
     behaviour = behaviour or Behaviour()
     orders = expected_orders(shape, weights, behaviour)
     time_scale = float(shape.params.get("time_scale", 1.0))
     ttl = hold_ttl_s if hold_ttl_s is not None else 10.0 * time_scale
-    w = weights.as_dict()
+    w = _weights(weights)
     bot_share = (
         w["bot"]
         * behaviour.bot_burst

@@ -1,23 +1,24 @@
-"""The oracle: after a drill, did anything get oversold, lost, duplicated or leaked?
+"""flashsale's oracle: its audit, read as the kit's ``Truth`` of the backend.
 
-It works over HTTP only. From the merged request log it takes every order the clients saw
-acknowledged (a 2xx with an order id), waits until every unpaid hold has lapsed, then asks
-the service for its audit (``POST /api/admin/audit`` with those order ids; the service
-drains its queue into PostgreSQL first and compares Redis with PostgreSQL). The verdict
-holds when:
+It works over HTTP only. From the history it takes every order the clients saw
+acknowledged (an ``ok`` order operation), waits until every unpaid hold has lapsed, then
+asks the service for its audit (``POST /api/admin/audit`` with those order ids; the service
+drains its queue into PostgreSQL first and compares Redis with PostgreSQL). The audit
+becomes a ``Truth`` (``truth_from_audit``): stocked and sold (sold + held) per SKU, and one
+named check per violation kind it counts (``VIOLATION_KINDS``) — **oversold**; **lost** (an
+acknowledged order missing in PostgreSQL or Redis); **duplicate**; conflict; phantom;
+**limit_breach**; **leaked**; stock_mismatch; dead_letter — plus:
 
-- every violation kind the audit counts is 0 (``VIOLATION_KINDS``): **oversold**; **lost**
-  (an acknowledged order missing in PostgreSQL or Redis); **duplicate** (also from the
-  clients' side: no request id was ever answered with two different order ids — a retry
-  must replay, not buy again); conflict; phantom; **limit_breach**; **leaked**;
-  stock_mismatch; dead_letter; **not_drained** (the queue drained within the wait);
 - **conservation**: sold + available + reserve pool + held == stocked, per SKU;
 - **holds lapsed**: no unit is still held once every unpaid hold's TTL has passed.
 
-With a sale name, only that sale's violations count (the audit covers every sale).
+The kit judges it (``loadtests.verdict``): oversold also from the stock figures, duplicate
+also from the clients' side (no request id answered with two order ids). An audit whose
+queue did not drain (``not_drained``) makes the run invalid, not "lost": lost, conflict and
+stock_mismatch are then not judged (PostgreSQL is behind, not wrong).
 
-``verdict_from_audit`` is the pure part (tests feed it canned audits); ``run_oracle``
-does the waiting and the HTTP call. ``python -m loadtests.oracle`` runs it on its own.
+With a sale name, only that sale's violations count (the audit covers every sale).
+``python -m loadtests.oracle`` judges a finished run again from its history.
 """
 
 from __future__ import annotations
@@ -28,24 +29,23 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from loadtests import exit_codes
 from loadtests.admin import AdminClient, AdminError, admin_token_from_env
+from loadtests.history import Operation, read_history, summarize_history
+from loadtests.verdict import Check, Truth, Verdict, format_verdict, judge
 
 __all__ = [
     "VIOLATION_KINDS",
     "AuditView",
-    "Check",
-    "RequestLogSummary",
-    "Verdict",
-    "format_verdict",
-    "merge_request_logs",
+    "Payments",
     "read_audit",
-    "read_request_log",
+    "read_payments",
     "run_oracle",
+    "truth_from_audit",
     "verdict_from_audit",
 ]
 
@@ -62,120 +62,33 @@ VIOLATION_KINDS = (
     "dead_letter",
     "not_drained",
 )
+#: Kinds a queue not yet drained into PostgreSQL can cause: not judged until it drains.
+NEED_DRAIN = frozenset({"lost", "conflict", "stock_mismatch"})
 #: Plural spellings some audits use for the same kinds.
 _ALIASES = {"duplicates": "duplicate", "limit_breaches": "limit_breach", "conflicts": "conflict"}
+#: The drill's order operation (``loadtests.personas``).
+ORDER_OPERATIONS = ("order",)
 
 
 @dataclass(frozen=True)
-class RequestLogSummary:
-    """What the clients saw, from the request log of every process."""
+class Payments:
+    """Payments seen in the history: what was paid, and the last unpaid hold's pay-by."""
 
-    acknowledged: tuple[str, ...]
-    attempts: int
-    ok: int
-    failed: int
-    unknown: int
-    replays: int
     paid: tuple[str, ...]
-    #: Request ids answered with more than one order id: a client-visible duplicate.
-    rid_conflicts: dict[str, list[str]]
     #: The latest pay-by instant (epoch ms) of an acknowledged order not seen paid.
     last_unpaid_pay_by_ms: int | None
-    failed_by_code: dict[str, int] = field(default_factory=dict)
 
 
-def _lines(paths: Iterable[Path]) -> Iterable[dict[str, Any]]:
-    for path in paths:
-        with open(path, encoding="utf-8") as f:
-            for raw in f:
-                raw = raw.strip()
-                if raw:
-                    yield json.loads(raw)
-
-
-def merge_request_logs(paths: Iterable[Path], out: Path) -> int:
-    """Concatenate per-process request logs (e.g. copied from several machines) into one."""
-    n = 0
-    with open(out, "w", encoding="utf-8") as f:
-        for line in _lines(paths):
-            f.write(json.dumps(line, separators=(",", ":")) + "\n")
-            n += 1
-    return n
-
-
-def read_request_log(paths: Iterable[Path]) -> RequestLogSummary:
-    acked: dict[str, None] = {}
-    by_rid: dict[str, set[str]] = defaultdict(set)
+def read_payments(operations: Iterable[Operation]) -> Payments:
     paid: set[str] = set()
     pay_by: dict[str, int] = {}
-    failed_by_code: dict[str, int] = defaultdict(int)
-    attempts = ok = failed = unknown = replays = 0
-    for line in _lines(paths):
-        if line.get("kind") == "pay":
-            if line.get("outcome") == "paid":
-                paid.add(str(line["order_id"]))
-            continue
-        if line.get("kind") != "order":
-            continue
-        attempts += 1
-        outcome = line.get("outcome")
-        if outcome == "ok" and line.get("order_id"):
-            ok += 1
-            oid = str(line["order_id"])
-            acked[oid] = None
-            by_rid[str(line.get("rid"))].add(oid)
-            replays += bool(line.get("replayed"))
-            if line.get("pay_by_ms") is not None:
-                pay_by[oid] = max(pay_by.get(oid, 0), int(line["pay_by_ms"]))
-        elif outcome == "failed":
-            failed += 1
-            failed_by_code[f"{line.get('status')}:{line.get('code') or '-'}"] += 1
-        else:
-            unknown += 1
+    for o in operations:
+        if o.f == "pay" and o.type == "ok" and o.value.get("paid_order"):
+            paid.add(str(o.value["paid_order"]))
+        elif o.f in ORDER_OPERATIONS and o.type == "ok" and o.order and o.value.get("pay_by_ms") is not None:
+            pay_by[o.order] = max(pay_by.get(o.order, 0), int(o.value["pay_by_ms"]))
     unpaid = [ms for oid, ms in pay_by.items() if oid not in paid]
-    return RequestLogSummary(
-        acknowledged=tuple(acked),
-        attempts=attempts,
-        ok=ok,
-        failed=failed,
-        unknown=unknown,
-        replays=replays,
-        paid=tuple(sorted(paid)),
-        rid_conflicts={rid: sorted(ids) for rid, ids in by_rid.items() if len(ids) > 1},
-        last_unpaid_pay_by_ms=max(unpaid) if unpaid else None,
-        failed_by_code=dict(failed_by_code),
-    )
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    observed: Any
-    detail: str = ""
-
-
-@dataclass(frozen=True)
-class Verdict:
-    checks: tuple[Check, ...]
-    audit: dict[str, Any]
-    log: dict[str, Any]
-
-    @property
-    def invariants_held(self) -> bool:
-        return all(c.passed for c in self.checks)
-
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.passed]
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "invariants_held": self.invariants_held,
-            "checks": [asdict(c) for c in self.checks],
-            "audit": self.audit,
-            "log": self.log,
-        }
+    return Payments(tuple(sorted(paid)), max(unpaid) if unpaid else None)
 
 
 def _examples(items: list[Any], n: int = 5) -> str:
@@ -236,32 +149,24 @@ def read_audit(audit: Mapping[str, Any], sale: str | None = None) -> AuditView:
     )
 
 
-def verdict_from_audit(
-    audit: Mapping[str, Any], log: RequestLogSummary, *, sale: str | None = None
-) -> Verdict:
-    """Judge a finished drill from the service's audit and the clients' request log."""
+def truth_from_audit(audit: Mapping[str, Any], *, sale: str | None = None, paid: int | None = None) -> Truth:
+    """The audit as a ``Truth``: stock figures per SKU and a named check per violation kind."""
     view = read_audit(audit, sale)
     checks: list[Check] = []
     for kind in view.violations:
+        if kind == "not_drained":
+            continue  # not a violation: the run's truth is incomplete (below)
         found = list(view.violations[kind])
         count = view.counts.get(kind, len(found))
-        if kind == "duplicate" and log.rid_conflicts:
-            conflicts = [
-                {"request_id": rid, "order_ids": ids, "seen_by": "clients"}
-                for rid, ids in log.rid_conflicts.items()
-            ]
-            found += conflicts
-            count += len(conflicts)
-        checks.append(Check(kind, count == 0, count, _examples(found) if count else ""))
-
+        checks.append(Check(kind, count == 0, count, _examples(found) if count else "", kind in NEED_DRAIN))
     broken: list[str] = []
     held: list[str] = []
-    for sku, parts in view.skus.items():
-        total = parts.pop("total")
-        if sum(parts.values()) != total or any(v < 0 for v in parts.values()):
+    for sku, c in view.skus.items():
+        parts = {k: c[k] for k in ("sold", "available", "reserve", "held")}
+        if sum(parts.values()) != c["total"] or any(v < 0 for v in parts.values()):
             broken.append(
                 f"{sku}: sold {parts['sold']} + available {parts['available']} + reserve "
-                f"{parts['reserve']} + held {parts['held']} != stocked {total}"
+                f"{parts['reserve']} + held {parts['held']} != stocked {c['total']}"
             )
         if parts["held"]:
             held.append(f"{sku}: {parts['held']} units still held")
@@ -274,40 +179,48 @@ def verdict_from_audit(
         )
     )
     checks.append(Check("holds_lapsed", not held, len(held), "; ".join(held)))
-    if view.drained is False and not view.counts.get("not_drained"):
-        checks.append(
-            Check(
-                "drained",
-                False,
-                False,
-                "the order queue did not drain into PostgreSQL within the audit's wait",
-            )
-        )
-    if not view.ok and all(c.passed for c in checks) and sale is None:
+    undrained = view.counts.get("not_drained", 0)
+    drained = view.drained is not False and not undrained
+    if not view.ok and drained and all(c.passed for c in checks) and sale is None:
         checks.append(
             Check("audit_ok", False, False, "the audit reported ok=false without naming a violation")
         )
-    log_view = {
-        "acknowledged": len(log.acknowledged),
-        "attempts": log.attempts,
-        "ok": log.ok,
-        "failed": log.failed,
-        "unknown": log.unknown,
-        "replays": log.replays,
-        "paid": len(log.paid),
-        "failed_by_code": log.failed_by_code,
-    }
-    return Verdict(
-        tuple(checks),
-        {k: audit[k] for k in audit if k != "violations"}
-        | {"violations_listed": sum(len(v) for v in view.violations.values())},
-        log_view,
+    drain = audit.get("drain")
+    outstanding = drain.get("outstanding") if isinstance(drain, Mapping) else None
+    detail = ""
+    if not drained:
+        detail = (
+            "the order queue did not drain into PostgreSQL within the audit's wait"
+            + (f": {json.dumps(outstanding)} entries outstanding" if outstanding else "")
+            + " — is `flashsale worker` running?"
+        )
+    return Truth(
+        stocked={sku: c["total"] for sku, c in view.skus.items()},
+        sold={sku: c["sold"] + c["held"] for sku, c in view.skus.items()},
+        recorded=None,  # the audit checks acknowledged orders itself: its "lost" check
+        checks=tuple(checks),
+        drained=drained,
+        drain_detail=detail,
+        figures={} if paid is None else {"paid": paid},
+        evidence={
+            "audit": {k: audit[k] for k in audit if k != "violations"}
+            | {"violations_listed": sum(len(v) for v in view.violations.values())}
+        },
     )
+
+
+def verdict_from_audit(
+    audit: Mapping[str, Any], operations: Iterable[Operation], *, sale: str | None = None
+) -> Verdict:
+    """Judge a finished drill from the service's audit and the clients' history."""
+    ops = list(operations)
+    told = summarize_history(ops, ORDER_OPERATIONS)
+    return judge(truth_from_audit(audit, sale=sale, paid=len(read_payments(ops).paid)), told)
 
 
 def run_oracle(
     admin: AdminClient,
-    request_logs: Iterable[Path],
+    history: Iterable[Path],
     *,
     wait_s: float = 60.0,
     lapse_grace_s: float = 2.0,
@@ -316,23 +229,25 @@ def run_oracle(
     sleep: Callable[[float], None] = time.sleep,
     progress: Callable[[str], None] = lambda _m: None,
     sale: str | None = None,
-) -> Verdict:
-    """Wait for holds to lapse, ask for the audit, judge. Raises ``AdminError`` if the
-    service cannot be asked (the caller reports the run as not judged)."""
-    log = read_request_log(list(request_logs))
+) -> Truth:
+    """Wait for holds to lapse, ask for the audit, read it as a Truth. Raises ``AdminError``
+    if the service cannot be asked (the caller reports the run as not judged)."""
+    ops = list(read_history(history))
+    told = summarize_history(ops, ORDER_OPERATIONS)
+    payments = read_payments(ops)
     deadline = clock() + max_lapse_wait_s
-    if log.last_unpaid_pay_by_ms is not None:
-        lapse_at = log.last_unpaid_pay_by_ms / 1000.0 + lapse_grace_s
+    if payments.last_unpaid_pay_by_ms is not None:
+        lapse_at = payments.last_unpaid_pay_by_ms / 1000.0 + lapse_grace_s
         if lapse_at > clock():
             progress(f"waiting {lapse_at - clock():.0f}s for the last unpaid hold to lapse")
             sleep(max(min(lapse_at, deadline) - clock(), 0.0))
-    progress(f"auditing {len(log.acknowledged)} acknowledged orders (drain wait up to {wait_s:.0f}s)")
-    audit = audit_in_chunks(admin, log.acknowledged, wait_s)
+    progress(f"auditing {len(told.acknowledged)} acknowledged orders (drain wait up to {wait_s:.0f}s)")
+    audit = audit_in_chunks(admin, told.acknowledged, wait_s)
     # A hold past its TTL may need the service's sweeper to come round: look again briefly.
     while any(c["held"] for c in read_audit(audit, sale).skus.values()) and clock() < deadline:
         sleep(2.0)
-        audit = audit_in_chunks(admin, log.acknowledged, wait_s)
-    return verdict_from_audit(audit, log, sale=sale)
+        audit = audit_in_chunks(admin, told.acknowledged, wait_s)
+    return truth_from_audit(audit, sale=sale, paid=len(payments.paid))
 
 
 #: Order ids per audit call: keeps each body well under the service's 16 KiB request limit.
@@ -374,25 +289,16 @@ def audit_in_chunks(admin: AdminClient, acknowledged: Sequence[str], wait_s: flo
     return merged
 
 
-def format_verdict(verdict: Verdict) -> str:
-    rows = [f"{'check':<16} {'result':<6} observed", "-" * 48]
-    for c in verdict.checks:
-        rows.append(
-            f"{c.name:<16} {'ok' if c.passed else 'FAIL':<6} {c.observed}"
-            + (f"  {c.detail}" if c.detail else "")
-        )
-    return "\n".join(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m loadtests.oracle",
-        description="Judge a finished drill: wait for holds to lapse, ask the service's audit about every "
-        "acknowledged order in the request logs, and check nothing was oversold, lost, duplicated or leaked. "
-        f"Exit {exit_codes.OK} if the invariants held, {exit_codes.INVARIANT_VIOLATED} if not.",
+        description="Judge a finished drill again: wait for holds to lapse, ask the service's audit about every "
+        "acknowledged order in the history, and check nothing was oversold, lost, duplicated or leaked. "
+        f"Exit {exit_codes.OK} if the invariants held, {exit_codes.INVARIANT_VIOLATED} if not, "
+        f"{exit_codes.RUN_INVALID} if the service could not be asked or its queue had not drained.",
     )
     parser.add_argument(
-        "requests", nargs="+", type=Path, help="request logs (requests.jsonl, or per-process files)"
+        "requests", nargs="+", type=Path, help="histories (requests.jsonl, or per-process files)"
     )
     parser.add_argument("--host", required=True, help="the service, e.g. http://127.0.0.1:8080")
     parser.add_argument(
@@ -404,9 +310,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sale", default=None, help="judge only this sale (default: every sale the audit covers)"
     )
-    args = parser.parse_args(argv)
     try:
-        verdict = run_oracle(
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return exit_codes.USAGE if exc.code else exit_codes.OK
+    try:
+        truth = run_oracle(
             AdminClient(args.host, args.admin_token),
             args.requests,
             wait_s=args.wait,
@@ -416,8 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     except AdminError as exc:
         print(f"oracle: {exc}", file=sys.stderr)
         return exit_codes.RUN_INVALID
+    verdict = judge(truth, summarize_history(read_history(args.requests), ORDER_OPERATIONS))
     print(format_verdict(verdict))
-    return exit_codes.OK if verdict.invariants_held else exit_codes.INVARIANT_VIOLATED
+    if not verdict.invariants_held:
+        return exit_codes.INVARIANT_VIOLATED
+    return exit_codes.OK if verdict.drained else exit_codes.RUN_INVALID
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Who arrives: browsers, buyers, abandoners, bots/scalpers and retry-storm clients.
+"""flashsale's personas: browsers, buyers, abandoners, bots/scalpers and retry-storm clients,
+written as visits of the kit (``loadtests.visits``) against flashsale's HTTP API.
 
-Each arrival becomes one visit by one persona, drawn by configurable weights (the mix
-depends on the window: before T0 everyone is refreshing the product page; at the T0
-rendezvous everyone who waited places an order). Visits speak to the service through a
-``Transport`` (the locustfile's one wraps Locust's FastHttpSession) and write every order
-and payment attempt to the request log the oracle reads.
+Each arrival becomes one visit by one persona, drawn by weight (``DEFAULT_WEIGHTS``; before
+T0 only browsers make sense, at the T0 rendezvous everyone who waited places an order:
+``KINDS``). What the visits share in one process (the catalogue, the buyers' tokens, the
+knobs) is a ``Shop``, the process setup's result (``visit.state``).
 
 - **browser**: loads the product page (``GET /api/skus/{sku}``).
 - **buyer**: orders, thinks, pays.
@@ -15,72 +15,53 @@ and payment attempt to the request log the oracle reads.
   hear back about — immediately, or with exponential backoff and full jitter — and
   sometimes submits twice after success; every retry reuses the request id.
 
-Every order carries a request id. An expected "sold out" (409) or "limit reached" (429
-``limit_exceeded``) is a success for the error ratio: the service answered correctly.
+Every order carries a request id (the history's idempotency key). An expected "sold out"
+(409) or "limit reached" (429 ``limit_exceeded``) is a success for the error ratio: the
+service answered correctly (``classify``).
 """
 
 from __future__ import annotations
 
 import random
-import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
-from typing import Any, Literal, Protocol
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
-from loadtests.arrivals import Arrival
+from loadtests.shapes import WindowKind
+from loadtests.visits import Call, Visit
 
 __all__ = [
+    "DEFAULT_WEIGHTS",
+    "KINDS",
     "PERSONAS",
+    "VISITS",
     "Behaviour",
     "Catalogue",
     "CatalogueItem",
     "OrderOutcome",
-    "PersonaWeights",
-    "Reply",
-    "Shopper",
-    "Transport",
+    "Shop",
     "backoff_delays",
     "classify",
     "order_outcome",
 ]
 
 PERSONAS = ("browser", "buyer", "abandoner", "bot", "retry_storm")
+#: Relative weights of the personas after T0 (``--personas`` overrides them).
+DEFAULT_WEIGHTS: Mapping[str, float] = {
+    "browser": 45,
+    "buyer": 25,
+    "abandoner": 15,
+    "bot": 10,
+    "retry_storm": 5,
+}
+#: Windows each persona arrives in: browsers refresh the page before T0, buyers wait for it.
+KINDS: Mapping[str, tuple[WindowKind, ...]] = {
+    "browser": ("countdown", "open", "idle"),
+    **dict.fromkeys(PERSONAS[1:], ("rendezvous", "open", "idle")),
+}
 RetryMode = Literal["immediate", "backoff", "mixed"]
 #: ok: the service acknowledged (2xx); failed: it definitely did not act; unknown: no answer.
 OrderOutcome = Literal["ok", "failed", "unknown"]
-
-
-@dataclass(frozen=True)
-class Reply:
-    """What came back. ``status`` 0 means no HTTP answer (timeout, connection error)."""
-
-    status: int
-    body: Mapping[str, Any] = field(default_factory=dict)
-    error: str = ""
-
-    @property
-    def code(self) -> str:
-        """The stable error code of a JSON error body, else ``""``."""
-        value = self.body.get("error") if isinstance(self.body, Mapping) else None
-        return value if isinstance(value, str) else ""
-
-
-class Transport(Protocol):
-    def send(
-        self,
-        method: str,
-        path: str,
-        *,
-        name: str,
-        persona: str,
-        intended: float,
-        token: str | None = None,
-        json: Mapping[str, Any] | None = None,
-        impatient: bool = False,
-    ) -> Reply:
-        """Send one request; ``intended`` is when the schedule meant it to go (epoch s)."""
-        ...
-
 
 #: Answers that are the service doing its job, per request name; everything else is an error.
 _EXPECTED: dict[str, set[tuple[int, str]]] = {
@@ -98,23 +79,23 @@ _EXPECTED: dict[str, set[tuple[int, str]]] = {
 _RATE_LIMIT_EXPECTED = {"bot", "retry_storm"}
 
 
-def classify(name: str, persona: str, reply: Reply) -> bool:
-    """True when ``reply`` is an expected answer (counts as success for the error ratio)."""
-    code = "" if 200 <= reply.status < 300 else reply.code
-    if (reply.status, code) in _EXPECTED.get(name, set()):
+def classify(name: str, persona: str, status: int, code: str = "") -> bool:
+    """True when an answer is expected (counts as success for the error ratio)."""
+    code = "" if 200 <= status < 300 else code
+    if (status, code) in _EXPECTED.get(name, set()):
         return True
-    return reply.status == 429 and code == "rate_limited" and persona in _RATE_LIMIT_EXPECTED
+    return status == 429 and code == "rate_limited" and persona in _RATE_LIMIT_EXPECTED
 
 
-def order_outcome(reply: Reply) -> OrderOutcome:
-    """What an order reply tells the oracle: acknowledged, definitely not, or not known.
+def order_outcome(status: int) -> OrderOutcome:
+    """What an order answer tells the oracle: acknowledged, definitely not, or not known.
 
     A 504 ``outcome_unknown``, any other 5xx but a 503 (which the service only sends when
     it refused before deciding) and no answer at all are unknown: the order may exist.
     """
-    if 200 <= reply.status < 300:
+    if 200 <= status < 300:
         return "ok"
-    if 400 <= reply.status < 500 or reply.status == 503:
+    if 400 <= status < 500 or status == 503:
         return "failed"
     return "unknown"
 
@@ -122,47 +103,6 @@ def order_outcome(reply: Reply) -> OrderOutcome:
 def backoff_delays(rng: random.Random, retries: int, base_s: float, cap_s: float) -> list[float]:
     """Exponential backoff with full jitter: delay k is uniform in [0, min(cap, base·2^k)]."""
     return [rng.uniform(0.0, min(cap_s, base_s * (2**k))) for k in range(retries)]
-
-
-@dataclass(frozen=True)
-class PersonaWeights:
-    """Relative weights of the personas after T0 (need not sum to 1)."""
-
-    browser: float = 45.0
-    buyer: float = 25.0
-    abandoner: float = 15.0
-    bot: float = 10.0
-    retry_storm: float = 5.0
-
-    def __post_init__(self) -> None:
-        values = [getattr(self, f.name) for f in fields(self)]
-        if any(v < 0 for v in values) or sum(values) <= 0:
-            raise ValueError("persona weights must be >= 0 and not all zero")
-
-    @classmethod
-    def parse(cls, text: str) -> PersonaWeights:
-        """``"browser=45,buyer=25,abandoner=15,bot=10,retry_storm=5"``; missing ones are 0."""
-        if not text.strip():
-            return cls()
-        values: dict[str, float] = {p: 0.0 for p in PERSONAS}
-        for part in text.split(","):
-            key, sep, value = part.partition("=")
-            key = key.strip()
-            if not sep or key not in values:
-                raise ValueError(
-                    f"bad persona weight {part!r}: use NAME=WEIGHT with NAME in {', '.join(PERSONAS)}"
-                )
-            values[key] = float(value)
-        return cls(**values)
-
-    def as_dict(self) -> dict[str, float]:
-        return {p: float(getattr(self, p)) for p in PERSONAS}
-
-    def pick(self, rng: random.Random, *, exclude: Sequence[str] = ()) -> str:
-        choices = [(p, w) for p, w in self.as_dict().items() if p not in exclude and w > 0]
-        if not choices:  # e.g. only browsers configured, at the rendezvous: buyers it is
-            return "buyer"
-        return rng.choices([p for p, _ in choices], weights=[w for _, w in choices])[0]
 
 
 @dataclass(frozen=True)
@@ -203,184 +143,160 @@ class Catalogue:
         return next(i for i in self.items if i.sku == sku)
 
 
-RequestLogWriter = Callable[[dict[str, Any]], None]
+@dataclass(frozen=True)
+class Shop:
+    """What one process's visits share: the sale's catalogue, the buyers' tokens, the knobs."""
 
-
-@dataclass
-class Shopper:
-    """Runs visits for one Locust process."""
-
-    transport: Transport
     catalogue: Catalogue
     tokens: Mapping[str, str]
-    log: RequestLogWriter
-    run_id: str
-    weights: PersonaWeights = field(default_factory=PersonaWeights)
     behaviour: Behaviour = field(default_factory=Behaviour)
-    rng: random.Random = field(default_factory=random.Random)
-    sleep: Callable[[float], None] = time.sleep
-    clock: Callable[[], float] = time.time
+    #: The retry-storm clients' timeout in seconds (they retry what they did not hear back about).
+    impatient_timeout_s: float = 0.25
 
-    def persona_for(self, arrival: Arrival) -> str:
-        if arrival.kind == "countdown":
-            return "browser"
-        if arrival.kind == "rendezvous":
-            return self.weights.pick(self.rng, exclude=("browser",))
-        return self.weights.pick(self.rng)
 
-    def visit(self, arrival: Arrival, started_at: float) -> str:
-        """One visit; returns the persona that made it."""
-        persona = self.persona_for(arrival)
-        getattr(self, f"_visit_{persona}")(arrival, started_at)
-        return persona
+def _shop(visit: Visit) -> Shop:
+    shop = visit.state
+    assert isinstance(shop, Shop), "flashsale's personas need the Shop from the process setup"
+    return shop
 
-    # -- personas ----------------------------------------------------------------------
-    def _visit_browser(self, arrival: Arrival, started_at: float) -> None:
-        item = self.catalogue.pick(self.rng)
-        self._browse(item.sku, "browser", arrival.intended)
 
-    def _visit_buyer(
-        self, arrival: Arrival, started_at: float, *, pays: bool = True, persona: str = "buyer"
-    ) -> None:
-        item = self.catalogue.pick(self.rng)
-        user = f"buyer-{self.rng.randrange(self.behaviour.buyer_users)}"
-        intended = arrival.intended
-        if arrival.kind == "open" and self.rng.random() < self.behaviour.browse_first:
-            intended = self._browse(item.sku, persona, intended) + self._think()
-            self.sleep(max(intended - self.clock(), 0.0))
-        order = self._order(persona, user, item.sku, 1, f"{self.run_id}-{arrival.seq}", intended)
-        if pays and order is not None:
-            intended = self.clock() + self._think()
-            self.sleep(max(intended - self.clock(), 0.0))
-            self._pay(persona, user, order, intended)
+def _auth(shop: Shop, user: str) -> dict[str, str]:
+    token = shop.tokens.get(user)
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
-    def _visit_abandoner(self, arrival: Arrival, started_at: float) -> None:
-        self._visit_buyer(arrival, started_at, pays=False, persona="abandoner")
 
-    def _visit_bot(self, arrival: Arrival, started_at: float) -> None:
-        hot = self.catalogue.item(self.catalogue.hot)
-        user = f"bot-{self.rng.randrange(self.behaviour.bot_users)}"
-        intended = arrival.intended
-        for k in range(self.behaviour.bot_burst):
-            # Some asks are beyond the per-user limit on their own; the rest exceed it together.
-            qty = hot.limit_per_user + 1 if self.rng.random() < 0.2 else 1
-            order = self._order("bot", user, hot.sku, qty, f"{self.run_id}-{arrival.seq}-{k}", intended)
-            if order is not None:
-                self._pay("bot", user, order, self.clock())
-            intended = self.clock()  # no think time
+def _settle(call: Call, persona: str, *, impatient: bool = False, **value: Any) -> None:
+    """Report a non-2xx answer by flashsale's rules (2xx answers are reported by the caller)."""
+    expected = classify(call.name, persona, call.status, call.code)
+    if call.name == "order":
+        outcome = order_outcome(call.status)
+    else:
+        outcome = "failed" if 400 <= call.status < 500 or call.status == 503 else "unknown"
+    if outcome == "failed":
+        call.refused(call.code or str(call.status), expected=expected, **value)
+    elif not call.status and impatient:
+        # The client gave up by its own choice (it retries): slow, and the latency says so,
+        # but not a wrong answer from the service, so not in the error ratio.
+        call.unknown("impatient_timeout", expected=True, **value)
+    else:
+        call.unknown(call.code, expected=expected, **value)
 
-    def _visit_retry_storm(self, arrival: Arrival, started_at: float) -> None:
-        b = self.behaviour
-        item = self.catalogue.pick(self.rng)
-        user = f"buyer-{self.rng.randrange(b.buyer_users)}"
-        mode = b.retry_mode if b.retry_mode != "mixed" else self.rng.choice(("immediate", "backoff"))
-        delays = (
-            [0.0] * b.retries
-            if mode == "immediate"
-            else backoff_delays(self.rng, b.retries, b.backoff_base_s, b.backoff_cap_s)
+
+# -- requests ----------------------------------------------------------------------------------
+def _browse(visit: Visit, sku: str) -> None:
+    # Page views are counted and timed, not written to the history (they change nothing).
+    call = visit.get(f"/api/skus/{sku}", name="browse", history=False)
+    if call.status == 200:
+        call.ok()
+    else:
+        _settle(call, visit.persona)
+
+
+def _order(
+    visit: Visit, user: str, sku: str, qty: int, rid: str, *, attempt: int = 0, impatient: bool = False
+) -> tuple[Call, str | None]:
+    """One order request; returns the call and the acknowledged order id (None if not)."""
+    shop = _shop(visit)
+    call = visit.post(
+        "/api/orders",
+        name="order",
+        key=rid,
+        json={"request_id": rid, "sku": sku, "qty": qty},
+        headers=_auth(shop, user),
+        timeout=shop.impatient_timeout_s if impatient else None,
+    )
+    body = call.body if isinstance(call.body, Mapping) else {}
+    if order_outcome(call.status) == "ok":
+        order = str(body["order_id"]) if body.get("order_id") is not None else None
+        call.ok(
+            order=order,
+            item=sku,
+            units=qty,
+            replayed=bool(body.get("replayed", False)),
+            user=user,
+            attempt=attempt,
+            pay_by_ms=body.get("pay_by_ms"),
         )
-        rid = f"{self.run_id}-{arrival.seq}"
-        intended = arrival.intended
-        order: str | None = None
-        for attempt in range(b.retries + 1):
-            reply = self._order_reply(
-                "retry_storm", user, item.sku, 1, rid, intended, attempt=attempt, impatient=True
-            )
-            if order_outcome(reply) == "ok":
-                order = str(reply.body.get("order_id"))
-                break
-            retryable = reply.status in (0, 429, 503) or reply.status >= 500
-            if not retryable or reply.code in ("limit_exceeded",) or attempt == b.retries:
-                break
-            self.sleep(delays[attempt])
-            intended = self.clock()
-        if order is None:
-            return
-        if self.rng.random() < b.duplicate_submit:  # the double click: must replay, not buy twice
-            self._order_reply(
-                "retry_storm", user, item.sku, 1, rid, self.clock(), attempt=b.retries + 1, impatient=False
-            )
-        self._pay("retry_storm", user, order, self.clock())
+        return call, order
+    _settle(call, visit.persona, impatient=impatient, user=user, attempt=attempt)
+    return call, None
 
-    # -- requests ----------------------------------------------------------------------
-    def _think(self) -> float:
-        return self.rng.uniform(self.behaviour.think_min_s, self.behaviour.think_max_s)
 
-    def _browse(self, sku: str, persona: str, intended: float) -> float:
-        self.transport.send("GET", f"/api/skus/{sku}", name="browse", persona=persona, intended=intended)
-        return self.clock()
+def _pay(visit: Visit, user: str, order_id: str) -> None:
+    call = visit.post(f"/api/orders/{order_id}/pay", name="pay", headers=_auth(_shop(visit), user))
+    if call.status == 200:
+        call.ok(paid_order=order_id, user=user)
+    else:
+        _settle(call, visit.persona, paid_order=order_id, user=user)
 
-    def _order(self, persona: str, user: str, sku: str, qty: int, rid: str, intended: float) -> str | None:
-        reply = self._order_reply(persona, user, sku, qty, rid, intended)
-        if order_outcome(reply) == "ok":
-            return str(reply.body.get("order_id"))
-        return None
 
-    def _order_reply(
-        self,
-        persona: str,
-        user: str,
-        sku: str,
-        qty: int,
-        rid: str,
-        intended: float,
-        *,
-        attempt: int = 0,
-        impatient: bool = False,
-    ) -> Reply:
-        sent = self.clock()
-        reply = self.transport.send(
-            "POST",
-            "/api/orders",
-            name="order",
-            persona=persona,
-            intended=intended,
-            token=self.tokens.get(user),
-            json={"request_id": rid, "sku": sku, "qty": qty},
-            impatient=impatient,
-        )
-        body = reply.body
-        self.log(
-            {
-                "kind": "order",
-                "rid": rid,
-                "attempt": attempt,
-                "persona": persona,
-                "user": user,
-                "sku": sku,
-                "qty": qty,
-                "status": reply.status,
-                "code": reply.code,
-                "outcome": order_outcome(reply),
-                "order_id": body.get("order_id"),
-                "replayed": bool(body.get("replayed", False)),
-                "pay_by_ms": body.get("pay_by_ms"),
-                "t_sent": round(sent, 4),
-                "t_done": round(self.clock(), 4),
-                "error": reply.error,
-            }
-        )
-        return reply
+# -- personas ----------------------------------------------------------------------------------
+def browser(visit: Visit) -> None:
+    _browse(visit, _shop(visit).catalogue.pick(visit.rng).sku)
 
-    def _pay(self, persona: str, user: str, order_id: str, intended: float) -> None:
-        reply = self.transport.send(
-            "POST",
-            f"/api/orders/{order_id}/pay",
-            name="pay",
-            persona=persona,
-            intended=intended,
-            token=self.tokens.get(user),
-        )
-        outcome = "paid" if reply.status == 200 else ("failed" if 400 <= reply.status < 500 else "unknown")
-        self.log(
-            {
-                "kind": "pay",
-                "order_id": order_id,
-                "persona": persona,
-                "user": user,
-                "status": reply.status,
-                "code": reply.code,
-                "outcome": outcome,
-                "t_done": round(self.clock(), 4),
-            }
-        )
+
+def buyer(visit: Visit, *, pays: bool = True) -> None:
+    shop = _shop(visit)
+    b = shop.behaviour
+    item = shop.catalogue.pick(visit.rng)
+    user = f"buyer-{visit.rng.randrange(b.buyer_users)}"
+    if visit.arrival.kind == "open" and visit.rng.random() < b.browse_first:
+        _browse(visit, item.sku)
+        visit.think(b.think_min_s, b.think_max_s)
+    _, order = _order(visit, user, item.sku, 1, visit.id)
+    if pays and order is not None:
+        visit.think(b.think_min_s, b.think_max_s)
+        _pay(visit, user, order)
+
+
+def abandoner(visit: Visit) -> None:
+    buyer(visit, pays=False)
+
+
+def bot(visit: Visit) -> None:
+    shop = _shop(visit)
+    hot = shop.catalogue.item(shop.catalogue.hot)
+    user = f"bot-{visit.rng.randrange(shop.behaviour.bot_users)}"
+    for k in range(shop.behaviour.bot_burst):  # no think time: each order goes as the last one ends
+        # Some asks are beyond the per-user limit on their own; the rest exceed it together.
+        qty = hot.limit_per_user + 1 if visit.rng.random() < 0.2 else 1
+        _, order = _order(visit, user, hot.sku, qty, f"{visit.id}-{k}")
+        if order is not None:
+            _pay(visit, user, order)
+
+
+def retry_storm(visit: Visit) -> None:
+    shop = _shop(visit)
+    b, rng = shop.behaviour, visit.rng
+    item = shop.catalogue.pick(rng)
+    user = f"buyer-{rng.randrange(b.buyer_users)}"
+    mode = b.retry_mode if b.retry_mode != "mixed" else rng.choice(("immediate", "backoff"))
+    delays = (
+        [0.0] * b.retries
+        if mode == "immediate"
+        else backoff_delays(rng, b.retries, b.backoff_base_s, b.backoff_cap_s)
+    )
+    order: str | None = None
+    for attempt in range(b.retries + 1):
+        call, order = _order(visit, user, item.sku, 1, visit.id, attempt=attempt, impatient=True)
+        if order is not None:
+            break
+        retryable = call.status in (0, 429, 503) or call.status >= 500
+        if not retryable or call.code == "limit_exceeded" or attempt == b.retries:
+            break
+        visit.sleep(delays[attempt])
+    if order is None:
+        return
+    if rng.random() < b.duplicate_submit:  # the double click: must replay, not buy twice
+        _order(visit, user, item.sku, 1, visit.id, attempt=b.retries + 1)
+    _pay(visit, user, order)
+
+
+#: The personas as the drill registers them: name → visit.
+VISITS = {
+    "browser": browser,
+    "buyer": buyer,
+    "abandoner": abandoner,
+    "bot": bot,
+    "retry_storm": retry_storm,
+}

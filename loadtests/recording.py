@@ -1,21 +1,25 @@
-"""What each Locust process records during a drill, and how the collector merges it.
+"""What each Locust process records during a run, and how the collector merges it.
 
 A ``ProcessRecorder`` lives in every process that sends load. Per second of the run it
 counts arrivals (intended, started, dropped — by intended second), request outcomes (by
 completion second) and its own CPU use; it records latency into a ``LatencyBook`` and
-appends every order/payment attempt to its request log (JSON lines, one file per
+appends every operation to its history (``loadtests.history``: JSON lines, one file per
 process). ``export()`` hands everything since the last export to the collector as one
-JSON-able payload: in distributed Locust runs it travels as a message to the master.
+JSON-able payload: in distributed Locust runs it travels as a message to the master. The
+first payload also says what machine the process runs on (``describe_machine``): a
+generator's CPU figures mean little without its core count.
 
 The ``RunCollector`` (the master, or the only process) adds the payloads up, appends the
-request-log lines to the merged ``requests.jsonl``, keeps the service's own numbers polled
-from ``GET /api/admin/stats`` once a second, and answers "how is the run going" for the
-live progress line.
+history lines to the merged ``requests.jsonl``, keeps the backend's own numbers
+(``ServiceSample``, from your sampler, once a second) and answers "how is the run going" for
+the live progress line.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import platform
 import threading
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -25,7 +29,34 @@ from typing import Any, TextIO
 
 from loadtests.latency import LatencyBook
 
-__all__ = ["ProcessRecorder", "RunCollector", "ServiceSample", "parse_stats"]
+__all__ = ["ProcessRecorder", "RunCollector", "ServiceSample", "describe_machine"]
+
+
+def describe_machine() -> dict[str, Any]:
+    """The machine this process runs on: host, OS, CPU model and count, memory, Python."""
+    info: dict[str, Any] = {
+        "host": platform.node(),
+        "os": platform.platform(),
+        "arch": platform.machine(),
+        "cpu": platform.processor(),
+        "cpus": os.cpu_count(),
+        # What this process may use: a container or taskset may allow fewer than the machine has.
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "python": f"{platform.python_implementation()} {platform.python_version()}",
+    }
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux names the CPU model here only
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+        info["cpu"] = model or info["cpu"]
+    except OSError:
+        pass
+    try:
+        import psutil  # type: ignore[import-untyped]
+
+        info["memory_bytes"] = int(psutil.virtual_memory().total)
+    except ImportError:  # psutil comes with the loadtest extra; without it, no memory figure
+        pass
+    return info
 
 
 class ProcessRecorder:
@@ -48,6 +79,7 @@ class ProcessRecorder:
         #: Why this process could not send its share (the run is then invalid).
         self.failure = ""
         self.rendezvous_first: float | None = None
+        self._machine: dict[str, Any] | None = describe_machine()  # sent once, with the first export
 
     def second(self, epoch: float) -> int:
         return (
@@ -64,12 +96,23 @@ class ProcessRecorder:
             self.rendezvous_first = at if self.rendezvous_first is None else min(self.rendezvous_first, at)
 
     def request(
-        self, name: str, *, intended: float, sent: float, done: float, expected: bool, label: str
+        self,
+        name: str,
+        *,
+        intended: float,
+        sent: float,
+        done: float,
+        expected: bool,
+        label: str,
+        bucket: str = "",
     ) -> None:
-        """One request finished; ``label`` is its outcome (``201``, ``409:sold_out``, ``0:timeout`` …)."""
+        """One request finished; ``label`` is its answer (``201``, ``409:sold_out``, ``0:no_answer`` …),
+        ``bucket`` its outcome for the timeline (``created``, ``replayed``, a refusal's code, ``unknown``)."""
         c = self.seconds[self.second(done)]
         c[f"req.{name}"] += 1
         c[f"out.{name}.{label}"] += 1
+        if bucket:
+            c[f"res.{name}.{bucket}"] += 1
         if not expected:
             c[f"err.{name}"] += 1
         self.book.record(name, intended=intended, sent=sent, done=done)
@@ -101,6 +144,8 @@ class ProcessRecorder:
             "failure": self.failure,
             "rendezvous_first": self.rendezvous_first,
         }
+        if self._machine is not None:
+            payload["machine"], self._machine = self._machine, None
         self.seconds = defaultdict(Counter)
         self.cpu = {}
         return payload
@@ -113,68 +158,15 @@ class ProcessRecorder:
 
 @dataclass(frozen=True)
 class ServiceSample:
-    """The service's own view at one instant (``GET /api/admin/stats``), as far as it says."""
+    """The backend's own view at one instant, as far as it says: per-item counters
+    (``available``, ``sold``, ``held``, ``total`` …), a queue's backlog, and how many orders its
+    writer has recorded so far. Your sampler returns one a second; the report draws the
+    stock and queue plots from them (and leaves those plots out when nothing was sampled)."""
 
     t: float
     skus: dict[str, dict[str, int]] = field(default_factory=dict)
     backlog: int | None = None
     written: int | None = None
-
-
-def _int(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _sku_counters(raw_skus: Any) -> dict[str, dict[str, int]]:
-    items: Iterable[tuple[str, Any]]
-    if isinstance(raw_skus, Mapping):
-        items = raw_skus.items()
-    else:
-        items = ((str(s.get("sku")), s) for s in raw_skus or [] if isinstance(s, Mapping))
-    out: dict[str, dict[str, int]] = {}
-    for sku, counters in items:
-        if isinstance(counters, Mapping):
-            out[sku] = {
-                k: v
-                for k, v in (
-                    (k, _int(counters.get(k))) for k in ("total", "available", "held", "sold", "reserve")
-                )
-                if v is not None
-            }
-    return out
-
-
-def parse_stats(body: Mapping[str, Any], t: float, sale: str | None = None) -> ServiceSample:
-    """Per-SKU stock, the order stream's backlog and the writer's progress from a stats body.
-
-    The service's form is ``{"sales": {sale: {"skus": {...}, "backlog": n}}, "writer":
-    {"orders_total": n, "rows_total": n, …}}``; with ``sale`` only that sale is read. A flat
-    ``{"skus", "backlog"}`` is read too. Whatever is missing stays ``None`` (the report
-    says "not reported").
-    """
-    skus: dict[str, dict[str, int]] = {}
-    backlog: int | None = None
-    sales = body.get("sales")
-    if isinstance(sales, Mapping):
-        for name, entry in sales.items():
-            if (sale is not None and name != sale) or not isinstance(entry, Mapping):
-                continue
-            skus.update(_sku_counters(entry.get("skus")))
-            if (b := _int(entry.get("backlog"))) is not None:
-                backlog = (backlog or 0) + b
-    else:
-        skus = _sku_counters(body.get("skus"))
-        backlog = _int(body.get("backlog"))
-    written = None
-    writer = body.get("writer")
-    if isinstance(writer, Mapping):
-        for key in ("orders_total", "written", "rows_total"):
-            if (written := _int(writer.get(key))) is not None:
-                break
-    return ServiceSample(t, skus, backlog, written)
 
 
 class RunCollector:
@@ -189,6 +181,7 @@ class RunCollector:
         self.dispatch: dict[str, dict[str, Any]] = {}
         self.failures: dict[str, str] = {}
         self.rendezvous_first: dict[str, float] = {}
+        self.machines: dict[str, dict[str, Any]] = {}
         self.service: list[ServiceSample] = []
         self.request_lines = 0
         self._requests: TextIO | None = None
@@ -223,6 +216,8 @@ class RunCollector:
             self.rendezvous_first[proc] = float(payload["rendezvous_first"])
         if payload.get("failure"):
             self.failures[proc] = str(payload["failure"])
+        if payload.get("machine"):
+            self.machines[proc] = dict(payload["machine"])
 
     def add_service_sample(self, sample: ServiceSample) -> None:
         self.service.append(sample)

@@ -25,12 +25,16 @@ makes every phase twice as long):
   midnight and peaking at 10:00 and 21:00, compressed into ``day_s``.
 - ``capacity_step``: stairs of rising rate, to find where the SLO breaks.
 - ``soak``: a short ramp, then steady load.
+
+Your own curve: ``rate_table`` (a table of ``(t, rate)`` points, linear between them or held
+as steps, exact) or ``rate_function`` (any ``rate(t)``, sampled into linear pieces), either
+with rendezvous impulses of its own.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -44,6 +48,8 @@ __all__ = [
     "capacity_step",
     "double11_day",
     "midnight_surge",
+    "rate_function",
+    "rate_table",
     "soak",
 ]
 
@@ -69,6 +75,7 @@ class Segment:
         return self.end - self.start
 
     def rate(self, t: float) -> float:
+        """Arrivals per second at ``t`` (inside the segment)."""
         x = t - self.start
         if self.kind == "constant":
             return self.r0
@@ -190,6 +197,7 @@ class Shape:
         return math.inf, False
 
     def window_at(self, t: float) -> Window | None:
+        """The named window ``t`` falls in, if any."""
         for w in self.windows:
             if w.start <= t < w.end:
                 return w
@@ -356,3 +364,60 @@ def build_shape(name: str, peak_rps: float, time_scale: float = 1.0, **params: f
     except KeyError:
         raise ValueError(f"unknown shape {name!r}; choose one of {', '.join(SHAPES)}") from None
     return factory(peak_rps, time_scale, **params)
+
+
+def rate_table(
+    points: Sequence[tuple[float, float]],
+    *,
+    name: str = "table",
+    step: bool = False,
+    impulses: Sequence[tuple[float, float]] = (),
+    t0_s: float = 0.0,
+    windows: Sequence[Window] = (),
+) -> Shape:
+    """A shape from ``(t, rate)`` points, ``t`` in seconds from the start (the first point at
+    0, increasing): the rate changes linearly from one point to the next, or (``step``) holds
+    each point's rate until the next. The last point ends the shape. ``impulses`` are
+    ``(t, arrivals)`` fired at one instant (a rendezvous); ``t0_s`` marks the opening.
+    """
+    if len(points) < 2 or points[0][0] != 0:
+        raise ValueError("a rate table needs at least two (t, rate) points, the first at t=0")
+    segments = []
+    for (t_a, r_a), (t_b, r_b) in zip(points, points[1:]):
+        if t_b <= t_a:
+            raise ValueError(f"rate table times must increase: {t_a} then {t_b}")
+        if step or r_a == r_b:
+            segments.append(Segment(float(t_a), float(t_b), "constant", float(r_a)))
+        else:
+            segments.append(Segment(float(t_a), float(t_b), "linear", float(r_a), float(r_b)))
+    peak = max([r for _, r in points])
+    return Shape(
+        name,
+        tuple(segments),
+        impulses=tuple(Impulse(float(t), float(n)) for t, n in impulses),
+        windows=tuple(windows) or (Window(name, 0.0, float(points[-1][0])),),
+        t0_s=t0_s,
+        peak_rps=peak,
+        params={"points": float(len(points))},
+    )
+
+
+def rate_function(
+    rate: Callable[[float], float],
+    duration_s: float,
+    *,
+    name: str = "function",
+    resolution_s: float = 0.25,
+    impulses: Sequence[tuple[float, float]] = (),
+    t0_s: float = 0.0,
+    windows: Sequence[Window] = (),
+) -> Shape:
+    """A shape from any ``rate(t)`` (arrivals per second, ``t`` seconds from the start) over
+    ``duration_s``: sampled every ``resolution_s`` and joined linearly, so its integral — and
+    the arrivals — follow the function to that resolution."""
+    if duration_s <= 0 or resolution_s <= 0:
+        raise ValueError("duration_s and resolution_s must be > 0")
+    n = max(1, math.ceil(duration_s / resolution_s))
+    times = [min(k * resolution_s, duration_s) for k in range(n + 1)]
+    points = [(t, max(float(rate(t)), 0.0)) for t in times]
+    return rate_table(points, name=name, impulses=impulses, t0_s=t0_s, windows=windows)

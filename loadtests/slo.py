@@ -33,6 +33,7 @@ __all__ = [
     "Validity",
     "check_validity",
     "evaluate",
+    "parse_slo",
     "parse_threshold",
 ]
 
@@ -87,6 +88,18 @@ def parse_threshold(text: str) -> Threshold:
     return Threshold(text.strip(), m["metric"], m["name"] or "all", agg, m["op"], float(m["limit"]))
 
 
+def parse_slo(text: str, *, percentiles: Sequence[float] = ()) -> list[Threshold]:
+    """Every threshold of a ``--slo`` value (``;``- or newline-separated), parsed: a
+    ValueError names the first bad one. With ``percentiles`` (those the run will record),
+    a ``p(N)`` the report cannot show is refused too — before a run, not after it."""
+    thresholds = [parse_threshold(t) for t in text.replace("\n", ";").split(";") if t.strip()]
+    for t in thresholds:
+        if percentiles and t.agg.startswith("p(") and float(t.agg[2:-1]) not in percentiles:
+            recorded = ", ".join(f"p({p:g})" for p in percentiles)
+            raise ValueError(f"bad threshold {t.text!r}: only {recorded} are recorded in the summary")
+    return thresholds
+
+
 @dataclass(frozen=True)
 class ThresholdResult:
     threshold: str
@@ -106,7 +119,7 @@ def _observe(t: Threshold, summary: Mapping[str, Any]) -> float | None:
             key = f"p{float(t.agg[2:-1]):g}_ms"
             if key not in lat:
                 raise ValueError(
-                    f"{t.text}: only p(50), p(90), p(99) and p(99.9) are recorded in the summary"
+                    f"{t.text}: only p(50), p(90), p(95), p(99) and p(99.9) are recorded in the summary"
                 )
             return float(lat[key])
         return float(lat["p50_ms" if t.agg == "med" else ("mean_ms" if t.agg == "avg" else "max_ms")])

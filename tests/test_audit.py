@@ -17,7 +17,10 @@ from redis.asyncio import Redis
 from redis_mode import redis_from_url
 
 from flashsale import exit_codes
+from flashsale.fence import verify as fence
+from flashsale.fence.recovery import forget
 from flashsale.pipeline.audit import KINDS, SCHEMA, AuditReport, run_audit
+from flashsale.service.sales import SaleBook, SaleSettings, now_ms
 from flashsale.streams import dead_letter_key
 from inventory import Inventory, Line
 
@@ -49,7 +52,8 @@ async def sale(
         await inv.confirm(h.hold_id)
     for h in holds[10:15]:
         await inv.release(h.hold_id)
-    late = await inv.reserve("late", [Line("case", 2)], request_id="late", hold_ttl=0.001)
+    # The same request id as Alice's: ids are each buyer's own, so this is no duplicate.
+    late = await inv.reserve("late", [Line("case", 2)], request_id="a1", hold_ttl=0.001)
     await asyncio.sleep(0.005)
     assert late.hold_id in (await inv.expire_due()).expired
     holds.append(late)
@@ -276,3 +280,59 @@ async def test_a_bytes_client_gives_the_same_report(
     raw = await run_audit(redis_client, pipeline_pool, acknowledged=sale.ids, wait_drain_s=2)
     assert raw.by_kind() == decoded.by_kind() and raw.counts == decoded.counts
     assert [v.detail for v in raw.violations] == [v.detail for v in decoded.violations]
+
+
+async def test_an_oversell_in_a_later_creation_is_not_hidden_by_an_earlier_one(
+    text_redis: Redis, pipeline_pool: Any, writer_running: Any, drained: Any, audit: Audit
+) -> None:
+    """Planted, issue 12 item 6: d11 created, retired, created again; the second d11's 3 units
+    sold, then sold and paid again (what a Redis restarted from an older copy did before the
+    fence knew generations). Added to the first d11's 3 unsold units they looked stocked:
+    'oversold 0'. Each creation is audited on its own rows now."""
+
+    async def create(stock: int) -> tuple[Inventory, int]:
+        seconds, micros = await text_redis.time()
+        generation = int(seconds) * 1000 + int(micros) // 1000
+        settings = SaleSettings("d11", now_ms(), state="open", generation=generation)
+        await SaleBook(text_redis, "fs").create(settings, ["phone"], ["d11"])
+        inv = Inventory(text_redis, "d11")
+        await inv.stock("phone", stock)
+        return inv, generation
+
+    first, _ = await create(3)
+    async with writer_running():
+        await drained(text_redis, ["d11"])
+    await fence.record_sales(text_redis, pipeline_pool)
+    await text_redis.delete(*first.keys.all(), "fs:sale:d11")
+    assert await forget(pipeline_pool, prefix="fs", sale="d11")
+    second, generation = await create(3)
+    holds = [await second.reserve(f"u{i}", [Line("phone", 1)], request_id=f"r{i}") for i in range(3)]
+    for hold in holds:
+        await second.confirm(hold.hold_id)
+    async with writer_running():
+        await drained(text_redis, ["d11"])
+    await fence.record_sales(text_redis, pipeline_pool)
+    assert (await audit()).ok  # the second d11 on its own rows: 3 stocked, 3 paid
+
+    for i, hold in enumerate(holds):  # the same 3 units, sold and paid again
+        await pipeline_pool.execute(
+            "INSERT INTO orders SELECT $2, sale, user_id, 'again' || $3, status, status_rank, created_at,"
+            " pay_by, status_at, written_at, last_stream_id FROM orders WHERE order_id = $1",
+            hold.hold_id,
+            f"d11.again{i}",
+            str(i),
+        )
+        await pipeline_pool.execute(
+            "INSERT INTO order_lines SELECT $2, sku, qty FROM order_lines WHERE order_id = $1",
+            hold.hold_id,
+            f"d11.again{i}",
+        )
+    report = await audit()
+    assert set(kinds(report)) == {"oversold", "phantom"}, report.table()
+    (oversold,) = [v for v in report.violations if v.kind == "oversold"]
+    assert (oversold.where, oversold.sku, oversold.units, oversold.generation) == (
+        "postgresql",
+        "phone",
+        3,
+        generation,
+    )

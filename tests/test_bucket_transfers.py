@@ -1,30 +1,49 @@
-"""A bucketed sale's transfers survive a crash mid-pull: the worker's sweeper finishes
-them, and until it does the audit says units are in transit (leaked), so a stranded
-unit is never silent."""
+"""A bucketed sale's transfers survive a crash mid-pull and a Redis data loss: the worker's
+sweeper finishes them (judging an intent's age on the Redis clock that stamped it, never
+a process's), until it does the audit says units are in transit (leaked), and units
+written off that no bucket received are reported from PostgreSQL's transfer ids — so a
+stranded unit is never silent."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import time
 from typing import Any
 
+import pytest
 from redis.asyncio import Redis
 
+from flashsale.fence import verify as fence
+from flashsale.fence.recovery import recover
 from flashsale.pipeline import sweeper as sweeper_module
 from flashsale.pipeline.audit import run_audit
 from flashsale.pipeline.sweeper import HoldSweeper
-from inventory import BucketedInventory
+from flashsale.service.sales import SaleBook, SaleSettings, now_ms
+from inventory import BucketedInventory, Inventory, SoldOut
 
 
 async def _strand(redis: Redis, inv: BucketedInventory, units: int, age_s: float) -> str:
-    """What a process killed between the donor's write-off and the target's add leaves."""
+    """What a process killed between the donor's write-off and the receiver's add leaves:
+    an intent stamped ``age_s`` ago by the Redis clock, the units written off."""
     source, target = inv.buckets
     xfer = f"crash{int(time.time() * 1000)}"
-    await redis.hset(
-        target.keys.transfers,
-        xfer,
-        json.dumps({"from": source.sale, "sku": "hot", "units": units, "at": time.time() - age_s}),
-    )
+    now_s, now_us = await redis.time()
+    at_ms = now_s * 1000 + now_us // 1000 - int(age_s * 1000)
+    intent = {"from": source.sale, "sku": "hot", "units": units, "at_ms": str(at_ms)}
+    await redis.hset(target.keys.transfers, xfer, json.dumps(intent))
+    await source._mutate("transfer_out", source._stock_keys, ["hot", units, xfer, "move"], "hot")
+    return xfer
+
+
+async def _strand_legacy(redis: Redis, inv: BucketedInventory, units: int) -> str:
+    """The same, as a version before transfer ids left it: the intent stamped with the
+    process's clock in seconds, the write-off made by the plain adjust script."""
+    source, target = inv.buckets
+    xfer = f"old{int(time.time() * 1000)}"
+    intent = {"from": source.sale, "sku": "hot", "units": units, "at": time.time()}
+    await redis.hset(target.keys.transfers, xfer, json.dumps(intent))
     await source._mutate("adjust", source._stock_keys, ["hot", -units, f"xo-{xfer}"], "hot")
     return xfer
 
@@ -44,6 +63,18 @@ async def test_the_sweeper_settles_a_transfer_cut_by_a_crash(redis_client: Redis
     monkeypatch.setattr(sweeper_module, "SETTLE_EVERY_S", 0.0)
     sweeper = HoldSweeper(redis_client, sales_refresh_s=0.0)
     await sweeper.sweep()
+    settled = await inv.snapshot("hot")
+    assert settled is not None and (settled.total, settled.available) == (100, 100)
+    assert await inv.in_transit() == 0
+
+
+async def test_an_intent_left_by_an_older_version_is_settled(redis_client: Redis, monkeypatch: Any) -> None:
+    inv = BucketedInventory(redis_client, "drop", 2)
+    await inv.stock("hot", 100)
+    await _register(redis_client, inv)
+    await _strand_legacy(redis_client, inv, 30)
+    monkeypatch.setattr(sweeper_module, "SETTLE_EVERY_S", 0.0)
+    await HoldSweeper(redis_client, sales_refresh_s=0.0).sweep()
     settled = await inv.snapshot("hot")
     assert settled is not None and (settled.total, settled.available) == (100, 100)
     assert await inv.in_transit() == 0
@@ -69,3 +100,175 @@ async def test_the_audit_reports_units_stranded_between_buckets(
     report = await run_audit(redis_client, pipeline_pool, sales=[b.sale for b in inv.buckets], wait_drain_s=0)
     stranded = [v for v in report.violations if v.kind == "leaked" and xfer in v.detail]
     assert len(stranded) == 1 and stranded[0].units == 30 and not report.ok
+
+
+class _Paused:
+    """Holds a live transfer between its intent and the donor's write-off (the window a
+    settle step must not judge by a clock), and can make its process die after the
+    write-off, before the receiver's add."""
+
+    def __init__(
+        self, monkeypatch: Any, source: Inventory, target: Inventory, *, crash: bool = False
+    ) -> None:
+        self.at_donor, self.go = asyncio.Event(), asyncio.Event()
+        self.crash = crash
+        real = Inventory._mutate
+
+        async def mutate(inv: Inventory, script: str, *args: Any, **kw: Any) -> Any:
+            if inv is source and not self.at_donor.is_set():
+                self.at_donor.set()
+                await self.go.wait()
+            elif inv is target and self.crash and script in ("adjust", "transfer_in"):
+                self.crash = False  # only the transferring process dies
+                raise RuntimeError("process killed before the receiver's add")
+            return await real(inv, script, *args, **kw)
+
+        monkeypatch.setattr(Inventory, "_mutate", mutate)
+
+
+async def test_a_worker_clock_ahead_of_the_services_leaves_a_live_transfer_alone(
+    redis_client: Redis, monkeypatch: Any
+) -> None:
+    """Issue 12, item 10: the settle step once judged an intent's age by the worker's clock
+    against the clock of the process that wrote it. A worker 11 s ahead took a transfer
+    still in flight for a crashed one and dropped it; when the process then died after
+    the donor's write-off, its units were gone and nothing said so."""
+    inv = BucketedInventory(redis_client, "drop", 2)
+    await inv.stock("hot", 100)
+    source, target = inv.buckets
+    paused = _Paused(monkeypatch, source, target, crash=True)
+    moving = asyncio.ensure_future(inv.transfer("hot", 30, source=source, target=target))
+    await paused.at_donor.wait()
+
+    ahead = time.time
+    monkeypatch.setattr(time, "time", lambda: ahead() + 11)
+    await inv.settle_transfers()  # the worker's sweeper, its clock 11 s fast
+    assert await inv.in_transit() == 30  # still the live process's
+
+    paused.go.set()
+    with pytest.raises(RuntimeError, match="killed"):
+        await moving
+    await inv.settle_transfers(older_than_s=0)  # later, the intent is really stranded
+    after = await inv.snapshot("hot")
+    assert after is not None and (after.total, after.available) == (100, 100)
+    assert await inv.in_transit() == 0
+
+
+async def test_a_transfer_settled_while_its_process_is_paused_is_aborted_whole(
+    redis_client: Redis, monkeypatch: Any
+) -> None:
+    """Settling a live transfer early (its process paused longer than the settle age) costs
+    the process a retry, never a unit: its late write-off is refused."""
+    inv = BucketedInventory(redis_client, "drop", 2)
+    await inv.stock("hot", 100)
+    source, target = inv.buckets
+    paused = _Paused(monkeypatch, source, target)
+    moving = asyncio.ensure_future(inv.transfer("hot", 30, source=source, target=target))
+    await paused.at_donor.wait()
+    assert await inv.settle_transfers(older_than_s=0) == 1  # taken for a crashed process's
+    paused.go.set()
+    assert await moving is False
+    snaps = [await b.snapshot("hot") for b in inv.buckets]
+    assert [(s.total, s.available) for s in snaps if s] == [(50, 50), (50, 50)]
+    assert await inv.in_transit() == 0
+
+
+async def test_units_written_off_that_no_bucket_received_are_reported_as_leaked(
+    text_redis: Redis, pipeline_pool: Any, writer_running: Any, drained: Any
+) -> None:
+    """Planted: a transfer's intent dropped after the donor's write-off reached PostgreSQL,
+    its units never added (what the settle step did once Redis had lost the donor's
+    record). Redis alone looks consistent; the transfer id on the stock events does not."""
+    inv = BucketedInventory(text_redis, "drop", 2)
+    await inv.stock("hot", 100)
+    await _register(text_redis, inv)
+    source, target = inv.buckets
+    assert await inv.transfer("hot", 10, source=source, target=target)  # a whole one: balanced
+    sales = [b.sale for b in inv.buckets]
+    async with writer_running():
+        await drained(text_redis, sales)
+    assert (await run_audit(text_redis, pipeline_pool, sales=sales, wait_drain_s=2)).ok
+
+    xfer = await _strand(text_redis, inv, 30, age_s=0)
+    await text_redis.hdel(target.keys.transfers, xfer)
+    async with writer_running():
+        await drained(text_redis, sales)
+    report = await run_audit(text_redis, pipeline_pool, sales=sales, wait_drain_s=2)
+    (leak,) = report.violations
+    assert (leak.kind, leak.sale, leak.where, leak.sku, leak.units) == (
+        "leaked",
+        source.sale,
+        "both",
+        "hot",
+        30,
+    )
+    assert xfer in leak.detail and "lost in transit" in leak.detail
+
+
+async def test_a_transfer_cut_by_a_redis_data_loss_is_finished_after_recovery(
+    redis_client: Redis, text_redis: Redis, pipeline_pool: Any, writer_running: Any, drained: Any
+) -> None:
+    """Issue 12, item 7: Redis lost its last second — the donor's write-off and operation
+    record with it — after the write-off had reached PostgreSQL; the intent survived.
+    Recovery rebuilds the donor from PostgreSQL (the units are gone from it) and, from the
+    transfer id on the event, the donor's record: the settle step then adds the units to
+    the receiver instead of dropping the intent. 10 units stay 10."""
+    engines = ["cut-b0", "cut-b1"]
+    await SaleBook(text_redis, "fs").create(
+        SaleSettings("cut", now_ms(), state="open", buckets=2), ["hot"], engines
+    )
+    inv = BucketedInventory(text_redis, "cut", 2, coalesce=False)
+    await inv.stock("hot", 10)
+    async with writer_running():
+        await drained(text_redis, engines)
+    await fence.record_sales(text_redis, pipeline_pool)
+    await fence.ensure_lineage(text_redis, pipeline_pool)
+    donor = inv.buckets[0]
+    last_second = [donor.keys.stock, donor.keys.requests, donor.keys.events]
+    saved = {key: await redis_client.dump(key) for key in last_second}
+
+    xfer = await _strand(text_redis, inv, 3, age_s=60)  # the pulling process died here
+    async with writer_running():
+        await drained(text_redis, engines)  # the write-off reached PostgreSQL
+    for key, blob in saved.items():  # ... and Redis lost its last second
+        await redis_client.restore(key, 0, blob, replace=True)
+    assert await text_redis.hexists(donor.keys.requests, f"op:xo-{xfer}") is False
+    assert "cut" in (await fence.verify(text_redis, pipeline_pool)).lost_sales()
+
+    report = await recover(text_redis, pipeline_pool)
+    assert report.ok, report.table()
+    assert await inv.settle_transfers() == 1  # the worker's sweeper, later
+    after = await inv.snapshot("hot")
+    assert after is not None and (after.total, after.available) == (10, 10)
+    async with writer_running():
+        await drained(text_redis, engines)
+    audit = await run_audit(text_redis, pipeline_pool, sales=engines, wait_drain_s=2)
+    assert audit.ok, audit.table()
+
+
+class Contested(BucketedInventory):
+    """A bucketed sale where another buyer of the same home bucket takes every unit a pull
+    brings in before the puller can reserve it (what a crowd does to one hot bucket)."""
+
+    rival = ""
+
+    async def transfer(self, sku: str, units: int, *, source: Inventory, target: Inventory) -> bool:
+        moved = await super().transfer(sku, units, source=source, target=target)
+        if moved:
+            await target.reserve(self.rival, [(sku, units)], request_id=f"grab-{secrets.token_hex(4)}")
+        return moved
+
+
+async def test_pulls_lost_to_a_crowd_are_not_reported_as_sold_out(redis_client: Redis) -> None:
+    """The retry loop can run out while other buckets still have units: the refusal says
+    how many the sale still has, so the service does not cache the SKU as sold out."""
+    inv = Contested(redis_client, "crowd", 2, coalesce=False)
+    inv.rival = next(f"rival{i}" for i in range(1000) if inv.home(f"rival{i}") is inv.home("alice"))
+    await inv.stock("hot", 40)
+    home = inv.home("alice")
+    await home.reserve(inv.rival, [("hot", 20)], request_id="first-grab")  # the home bucket is empty
+    with pytest.raises(SoldOut) as refused:
+        await inv.reserve("alice", [("hot", 1)], request_id="a-1")
+    left = await inv.snapshot("hot")
+    assert left is not None and left.available > 0, "the test needs units left elsewhere"
+    assert (refused.value.sku, refused.value.available) == ("hot", left.available)

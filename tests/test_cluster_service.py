@@ -98,6 +98,9 @@ def worker_process(
             proc.wait(10)
 
 
+HOLD_TTL_S = 12.0
+
+
 def sale_on_every_shard(rc: RedisCluster, tag: str, buckets: int) -> str:
     """A new sale id whose buckets' keys land on ``buckets`` different masters (the slot
     map is fixed, so some ids do; try until one does)."""
@@ -130,11 +133,14 @@ async def test_sales_sell_out_drain_from_every_shard_and_audit_clean(
     service = await cluster_service(database_url=pipeline_db_url)
     plain, plain_sku = new_id("plain"), new_id("sku")
     hot, hot_sku = sale_on_every_shard(rc, "hot", 3), new_id("sku")
+    # Holds must outlive the burst and the payments below, or lapsed units are sold again
+    # and "each unit sold once" no longer holds (a busy machine took > 2 s for the burst:
+    # 80 orders for 40 units, every one of them legitimate).
     await service.create_sale(
-        [{"sku": plain_sku, "stock": 40, "limit_per_user": 1}], sale=plain, hold_ttl_s=2.0
+        [{"sku": plain_sku, "stock": 40, "limit_per_user": 1}], sale=plain, hold_ttl_s=HOLD_TTL_S
     )
     await service.create_sale(
-        [{"sku": hot_sku, "stock": 60, "limit_per_user": 1}], sale=hot, buckets=3, hold_ttl_s=2.0
+        [{"sku": hot_sku, "stock": 60, "limit_per_user": 1}], sale=hot, buckets=3, hold_ttl_s=HOLD_TTL_S
     )
 
     # 150 buyers each try one unit of both SKUs at once, then once more (the limit is 1).
@@ -177,7 +183,7 @@ async def test_sales_sell_out_drain_from_every_shard_and_audit_clean(
         views = [await service.sku_counters(sale, sku) for sale, sku in ((plain, plain_sku), (hot, hot_sku))]
         return all(v["held"] == 0 for v in views)
 
-    await wait_for(lapsed, 15, "unpaid holds not lapsed by the sweeper")
+    await wait_for(lapsed, HOLD_TTL_S + 45, "unpaid holds not lapsed by the sweeper")
     engine_sales = [plain] + [f"{hot}-b{k}" for k in range(3)]
 
     async def drained() -> bool:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import asyncpg
+from cli_support import flashsale
 from redis.asyncio import Redis
 
 from flashsale import exit_codes
@@ -19,16 +20,7 @@ from flashsale.fence.recovery import _drain
 from flashsale.service.sales import SaleBook, SaleSettings, now_ms
 from inventory import Inventory
 
-
-def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    base = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
-    return subprocess.run(
-        [sys.executable, "-m", "flashsale", *args],
-        env={**base, **(env or {})},
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+cli = flashsale
 
 
 def test_help_lists_every_fault_and_what_it_proves() -> None:

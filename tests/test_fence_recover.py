@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import shutil
 import time
 import uuid
@@ -27,6 +28,7 @@ from redis.asyncio import Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 from flashsale.drills.checker import History, Operation, check, classify, observe
 from flashsale.fence import verify as fence
@@ -41,7 +43,7 @@ from flashsale.service.sales import SaleBook, SaleSettings, now_ms
 from flashsale.service.tokens import mint
 from flashsale.settings import Settings
 from flashsale.streams import stream_drained
-from inventory import BucketedInventory, Inventory, SoldOut
+from inventory import BucketedInventory, Inventory, SaleKeys, SoldOut
 
 SECRET, ADMIN = "fence-secret", "fence-admin"
 ADMIN_HEADERS = {"Authorization": f"Bearer {ADMIN}"}
@@ -462,6 +464,12 @@ async def test_a_forgotten_sale_is_not_a_loss(
 
 
 # ------------------------------------------------------------------------ buckets
+async def _request_records(redis: Redis, inv: Inventory) -> dict[str, Any]:
+    """A bucket's idempotency records of buyers' requests (not the stock changes' ones)."""
+    raw = await redis.hgetall(inv.keys.requests)
+    return {f: json.loads(v) for f, v in raw.items() if f.startswith("r:")}
+
+
 async def test_a_buckets_split_sale_is_rebuilt_per_bucket(
     text_redis: Redis, pipeline_pool: asyncpg.Pool
 ) -> None:
@@ -480,6 +488,7 @@ async def test_a_buckets_split_sale_is_rebuilt_per_bucket(
     await fence.record_sales(text_redis, pipeline_pool)
     await fence.ensure_lineage(text_redis, pipeline_pool)
     before = {b.sale: await b.snapshot("bk-phone") for b in inv.buckets}
+    records = {b.sale: await _request_records(text_redis, b) for b in inv.buckets}
 
     await text_redis.flushdb()
     verdict = await fence.verify(text_redis, pipeline_pool)
@@ -493,6 +502,8 @@ async def test_a_buckets_split_sale_is_rebuilt_per_bucket(
         await text_redis.hget("fs:sale:bk", "buckets") == "3"
         and await text_redis.hget("fs:sale:bk", "fenced") == ""
     )
+    # Every buyer's idempotency record is back where the engine keeps it, as it was.
+    assert {b.sale: await _request_records(text_redis, b) for b in inv.buckets} == records
     again = await inv.reserve("u1", [("bk-phone", 1)], request_id="r1")  # replays from the home bucket
     assert again.replayed and again.hold_id == holds[1].hold_id
     sold = 0
@@ -542,3 +553,183 @@ async def test_without_postgresql_the_guard_sells_on_unverified(redis_client: Re
         assert not guard.fenced and guard.verifying is None
     finally:
         await client.close()
+
+
+# ------------------------------------------------------------------- generations
+async def redis_now_ms(r: Redis) -> int:
+    seconds, micros = await r.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def retire(r: Redis, pool: asyncpg.Pool, sale: str, engines: list[str]) -> None:
+    """What an operator does to remove a sale on purpose: its keys out of Redis, then
+    `flashsale recover --forget`."""
+    for engine in engines:
+        await r.delete(*SaleKeys("fs", engine).all())
+    await r.delete(f"fs:sale:{sale}")
+    await r.srem("fs:sales", sale, *engines)
+    assert await forget(pool, prefix="fs", sale=sale)
+
+
+async def create_again(r: Redis, pool: asyncpg.Pool, stock: int, sold: int) -> Inventory:
+    """Sale ``v1`` created again (a new generation): ``sold`` units paid, drained, recorded."""
+    await SaleBook(r, "fs").create(
+        SaleSettings("v1", now_ms(), state="open", generation=await redis_now_ms(r)), ["v1-phone"], ["v1"]
+    )
+    inv = Inventory(r, "v1", coalesce=False)
+    await inv.stock("v1-phone", stock)
+    for i in range(sold):
+        await inv.confirm((await inv.reserve(f"g{i}", [("v1-phone", 1)], request_id=f"r{i}")).hold_id)
+    await _drain(r, pool, "fs", "v1", "0-0")
+    await fence.record_sales(r, pool)
+    return inv
+
+
+async def test_a_sale_created_again_after_forget_is_fenced_like_any_sale(
+    recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool
+) -> None:
+    """Issue 12, item 6: the forgotten flag of the first creation no longer hides the next,
+    and the next is compared with its own orders only (3 holds then, 2 paid now)."""
+    await retire(text_redis, pipeline_pool, "v1", ["v1"])
+    await create_again(text_redis, pipeline_pool, stock=5, sold=2)
+    verdict = await fence.verify(text_redis, pipeline_pool)
+    assert verdict.ok, verdict.losses
+    assert verdict.checked == ("v1",)
+    rows = await pipeline_pool.fetch("SELECT generation, forgotten_at FROM fence_sales ORDER BY generation")
+    assert [r["forgotten_at"] is None for r in rows] == [False, True]
+
+    await text_redis.hincrby("{fs:v1}:stock", "v1-phone:sold", -1)  # Redis went back in time
+    verdict = await fence.verify(text_redis, pipeline_pool)
+    assert any("counts 1 sold, PostgreSQL has 2 paid" in loss.reason for loss in verdict.losses), (
+        verdict.losses
+    )
+
+
+async def test_redis_holding_an_earlier_creation_is_a_loss(
+    recorded_sale: Inventory, redis_client: Redis, text_redis: Redis, pipeline_pool: asyncpg.Pool
+) -> None:
+    keys = [*SaleKeys("fs", "v1").all(), "fs:sale:v1"]
+    first = {k: await redis_client.dump(k) for k in keys if await redis_client.exists(k)}
+    await retire(text_redis, pipeline_pool, "v1", ["v1"])
+    await create_again(text_redis, pipeline_pool, stock=5, sold=2)
+    for key, blob in first.items():  # restarted from a copy older than the new creation
+        await redis_client.restore(key, 0, blob, replace=True)
+    verdict = await fence.verify(text_redis, pipeline_pool)
+    assert set(verdict.lost_sales()) == {"v1"}
+    assert any("earlier creation of v1" in loss.reason for loss in verdict.losses)
+
+    report = await recover(text_redis, pipeline_pool)  # rebuilds the generation recorded last
+    assert report.ok, report.table()
+    assert report.recovered[0].orders == {"paid": 2} and report.recovered[0].settings_restored
+    snap = await Inventory(text_redis, "v1").snapshot("v1-phone")
+    assert snap is not None and (snap.total, snap.sold, snap.available) == (5, 2, 3)
+
+
+async def test_a_sale_created_over_one_never_retired_is_a_loss_until_retired(
+    recorded_sale: Inventory, text_redis: Redis, pipeline_pool: asyncpg.Pool
+) -> None:
+    """A Redis wiped, then given a new sale of the same id, must not pass for a new
+    creation: the first one's orders would be lost without a word."""
+    await text_redis.delete(*SaleKeys("fs", "v1").all(), "fs:sale:v1")  # nobody retired it
+    await create_again(text_redis, pipeline_pool, stock=5, sold=0)
+    verdict = await fence.verify(text_redis, pipeline_pool)
+    assert "flashsale recover --forget v1" in verdict.lost_sales()["v1"]
+    report = await recover(text_redis, pipeline_pool)
+    assert not report.ok and "not rebuilt" in report.table()
+    assert await Inventory(text_redis, "v1").snapshot("v1-phone") is not None  # left as it is
+
+    assert await forget(pipeline_pool, prefix="fs", sale="v1")
+    assert (await fence.verify(text_redis, pipeline_pool)).ok  # a new creation: recorded next
+    await fence.record_sales(text_redis, pipeline_pool)
+    verdict = await fence.verify(text_redis, pipeline_pool)
+    assert verdict.ok and verdict.checked == ("v1",)
+
+
+async def test_a_yearly_sale_id_used_again_is_fenced_and_recovered_on_its_own(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 12, item 6, end to end: d11 sold out and retired; d11 created again, sold out
+    and paid; Redis restarted from a copy taken before the second sale sold. The second d11
+    is fenced (it once sold the same 3 units again), recovery rebuilds it from its own
+    orders, and it stays sold out."""
+    sku = "d11-phone"
+    three = {"skus": [{"sku": sku, "stock": 3}]}
+    await stack.start_service()
+    await stack.start_worker()
+    assert stack.client is not None
+
+    async def sell_out(tag: str) -> None:
+        for i in range(3):
+            status, body = await stack.order(f"{tag}{i}", sku, f"{tag}-r{i}")
+            assert status == 201, body
+            assert (await stack.close_order(f"{tag}{i}", body["order_id"], "pay"))[0] == 200
+        assert (await stack.order(f"{tag}9", sku, f"{tag}-r9"))[1]["error"] == "sold_out"
+        await stack.drained("d11")
+
+    async def create() -> Any:
+        assert stack.client is not None
+        return await stack.client.post(
+            "/api/admin/sales", headers=ADMIN_HEADERS, json={"sale": "d11", "open": True, **three}
+        )
+
+    await stack.create_sale("d11", **three)
+    await sell_out("a")
+    await stack.recorded("d11")
+
+    await stack.redis.delete(*SaleKeys("fs", "d11").all(), "fs:sale:d11")  # the operator removes it
+    await stack.redis.hdel("fs:skus", sku)
+    await stack.redis.srem("fs:sales", "d11")
+    refused = await create()
+    assert (refused.status, (await refused.json())["error"]) == (409, "sale_not_retired")
+    assert await forget(stack.pool, prefix="fs", sale="d11")
+    await stack.redis.hset("{fs:d11}:stock", "left:total", 1)
+    refused = await create()
+    assert (refused.status, (await refused.json())["error"]) == (409, "sale_keys_remain")
+    await stack.redis.delete("{fs:d11}:stock")
+    created = await create()
+    assert created.status == 201, await created.text()
+    second = (await created.json())["generation"]
+
+    async def writer_reads_it() -> bool:  # the new stream's group: the writer found the sale again
+        with contextlib.suppress(ResponseError):
+            return bool(await stack.redis.xinfo_groups("{fs:d11}:events"))
+        return False
+
+    await wait_for(writer_reads_it, what="the writer to find the second d11")
+    await stack.drained("d11")
+
+    async def second_recorded() -> bool:
+        return bool(
+            await stack.pool.fetchval(
+                "SELECT count(*) FROM fence_sales WHERE sale = 'd11' AND generation = $1", second
+            )
+        )
+
+    await wait_for(second_recorded, what="the guard to record the second d11")
+    copy = tmp_path / "older"
+    shutil.copytree(stack.server.data_dir, copy)
+    await sell_out("b")
+
+    restart_redis(stack.server, data_from=copy)
+
+    async def fenced() -> bool:
+        status, body = await stack.order("late", sku, "late-" + uuid.uuid4().hex[:6])
+        assert status != 201, "the second d11 sold its units again"
+        return status == 503 and body["error"] == "sale_fenced" and "flashsale recover" in body["message"]
+
+    await wait_for(fenced, what="the second d11 to be fenced")
+    assert set((await fence.verify(stack.redis, stack.pool)).lost_sales()) == {"d11"}
+
+    report = await recover(stack.redis, stack.pool)
+    assert report.ok, report.table()
+    assert report.recovered[0].orders == {"paid": 3}  # the second creation's orders only
+
+    async def sold_out_again() -> bool:
+        status, body = await stack.order("c0", sku, "c-r0")
+        assert status != 201, "sold beyond the 3 units"
+        return (status, body.get("error")) == (409, "sold_out")
+
+    await wait_for(sold_out_again, what="the sale to reopen, sold out")
+    await stack.drained("d11")
+    audit = await run_audit(stack.redis, stack.pool, wait_drain_s=10)
+    assert audit.ok, audit.table()

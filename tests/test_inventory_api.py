@@ -17,7 +17,7 @@ from inventory_support import audit_sale, events, open_sale
 
 import inventory
 from inventory import _errors, _validate
-from inventory._scripts import SCRIPT_NAMES, script_source
+from inventory._scripts import ROOM_SCRIPT_NAMES, SCRIPT_NAMES, script_source
 
 EXPECTED_EXPORTS = {
     "DEFAULT_HOLD_TTL",
@@ -27,7 +27,9 @@ EXPECTED_EXPORTS = {
     "OrderEvent",
     "StockEvent",
     "StreamId",
+    "TicketRefused",
     "parse_event",
+    "replay_shuffle",
     "BucketedInventory",
     "ExpiryBatch",
     "Hold",
@@ -46,6 +48,8 @@ EXPECTED_EXPORTS = {
     "Line",
     "OutcomeUnknown",
     "Refused",
+    "RoomSettings",
+    "RoomStatus",
     "RequestConflict",
     "SaleKeys",
     "SkuExists",
@@ -53,6 +57,7 @@ EXPECTED_EXPORTS = {
     "SoldOut",
     "StockState",
     "UnknownSku",
+    "WaitingRoom",
     "bucket_sale_id",
     "parent_sale_id",
 }
@@ -82,7 +87,7 @@ def test_every_error_has_a_distinct_stable_code() -> None:
         and issubclass(obj, Exception)
         and obj is not inventory.EventError
     ]
-    assert len(errors) == 16
+    assert len(errors) == 17
     assert all(issubclass(cls, inventory.InventoryError) for cls in errors)
     codes = [cls.code for cls in errors]
     assert len(set(codes)) == len(codes)
@@ -160,7 +165,8 @@ def test_includes_exist_and_say_what_they_share(name: str) -> None:
 
 
 def test_every_include_is_used() -> None:
-    used = {inc for n in SCRIPT_NAMES for inc in re.findall(r"^-- @include (\w+)$", lua(f"{n}.lua"), re.M)}
+    names = (*SCRIPT_NAMES, *ROOM_SCRIPT_NAMES)
+    used = {inc for n in names for inc in re.findall(r"^-- @include (\w+)$", lua(f"{n}.lua"), re.M)}
     present = {
         p.name.removesuffix(".lua")
         for p in resources.files("inventory").joinpath("lua", "includes").iterdir()
@@ -170,22 +176,26 @@ def test_every_include_is_used() -> None:
 
 
 class Recorder:
-    """Stands in front of a registered Script and records the KEYS and ARGV it is sent."""
+    """Stands in front of a registered Script and records the sale, KEYS and ARGV it is sent."""
 
-    def __init__(self, script: Any, calls: list[tuple[list[str], list[Any]]]) -> None:
-        self.script, self.calls = script, calls
+    def __init__(self, script: Any, calls: list[tuple[str, list[str], list[Any]]], sale: str) -> None:
+        self.script, self.calls, self.sale = script, calls, sale
 
     async def __call__(self, *, keys: list[str], args: list[Any]) -> Any:
-        self.calls.append((list(keys), list(args)))
+        self.calls.append((self.sale, list(keys), list(args)))
         return await self.script(keys=keys, args=args)
 
 
 async def test_headers_match_the_keys_and_argv_python_sends(redis_url: str) -> None:
     """What each header documents is what the engine really passes: the KEYS in order
     (by name) and the number of ARGV; and each body reads no KEYS/ARGV beyond that."""
+    sent: dict[str, list[tuple[str, list[str], list[Any]]]] = {n: [] for n in SCRIPT_NAMES}
+
+    def record(inv: inventory.Inventory) -> None:
+        inv._scripts = {n: Recorder(s, sent[n], inv.sale) for n, s in inv._scripts.items()}
+
     async with open_sale(redis_url, "hdr", coalesce=False) as inv:
-        sent: dict[str, list[tuple[list[str], list[Any]]]] = {n: [] for n in SCRIPT_NAMES}
-        inv._scripts = {n: Recorder(s, sent[n]) for n, s in inv._scripts.items()}
+        record(inv)
         await inv.stock("a", 10, reserve=2)
         await inv.stock("b", 10)
         await inv.adjust("a", 1)
@@ -195,12 +205,23 @@ async def test_headers_match_the_keys_and_argv_python_sends(redis_url: str) -> N
         await inv.confirm(h1.hold_id)
         await inv.release(h2.hold_id)
         await inv.expire_due()
+        # A buckets-split sale's transfers: one made, one cut after its intent and settled.
+        split = inventory.BucketedInventory(inv.redis, inv.sale[:20] + "x", 2, coalesce=False)
+        for bucket in split.buckets:
+            record(bucket)
+        await split.stock("a", 10)
+        donor, home = split.buckets
+        await split.transfer("a", 2, source=donor, target=home)
+        await home._mutate("transfer_begin", [home.keys.transfers], ["cut1", donor.sale, "a", 1], "a")
+        await split.settle_transfers(older_than_s=0)
+        for bucket in split.buckets:
+            await inv.redis.delete(*bucket.keys.all())
     for name in SCRIPT_NAMES:
         assert sent[name], f"{name} was not exercised"
         doc, code = header(name), body(name)
         keys_doc = dict(re.findall(r"KEYS\[(\d+)\]\s+(\w+)", doc))
-        for keys, args in sent[name]:
-            assert [f"{{fs:{inv.sale}}}:{keys_doc[str(i + 1)]}" for i in range(len(keys_doc))] == keys
+        for sale, keys, args in sent[name]:
+            assert [f"{{fs:{sale}}}:{keys_doc[str(i + 1)]}" for i in range(len(keys_doc))] == keys
             used = {int(i) for i in re.findall(r"KEYS\[(\d+)\]", code)}
             assert used == set(range(1, len(keys) + 1)), f"{name} reads KEYS {sorted(used)}"
             argv_doc = {int(i) for i in re.findall(r"ARGV\[(\d+)\]", doc)}

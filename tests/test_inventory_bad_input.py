@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from inventory_support import audit_sale, dump_sale, open_sale
 
-from inventory import Hold, Inventory, InventoryError, Line
+from inventory import Hold, Inventory, InventoryError, Line, SaleKeys
 from inventory._errors import (
     HOLD_NOT_FOUND,
     INSUFFICIENT_STOCK,
@@ -142,9 +142,10 @@ CASES: dict[str, tuple[Call, str]] = {
         lambda s: s.inv.reserve("alice", [("phone", 1), ("case", 1)], request_id="r-held"),
         "request_conflict",
     ),
-    "request id reused, other user": (
-        lambda s: s.inv.reserve("mallory", [("phone", 2), ("case", 1)], request_id="r-held"),
-        "request_conflict",
+    # Another buyer's request id is no clue: past the limit, the answer is about the limit.
+    "another buyer's request id, over the limit": (
+        lambda s: s.inv.reserve("mallory", [("phone", 4)], request_id="r-held"),
+        "limit_exceeded",
     ),
     "request id of a cancelled hold, other cart": (
         lambda s: s.inv.reserve("carol", "phone", request_id="r-cancelled"),
@@ -257,6 +258,8 @@ RESERVE_ARGV: dict[str, tuple[list[Any], str]] = {
     "line count not a number": ([1, "q1", "h1", "dave", 60_000, "x", "phone", 1], "bad_batch"),
     "empty request id": (batch(group("")), "bad_batch"),
     "empty user": (batch(group("q1", None, "")), "bad_batch"),
+    # Nor users: "r:<user>:<request id>" must name one buyer's record.
+    "user with ':'": (batch(group("q1", None, "r:dave")), "bad_batch"),
     "no arguments": ([], "bad_batch"),
     # The "validate the whole batch first" case: the first request is good and would
     # write a hold; the second is malformed. Nothing may be written.
@@ -308,12 +311,13 @@ async def test_a_damaged_request_record_is_refused_not_raised(sale: Sale) -> Non
     later request would leave the earlier requests' holds without their counters. A
     request record that does not decode, or names a hold that is gone, is refused."""
     inv = sale.inv
-    await inv.redis.hset(inv.keys.requests, "gone", '{"h":"' + inv.sale + '.gone","f":"dave|phone:1"}')
-    await inv.redis.hset(inv.keys.requests, "garbled", "not json")
+    gone, garbled = SaleKeys.request_field("dave", "gone"), SaleKeys.request_field("dave", "garbled")
+    await inv.redis.hset(inv.keys.requests, gone, '{"h":"' + inv.sale + '.gone","f":"dave|phone:1"}')
+    await inv.redis.hset(inv.keys.requests, garbled, "not json")
     reply = await scripted(inv, "reserve", batch(group("q1"), group("gone"), group("garbled"), group("q2")))
     assert [r[0] for r in reply] == [0, INVALID, INVALID, 0]
     assert reply[1][1] == reply[2][1] == b"bad_request_record"
-    await inv.redis.hdel(inv.keys.requests, "gone", "garbled")
+    await inv.redis.hdel(inv.keys.requests, gone, garbled)
     assert await audit_sale(inv.redis, inv.keys) == []
 
 

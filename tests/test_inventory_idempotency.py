@@ -6,12 +6,13 @@ an outcome Redis did not report is OutcomeUnknown, never a refusal."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
-from inventory_support import audit_sale, dump_sale, events, open_sale
+from inventory_support import audit_sale, connect, drop_sale, dump_sale, events, new_sale_id, open_sale
 from redis.asyncio import Redis
 from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
@@ -19,7 +20,17 @@ from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis_mode import command_stats, single_server_only
 
-from inventory import HoldState, Inventory, OutcomeUnknown, RequestConflict, SoldOut
+from inventory import (
+    BucketedInventory,
+    Hold,
+    HoldState,
+    Inventory,
+    LimitExceeded,
+    OutcomeUnknown,
+    RequestConflict,
+    SaleKeys,
+    SoldOut,
+)
 
 #: The re-send tests build a one-server ``Redis()`` (its default retry is the premise) and
 #: DEBUG SLEEP the server the URL names: on a cluster both reach one node of three.
@@ -83,14 +94,15 @@ async def test_conflicting_payload_in_one_batch_is_refused(redis_url: str) -> No
         results = await asyncio.gather(
             inv.reserve("alice", "phone", request_id="dup"),
             inv.reserve("alice", "case", request_id="dup"),
-            inv.reserve("mallory", "phone", request_id="dup"),
+            inv.reserve("mallory", "phone", request_id="dup"),  # her own "dup": a hold of her own
             return_exceptions=True,
         )
-        assert not isinstance(results[0], BaseException)
-        assert isinstance(results[1], RequestConflict) and isinstance(results[2], RequestConflict)
+        assert isinstance(results[0], Hold) and isinstance(results[2], Hold)
+        assert isinstance(results[1], RequestConflict)
         assert results[1].details["hold_id"] == results[0].hold_id
+        assert results[2].hold_id != results[0].hold_id and not results[2].replayed
         snaps = await inv.snapshots()
-        assert (snaps["phone"].held, snaps["case"].held) == (1, 0)
+        assert (snaps["phone"].held, snaps["case"].held) == (2, 0)
 
 
 @pytest.mark.parametrize("coalesce", [True, False])
@@ -107,12 +119,9 @@ async def test_many_concurrent_retries_make_one_hold(redis_url: str, coalesce: b
         assert await audit_sale(inv.redis, inv.keys) == []
 
 
-@pytest.mark.parametrize(
-    ("user", "lines"),
-    [("alice", [("phone", 1)]), ("alice", [("phone", 2), ("case", 1)]), ("bob", [("phone", 2)])],
-)
-async def test_request_id_reused_with_another_payload_changes_nothing(
-    redis_url: str, user: str, lines: list[tuple[str, int]]
+@pytest.mark.parametrize("lines", [[("phone", 1)], [("phone", 2), ("case", 1)]])
+async def test_request_id_reused_with_another_cart_changes_nothing(
+    redis_url: str, lines: list[tuple[str, int]]
 ) -> None:
     async with open_sale(redis_url, "conflict") as inv:
         await inv.stock("phone", 5)
@@ -120,7 +129,7 @@ async def test_request_id_reused_with_another_payload_changes_nothing(
         first = await inv.reserve("alice", [("phone", 2)], request_id="r-1")
         before = await dump_sale(inv.redis, inv.keys)
         with pytest.raises(RequestConflict) as conflict:
-            await inv.reserve(user, lines, request_id="r-1")
+            await inv.reserve("alice", lines, request_id="r-1")
         assert conflict.value.code == "request_conflict"
         assert conflict.value.details["hold_id"] == first.hold_id
         assert await dump_sale(inv.redis, inv.keys) == before
@@ -316,3 +325,53 @@ async def test_outcome_unknown_when_redis_stays_silent_past_every_retry(redis_ur
             assert await audit_sale(inv.redis, inv.keys) == []
         finally:
             await impatient.aclose()
+
+
+# ------------------------------------------------------- one id, two buyers
+
+
+def same_home(inv: BucketedInventory, user: str) -> str:
+    """Another buyer whose home bucket is ``user``'s (so both meet the same requests hash)."""
+    home = inv.home(user)
+    return next(f"mallory{i}" for i in range(1000) if inv.home(f"mallory{i}") is home)
+
+
+@pytest.mark.parametrize("buckets", [0, 3], ids=["plain", "bucketed"])
+async def test_request_ids_are_scoped_per_buyer(redis_url: str, buckets: int) -> None:
+    """A buyer who sends ``alice-1`` first neither blocks Alice's own ``alice-1`` nor
+    learns anything about it: each buyer's request ids are their own."""
+    async with connect(redis_url) as client:
+        sale = new_sale_id("scope")
+        inv: Inventory | BucketedInventory = (
+            BucketedInventory(client, sale, buckets) if buckets else Inventory(client, sale)
+        )
+        mallory = same_home(inv, "alice") if isinstance(inv, BucketedInventory) else "mallory"
+        try:
+            await inv.stock("phone", 9, limit_per_user=2)
+            theirs = await inv.reserve(mallory, [("phone", 1)], request_id="alice-1")
+            mine = await inv.reserve("alice", [("phone", 2)], request_id="alice-1")
+            assert not mine.replayed and mine.hold_id != theirs.hold_id and mine.user == "alice"
+            # Each buyer's retry still finds their own first outcome.
+            again = await inv.reserve("alice", [("phone", 2)], request_id="alice-1")
+            assert again.replayed and again.hold_id == mine.hold_id
+            replay = await inv.reserve(mallory, [("phone", 1)], request_id="alice-1")
+            assert replay.replayed and replay.hold_id == theirs.hold_id
+            # Asking past the limit answers the same for a taken id and a fresh one.
+            for request_id in ("alice-1", "never-used"):
+                with pytest.raises(LimitExceeded):
+                    await inv.reserve("eve", [("phone", 3)], request_id=request_id)
+            # Alice changing her cart under her own id is still a conflict, naming her hold.
+            with pytest.raises(RequestConflict) as conflict:
+                await inv.reserve("alice", [("phone", 1)], request_id="alice-1")
+            assert conflict.value.details["hold_id"] == mine.hold_id
+            snap = await inv.snapshot("phone")
+            assert snap is not None and (snap.held, snap.available) == (3, 6)
+            # The records sit where SaleKeys says (recovery rebuilds them there).
+            for user, hold in (("alice", mine), (mallory, theirs)):
+                part = inv.home(user) if isinstance(inv, BucketedInventory) else inv
+                raw = await client.hget(part.keys.requests, SaleKeys.request_field(user, "alice-1"))
+                assert raw is not None and json.loads(raw)["h"] == hold.hold_id
+        finally:
+            await inv.aclose()
+            for part in inv.buckets if isinstance(inv, BucketedInventory) else [inv]:
+                await drop_sale(client, part.keys)

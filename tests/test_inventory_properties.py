@@ -1,16 +1,18 @@
 """Properties: hypothesis drives random sequences of every engine call — stocking,
 single and coalesced multi-line reservations by several buyers (some over the stock or
-the per-user limit, some reusing request ids, some with holds that lapse after 1 ms),
-confirm, release, the sweeper, restock, write-off, reserve release — against a plain
-Python model of the rules. After every step Redis must equal the model exactly (counters,
-hold states, per-user counts, open deadlines, the events of that step), and the invariants
-must hold when read straight from Redis (conservation, held counter, limits, one event per
-state change: inventory_support.audit_sale)."""
+the per-user limit, some reusing request ids — their own or another buyer's — some with
+holds that lapse after 1 ms), confirm, release, the sweeper, restock, write-off, reserve
+release — against a plain Python model of the rules. After every step Redis must equal
+the model exactly (counters, hold states, per-user counts, each buyer's idempotency
+records, open deadlines, the events of that step), and the invariants must hold when read
+straight from Redis (conservation, held counter, limits, one event per state change:
+inventory_support.audit_sale)."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +42,7 @@ from inventory import (
     LimitExceeded,
     Line,
     RequestConflict,
+    SaleKeys,
     SkuExists,
     Snapshot,
     SoldOut,
@@ -69,7 +72,8 @@ class Model:
 
     skus: dict[str, Snapshot] = field(default_factory=dict)
     holds: dict[str, ModelHold] = field(default_factory=dict)
-    requests: dict[str, tuple[str, str]] = field(default_factory=dict)  # id -> (fingerprint, hold)
+    # (user, request id) -> (fingerprint, hold): request ids are each buyer's own
+    requests: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     counts: Counter[str] = field(default_factory=Counter)  # "<user>:<sku>" -> units held or bought
     events: list[tuple[str, str]] = field(default_factory=list)  # this step's (type, hold or sku)
 
@@ -80,8 +84,8 @@ class Model:
     def reserve(self, user: str, cart: tuple[Line, ...], request_id: str) -> tuple[str, Any]:
         """-> ("new", None) | ("replayed", hold id) | ("error", exception type and details)."""
         fingerprint = user + "".join(f"|{line.sku}:{line.qty}" for line in cart)
-        if request_id in self.requests:
-            first, hold_id = self.requests[request_id]
+        if (user, request_id) in self.requests:
+            first, hold_id = self.requests[(user, request_id)]
             if first != fingerprint:
                 return "error", (RequestConflict, {"hold_id": hold_id})
             return "replayed", hold_id
@@ -102,7 +106,7 @@ class Model:
     def record_hold(self, hold: Hold, lapsing: bool) -> None:
         assert hold.hold_id not in self.holds
         fingerprint = hold.user + "".join(f"|{line.sku}:{line.qty}" for line in hold.lines)
-        self.requests[hold.request_id] = (fingerprint, hold.hold_id)
+        self.requests[(hold.user, hold.request_id)] = (fingerprint, hold.hold_id)
         self.holds[hold.hold_id] = ModelHold(
             hold.user, hold.lines, "held", hold.deadline_ms, lapsing, hold.request_id
         )
@@ -136,7 +140,8 @@ carts = st.lists(
 
 # (user, cart, request id, a hold that lapses after 1 ms?). The request id is new, or a
 # retry of an earlier request (same id, user and cart), or an earlier id with this
-# user and cart (a conflict unless they happen to match, or the first was refused).
+# user and cart (a conflict if that buyer used it for another cart; a new hold if the id
+# was another buyer's, or the first was refused).
 cart_requests = st.tuples(
     st.sampled_from(USERS), carts, st.sampled_from(("new", "new", "new", "retry", "reuse")), st.booleans()
 )
@@ -252,7 +257,10 @@ class SaleMachine(RuleBasedStateMachine):
                 first = self.model.holds[data.draw(st.sampled_from(list(self.model.holds)))]
                 user, cart, rid = first.user, first.lines, first.request_id
             elif mode == "reuse" and (self.model.requests or self.refused_ids):
-                rid = data.draw(st.sampled_from(sorted({*self.model.requests, *self.refused_ids})))
+                # Any id seen before, whoever used it: a conflict for the same buyer with
+                # another cart, a hold of their own for any other buyer.
+                used = {rid for _, rid in self.model.requests}
+                rid = data.draw(st.sampled_from(sorted({*used, *self.refused_ids})))
             else:
                 rid = self.new_request_id()
             calls.append((user, cart, rid, lapsing))
@@ -278,7 +286,7 @@ class SaleMachine(RuleBasedStateMachine):
             if verdict == "error":
                 kind, details = detail
                 self.expect_error(got, kind, **details)
-                if rid not in self.model.requests:
+                if (user, rid) not in self.model.requests:
                     self.refused_ids.add(rid)
                 continue
             assert isinstance(got, Hold), got
@@ -406,6 +414,12 @@ class SaleMachine(RuleBasedStateMachine):
         for user_sku, n in users.items():
             limit = m.skus[user_sku.rpartition(":")[2]].limit_per_user
             assert not limit or n <= limit
+        records = {
+            k.decode(): json.loads(v)["h"]
+            for k, v in self.run(self.client.hgetall(self.keys.requests)).items()
+            if not k.startswith(b"op:")
+        }
+        assert records == {SaleKeys.request_field(u, r): h for (u, r), (_, h) in m.requests.items()}
         due = {d.decode() for d in self.run(self.client.zrange(self.keys.deadlines, 0, -1))}
         assert due == {h for h, mh in m.holds.items() if mh.state == "held"}
         fresh = self.run(self.client.xrange(self.keys.events, min=f"({self.last_event}"))

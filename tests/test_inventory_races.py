@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ProcessPoolExecutor
 
+import pytest
 from inventory_support import (
     audit_sale,
     close_worker,
@@ -126,41 +127,61 @@ async def race_the_deadline(
 DEADLINES_MS = [300 + i * 400 // HOLDS for i in range(HOLDS)]  # spread over 0.4 s
 
 
+#: A round whose closes all fired too late (a busy machine delays the timers while the
+#: sweeper runs flat out) checks one winner but shows no race; rounds repeat until one does.
+RACE_ROUNDS = 5
+
+
 async def test_confirm_racing_the_deadline_and_the_sweeper_has_one_winner(redis_url: str) -> None:
     """Each confirm fires around its hold's deadline, from two clients, while the sweeper
     runs on a third."""
-    async with open_sale(redis_url, "payvsdeadline") as inv, connect(redis_url, max_connections=16) as other:
-        payer2 = Inventory(other, inv.sale, coalesce=False)
-        holds = await make_holds(inv, DEADLINES_MS)
-        results, swept = await race_the_deadline(
-            redis_url, inv, holds, lambda i, h: (inv if i % 2 else payer2).confirm(h.hold_id), seed=2
-        )
-        states = await final_states(inv)
-        for h, seen in zip(holds, results, strict=True):
-            assert seen in ("paid", "hold_expired"), seen
-            assert states[h.hold_id] == ("paid" if seen == "paid" else "expired")
-            if h.hold_id in swept:
-                assert seen == "hold_expired"
-        tally = Counter(states.values())
-        assert tally["paid"] and tally["expired"], f"no real race: {tally}"
-        await assert_units_moved_once(inv, states)
+    tallies = []
+    for round_no in range(RACE_ROUNDS):
+        async with (
+            open_sale(redis_url, f"payvsdeadline{round_no}") as inv,
+            connect(redis_url, max_connections=16) as other,
+        ):
+            payer2 = Inventory(other, inv.sale, coalesce=False)
+            holds = await make_holds(inv, DEADLINES_MS)
+            results, swept = await race_the_deadline(
+                redis_url,
+                inv,
+                holds,
+                lambda i, h, inv=inv, payer2=payer2: (inv if i % 2 else payer2).confirm(h.hold_id),
+                seed=2,
+            )
+            states = await final_states(inv)
+            for h, seen in zip(holds, results, strict=True):
+                assert seen in ("paid", "hold_expired"), seen
+                assert states[h.hold_id] == ("paid" if seen == "paid" else "expired")
+                if h.hold_id in swept:
+                    assert seen == "hold_expired"
+            await assert_units_moved_once(inv, states)
+            tallies.append(tally := Counter(states.values()))
+            if tally["paid"] and tally["expired"]:
+                return
+    pytest.fail(f"no real race in {RACE_ROUNDS} rounds: {tallies}")
 
 
 async def test_release_racing_the_deadline_and_the_sweeper_has_one_winner(redis_url: str) -> None:
-    async with open_sale(redis_url, "cancelvsdeadline") as inv:
-        holds = await make_holds(inv, DEADLINES_MS)
-        results, swept = await race_the_deadline(
-            redis_url, inv, holds, lambda i, h: inv.release(h.hold_id), seed=3
-        )
-        states = await final_states(inv)
-        for h, seen in zip(holds, results, strict=True):
-            assert seen in ("cancelled", "expired"), seen
-            assert states[h.hold_id] == seen
-            if h.hold_id in swept:
-                assert seen == "expired"
-        tally = Counter(states.values())
-        assert tally["cancelled"] and tally["expired"], f"no real race: {tally}"
-        await assert_units_moved_once(inv, states)
+    tallies = []
+    for round_no in range(RACE_ROUNDS):
+        async with open_sale(redis_url, f"cancelvsdeadline{round_no}") as inv:
+            holds = await make_holds(inv, DEADLINES_MS)
+            results, swept = await race_the_deadline(
+                redis_url, inv, holds, lambda i, h, inv=inv: inv.release(h.hold_id), seed=3
+            )
+            states = await final_states(inv)
+            for h, seen in zip(holds, results, strict=True):
+                assert seen in ("cancelled", "expired"), seen
+                assert states[h.hold_id] == seen
+                if h.hold_id in swept:
+                    assert seen == "expired"
+            await assert_units_moved_once(inv, states)
+            tallies.append(tally := Counter(states.values()))
+            if tally["cancelled"] and tally["expired"]:
+                return
+    pytest.fail(f"no real race in {RACE_ROUNDS} rounds: {tallies}")
 
 
 def test_processes_racing_confirm_release_and_sweep_have_one_winner(redis_url: str) -> None:

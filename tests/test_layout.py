@@ -107,3 +107,18 @@ def test_wings_use_each_other_only_through_public_names() -> None:
                 if private:
                     bad.append(f"{path.relative_to(ROOT)}:{line}: {module} {private}")
     assert not bad, bad
+
+
+def test_postgresql_is_read_in_one_place() -> None:
+    """The read side of the order record has one owner (flashsale/ledger.py): no other
+    module queries orders, order_lines or stock_events. The writer writes them."""
+    import re
+
+    reads = re.compile(r"\b(FROM|JOIN)\s+(orders|order_lines|stock_events)\b", re.I)
+    bad = [
+        f"{path.relative_to(ROOT)}: {m.group(0)}"
+        for path in _modules("flashsale")
+        if path.name not in ("ledger.py", "writer.py")
+        for m in reads.finditer(path.read_text(encoding="utf-8"))
+    ]
+    assert not bad, bad

@@ -1,5 +1,6 @@
-"""Personas: weights, what counts as an expected answer, what an order reply tells the oracle,
-and the retry-storm clients' backoff."""
+"""flashsale's personas: weights and the mix per window (through the kit's Rehearsal), what
+counts as an expected answer, what an order answer tells the oracle, and the retry-storm
+clients' backoff."""
 
 from __future__ import annotations
 
@@ -12,44 +13,52 @@ import pytest
 
 from loadtests.arrivals import Arrival
 from loadtests.personas import (
+    DEFAULT_WEIGHTS,
+    KINDS,
     PERSONAS,
-    PersonaWeights,
-    Reply,
-    Shopper,
+    VISITS,
     backoff_delays,
     classify,
     order_outcome,
 )
+from loadtests.rehearsal import Rehearsal, parse_weights
+
+
+def _drill() -> Rehearsal:
+    """The drill's personas registered as loadtests/surge.py does (without plugging into Locust)."""
+    rehearsal = Rehearsal("flashsale")
+    for name, visit in VISITS.items():
+        rehearsal.persona(visit, name=name, weight=DEFAULT_WEIGHTS[name], kinds=KINDS[name])
+    return rehearsal
 
 
 def test_weights_parse_and_pick_in_proportion() -> None:
-    w = PersonaWeights.parse("browser=1, bot=3")
-    assert w.as_dict() == {"browser": 1.0, "buyer": 0.0, "abandoner": 0.0, "bot": 3.0, "retry_storm": 0.0}
+    rehearsal = _drill()
+    w = rehearsal.weights("browser=1, bot=3")
+    assert w == {"browser": 1.0, "buyer": 0.0, "abandoner": 0.0, "bot": 3.0, "retry_storm": 0.0}
+    assert rehearsal.weights("") == {p: float(DEFAULT_WEIGHTS[p]) for p in PERSONAS}
     rng = random.Random(4)
-    picks = Counter(w.pick(rng) for _ in range(20_000))
+    opening = Arrival(3, 0.0, 0.0, "opening", "open")
+    picks = Counter(rehearsal.pick(opening, w, rng).name for _ in range(20_000))
     assert set(picks) == {"browser", "bot"}
     assert picks["bot"] / picks["browser"] == pytest.approx(3.0, rel=0.1)
     with pytest.raises(ValueError, match="NAME=WEIGHT"):
-        PersonaWeights.parse("shoppers=3")
+        rehearsal.weights("shoppers=3")
+    with pytest.raises(ValueError, match="not a number"):
+        parse_weights("browser=lots", {"browser": 1.0})
     with pytest.raises(ValueError, match="not all zero"):
-        PersonaWeights.parse("browser=0")
+        rehearsal.weights("browser=0")
 
 
 def test_the_mix_follows_the_window() -> None:
-    shopper = Shopper(
-        transport=None,
-        catalogue=None,
-        tokens={},
-        log=lambda _l: None,
-        run_id="r",  # type: ignore[arg-type]
-        rng=random.Random(1),
-    )
+    rehearsal, rng = _drill(), random.Random(1)
+    weights = rehearsal.weights("")
     countdown = Arrival(1, 0.0, 0.0, "countdown", "countdown")
     rendezvous = Arrival(2, 0.0, 0.0, "rendezvous", "rendezvous")
     opening = Arrival(3, 0.0, 0.0, "opening", "open")
-    assert {shopper.persona_for(countdown) for _ in range(200)} == {"browser"}
-    assert "browser" not in {shopper.persona_for(rendezvous) for _ in range(500)}
-    assert {shopper.persona_for(opening) for _ in range(2000)} == set(PERSONAS)
+    assert {rehearsal.pick(countdown, weights, rng).name for _ in range(200)} == {"browser"}
+    assert "browser" not in {rehearsal.pick(rendezvous, weights, rng).name for _ in range(500)}
+    assert {rehearsal.pick(opening, weights, rng).name for _ in range(2000)} == set(PERSONAS)
 
 
 @pytest.mark.parametrize(
@@ -73,8 +82,7 @@ def test_the_mix_follows_the_window() -> None:
     ],
 )
 def test_expected_answers(name: str, persona: str, status: int, code: str, expected: bool) -> None:
-    body = {"error": code} if code else {}
-    assert classify(name, persona, Reply(status, body)) is expected
+    assert classify(name, persona, status, code) is expected
 
 
 @pytest.mark.parametrize(
@@ -91,7 +99,7 @@ def test_expected_answers(name: str, persona: str, status: int, code: str, expec
     ],
 )
 def test_order_outcome_for_the_oracle(status: int, outcome: str) -> None:
-    assert order_outcome(Reply(status)) == outcome
+    assert order_outcome(status) == outcome
 
 
 def test_backoff_is_exponential_with_full_jitter() -> None:

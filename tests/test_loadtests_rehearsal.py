@@ -24,7 +24,7 @@ import redis
 from flashsale.drills.rehearse import Rehearsal, RehearsalSettings
 from flashsale.runtime.embedded import EmbeddedStack
 from loadtests import exit_codes, oracle
-from loadtests.oracle import read_request_log
+from loadtests.history import read_history, summarize_history
 
 
 @dataclass(frozen=True)
@@ -88,6 +88,10 @@ def test_short_headless_rehearsal_passes_the_oracle(drill: Drill) -> None:
         assert (drill.folder / name).is_file(), name
     text = (drill.folder / "rehearse.out").read_text()
     assert "VERDICT  exit 0" in text
+    # The report names the run's settings, never the admin token among them.
+    assert s["run"]["settings"]["admin_token"] == "(secret)" and s["run"]["settings"]["peak_rps"] == 60.0
+    token = drill.env["FLASHSALE_ADMIN_TOKEN"]
+    assert all(token not in (drill.folder / f).read_text() for f in ("summary.json", "report.html"))
 
 
 def _free_port() -> int:
@@ -149,7 +153,7 @@ def stores(drill: Drill) -> Iterator[tuple[redis.Redis, str]]:
 
 
 def _acknowledged(drill: Drill) -> list[str]:
-    return list(read_request_log([drill.folder / "requests.jsonl"]).acknowledged)
+    return list(summarize_history(read_history([drill.folder / "requests.jsonl"]), ["order"]).acknowledged)
 
 
 @pytest.mark.timeout(180)
@@ -291,3 +295,89 @@ def test_ctrl_c_stops_everything_and_still_judges(embedded_stack: EmbeddedStack,
         if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ]
     assert left == [], f"processes left running after Ctrl-C: {left}"
+
+
+@pytest.mark.timeout(300)
+def test_the_live_lines_show_the_worst_second_and_when(drill: Drill) -> None:
+    progress = json.loads((drill.folder / "progress.json").read_text())
+    assert isinstance(progress["p99_by_second"], list)
+    for second in progress["p99_by_second"]:
+        assert set(second) == {"t_from_t0_s", "p99_ms", "p99_corrected_ms"}
+    lines = (drill.folder / "rehearse.out").read_text().splitlines()
+    assert any("@T0+" in line and " p99 " in line for line in lines), lines
+
+
+@pytest.mark.timeout(240)
+async def test_a_service_with_no_writer_is_not_drained_not_lost(
+    embedded_stack: EmbeddedStack, tmp_path: Path
+) -> None:
+    """`flashsale serve` alone (no `flashsale worker`: nothing drains the stream into
+    PostgreSQL) used to end "invariant violated: lost N"; the orders are only queued. The
+    drill must say "run invalid: not drained" and leave "lost" not judged."""
+    from flashsale.pipeline.migrate import migrate_url
+
+    await migrate_url(embedded_stack.database_url)
+    env = {
+        **os.environ,
+        **embedded_stack.environ(),
+        "FLASHSALE_KEY_PREFIX": f"nd{uuid.uuid4().hex[:6]}",
+        "FLASHSALE_TOKEN_SECRET": uuid.uuid4().hex,
+        "FLASHSALE_ADMIN_TOKEN": uuid.uuid4().hex,
+    }
+    port = _free_port()
+    service = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "serve", "--port", str(port), "--workers", "1"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    host = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):  # until ready (bounded)
+            try:
+                with urllib.request.urlopen(f"{host}/readyz", timeout=2):
+                    break
+            except OSError:
+                assert service.poll() is None, "the service exited"
+                time.sleep(0.2)
+        report = tmp_path / "report"
+        drill = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "locust",
+                "-f",
+                str(Path(oracle.__file__).with_name("surge.py")),
+                "--headless",
+            ]
+            + [
+                "--host",
+                host,
+                "--peak-rps",
+                "20",
+                "--time-scale",
+                "0.15",
+                "--hold-ttl",
+                "2",
+                "--audit-wait",
+                "3",
+            ]
+            + ["--personas", "buyer=1", "--slo", "error_ratio:rate<0.5", "--no-plots", "--only-summary"]
+            + ["--report-dir", str(report)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
+    finally:
+        service.terminate()
+        service.wait(15)
+    summary = json.loads((report / "summary.json").read_text())
+    assert drill.returncode == exit_codes.RUN_INVALID, (drill.stdout, drill.stderr[-3000:])
+    assert summary["exit_meaning"].startswith("run invalid: not drained"), summary["exit_meaning"]
+    assert summary["oracle"]["log"]["acknowledged"] > 0 and summary["oracle"]["drained"] is False
+    assert "lost" in [c["name"] for c in summary["oracle"]["not_judged"]]
+    assert all(c["passed"] for c in summary["oracle"]["checks"]), summary["oracle"]["checks"]
+    assert "flashsale worker" in summary["oracle"]["drain_detail"]
+    assert "VERDICT  exit 3: run invalid: not drained" in drill.stdout

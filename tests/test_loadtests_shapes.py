@@ -134,3 +134,34 @@ def test_poisson_arrivals_have_the_expected_total() -> None:
     assert abs(n - shape.total) < 5 * math.sqrt(shape.total)
     shared = sum(sum(1 for _ in ArrivalPlan(shape, 0.0, k, 2, "poisson", 3)) for k in range(2))
     assert abs(shared - shape.total) < 5 * math.sqrt(shape.total)
+
+
+def test_a_rate_table_is_exact_linear_or_stepped() -> None:
+    from loadtests import Window, rate_table
+
+    linear = rate_table([(0, 0), (10, 100), (30, 20)], impulses=[(10, 50)], t0_s=10)
+    assert linear.total == pytest.approx(500 + 1200 + 50)
+    assert linear.rate(5) == pytest.approx(50) and linear.rate(20) == pytest.approx(60)
+    assert linear.expected(0, 10) == pytest.approx(500) and linear.expected(10, 10.001) >= 50
+    assert linear.peak_rps == 100 and linear.duration_s == 30
+    stepped = rate_table([(0, 4), (2, 10), (5, 0)], step=True, windows=[Window("a", 0, 2, "countdown")])
+    assert stepped.total == pytest.approx(8 + 30) and stepped.rate(4.9) == 10
+    assert stepped.window_at(1).kind == "countdown"  # type: ignore[union-attr]
+    # Arrivals land where the integral says, n + 1/2 at a time.
+    times = [a.offset for a in ArrivalPlan(stepped, 0.0)]
+    assert len(times) == 38 and times[0] == pytest.approx(0.125) and times[-1] == pytest.approx(2 + 29.5 / 10)
+    with pytest.raises(ValueError, match="increase"):
+        rate_table([(0, 1), (0, 2)])
+    with pytest.raises(ValueError, match="two"):
+        rate_table([(1, 1), (2, 2)])
+
+
+def test_a_rate_function_is_followed_to_its_resolution() -> None:
+    import math
+
+    from loadtests import rate_function
+
+    shape = rate_function(lambda t: 50 + 50 * math.sin(t), 2 * math.pi, resolution_s=0.05)
+    assert shape.total == pytest.approx(100 * math.pi, rel=1e-3)
+    assert shape.rate(math.pi / 2) == pytest.approx(100, rel=1e-3)
+    assert rate_function(lambda t: -5, 1.0).total == 0  # a negative rate is no arrivals

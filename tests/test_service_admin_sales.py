@@ -3,6 +3,8 @@ first write, sale_exists, sku_taken), GET /api/admin/sales/{sale}, open and clos
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
@@ -10,6 +12,7 @@ from redis.asyncio import Redis
 from service_support import (
     ADMIN,
     Service,
+    ServiceFactory,
     changed_keys,
     dump_redis,
     expect_json,
@@ -18,6 +21,10 @@ from service_support import (
     service,  # noqa: F401  (fixture)
     start_service,  # noqa: F401  (fixture)
 )
+
+from flashsale.keys import ServiceKeys
+from flashsale.service.sales import SaleBook
+from inventory import SaleKeys
 
 
 async def test_create_sale_with_every_setting(service: Service, redis_client: Redis) -> None:
@@ -172,3 +179,42 @@ async def test_unknown_sale_is_404_everywhere(service: Service, sale: str) -> No
             404,
             "sale_not_found",
         )
+
+
+async def test_a_sku_of_a_removed_sale_goes_on_sale_again(
+    start_service: ServiceFactory, redis_client: Redis
+) -> None:
+    """An operator removes a finished sale from Redis and puts its SKU in a new sale
+    (through another process): the process that sold the SKU before takes orders for the
+    new sale within its cache time, without a restart."""
+    seller = await start_service(sale_cache_s=0.1)
+    admin = await start_service()
+    sku = new_id("sku")
+    old = (await seller.create_sale({sku: 3}))["sale"]
+    await expect_json(await seller.order("alice", sku), 201)
+    keys = ServiceKeys("fs")
+    await redis_client.delete(keys.sale(old), *SaleKeys("fs", old).all())
+    await redis_client.hdel(keys.skus, sku)
+    await redis_client.srem(keys.sales, old)
+    new = (await admin.create_sale({sku: 5}))["sale"]
+    deadline = time.monotonic() + 10
+    while (resp := await seller.order("alice", sku)).status != 201:
+        await expect_json(resp, 422, "unknown_sku")  # stale for a moment, and changes nothing
+        assert time.monotonic() < deadline, "the process never saw the SKU's new sale"
+        await asyncio.sleep(0.02)
+    assert (await expect_json(resp, 201))["sale"] == new
+    assert (await seller.sku_counters(new, sku))["held"] == 1
+
+
+async def test_the_sku_index_is_reread_within_the_cache_time(redis_client: Redis) -> None:
+    """Bounded staleness, like the sale settings: a SKU moved to another sale is seen there
+    once ``ttl_s`` has passed."""
+    book = SaleBook(redis_client, "fs", ttl_s=0.05)
+    sku = new_id("sku")
+    await redis_client.hset(ServiceKeys("fs").skus, sku, "first")
+    assert await book.sale_of_sku(sku) == "first"
+    await redis_client.hset(ServiceKeys("fs").skus, sku, "second")
+    deadline = time.monotonic() + 10
+    while await book.sale_of_sku(sku) != "second":
+        assert time.monotonic() < deadline, "the SKU index was never read again"
+        await asyncio.sleep(0.01)

@@ -1,11 +1,13 @@
 """Admission before inventory, and what a buyer hears when Redis does not answer: the
 per-buyer rate limit, shedding past the in-flight limit (503 + Retry-After), the local
-sold-out shortcut (answered without a Redis round trip, bypassed by retries), and 504
-outcome_unknown followed by a retry with the same request id that learns the truth."""
+sold-out shortcut (answered without running the reserve script, yet a retry still finds
+its order), and 504 outcome_unknown followed by a retry with the same request id that
+learns the truth."""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from redis.asyncio import Redis
 from service_support import (
@@ -76,28 +78,53 @@ async def test_sheds_with_503_past_the_in_flight_limit(
     assert service.state.in_flight.current == 0
 
 
-async def test_sold_out_refusals_skip_redis_and_retries_bypass_the_shortcut(
-    start_service: ServiceFactory, redis_client: Redis
-) -> None:
-    service = await start_service(sold_out_cache_s=60.0)
+async def _sold_out_and_cached(service: Service, redis_client: Redis) -> tuple[str, str, dict[str, Any]]:
+    """A one-unit SKU Alice holds (request ``r-alice``), which this process has been told
+    is sold out and now refuses from its cache: (sale, sku, Alice's order)."""
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 1}))["sale"]
     first = await expect_json(await service.order("alice", sku, request_id="r-alice"), 201)
     await expect_json(await service.order("bob", sku), 409, "sold_out")  # Redis says so; remembered
+    return sale, sku, first
 
+
+async def test_sold_out_refusals_skip_the_script_and_a_retry_still_finds_its_order(
+    start_service: ServiceFactory, redis_client: Redis
+) -> None:
+    service = await start_service(sold_out_cache_s=60.0)
+    sale, sku, first = await _sold_out_and_cached(service, redis_client)
     scripts = await command_calls(redis_client, "evalsha")
     for _ in range(5):
         body = await expect_json(await service.order("carol", sku), 409, "sold_out")
         assert body["sku"] == sku and body["available"] == 0
     assert await command_calls(redis_client, "evalsha") == scripts, "a cached sold-out refusal ran a script"
 
-    # Alice did not hear her answer (say it timed out) and retries: with X-Retry-Attempt she
-    # reaches Redis and learns she has the order, although the SKU is marked sold out here.
-    retry = await service.order("alice", sku, request_id="r-alice", headers={"X-Retry-Attempt": "1"})
-    again = await expect_json(retry, 201)
+    # Alice did not hear her answer (a 504, a cut connection) and retries as any client
+    # would, with the same request id and no special header: she learns she has the order,
+    # although the SKU is marked sold out here.
+    again = await expect_json(await service.order("alice", sku, request_id="r-alice"), 201)
     assert again["order_id"] == first["order_id"] and again["replayed"] is True
     assert await command_calls(redis_client, "evalsha") == scripts + 1
     assert await holds_of_request(redis_client, sale, "r-alice") == [first["order_id"]]
+    # Her request id is hers alone: another buyer sending it still meets the shortcut.
+    await expect_json(await service.order("carol", sku, request_id="r-alice"), 409, "sold_out")
+    assert await command_calls(redis_client, "evalsha") == scripts + 1
+
+
+async def test_no_header_takes_a_request_past_the_sold_out_shortcut(
+    start_service: ServiceFactory, redis_client: Redis
+) -> None:
+    """Any client could send ``X-Retry-Attempt``: it no longer sends a request to the
+    reserve script (retries are recognised by their request id instead)."""
+    service = await start_service(sold_out_cache_s=60.0)
+    _, sku, _ = await _sold_out_and_cached(service, redis_client)
+    scripts = await command_calls(redis_client, "evalsha")
+    for attempt in ("1", "7"):
+        retry = {"X-Retry-Attempt": attempt}
+        await expect_json(await service.order("carol", sku, headers=retry), 409, "sold_out")
+    assert await command_calls(redis_client, "evalsha") == scripts, (
+        "a header made a sold-out order run a script"
+    )
 
 
 async def test_sold_out_shortcut_expires_because_cancels_return_stock(start_service: ServiceFactory) -> None:

@@ -111,7 +111,14 @@ BAD_ORDERS: list[tuple[str, bytes, int, str]] = [
         422,
         "request_conflict",
     ),
-    ("request id of another buyer", order(request_id="r-paid", sku=OTHER, qty=1), 422, "request_conflict"),
+    # Request ids are each buyer's own: Bob's "r-paid" is no conflict for Alice, and past
+    # her limit she hears about the limit, not about Bob's id.
+    (
+        "request id of another buyer, over the limit",
+        order(request_id="r-paid", sku=SKU, qty=6),
+        429,
+        "limit_exceeded",
+    ),
     # size
     ("body over the limit", order(sku=SKU, pad="x" * 20_000), 413, "body_too_large"),
 ]

@@ -1,9 +1,12 @@
 """``flashsale serve --embedded`` (the README's try-out): it starts Redis and PostgreSQL,
-migrates, prints the variables that reach them, serves, and on Ctrl-C stops the service
-and both servers — nothing left running."""
+migrates, prints the variables that reach them, serves with a worker beside it (orders
+reach PostgreSQL, unpaid holds lapse), and on Ctrl-C stops the service, the worker and
+both servers — nothing left running."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
@@ -11,8 +14,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from typing import Any
 
+import asyncpg
 import psutil
+
+from flashsale.service.tokens import mint
 
 
 def _free_port() -> int:
@@ -20,6 +27,28 @@ def _free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def _post(url: str, body: dict[str, Any], token: str) -> int:
+    request = urllib.request.Request(
+        url,
+        data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as resp:
+        return int(resp.status)
+
+
+def _order_status_in_postgres(database_url: str, user: str) -> str | None:
+    async def read() -> str | None:
+        conn = await asyncpg.connect(database_url)
+        try:
+            status: str | None = await conn.fetchval("SELECT status FROM orders WHERE user_id = $1", user)
+            return status
+        finally:
+            await conn.close()
+
+    return asyncio.run(read())
 
 
 def test_serve_embedded_starts_everything_and_stops_it_on_ctrl_c() -> None:
@@ -61,6 +90,18 @@ def test_serve_embedded_starts_everything_and_stops_it_on_ctrl_c() -> None:
         children = psutil.Process(proc.pid).children(recursive=True)
         names = {c.name() for c in children}
         assert any("redis" in n for n in names) and any("postgres" in n for n in names)
+        assert any("worker" in c.cmdline() for c in children), "no worker runs beside the try-out"
+
+        # The worker really works: an unpaid hold reaches PostgreSQL, then lapses there.
+        base = f"http://127.0.0.1:{port}"
+        sale = {"sale": "tryout", "skus": [{"sku": "tee", "stock": 5}], "open": True, "hold_ttl_s": 1}
+        assert _post(f"{base}/api/admin/sales", sale, exported["FLASHSALE_ADMIN_TOKEN"]) == 201
+        buyer = mint(exported["FLASHSALE_TOKEN_SECRET"], "alice")
+        assert _post(f"{base}/api/orders", {"request_id": "r1", "sku": "tee"}, buyer) == 201
+        deadline = time.monotonic() + 60
+        while (status := _order_status_in_postgres(exported["FLASHSALE_DATABASE_URL"], "alice")) != "expired":
+            assert time.monotonic() < deadline, f"the order never lapsed in PostgreSQL (status {status})"
+            time.sleep(0.2)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
         gone, alive = psutil.wait_procs(children, timeout=15)

@@ -21,6 +21,7 @@ from warroom_support import WarRoom, WarRoomFactory, start_warroom  # noqa: F401
 
 from flashsale.pipeline.migrate import migrate_url
 from flashsale.service.sales import now_ms
+from flashsale.service.warroom import history, operator_log
 from flashsale.service.warroom import routes as warroom
 
 WRONG = {"Authorization": "Bearer not-the-admin-token"}
@@ -34,6 +35,7 @@ ADDED_TOP = {
     "error_ratio",
     "target",
     "progress",
+    "current_sale",
     "thresholds",
     "alerts",
     "health",
@@ -42,8 +44,19 @@ ADDED_TOP = {
 }
 ADDED_SALE = {"phase", "countdown_ms", "holds_lapsing", "holds_overdue"}
 ADDED_SKU = {"sold_out_at_ms", "sold_out_exact", "first_sold_out_at_ms"}
-HISTORY_KEYS = {"window_ms", "t_ms", "rates", "created_total", "p50_ms", "p99_ms", "backlog", "writer_rate"}
-ALERTS = {"backlog", "p99_ms", "error_ratio", "dead_letters"}
+HISTORY_KEYS = {
+    "window_ms",
+    "t_ms",
+    "gap_ms",
+    "breaks",
+    "rates",
+    "created_total",
+    "p50_ms",
+    "p99_ms",
+    "backlog",
+    "writer_rate",
+}
+ALERTS = {"backlog", "p99_ms", "error_ratio", "dead_letters", "writer_stalled_s"}
 LOG_KEYS = {"entries", "unwritten", "refused", "postgres", "postgres_error"}
 ENTRY_KEYS = {
     "id",
@@ -185,7 +198,7 @@ async def test_data_endpoint_shape_is_stats_plus_a_stable_set_of_fields(room: Wa
         == set(stats["sales"][sale]["skus"]["shape-a"]) | ADDED_SKU
     )
     assert set(data["history"]) == HISTORY_KEYS
-    assert set(data["history"]["rates"]) == set(warroom.OUTCOME_GROUPS) == set(data["rates_now"])
+    assert set(data["history"]["rates"]) == set(history.OUTCOME_GROUPS) == set(data["rates_now"])
     n = len(data["history"]["t_ms"])
     for name in ("created_total", "p50_ms", "p99_ms", "backlog", "writer_rate"):
         assert len(data["history"][name]) == n, name
@@ -194,13 +207,14 @@ async def test_data_endpoint_shape_is_stats_plus_a_stable_set_of_fields(room: Wa
     assert set(data["alerts"]) == ALERTS
     for alert in data["alerts"].values():
         assert set(alert) == {"value", "limit", "firing"}
-    assert set(data["thresholds"]) == {"backlog", "p99_ms", "error_ratio"}
+    assert set(data["thresholds"]) == {"backlog", "p99_ms", "error_ratio", "writer_stall_s"}
     assert set(data["health"]) == {"status", "reasons"} and data["health"]["status"] in ("healthy", "alert")
     assert set(data["log"]) == LOG_KEYS
     assert data["switches"] == {"browse": True, "order_lookup": True}
     assert data["sales"][sale]["phase"] == "open"
     assert data["target"] is None
-    assert set(data["progress"]) == {"origin_ms", "baseline", "points"}
+    assert set(data["progress"]) == {"origin_ms", "baseline", "points", "breaks"}
+    assert data["current_sale"] == sale
     json.dumps(data, allow_nan=False)  # strict JSON: a browser's JSON.parse takes it
 
 
@@ -284,6 +298,38 @@ async def test_sold_out_moments_latest_and_first(room: WarRoom) -> None:
     assert twice["first_sold_out_at_ms"] == sku["sold_out_at_ms"]
 
 
+# ----------------------------------------------------------------- which sale the page opens on
+
+
+async def test_the_page_opens_on_the_most_recent_sale(room: WarRoom) -> None:
+    now = now_ms()
+    old = await room.create_sale([{"sku": "cur-old", "stock": 5}], opens_at=now - 526 * 3_600_000)
+    recent = await room.create_sale([{"sku": "cur-new", "stock": 5}], opens_at=now - 60_000)
+    ended = await room.create_sale([{"sku": "cur-end", "stock": 5}], opens_at=now - 1_000)
+    await expect_json(await room.http.post(f"/api/admin/sales/{ended}/close", headers=ADMIN), 200)
+    data = await room.data()
+    assert data["sales"][old]["phase"] == data["sales"][recent]["phase"] == "open"
+    # Not the sale open for 526 hours, not the closed one: the latest T0 of those not closed,
+    # and the orders-made chart counts from its T0.
+    assert data["current_sale"] == recent
+    assert data["progress"]["origin_ms"] == data["sales"][recent]["opens_at_ms"]
+    # The next sale, still counting down to its T0, is the one an operator opens the page for.
+    coming = await room.create_sale([{"sku": "cur-next", "stock": 5}], opens_at=now + 120_000)
+    data = await room.data()
+    assert data["current_sale"] == coming and data["sales"][coming]["phase"] == "countdown"
+
+
+def test_with_every_sale_closed_the_page_opens_on_the_latest() -> None:
+    def sale(state: str, t0: int) -> dict[str, Any]:
+        return {"state": state, "opens_at_ms": t0}
+
+    assert warroom.current_sale({}) is None
+    assert (
+        warroom.current_sale({"a": sale("closed", 5), "b": sale("closed", 9), "c": sale("closed", 1)}) == "b"
+    )
+    assert warroom.current_sale({"a": sale("open", 5), "b": sale("closed", 9)}) == "a"
+
+
 # ----------------------------------------------------------------- target curve
 
 
@@ -327,7 +373,7 @@ async def test_target_of_an_unknown_sale_is_refused(room: WarRoom) -> None:
 
 
 async def test_target_is_compared_with_orders_made_since_it_was_registered(room: WarRoom) -> None:
-    await room.create_sale([{"sku": "tgt-a", "stock": 50}])
+    await room.create_sale([{"sku": "tgt-a", "stock": 5000}])  # more than the curve asks: no cap
     assert await room.order("early", "tgt-a") == 201  # before the scenario: not counted
     await room.data_until(lambda d: d["orders"]["created"] == 1)
     origin = now_ms() - 30_000
@@ -348,12 +394,37 @@ async def test_target_is_compared_with_orders_made_since_it_was_registered(room:
     elapsed = data["now_ms"] - origin
     assert target["elapsed_ms"] == elapsed
     assert target["expected_now"] == pytest.approx(elapsed / 60_000 * 600, abs=0.1)  # on the line 0 → 600
+    assert target["capped_by_stock"] is False and target["compared_with"] == target["expected_now"]
     assert target["ratio"] == pytest.approx(3 / target["expected_now"], abs=0.001)
     assert data["progress"]["origin_ms"] == origin and data["progress"]["baseline"] == 1
     assert data["progress"]["points"][0] == [stored["registered_at_ms"] - origin, 0]  # counting starts at 0
     assert data["progress"]["points"][-1] == [elapsed, 3]
     await expect_json(await room.http.delete("/api/admin/warroom/target", headers=ADMIN), 200)
     assert (await room.data())["target"] is None
+
+
+async def test_target_is_capped_by_the_stock_a_sold_out_sale_is_on_target(room: WarRoom) -> None:
+    # The curve counts demand (order requests); orders stop when the stock is gone. A sale
+    # that sold out its 3 units while the curve asked for ~300 orders is on target, not at 1 %.
+    sale = await room.create_sale([{"sku": "cap-a", "stock": 3}])
+    body = {"scenario": "s", "sale": sale, "origin_ms": now_ms() - 30_000, "points": [[0, 0], [60_000, 600]]}
+    await expect_json(await room.http.put("/api/admin/warroom/target", json=body, headers=ADMIN), 200)
+    for i in range(3):
+        assert await room.order(f"u{i}", "cap-a") == 201
+    assert await room.order("late", "cap-a") == 409  # sold out: demand the stock could not take
+    data = await room.data_until(lambda d: d["target"]["actual_now"] == 3)
+    target = data["target"]
+    assert target["expected_now"] > 250  # the curve, as registered
+    assert (target["stock_left"], target["capped_by_stock"], target["compared_with"]) == (0, True, 3)
+    assert target["ratio"] == 1.0
+    # Stock coming back (a restock) lifts the cap by the units left for sale.
+    await expect_json(
+        await room.http.post(f"/api/admin/sales/{sale}/skus/cap-a/restock", json={"units": 7}, headers=ADMIN),
+        200,
+    )
+    again = (await room.data())["target"]
+    assert (again["stock_left"], again["compared_with"]) == (7, 10)
+    assert again["ratio"] == pytest.approx(0.3)
 
 
 async def test_target_of_a_sale_starts_at_its_t0(room: WarRoom) -> None:
@@ -378,23 +449,61 @@ def test_rates_come_from_publishes_and_never_go_negative() -> None:
         return {"t": t, "o": {"created": created}}
 
     samples = [sample(0, 0), sample(1000, 10), sample(2000, 30), sample(3000, 60), sample(4000, 5)]
-    rates = warroom.rate_series(samples, lambda s: s["o"]["created"], window_ms=2000)
+    rates = history.rate_series(samples, lambda s: s["o"]["created"], window_ms=2000)
     assert rates == [None, None, 15.0, 25.0, 0.0]  # a restarted process's count is no negative rate
+
+
+def test_no_rate_is_computed_across_a_gap_in_the_history() -> None:
+    # Nobody watched (or nothing published) from 3 s to 60 s: the 57 s between are not a
+    # rate, and the error ratio counts only what was seen since.
+    def sample(t: int, created: int, shed: int = 0) -> dict[str, Any]:
+        return {"t": t, "o": {"created": created, "shed": shed}, "p50": 1.0, "p99": 2.0}
+
+    samples = [sample(0, 0, 0), sample(1000, 10, 0), sample(2000, 20, 0), sample(3000, 30, 0)]
+    samples += [sample(60_000, 600, 400), sample(61_000, 610, 400), sample(62_000, 620, 400)]
+    assert history.breaks([s["t"] for s in samples]) == [4]
+    rates = history.rate_series(samples, lambda s: s["o"]["created"], window_ms=2000)
+    assert rates == [None, None, 10.0, 10.0, None, None, 10.0]
+    # 400 sheds at some unseen moment of the gap are not "the last 10 s": only what was seen since.
+    assert history.error_ratio(samples) == 0.0
+    shown = history.history_json(samples)
+    assert shown["breaks"] == [4] and shown["gap_ms"] == history.HISTORY_GAP_MS
+
+
+async def test_the_data_marks_where_the_history_has_a_gap(room: WarRoom, redis_client: Any) -> None:
+    now = now_ms()
+    t0 = now - 200_000
+    sale = await room.create_sale([{"sku": "gap-a", "stock": 5}], opens_at=t0)
+    # What the war room recorded while watched a minute and a half ago; then nobody watched.
+    seen = [now - 100_000 + k * 1000 for k in range(5)]
+    for t in seen:
+        sample = {"t": t, "o": {"created": 0}, "p50": 1.0, "p99": 2.0, "bl": 0, "dl": 0, "hp": 0, "wr": 0}
+        await redis_client.lpush("{fs:warroom}:history", json.dumps(sample))
+    await redis_client.rpush("{fs:warroom}:progress", f"{t0 + 100_000}:0", f"{t0 + 105_000}:0")
+    data = await room.data_until(lambda d: len(d["history"]["t_ms"]) > len(seen))
+    h = data["history"]
+    assert h["t_ms"][: len(seen)] == seen
+    assert h["breaks"] == [len(seen)]  # the first sample taken now starts a new stretch
+    assert h["rates"]["created"][len(seen)] is None
+    progress = data["progress"]
+    assert progress["origin_ms"] == t0 and data["current_sale"] == sale
+    assert progress["points"][:2] == [[100_000, 0], [105_000, 0]]
+    assert progress["breaks"] == [2]  # the orders-made line stops where nobody watched
 
 
 def test_error_ratio_counts_shed_unknown_and_fenced_over_all_answers() -> None:
     def sample(t: int, **counts: int) -> dict[str, Any]:
         return {"t": t, "o": counts}
 
-    assert warroom.error_ratio([]) == 0.0
-    assert warroom.error_ratio([sample(0, created=5), sample(1000, created=5)]) == 0.0  # no answers
+    assert history.error_ratio([]) == 0.0
+    assert history.error_ratio([sample(0, created=5), sample(1000, created=5)]) == 0.0  # no answers
     old = sample(0, created=0, sold_out=0, shed=0, unknown=0, fenced=0)
     now = sample(5000, created=80, sold_out=10, shed=5, unknown=3, fenced=2)
-    assert warroom.error_ratio([old, now]) == pytest.approx(0.1)
+    assert history.error_ratio([old, now]) == pytest.approx(0.1)
     # Only the last ten seconds count.
     older = sample(0, created=0, shed=100)
     window = [older, sample(20_000, created=0, shed=100), sample(30_000, created=100, shed=100)]
-    assert warroom.error_ratio(window) == 0.0
+    assert history.error_ratio(window) == 0.0
 
 
 def test_thresholds_come_from_the_environment_and_bad_values_say_which() -> None:
@@ -635,7 +744,7 @@ async def test_log_entries_wait_in_redis_until_postgres_has_the_table(
     assert "operator_log" in data["log"]["postgres_error"]
 
     await migrate_url(pipeline_db_url)
-    await asyncio.sleep(warroom.FLUSH_EVERY_MS / 1000 + 0.2)  # the retry lock from the last poll lapses
+    await asyncio.sleep(operator_log.FLUSH_EVERY_MS / 1000 + 0.2)  # the retry lock from the last poll lapses
     data = await room.data_until(lambda d: d["log"]["postgres"] == "ok", timeout=10)
     assert data["log"]["unwritten"] == 0 and data["log"]["postgres_error"] is None
     rows = await pg_log(pipeline_db_url)

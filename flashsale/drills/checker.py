@@ -10,14 +10,15 @@ Every request a drill client sends is one :class:`Operation` with an outcome:
 * **unknown** — anything else: 504 ``outcome_unknown``, another 5xx, a timeout, a reset
   connection. It may or may not have happened; a retry with the same request id tells.
 
-A client request id is *acknowledged* if any attempt was ok, *definitely failed* if every
+A buyer's request id is *acknowledged* if any attempt was ok, *definitely failed* if every
 attempt failed, and *unknown* otherwise. :func:`check` then asserts:
 
 ==================  =====================================================================
 check               holds when
 ==================  =====================================================================
 acknowledged        every acknowledged order is in PostgreSQL
-exactly_once        no request id has two orders (in PostgreSQL, or among the answers)
+exactly_once        no buyer's request id has two orders (in PostgreSQL, or among the
+                    answers); request ids are each buyer's own
 not_failed          no order of a definitely-failed request id is in PostgreSQL
 acknowledged_state  a payment or cancellation the client was told of is PostgreSQL's status
 no_oversell         per SKU, units held + paid ≤ units stocked − the reserve pool, in
@@ -42,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from flashsale.ledger import read_sales
 from flashsale.redis_client import as_text
 from inventory import SaleKeys
 
@@ -124,12 +126,12 @@ class History:
         c = Counter(op.outcome for op in self.ops)
         return {k: c.get(k, 0) for k in ("ok", "failed", "unknown")}
 
-    def orders(self) -> dict[str, list[Operation]]:
-        """Request id -> its attempts, in order."""
-        out: dict[str, list[Operation]] = defaultdict(list)
+    def orders(self) -> dict[tuple[str, str], list[Operation]]:
+        """(buyer, request id) -> its attempts, in order (request ids are each buyer's own)."""
+        out: dict[tuple[str, str], list[Operation]] = defaultdict(list)
         for op in self.ops:
             if op.kind == "order":
-                out[op.key].append(op)
+                out[(op.user, op.key)].append(op)
         return out
 
     def save(self, path: Path) -> None:
@@ -172,41 +174,16 @@ class Observed:
 async def observe(redis: Any, pool: Any, *, prefix: str, sale: str, audit: Any = None) -> Observed:
     """Read PostgreSQL's orders and stock events of ``sale`` (and its buckets ``<sale>-b<k>``)
     and Redis's counters. Run it after the writer drained (``run_audit`` waits for that)."""
-    async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            rows = await conn.fetch(
-                "SELECT order_id, sale, request_id, user_id, status, pay_by FROM orders "
-                "WHERE sale = $1 OR sale LIKE $1 || '-b%'",
-                sale,
-            )
-            lines = await conn.fetch(
-                "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = $1 OR o.sale LIKE $1 || '-b%'",
-                sale,
-            )
-            events = await conn.fetch(
-                "SELECT sale, sku, type, total, reserve, delta, units FROM stock_events "
-                "WHERE sale = $1 OR sale LIKE $1 || '-b%' ORDER BY stream_ms, stream_seq",
-                sale,
-            )
+    records = await read_sales(pool, [sale], with_buckets=True)
     orders = {
         r["order_id"]: _Order(
             r["sale"], r["request_id"], r["user_id"], r["status"], int(r["pay_by"].timestamp() * 1000)
         )
-        for r in rows
+        for r in records.orders
     }
-    for r in lines:
-        orders[r["order_id"]].lines[r["sku"]] = int(r["qty"])
-    stock: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0])
-    for e in events:
-        s = stock[(e["sale"], e["sku"])]
-        if e["type"] == "stocked":
-            s[0] += e["total"]
-            s[1] += e["reserve"]
-        elif e["type"] in ("restocked", "written_off"):
-            s[0] += e["delta"]
-        elif e["type"] == "reserve_released":
-            s[1] -= e["units"]
+    for order_id, lines in records.lines.items():
+        orders[order_id].lines.update(lines)
+    stock = {key: [s.total, s.reserve] for key, s in records.stock().items()}
     engines = sorted({engine for engine, _ in stock})
     redis_stock: dict[tuple[str, str], dict[str, int]] = {}
     for engine in engines:
@@ -274,49 +251,51 @@ def check(history: History, seen: Observed, *, lapsed: bool = True, grace_ms: in
     (the drill waited), so the ``no_leak`` check applies."""
     v: dict[str, list[str]] = {name: [] for name in CHECKS}
     by_request = history.orders()
-    acknowledged: dict[str, set[str]] = {}
-    failed: set[str] = set()
-    unknown: set[str] = set()
+    acknowledged: dict[tuple[str, str], set[str]] = {}
+    failed: set[tuple[str, str]] = set()
+    unknown: set[tuple[str, str]] = set()
     resolved = replayed = 0
-    for request_id, attempts in by_request.items():
+    for buyer_request, attempts in by_request.items():
         oks = {op.order_id for op in attempts if op.outcome == "ok" and op.order_id}
         replayed += sum(1 for op in attempts if op.outcome == "ok" and op.replayed)
         if oks:
-            acknowledged[request_id] = oks
+            acknowledged[buyer_request] = oks
         elif all(op.outcome == "failed" for op in attempts):
-            failed.add(request_id)
+            failed.add(buyer_request)
         else:
-            unknown.add(request_id)
+            unknown.add(buyer_request)
         for i, op in enumerate(attempts):
             if op.outcome == "unknown" and any(later.outcome != "unknown" for later in attempts[i + 1 :]):
                 resolved += 1
 
-    pg_by_request: dict[tuple[str, str], list[str]] = defaultdict(list)
+    pg_by_request: dict[tuple[str, str, str], list[str]] = defaultdict(list)
     for order_id, o in seen.orders.items():
-        pg_by_request[(_sale_of(o.sale), o.request_id)].append(order_id)
-    request_ids_in_pg: dict[str, list[str]] = defaultdict(list)
-    for (_sale, request_id), ids in pg_by_request.items():
-        request_ids_in_pg[request_id] += ids
+        pg_by_request[(_sale_of(o.sale), o.user, o.request_id)].append(order_id)
+    request_ids_in_pg: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for (_sale, user, request_id), ids in pg_by_request.items():
+        request_ids_in_pg[(user, request_id)] += ids
 
-    for request_id, answered in sorted(acknowledged.items()):
+    for (user, request_id), answered in sorted(acknowledged.items()):
         if len(answered) > 1:
             v["exactly_once"].append(
-                f"request {request_id} was answered with {len(answered)} orders: {', '.join(sorted(answered))}"
+                f"request {request_id} of {user} was answered with {len(answered)} orders: "
+                + ", ".join(sorted(answered))
             )
         for order_id in sorted(answered):
             if order_id not in seen.orders:
                 v["acknowledged"].append(
-                    f"order {order_id} (request {request_id}) was acknowledged, PostgreSQL lacks it"
+                    f"order {order_id} (request {request_id} of {user}) was acknowledged, PostgreSQL lacks it"
                 )
-    for key, ids in sorted(pg_by_request.items()):
+    for (sale, user, request_id), ids in sorted(pg_by_request.items()):
         if len(ids) > 1:
             v["exactly_once"].append(
-                f"request {key[1]} of sale {key[0]} has {len(ids)} orders in PostgreSQL: {', '.join(sorted(ids))}"
+                f"request {request_id} of {user} in sale {sale} has {len(ids)} orders in PostgreSQL: "
+                + ", ".join(sorted(ids))
             )
-    for request_id in sorted(failed):
-        for order_id in request_ids_in_pg.get(request_id, []):
+    for user, request_id in sorted(failed):
+        for order_id in request_ids_in_pg.get((user, request_id), []):
             v["not_failed"].append(
-                f"request {request_id} was refused every time, yet PostgreSQL has order {order_id}"
+                f"request {request_id} of {user} was refused every time, yet PostgreSQL has order {order_id}"
             )
 
     final: dict[str, str] = {}

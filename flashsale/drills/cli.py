@@ -9,15 +9,21 @@ violated, 2; bad flags are 64).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import math
 import os
+import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from flashsale import exit_codes
+from flashsale.cli import add_store_options, store_overrides
 from flashsale.console import fail, write_json
+from flashsale.settings import SettingsError, check_database_url, check_redis_url
 
 __all__ = ["register"]
 
@@ -90,7 +96,10 @@ def _register_rehearse(sub: Any) -> None:
 
 
 def _register_drill(sub: Any) -> None:
-    from flashsale.drills.drill import FAULTS
+    try:
+        from flashsale.drills.drill import FAULTS
+    except ImportError:  # the base install: registered all the same; running it names the extra
+        FAULTS = {}
 
     d = sub.add_parser(
         "drill",
@@ -102,12 +111,13 @@ def _register_drill(sub: Any) -> None:
             "a third of the way in, repair it, let holds lapse, then check every request's "
             "outcome against PostgreSQL and Redis and run the audit. Exits 1 if any check fails."
         ),
-        epilog="faults:\n" + "\n".join(f"  {name:<16} {what}" for name, what in FAULTS.items()),
+        epilog="faults:\n"
+        + ("\n".join(f"  {name:<16} {what}" for name, what in FAULTS.items()) or "  (listed once installed)"),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     which = d.add_mutually_exclusive_group(required=True)
     which.add_argument(
-        "--fault", choices=sorted(FAULTS), metavar="NAME", help="the fault to inject (see below)"
+        "--fault", choices=sorted(FAULTS) or None, metavar="NAME", help="the fault to inject (see below)"
     )
     which.add_argument("--all", action="store_true", help="every fault in turn, one table at the end")
     d.add_argument(
@@ -134,6 +144,7 @@ def _register_drill(sub: Any) -> None:
         metavar="DIR",
         help="keep servers' data, histories and logs here (default: a temp dir removed at the end)",
     )
+    add_store_options(d)
     d.set_defaults(func=_drill)
 
 
@@ -142,8 +153,13 @@ def _drill(args: argparse.Namespace) -> int:
     from flashsale.drills.drill import FAULTS, DrillSettings, DrillStack, run_drill, summary_table
     from flashsale.runtime.embedded import ServerError
 
-    if args.duration < 3 or args.concurrency < 1:
+    if not args.duration >= 3 or args.concurrency < 1:
         return fail("--duration must be at least 3 s and --concurrency at least 1")
+    stores = store_overrides(args, os.environ)
+    try:
+        _check_store_urls(stores)
+    except SettingsError as exc:
+        return fail(f"drill: {exc}")
     settings = DrillSettings(duration_s=args.duration, concurrency=args.concurrency, seed=args.seed)
     faults = list(FAULTS) if args.all else [args.fault]
     quiet = str(args.json) == "-"
@@ -152,8 +168,8 @@ def _drill(args: argparse.Namespace) -> int:
         args.workdir.mkdir(parents=True, exist_ok=True)
     try:
         stack = DrillStack(
-            redis_url=os.environ.get("FLASHSALE_REDIS_URL") or None,
-            database_url=os.environ.get("FLASHSALE_DATABASE_URL") or None,
+            redis_url=stores.get("FLASHSALE_REDIS_URL"),
+            database_url=stores.get("FLASHSALE_DATABASE_URL"),
             workdir=args.workdir,
             appendfsync=args.appendfsync,
         ).start()
@@ -209,15 +225,13 @@ def _common(p: argparse.ArgumentParser, *, peak: float) -> None:
         metavar="S",
         help="seconds the audit may wait for the queue to drain (default 60)",
     )
+    add_store_options(p)
     p.add_argument("locust_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
     from flashsale.drills.rehearse import RehearsalSettings
 
-    extra = list(args.locust_args or [])
-    if extra[:1] == ["--"]:
-        extra = extra[1:]
     return RehearsalSettings(
         peak_rps=args.peak_rps,
         service_workers=args.service_workers,
@@ -226,28 +240,133 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
         slo=args.slo,
         hold_ttl_s=args.hold_ttl,
         audit_wait_s=args.audit_wait,
-        locust_args=tuple(extra),
+        locust_args=tuple(_locust_args(args)),
+        env=store_overrides(args, os.environ),
         **overrides,
+    )
+
+
+def _locust_args(args: argparse.Namespace) -> list[str]:
+    extra = list(args.locust_args or [])
+    return extra[1:] if extra[:1] == ["--"] else extra
+
+
+# ------------------------------------------------- checked before anything starts
+def _check_store_urls(stores: dict[str, str]) -> None:
+    if "FLASHSALE_REDIS_URL" in stores:
+        check_redis_url(stores["FLASHSALE_REDIS_URL"])
+    if "FLASHSALE_DATABASE_URL" in stores:
+        check_database_url(stores["FLASHSALE_DATABASE_URL"])
+
+
+def _require(*modules: str) -> None:
+    """ModuleNotFoundError (the CLI root names the extra) for the first module not
+    installed — found without importing it: Locust patches the process it is imported in."""
+    for module in modules:
+        if importlib.util.find_spec(module) is None:
+            raise ModuleNotFoundError(f"No module named {module!r}", name=module)
+
+
+def _drill_problem(
+    args: argparse.Namespace, numbers: dict[str, tuple[float | None, float, bool]]
+) -> str | None:
+    """What is wrong with a rehearsal's or a capacity run's flags, found before any server
+    starts (a bad threshold used to start Redis, PostgreSQL and the service first, then exit
+    "run invalid" with the reason only in locust.log). ``numbers``: flag → (value, bound,
+    whether the bound itself is allowed)."""
+    from loadtests.latency import PERCENTILES
+    from loadtests.slo import parse_slo
+
+    for flag, (value, bound, inclusive) in numbers.items():
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < bound or (value == bound and not inclusive):
+            return f"{flag} must be {'at least' if inclusive else 'above'} {bound:g}, not {value:g}"
+    if args.slo is not None:
+        try:
+            parse_slo(args.slo, percentiles=PERCENTILES)
+        except ValueError as exc:
+            return f"--slo: {exc}"
+        if not args.slo.strip():
+            return "--slo is empty: leave it out for the default thresholds"
+    if args.report_dir is not None and args.report_dir.exists() and not args.report_dir.is_dir():
+        return f"--report-dir {args.report_dir} is a file, not a folder"
+    try:
+        _check_store_urls(store_overrides(args, os.environ))
+    except SettingsError as exc:
+        return str(exc)
+    return _locust_problem(_locust_args(args))
+
+
+def _locust_problem(extra: Sequence[str]) -> str | None:
+    """Options passed through to the drill (after ``--``), checked by Locust's own parser with
+    the drill's options (``--list`` parses everything, runs nothing)."""
+    if not extra:
+        return None
+    from flashsale.drills.rehearse import surge_locustfile
+
+    done = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", str(surge_locustfile()), "--headless", *extra, "--list"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    if done.returncode == 0:
+        return None
+    errors = [ln for ln in done.stderr.splitlines() if "error:" in ln] or done.stderr.strip().splitlines()[
+        -1:
+    ]
+    return (
+        f"after '--': {errors[-1].split('error:', 1)[-1].strip() if errors else 'Locust refused the options'}"
     )
 
 
 def _rehearse(args: argparse.Namespace) -> int:
     from flashsale.drills.rehearse import Rehearsal
 
+    _require("locust", "aiohttp", "asyncpg")
+    problem = _drill_problem(
+        args,
+        {
+            **_common_numbers(args),
+            "--duration": (args.duration, 0, False),
+            "--time-scale": (args.time_scale, 0, False),
+        },
+    )
+    if problem:
+        return fail(f"rehearse: {problem}")
     time_scale = args.time_scale
     if args.duration is not None:
         time_scale = args.duration / _SHAPE_SECONDS[args.shape]
-    if time_scale <= 0 or args.peak_rps <= 0:
-        return fail("rehearse: --peak-rps and --duration/--time-scale must be > 0")
     return Rehearsal(_settings(args, shape=args.shape, time_scale=time_scale)).run()
+
+
+def _common_numbers(args: argparse.Namespace) -> dict[str, tuple[float | None, float, bool]]:
+    return {
+        "--peak-rps": (args.peak_rps, 0, False),
+        "--service-workers": (args.service_workers, 1, True),
+        "--locust-workers": (args.locust_workers, 0, True),
+        "--hold-ttl": (args.hold_ttl, 0, False),
+        "--audit-wait": (args.audit_wait, 0, True),
+    }
 
 
 def _capacity(args: argparse.Namespace) -> int:
     from flashsale.drills.rehearse import Rehearsal
     from loadtests.capacity import PUBLISHED_PEAKS, CapacityLimits, plan_for, read_steps, sustained
 
-    if args.steps < 1 or args.step_s <= 0 or args.peak_rps <= 0:
-        return fail("capacity: --steps, --step-s and --peak-rps must be > 0")
+    _require("locust", "aiohttp", "asyncpg")
+    numbers = {
+        **_common_numbers(args),
+        "--steps": (args.steps, 1, True),
+        "--step-s": (args.step_s, 0, False),
+        "--p99-ms": (args.p99_ms, 0, False),
+        "--plan-for": (min(args.plan_for) if args.plan_for else None, 0, False),
+    }
+    problem = _drill_problem(args, numbers)
+    if problem:
+        return fail(f"capacity: {problem}")
     settings = _settings(args, shape="capacity_step", time_scale=args.step_s / 20.0)  # 20 s stairs at scale 1
     settings = replace(settings, locust_args=(*settings.locust_args, "--steps", str(args.steps)))
     rehearsal = Rehearsal(settings)

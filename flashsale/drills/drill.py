@@ -49,6 +49,7 @@ import aiohttp
 from flashsale.drills.checker import CheckReport, History, Operation, check, classify, observe
 from flashsale.drills.faultproxy import ProxyThread
 from flashsale.keys import ServiceKeys
+from flashsale.redis_client import connect
 from flashsale.runtime.embedded import PostgresServer, RedisServer, parent_death_signal
 
 __all__ = ["FAULTS", "DrillReport", "DrillSettings", "DrillStack", "run_drill", "summary_table"]
@@ -582,16 +583,6 @@ class Surge:
             await asyncio.gather(*(self.buyer(session) for _ in range(self.s.concurrency)))
 
 
-def _process_age(pid: int) -> float:
-    """Seconds since ``pid`` started (0 if unknown)."""
-    try:
-        start_ticks = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return 0.0
-    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
-
-
 # ------------------------------------------------------------------------ faults
 class Faults:
     """Applies and repairs one fault; blocking server operations run in a thread."""
@@ -637,19 +628,12 @@ class Faults:
         self.note("worker restarted (same consumer name: it re-reads its pending entries)")
 
     async def _service_kill(self, length: float) -> None:
-        from flashsale.service import serve
-
-        # The supervisor takes a death in a process's first seconds for a start-up failure
-        # and stops everything; a crash at the peak comes later than that.
-        grace = getattr(serve, "STARTUP_GRACE_S", 0.0) + 0.5
+        # Mid-surge every service process listens (the supervisor takes a death before a
+        # process listened for a start-up failure and stops everything; after, it restarts it).
         children = self.procs.service_children()
         if not children:
             raise RuntimeError("no service process to kill")
         victim = children[0]
-        wait = grace - _process_age(victim)
-        if wait > 0:
-            self.note(f"waiting {wait:.1f} s: the service processes are still in their start-up grace")
-            await asyncio.sleep(wait)
         os.kill(victim, signal.SIGKILL)
         self.note(f"service process {victim} killed (of {children})")
         deadline = time.monotonic() + 15
@@ -717,7 +701,6 @@ class Faults:
         service, the writer drains what it acknowledged (so everything acknowledged is in
         PostgreSQL — the case where a failover loses nothing a buyer was told, but Redis
         goes back in time), and Redis restarts from the older copy."""
-        from redis.asyncio import Redis
 
         from flashsale.streams import stream_backlog
 
@@ -731,7 +714,7 @@ class Faults:
         self.timeline.fault_start = self.clock()
         proxy.blackhole("both")
         self.note("service cut off from the primary")
-        redis = Redis.from_url(server.url, decode_responses=True, socket_timeout=5)
+        redis = connect(server.url, decode=True, timeout_s=5)
         try:
             deadline = time.monotonic() + 20
             members = {str(m) for m in await redis.smembers(ServiceKeys(prefix).sales)}
@@ -756,7 +739,7 @@ class Faults:
         proxy.reset()
         proxy.heal()
         self.note("Redis restarted from the older copy")
-        redis = Redis.from_url(server.url, decode_responses=True, socket_timeout=5)
+        redis = connect(server.url, decode=True, timeout_s=5)
         try:
             deadline = time.monotonic() + 20
             while time.monotonic() < deadline and not await redis.hget(
@@ -830,7 +813,6 @@ async def _recorded(database_url: str, prefix: str, sale: str, timeout: float = 
 async def _settle(
     stack: DrillStack, prefix: str, sale: str, history: History, settings: DrillSettings
 ) -> tuple[CheckReport, Any]:
-    from redis.asyncio import Redis
 
     from flashsale.pgpool import close_pool, create_pool
     from flashsale.pipeline.audit import run_audit
@@ -839,7 +821,7 @@ async def _settle(
     acknowledged = sorted(
         {op.order_id for op in history if op.kind == "order" and op.outcome == "ok" and op.order_id}
     )
-    redis = Redis.from_url(stack.redis_url, decode_responses=True, socket_timeout=10)
+    redis = connect(stack.redis_url, decode=True, timeout_s=10)
     pool = await create_pool(stack.database_url, max_size=2, application_name="flashsale-drill-check")
     try:
         audit = await run_audit(
@@ -873,7 +855,7 @@ def _rates(history: History, timeline: Timeline, recovered_at: float | None) -> 
 def _unknowns(history: History) -> dict[str, int]:
     attempts = [op for op in history if op.outcome == "unknown"]
     by_request = history.orders()
-    ids = {op.key for op in attempts if op.kind == "order"}
+    ids = {(op.user, op.key) for op in attempts if op.kind == "order"}
     had_run = had_not = unsettled = 0
     for rid in ids:
         later = [op for op in by_request[rid] if op.outcome != "unknown"]

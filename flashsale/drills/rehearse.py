@@ -11,8 +11,9 @@ with Locust, judge it, and stop everything — also on Ctrl-C.
    (``locust_workers``) whose histograms and request logs the master merges. The drill
    itself (the sale, the arrivals, the oracle, the report) lives in ``loadtests``; this
    module only starts things and watches ``progress.json``;
-4. a live progress line (phase, arrivals target vs sent, orders/s, p99, hot-SKU stock left,
-   backlog), then the verdict table from ``summary.json``;
+4. a live progress line (phase, arrivals target vs sent, orders/s, the worst second's p99
+   since the last line, hot-SKU stock left, backlog), then the verdict table from
+   ``summary.json``;
 5. stops Locust, the service, the worker and the servers it started, in that order.
 
 The exit code is the drill's (``loadtests.exit_codes``): 0 all good, 1 SLO missed,
@@ -40,7 +41,14 @@ from typing import IO, Any
 
 from loadtests import exit_codes
 
-__all__ = ["INTERRUPTED", "Rehearsal", "RehearsalSettings", "format_verdict_table"]
+__all__ = [
+    "INTERRUPTED",
+    "ProgressLine",
+    "Rehearsal",
+    "RehearsalSettings",
+    "format_progress",
+    "format_verdict_table",
+]
 
 INTERRUPTED = 130
 
@@ -324,6 +332,8 @@ class Rehearsal:
     def _watch(self, master: subprocess.Popen[Any]) -> None:
         tty = self.out.isatty()
         progress = self.report_dir / "progress.json"
+        # A terminal redraws the line every second: keep a spike on it for a few seconds.
+        line = ProgressLine(hold_s=5 if tty else 0)
         last_line = 0.0
         while master.poll() is None:
             time.sleep(1.0)
@@ -331,11 +341,11 @@ class Rehearsal:
                 p = json.loads(progress.read_text())
             except (OSError, ValueError):
                 continue
-            line = format_progress(p)
+            line.observe(p)
             if tty:
-                print("\r" + line.ljust(118)[:118], end="", file=self.out, flush=True)
+                print("\r" + line.render(p).ljust(LINE_WIDTH)[:LINE_WIDTH], end="", file=self.out, flush=True)
             elif time.time() - last_line >= 5:
-                self.say(line)
+                self.say(line.render(p))
                 last_line = time.time()
         if tty:
             print(file=self.out)
@@ -345,15 +355,81 @@ class Rehearsal:
             _terminate(proc)
 
 
-def format_progress(p: dict[str, Any]) -> str:
+#: What a terminal shows of the live line (it is redrawn in place).
+LINE_WIDTH = 132
+
+
+@dataclass(frozen=True)
+class WorstSecond:
+    """The second with the highest p99 among those a line covers (and the highest corrected p99)."""
+
+    t_from_t0_s: float
+    p99_ms: float
+    p99_corrected_ms: float
+
+
+class ProgressLine:
+    """The live progress line. ``progress.json`` is rewritten every second and holds the
+    p99 of each of the last ten whole seconds (``p99_by_second``); a line is printed less
+    often (every 5 s to a file or pipe). So the latency a line shows is the worst second
+    since the previous line, and when it was — the T0 second's spike (432 ms while the
+    seconds around it read 16 and 19 ms) can no longer fall between two lines.
+
+    ``hold_s``: a line also covers at least the last ``hold_s`` seconds (a terminal
+    redraws every second, and a spike should stay readable for a moment)."""
+
+    def __init__(self, hold_s: float = 0.0) -> None:
+        self.hold_s = hold_s
+        self._seen: dict[float, tuple[float, float]] = {}  # second -> (p99, corrected p99)
+        self._shown: dict[float, float] = {}  # second -> the p99 a line already showed
+
+    def observe(self, p: dict[str, Any]) -> None:
+        """Take the seconds of one read of progress.json (a later read of a second wins:
+        a process's late report makes its p99 more complete)."""
+        for sec in p.get("p99_by_second") or []:
+            self._seen[float(sec["t_from_t0_s"])] = (float(sec["p99_ms"]), float(sec["p99_corrected_ms"]))
+
+    def worst(self) -> WorstSecond | None:
+        """The worst second not shown yet (or shown with a lower p99), or within ``hold_s``
+        of the newest; marks them shown."""
+        if not self._seen:
+            return None
+        newest = max(self._seen)
+        due = {
+            t: v
+            for t, v in self._seen.items()
+            if t > newest - self.hold_s or t not in self._shown or v[0] > self._shown[t]
+        }
+        if not due:
+            return None
+        t = max(due, key=lambda k: (due[k][0], k))
+        result = WorstSecond(t, due[t][0], max(v[1] for v in due.values()))
+        self._shown.update((k, v[0]) for k, v in due.items())
+        for old in [k for k in self._seen if k < newest - 60]:  # nothing older comes back
+            del self._seen[old]
+            self._shown.pop(old, None)
+        return result
+
+    def render(self, p: dict[str, Any]) -> str:
+        return format_progress(p, self.worst())
+
+
+def format_progress(p: dict[str, Any], worst: WorstSecond | None = None) -> str:
+    """One line of live numbers; latency is ``worst`` (see ProgressLine) when given, else the
+    p99 of the one second ``p`` names."""
+
     def ms(v: Any) -> str:
         return "-" if v is None else f"{v:.0f}ms"
 
+    if worst is not None:
+        latency = f"p99 {ms(worst.p99_ms)}@T0{worst.t_from_t0_s:+.0f}s (corr {ms(worst.p99_corrected_ms)})"
+    else:
+        latency = f"p99 {ms(p.get('p99_ms'))} (corr {ms(p.get('p99_corrected_ms'))})"
     hot = p.get("hot_available")
     return (
         f"{p.get('phase', '?'):<9} T0{p.get('t_from_t0_s', 0):+6.0f}s  arrivals {p.get('sent_per_s', 0):>5}/"
         f"{p.get('target_per_s', 0):<5.0f}/s dropped {p.get('dropped_per_s', 0):>3}  orders {p.get('orders_per_s', 0):>5}/s"
-        f"  p99 {ms(p.get('p99_ms'))} (corr {ms(p.get('p99_corrected_ms'))})"
+        f"  {latency}"
         f"  hot left {'-' if hot is None else hot}  backlog {p.get('backlog') if p.get('backlog') is not None else '-'}"
     )
 
@@ -398,15 +474,9 @@ def format_verdict_table(summary: dict[str, Any], folder: Path) -> str:
             f"  T0 rendezvous fired {min(sent.values()):.1f}-{max(sent.values()):.1f} ms after T0 by "
             f"{len(sent)} Locust process(es) (skew {summary['generator']['t0_skew_ms']:.1f} ms)"
         )
-    lat = summary["latency"]
-    rows.append(f"  {'latency ms':<22}{'p50':>8}{'p90':>8}{'p99':>8}{'p99.9':>8}{'max':>9}   count")
-    for name in lat["raw"]:
-        for which in ("raw", "corrected"):
-            x = lat[which][name]
-            rows.append(
-                f"  {name + ' ' + which:<22}{x['p50_ms']:>8.1f}{x['p90_ms']:>8.1f}{x['p99_ms']:>8.1f}"
-                f"{x['p99.9_ms']:>8.1f}{x['max_ms']:>9.1f}   {x['count']}"
-            )
+    from loadtests.report import latency_lines  # the kit's table: p50/p90/p95/p99/p99.9, max, mean
+
+    rows += latency_lines(summary)
     sold_out = summary.get("service", {}).get("sold_out_at_s_from_t0") or {}
     for sku, times in sold_out.items():
         rows.append(

@@ -4,12 +4,15 @@ reopen them (``--check`` only reports what the fence finds)."""
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
-from flashsale.console import fail, run, write_json
+from flashsale.cli import add_store_options, both_stores
+from flashsale.console import fail, run, store_failed, write_json
+
+if TYPE_CHECKING:
+    from flashsale.settings import Settings
 
 __all__ = ["register"]
 
@@ -27,6 +30,7 @@ def register(sub: Any) -> None:
             "run again; run it with the worker running or stopped."
         ),
     )
+    add_store_options(r)
     r.add_argument(
         "--sale", action="append", dest="sales", metavar="SALE", help="recover this sale (repeatable)"
     )
@@ -34,7 +38,11 @@ def register(sub: Any) -> None:
     r.add_argument(
         "--check", action="store_true", help="only compare and report; change nothing (exit 2 on a loss)"
     )
-    r.add_argument("--forget", metavar="SALE", help="tell the fence SALE was removed from Redis on purpose")
+    r.add_argument(
+        "--forget",
+        metavar="SALE",
+        help="tell the fence SALE was removed from Redis on purpose (retired: the id may be created again)",
+    )
     r.add_argument(
         "--json", type=Path, metavar="FILE", help="write the report as JSON to FILE ('-' for stdout)"
     )
@@ -43,29 +51,30 @@ def register(sub: Any) -> None:
 
 # --------------------------------------------------------------------- recover
 def _recover(args: argparse.Namespace) -> int:
-    from flashsale.settings import Settings
+    from flashsale.settings import SettingsError
 
-    settings = Settings.from_env()
-    if not os.environ.get("FLASHSALE_REDIS_URL") or not settings.database_url:
-        return fail(
-            "recovery reads PostgreSQL and rewrites Redis: set FLASHSALE_REDIS_URL and FLASHSALE_DATABASE_URL "
-            "(and FLASHSALE_KEY_PREFIX if not 'fs')"
-        )
+    try:
+        settings = both_stores(args, why="recovery reads PostgreSQL and rewrites Redis")
+    except SettingsError as exc:
+        return fail(str(exc))
     return run(_recover_async(settings, args))
 
 
-async def _recover_async(settings: Any, args: argparse.Namespace) -> int:
+async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncpg
+
     from flashsale.fence import recovery
     from flashsale.fence import verify as fence
-    from flashsale.pgpool import close_pool, create_pool
+    from flashsale.pgpool import close_pool, create_pool, is_transient
     from flashsale.redis_client import connect
 
+    assert settings.database_url, "checked by _recover"
     redis = connect(settings.redis_url, decode=True, timeout_s=30, connect_timeout_s=5)
     try:
         pool = await create_pool(settings.database_url, max_size=2, application_name="flashsale-recover")
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         await redis.aclose()
-        return fail(f"cannot connect to PostgreSQL: {exc}", exit_codes.NOT_READY)
+        return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
     prefix = settings.key_prefix
     try:
         if args.forget:

@@ -12,17 +12,26 @@ lost, or those named), and for each of its engine sales (the sale, or each bucke
 3. **rebuild** from PostgreSQL, in one MULTI guarded by WATCH on the stream, the holds and
    their hashes: stock counters per SKU (total and reserve pool from the stock events;
    held and sold from the orders; available = total − reserve − held − sold), hold
-   records, idempotency records for every request id (so a buyer's retry still gets its
-   first outcome), per-user counts, payment deadlines. Stock-change operation ids and
-   unfinished bucket transfers already in Redis are kept. If anything wrote to the
-   stream after step 2 (a sweeper, a late reservation), WATCH fails and 2–3 run again;
+   records, idempotency records for every (buyer, request id) (so a buyer's retry still
+   gets its first outcome), per-user counts, payment deadlines. Stock-change operation ids
+   and unfinished bucket transfers already in Redis are kept, and each bucket transfer's
+   operation records (``op:xo-<id>`` / ``op:xi-<id>``) are rebuilt from the transfer ids
+   on the stock events: a transfer the loss cut is then finished by the settle step, its
+   units neither dropped (the donor's record lost) nor added twice (the receiver's). If
+   anything wrote to the stream after step 2 (a sweeper, a late reservation), WATCH
+   fails and 2–3 run again;
 4. move the stream's last id up to what PostgreSQL has committed (``XSETID``), so new
    entries sort after everything already written;
 
-then put back the sale's settings (from ``fence_sales`` if Redis lost them), its SKU index
-and its place in the sales set, clear ``fenced``, bump the sale's epoch (every process
-drops its sold-out cache), re-write the lineage marker, log ``recovered`` in ``fence_log``,
-and verify again.
+then put back the sale's settings (from ``fence_sales`` if Redis lost them or holds
+another generation), its SKU index and its place in the sales set, clear ``fenced``, bump
+the sale's epoch (every process drops its sold-out cache), re-write the lineage marker,
+log ``recovered`` in ``fence_log``, and verify again.
+
+Only the generation being rebuilt is read from PostgreSQL (the one recorded last; a sale id
+used again has the rows of its earlier creations there too, see
+:mod:`flashsale.fence.verify`). A sale created again over a generation never retired is
+not rebuilt: that would overwrite the new creation; it is reported instead.
 """
 
 from __future__ import annotations
@@ -30,17 +39,18 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from redis.exceptions import WatchError
 
 from flashsale.fence import verify as fence
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import order_timing, read_sales
 from flashsale.pipeline.writer import EntryError, StreamEntry, parse_entry, write_changes
 from flashsale.redis_client import as_text
 from flashsale.streams import ensure_group
-from inventory import SaleKeys
+from inventory import SaleKeys, StreamId
 
 __all__ = ["RecoveryError", "RecoveryReport", "SaleRecovery", "SkuRebuilt", "forget", "recover"]
 
@@ -54,11 +64,6 @@ class RecoveryError(RuntimeError):
 
 def _ms(ts: Any) -> int:
     return int(round(ts.timestamp() * 1000))
-
-
-def _id_tuple(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,48 +184,24 @@ class _Plan:
     skus_seen: set[str]
 
 
-async def _plan(pool: Any, engine: str) -> _Plan:
-    async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):
-            orders = await conn.fetch(
-                "SELECT order_id, user_id, request_id, status, created_at, pay_by, status_at, last_stream_id "
-                "FROM orders WHERE sale = $1",
-                engine,
-            )
-            lines = await conn.fetch(
-                "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = $1 ORDER BY l.order_id, l.sku",
-                engine,
-            )
-            events = await conn.fetch(
-                "SELECT stream_id, type, sku, total, reserve, per_user_limit, low_stock_line, delta, units "
-                "FROM stock_events WHERE sale = $1 ORDER BY stream_ms, stream_seq",
-                engine,
-            )
-    by_order: dict[str, list[tuple[str, int]]] = defaultdict(list)
-    for r in lines:
-        by_order[r["order_id"]].append((r["sku"], int(r["qty"])))
+async def _plan(pool: Any, engine: str, generation: int) -> _Plan:
+    records = (await read_sales(pool, [engine])).since(generation)
+    orders, by_order = records.orders, records.lines
     counters: dict[str, dict[str, int]] = defaultdict(
         lambda: dict.fromkeys(("total", "reserve", "limit", "low", "held", "sold"), 0)
     )
+    for (_, sku), recorded in records.stock().items():
+        counters[sku].update(
+            total=recorded.total, reserve=recorded.reserve, limit=recorded.limit, low=recorded.low
+        )
     problems: list[str] = []
-    top = (0, 0)
-    for e in events:
-        c = counters[e["sku"]]
-        top = max(top, _id_tuple(e["stream_id"]))
-        if e["type"] == "stocked":
-            c.update(
-                total=e["total"],
-                reserve=e["reserve"],
-                limit=e["per_user_limit"],
-                low=e["low_stock_line"] or 0,
-            )
-        elif e["type"] in ("restocked", "written_off"):
-            c["total"] += e["delta"]
-        elif e["type"] == "reserve_released":
-            c["reserve"] -= e["units"]
-    holds: dict[str, str] = {}
+    top = max((StreamId.parse(e["stream_id"]) for e in records.events), default=StreamId(0, 0))
     requests: dict[str, str] = {}
+    for e in records.events:
+        if e["transfer"] is not None:  # the records transfer_out / transfer_in keep
+            side = "xo" if e["delta"] < 0 else "xi"
+            requests[f"op:{side}-{e['transfer']}"] = f"adjust {e['sku']} {e['delta']}"
+    holds: dict[str, str] = {}
     users: Counter[str] = Counter()
     deadlines: dict[str, int] = {}
     statuses: Counter[str] = Counter()
@@ -230,7 +211,7 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         if not cart:
             problems.append(f"order {order_id} has no lines in PostgreSQL; left out")
             continue
-        top = max(top, _id_tuple(o["last_stream_id"]))
+        top = max(top, StreamId.parse(o["last_stream_id"]))
         statuses[status] += 1
         deadline = _ms(o["pay_by"])
         created = _ms(o["created_at"] or o["status_at"])
@@ -247,7 +228,9 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         holds[order_id] = json.dumps(record, separators=(",", ":"))
         # The reserve script's fingerprint: user, then each line of the (sorted) cart.
         fingerprint = o["user_id"] + "".join(f"|{sku}:{qty}" for sku, qty in cart)
-        requests[o["request_id"]] = json.dumps({"h": order_id, "f": fingerprint}, separators=(",", ":"))
+        requests[SaleKeys.request_field(o["user_id"], o["request_id"])] = json.dumps(
+            {"h": order_id, "f": fingerprint}, separators=(",", ":")
+        )
         if status in ("held", "paid"):
             for sku, qty in cart:
                 users[f"{o['user_id']}:{sku}"] += qty
@@ -281,7 +264,7 @@ async def _plan(pool: Any, engine: str) -> _Plan:
         requests,
         dict(users),
         deadlines,
-        f"{top[0]}-{top[1]}",
+        str(top),
         statuses,
         skus,
         problems,
@@ -293,8 +276,11 @@ async def _last_generated(redis: Any, key: str) -> str:
     return as_text((await redis.xinfo_stream(key)).get("last-generated-id") or "0-0")
 
 
-async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tuple[int, _Plan, int]:
-    """Drain then rebuild one engine sale; returns (entries drained, plan, attempts)."""
+async def _rebuild_engine(
+    redis: Any, pool: Any, prefix: str, engine: str, generation: int
+) -> tuple[int, _Plan, int]:
+    """Drain then rebuild one engine sale's ``generation``; returns (entries drained, plan,
+    attempts)."""
     keys = SaleKeys(prefix, engine)
     await ensure_group(redis, keys.events)  # the stream must exist to be watched (and for the writer)
     drained, problems = 0, []
@@ -304,7 +290,7 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
         n, last, found = await _drain(redis, pool, prefix, engine, last)
         drained += n
         problems += found
-        plan = await _plan(pool, engine)
+        plan = await _plan(pool, engine, generation)
         async with redis.pipeline(transaction=True) as pipe:
             await pipe.watch(keys.events, keys.holds, keys.stock, keys.requests)
             if await _last_generated(pipe, keys.events) != seen:
@@ -314,7 +300,7 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
                 for k, v in (await pipe.hgetall(keys.requests)).items()
                 if as_text(k).startswith(("op:", "xfer:"))
             }
-            target = max(_id_tuple(seen), _id_tuple(plan.top_id))
+            target = max(StreamId.parse(seen), StreamId.parse(plan.top_id))
             pipe.multi()
             pipe.delete(keys.stock, keys.holds, keys.requests, keys.users, keys.deadlines)
             if plan.stock:
@@ -333,7 +319,7 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
             deadlines = list(plan.deadlines.items())
             for i in range(0, len(deadlines), _CHUNK):
                 pipe.zadd(keys.deadlines, dict(deadlines[i : i + _CHUNK]))
-            pipe.execute_command("XSETID", keys.events, f"{target[0]}-{target[1]}")
+            pipe.execute_command("XSETID", keys.events, str(target))
             try:
                 await pipe.execute()
             except WatchError:
@@ -346,16 +332,11 @@ async def _rebuild_engine(redis: Any, pool: Any, prefix: str, engine: str) -> tu
     )
 
 
-async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
+async def _derived_settings(pool: Any, engines: list[str], generation: int) -> dict[str, Any]:
     """Settings for a sale ``fence_sales`` never recorded, read off its orders."""
-    async with pool.acquire() as conn:
-        row = await conn.fetchrow(
-            "SELECT percentile_disc(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM pay_by - created_at)) AS ttl, "
-            "min(created_at) AS first FROM orders WHERE sale = ANY($1::text[]) AND created_at IS NOT NULL",
-            engines,
-        )
-    ttl_ms = int(float(row["ttl"]) * 1000) if row and row["ttl"] is not None else 1_800_000
-    opens = _ms(row["first"]) if row and row["first"] is not None else 0
+    ttl_s, first = await order_timing(pool, engines, generation)
+    ttl_ms = int(ttl_s * 1000) if ttl_s is not None else 1_800_000
+    opens = _ms(first) if first is not None else 0
     return {
         "opens_at_ms": opens,
         "early_access_ms": 0,
@@ -367,13 +348,14 @@ async def _derived_settings(pool: Any, engines: list[str]) -> dict[str, Any]:
 
 async def _reopen(redis: Any, pool: Any, prefix: str, record: fence.SaleRecord, skus: set[str]) -> bool:
     """Put back the sale's settings, SKU index and sales-set entries; clear ``fenced``.
-    Returns True if the settings hash had to be restored."""
+    Returns True if the settings hash had to be restored (lost, or another generation's)."""
     key = ServiceKeys(prefix).sale(record.sale)
-    restored = not await redis.hexists(key, "opens_at_ms")
+    held = await redis.hmget(key, ["opens_at_ms", "generation"])
+    restored = held[0] is None or int(held[1] or 0) != record.generation
     settings = (
         record.settings
         if record.settings.get("opens_at_ms") is not None
-        else {**await _derived_settings(pool, record.engine_sales), **record.settings}
+        else {**await _derived_settings(pool, record.engine_sales, record.generation), **record.settings}
     )
     if restored:
         await redis.hset(
@@ -390,6 +372,7 @@ async def _reopen(redis: Any, pool: Any, prefix: str, record: fence.SaleRecord, 
                     )
                 },
                 "epoch": 0,
+                "generation": record.generation,
             },
         )
     if skus:
@@ -442,6 +425,16 @@ async def recover(
         record = registry.get(sale) or fence.SaleRecord(
             sale, {"buckets": len(engines) if len(engines) > 1 else 1}, ()
         )
+        held = before.generations.get(sale)
+        if held is not None and held > record.generation:
+            if sale in registry and not record.forgotten:
+                problems.append(
+                    f"{sale}: Redis holds a newer creation (generation {held}) than the one recorded "
+                    f"({record.generation}), which was never retired; not rebuilt (that would overwrite "
+                    f"the new one): run `flashsale recover --forget {sale}` if the old one was removed on purpose"
+                )
+                continue
+            record = replace(record, generation=held)  # created again, not recorded yet: rebuild that one
         if not engines:
             engines = record.engine_sales
         if record.engine_sales != engines and sale not in registry:
@@ -456,7 +449,7 @@ async def recover(
         sale_problems: list[str] = []
         skus: set[str] = set(record.skus)
         for engine in engines:
-            n, plan, tries = await _rebuild_engine(redis, pool, prefix, engine)
+            n, plan, tries = await _rebuild_engine(redis, pool, prefix, engine, record.generation)
             drained += n
             attempts = max(attempts, tries)
             orders.update(plan.orders)
@@ -512,12 +505,19 @@ async def recover(
 
 
 async def forget(pool: Any, *, prefix: str, sale: str) -> bool:
-    """Tell the fence a sale was removed from Redis on purpose (its absence is no loss)."""
+    """Tell the fence a sale was removed from Redis on purpose (its absence is no loss): its
+    generations recorded so far are retired, and the id may be created again (a new
+    generation, fenced like any sale)."""
     async with pool.acquire() as conn:
-        done = await conn.execute(
-            "UPDATE fence_sales SET forgotten_at = now() WHERE prefix = $1 AND sale = $2", prefix, sale
+        known = await conn.fetchval(
+            "SELECT count(*) FROM fence_sales WHERE prefix = $1 AND sale = $2", prefix, sale
         )
-    if done.endswith(" 0"):
+        await conn.execute(
+            "UPDATE fence_sales SET forgotten_at = now() WHERE prefix = $1 AND sale = $2 AND forgotten_at IS NULL",
+            prefix,
+            sale,
+        )
+    if not known:
         return False
     await fence.log_fence(
         pool, prefix=prefix, sale=sale, action="forgotten", reason="removed from Redis on purpose"

@@ -19,7 +19,18 @@ first, and any of these means Redis went back in time:
 * Redis counts **fewer units sold** of a SKU than PostgreSQL has in paid orders (a sold
   counter never goes down);
 * the sale stream's **last generated id** is older than the newest one PostgreSQL has
-  committed (compared to the millisecond).
+  committed (compared to the millisecond);
+* Redis holds an **earlier generation** of the sale than PostgreSQL recorded.
+
+Generations. A sale id can be used again (a yearly ``d11``) once its last creation was
+retired (``flashsale recover --forget d11``), and every creation is a generation of its own,
+named by the instant it was created (ms of the Redis clock, the settings hash's
+``generation`` field; 0 for sales from before generations). ``fence_sales`` keeps a row per
+generation, and everything compared above is read for the generation recorded last: a row
+of ``orders`` or ``stock_events`` belongs to the newest generation created at or before it
+(:func:`flashsale.ledger.generation_of`). A generation newer than the one recorded is a sale created again:
+it is recorded, then checked — unless the one before it was never retired, which is how a
+Redis wiped and then given a new sale of the same id looks (a loss, until retired).
 
 Where it runs. :class:`flashsale.service.fence_guard.FenceGuard` lives in every service process
 (:func:`flashsale.service.fence_guard.install`):
@@ -56,8 +67,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import newest_stock_event_ms, order_counts, paid_units
 from flashsale.redis_client import as_text
-from inventory import SaleKeys, bucket_sale_id, parent_sale_id
+from inventory import SaleKeys, StreamId, bucket_sale_id, parent_sale_id
 
 __all__ = [
     "FenceUnavailable",
@@ -66,8 +78,10 @@ __all__ = [
     "Verdict",
     "ensure_lineage",
     "fallback_record",
+    "generations_recorded",
     "lineage_key",
     "load_registry",
+    "newest_record",
     "log_fence",
     "raise_fence",
     "record_sales",
@@ -89,10 +103,6 @@ def lineage_key(prefix: str) -> str:
     return ServiceKeys(prefix).lineage
 
 
-def _stream_ms(stream_id: str | None) -> int:
-    return int(stream_id.partition("-")[0]) if stream_id else 0
-
-
 @dataclass(frozen=True, slots=True)
 class SaleRecord:
     """A sale as ``fence_sales`` remembers it."""
@@ -101,6 +111,7 @@ class SaleRecord:
     settings: dict[str, Any]
     skus: tuple[str, ...]
     forgotten: bool = False
+    generation: int = 0  # when this creation of the sale was made (ms, Redis clock)
 
     @property
     def buckets(self) -> int:
@@ -121,6 +132,7 @@ class Loss:
     sale: str  # the sale buyers order from
     engine_sale: str | None  # the bucket (or the sale itself) the evidence is about
     reason: str
+    advice: str = "run `flashsale recover` to rebuild it from PostgreSQL"
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +142,8 @@ class Verdict:
     registry: dict[str, SaleRecord]
     checked: tuple[str, ...]  # engine sales compared
     parents: dict[str, str] = field(default_factory=dict)  # engine sale -> sale
+    #: sale -> the generation Redis holds (None: no settings hash), for the sales looked at
+    generations: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -138,12 +152,12 @@ class Verdict:
     def lost_sales(self) -> dict[str, str]:
         """Sale -> one line saying what was lost and what to do."""
         reasons: dict[str, list[str]] = defaultdict(list)
+        advice: dict[str, str] = {}
         for loss in self.losses:
             reasons[loss.sale].append(loss.reason)
+            advice.setdefault(loss.sale, loss.advice)
         return {
-            sale: "Redis lost data ("
-            + "; ".join(found[:3])
-            + "): run `flashsale recover` to rebuild it from PostgreSQL"
+            sale: "Redis lost data (" + "; ".join(found[:3]) + "): " + advice[sale]
             for sale, found in reasons.items()
         }
 
@@ -155,17 +169,58 @@ async def require_tables(conn: Any) -> None:
 
 
 async def load_registry(conn: Any, prefix: str) -> dict[str, SaleRecord]:
-    """Every sale recorded in ``fence_sales`` for ``prefix``."""
+    """Every sale recorded in ``fence_sales`` for ``prefix``: its newest generation."""
     await require_tables(conn)
     rows = await conn.fetch(
-        "SELECT sale, settings, skus, forgotten_at FROM fence_sales WHERE prefix = $1", prefix
+        f"SELECT DISTINCT ON (sale) {_RECORD_COLUMNS} FROM fence_sales WHERE prefix = $1 "
+        "ORDER BY sale, generation DESC",
+        prefix,
     )
-    return {
-        r["sale"]: SaleRecord(
-            r["sale"], json.loads(r["settings"]), tuple(r["skus"]), r["forgotten_at"] is not None
+    return {r["sale"]: _record(r) for r in rows}
+
+
+async def newest_record(pool: Any, prefix: str, sale: str) -> SaleRecord | None:
+    """The generation of ``sale`` the fence recorded last (retired or not), or None."""
+    async with pool.acquire() as conn:
+        await require_tables(conn)
+        row = await conn.fetchrow(
+            f"SELECT {_RECORD_COLUMNS} FROM fence_sales WHERE prefix = $1 AND sale = $2 "
+            "ORDER BY generation DESC LIMIT 1",
+            prefix,
+            sale,
         )
-        for r in rows
-    }
+    return None if row is None else _record(row)
+
+
+_RECORD_COLUMNS = "sale, generation, settings, skus, forgotten_at"
+
+
+def _record(row: Any) -> SaleRecord:
+    return SaleRecord(
+        row["sale"],
+        json.loads(row["settings"]),
+        tuple(row["skus"]),
+        row["forgotten_at"] is not None,
+        int(row["generation"]),
+    )
+
+
+async def generations_recorded(pool: Any, prefix: str, sales: Iterable[str]) -> dict[str, list[int]]:
+    """Sale -> every generation ``fence_sales`` recorded of it, oldest first (empty when
+    PostgreSQL has no fence tables: nothing was recorded)."""
+    async with pool.acquire() as conn:
+        if not await conn.fetchval("SELECT to_regclass('fence_sales') IS NOT NULL"):
+            return {}
+        rows = await conn.fetch(
+            "SELECT sale, generation FROM fence_sales WHERE prefix = $1 AND sale = ANY($2::text[]) "
+            "ORDER BY sale, generation",
+            prefix,
+            sorted(set(sales)),
+        )
+    found: dict[str, list[int]] = defaultdict(list)
+    for r in rows:
+        found[r["sale"]].append(int(r["generation"]))
+    return dict(found)
 
 
 @dataclass(slots=True)
@@ -188,37 +243,22 @@ async def _read_postgres(pool: Any, prefix: str) -> _PgFacts:
             other_engines: set[str] = set()
             for r in await conn.fetch("SELECT sale, settings FROM fence_sales WHERE prefix <> $1", prefix):
                 other_engines.update(SaleRecord(r["sale"], json.loads(r["settings"]), ()).engine_sales)
-            ours = {e for rec in registry.values() for e in rec.engine_sales}
-            stocked = {
-                r["sale"]: int(r["ms"])
-                for r in await conn.fetch("SELECT sale, max(stream_ms) AS ms FROM stock_events GROUP BY sale")
-                if r["sale"] in ours or r["sale"] not in other_engines
+            # Each engine sale is read from its recorded generation on (0: all of it).
+            since = {
+                e: rec.generation for rec in registry.values() if not rec.forgotten for e in rec.engine_sales
             }
             forgotten = {e for rec in registry.values() if rec.forgotten for e in rec.engine_sales}
-            engines = sorted(
-                (
-                    {e for rec in registry.values() if not rec.forgotten for e in rec.engine_sales}
-                    | set(stocked)
-                )
-                - forgotten
-            )
-            orders: dict[str, int] = {}
-            order_ms: dict[str, int] = {}
-            for r in await conn.fetch(
-                "SELECT sale, count(*) AS n, max(split_part(last_stream_id, '-', 1)::bigint) AS ms "
-                "FROM orders WHERE sale = ANY($1::text[]) GROUP BY sale",
-                engines,
-            ):
-                orders[r["sale"]] = int(r["n"])
-                order_ms[r["sale"]] = int(r["ms"])
-            paid = {
-                (r["sale"], r["sku"]): int(r["units"])
-                for r in await conn.fetch(
-                    "SELECT o.sale, l.sku, sum(l.qty) AS units FROM orders o JOIN order_lines l USING (order_id) "
-                    "WHERE o.status = 'paid' AND o.sale = ANY($1::text[]) GROUP BY o.sale, l.sku",
-                    engines,
-                )
+            ours = set(since) | forgotten
+            stocked = {
+                sale: ms
+                for sale, ms in (await newest_stock_event_ms(conn, since)).items()
+                if sale in ours or sale not in other_engines
             }
+            engines = sorted(set(since) | (set(stocked) - forgotten))
+            counts = await order_counts(conn, engines, since)
+            orders = {sale: n for sale, (n, _) in counts.items()}
+            order_ms = {sale: ms for sale, (_, ms) in counts.items()}
+            paid = await paid_units(conn, engines, since)
     stocked = {s: ms for s, ms in stocked.items() if s not in forgotten}
     return _PgFacts(lineage, registry, stocked, orders, order_ms, paid)
 
@@ -244,9 +284,12 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
         set(pg.stocked) | {e for rec in pg.registry.values() if not rec.forgotten for e in rec.engine_sales}
     )
     parents = {e: _parent_of(e, pg.registry) for e in engines}
+    sales = sorted(set(parents.values()))
     async with redis.pipeline(transaction=False) as pipe:
         pipe.info("server")
         pipe.get(lineage_key(prefix))
+        for sale in sales:
+            pipe.hmget(ServiceKeys(prefix).sale(sale), ["generation", "opens_at_ms"])
         for engine in engines:
             keys = SaleKeys(prefix, engine)
             pipe.hgetall(keys.stock)
@@ -266,9 +309,44 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
             else f"Redis holds another dataset: lineage {token[:8]}…, PostgreSQL expects {pg.lineage[:8]}…"
         )
         losses += [Loss(sale, None, why) for sale in sorted(set(parents.values()))]
+    generations: dict[str, int | None] = {}
+    for sale, reply in zip(sales, replies[2 : 2 + len(sales)]):
+        if isinstance(reply, Exception) or (reply[0] is None and reply[1] is None):
+            generations[sale] = None  # no settings hash
+        else:
+            generations[sale] = int(reply[0] or 0)  # a sale from before generations: 0
+    skipped = set()
+    for sale, held in generations.items():
+        record = pg.registry.get(sale)
+        recorded = record.generation if record is not None else 0
+        if held is None or held == recorded:
+            continue
+        skipped.add(sale)  # compared once the fence has recorded the generation Redis holds
+        if held < recorded:
+            losses.append(
+                Loss(
+                    sale,
+                    None,
+                    f"Redis holds an earlier creation of {sale} (generation {held}), "
+                    f"PostgreSQL recorded generation {recorded}",
+                )
+            )
+        elif record is not None:  # a new creation over one never retired: how a wipe looks
+            losses.append(
+                Loss(
+                    sale,
+                    None,
+                    f"{sale} was created again (generation {held}) while its generation {recorded} "
+                    "was never retired",
+                    advice=f"if that one was removed on purpose, run `flashsale recover --forget {sale}`",
+                )
+            )
+    offset = 2 + len(sales)
     for i, engine in enumerate(engines):
-        stock_raw, holds, stream = replies[2 + 3 * i : 5 + 3 * i]
+        stock_raw, holds, stream = replies[offset + 3 * i : offset + 3 + 3 * i]
         sale = parents[engine]
+        if sale in skipped:
+            continue
         stock: dict[str, dict[str, int]] = defaultdict(dict)
         if not isinstance(stock_raw, Exception):
             for name, value in stock_raw.items():
@@ -297,7 +375,7 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
                 )
         committed = max(pg.stocked.get(engine, 0), pg.order_ms.get(engine, 0))
         last = None if isinstance(stream, Exception) else as_text(stream.get("last-generated-id") or "0-0")
-        if committed and _stream_ms(last) < committed:
+        if committed and (StreamId.parse(last).ms if last else 0) < committed:
             losses.append(
                 Loss(
                     sale,
@@ -306,7 +384,8 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
                     f"PostgreSQL has committed entries from {committed}-*",
                 )
             )
-    return Verdict(run_id, tuple(losses), pg.registry, tuple(engines), parents)
+    checked = tuple(e for e in engines if parents[e] not in skipped)
+    return Verdict(run_id, tuple(losses), pg.registry, checked, parents, generations)
 
 
 # ---------------------------------------------------------------------- recording
@@ -338,19 +417,21 @@ async def _read_sale(redis: Any, prefix: str, sale: str) -> SaleRecord | None:
     for name in _SETTINGS_FIELDS:
         if name in fields:
             settings[name] = fields[name] if name == "state" else int(fields[name])
-    record = SaleRecord(sale, settings, ())
+    generation = int(fields.get("generation") or 0)
+    record = SaleRecord(sale, settings, (), generation=generation)
     skus: set[str] = set()
     for engine in record.engine_sales:
         for name in await redis.hkeys(SaleKeys(prefix, engine).stock):
             skus.add(as_text(name).rpartition(":")[0])
-    return SaleRecord(sale, settings, tuple(sorted(skus)))
+    return SaleRecord(sale, settings, tuple(sorted(skus)), generation=generation)
 
 
 async def record_sales(
     redis: Any, pool: Any, *, prefix: str = "fs", known: dict[str, SaleRecord] | None = None
 ) -> dict[str, SaleRecord]:
     """Record in ``fence_sales`` every sale Redis lists whose settings or SKUs changed since
-    ``known``; returns the sales as now recorded. Only call it on a Redis that verified."""
+    ``known`` (a sale created again: a row for its new generation); returns the sales as
+    now recorded. Only call it on a Redis that verified."""
     known = dict(known or {})
     members = sorted(as_text(m) for m in await redis.smembers(ServiceKeys(prefix).sales))
     changed: list[SaleRecord] = []
@@ -359,19 +440,34 @@ async def record_sales(
         if record is None or not record.skus:
             continue  # a bucket's id (no settings of its own) or a sale being created
         old = known.get(sale)
-        if old is None or old.settings != record.settings or old.skus != record.skus:
+        if (
+            old is None
+            or old.generation != record.generation
+            or old.settings != record.settings
+            or old.skus != record.skus
+        ):
             changed.append(record)
     if changed:
         async with pool.acquire() as conn:
             await require_tables(conn)
-            await conn.executemany(
-                "INSERT INTO fence_sales (prefix, sale, settings, skus) VALUES ($1, $2, $3::jsonb, $4::text[]) "
-                "ON CONFLICT (prefix, sale) DO UPDATE SET settings = excluded.settings, skus = excluded.skus, "
-                "recorded_at = now()",
-                [(prefix, r.sale, json.dumps(r.settings), list(r.skus)) for r in changed],
-            )
-        for r in changed:
-            known[r.sale] = r
+            for r in changed:
+                # A new generation is recorded only over retired ones: a sale created again
+                # over a creation nobody retired is what a wiped Redis given a new sale
+                # looks like, and verify() reports it instead of letting it pass.
+                recorded = await conn.fetchval(
+                    "INSERT INTO fence_sales (prefix, sale, generation, settings, skus) "
+                    "SELECT $1, $2, $3, $4::jsonb, $5::text[] WHERE NOT EXISTS (SELECT 1 FROM fence_sales "
+                    "WHERE prefix = $1 AND sale = $2 AND generation <> $3 AND forgotten_at IS NULL) "
+                    "ON CONFLICT (prefix, sale, generation) DO UPDATE SET settings = excluded.settings, "
+                    "skus = excluded.skus, recorded_at = now() RETURNING true",
+                    prefix,
+                    r.sale,
+                    r.generation,
+                    json.dumps(r.settings),
+                    list(r.skus),
+                )
+                if recorded:
+                    known[r.sale] = r
     return known
 
 
@@ -419,6 +515,7 @@ async def raise_fence(redis: Any, pool: Any, *, prefix: str, record: SaleRecord,
             }
         )
         mapping["epoch"] = 0
+        mapping["generation"] = record.generation
     if record.skus:
         await redis.hset(ServiceKeys(prefix).skus, mapping=dict.fromkeys(record.skus, record.sale))
     await redis.sadd(

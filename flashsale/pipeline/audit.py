@@ -14,7 +14,7 @@ oversold           units sold + held beyond the units stocked, per SKU: from Red
                    events
 lost               an order Redis holds, or a client was acknowledged (``acknowledged``), that
                    PostgreSQL does not have — or that Redis does not have
-duplicate          two orders for one (sale, request id), in PostgreSQL or in Redis
+duplicate          two orders for one (sale, buyer, request id), in PostgreSQL or in Redis
 conflict           an order whose status, buyer, request id or lines differ between Redis and
                    PostgreSQL
 phantom            an order PostgreSQL has and Redis does not (Redis lost data: stock rebuilt
@@ -31,6 +31,13 @@ not_drained        the stream still had uncommitted entries when the wait ran ou
 Every audit leaves its counts by kind in ``<prefix>:audit:last`` (:attr:`flashsale.keys.ServiceKeys.audit_last`), which
 the service's ``/metrics`` exports so that an alert fires on any violation until a clean audit.
 
+A sale id used again (a yearly ``d11``) has the rows of each of its creations in
+PostgreSQL: every row belongs to a generation (:func:`flashsale.ledger.generation_of`;
+the generations recorded in ``fence_sales`` and the one Redis holds). Redis is compared
+with the rows of the generation it holds; each earlier generation is audited on its own
+rows (oversold, duplicate, limit_breach), so one creation's stock never hides another's
+oversell. A violation names its ``generation``.
+
 Differences that a live sale explains (an order paid or created after the snapshot) are
 re-checked against Redis before they are reported. The snapshot reads every hold in one
 command, so on a very large sale run the audit after the surge, not during it.
@@ -42,18 +49,28 @@ import asyncio
 import json
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
+from flashsale.fence.verify import generations_recorded
 from flashsale.keys import ServiceKeys
+from flashsale.ledger import (
+    SchemaMissing,
+    SkuStock,
+    fold_stock,
+    generation_of,
+    made_at_ms,
+    orders_known,
+    read_sales,
+)
 from flashsale.redis_client import as_text
 from flashsale.streams import GROUP, dead_letter_key, stream_backlog
-from inventory import SaleKeys
+from inventory import SaleKeys, StreamId, parent_sale_id
 
 __all__ = ["KINDS", "SCHEMA", "AuditReport", "SkuAudit", "Violation", "run_audit"]
 
@@ -89,6 +106,9 @@ class Violation:
     sku: str | None = None
     order_id: str | None = None
     units: int = 0
+    #: The creation of the sale id the violation is about (ms of the Redis clock; 0: from
+    #: before generations); None for what is not about one (the stream, transfers, Redis).
+    generation: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,11 +337,6 @@ async def _read_redis(redis: Any, prefix: str, sale: str) -> _RedisSale:
     )
 
 
-def _id(stream_id: str) -> tuple[int, int]:
-    ms, _, seq = stream_id.partition("-")
-    return int(ms), int(seq or 0)
-
-
 async def _outstanding(redis: Any, key: str, up_to: str | None) -> bool:
     """True while some entry at or below ``up_to`` is not committed by the writers."""
     if up_to is None:
@@ -334,7 +349,9 @@ async def _outstanding(redis: Any, key: str, up_to: str | None) -> bool:
     if ours is None:  # no writer ever read this stream
         return bool(await redis.xlen(key))
     last_delivered = as_text(ours["last-delivered-id"])
-    if _id(last_delivered) < _id(up_to) and await redis.xrange(key, "(" + last_delivered, up_to, count=1):
+    if StreamId.parse(last_delivered) < StreamId.parse(up_to) and await redis.xrange(
+        key, "(" + last_delivered, up_to, count=1
+    ):
         return True
     return bool(await redis.xpending_range(key, GROUP, "-", up_to, 1))
 
@@ -369,62 +386,76 @@ class _PgOrder:
     user: str
     request_id: str
     status: str
+    generation: int = 0
     lines: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
-class _PgStock:
-    total: int = 0
-    reserve: int = 0
-    limit: int = 0
-    stocked: bool = False
+class _TransferLegs:
+    """One bucket transfer as PostgreSQL recorded it: (engine sale, sku, units) per side."""
+
+    out: list[tuple[str, str, int]] = field(default_factory=list)  # the donor's write-off
+    into: list[tuple[str, str, int]] = field(default_factory=list)  # the receiver's add
+
+    @property
+    def gap(self) -> int:
+        """Units written off minus units received (> 0: still on their way, or lost)."""
+        return sum(u for _, _, u in self.out) - sum(u for _, _, u in self.into)
+
+
+#: Stock events, each with the generation it belongs to, in stream order per SKU.
+_Events = list[tuple[int, Mapping[str, Any]]]
 
 
 async def _read_postgres(
-    pool: Any, sales: list[str]
-) -> tuple[dict[str, _PgOrder], dict[tuple[str, str], _PgStock]]:
-    async with pool.acquire() as conn:
-        async with conn.transaction(isolation="repeatable_read", readonly=True):  # one snapshot
-            if not await conn.fetchval("SELECT to_regclass('orders') IS NOT NULL"):
-                raise RuntimeError("PostgreSQL has no orders table: run `flashsale migrate` first")
-            orders = {
-                r["order_id"]: _PgOrder(r["sale"], r["user_id"], r["request_id"], r["status"])
-                for r in await conn.fetch(
-                    "SELECT order_id, sale, user_id, request_id, status FROM orders WHERE sale = ANY($1::text[])",
-                    sales,
-                )
-            }
-            for r in await conn.fetch(
-                "SELECT l.order_id, l.sku, l.qty FROM order_lines l JOIN orders o USING (order_id) "
-                "WHERE o.sale = ANY($1::text[])",
-                sales,
-            ):
-                orders[r["order_id"]].lines[r["sku"]] = r["qty"]
-            stock: dict[tuple[str, str], _PgStock] = defaultdict(_PgStock)
-            for r in await conn.fetch(
-                "SELECT sale, sku, type, total, reserve, per_user_limit, delta, units FROM stock_events "
-                "WHERE sale = ANY($1::text[]) ORDER BY sale, sku, stream_ms, stream_seq",
-                sales,
-            ):
-                s = stock[(r["sale"], r["sku"])]
-                if r["type"] == "stocked":
-                    s.total += r["total"]
-                    s.reserve += r["reserve"]
-                    s.limit = r["per_user_limit"]
-                    s.stocked = True
-                elif r["type"] in ("restocked", "written_off"):
-                    s.total += r["delta"]
-                elif r["type"] == "reserve_released":
-                    s.reserve -= r["units"]
-    return orders, dict(stock)
+    pool: Any, sales: list[str], generations: dict[str, list[int]]
+) -> tuple[dict[str, _PgOrder], _Events, dict[str, _TransferLegs]]:
+    """Orders, stock events and transfers of ``sales``, every order and stock event placed
+    in its generation (``generations``: engine sale -> the generations known of its sale)."""
+    try:
+        records = await read_sales(pool, sales)  # one snapshot
+    except SchemaMissing as exc:
+        raise RuntimeError(str(exc)) from None
+    orders = {
+        r["order_id"]: _PgOrder(
+            r["sale"],
+            r["user_id"],
+            r["request_id"],
+            r["status"],
+            generation_of(made_at_ms(r), generations.get(r["sale"], ())),
+        )
+        for r in records.orders
+    }
+    for order_id, lines in records.lines.items():
+        orders[order_id].lines.update(lines)
+    events: _Events = []
+    transfers: dict[str, _TransferLegs] = defaultdict(_TransferLegs)
+    for e in records.events:
+        events.append((generation_of(e["stream_ms"], generations.get(e["sale"], ())), e))
+        if e["transfer"] is not None:
+            leg = transfers[e["transfer"]]
+            (leg.out if e["delta"] < 0 else leg.into).append((e["sale"], e["sku"], abs(e["delta"])))
+    return orders, events, dict(transfers)
 
 
-async def _orders_known_to_postgres(pool: Any, order_ids: list[str]) -> set[str]:
-    if not order_ids:
-        return set()
-    async with pool.acquire() as conn:
-        rows = await conn.fetch("SELECT order_id FROM orders WHERE order_id = ANY($1::text[])", order_ids)
-    return {r["order_id"] for r in rows}
+async def _generations(
+    redis: Any, pool: Any, prefix: str, sales: list[str]
+) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """(engine sale -> the generation Redis holds, engine sale -> every generation known of
+    its sale). Without a settings hash, Redis is taken to hold the one recorded last."""
+    parents = {sale: (parent_sale_id(sale) or (sale, 0))[0] for sale in sales}
+    recorded = await generations_recorded(pool, prefix, parents.values())
+    held: dict[str, int] = {}
+    for parent in sorted(set(parents.values())):
+        gen, opens = await redis.hmget(ServiceKeys(prefix).sale(parent), ["generation", "opens_at_ms"])
+        if gen is None and opens is None:
+            held[parent] = max(recorded.get(parent, [0]))
+        else:
+            held[parent] = int(gen or 0)
+    return (
+        {sale: held[parent] for sale, parent in parents.items()},
+        {sale: sorted({0, held[parent], *recorded.get(parent, [])}) for sale, parent in parents.items()},
+    )
 
 
 async def _current_holds(redis: Any, prefix: str, order_ids: Iterable[str]) -> dict[str, _Hold | None]:
@@ -459,12 +490,80 @@ def _per_user(holds: Iterable[_Hold | _PgOrder], attr: str) -> Counter[tuple[str
     return owned
 
 
+def _limit_breaches(
+    sale: str, where: str, owned: Counter[tuple[str, str]], limits: dict[str, int]
+) -> list[Violation]:
+    out = []
+    for (user, sku), units in sorted(owned.items()):
+        limit = limits.get(sku, 0)
+        if limit and units > limit:
+            out.append(
+                Violation(
+                    "limit_breach",
+                    sale,
+                    where,
+                    f"buyer {user} holds or owns {units} units, limit {limit}",
+                    sku=sku,
+                    units=units - limit,
+                )
+            )
+    return out
+
+
+def _duplicates(sale: str, where: str, pairs: Iterable[tuple[tuple[str, str], str]]) -> list[Violation]:
+    """Two orders for one request of one buyer (``pairs``: (buyer, request id), order id).
+    Request ids are each buyer's own: two buyers' orders under one id are no duplicate."""
+    by_request: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for buyer_request, order_id in pairs:
+        by_request[buyer_request].append(order_id)
+    return [
+        Violation(
+            "duplicate",
+            sale,
+            where,
+            f"request {request_id} of buyer {user} has {len(ids)} orders: {', '.join(sorted(ids))}",
+            order_id=sorted(ids)[1],
+            units=len(ids) - 1,
+        )
+        for (user, request_id), ids in sorted(by_request.items())
+        if len(ids) > 1
+    ]
+
+
+def _earlier_generation(
+    sale: str, generation: int, orders: dict[str, _PgOrder], stock: dict[str, SkuStock]
+) -> list[Violation]:
+    """An earlier creation of the sale id, on PostgreSQL's rows alone (Redis holds a later
+    one): its own orders against its own stock."""
+    label = f"generation {generation} (an earlier creation of {sale})"
+    held, paid = _units(orders.values(), "held", "status"), _units(orders.values(), "paid", "status")
+    out = [
+        Violation(
+            "oversold",
+            sale,
+            "postgresql",
+            f"units in paid and held orders exceed the {s.total} units stocked by {over}",
+            sku=sku,
+            units=over,
+        )
+        for sku, s in sorted(stock.items())
+        if (over := held[sku] + paid[sku] - s.total) > 0
+    ]
+    out += _limit_breaches(
+        sale, "postgresql", _per_user(orders.values(), "status"), {k: s.limit for k, s in stock.items()}
+    )
+    out += _duplicates(sale, "postgresql", [((p.user, p.request_id), o) for o, p in orders.items()])
+    return [replace(v, generation=generation, detail=f"{label}: {v.detail}") for v in out]
+
+
 def _compare_sale(
     snap: _RedisSale,
     pg_orders: dict[str, _PgOrder],
-    pg_stock: dict[tuple[str, str], _PgStock],
+    pg_stock: dict[tuple[str, str], SkuStock],
     grace_ms: int,
+    generation: int,
 ) -> tuple[list[SkuAudit], list[Violation]]:
+    """The sale as Redis holds it (its ``generation``) against PostgreSQL's rows of it."""
     sale = snap.sale
     out: list[Violation] = []
     mine = {o: p for o, p in pg_orders.items() if p.sale == sale}
@@ -590,23 +689,8 @@ def _compare_sale(
             )
         )
 
-    for where, attr, population in (
-        ("redis", "state", snap.holds.values()),
-        ("postgresql", "status", mine.values()),
-    ):
-        for (user, sku), owned in sorted(_per_user(population, attr).items()):
-            limit = limits.get(sku, 0)
-            if limit and owned > limit:
-                out.append(
-                    Violation(
-                        "limit_breach",
-                        sale,
-                        where,
-                        f"buyer {user} holds or owns {owned} units, limit {limit}",
-                        sku=sku,
-                        units=owned - limit,
-                    )
-                )
+    out += _limit_breaches(sale, "redis", _per_user(snap.holds.values(), "state"), limits)
+    out += _limit_breaches(sale, "postgresql", _per_user(mine.values(), "status"), limits)
 
     for hold_id, h in snap.holds.items():
         if h.state == "held" and h.deadline_ms + grace_ms < snap.now_ms:
@@ -622,25 +706,8 @@ def _compare_sale(
                 )
             )
 
-    for where, pairs in (
-        ("postgresql", [((p.request_id), o) for o, p in mine.items()]),
-        ("redis", [(h.request_id, o) for o, h in snap.holds.items()]),
-    ):
-        by_request: dict[str, list[str]] = defaultdict(list)
-        for request_id, order_id in pairs:
-            by_request[request_id].append(order_id)
-        for request_id, ids in sorted(by_request.items()):
-            if len(ids) > 1:
-                out.append(
-                    Violation(
-                        "duplicate",
-                        sale,
-                        where,
-                        f"request {request_id} has {len(ids)} orders: {', '.join(sorted(ids))}",
-                        order_id=sorted(ids)[1],
-                        units=len(ids) - 1,
-                    )
-                )
+    out += _duplicates(sale, "postgresql", [((p.user, p.request_id), o) for o, p in mine.items()])
+    out += _duplicates(sale, "redis", [((h.user, h.request_id), o) for o, h in snap.holds.items()])
 
     if snap.dead_letters:
         out.append(
@@ -654,7 +721,7 @@ def _compare_sale(
                 units=snap.dead_letters,
             )
         )
-    return skus, out
+    return skus, [v if v.kind == "dead_letter" else replace(v, generation=generation) for v in out]
 
 
 def _order_differences(h: _Hold, p: _PgOrder) -> list[str]:
@@ -670,28 +737,78 @@ def _order_differences(h: _Hold, p: _PgOrder) -> list[str]:
     return diffs
 
 
-async def _stranded_transfers(
-    redis: Any, prefix: str, sales: list[str], grace_s: float = 15.0
-) -> list[Violation]:
-    """Units between two buckets of a bucketed sale for longer than a transfer takes: a
-    process died mid-pull and nothing has settled it yet (the worker's sweeper does)."""
-    out = []
+async def _intents(redis: Any, prefix: str, sales: list[str]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """Transfer id -> (receiving sale, intent) of every transfer still in progress."""
+    found = {}
     for sale in sales:
         for transfer, raw in (await redis.hgetall(SaleKeys(prefix, sale).transfers)).items():
-            intent = json.loads(raw)
+            found[as_text(transfer)] = (sale, json.loads(raw))
+    return found
+
+
+def _stranded_transfers(
+    intents: dict[str, tuple[str, dict[str, Any]]], snapshots: dict[str, _RedisSale], grace_s: float = 15.0
+) -> list[Violation]:
+    """Units between two buckets of a bucketed sale for longer than a transfer takes: a
+    process died mid-pull and nothing has settled it yet (the worker's sweeper does). An
+    intent's age is read on the clock that stamped it: the receiving bucket's Redis."""
+    out = []
+    for transfer, (sale, intent) in intents.items():
+        if "at_ms" in intent:
+            age = (snapshots[sale].now_ms - int(intent["at_ms"])) / 1000
+        else:  # stamped by a version before transfer ids: seconds of the process's clock
             age = time.time() - float(intent["at"])
-            if age >= grace_s:
-                out.append(
-                    Violation(
-                        "leaked",
-                        sale,
-                        "redis",
-                        f"transfer {as_text(transfer)} of {intent['units']} unit(s) from {intent['from']} unsettled for {age:.0f} s: "
-                        "is `flashsale worker` (its sweeper settles transfers) running?",
-                        sku=intent["sku"],
-                        units=int(intent["units"]),
-                    )
+        if age >= grace_s:
+            out.append(
+                Violation(
+                    "leaked",
+                    sale,
+                    "redis",
+                    f"transfer {transfer} of {intent['units']} unit(s) from {intent['from']} unsettled for {age:.0f} s: "
+                    "is `flashsale worker` (its sweeper settles transfers) running?",
+                    sku=intent["sku"],
+                    units=int(intent["units"]),
                 )
+            )
+    return out
+
+
+async def _unreceived_transfers(
+    redis: Any,
+    prefix: str,
+    sales: list[str],
+    legs: dict[str, _TransferLegs],
+    intents: dict[str, tuple[str, dict[str, Any]]],
+) -> list[Violation]:
+    """Transfers whose two stock events in PostgreSQL do not add up and that no intent in
+    Redis explains: units written off that no bucket received are lost in transit (a
+    transfer's intent dropped without its units, e.g. after Redis lost the donor's record),
+    units received that no bucket wrote off were made from nothing. A live sale may have
+    finished a transfer after PostgreSQL was read: the other side's operation record in
+    Redis is asked before anything is reported."""
+    out = []
+    for transfer, leg in sorted(legs.items()):
+        if leg.gap == 0 or transfer in intents:
+            continue  # balanced, or still in progress (judged by _stranded_transfers)
+        side, want = ("xi", leg.out) if leg.gap > 0 else ("xo", leg.into)
+        records = [
+            await redis.hget(SaleKeys(prefix, sale).requests, f"op:{side}-{transfer}") for sale in sales
+        ]
+        if any(r is not None and as_text(r) != "aborted" for r in records):
+            continue  # the other side happened; its entry was not in PostgreSQL yet
+        sale, sku, _ = want[0]
+        units = abs(leg.gap)
+        detail = (
+            f"transfer {transfer}: {units} unit(s) written off here that no bucket received, and no "
+            "intent is left to finish it: lost in transit"
+            if leg.gap > 0
+            else f"transfer {transfer}: {units} unit(s) received here that no bucket wrote off"
+        )
+        out.append(
+            Violation(
+                "leaked" if leg.gap > 0 else "stock_mismatch", sale, "both", detail, sku=sku, units=units
+            )
+        )
     return out
 
 
@@ -720,7 +837,12 @@ async def run_audit(
         sale_list = sorted(set(sales))
     snapshots = {sale: await _read_redis(redis, prefix, sale) for sale in sale_list}
     drained, waited, outstanding = await _wait_drained(redis, prefix, snapshots, wait_drain_s)
-    pg_orders, pg_stock = await _read_postgres(pool, sale_list)
+    held, known = await _generations(redis, pool, prefix, sale_list)
+    every_order, events, pg_transfers = await _read_postgres(pool, sale_list, known)
+    # Redis is compared with the generation it holds (and any later one PostgreSQL has:
+    # Redis went back); each earlier one is audited on its own below.
+    pg_orders = {o: p for o, p in every_order.items() if p.generation >= held[p.sale]}
+    pg_stock = fold_stock(e for gen, e in events if gen >= held[e["sale"]])
 
     skus: list[SkuAudit] = []
     violations: list[Violation] = []
@@ -736,10 +858,20 @@ async def run_audit(
                 )
             )
     for snap in snapshots.values():
-        sale_skus, sale_violations = _compare_sale(snap, pg_orders, pg_stock, int(expiry_grace_s * 1000))
+        sale_skus, sale_violations = _compare_sale(
+            snap, pg_orders, pg_stock, int(expiry_grace_s * 1000), held[snap.sale]
+        )
         skus += sale_skus
         violations += sale_violations
-    violations += await _stranded_transfers(redis, prefix, sale_list)
+    earlier = {(p.sale, p.generation) for p in every_order.values()} | {(e["sale"], g) for g, e in events}
+    for sale, gen in sorted(earlier):
+        if gen < held[sale]:
+            orders = {o: p for o, p in every_order.items() if (p.sale, p.generation) == (sale, gen)}
+            stock = fold_stock(e for g, e in events if (e["sale"], g) == (sale, gen))
+            violations += _earlier_generation(sale, gen, orders, {sku: st for (_, sku), st in stock.items()})
+    intents = await _intents(redis, prefix, sale_list)
+    violations += _stranded_transfers(intents, snapshots)
+    violations += await _unreceived_transfers(redis, prefix, sale_list, pg_transfers, intents)
 
     # Orders: every hold Redis knows must be in PostgreSQL with the same story.
     all_holds = {o: h for snap in snapshots.values() for o, h in snap.holds.items()}
@@ -780,7 +912,7 @@ async def run_audit(
 
     ack = sorted(set(acknowledged or ()))
     if ack:
-        in_pg = {o for o in ack if o in pg_orders} | await _orders_known_to_postgres(
+        in_pg = {o for o in ack if o in pg_orders} | await orders_known(
             pool, [o for o in ack if o not in pg_orders]
         )
         in_redis = {o for o in ack if o in all_holds}

@@ -12,11 +12,16 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
-from flashsale.console import fail, run, write_json
+from flashsale.cli import add_store_options, both_stores, store_overrides
+from flashsale.console import fail, run, store_failed, write_json
 from flashsale.redis_client import connect
+from flashsale.settings import SettingsError, check_database_url
+
+if TYPE_CHECKING:
+    from flashsale.settings import Settings
 
 __all__ = ["register"]
 
@@ -31,7 +36,7 @@ def register(sub: Any) -> None:
             "Run it before the first `flashsale worker`, and after every upgrade."
         ),
     )
-    m.add_argument("--database-url", help="PostgreSQL URL (default: FLASHSALE_DATABASE_URL)")
+    add_store_options(m, redis=False)
     m.add_argument(
         "--status",
         action="store_true",
@@ -52,6 +57,7 @@ def register(sub: Any) -> None:
             "FLASHSALE_KEY_PREFIX and FLASHSALE_WORKER_* / FLASHSALE_SWEEPER_* (see README); flags win."
         ),
     )
+    add_store_options(w)
     w.add_argument(
         "--consumer", help="this worker's name in the group (default: host name); one per worker process"
     )
@@ -72,14 +78,15 @@ def register(sub: Any) -> None:
 
     a = sub.add_parser(
         "audit",
-        help="compare Redis with PostgreSQL: oversold, lost, duplicated, leaked (exit 3 if anything is)",
+        help="compare Redis with PostgreSQL: oversold, lost, duplicated, leaked (exit 2 if anything is)",
         description=(
             "Wait until the order writer has committed the streams, then compare each sale in "
             "Redis with PostgreSQL, per SKU and per order: oversold units, lost orders, "
             "duplicates and conflicts, per-user limit breaches, leaked stock, dead letters. "
-            "Prints a table; exits 0 when clean, 3 on any violation."
+            "Prints a table; exits 0 when clean, 2 on any violation."
         ),
     )
+    add_store_options(a)
     a.add_argument(
         "--sale",
         action="append",
@@ -127,21 +134,26 @@ def _configure_logs() -> None:
 
 # ---------------------------------------------------------------------- migrate
 def _migrate(args: argparse.Namespace) -> int:
-    url = args.database_url or os.environ.get("FLASHSALE_DATABASE_URL", "").strip()
+    url = store_overrides(args, os.environ).get("FLASHSALE_DATABASE_URL", "")
     if not url:
         return fail("no database: set FLASHSALE_DATABASE_URL or pass --database-url")
+    try:
+        check_database_url(url)
+    except SettingsError as exc:
+        return fail(str(exc))
     return run(_migrate_async(url, status_only=args.status))
 
 
 async def _migrate_async(url: str, *, status_only: bool) -> int:
     import asyncpg
 
+    from flashsale.pgpool import is_transient
     from flashsale.pipeline.migrate import MigrationError, migrate, migration_status
 
     try:
         conn = await asyncpg.connect(url, timeout=10)
-    except (OSError, asyncpg.PostgresError) as exc:
-        return fail(f"cannot connect to PostgreSQL at {url}: {exc}", exit_codes.NOT_READY)
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return store_failed("PostgreSQL", url, exc, transient=is_transient(exc))
     try:
         if not status_only:
             applied = await migrate(conn)
@@ -161,34 +173,40 @@ def _worker(args: argparse.Namespace) -> int:
     from flashsale.pipeline.writer import WorkerSettings
     from flashsale.settings import SettingsError
 
+    env = {**os.environ, **store_overrides(args, os.environ)}
     try:
         settings = WorkerSettings.from_env(
-            consumer=args.consumer, batch=args.batch, write_method=args.write_method
+            env, consumer=args.consumer, batch=args.batch, write_method=args.write_method
         )
     except SettingsError as exc:
         return fail(str(exc))
-    if "FLASHSALE_REDIS_URL" not in os.environ:
-        return fail("set FLASHSALE_REDIS_URL to the service's Redis (e.g. redis://127.0.0.1:6379/0)")
+    if "FLASHSALE_REDIS_URL" not in env:
+        return fail(
+            "set FLASHSALE_REDIS_URL (or --redis-url) to the service's Redis (e.g. redis://127.0.0.1:6379/0)"
+        )
     if not settings.database_url and not args.sweeper_only:
         return fail(
-            "set FLASHSALE_DATABASE_URL to the PostgreSQL the orders go to "
+            "set FLASHSALE_DATABASE_URL (or --database-url) to the PostgreSQL the orders go to "
             "(e.g. postgresql://user@127.0.0.1:5432/flashsale), or run --sweeper-only"
         )
     _configure_logs()
+    import asyncpg
+
+    from flashsale.pgpool import is_transient
     from flashsale.pipeline.runner import run_worker
 
-    return run(run_worker(settings, writer=not args.sweeper_only, sweeper=not args.no_sweeper))
+    try:
+        return run(run_worker(settings, writer=not args.sweeper_only, sweeper=not args.no_sweeper))
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # it waits through outages, not these
+        return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
 
 
 # ---------------------------------------------------------------------- audit
 def _audit(args: argparse.Namespace) -> int:
-    from flashsale.settings import Settings
-
-    settings = Settings.from_env()
-    if not settings.database_url or "FLASHSALE_REDIS_URL" not in os.environ:
-        return fail(
-            "the audit compares Redis with PostgreSQL: set FLASHSALE_DATABASE_URL (and FLASHSALE_REDIS_URL)"
-        )
+    try:
+        settings = both_stores(args, why="the audit compares Redis with PostgreSQL")
+    except SettingsError as exc:
+        return fail(str(exc))
     acknowledged: list[str] | None = None
     if args.acknowledged is not None:
         try:
@@ -211,18 +229,20 @@ def _audit(args: argparse.Namespace) -> int:
     return run(_audit_async(settings, args, acknowledged))
 
 
-async def _audit_async(settings: Any, args: argparse.Namespace, acknowledged: list[str] | None) -> int:
+async def _audit_async(settings: Settings, args: argparse.Namespace, acknowledged: list[str] | None) -> int:
+    import asyncpg
     from redis.exceptions import RedisError
 
-    from flashsale.pgpool import close_pool, create_pool
+    from flashsale.pgpool import close_pool, create_pool, is_transient
     from flashsale.pipeline.audit import run_audit
 
+    assert settings.database_url, "checked by _audit"
     redis = connect(settings.redis_url, cluster=settings.redis_cluster, decode=True)
     try:
         pool = await create_pool(settings.database_url, max_size=2, application_name="flashsale-audit")
-    except (OSError, TimeoutError) as exc:
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         await redis.aclose()
-        return fail(f"cannot connect to PostgreSQL: {exc}", exit_codes.NOT_READY)
+        return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
     try:
         report = await run_audit(
             redis,

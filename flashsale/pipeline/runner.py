@@ -7,16 +7,19 @@ import asyncio
 import contextlib
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
 from flashsale.console import fail
+
+if TYPE_CHECKING:
+    from flashsale.pipeline.writer import WorkerSettings
 from flashsale.redis_client import connect
 
 __all__ = ["run_worker"]
 
 
-async def run_worker(settings: Any, *, writer: bool = True, sweeper: bool = True) -> int:
+async def run_worker(settings: WorkerSettings, *, writer: bool = True, sweeper: bool = True) -> int:
     """Run the order writer and/or the sweeper until SIGTERM/SIGINT; returns an exit code."""
     import logging
 
@@ -90,7 +93,9 @@ async def _wait_for_cluster(redis: Any, stopping: asyncio.Event, log: Any) -> bo
     return await _keep_trying(redis.initialize, outage, "redis_unavailable", stopping, log) is not None
 
 
-async def _wait_for_pool(settings: Any, stopping: asyncio.Event, create_pool: Any, log: Any) -> Any:
+async def _wait_for_pool(
+    settings: WorkerSettings, stopping: asyncio.Event, create_pool: Any, log: Any
+) -> Any:
     """Open the pool, waiting (with backoff) for PostgreSQL to come up; None if told to stop."""
     from flashsale.pgpool import is_transient
 

@@ -288,6 +288,7 @@ class StockChange:
     delta: int | None
     units: int | None
     at_ms: int
+    transfer: str | None = None  # the bucket transfer that moved the units, if one did
 
 
 def parse_entry(entry: StreamEntry) -> OrderChange | StockChange:
@@ -326,6 +327,7 @@ def parse_entry(entry: StreamEntry) -> OrderChange | StockChange:
         delta=event.delta,
         units=event.units,
         at_ms=event.at_ms,
+        transfer=event.transfer,
     )
 
 
@@ -363,9 +365,9 @@ RETURNING 1
 
 _STOCK_INSERT = """
 INSERT INTO stock_events (sale, stream_id, type, sku, total, reserve, per_user_limit,
-                          low_stock_line, delta, units, at)
+                          low_stock_line, delta, units, at, transfer)
 SELECT sale, stream_id, type, sku, total, reserve, per_user_limit, low_stock_line, delta,
-       units, to_timestamp(at_ms / 1000.0)
+       units, to_timestamp(at_ms / 1000.0), transfer
 FROM {source}
 ON CONFLICT (sale, stream_id) DO NOTHING
 RETURNING 1
@@ -396,6 +398,7 @@ _STOCK_COLUMNS = (
     ("delta", "int4"),
     ("units", "int4"),
     ("at_ms", "int8"),
+    ("transfer", "text"),
 )
 
 
@@ -478,6 +481,7 @@ def _fold(
                     c.delta,
                     c.units,
                     c.at_ms,
+                    c.transfer,
                 )
             )
             continue

@@ -10,7 +10,8 @@ import sys
 import threading
 from types import FrameType
 
-from flashsale.runtime.embedded import EmbeddedStack
+from flashsale.console import redact
+from flashsale.runtime.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -43,8 +44,12 @@ def run_servers(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, on_signal) for sig in _STOP_SIGNALS}
     try:
         with EmbeddedStack(durable=args.durable) as stack:
+            started = {REDIS_URL_ENV: stack.redis, DATABASE_URL_ENV: stack.postgres}
             for name, value in stack.environ().items():
-                print(f"export {name}={shlex.quote(value)}")
+                if started[name] is not None:  # made here, no password in it
+                    print(f"export {name}={shlex.quote(value)}")
+                else:  # already in the caller's environment: said, never with its password
+                    print(f"# {name}={redact(value)} (given; used as it is)")
             sys.stdout.flush()
             for server in (stack.redis, stack.postgres):
                 if server is not None:

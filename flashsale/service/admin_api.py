@@ -3,26 +3,31 @@ tokens, the degraded-site switches, live stats and the audit."""
 
 from __future__ import annotations
 
+import asyncio
 import hmac
-import json
+import logging
 import re
 import time
+from dataclasses import replace
 from datetime import datetime
 from typing import Any
 
 from aiohttp import web
 
 from flashsale.keys import ServiceKeys
+from flashsale.service import waiting_room
 from flashsale.service.errors import ApiError
 from flashsale.service.http import bearer, read_json
-from flashsale.service.metrics import OUTCOMES, read_published, stream_backlog
+from flashsale.service.metrics import stream_backlog, sum_published
 from flashsale.service.sales import SWITCHES, SaleSettings, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import mint
+from flashsale.service.waiting_room import room_spec
 from inventory import BucketedInventory
 
 __all__ = ["admin_token_matches", "require_admin", "routes"]
 
+logger = logging.getLogger("flashsale.service")
 routes = web.RouteTableDef()
 
 _SALE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
@@ -120,6 +125,7 @@ async def create_sale(request: web.Request) -> web.Response:
         state="open" if body.get("open") is True else "scheduled",
         buckets=_int(body, "buckets", 1, low=1, high=64),
     )
+    room = room_spec(body, settings.opens_at_ms)
     if BucketedInventory.parent_of(sale) is not None:
         raise ApiError(
             422, "invalid_request", "sale ids ending in -b<number> are kept for buckets", field="sale"
@@ -168,13 +174,62 @@ async def create_sale(request: web.Request) -> web.Response:
         raise ApiError(
             409, "sku_taken", f"SKU(s) already on another sale: {', '.join(clash[:10])}", skus=clash[:10]
         )
+    await _refuse_unretired(state, settings)
+    # This creation's generation: the Redis clock now, before its first entry is written, so
+    # every row of it in PostgreSQL is stamped at or after it (rows of an earlier creation
+    # of the id, before: see flashsale.fence.verify).
+    seconds, micros = await state.redis.time()
+    settings = replace(settings, generation=int(seconds) * 1000 + int(micros) // 1000)
     inv = state.engine(settings)
     for sku, stock, reserve, limit, low in specs:
         await inv.stock(sku, stock, reserve=reserve, limit_per_user=limit, low_stock_line=low)
+    if room is not None:  # before the sale exists: no order slips past a room being set up
+        await waiting_room.configure_room(state, settings, room)
+        settings = replace(settings, room=1)
     await state.sales.create(
         settings, [s[0] for s in specs], [part.sale for part in state.engine_parts(settings)]
     )
     return web.json_response(await _sale_json(state, settings), status=201)
+
+
+async def _refuse_unretired(state: ServiceState, settings: SaleSettings) -> None:
+    """A sale id may be used again (a yearly ``d11``): each creation is a generation of its
+    own. Refused (409) while the earlier creation is still there: its keys in Redis, or
+    its generation in the fence's record not retired (``flashsale recover --forget``) —
+    a sale that Redis lost without anyone retiring it must be recovered, not replaced."""
+    sale = settings.sale
+    for part in state.engine_parts(settings):
+        # An empty events stream is no leftover: the worker re-creates one (with its group)
+        # for every sale it still lists.
+        kept = [k for k in part.keys.all() if k != part.keys.events]
+        if await state.redis.exists(*kept) or await state.redis.xlen(part.keys.events):
+            raise ApiError(
+                409,
+                "sale_keys_remain",
+                f"keys of an earlier creation of sale {sale!r} are still in Redis ({part.keys.tag}:*): "
+                f"remove them, then run `flashsale recover --forget {sale}`, before using the id again",
+                sale=sale,
+            )
+    if state.pg is None:
+        return
+    from flashsale.fence.verify import newest_record  # asyncpg-side, loaded when a sale is made
+
+    try:
+        recorded = await asyncio.wait_for(newest_record(state.pg, state.settings.key_prefix, sale), 5.0)
+    except Exception as exc:  # noqa: BLE001 - PostgreSQL down or not migrated: the fence checks later
+        logger.warning(
+            "sale_generation_unchecked", extra={"sale": sale, "error": f"{type(exc).__name__}: {exc}"}
+        )
+        return
+    if recorded is not None and not recorded.forgotten:
+        raise ApiError(
+            409,
+            "sale_not_retired",
+            f"sale {sale!r} was created before and its creation was never retired: if it was removed "
+            f"from Redis on purpose, run `flashsale recover --forget {sale}` first; if Redis lost it, "
+            "run `flashsale recover`",
+            sale=sale,
+        )
 
 
 def _number(body: dict[str, Any], name: str, default: float, *, low: float, high: float) -> float:
@@ -332,25 +387,11 @@ async def collect_stats(state: ServiceState) -> dict[str, Any]:
     """Live numbers of the whole deployment: every process's counters, every sale's stock."""
     prefix = state.settings.key_prefix
     redis = state.redis
-    counts = dict.fromkeys(OUTCOMES, 0)
-    p50 = p99 = 0.0
-    processes = 0
-    in_flight = 0
-    stale = []
-    for key, raw in await read_published(redis, prefix):
-        if raw is None:
-            stale.append(key)
-            continue
-        proc = json.loads(raw)
-        processes += 1
-        in_flight += proc["in_flight"]
-        for outcome, n in proc["counts"].items():
-            counts[outcome] = counts.get(outcome, 0) + n
-        if proc["latency"]["n"]:
-            p50 = max(p50, proc["latency"]["p50_ms"])
-            p99 = max(p99, proc["latency"]["p99_ms"])
-    if stale:
-        await redis.srem(ServiceKeys(prefix).stats_procs, *stale)
+    published = await sum_published(redis, prefix)
+    counts, p50, p99 = published.counts, published.p50_ms, published.p99_ms
+    processes, in_flight = published.processes, published.in_flight
+    if published.stale:
+        await redis.srem(ServiceKeys(prefix).stats_procs, *published.stale)
     sales = {}
     for sale in await state.sales.all_sales():
         settings = await state.sales.sale(sale)

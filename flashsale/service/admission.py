@@ -11,7 +11,10 @@ Everything here is per process and in memory — no round trip:
 * the sold-out cache: once Redis said a SKU has nothing available, refuse it locally for
   a short while, and at once forget it when the sale's epoch moves (restock, reserve
   release). The short expiry matters because lapsed and cancelled holds put units back
-  on sale without an operator doing anything;
+  on sale without an operator doing anything. A refusal from the cache runs no script,
+  but it is not quite free: the order path first reads the buyer's own idempotency record
+  (one HMGET per loop turn), so a retry whose first answer was lost still gets its hold.
+  No header skips the cache;
 * one load per key in flight (:class:`SharedLoads`): a thousand viewers of a product page
   whose cached answer just lapsed wait for one read of the stock, not a thousand.
 """

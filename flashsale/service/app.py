@@ -15,9 +15,10 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
 from flashsale.redis_client import connect
-from flashsale.service import admin_api, buyer_api, fence_guard, probes
+from flashsale.service import admin_api, buyer_api, fence_guard, probes, waiting_room
 from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SoldOutCache
 from flashsale.service.errors import error_middleware
+from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook
 from flashsale.service.state import STATE, ServiceState
@@ -80,6 +81,7 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[metrics.middleware(), error_middleware], client_max_size=settings.max_body_bytes
     )
     app.add_routes(buyer_api.routes)
+    app.add_routes(waiting_room.routes)
     app.add_routes(admin_api.routes)
     app.add_routes(probes.routes)
     app.add_routes(warroom.routes)
@@ -98,6 +100,8 @@ def create_app(settings: Settings) -> web.Application:
             in_flight=InFlight(settings.max_in_flight),
             sold_out=SoldOutCache(settings.sold_out_cache_s),
             buyers=BuyerTurns(settings.buyer_in_flight),
+            identity=Identity.from_settings(settings),
+            room_polls=RateLimiter(settings.room_poll_rate, settings.room_poll_burst),
             pg=pg,
         )
         app[STATE] = state

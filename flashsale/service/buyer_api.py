@@ -19,11 +19,13 @@ from typing import Any
 from aiohttp import web
 
 import inventory
+from flashsale.ledger import archived_order
 from flashsale.service.errors import ApiError
 from flashsale.service.http import bearer, read_json
 from flashsale.service.sales import SaleSettings, iso, now_ms
 from flashsale.service.state import STATE, ServiceState
-from flashsale.service.tokens import Buyer, InvalidToken, verify
+from flashsale.service.tokens import Buyer, InvalidToken
+from flashsale.service.waiting_room import admit_order
 
 __all__ = ["routes", "read_json", "bearer"]
 
@@ -32,7 +34,7 @@ routes = web.RouteTableDef()
 
 def buyer_of(request: web.Request, state: ServiceState) -> Buyer:
     try:
-        return verify(state.settings.token_secret, bearer(request))
+        return state.identity.buyer(bearer(request))
     except InvalidToken as exc:
         raise ApiError(
             401, "unauthorized", f"{exc}: get a new token", headers={"WWW-Authenticate": "Bearer"}
@@ -222,20 +224,28 @@ async def _place_order(
             opens_at_ms=settings.opens_at_ms,
         )
 
-    # A retry of a request whose outcome was unknown must reach Redis to learn it, so the
-    # local sold-out shortcut is only for first attempts.
-    first_attempt = request.headers.get("X-Retry-Attempt", "0") in ("", "0")
-    state.sold_out.observe_epoch(sale, settings.epoch)
-    if first_attempt:
-        for line in cart:
-            if state.sold_out.is_sold_out(sale, line.sku):
-                metrics.count("sold_out")
-                raise ApiError(409, "sold_out", f"SKU {line.sku!r} is sold out", sku=line.sku, available=0)
+    if settings.room:
+        try:
+            await admit_order(request, state, settings, buyer, request_id)
+        except ApiError:
+            metrics.count("no_ticket")
+            raise
 
+    state.sold_out.observe_epoch(sale, settings.epoch)
+    cached_out = next((line.sku for line in cart if state.sold_out.is_sold_out(sale, line.sku)), None)
     inv = state.engine(settings)
     try:
         # asyncio.timeout, not wait_for: no extra task per order on the hot path.
         async with asyncio.timeout(state.settings.redis_timeout_s * 2):
+            # The sold-out shortcut refuses without running the reserve script, but not a
+            # retry whose first answer was lost (a 504, a cut connection) and whose hold
+            # exists: one read of the buyer's own idempotency record tells them apart,
+            # whatever headers the client sends.
+            if cached_out is not None and not await inv.made_hold(buyer.user, request_id):
+                metrics.count("sold_out")
+                raise ApiError(
+                    409, "sold_out", f"SKU {cached_out!r} is sold out", sku=cached_out, available=0
+                )
             hold = await inv.reserve(buyer.user, cart, request_id=request_id)
     except TimeoutError:
         metrics.count("unknown")
@@ -243,7 +253,7 @@ async def _place_order(
             504,
             "outcome_unknown",
             "Redis did not answer in time: the order may or may not exist. "
-            "Retry with the same request_id (and X-Retry-Attempt: 1) to learn the outcome.",
+            "Retry with the same request_id to learn the outcome.",
             request_id=request_id,
         ) from None
     except inventory.SoldOut as exc:
@@ -316,26 +326,19 @@ async def _get_order(request: web.Request, state: ServiceState, buyer: Buyer) ->
 async def _archived_order(state: ServiceState, order_id: str) -> inventory.Hold | None:
     """An order Redis no longer has (its sale was archived) as PostgreSQL recorded it."""
     try:
-        row = await state.pg.fetchrow(
-            "SELECT user_id, status, request_id, pay_by, coalesce(created_at, status_at) AS created_at"
-            " FROM orders WHERE order_id = $1",
-            order_id,
-        )
-        if row is None:
-            return None
-        lines = await state.pg.fetch(
-            "SELECT sku, qty FROM order_lines WHERE order_id = $1 ORDER BY sku", order_id
-        )
+        order = await archived_order(state.pg, order_id)
     except Exception:
+        return None
+    if order is None:
         return None
     return inventory.Hold(
         hold_id=order_id,
-        user=row["user_id"],
-        lines=tuple(inventory.Line(r["sku"], r["qty"]) for r in lines),
-        state=inventory.HoldState(row["status"]),
-        deadline_ms=int(row["pay_by"].timestamp() * 1000),
-        created_ms=int(row["created_at"].timestamp() * 1000),
-        request_id=row["request_id"],
+        user=order.user,
+        lines=tuple(inventory.Line(sku, qty) for sku, qty in order.lines),
+        state=inventory.HoldState(order.status),
+        deadline_ms=int(order.pay_by.timestamp() * 1000),
+        created_ms=int(order.created_at.timestamp() * 1000),
+        request_id=order.request_id,
     )
 
 

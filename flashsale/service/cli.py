@@ -1,12 +1,23 @@
-"""``flashsale serve`` and ``flashsale token``."""
+"""``flashsale serve`` and ``flashsale token``.
+
+``serve --embedded`` is the try-out: embedded Redis and PostgreSQL, the schema, the service
+and a worker (the order writer and the hold sweeper) — without one, orders would never
+reach PostgreSQL and holds would never lapse while the war room looked healthy.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from flashsale.console import fail
+from flashsale.cli import add_store_options, store_overrides
+from flashsale.console import fail, redact
 from flashsale.settings import Settings, SettingsError
 
 __all__ = ["register"]
@@ -28,12 +39,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--workers", type=int, help="service processes sharing the port (default 1; use one per core)"
     )
-    p.add_argument("--redis-url", help="Redis URL (FLASHSALE_REDIS_URL)")
-    p.add_argument("--database-url", help="PostgreSQL URL (FLASHSALE_DATABASE_URL)")
+    add_store_options(p)
     p.add_argument(
         "--embedded",
         action="store_true",
-        help="start embedded Redis and PostgreSQL for this run (try-outs; data is thrown away)",
+        help=(
+            "start embedded Redis and PostgreSQL, and a worker (order writer and hold sweeper), "
+            "for this run (try-outs; data is thrown away)"
+        ),
     )
     p.set_defaults(func=_serve)
 
@@ -50,6 +63,7 @@ def register(sub: Any) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from flashsale.service.identity import JwtVerifier
     from flashsale.service.serve import serve
 
     try:
@@ -66,20 +80,22 @@ def _serve(args: argparse.Namespace) -> int:
                     "no Redis configured: set FLASHSALE_REDIS_URL (or --redis-url), "
                     "or add --embedded to start one for a try-out"
                 )
+            JwtVerifier.from_settings(settings)  # a JWT key that cannot be used: say so now
             return serve(settings)
+        return _serve_embedded(settings, store_overrides(args, os.environ))
     except SettingsError as exc:
         return fail(f"serve: {exc}")
-    return _serve_embedded(settings)
 
 
-def _serve_embedded(settings: Settings) -> int:
+def _serve_embedded(settings: Settings, given: dict[str, str]) -> int:
+    """``given``: the store URLs named by the environment or a flag; the rest are embedded."""
     import secrets
     from dataclasses import replace
 
     from flashsale.runtime.embedded import EmbeddedStack
     from flashsale.service.serve import serve
 
-    with EmbeddedStack() as stack:
+    with EmbeddedStack(environ=given) as stack:
         settings = replace(
             settings,
             redis_url=stack.redis_url,
@@ -88,20 +104,53 @@ def _serve_embedded(settings: Settings) -> int:
             admin_token=settings.admin_token or secrets.token_hex(16),
         )
         _migrate(settings)
-        print(f"export FLASHSALE_REDIS_URL={settings.redis_url}")
-        print(f"export FLASHSALE_DATABASE_URL={settings.database_url}")
+        # Exported only what was made here (and carries no password); a server named by the
+        # environment or a flag is already known to whoever started us.
+        for var, server, url in (
+            ("FLASHSALE_REDIS_URL", stack.redis, settings.redis_url),
+            ("FLASHSALE_DATABASE_URL", stack.postgres, settings.database_url),
+        ):
+            print(
+                f"export {var}={url}"
+                if server is not None
+                else f"# {var}={redact(url or '')} (given; used as it is)"
+            )
         print(f"export FLASHSALE_TOKEN_SECRET={settings.token_secret}")
         print(f"export FLASHSALE_ADMIN_TOKEN={settings.admin_token}")
-        print(f"# serving on http://{settings.host}:{settings.port}  (Ctrl-C stops everything)", flush=True)
-        return serve(settings)
+        with _worker(settings):
+            print("# order writer and hold sweeper: running beside it (their log lines are on stderr)")
+            print(
+                f"# serving on http://{settings.host}:{settings.port}  (Ctrl-C stops everything)", flush=True
+            )
+            return serve(settings)
+
+
+@contextmanager
+def _worker(settings: Settings) -> Iterator[None]:
+    """``flashsale worker`` (order writer and hold sweeper) beside the try-out's service,
+    on the same stores; stopped before the servers are."""
+    from flashsale.service.serve import settings_env
+
+    env = {**os.environ, **settings_env(settings)}
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "flashsale", "worker"], env=env, stdin=subprocess.DEVNULL
+    )
+    try:
+        yield
+    finally:
+        if worker.poll() is None:
+            worker.send_signal(signal.SIGTERM)  # it finishes the batch in hand
+        try:
+            worker.wait(30)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+            worker.wait()
 
 
 def _migrate(settings: Settings) -> None:
-    try:
-        from flashsale.pipeline.migrate import migrate_url
-    except ImportError:
-        return
     import asyncio
+
+    from flashsale.pipeline.migrate import migrate_url
 
     assert settings.database_url
     asyncio.run(migrate_url(settings.database_url))

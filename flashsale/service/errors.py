@@ -55,6 +55,7 @@ _STATUS: tuple[tuple[type[inventory.InventoryError], int], ...] = (
     (inventory.SkuExists, 409),
     (inventory.InsufficientStock, 409),
     (inventory.OutcomeUnknown, 504),
+    (inventory.TicketRefused, 403),
 )
 
 

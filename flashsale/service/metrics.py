@@ -30,6 +30,7 @@ import json
 import os
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -54,7 +55,15 @@ from flashsale.keys import ServiceKeys
 if TYPE_CHECKING:
     from flashsale.service.state import ServiceState
 
-__all__ = ["OUTCOMES", "ServiceMetrics", "read_deployment", "read_published", "stream_backlog"]
+__all__ = [
+    "OUTCOMES",
+    "ServiceMetrics",
+    "Published",
+    "read_deployment",
+    "read_published",
+    "stream_backlog",
+    "sum_published",
+]
 
 #: Outcomes of POST /api/orders, as counted everywhere (metrics, stats, the war room).
 OUTCOMES = (
@@ -68,6 +77,7 @@ OUTCOMES = (
     "shed",
     "unknown",
     "fenced",
+    "no_ticket",  # the sale is behind its waiting room and the order had no valid ticket
 )
 
 _LATENCY_BUCKETS = (
@@ -177,6 +187,38 @@ async def read_published(redis: Any, prefix: str) -> list[tuple[str, bytes | Non
         return []
     values = await (redis.mget_nonatomic(keys) if isinstance(redis, RedisCluster) else redis.mget(keys))
     return list(zip(keys, values))
+
+
+@dataclass(slots=True)
+class Published:
+    """Every live process's published numbers, added up."""
+
+    processes: int = 0
+    in_flight: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    p50_ms: float = 0.0  # the worst process's (percentiles do not add up)
+    p99_ms: float = 0.0
+    at: float = 0.0  # the newest publish time (epoch s)
+    stale: list[str] = field(default_factory=list)  # keys whose process stopped publishing
+
+
+async def sum_published(redis: Any, prefix: str) -> Published:
+    """The deployment's counters: each process's last publish (:func:`read_published`) added up."""
+    total = Published()
+    for key, raw in await read_published(redis, prefix):
+        if raw is None:
+            total.stale.append(key)
+            continue
+        proc = json.loads(raw)
+        total.processes += 1
+        total.in_flight += int(proc["in_flight"])
+        total.at = max(total.at, float(proc["at"]))
+        for outcome, n in proc["counts"].items():
+            total.counts[outcome] = total.counts.get(outcome, 0) + int(n)
+        if proc["latency"]["n"]:
+            total.p50_ms = max(total.p50_ms, float(proc["latency"]["p50_ms"]))
+            total.p99_ms = max(total.p99_ms, float(proc["latency"]["p99_ms"]))
+    return total
 
 
 async def read_deployment(state: ServiceState) -> list[Metric]:

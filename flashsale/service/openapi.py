@@ -145,6 +145,10 @@ def _document() -> dict[str, Any]:
                         "open": {"type": "boolean"},
                         "early_access_s": {"type": "integer", "minimum": 0},
                         "hold_ttl_s": {"type": "number", "minimum": 0.05},
+                        "waiting_room": {
+                            "oneOf": [{"type": "boolean"}, {"$ref": "#/components/schemas/RoomSettings"}],
+                            "description": "put the sale behind a stock-aware waiting room (docs/waiting-room.md)",
+                        },
                         "buckets": {
                             "type": "integer",
                             "minimum": 1,
@@ -169,6 +173,44 @@ def _document() -> dict[str, Any]:
                     },
                 },
                 "Sale": {"type": "object", "required": ["sale", "opens_at", "state", "skus"]},
+                "RoomSettings": {
+                    "type": "object",
+                    "properties": {
+                        "rate_per_s": {"type": "number", "minimum": 0.01, "maximum": 100000},
+                        "oversubscribe": {"type": "number", "minimum": 0, "maximum": 100},
+                        "ticket_ttl_s": {"type": "number", "minimum": 1, "maximum": 3600},
+                        "seed": {"type": "integer", "minimum": 1, "maximum": 2147483646},
+                    },
+                },
+                "RoomSwitch": {
+                    "allOf": [
+                        {"$ref": "#/components/schemas/RoomSettings"},
+                        {"type": "object", "properties": {"on": {"type": "boolean"}}},
+                    ]
+                },
+                "RoomJoin": {
+                    "type": "object",
+                    "required": ["skus"],
+                    "properties": {
+                        "skus": {"type": "array", "minItems": 1, "maxItems": 20, "items": {"type": "string"}}
+                    },
+                },
+                "RoomStatus": {
+                    "type": "object",
+                    "required": ["sale", "state", "ahead", "waiting"],
+                    "properties": {
+                        "state": {"enum": ["pre", "waiting", "admitted", "used", "expired", "sold_out"]},
+                        "ahead": {"type": "integer"},
+                        "waiting": {"type": "integer"},
+                        "pre_queue": {"type": "integer"},
+                        "eta_s": {"type": "number"},
+                        "poll_after_ms": {"type": "integer"},
+                        "ticket": {"type": "string"},
+                        "ticket_header": {"type": "string"},
+                        "ticket_expires_at": {"type": "string"},
+                        "told_after_ms": {"type": "integer"},
+                    },
+                },
                 "Units": {"type": "object", "properties": {"units": {"type": "integer", "minimum": 1}}},
                 "Switches": {
                     "type": "object",
@@ -215,8 +257,16 @@ def _document() -> dict[str, Any]:
                             "name": "X-Retry-Attempt",
                             "in": "header",
                             "required": False,
+                            "description": "accepted and ignored: a retry is recognised by its request_id",
                             "schema": {"type": "integer", "minimum": 0},
-                        }
+                        },
+                        {
+                            "name": "X-Flashsale-Ticket",
+                            "in": "header",
+                            "required": False,
+                            "description": "the waiting room's ticket, while the sale is behind its room",
+                            "schema": {"type": "string"},
+                        },
                     ],
                     "requestBody": _body("OrderRequest"),
                     "responses": {
@@ -227,6 +277,7 @@ def _document() -> dict[str, Any]:
                         "429": _err("limit_exceeded, rate_limited or too_many_in_progress"),
                         "503": _err("overloaded or sale_fenced (Retry-After)"),
                         "504": _err("outcome_unknown: retry with the same request_id"),
+                        "403": _err("ticket_not_yours, ticket_used or ticket_invalid (waiting room)"),
                     },
                 }
             },
@@ -276,6 +327,50 @@ def _document() -> dict[str, Any]:
                     },
                 }
             },
+            "/api/sales/{sale}/room": {
+                "post": {
+                    "summary": "Join the sale's waiting room for some SKUs (again: a poll; nobody loses a place)",
+                    "security": buyer,
+                    "parameters": [sale],
+                    "requestBody": _body("RoomJoin"),
+                    "responses": {
+                        "200": _ok("where you stand; a ticket once admitted", "RoomStatus"),
+                        **_AUTH_ERRORS,
+                        **_BODY_ERRORS,
+                        "404": _err("sale_not_found"),
+                        "409": _err("room_off: order directly"),
+                        "429": _err("poll_too_often"),
+                        "503": _err("sale_fenced (Retry-After)"),
+                    },
+                },
+                "get": {
+                    "summary": "Where you stand in the waiting room; poll again after poll_after_ms",
+                    "security": buyer,
+                    "parameters": [sale],
+                    "responses": {
+                        "200": _ok("where you stand; a ticket once admitted", "RoomStatus"),
+                        **_AUTH_ERRORS,
+                        "404": _err("sale_not_found or not_in_room"),
+                        "409": _err("room_off: order directly"),
+                        "429": _err("poll_too_often"),
+                        "503": _err("sale_fenced (Retry-After)"),
+                    },
+                },
+            },
+            "/api/admin/sales/{sale}/room": {
+                "post": {
+                    "summary": "Switch the sale's waiting room on or off, and set how it admits",
+                    "security": admin,
+                    "parameters": [sale],
+                    "requestBody": _body("RoomSwitch"),
+                    "responses": {
+                        "200": _ok("the room's state and shuffle seed", {"type": "object"}),
+                        **_AUTH_ERRORS,
+                        **_BODY_ERRORS,
+                        "404": _err("sale_not_found"),
+                    },
+                }
+            },
             "/api/admin/sales": {
                 "post": {
                     "summary": "Create a sale",
@@ -285,7 +380,7 @@ def _document() -> dict[str, Any]:
                         "201": _ok("the sale", "Sale"),
                         **_AUTH_ERRORS,
                         **_BODY_ERRORS,
-                        "409": _err("sale_exists or sku_taken"),
+                        "409": _err("sale_exists, sku_taken, sale_keys_remain or sale_not_retired"),
                     },
                 }
             },

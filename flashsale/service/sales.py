@@ -1,7 +1,8 @@
 """The sale book: which sales exist, their settings (opening time T0, members' early
 access, hold TTL, open/closed, fenced), the SKU → sale index, and the degraded-site
 switches — stored in Redis so every service process sees the same, cached locally for
-a fraction of a second so the hot path does not pay a round trip for them.
+a fraction of a second (``ttl_s``: the staleness bound of every cached read here) so the
+hot path does not pay a round trip for them.
 
 Redis keys (outside any sale's hash slot: they are read by the service only, never by
 the reservation scripts):
@@ -9,7 +10,8 @@ the reservation scripts):
 ``<prefix>:sales``          set   sale ids (the worker discovers the event streams here)
 ``<prefix>:sale:<sale>``    hash  the sale's settings (below) and ``epoch``, bumped on
                                   every restock / reserve release so processes drop
-                                  their sold-out caches at once
+                                  their sold-out caches at once, and ``generation``:
+                                  which creation of the sale id this is
 ``<prefix>:skus``           hash  sku -> sale (a SKU belongs to one sale)
 ``<prefix>:switches``       hash  endpoint switches of the degraded-site plan
 """
@@ -42,6 +44,10 @@ class SaleSettings:
     fenced: str = ""  # non-empty: sales refused until `flashsale recover` (the reason)
     epoch: int = 0
     buckets: int = 1  # > 1: stock split over that many hash slots (inventory.BucketedInventory)
+    #: When this creation of the sale was made (ms, Redis clock): a sale id used again is a
+    #: new generation (see flashsale.fence.verify); 0 for sales from before generations.
+    generation: int = 0
+    room: int = 0  # 1: orders need a waiting-room ticket (flashsale.service.waiting_room)
 
     def opens_for(self, member: bool) -> int:
         return self.opens_at_ms - (self.early_access_ms if member else 0)
@@ -63,6 +69,8 @@ class SaleSettings:
             fenced=f.get("fenced", ""),
             epoch=int(f.get("epoch", 0)),
             buckets=int(f.get("buckets", 1)),
+            generation=int(f.get("generation", 0)),
+            room=int(f.get("room", 0)),
         )
 
 
@@ -79,7 +87,9 @@ class SaleBook:
         self.keys = ServiceKeys(prefix)
         self.ttl_s = ttl_s
         self._sales: dict[str, tuple[float, SaleSettings | None]] = {}
-        self._sku_sale: dict[str, str] = {}  # a SKU never changes sale: cache forever
+        # A SKU can change sale (its sale removed, the SKU put on sale again), so the
+        # index is cached like the settings: for ttl_s at most.
+        self._sku_sale: dict[str, tuple[float, str]] = {}
         self._switches: tuple[float, dict[str, bool]] = (0.0, {})
 
     def sale_key(self, sale: str) -> str:
@@ -109,12 +119,16 @@ class SaleBook:
         return settings
 
     async def sale_of_sku(self, sku: str) -> str | None:
-        sale = self._sku_sale.get(sku)
-        if sale is None:
-            raw = await self.redis.hget(self.skus_key, sku)
-            if raw is None:
-                return None
-            sale = self._sku_sale[sku] = raw.decode()
+        now = time.monotonic()
+        cached = self._sku_sale.get(sku)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        raw = await self.redis.hget(self.skus_key, sku)
+        if raw is None:  # never cache made-up SKUs: memory stays bounded
+            self._sku_sale.pop(sku, None)
+            return None
+        sale: str = raw.decode()
+        self._sku_sale[sku] = (now + self.ttl_s, sale)
         return sale
 
     async def all_sales(self) -> list[str]:
@@ -156,9 +170,13 @@ class SaleBook:
                 "fenced": settings.fenced,
                 "epoch": 0,
                 "buckets": settings.buckets,
+                "generation": settings.generation,
+                "room": settings.room,
             },
         )
         self._sales.pop(settings.sale, None)
+        for sku in skus:  # this process knows at once; the others within ttl_s
+            self._sku_sale.pop(sku, None)
 
     async def update(self, sale: str, **fields: Any) -> SaleSettings | None:
         await self.redis.hset(self.sale_key(sale), mapping=fields)

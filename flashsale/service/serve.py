@@ -1,6 +1,13 @@
 """Running the service: N processes sharing one port (SO_REUSEPORT), so every core takes
 connections; the parent supervises them (restarts one that dies, stops all on SIGTERM or
-Ctrl-C). uvloop is installed here, in the entry point, and nowhere else.
+Ctrl-C). uvloop is installed here, in the entry point (chosen by ``flashsale.console``), never on
+import.
+
+Before the first process starts, :func:`check_stores` asks Redis and PostgreSQL once. A
+store that refuses this service for good (wrong password, no such database, not a
+PostgreSQL server) stops the start with one line: restarting would only repeat it. A store
+that does not answer yet is said in the log and the service starts anyway — a database
+that comes up later must not need a restart, and ``/readyz`` answers 503 meanwhile.
 
 Each process serves the app through :class:`flashsale.service.transport.ServiceRunner`
 (JSON answers even to requests aiohttp's parser refuses).
@@ -21,25 +28,72 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from flashsale.console import install_uvloop, redact
 from flashsale.logs import configure
+from flashsale.redis_client import connect
 from flashsale.service.transport import ServiceRunner
-from flashsale.settings import Settings
+from flashsale.settings import Settings, SettingsError
 
-__all__ = ["run_one_process", "serve"]
+__all__ = ["check_stores", "run_one_process", "serve", "settings_env"]
 
 log = logging.getLogger("flashsale.serve")
 
-#: A worker that exits sooner than this after its start failed to start: stop, do not loop.
-STARTUP_GRACE_S = 5.0
+#: A service process writes this file once it listens; one that exits before did not start.
+READY_FILE_ENV = "FLASHSALE_PROCESS_READY_FILE"
+#: How long the start-up check waits for each store before saying it does not answer.
+STORE_CHECK_TIMEOUT_S = 3.0
 
 
-def install_uvloop() -> bool:
+def check_stores(settings: Settings, *, timeout_s: float = STORE_CHECK_TIMEOUT_S) -> None:
+    """Ask Redis and PostgreSQL once (see the module docstring): SettingsError when one
+    refuses this service for good; a logged error, and nothing else, when one does not
+    answer."""
+    asyncio.run(_ask_redis(settings, timeout_s))
+    if settings.database_url:
+        asyncio.run(_ask_postgres(settings.database_url, timeout_s))
+
+
+async def _ask_redis(settings: Settings, timeout_s: float) -> None:
+    from redis.exceptions import RedisClusterException, RedisError, ResponseError
+
+    url = redact(settings.redis_url)
+    redis = connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=timeout_s, resends=0)
     try:
-        import uvloop
-    except ImportError:
-        return False
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-    return True
+        await asyncio.wait_for(redis.ping(), timeout_s * 2)
+    except ResponseError as exc:  # it answered, and said no: a password, a database number
+        raise SettingsError(f"Redis at {url} refused this service: {exc}") from None
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        # AuthenticationError is a ConnectionError in redis-py: tell it apart by its class.
+        if "Authentication" in type(exc).__name__:
+            raise SettingsError(f"Redis at {url} refused this service: {exc}") from None
+        _not_answering("Redis", url, exc)
+    finally:
+        await redis.aclose()
+
+
+async def _ask_postgres(database_url: str, timeout_s: float) -> None:
+    import asyncpg
+
+    from flashsale.pgpool import is_transient
+
+    url = redact(database_url)
+    try:
+        conn = await asyncpg.connect(database_url, timeout=timeout_s)
+    except Exception as exc:
+        if not is_transient(exc):
+            raise SettingsError(
+                f"PostgreSQL at {url} refused this service: {type(exc).__name__}: {exc}"
+            ) from None
+        _not_answering("PostgreSQL", url, exc)
+        return
+    await conn.close(timeout=timeout_s)
+
+
+def _not_answering(store: str, url: str, exc: BaseException) -> None:
+    log.error(
+        f"{store} at {url} does not answer at start: serving anyway; /readyz answers 503 until it does",
+        extra={"store": store.lower(), "error": f"{type(exc).__name__}: {exc}"},
+    )
 
 
 def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
@@ -63,6 +117,9 @@ async def _serve_until_stopped(app: web.Application, settings: Settings, *, reus
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=4096)
         await site.start()
+        ready = os.environ.get(READY_FILE_ENV)
+        if ready:  # it listens: the supervisor's sign that this process started
+            _touch(ready)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -76,6 +133,7 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
     """Run ``settings.workers`` service processes; return when told to stop."""
     settings.require_secrets()
     configure(settings.log_level)
+    check_stores(settings)
     if settings.workers <= 1:
         if ready_file:
             _touch(ready_file)
@@ -83,16 +141,18 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
         return 0
     metrics_dir = tempfile.mkdtemp(prefix="flashsale-metrics-")
     env = dict(os.environ, PROMETHEUS_MULTIPROC_DIR=metrics_dir)
-    env.update(_settings_env(settings))
+    env.update(settings_env(settings))
     command = [sys.executable, "-m", "flashsale.service.serve"]
     children: dict[int, subprocess.Popen[bytes]] = {}
-    started_at: dict[int, float] = {}
+    ready_files: dict[int, str] = {}
     stopping = False
     failed = False
 
     def start(slot: int) -> None:
-        children[slot] = subprocess.Popen(command, env=env)
-        started_at[slot] = time.monotonic()
+        ready_files[slot] = os.path.join(
+            metrics_dir, f"ready-{slot}-{len(ready_files) + time.monotonic_ns()}"
+        )
+        children[slot] = subprocess.Popen(command, env={**env, READY_FILE_ENV: ready_files[slot]})
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -119,9 +179,10 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
                 code = child.poll()
                 if code is None or stopping:
                     continue
-                if time.monotonic() - started_at[slot] < STARTUP_GRACE_S:
-                    # It never got going (port taken, bad setting): restarting it would only
-                    # repeat the same error five times a second, forever.
+                if not os.path.exists(ready_files[slot]):
+                    # It never got to listen (port taken, bad setting): restarting it would
+                    # only repeat the same error five times a second, forever. (Its own sign,
+                    # not a clock: on a busy machine a start can take any time.)
                     log.error(
                         "a service process exited while starting; stopping all. Its error is "
                         "above: is the port taken, or a setting wrong?",
@@ -147,7 +208,8 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
     return 1 if failed else 0
 
 
-def _settings_env(settings: Settings) -> dict[str, str]:
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as the ``FLASHSALE_*`` variables another process reads them from."""
     from flashsale.settings import ENV_DOC
 
     env = {}

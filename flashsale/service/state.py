@@ -9,10 +9,11 @@ from typing import Any
 from aiohttp import web
 
 from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SharedLoads, SoldOutCache
+from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook, SaleSettings
 from flashsale.settings import Settings
-from inventory import BucketedInventory, Inventory
+from inventory import BucketedInventory, Inventory, WaitingRoom
 
 __all__ = ["ServiceState", "STATE"]
 
@@ -27,11 +28,14 @@ class ServiceState:
     in_flight: InFlight
     sold_out: SoldOutCache
     buyers: BuyerTurns
+    identity: Identity
+    room_polls: RateLimiter
     pg: Any = None  # asyncpg pool, when a database is configured
     _inventories: dict[str, Inventory] = field(default_factory=dict)
     _bucketed: dict[str, BucketedInventory] = field(default_factory=dict)
     sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
     page_loads: SharedLoads[dict[str, Any]] = field(default_factory=SharedLoads)
+    rooms: dict[str, WaitingRoom] = field(default_factory=dict)  # sale -> its waiting room
 
     def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> Inventory:
         """The engine for one sale (one per sale per process, so reservations coalesce)."""
@@ -47,7 +51,7 @@ class ServiceState:
         if sale.buckets <= 1:
             return self.inventory(sale.sale, sale.hold_ttl_ms)
         engine = self._bucketed.get(sale.sale)
-        if engine is None:
+        if engine is None or len(engine.buckets) != sale.buckets:  # the id created again, split otherwise
             engine = self._bucketed[sale.sale] = BucketedInventory(
                 self.redis, sale.sale, sale.buckets, prefix=self.settings.key_prefix
             )

@@ -13,9 +13,10 @@ import re
 import time
 from dataclasses import dataclass
 
-__all__ = ["Buyer", "InvalidToken", "mint", "verify"]
+__all__ = ["USER_ID", "Buyer", "InvalidToken", "mint", "verify"]
 
-_USER = re.compile(r"[A-Za-z0-9][A-Za-z0-9_@-]{0,63}")
+#: What a user id may be (the engine keys per-user counts by it).
+USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_@-]{0,63}")
 _EXPIRES = re.compile(r"[0-9]{1,12}")
 _SIGNATURE = re.compile(r"[A-Za-z0-9_-]{1,128}")
 
@@ -37,7 +38,7 @@ def _sign(secret: str, payload: str) -> str:
 
 
 def mint(secret: str, user: str, *, ttl_s: int = 3600, member: bool = False, now: float | None = None) -> str:
-    if not _USER.fullmatch(user):
+    if not USER_ID.fullmatch(user):
         raise ValueError("user ids are 1-64 characters of A-Z, a-z, 0-9, '_', '@' and '-'")
     expires = int((time.time() if now is None else now) + ttl_s)
     payload = f"{user}.{expires}.{int(member)}"
@@ -52,7 +53,7 @@ def verify(secret: str, token: str, *, now: float | None = None) -> Buyer:
     # ASCII only: hmac.compare_digest raises TypeError on non-ASCII text, and a header
     # can carry any byte; str.isdigit() also accepts digits int() refuses ("²").
     if (
-        not _USER.fullmatch(user)
+        not USER_ID.fullmatch(user)
         or not _EXPIRES.fullmatch(expires)
         or member not in ("0", "1")
         or not _SIGNATURE.fullmatch(signature)

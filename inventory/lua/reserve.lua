@@ -6,15 +6,17 @@ each request is decided on its own, in order, against the stock the previous one
 For each request: validate every line first, then write; nothing is written for a
 refused request.
 
-Idempotency lives here, not in the client: the first outcome of a request id that made
-a hold is stored in the requests hash, so a retry — or a command the client library
-re-sent after a timeout — returns that hold and never makes a second one. A request id
-reused with another user or other lines is refused (REQUEST_CONFLICT). Refusals are not
-stored: they changed nothing, so a retry is decided afresh.
+Idempotency lives here, not in the client: the first outcome of a request that made a
+hold is stored in the requests hash, so a retry — or a command the client library
+re-sent after a timeout — returns that hold and never makes a second one. Request ids
+are scoped per buyer: the record is "r:<user>:<request id>" (inventory/_keys.py,
+SaleKeys.request_field), so another buyer's use of the same id is no replay, no conflict
+and no clue. A buyer reusing their own id with other lines is refused (REQUEST_CONFLICT).
+Refusals are not stored: they changed nothing, so a retry is decided afresh.
 
 KEYS[1] stock      hash  "<sku>:total|available|held|sold|reserve|limit|low"
 KEYS[2] holds      hash  hold id -> JSON hold record
-KEYS[3] requests   hash  request id -> JSON {h = hold id, f = fingerprint}
+KEYS[3] requests   hash  "r:<user>:<request id>" -> JSON {h = hold id, f = fingerprint}
 KEYS[4] users      hash  "<user>:<sku>" -> units held or bought (per-user limit)
 KEYS[5] deadlines  zset  hold id scored by its deadline (ms)
 KEYS[6] events     stream, one "reserved" entry per hold made
@@ -32,8 +34,8 @@ Returns one array per request:
   {UNKNOWN_SKU, sku}
   {INVALID, reason}
   {REQUEST_CONFLICT, hold_id}
-A malformed batch (count, line counts or ids that do not match ARGV, a request id with
-':') writes nothing and returns the single result {{INVALID, 'bad_batch'}}.
+A malformed batch (count, line counts or ids that do not match ARGV, a request id or user
+with ':') writes nothing and returns the single result {{INVALID, 'bad_batch'}}.
 Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per call.
 ]]
 -- @include codes
@@ -73,7 +75,8 @@ local function decide(request_id, hold_id, user, ttl, lines)
     fingerprint = fingerprint .. '|' .. line[1] .. ':' .. line[2]
   end
 
-  local seen = redis.call('HGET', requests_key, request_id)
+  local record_field = 'r:' .. user .. ':' .. request_id
+  local seen = redis.call('HGET', requests_key, record_field)
   if seen then
     -- A record that does not decode, or names a hold that is gone, is refused rather
     -- than raised: an error here, after earlier requests of the batch wrote their holds,
@@ -120,7 +123,7 @@ local function decide(request_id, hold_id, user, ttl, lines)
   redis.call('HSET', holds_key, hold_id, cjson.encode({
     u = user, l = record_lines, s = 'held', d = tostring(deadline), c = tostring(now),
     r = request_id}))
-  redis.call('HSET', requests_key, request_id, cjson.encode({h = hold_id, f = fingerprint}))
+  redis.call('HSET', requests_key, record_field, cjson.encode({h = hold_id, f = fingerprint}))
   redis.call('ZADD', deadlines_key, deadline, hold_id)
   redis.call('XADD', events_key, '*', 'type', 'reserved', 'order', hold_id, 'user', user,
     'lines', table.concat(parts, ','), 'request', request_id, 'deadline', tostring(deadline),
@@ -136,9 +139,10 @@ local pos = 2
 for r = 1, n or 0 do
   local request_id, hold_id, user = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
   local n_lines = whole(ARGV[pos + 4], 1, MAX_LINES)
-  -- ':' is refused in request ids: "op:<id>" records of stock changes share the hash.
+  -- ':' is refused in request ids and users: "r:<user>:<request id>" must name one
+  -- record, and "op:<id>" records of stock changes share the hash.
   if n_lines == nil or request_id == nil or request_id == '' or request_id:find(':', 1, true)
-      or hold_id == nil or hold_id == '' or user == nil or user == '' then
+      or hold_id == nil or hold_id == '' or user == nil or user == '' or user:find(':', 1, true) then
     n = nil
     break
   end

@@ -124,8 +124,12 @@
     return 10 * p;
   }
 
-  /* opts: {x: [...], series: [{label, color, values, dash, width}], lines: [{y, color, label}],
-            xMin, xMax, xFormat(x), vline: {x, label}} */
+  /* opts: {x: [...], breaks: [i, ...], series: [{label, color, values, x, breaks, dash, width}],
+            lines: [{y, color, label}], xMin, xMax, xFormat(x), vline: {x, label}}
+     A line is never drawn across a gap in the data: it stops at a null value and at each
+     index in `breaks` (where the server saw a gap: nobody watched, nothing published) and
+     starts again after it; a lone point between gaps is drawn as a dot. What was drawn is
+     kept on the canvas as data-segments: per series, each stretch's [first x, last x, points]. */
   function drawChart(canvas, opts) {
     var dpr = window.devicePixelRatio || 1;
     var w = canvas.clientWidth, h = canvas.clientHeight;
@@ -179,22 +183,35 @@
     }
     ctx.save();
     ctx.beginPath(); ctx.rect(left, top - 2, pw, ph + 4); ctx.clip();
+    var drawn = [];
     opts.series.forEach(function (s) {
       var sx = s.x || xs;
-      ctx.save(); ctx.strokeStyle = s.color; ctx.lineWidth = s.width || 2; ctx.lineJoin = "round";
-      if (s.dash) ctx.setLineDash(s.dash);
-      ctx.beginPath();
-      var pen = false;
+      var cut = {};
+      (s.breaks || (s.x ? [] : opts.breaks) || []).forEach(function (i) { cut[i] = true; });
+      var spans = [], span = null;
       for (var k = 0; k < s.values.length; k++) {
         var v = s.values[k];
-        if (v === null || v === undefined) { pen = false; continue; }
-        var px = X(sx[k]), py = Y(v);
-        if (pen) ctx.lineTo(px, py); else ctx.moveTo(px, py);
-        pen = true;
+        if (v === null || v === undefined) { span = null; continue; }
+        if (cut[k] || !span) { span = []; spans.push(span); }
+        span.push([sx[k], v]);
       }
-      ctx.stroke(); ctx.restore();
+      ctx.save(); ctx.strokeStyle = s.color; ctx.fillStyle = s.color;
+      ctx.lineWidth = s.width || 2; ctx.lineJoin = "round";
+      if (s.dash) ctx.setLineDash(s.dash);
+      spans.forEach(function (points) {
+        if (points.length === 1) {
+          ctx.beginPath(); ctx.arc(X(points[0][0]), Y(points[0][1]), (s.width || 2) + 0.5, 0, 2 * Math.PI); ctx.fill();
+          return;
+        }
+        ctx.beginPath();
+        points.forEach(function (q, n) { if (n) ctx.lineTo(X(q[0]), Y(q[1])); else ctx.moveTo(X(q[0]), Y(q[1])); });
+        ctx.stroke();
+      });
+      ctx.restore();
+      drawn.push({ label: s.label || "", spans: spans.map(function (q) { return [q[0][0], q[q.length - 1][0], q.length]; }) });
     });
     ctx.restore();
+    canvas.dataset.segments = JSON.stringify(drawn);
     if (!xs.length && !opts.series.some(function (s) { return s.values.length; })) {
       ctx.fillStyle = "#8b949e"; ctx.textAlign = "center"; ctx.textBaseline = "middle";
       ctx.fillText("collecting history…", left + pw / 2, top + ph / 2);
@@ -226,15 +243,11 @@
   var failure = null;     // last ApiFailure while polling
   var selectedSale = new URL(location.href).searchParams.get("sale") || "";
 
+  // The operator's pick (the list, or ?sale= in the address) sticks; else the sale the
+  // service names as the most recent (data.current_sale: latest T0 among those not closed).
   function pickSale(data) {
-    var names = Object.keys(data.sales).sort();
     if (selectedSale && data.sales[selectedSale]) return selectedSale;
-    var order = { open: 0, countdown: 1, fenced: 2, closed: 3 };
-    names.sort(function (a, b) {
-      var sa = data.sales[a], sb = data.sales[b];
-      return (order[sa.phase] - order[sb.phase]) || (sa.opens_at_ms - sb.opens_at_ms) || (a < b ? -1 : 1);
-    });
-    return names[0] || "";
+    return data.current_sale && data.sales[data.current_sale] ? data.current_sale : "";
   }
 
   // ---------------------------------------------------------------- rendering
@@ -259,7 +272,8 @@
 
     // health banner
     var health = $("health");
-    health.dataset.status = data.health.status;
+    // Anything but "healthy" is red: a status the service adds later never shows as green.
+    health.dataset.status = data.health.status === "healthy" ? "healthy" : "alert";
     setText("health-word", data.health.status === "healthy" ? "HEALTHY" : "ALERT");
     var summary;
     if (data.health.status === "healthy") {
@@ -308,15 +322,18 @@
     setText("v-holds", fmtInt(holds));
     setText("v-lapsing", fmtInt(lapsing));
     setText("v-overdue", fmtInt(overdue));
+    // data-alert names one alert or several (space-separated): red when any of them fires.
     document.querySelectorAll("[data-alert]").forEach(function (node) {
-      var al = a[node.dataset.alert];
-      alertClass(node, al && al.firing);
+      alertClass(node, node.dataset.alert.split(" ").some(function (name) { return a[name] && a[name].firing; }));
     });
 
     var t = data.target;
     if (t) {
+      // The curve counts demand; stock caps orders: compare with what the stock allowed.
       setText("v-target-ratio", t.ratio === null ? "–" : Math.round(t.ratio * 100) + " %");
-      setText("v-target-detail", fmtInt(t.actual_now) + " of " + fmtInt(t.expected_now) + " expected now · " + t.scenario);
+      setText("v-target-detail", t.capped_by_stock
+        ? fmtInt(t.actual_now) + " of " + fmtInt(t.compared_with) + " the stock allows (target " + fmtInt(t.expected_now) + ") · " + t.scenario
+        : fmtInt(t.actual_now) + " of " + fmtInt(t.expected_now) + " expected now · " + t.scenario);
       $("tile-target").dataset.behind = t.ratio !== null && t.ratio < 0.8 ? "1" : "";
     } else {
       setText("v-target-ratio", "–");
@@ -339,8 +356,8 @@
     xMin = Math.min(xMin, data.now_ms - 60000);
     var groups = ["created", "sold_out", "limited", "shed", "unknown", "other"];
     drawChart($("chart-outcomes"), {
-      x: h.t_ms, xMin: xMin, xMax: xMax, xFormat: clock,
-      series: groups.map(function (g) { return { color: COLORS[g], values: h.rates[g], width: g === "created" ? 2.5 : 1.5 }; }),
+      x: h.t_ms, breaks: h.breaks, xMin: xMin, xMax: xMax, xFormat: clock,
+      series: groups.map(function (g) { return { label: g, color: COLORS[g], values: h.rates[g], width: g === "created" ? 2.5 : 1.5 }; }),
     });
     legend("legend-outcomes", groups.map(function (g) {
       return { label: OUTCOME_LABELS[g], color: COLORS[g], value: fmtRate(data.rates_now[g]) + "/s" };
@@ -348,8 +365,8 @@
 
     var p99Limit = data.thresholds.p99_ms;
     drawChart($("chart-latency"), {
-      x: h.t_ms, xMin: xMin, xMax: xMax, xFormat: clock,
-      series: [{ color: COLORS.p50, values: h.p50_ms }, { color: COLORS.p99, values: h.p99_ms }],
+      x: h.t_ms, breaks: h.breaks, xMin: xMin, xMax: xMax, xFormat: clock,
+      series: [{ label: "p50", color: COLORS.p50, values: h.p50_ms }, { label: "p99", color: COLORS.p99, values: h.p99_ms }],
       lines: [{ y: p99Limit, color: COLORS.limit, label: "alert above " + fmtMs(p99Limit) + " ms" }],
     });
     legend("legend-latency", [
@@ -359,8 +376,8 @@
     ]);
 
     drawChart($("chart-queue"), {
-      x: h.t_ms, xMin: xMin, xMax: xMax, xFormat: clock,
-      series: [{ color: COLORS.backlog, values: h.backlog }, { color: COLORS.writer, values: h.writer_rate }],
+      x: h.t_ms, breaks: h.breaks, xMin: xMin, xMax: xMax, xFormat: clock,
+      series: [{ label: "backlog", color: COLORS.backlog, values: h.backlog }, { label: "writer", color: COLORS.writer, values: h.writer_rate }],
       lines: [{ y: data.thresholds.backlog, color: COLORS.limit, label: "alert above " + fmtInt(data.thresholds.backlog) }],
     });
     legend("legend-queue", [
@@ -374,7 +391,7 @@
     var series = [], items = [];
     var xEnd = 60000, xStart = 0;
     if (t) {
-      series.push({ x: t.points.map(function (q) { return q[0]; }), values: t.points.map(function (q) { return q[1]; }),
+      series.push({ label: "target", x: t.points.map(function (q) { return q[0]; }), values: t.points.map(function (q) { return q[1]; }),
                     color: COLORS.target, dash: [6, 4], width: 2 });
       xEnd = Math.max(xEnd, t.points[t.points.length - 1][0]);
       xStart = Math.min(xStart, t.points[0][0]);
@@ -384,15 +401,21 @@
       setText("target-caption", "(no target registered: the rehearsal registers one)");
     }
     if (p) {
-      series.push({ x: p.points.map(function (q) { return q[0]; }), values: p.points.map(function (q) { return q[1]; }),
-                    color: COLORS.actual, width: 2.5 });
+      series.push({ label: "orders created", x: p.points.map(function (q) { return q[0]; }), values: p.points.map(function (q) { return q[1]; }),
+                    breaks: p.breaks, color: COLORS.actual, width: 2.5 });
       var nowRel = data.now_ms - p.origin_ms;
       xEnd = Math.max(xEnd, nowRel * 1.05);
       items.push({ label: "orders created", color: COLORS.actual,
                    value: fmtInt(p.points.length ? p.points[p.points.length - 1][1] : 0) });
     }
+    var capLines = [];
+    if (t && t.capped_by_stock) {
+      var allows = t.actual_now + t.stock_left;
+      capLines.push({ y: allows, color: COLORS.backlog, label: "the stock allows " + fmtInt(allows) + " orders" });
+      items.push({ label: "stock cap", color: COLORS.backlog, dash: true });
+    }
     drawChart($("chart-target"), {
-      x: [], xMin: xStart, xMax: xEnd, xFormat: rel, series: series,
+      x: [], xMin: xStart, xMax: xEnd, xFormat: rel, series: series, lines: capLines,
       vline: p ? { x: Math.max(xStart, Math.min(xEnd, data.now_ms - p.origin_ms)), label: "now" } : undefined,
     });
     legend("legend-target", items);

@@ -1,0 +1,78 @@
+"""The history format (``loadtests.history/1``): what a persona's calls write reads back as the
+same operations, per-process files merge, and lines that are not the format are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loadtests import HISTORY_FORMAT, Operation, read_history
+from loadtests.history import merge_histories
+from loadtests.recording import ProcessRecorder
+
+
+def test_operations_round_trip_through_a_process_recorder(tmp_path: Path) -> None:
+    ops = [
+        Operation(
+            0,
+            "w1",
+            "r-1",
+            "buyer",
+            "checkout",
+            10.0,
+            10.001,
+            10.25,
+            "ok",
+            201,
+            key="k1",
+            order="o1",
+            item="mug",
+            units=2,
+            replayed=True,
+            value={"user": "u7", "attempt": 1},
+        ),
+        Operation(
+            1, "w1", "r-2", "buyer", "checkout", 10.5, 10.5, 10.6, "fail", 409, code="out_of_stock", key="k2"
+        ),
+        Operation(
+            2,
+            "w1",
+            "r-3",
+            "buyer",
+            "checkout",
+            11.0,
+            11.2,
+            21.2,
+            "info",
+            0,
+            code="no_answer",
+            error="timed out",
+            key="k3",
+        ),
+        Operation(3, "w1", "r-4", "buyer", "checkout", 12.0, 12.0, 12.3, "info", 0, code="stopped", key="k4"),
+    ]
+    recorder = ProcessRecorder("w1", 10.0, request_log=tmp_path / "w1.requests.jsonl")
+    for op in ops:
+        recorder.log(op.to_json())
+    recorder.close()
+    lines = [json.loads(x) for x in (tmp_path / "w1.requests.jsonl").read_text().splitlines()]
+    assert all({"op", "proc", "f", "invoke", "complete", "type", "status"} <= set(x) for x in lines)
+    assert list(read_history([tmp_path / "w1.requests.jsonl"])) == ops
+    assert HISTORY_FORMAT == "loadtests.history/1"
+
+
+def test_per_process_histories_merge(tmp_path: Path) -> None:
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text(json.dumps(Operation(0, "a", "v", "p", "f", 1, 1, 2, "ok", 200).to_json()) + "\n\n")
+    b.write_text(json.dumps(Operation(0, "b", "v", "p", "f", 1, 1, 2, "fail", 409).to_json()) + "\n")
+    assert merge_histories([a, b], tmp_path / "all.jsonl") == 2
+    assert [(o.proc, o.type) for o in read_history([tmp_path / "all.jsonl"])] == [("a", "ok"), ("b", "fail")]
+
+
+def test_a_line_of_another_format_is_refused(tmp_path: Path) -> None:
+    old = tmp_path / "old.jsonl"
+    old.write_text(json.dumps({"kind": "order", "rid": "r1", "outcome": "ok", "order_id": "o1"}) + "\n")
+    with pytest.raises(ValueError, match="loadtests.history/1"):
+        list(read_history([old]))
