@@ -55,9 +55,19 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
         "max_in_flight",
         "order requests in progress per process before shedding with 503 (default 1000)",
     ),
+    (
+        "FLASHSALE_BUYER_IN_FLIGHT",
+        "buyer_in_flight",
+        "one buyer's requests in progress per process before 429 too_many_in_progress (default 8; 0: no cap)",
+    ),
     ("FLASHSALE_USER_RATE", "user_rate", "order requests per second per buyer, per process (default 5)"),
     ("FLASHSALE_USER_BURST", "user_burst", "burst allowance of the per-buyer rate limit (default 10)"),
     ("FLASHSALE_MAX_BODY_BYTES", "max_body_bytes", "largest request body accepted (default 16384)"),
+    (
+        "FLASHSALE_READ_TIMEOUT",
+        "read_timeout_s",
+        "seconds a client has to send a request body before 408 request_timeout (default 5)",
+    ),
     (
         "FLASHSALE_REDIS_TIMEOUT",
         "redis_timeout_s",
@@ -133,9 +143,11 @@ class Settings:
     admin_token: str = ""
     key_prefix: str = "fs"
     max_in_flight: int = 1000
+    buyer_in_flight: int = 8
     user_rate: float = 5.0
     user_burst: int = 10
     max_body_bytes: int = 16384
+    read_timeout_s: float = 5.0
     redis_timeout_s: float = 2.0
     sku_cache_s: float = 0.25
     sold_out_cache_s: float = 0.5

@@ -243,14 +243,24 @@ class Inventory:
     async def snapshot(self, sku: str) -> Snapshot | None:
         """One SKU's counters, or None if the sale has no such SKU."""
         sku = check.sku(sku)
-        values = await self.redis.hmget(self.keys.stock, [f"{sku}:{f}" for f in _STOCK_FIELDS])
+        return self._parse_snapshot(sku, await self.redis.hmget(self.keys.stock, self._stock_fields(sku)))
+
+    @staticmethod
+    def _stock_fields(sku: str) -> list[str]:
+        return [f"{sku}:{f}" for f in _STOCK_FIELDS]
+
+    @staticmethod
+    def _parse_snapshot(sku: str, values: list[Any]) -> Snapshot | None:
         if values[0] is None:
             return None
         return Snapshot(sku, *(int(v or 0) for v in values))
 
     async def snapshots(self) -> dict[str, Snapshot]:
         """Every SKU of the sale."""
-        raw = await self.redis.hgetall(self.keys.stock)
+        return self._parse_snapshots(await self.redis.hgetall(self.keys.stock))
+
+    @staticmethod
+    def _parse_snapshots(raw: dict[Any, Any]) -> dict[str, Snapshot]:
         fields: dict[str, dict[str, int]] = {}
         for key, value in raw.items():
             sku, _, name = _text(key).rpartition(":")

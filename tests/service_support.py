@@ -1,5 +1,6 @@
 """What the order-service tests share: a factory that runs the real app (``create_app``)
-behind aiohttp's ``TestServer`` against the suite's Redis, buyer and admin credentials, a
+behind aiohttp's ``TestServer`` — with the service's own runner and protocol
+(``ServiceTestServer``), as ``flashsale serve`` runs it — against the suite's Redis, buyer and admin credentials, a
 sale-creating shortcut, and a byte-exact dump of every Redis key for "bad input changes
 nothing" comparisons.
 
@@ -30,6 +31,7 @@ from redis_mode import on_cluster
 from flashsale.service.app import create_app
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import mint
+from flashsale.service.transport import ServiceRunner
 from flashsale.settings import Settings
 from inventory import SaleKeys
 
@@ -156,11 +158,35 @@ class Service:
         status = int(head.split(b" ", 2)[1])
         return status, json.loads(payload)
 
+    async def open_raw(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A plain TCP connection to the service, for writing requests byte by byte."""
+        return await asyncio.open_connection(self.client.host, self.client.port)
+
+    @property
+    def requests_seen(self) -> int:
+        """Requests this process's HTTP server has started handling (parser refusals too)."""
+        server = self.client.server.runner.server if self.client.server.runner else None
+        return 0 if server is None else server.requests_count
+
     async def sku_counters(self, sale: str, sku: str) -> dict[str, Any]:
         """The SKU's counters from the admin view (not cached)."""
         resp = await self.client.get(f"/api/admin/sales/{sale}", headers=ADMIN)
         counters: dict[str, Any] = (await expect_json(resp, 200))["skus"][sku]
         return counters
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP/1.1 response off a raw connection: status, headers (lower-case names) and
+    the body (Content-Length framed, as every answer of the service is)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in lines:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    body = await reader.readexactly(int(headers.get("content-length", "0")))
+    return int(status_line.split(" ", 2)[1]), headers, body
 
 
 async def expect_json(resp: ClientResponse, status: int, error: str | None = None) -> Any:
@@ -181,6 +207,16 @@ async def expect_json(resp: ClientResponse, status: int, error: str | None = Non
 ServiceFactory = Callable[..., Awaitable[Service]]
 
 
+class ServiceTestServer(TestServer):
+    """``TestServer`` serving through :class:`ServiceRunner` (JSON answers to requests the
+    HTTP parser refuses), so tests see the transport ``flashsale serve`` has — handlers
+    included: they are not cancelled when a client hangs up (TestServer's own choice)."""
+
+    async def _make_runner(self, **kwargs: Any) -> ServiceRunner:
+        kwargs.pop("handler_cancellation", None)
+        return ServiceRunner(self.app, **kwargs)
+
+
 @pytest.fixture
 async def start_service(redis_client: Redis, redis_url: str) -> AsyncIterator[ServiceFactory]:
     """``await start_service(**settings_overrides)`` runs one more service process on the
@@ -190,7 +226,7 @@ async def start_service(redis_client: Redis, redis_url: str) -> AsyncIterator[Se
 
     async def start(**overrides: Any) -> Service:
         settings = service_settings(overrides.pop("redis_url", redis_url), **overrides)
-        client = TestClient(TestServer(create_app(settings)))
+        client = TestClient(ServiceTestServer(create_app(settings)))
         try:
             await client.start_server()
         except BaseException:

@@ -734,6 +734,32 @@ async def test_a_press_with_a_non_json_number_keeps_the_page_readable(room: WarR
     assert [r["params"] for r in await pg_log(warroom_db)] == [json.dumps({"unreadable": '{"units": NaN}'})]
 
 
+@pytest.mark.parametrize(
+    ("label", "body", "headers"),
+    [
+        ("lists nested past the parser's depth", b"[" * 3000 + b"]" * 3000, {}),
+        ("an object nested 200 deep", b'{"a":' * 200 + b"1" + b"}" * 200, {}),
+        ("gzip declared on plain JSON", b'{"units": 1}', {"Content-Encoding": "gzip"}),
+    ],
+)
+async def test_a_press_whose_body_the_log_cannot_keep_is_applied_and_logged_once(
+    room: WarRoom, warroom_db: str, label: str, body: bytes, headers: dict[str, str]
+) -> None:
+    """Opening a sale ignores the body; the log keeps it. A body too deep to parse (or to
+    store) made the press a 500 after the sale had opened, and left it out of the log."""
+    sale = await room.create_sale([{"sku": "deep-a", "stock": 3}], opens_at=now_ms() + 600_000)
+    resp = await room.http.post(
+        control_path(sale, "open"),
+        data=body,
+        headers={**ADMIN, "Content-Type": "application/json", **headers},
+    )
+    assert (await expect_json(resp, 200))["state"] == "open", label
+    entries = (await room.data())["log"]["entries"]
+    assert [(e["action"], e["outcome"], e["status"]) for e in entries] == [("open_sale", "ok", 200)]
+    assert set(entries[0]["params"]) == {"unreadable"}
+    assert [r["action"] for r in await pg_log(warroom_db)] == ["open_sale"]
+
+
 async def test_a_bad_operator_header_is_refused_before_anything_happens(
     room: WarRoom, warroom_db: str
 ) -> None:

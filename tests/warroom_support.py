@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from service_support import ADMIN, buyer, expect_json, new_id, service_settings
 
 from flashsale.service.app import create_app
+from flashsale.service.transport import ServiceRunner
 from flashsale.settings import Settings
 
 
@@ -69,15 +70,15 @@ WarRoomFactory = Callable[..., Awaitable[WarRoom]]
 @pytest.fixture
 async def start_warroom(redis_client: Redis, redis_url: str) -> AsyncIterator[WarRoomFactory]:
     """``await start_warroom(database_url=..., **settings_overrides)``: the service (which
-    mounts the war room), served by ``web.AppRunner`` + ``TCPSite`` on
+    mounts the war room), served by the service's ``ServiceRunner`` + ``TCPSite`` on
     127.0.0.1 and a free port, on the suite's (freshly flushed) Redis."""
-    runners: list[web.AppRunner] = []
+    runners: list[ServiceRunner] = []
     clients: list[ClientSession] = []
 
     async def start(**overrides: Any) -> WarRoom:
         settings = service_settings(redis_url, **overrides)
         app = create_app(settings)
-        runner = web.AppRunner(app, access_log=None)
+        runner = ServiceRunner(app, access_log=None)
         await runner.setup()
         runners.append(runner)
         site = web.TCPSite(runner, "127.0.0.1", 0)

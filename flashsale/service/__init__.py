@@ -2,10 +2,13 @@
 
 - ``app``          the app factory ``create_app(settings)``: one cleanup context, middlewares;
 - ``serve``        the supervisor: N processes sharing a port, restarts, shutdown;
+- ``transport``    aiohttp's runner and protocol, answering even parser refusals as JSON;
 - ``state``        what one process holds (clients, caches, counters), one typed AppKey;
-- ``http``         the bearer token and the JSON body, read the same way by every handler;
+- ``http``         the bearer token and the JSON body (under the read deadline), read the
+                   same way by every handler;
 - ``errors``       the one middleware that turns failures into JSON errors with stable codes;
-- ``admission``    the cheap in-memory refusals (rate limit, in-flight cap, sold-out cache);
+- ``admission``    the cheap in-memory refusals (per-buyer turns, rate limit, in-flight cap,
+                   sold-out cache) and shared loads;
 - ``sales``        the sale book: settings, SKU index, degraded-site switches;
 - ``tokens``       buyer identity (HMAC bearer tokens);
 - ``metrics``      Prometheus exposition and the published per-process counters;

@@ -25,12 +25,14 @@ from flashsale.service.tokens import mint
 from flashsale.service.waiting_room import room_spec
 from inventory import BucketedInventory
 
-__all__ = ["routes", "require_admin"]
+__all__ = ["admin_token_matches", "require_admin", "routes"]
 
 logger = logging.getLogger("flashsale.service")
 routes = web.RouteTableDef()
 
 _SALE_ID = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+#: What an order id a client was given can look like (``<sale>.<random>``), generously.
+_ORDER_ID = re.compile(r"[A-Za-z0-9_.@-]{1,100}")
 MAX_SKUS_PER_SALE = 1000
 MAX_TOKENS_PER_CALL = 100_000
 #: 9999-12-31T23:59:59.999Z. Opening times are printed as ISO dates on every sale view;
@@ -38,13 +40,18 @@ MAX_TOKENS_PER_CALL = 100_000
 MAX_OPENS_AT_MS = 253_402_300_799_999
 
 
-def require_admin(request: web.Request) -> ServiceState:
-    state = request.app[STATE]
-    token = bearer(request)
+def admin_token_matches(state: ServiceState, token: str) -> bool:
+    """True if ``token`` is the admin token (compared in constant time)."""
     # surrogateescape: aiohttp decodes header bytes that are not UTF-8 into surrogates,
     # which a plain encode() refuses (a 500 for a garbage token).
     given = token.encode("utf-8", "surrogateescape")
-    if not state.settings.admin_token or not hmac.compare_digest(given, state.settings.admin_token.encode()):
+    admin = state.settings.admin_token
+    return bool(admin) and hmac.compare_digest(given, admin.encode())
+
+
+def require_admin(request: web.Request) -> ServiceState:
+    state = request.app[STATE]
+    if not admin_token_matches(state, bearer(request)):
         raise ApiError(
             401, "unauthorized", "admin endpoints need 'Authorization: Bearer <FLASHSALE_ADMIN_TOKEN>'"
         )
@@ -423,8 +430,16 @@ async def audit(request: web.Request) -> web.Response:
     state = require_admin(request)
     body = await read_json(request) if request.can_read_body else {}
     acknowledged = body.get("acknowledged", [])
-    if not isinstance(acknowledged, list) or not all(isinstance(o, str) for o in acknowledged):
-        raise ApiError(422, "invalid_request", "acknowledged is a list of order ids", field="acknowledged")
+    if not isinstance(acknowledged, list) or not all(
+        isinstance(o, str) and _ORDER_ID.fullmatch(o) for o in acknowledged
+    ):
+        # An id PostgreSQL cannot even compare (a NUL in it) made the audit a 500.
+        raise ApiError(
+            422,
+            "invalid_request",
+            "acknowledged is a list of order ids (1-100 characters of A-Z a-z 0-9 _ . @ -)",
+            field="acknowledged",
+        )
     wait_s = _number(body, "wait_s", 30.0, low=0, high=600)
     if state.pg is None:
         raise ApiError(

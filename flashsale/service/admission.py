@@ -2,24 +2,35 @@
 
 Everything here is per process and in memory — no round trip:
 
+* a per-buyer cap on requests in progress (429 ``too_many_in_progress``): one buyer's
+  thousand slow sockets hold that buyer's few turns, not everyone's;
 * a per-buyer token bucket (bots and retry storms are refused with 429 ``rate_limited``);
 * a global in-flight limit: past it, shed with 503 ``overloaded`` and ``Retry-After``,
-  instead of queueing until every request times out;
+  instead of queueing until every request times out. It is taken only once the buyer is
+  known and the body is read (under a deadline): a slow client never holds it;
 * the sold-out cache: once Redis said a SKU has nothing available, refuse it locally for
   a short while, and at once forget it when the sale's epoch moves (restock, reserve
   release). The short expiry matters because lapsed and cancelled holds put units back
   on sale without an operator doing anything. A refusal from the cache runs no script,
   but it is not quite free: the order path first reads the buyer's own idempotency record
   (one HMGET per loop turn), so a retry whose first answer was lost still gets its hold.
-  No header skips the cache.
+  No header skips the cache;
+* one load per key in flight (:class:`SharedLoads`): a thousand viewers of a product page
+  whose cached answer just lapsed wait for one read of the stock, not a thousand.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
-__all__ = ["RateLimiter", "InFlight", "SoldOutCache"]
+__all__ = ["BuyerTurns", "InFlight", "RateLimiter", "SharedLoads", "SoldOutCache"]
+
+T = TypeVar("T")
 
 
 class RateLimiter:
@@ -68,6 +79,59 @@ class InFlight:
 
     def leave(self) -> None:
         self.current -= 1
+
+
+class BuyerTurns:
+    """Requests in progress per buyer, at most ``limit`` each (0: no cap)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._busy: dict[str, int] = {}
+        self.refused = 0
+
+    def in_progress(self, user: str) -> int:
+        return self._busy.get(user, 0)
+
+    @contextlib.contextmanager
+    def turn(self, user: str) -> Iterator[bool]:
+        """Yields False (and takes nothing) when ``user`` already has ``limit`` requests in
+        progress; otherwise True, and the turn is given back on leaving."""
+        busy = self._busy.get(user, 0)
+        if self.limit > 0 and busy >= self.limit:
+            self.refused += 1
+            yield False
+            return
+        self._busy[user] = busy + 1
+        try:
+            yield True
+        finally:
+            left = self._busy[user] - 1
+            if left:
+                self._busy[user] = left
+            else:
+                del self._busy[user]  # memory stays bounded by requests in progress
+
+
+class SharedLoads(Generic[T]):
+    """Callers asking for the same key while a load of it is running share that load's
+    result (or error) instead of starting their own. A caller that gives up (cancelled)
+    does not cancel the load for the others."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, asyncio.Future[T]] = {}
+
+    async def load(self, key: str, load: Callable[[], Awaitable[T]]) -> T:
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(load())
+            running.add_done_callback(lambda done: self._finished(key, done))
+        return await asyncio.shield(running)
+
+    def _finished(self, key: str, done: asyncio.Future[T]) -> None:
+        if self._running.get(key) is done:
+            del self._running[key]
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have given up before it ended
 
 
 @dataclass

@@ -12,12 +12,11 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff
 from redis.exceptions import RedisClusterException, RedisError
 
+from flashsale.redis_client import connect
 from flashsale.service import admin_api, buyer_api, fence_guard, probes, waiting_room
-from flashsale.service.admission import InFlight, RateLimiter, SoldOutCache
+from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SoldOutCache
 from flashsale.service.errors import error_middleware
 from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
@@ -31,26 +30,27 @@ __all__ = ["create_app", "redis_client"]
 log = logging.getLogger("flashsale.service")
 
 
+#: Connections to Redis per process (a cluster: commands in flight per process). Requests
+#: past it wait their turn, up to the Redis timeout, instead of failing.
+REDIS_CONNECTIONS = 256
+REDIS_CLUSTER_TURNS = 1024
+
+
 def redis_client(settings: Settings) -> Redis | RedisCluster:
     """The service's Redis client. At most one re-send on timeout: the scripts are
     idempotent, so a re-send is safe, but each one adds a whole timeout to the worst case
-    before the buyer hears "outcome unknown"."""
-    if settings.redis_cluster:
-        return RedisCluster.from_url(
-            settings.redis_url,
-            socket_timeout=settings.redis_timeout_s,
-            socket_connect_timeout=settings.redis_timeout_s,
-            retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1),
-            max_connections=1024,
-        )
-    return Redis.from_url(
+    before the buyer hears "outcome unknown". A burst past the pool waits for a connection
+    (first come, first served) for at most the same timeout: only a real deadline turns
+    into "unknown", never the service's own concurrency."""
+    client: Redis | RedisCluster = connect(
         settings.redis_url,
-        socket_timeout=settings.redis_timeout_s,
-        socket_connect_timeout=settings.redis_timeout_s,
-        retry=Retry(ExponentialBackoff(cap=0.05, base=0.005), 1),
-        max_connections=256,
-        health_check_interval=30,
+        cluster=settings.redis_cluster,
+        timeout_s=settings.redis_timeout_s,
+        resends=1,
+        max_connections=REDIS_CLUSTER_TURNS if settings.redis_cluster else REDIS_CONNECTIONS,
+        wait_s=settings.redis_timeout_s,
     )
+    return client
 
 
 async def _learn_slot_map(redis: RedisCluster) -> None:
@@ -99,6 +99,7 @@ def create_app(settings: Settings) -> web.Application:
             rate=RateLimiter(settings.user_rate, settings.user_burst),
             in_flight=InFlight(settings.max_in_flight),
             sold_out=SoldOutCache(settings.sold_out_cache_s),
+            buyers=BuyerTurns(settings.buyer_in_flight),
             identity=Identity.from_settings(settings),
             room_polls=RateLimiter(settings.room_poll_rate, settings.room_poll_burst),
             pg=pg,

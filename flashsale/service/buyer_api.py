@@ -1,10 +1,19 @@
 """Buyers' endpoints: the product page, placing an order (the hot path), looking it up,
-paying and cancelling."""
+paying and cancelling.
+
+Admission, in this order, on every buyer endpoint: the token (401), one of the buyer's
+few turns (429 ``too_many_in_progress``), the body read under the read deadline (408) and
+checked (4xx) — and only then, for orders, the rate limit and one of the process's
+in-flight slots (503 ``overloaded``). So a slow or hostile client holds at most its own
+turns, never the slots every other buyer's order needs.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
@@ -30,6 +39,23 @@ def buyer_of(request: web.Request, state: ServiceState) -> Buyer:
         raise ApiError(
             401, "unauthorized", f"{exc}: get a new token", headers={"WWW-Authenticate": "Bearer"}
         ) from None
+
+
+@contextlib.contextmanager
+def buyer_turn(state: ServiceState, buyer: Buyer, *, order: bool = False) -> Iterator[None]:
+    """One of the buyer's turns for the request, or 429 ``too_many_in_progress``."""
+    with state.buyers.turn(buyer.user) as granted:
+        if not granted:
+            if order:
+                state.metrics.count("rate_limited")
+            raise ApiError(
+                429,
+                "too_many_in_progress",
+                f"this buyer already has {state.buyers.limit} requests in progress; "
+                "wait for their answers before sending more",
+                headers={"Retry-After": "1"},
+            )
+        yield
 
 
 def _cart(body: dict[str, Any]) -> list[inventory.Line]:
@@ -85,10 +111,15 @@ async def get_sku(request: web.Request) -> web.Response:
             headers={"Retry-After": "5"},
         )
     sku = request.match_info["sku"]
-    now = time.monotonic()
     cached = state.sku_cache.get(sku)
-    if cached is not None and cached[0] > now:
+    if cached is not None and cached[0] > time.monotonic():
         return web.json_response(cached[1])
+    # Viewers arriving while the page is being read wait for that read: a lapsed cache at
+    # the peak costs one read of the stock (64 on a 64-bucket SKU), not one per viewer.
+    return web.json_response(await state.page_loads.load(sku, lambda: _product_page(state, sku)))
+
+
+async def _product_page(state: ServiceState, sku: str) -> dict[str, Any]:
     sale = await state.sales.sale_of_sku(sku)
     settings = await state.sales.sale(sale) if sale else None
     if sale is None or settings is None:
@@ -104,32 +135,24 @@ async def get_sku(request: web.Request) -> web.Response:
         "opens_at": iso(settings.opens_at_ms),
         "open": settings.state != "closed" and now_ms() >= settings.opens_at_ms,
     }
-    state.sku_cache[sku] = (now + state.settings.sku_cache_s, body)
-    return web.json_response(body)
+    state.sku_cache[sku] = (time.monotonic() + state.settings.sku_cache_s, body)
+    return body
 
 
 @routes.post("/api/orders")
 async def create_order(request: web.Request) -> web.Response:
     state = request.app[STATE]
     started = time.perf_counter()
-    if not state.in_flight.enter():
-        state.metrics.count("shed")
-        raise ApiError(
-            503,
-            "overloaded",
-            "too many orders in progress; retry shortly with the same request_id",
-            headers={"Retry-After": "1"},
-        )
     try:
-        return await _create_order(request, state)
+        buyer = buyer_of(request, state)
+        with buyer_turn(state, buyer, order=True):
+            return await _create_order(request, state, buyer)
     finally:
-        state.in_flight.leave()
         state.metrics.observe("orders", time.perf_counter() - started)
 
 
-async def _create_order(request: web.Request, state: ServiceState) -> web.Response:
+async def _create_order(request: web.Request, state: ServiceState, buyer: Buyer) -> web.Response:
     metrics = state.metrics
-    buyer = buyer_of(request, state)
     try:
         body = await read_json(request)
         cart = _cart(body)
@@ -150,7 +173,24 @@ async def _create_order(request: web.Request, state: ServiceState) -> web.Respon
         raise ApiError(
             429, "rate_limited", "too many orders from this buyer; slow down", headers={"Retry-After": "1"}
         )
+    if not state.in_flight.enter():
+        metrics.count("shed")
+        raise ApiError(
+            503,
+            "overloaded",
+            "too many orders in progress; retry shortly with the same request_id",
+            headers={"Retry-After": "1"},
+        )
+    try:
+        return await _place_order(request, state, buyer, cart, request_id)
+    finally:
+        state.in_flight.leave()
 
+
+async def _place_order(
+    request: web.Request, state: ServiceState, buyer: Buyer, cart: list[inventory.Line], request_id: str
+) -> web.Response:
+    metrics = state.metrics
     sales = set()
     for line in cart:
         sale = await state.sales.sale_of_sku(line.sku)
@@ -280,6 +320,11 @@ async def _order_id(request: web.Request, state: ServiceState) -> tuple[str, Sal
 async def get_order(request: web.Request) -> web.Response:
     state = request.app[STATE]
     buyer = buyer_of(request, state)
+    with buyer_turn(state, buyer):
+        return await _get_order(request, state, buyer)
+
+
+async def _get_order(request: web.Request, state: ServiceState, buyer: Buyer) -> web.Response:
     if not (await state.sales.switches())["order_lookup"]:
         raise ApiError(
             503,
@@ -331,14 +376,25 @@ async def cancel_order(request: web.Request) -> web.Response:
 async def _close_order(request: web.Request, *, pay: bool) -> web.Response:
     state = request.app[STATE]
     buyer = buyer_of(request, state)
-    order_id, sale = await _order_id(request, state)
-    inv = state.engine(sale)
-    try:
-        if pay:
-            hold = await inv.confirm(order_id, user=buyer.user)
-        else:
-            hold = await inv.release(order_id, user=buyer.user)
-    except inventory.InvalidRequest:
-        # Not an order id at all (too long, odd characters): as for GET, no such order.
-        raise ApiError(404, "order_not_found", "no such order") from None
+    with buyer_turn(state, buyer):
+        order_id, sale = await _order_id(request, state)
+        if sale.fenced:
+            # The fence's flag in Redis, as orders check it: the in-process guard alone
+            # does not see a fence raised by another process or by `flashsale recover`.
+            raise ApiError(
+                503,
+                "sale_fenced",
+                f"sales are paused: {sale.fenced}",
+                headers={"Retry-After": "5"},
+                sale=sale.sale,
+            )
+        inv = state.engine(sale)
+        try:
+            if pay:
+                hold = await inv.confirm(order_id, user=buyer.user)
+            else:
+                hold = await inv.release(order_id, user=buyer.user)
+        except inventory.InvalidRequest:
+            # Not an order id at all (too long, odd characters): as for GET, no such order.
+            raise ApiError(404, "order_not_found", "no such order") from None
     return web.json_response({"order_id": hold.hold_id, "status": hold.state.value})

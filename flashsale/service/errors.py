@@ -18,7 +18,7 @@ from redis.exceptions import RedisError
 
 import inventory
 
-__all__ = ["ApiError", "error_middleware", "error_response", "status_for"]
+__all__ = ["ApiError", "error_middleware", "error_response", "http_exception_response", "status_for"]
 
 log = logging.getLogger("flashsale.errors")
 
@@ -79,6 +79,17 @@ def error_response(
     )
 
 
+def http_exception_response(exc: web.HTTPException) -> web.Response:
+    """aiohttp's own refusal (404, 405, 417…) as the JSON error."""
+    code = {404: "not_found", 405: "method_not_allowed", 417: "expectation_failed"}.get(
+        exc.status, "http_error"
+    )
+    # Only Allow is worth keeping (405); copying all of exc.headers brought its
+    # Content-Type along, which web.Response refuses beside content_type (a 500).
+    allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+    return error_response(exc.status, code, exc.reason, allow)
+
+
 def _from_inventory(exc: inventory.InventoryError) -> web.Response:
     code = "order_not_found" if isinstance(exc, inventory.HoldNotFound) else exc.code
     details = {k: v for k, v in exc.details.items() if k != "hold_id"}
@@ -90,7 +101,10 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except ApiError as exc:
-        return error_response(exc.status, exc.code, exc.message, exc.headers, **exc.details)
+        response = error_response(exc.status, exc.code, exc.message, exc.headers, **exc.details)
+        if exc.status == 408:
+            response.force_close()  # RFC 9110: after a 408 the connection is closed, not waited on
+        return response
     except inventory.InventoryError as exc:
         return _from_inventory(exc)
     except web.HTTPRequestEntityTooLarge:
@@ -102,11 +116,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status, "http_error")
-        # Only Allow is worth keeping (405); copying all of exc.headers brought its
-        # Content-Type along, which web.Response refuses beside content_type (a 500).
-        allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
-        return error_response(exc.status, code, exc.reason, allow)
+        return http_exception_response(exc)
     except RedisError as exc:
         log.warning("redis error on %s: %s", request.path, exc)
         return error_response(

@@ -34,7 +34,10 @@ from flashsale.fence.verify import (
 )
 from flashsale.keys import ServiceKeys
 from flashsale.redis_client import as_text
+from flashsale.service.buyer_api import buyer_of
 from flashsale.service.errors import ApiError
+from flashsale.service.http import read_body
+from flashsale.service.state import STATE
 from inventory import parent_sale_id
 
 __all__ = ["GUARD", "FenceGuard", "install", "installed", "uninstall"]
@@ -282,6 +285,11 @@ class FenceGuard:
                 raise
             except Exception as exc:  # noqa: BLE001 - an outage: try again next time
                 self._warn("poll", f"{type(exc).__name__}: {exc}")
+            # redis-py can swallow a cancel that lands mid-command (the task stays
+            # "cancelling"); polling on would make stop(), which awaits this task, hang.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
 
     def _warn(self, topic: str, message: str) -> None:
         if topic not in self._warned:
@@ -297,7 +305,7 @@ async def _order_sale(request: web.Request, guard: FenceGuard) -> str | None:
     """The sale an order, pay or cancel request is for (None when it cannot be told)."""
     if request.path == "/api/orders":
         try:
-            body = json.loads(await request.read())
+            body = json.loads(await read_body(request))
         except (ValueError, UnicodeDecodeError, RecursionError):
             return None
         if not isinstance(body, dict):
@@ -329,6 +337,9 @@ async def fence_middleware(
     path = request.path
     if path != "/api/orders" and not (path.startswith("/api/orders/") and path.endswith(_ORDER_PATHS)):
         return await handler(request)
+    # The buyer first (401 before a byte of the body is read), then the body under the read
+    # deadline, as the handler would (aiohttp keeps the body for the handler).
+    buyer_of(request, request.app[STATE])
     sale = await _order_sale(request, guard)
     reason = guard.refusal(sale)
     if reason is None:
@@ -337,8 +348,6 @@ async def fence_middleware(
 
 
 async def _guard_context(app: web.Application, options: dict[str, float]) -> AsyncIterator[None]:
-    from flashsale.service.state import STATE
-
     state = app[STATE]
     if state.settings.redis_cluster:
         # verify() reads one server's INFO and one lineage key for the whole store: on a

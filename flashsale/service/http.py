@@ -1,16 +1,21 @@
 """What every handler reads off a request the same way: the bearer token and the JSON
-body (with its size limit and a 4xx for anything that is not one JSON object)."""
+body — read under the read deadline (``FLASHSALE_READ_TIMEOUT``, 408 when it passes), within
+the size limit, and a 4xx for anything that is not one JSON object: a body that is not in
+its declared ``Content-Encoding``, broken chunked framing, a body cut short."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError, HttpProcessingError
 
 from flashsale.service.errors import ApiError
+from flashsale.service.state import STATE
 
-__all__ = ["bearer", "read_json"]
+__all__ = ["bearer", "payload_refusal", "read_body", "read_json"]
 
 
 def bearer(request: web.Request) -> str:
@@ -26,11 +31,46 @@ def bearer(request: web.Request) -> str:
     return token.strip()
 
 
-async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 4xx saying what is wrong with it."""
+def payload_refusal(exc: BaseException | None, client_max_size: int) -> ApiError:
+    """The answer to a body aiohttp could not take apart (``exc`` is aiohttp's parser error,
+    or what ``request.read()`` raised with it as its cause)."""
+    cause = exc.__cause__ if isinstance(exc, web.RequestPayloadError) and exc.__cause__ else exc
+    if isinstance(cause, DecompressSizeError):
+        return ApiError(413, "body_too_large", f"request body is larger than {client_max_size} bytes")
+    if isinstance(cause, ContentEncodingError):
+        return ApiError(
+            400,
+            "bad_content_encoding",
+            "the body is not in its Content-Encoding (gzip, deflate and br are understood; "
+            "send plain JSON without the header)",
+        )
+    return ApiError(400, "malformed_body", "the body's framing is broken (chunks or length)")
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The raw body, read within the read deadline (aiohttp keeps it: a second call returns
+    it at once)."""
     if request.content_length is not None and request.content_length > request.client_max_size:
         raise ApiError(413, "body_too_large", f"request body is larger than {request.client_max_size} bytes")
-    raw = await request.read()
+    timeout_s = request.app[STATE].settings.read_timeout_s
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request.read()
+    except TimeoutError:
+        raise ApiError(
+            408,
+            "request_timeout",
+            f"the request body did not arrive within {timeout_s:g} s",
+        ) from None
+    except (web.RequestPayloadError, HttpProcessingError) as exc:
+        raise payload_refusal(exc, request.client_max_size) from None
+    except ConnectionError:  # the client went away mid-body: nobody reads this answer
+        raise ApiError(400, "malformed_body", "the connection closed before the body ended") from None
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    """The body as a JSON object, or a 4xx saying what is wrong with it."""
+    raw = await read_body(request)
     if not raw:
         raise ApiError(422, "malformed_json", "the request needs a JSON object body")
     try:

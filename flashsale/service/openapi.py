@@ -36,7 +36,14 @@ def _body(schema: str | dict[str, Any], required: bool = True) -> dict[str, Any]
 _AUTH_ERRORS = {"401": _err("missing, forged or expired token")}
 #: Where a buyer stands in a waiting room (docs/waiting-room.md).
 _ROOM_STATE = {"enum": ["pre", "waiting", "admitted", "used", "expired", "sold_out"]}
-_BODY_ERRORS = {"413": _err("body too large"), "422": _err("invalid request")}
+_BODY_ERRORS = {
+    "400": _err("bad_content_encoding or malformed_body"),
+    "408": _err("request_timeout: the body did not arrive within FLASHSALE_READ_TIMEOUT"),
+    "413": _err("body too large"),
+    "422": _err("invalid request"),
+}
+#: A buyer's requests in progress past FLASHSALE_BUYER_IN_FLIGHT (every buyer endpoint).
+_BUSY_BUYER = {"429": _err("too_many_in_progress (Retry-After)")}
 
 
 def _path_param(name: str) -> dict[str, Any]:
@@ -313,7 +320,7 @@ def _document() -> dict[str, Any]:
                         **_AUTH_ERRORS,
                         **_BODY_ERRORS,
                         "409": _err("sold_out, sale_not_open or sale_closed"),
-                        "429": _err("limit_exceeded or rate_limited"),
+                        "429": _err("limit_exceeded, rate_limited or too_many_in_progress"),
                         "503": _err("overloaded or sale_fenced (Retry-After)"),
                         "504": _err("outcome_unknown: retry with the same request_id"),
                         "403": _err("ticket_not_yours, ticket_used or ticket_invalid (waiting room)"),
@@ -329,6 +336,7 @@ def _document() -> dict[str, Any]:
                         "200": _ok("the order", "Order"),
                         **_AUTH_ERRORS,
                         "404": _err("no such order of yours"),
+                        **_BUSY_BUYER,
                         "503": _err("lookup switched off"),
                     },
                 }
@@ -343,6 +351,9 @@ def _document() -> dict[str, Any]:
                         **_AUTH_ERRORS,
                         "404": _err("no such order"),
                         "409": _err("hold_expired or hold_cancelled"),
+                        **_BUSY_BUYER,
+                        "503": _err("sale_fenced (Retry-After)"),
+                        "504": _err("outcome_unknown: pay again to learn it"),
                     },
                 }
             },
@@ -356,6 +367,9 @@ def _document() -> dict[str, Any]:
                         **_AUTH_ERRORS,
                         "404": _err("no such order"),
                         "409": _err("hold_paid"),
+                        **_BUSY_BUYER,
+                        "503": _err("sale_fenced (Retry-After)"),
+                        "504": _err("outcome_unknown: cancel again to learn it"),
                     },
                 }
             },

@@ -8,6 +8,9 @@ store that refuses this service for good (wrong password, no such database, not 
 PostgreSQL server) stops the start with one line: restarting would only repeat it. A store
 that does not answer yet is said in the log and the service starts anyway — a database
 that comes up later must not need a restart, and ``/readyz`` answers 503 meanwhile.
+
+Each process serves the app through :class:`flashsale.service.transport.ServiceRunner`
+(JSON answers even to requests aiohttp's parser refuses).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from aiohttp import web
 from flashsale.console import install_uvloop, redact
 from flashsale.logs import configure
 from flashsale.redis_client import connect
+from flashsale.service.transport import ServiceRunner
 from flashsale.settings import Settings, SettingsError
 
 __all__ = ["check_stores", "run_one_process", "serve", "settings_env"]
@@ -99,18 +103,30 @@ def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
     configure(settings.log_level, access_log=settings.access_log)
     fast_loop = install_uvloop()
     log.info("service process starting", extra={"port": settings.port, "uvloop": fast_loop})
-    ready = os.environ.get(READY_FILE_ENV)
-    web.run_app(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        reuse_port=reuse_port,
+    asyncio.run(_serve_until_stopped(create_app(settings), settings, reuse_port=reuse_port))
+
+
+async def _serve_until_stopped(app: web.Application, settings: Settings, *, reuse_port: bool) -> None:
+    runner = ServiceRunner(
+        app,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        # run_app "prints" once every site listens: the supervisor's sign that it started.
-        print=(lambda *_args, **_kw: _touch(ready)) if ready else None,
-        backlog=4096,
+        keepalive_timeout=75.0,  # web.run_app's default (aiohttp's protocol alone keeps an hour)
         shutdown_timeout=5.0,
     )
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=4096)
+        await site.start()
+        ready = os.environ.get(READY_FILE_ENV)
+        if ready:  # it listens: the supervisor's sign that this process started
+            _touch(ready)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+    finally:
+        await runner.cleanup()
 
 
 def serve(settings: Settings, *, ready_file: str | None = None) -> int:

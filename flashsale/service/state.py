@@ -8,7 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
-from flashsale.service.admission import InFlight, RateLimiter, SoldOutCache
+from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SharedLoads, SoldOutCache
 from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook, SaleSettings
@@ -27,12 +27,14 @@ class ServiceState:
     rate: RateLimiter
     in_flight: InFlight
     sold_out: SoldOutCache
+    buyers: BuyerTurns
     identity: Identity
     room_polls: RateLimiter
     pg: Any = None  # asyncpg pool, when a database is configured
     _inventories: dict[str, Inventory] = field(default_factory=dict)
     _bucketed: dict[str, BucketedInventory] = field(default_factory=dict)
     sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
+    page_loads: SharedLoads[dict[str, Any]] = field(default_factory=SharedLoads)
     rooms: dict[str, WaitingRoom] = field(default_factory=dict)  # sale -> its waiting room
 
     def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> Inventory:

@@ -223,21 +223,42 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON a browser can read")
 
 
+#: Deepest JSON kept as it is in the log; deeper bodies are kept as text (recursing over a
+#: body nested thousands deep failed the log after the action had been applied).
+PARAMS_MAX_DEPTH = 32
+
+
+def _depth(value: Any) -> int:
+    """How deep ``value`` nests (iterative: no recursion for a hostile body to exhaust)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return deepest
+
+
 async def params(request: web.Request) -> dict[str, Any]:
     """What the operator asked for: the body the handler already read (aiohttp keeps it).
-    Anything but a small plain JSON object is kept as text, so the log stays JSON that
-    PostgreSQL and a browser accept (no NaN or Infinity)."""
+    Anything but a small, shallow, plain JSON object is kept as text, so the log stays JSON
+    that PostgreSQL and a browser accept (no NaN or Infinity). Never raises: the press is
+    logged whatever its body was."""
     try:
         raw = await request.read()
     except web.HTTPException:
         return {"unreadable": "body too large"}
+    except Exception:  # noqa: BLE001 - a body aiohttp could not take apart (encoding, framing)
+        return {"unreadable": "body not readable"}
     if not raw:
         return {}
     try:
-        body = json.loads(raw, parse_constant=_no_constants)
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw, parse_constant=_no_constants) if len(raw) <= 4096 else None
+    except (ValueError, UnicodeDecodeError, RecursionError):
         body = None
-    if isinstance(body, dict) and len(raw) <= 4096:
+    if isinstance(body, dict) and _depth(body) <= PARAMS_MAX_DEPTH:
         return body
     return {"unreadable": raw[:200].decode("utf-8", "replace")}
 

@@ -15,7 +15,6 @@ every sale's hash slot).
 
 from __future__ import annotations
 
-import hmac
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from redis.exceptions import RedisError
 
 import inventory
 from flashsale.service import admin_api, waiting_room
-from flashsale.service.admin_api import collect_stats, require_admin
+from flashsale.service.admin_api import admin_token_matches, collect_stats, require_admin
 from flashsale.service.errors import ApiError, status_for
 from flashsale.service.http import read_json
 from flashsale.service.sales import now_ms
@@ -447,11 +446,6 @@ async def warroom_data(request: web.Request) -> web.Response:
 # --------------------------------------------------------------------------- the page
 
 
-def _token_ok(state: ServiceState, token: str) -> bool:
-    admin = state.settings.admin_token
-    return bool(admin) and hmac.compare_digest(token.encode(), admin.encode())
-
-
 _LOGIN = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>flashsale war room — admin token needed</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -485,7 +479,7 @@ async def page(request: web.Request) -> web.Response:
     header = request.headers.get("Authorization", "")
     if not token and header.lower().startswith("bearer "):
         token = header[7:].strip()
-    if not _token_ok(state, token):
+    if not admin_token_matches(state, token):
         rejected = bool(token)
         why = (
             "That admin token was not accepted. Check FLASHSALE_ADMIN_TOKEN on the service."

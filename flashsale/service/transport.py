@@ -1,0 +1,110 @@
+"""The HTTP transport under the app: aiohttp's runner and protocol, made to answer what
+never reaches the app's middlewares with the same JSON error every other answer uses.
+
+aiohttp answers on its own, in plain text, whatever its parser refuses (a request line,
+header, chunk, Content-Length or Content-Encoding it cannot read: 400), an ``Expect``
+header it does not know (417, and a 500 when the header is not UTF-8: it writes the
+value into its message), and anything that escaped the app. :class:`ServiceRunner`
+serves the app with :class:`ServiceRequestHandler` protocols and a first look at each
+request, so these answers are ``{"error": "<stable_code>", "message": "…"}`` too:
+400 ``malformed_http``, ``malformed_body`` or ``bad_content_encoding``, 413
+``body_too_large``, 417 ``expectation_failed``. ``flashsale serve`` and the tests use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import PayloadEncodingError
+
+from flashsale.service.errors import ApiError, error_response, http_exception_response
+from flashsale.service.http import payload_refusal
+
+__all__ = ["ServiceRequestHandler", "ServiceRunner", "first_look"]
+
+AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class ServiceRequestHandler(web.RequestHandler):
+    """aiohttp's HTTP/1 protocol, answering requests its parser refused (and anything that
+    escaped the app, which the error middleware makes a should-not-happen) with the JSON
+    error. The connection is closed after it, as aiohttp does."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:  # an answer is on its way already: nothing to add
+            raise ConnectionError("response already started; cannot send an error after it")
+        if status >= 500:
+            self.log_exception("error handling request from %s", request.remote, exc_info=exc)
+            refusal = ApiError(status, "internal_error", "unexpected server error; it has been logged")
+        elif isinstance(exc, PayloadEncodingError):
+            refusal = payload_refusal(exc, request.client_max_size)
+        else:
+            # A client's mistake (or a scanner's): not worth an error line per request.
+            self.log_debug("refused a request the HTTP parser could not read: %s", exc)
+            reason = (message or "bad request").splitlines()[0][:200]
+            refusal = ApiError(status, "malformed_http", f"the request is not valid HTTP/1.1: {reason}")
+        response = error_response(refusal.status, refusal.code, refusal.message)
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        # After answering, aiohttp reads and drops the rest of a body the app did not need;
+        # a body that cannot be decoded (its Content-Encoding, its chunks) ends that with an
+        # "Unhandled exception" error line. It is the client's mistake, already answered.
+        if isinstance(kwargs.get("exc_info"), web.RequestPayloadError):
+            self.log_debug(*args, **kwargs)
+            return
+        super().log_exception(*args, **kwargs)
+
+
+def first_look(app_handler: AppHandler) -> AppHandler:
+    """The app's request handler, behind what aiohttp would answer before the app's
+    middlewares run: an ``Expect`` other than ``100-continue``, and a refusal raised
+    there (both plain text from aiohttp)."""
+
+    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        expect = request.headers.get("Expect")
+        if expect is not None and expect.lower() != "100-continue":
+            return error_response(
+                417, "expectation_failed", "the only expectation understood is 100-continue"
+            )
+        try:
+            return await app_handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            return http_exception_response(exc)
+
+    return handle
+
+
+class _ServiceServer(web.Server):
+    """aiohttp's connection factory, making :class:`ServiceRequestHandler` protocols."""
+
+    def __call__(self) -> web.RequestHandler:
+        return ServiceRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class ServiceRunner(web.AppRunner):
+    """``web.AppRunner`` whose connections speak :class:`ServiceRequestHandler` and give
+    each request :func:`first_look`. Handlers are not cancelled when a client hangs up
+    (aiohttp's default for servers; its TestServer chooses otherwise)."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        return _ServiceServer(
+            first_look(server.request_handler),
+            request_factory=server.request_factory,
+            handler_cancellation=server.handler_cancellation,
+            **server._kwargs,  # the protocol options the app and this runner chose
+        )
