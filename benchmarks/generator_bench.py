@@ -138,6 +138,12 @@ class _Round:
 
 
 def _figure(name: str, trace: CpuTrace, per_second: Mapping[float, int], **more: Any) -> _Round:
+    # Only whole seconds the CPU trace covers count: on a busy machine the trace may start
+    # after the generator's first requests (it finds the Locust process once it runs) or end
+    # before its last ones; CPU and requests must describe the same seconds.
+    covered = [sample[0] for sample in trace.samples if sample[1] is not None]
+    if len(covered) >= 2:
+        per_second = {t: n for t, n in per_second.items() if covered[0] <= t and t + 1.0 <= covered[-1]}
     start, end, requests = requests_window(per_second)
     cpu, wait = trace.between(start, end)
     if cpu is None:
@@ -178,7 +184,8 @@ async def _find_locust(parent: int, timeout_s: float) -> int:
                     cmdline = child.cmdline()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
-                if "locust" in cmdline and "-f" in cmdline:
+                # Not the `locust … --list` that checks the pass-through options before the run.
+                if "locust" in cmdline and "-f" in cmdline and "--list" not in cmdline:
                     return int(child.pid)
         except psutil.NoSuchProcess:
             break
