@@ -38,7 +38,7 @@ async def test_orders_waiting_with_no_writer_turn_the_health_red(
     monkeypatch.setenv("FLASHSALE_WARROOM_WRITER_STALL_S", "0.5")
     data = await room.data_until(_stalled)
     alert = data["alerts"]["writer_stalled_s"]
-    assert alert["limit"] == 0.5 and alert["value"] > 0.5
+    assert alert["limit"] == 0.5 and alert["value"] >= 0.5  # rounded: firing at the limit
     assert data["health"]["status"] == "alert"
     reason = next(r for r in data["health"]["reasons"] if "writer" in r)
     assert "wait to reach PostgreSQL" in reason and "flashsale worker" in reason, reason
