@@ -19,6 +19,7 @@ command: measured about a third more client time for 200 GETs at once).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from redis.asyncio import ConnectionPool, Redis
@@ -27,7 +28,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["TurnTakingCluster", "TurnTakingPool", "as_text", "connect"]
+__all__ = ["ConnectWatch", "TurnTakingCluster", "TurnTakingPool", "as_text", "connect"]
 
 #: Connections a turn-taking cluster client may open per node beyond its turns: a
 #: pipeline takes one connection per node and no turn.
@@ -103,6 +104,33 @@ class TurnTakingCluster(RedisCluster):
             self._turns.give_back()
 
 
+class ConnectWatch:
+    """A say in every connection a client opens, from its first to its last, for a role that
+    must check each new connection before it carries a command (the fence guard asks each
+    one which server it reached: a Redis restarted from an older copy is a new server).
+
+    Given to :func:`connect` when the client is built, so that every connection of its pool
+    calls :meth:`on_connect`; a watcher comes and goes with :meth:`watch`. With no watcher a
+    connection sets itself up as it would without the watch.
+    """
+
+    Watcher = Callable[[Any], Awaitable[None]]
+
+    def __init__(self) -> None:
+        self._watcher: ConnectWatch.Watcher | None = None
+
+    def watch(self, watcher: ConnectWatch.Watcher | None) -> None:
+        """From now on, every new connection is handed to ``watcher`` once it is set up
+        (None: to no one). The watcher may refuse it by raising a ``RedisError``."""
+        self._watcher = watcher
+
+    async def on_connect(self, connection: Any) -> None:
+        await connection.on_connect()
+        watcher = self._watcher
+        if watcher is not None:
+            await watcher(connection)
+
+
 def connect(
     url: str,
     *,
@@ -113,6 +141,7 @@ def connect(
     resends: int | None = None,
     max_connections: int | None = None,
     wait_s: float | None = None,
+    watch: ConnectWatch | None = None,
 ) -> Any:
     """A client on ``url``: one server, or (``cluster``) a Redis Cluster ``url`` names a node
     of (it discovers the other shards and routes each key).
@@ -124,6 +153,8 @@ def connect(
     ``wait_s`` (with ``max_connections``): a command that finds all ``max_connections``
     busy waits up to that long for one, in arrival order, instead of failing at once.
     On a cluster ``max_connections`` is then the client's commands in flight.
+
+    ``watch``: every connection the client opens is handed to it (one server only).
     """
     options: dict[str, Any] = {
         "decode_responses": decode,
@@ -137,6 +168,10 @@ def connect(
             else Retry(ExponentialBackoff(cap=0.05, base=0.005), resends)
         )
     queued = wait_s is not None and max_connections is not None
+    if watch is not None:
+        if cluster:
+            raise ValueError("a connect watch sees one server's connections, not a cluster's")
+        options["redis_connect_func"] = watch.on_connect
     if cluster:
         if queued:
             assert wait_s is not None and max_connections is not None

@@ -122,3 +122,58 @@ def test_postgresql_is_read_in_one_place() -> None:
         for m in reads.finditer(path.read_text(encoding="utf-8"))
     ]
     assert not bad, bad
+
+
+#: Underscored names of other libraries we reach on purpose, each with why no public way exists.
+LIBRARY_INTERNALS = {
+    # typeshed's only name for the type ``add_subparsers()`` returns
+    "_SubParsersAction",
+    # namedtuple's public methods carry an underscore so as not to clash with field names
+    "_replace",
+    "_asdict",
+    # aiohttp has no public hook for the protocol's own answers (parser errors) or for the
+    # request handler around the app: flashsale/service/transport.py subclasses its server
+    "_make_server",
+    "_kwargs",
+    "_loop",
+}
+
+
+def test_no_library_internals_are_reached() -> None:
+    """No module reaches an underscored attribute that none of our modules defines: a name
+    private to redis-py, aiohttp or another library breaks on their next release (the fence
+    guard once set redis-py's pool internals to see each new connection; it has a public
+    connect watch now). The few deliberate exceptions are listed, each with its reason."""
+    trees = {path: ast.parse(path.read_text(encoding="utf-8")) for p in PACKAGES for path in _modules(p)}
+    ours: set[str] = set(LIBRARY_INTERNALS)
+    for tree in trees.values():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                ours.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                ours.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                ours.add(node.id)
+            elif isinstance(node, ast.arg):
+                ours.add(node.arg)
+    bad = []
+    for path, tree in trees.items():
+        for node in ast.walk(tree):
+            reached = None
+            if isinstance(node, ast.Attribute):
+                reached = node.attr
+            elif (  # getattr(obj, "_x"), hasattr, setattr
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Name)
+                and node.func.id in ("getattr", "hasattr", "setattr")
+                and len(node.args) > 1
+                and isinstance(node.args[1], ast.Constant)
+                and isinstance(node.args[1].value, str)
+            ):
+                reached = node.args[1].value
+            elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+                # a method name kept in a string to be looked up later ("_get_free_connections")
+                reached = node.value if "_" in node.value.strip("_") else None
+            if reached and reached.startswith("_") and not reached.startswith("__") and reached not in ours:
+                bad.append(f"{path.relative_to(ROOT)}:{node.lineno}: {reached}")
+    assert not bad, bad

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
 
-from flashsale.redis_client import connect
+from flashsale.redis_client import ConnectWatch, connect
 from flashsale.service import admin_api, buyer_api, fence_guard, probes, waiting_room
 from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SoldOutCache
 from flashsale.service.errors import error_middleware
@@ -36,12 +36,13 @@ REDIS_CONNECTIONS = 256
 REDIS_CLUSTER_TURNS = 1024
 
 
-def redis_client(settings: Settings) -> Redis | RedisCluster:
+def redis_client(settings: Settings, watch: ConnectWatch | None = None) -> Redis | RedisCluster:
     """The service's Redis client. At most one re-send on timeout: the scripts are
     idempotent, so a re-send is safe, but each one adds a whole timeout to the worst case
     before the buyer hears "outcome unknown". A burst past the pool waits for a connection
     (first come, first served) for at most the same timeout: only a real deadline turns
-    into "unknown", never the service's own concurrency."""
+    into "unknown", never the service's own concurrency. ``watch`` (one server only) sees
+    every connection the client opens: the fence guard's way to check each new server."""
     client: Redis | RedisCluster = connect(
         settings.redis_url,
         cluster=settings.redis_cluster,
@@ -49,6 +50,7 @@ def redis_client(settings: Settings) -> Redis | RedisCluster:
         resends=1,
         max_connections=REDIS_CLUSTER_TURNS if settings.redis_cluster else REDIS_CONNECTIONS,
         wait_s=settings.redis_timeout_s,
+        watch=watch,
     )
     return client
 
@@ -87,7 +89,8 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(warroom.routes)
 
     async def resources(app: web.Application) -> AsyncIterator[None]:
-        redis = redis_client(settings)
+        watch = None if settings.redis_cluster else ConnectWatch()
+        redis = redis_client(settings, watch)
         if isinstance(redis, RedisCluster):
             await _learn_slot_map(redis)
         pg = await _pg_pool(settings)
@@ -103,6 +106,7 @@ def create_app(settings: Settings) -> web.Application:
             identity=Identity.from_settings(settings),
             room_polls=RateLimiter(settings.room_poll_rate, settings.room_poll_burst),
             pg=pg,
+            redis_watch=watch,
         )
         app[STATE] = state
         publisher = asyncio.ensure_future(

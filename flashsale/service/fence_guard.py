@@ -15,9 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
-from redis.asyncio import Redis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
@@ -33,7 +30,7 @@ from flashsale.fence.verify import (
     verify,
 )
 from flashsale.keys import ServiceKeys
-from flashsale.redis_client import as_text
+from flashsale.redis_client import ConnectWatch, as_text, connect
 from flashsale.service.buyer_api import buyer_of
 from flashsale.service.errors import ApiError
 from flashsale.service.http import read_body
@@ -63,7 +60,7 @@ class FenceGuard:
     def __init__(
         self,
         *,
-        service_redis: Any,
+        watch: ConnectWatch,
         pool: Any,
         redis_url: str,
         prefix: str = "fs",
@@ -72,7 +69,7 @@ class FenceGuard:
         record_s: float = 2.0,
         verify_s: float = 30.0,
     ) -> None:
-        self.service_redis = service_redis
+        self.watch = watch  # every connection the service's client opens
         self.pool = pool
         self.prefix = prefix
         self.timeout_s = timeout_s
@@ -83,13 +80,7 @@ class FenceGuard:
         #: Grace after a bad server is found, during which its connections are refused: long
         #: enough for any request that got past the check before the fence to give up.
         self.refuse_s = 2 * timeout_s + 1
-        self.redis = Redis.from_url(
-            redis_url,
-            decode_responses=True,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.redis = connect(redis_url, timeout_s=timeout_s, decode=True, resends=0)
         self.fenced: dict[str, str] = {}  # sale -> reason (this process's own flag)
         self.verifying: str | None = None
         self.registry: dict[str, SaleRecord] = {}
@@ -122,8 +113,8 @@ class FenceGuard:
 
     # -- life
     async def start(self) -> None:
-        """Verify Redis, hook the service's client, start polling."""
-        self._hook(self._on_connect)
+        """Verify Redis, watch the service client's connections, start polling."""
+        self.watch.watch(self._on_connect)
         try:
             run_id = as_text((await self.redis.info("server"))["run_id"])
             await self._verify_server(run_id, wait=True)
@@ -132,7 +123,7 @@ class FenceGuard:
         self._loop_task = asyncio.ensure_future(self._poll_forever())
 
     async def stop(self) -> None:
-        self._hook(None)
+        self.watch.watch(None)
         tasks = [t for t in (self._loop_task, self._check[1] if self._check else None) if t is not None]
         for task in tasks:
             task.cancel()
@@ -141,19 +132,9 @@ class FenceGuard:
                 await task
         await self.redis.aclose()
 
-    def _hook(self, func: Callable[[Any], Awaitable[None]] | None) -> None:
-        pool = self.service_redis.connection_pool
-        if func is None:
-            pool.connection_kwargs.pop("redis_connect_func", None)
-        else:
-            pool.connection_kwargs["redis_connect_func"] = func
-        for getter in ("_get_free_connections", "_get_in_use_connections"):
-            for conn in getattr(pool, getter, lambda: ())():
-                conn.redis_connect_func = func
-
     # -- verification
     async def _on_connect(self, conn: Any) -> None:
-        await conn.on_connect()
+        """Each new connection of the service's client, once set up: which server is it?"""
         run_id = await _server_run_id(conn)
         if run_id in (self._verified_run_id, self._unverified_run_id):
             return
@@ -355,6 +336,12 @@ async def _guard_context(app: web.Application, options: dict[str, float]) -> Asy
         logger.warning("fence_disabled", extra={"why": "a Redis Cluster: the fence checks one server only"})
         yield
         return
+    if state.redis_watch is None:
+        logger.warning(
+            "fence_disabled", extra={"why": "the service's Redis client was built without a connect watch"}
+        )
+        yield
+        return
     if state.pg is None:
         logger.warning(
             "fence_disabled",
@@ -363,7 +350,7 @@ async def _guard_context(app: web.Application, options: dict[str, float]) -> Asy
         yield
         return
     guard = FenceGuard(
-        service_redis=state.redis,
+        watch=state.redis_watch,
         pool=state.pg,
         redis_url=state.settings.redis_url,
         prefix=state.settings.key_prefix,

@@ -8,6 +8,7 @@ from typing import Any
 
 from aiohttp import web
 
+from flashsale.redis_client import ConnectWatch
 from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SharedLoads, SoldOutCache
 from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
@@ -31,6 +32,8 @@ class ServiceState:
     identity: Identity
     room_polls: RateLimiter
     pg: Any = None  # asyncpg pool, when a database is configured
+    #: Sees every connection ``redis`` opens (one server; None on a cluster): the fence guard's hook.
+    redis_watch: ConnectWatch | None = None
     _inventories: dict[str, Inventory] = field(default_factory=dict)
     _bucketed: dict[str, BucketedInventory] = field(default_factory=dict)
     sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
