@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeAlias
 
 from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
@@ -28,7 +28,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["ConnectWatch", "TurnTakingCluster", "TurnTakingPool", "as_text", "connect"]
+__all__ = ["ConnectWatch", "RedisClient", "TurnTakingCluster", "TurnTakingPool", "as_text", "connect"]
+
+#: What :func:`connect` builds: a client of one server, or of a Redis Cluster.
+RedisClient: TypeAlias = "Redis | RedisCluster"
 
 #: Connections a turn-taking cluster client may open per node beyond its turns: a
 #: pipeline takes one connection per node and no turn.
@@ -142,7 +145,7 @@ def connect(
     max_connections: int | None = None,
     wait_s: float | None = None,
     watch: ConnectWatch | None = None,
-) -> Any:
+) -> RedisClient:
     """A client on ``url``: one server, or (``cluster``) a Redis Cluster ``url`` names a node
     of (it discovers the other shards and routes each key).
 

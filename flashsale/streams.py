@@ -11,7 +11,7 @@ from typing import Any
 from redis.exceptions import ResponseError
 
 from flashsale.keys import ServiceKeys
-from flashsale.redis_client import as_text
+from flashsale.redis_client import RedisClient, as_text
 
 __all__ = [
     "GROUP",
@@ -39,7 +39,7 @@ def dead_letter_key(prefix: str, sale: str) -> str:
     return ServiceKeys(prefix).dead_letters(sale)
 
 
-async def ensure_group(redis: Any, key: str) -> None:
+async def ensure_group(redis: RedisClient, key: str) -> None:
     """Create the writers' group at the stream's start (and the stream if missing)."""
     try:
         await redis.xgroup_create(key, GROUP, id="0", mkstream=True)
@@ -63,7 +63,7 @@ class Backlog:
         return self.pending + self.undelivered
 
 
-async def stream_backlog(redis: Any, key: str, *, count_up_to: int = 0) -> Backlog:
+async def stream_backlog(redis: RedisClient, key: str, *, count_up_to: int = 0) -> Backlog:
     """Entries of ``key`` not yet committed by the writers' group. ``count_up_to`` > 0 counts
     undelivered entries one by one (XRANGE, at most that many) when Redis reports no lag,
     so the answer is exact below that bound — at the cost of reading them."""
@@ -81,13 +81,13 @@ async def stream_backlog(redis: Any, key: str, *, count_up_to: int = 0) -> Backl
     if lag is not None:  # Redis >= 7
         return Backlog(key, length, pending, int(lag), True)
     after = "(" + as_text(ours["last-delivered-id"])
-    counted = len(await redis.xrange(key, after, "+", count=max(count_up_to, 1)))
+    counted = len(await redis.xrange(key, after, "+", count=max(count_up_to, 1)) or ())
     if counted < max(count_up_to, 1):
         return Backlog(key, length, pending, counted, True)
     return Backlog(key, length, pending, max(length - pending, counted), False)
 
 
-async def oldest_waiting_ms(redis: Any, key: str) -> int | None:
+async def oldest_waiting_ms(redis: RedisClient, key: str) -> int | None:
     """When the oldest entry of ``key`` not yet committed by the writers' group was added
     (Redis time, ms: a stream id starts with it) — the first pending one, else the first
     not yet delivered; None when nothing waits."""
@@ -106,7 +106,7 @@ async def oldest_waiting_ms(redis: Any, key: str) -> int | None:
     return None if first is None else int(as_text(first).split("-")[0])
 
 
-async def stream_drained(redis: Any, key: str) -> bool:
+async def stream_drained(redis: RedisClient, key: str) -> bool:
     """True when every entry of the stream has been committed (or dead-lettered)."""
     backlog = await stream_backlog(redis, key)
     return backlog.total == 0

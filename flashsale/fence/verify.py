@@ -66,9 +66,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.typing import EncodableT, FieldT
+
 from flashsale.keys import ServiceKeys
 from flashsale.ledger import newest_stock_event_ms, order_counts, paid_units
-from flashsale.redis_client import as_text
+from flashsale.redis_client import RedisClient, as_text
 from inventory import SaleKeys, StreamId, bucket_sale_id, parent_sale_id
 
 __all__ = [
@@ -272,7 +274,7 @@ def _parent_of(engine: str, registry: dict[str, SaleRecord]) -> str:
 
 
 # ------------------------------------------------------------------- verification
-async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
+async def verify(redis: RedisClient, pool: Any, *, prefix: str = "fs") -> Verdict:
     """Compare Redis with what PostgreSQL has committed; see the module docstring.
 
     ``redis`` is a ``redis.asyncio.Redis`` (bytes or decoded replies) that is *not* hooked
@@ -389,7 +391,7 @@ async def verify(redis: Any, pool: Any, *, prefix: str = "fs") -> Verdict:
 
 
 # ---------------------------------------------------------------------- recording
-async def ensure_lineage(redis: Any, pool: Any, *, prefix: str = "fs") -> str:
+async def ensure_lineage(redis: RedisClient, pool: Any, *, prefix: str = "fs") -> str:
     """Make sure Redis and PostgreSQL share one lineage token; return it. Only call it on a
     Redis that verified (or was just rebuilt): it writes PostgreSQL's token into Redis."""
     async with pool.acquire() as conn:
@@ -408,7 +410,7 @@ async def ensure_lineage(redis: Any, pool: Any, *, prefix: str = "fs") -> str:
     return str(known)
 
 
-async def _read_sale(redis: Any, prefix: str, sale: str) -> SaleRecord | None:
+async def _read_sale(redis: RedisClient, prefix: str, sale: str) -> SaleRecord | None:
     raw = await redis.hgetall(ServiceKeys(prefix).sale(sale))
     if not raw:
         return None
@@ -421,13 +423,13 @@ async def _read_sale(redis: Any, prefix: str, sale: str) -> SaleRecord | None:
     record = SaleRecord(sale, settings, (), generation=generation)
     skus: set[str] = set()
     for engine in record.engine_sales:
-        for name in await redis.hkeys(SaleKeys(prefix, engine).stock):
-            skus.add(as_text(name).rpartition(":")[0])
+        for field_name in await redis.hkeys(SaleKeys(prefix, engine).stock):
+            skus.add(as_text(field_name).rpartition(":")[0])
     return SaleRecord(sale, settings, tuple(sorted(skus)), generation=generation)
 
 
 async def record_sales(
-    redis: Any, pool: Any, *, prefix: str = "fs", known: dict[str, SaleRecord] | None = None
+    redis: RedisClient, pool: Any, *, prefix: str = "fs", known: dict[str, SaleRecord] | None = None
 ) -> dict[str, SaleRecord]:
     """Record in ``fence_sales`` every sale Redis lists whose settings or SKUs changed since
     ``known`` (a sale created again: a row for its new generation); returns the sales as
@@ -491,7 +493,7 @@ async def log_fence(
         )
 
 
-async def raise_fence(redis: Any, pool: Any, *, prefix: str, record: SaleRecord, reason: str) -> bool:
+async def raise_fence(redis: RedisClient, pool: Any, *, prefix: str, record: SaleRecord, reason: str) -> bool:
     """Fence ``record``'s sale in Redis (and log it once). If Redis lost the sale's settings,
     they are put back from the record — fenced — together with its SKU index entries, so
     buyers are told why instead of "unknown SKU". Returns True if this call raised it."""
@@ -500,7 +502,7 @@ async def raise_fence(redis: Any, pool: Any, *, prefix: str, record: SaleRecord,
     if current is not None and as_text(current):
         return False
     exists = await redis.exists(key)
-    mapping: dict[str, Any] = {"fenced": reason}
+    mapping: dict[FieldT, EncodableT] = {"fenced": reason}
     if not exists:
         mapping.update(
             {
