@@ -133,7 +133,7 @@ def _register_drill(sub: Any) -> None:
             "or the servers named by FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL), with "
             "`flashsale serve --workers 2` and `flashsale worker` as subprocesses, inject a fault "
             "a third of the way in, repair it, let holds lapse, then check every request's "
-            "outcome against PostgreSQL and Redis and run the audit. Exits 1 if any check fails."
+            "outcome against PostgreSQL and Redis and run the audit. Exits 2 if any check fails (see README, Exit codes)."
         ),
         epilog="faults:\n"
         + ("\n".join(f"  {name:<16} {what}" for name, what in FAULTS.items()) or "  (listed once installed)"),
