@@ -6,6 +6,12 @@ replies, how many re-sends, how long a command may wait for a connection); the p
 policy — a bounded pool, connect and socket timeouts, health checks on a single server —
 is decided here.
 
+A connection the network reset is a connection error, whatever the event loop: under uvloop
+a write on a transport the peer already closed raises ``RuntimeError``, which redis-py passes
+on as it is (the net-reset drill saw it answer 500 ``internal_error``);
+:class:`ResetAwareConnection` turns it into the ``ConnectionError`` it is, which the client
+re-sends and the service answers as 503 ``redis_unavailable``.
+
 A full pool is not the caller's fault: redis-py's asyncio pools raise at once when every
 connection is busy (a burst of payments past the pool's size got 503s while Redis was
 healthy). Given ``wait_s``, a command waits its turn instead, first come first served,
@@ -22,13 +28,21 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-__all__ = ["ConnectWatch", "RedisClient", "TurnTakingCluster", "TurnTakingPool", "as_text", "connect"]
+__all__ = [
+    "ConnectWatch",
+    "RedisClient",
+    "ResetAwareConnection",
+    "TurnTakingCluster",
+    "TurnTakingPool",
+    "as_text",
+    "connect",
+]
 
 #: What :func:`connect` builds: a client of one server, or of a Redis Cluster.
 RedisClient: TypeAlias = "Redis | RedisCluster"
@@ -36,6 +50,17 @@ RedisClient: TypeAlias = "Redis | RedisCluster"
 #: Connections a turn-taking cluster client may open per node beyond its turns: a
 #: pipeline takes one connection per node and no turn.
 PIPELINE_HEADROOM = 64
+
+
+class ResetAwareConnection(Connection):
+    """A TCP connection to one server whose writes on a transport already closed under it
+    (uvloop's ``RuntimeError``: "the handler is closed") raise ``ConnectionError``."""
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        try:
+            await super().send_packed_command(command, check_health)
+        except RuntimeError as exc:  # redis-py has disconnected it already
+            raise RedisConnectionError(f"Error writing to {self.host}:{self.port}: {exc}") from exc
 
 
 class _Turns:
@@ -184,6 +209,8 @@ def connect(
         return RedisCluster.from_url(url, **options)
     if max_connections is not None:
         options["max_connections"] = max_connections
+    # (a unix:// or rediss:// URL names its own connection class, which from_url keeps)
+    options["connection_class"] = ResetAwareConnection
     if queued:
         pool = TurnTakingPool.from_url(url, health_check_interval=30, wait_s=wait_s, **options)
         return Redis.from_pool(pool)  # the client owns the pool: aclose() closes it

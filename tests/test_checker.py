@@ -114,6 +114,18 @@ async def test_unknown_outcomes_may_land_either_way(
     assert report.order_ids["unknown"] == 1 and report.requests["unknown"] == 2
 
 
+async def test_an_internal_error_fails_even_when_nothing_was_lost(
+    baseline: Baseline, text_redis: Redis, pipeline_pool: asyncpg.Pool
+) -> None:
+    """A 500 is unknown for the buyer (a retry settles it) but a bug for the drill: the
+    net-reset drill once passed with 17 of them (uvloop's closed-transport error)."""
+    history = History(baseline.history)
+    history.add(_op("order", "r7", "u7", 500, "internal_error"))
+    report = await _verdict(text_redis, pipeline_pool, history)
+    assert report.failed_checks() == ["no_internal_error"], report.table()
+    assert "order r7 of u7" in report.violations["no_internal_error"][0]
+
+
 async def test_a_planted_lost_order_fails(
     baseline: Baseline, text_redis: Redis, pipeline_pool: asyncpg.Pool
 ) -> None:

@@ -28,6 +28,8 @@ conservation        per SKU in Redis: available + held + sold + reserve = total,
 no_leak             once holds lapsed: nothing held in Redis, no order still "held" in
                     PostgreSQL, sold = paid units, available = total − reserve − sold
 audit               the project audit (:func:`flashsale.pipeline.audit.run_audit`) found nothing
+no_internal_error   no answer was 500: a fault is answered 503/504 with its reason, and an
+                    unhandled error is a bug to find in the service log, whatever it did
 ==================  =====================================================================
 
 Unknown outcomes may land either way; they are counted, never blamed.
@@ -70,6 +72,7 @@ CHECKS = (
     "conservation",
     "no_leak",
     "audit",
+    "no_internal_error",
 )
 #: 503 answers given before stock is touched: the request definitely did nothing.
 DEFINITE_503 = frozenset({"overloaded", "sale_fenced", "degraded", "rate_limited"})
@@ -296,6 +299,13 @@ def check(history: History, seen: Observed, *, lapsed: bool = True, grace_ms: in
         for order_id in request_ids_in_pg.get((user, request_id), []):
             v["not_failed"].append(
                 f"request {request_id} of {user} was refused every time, yet PostgreSQL has order {order_id}"
+            )
+
+    for op in history:
+        if op.status == 500:
+            v["no_internal_error"].append(
+                f"{op.kind} {op.key} of {op.user} at {op.started:.2f} s was answered 500 {op.code}: "
+                "an unhandled error (the service log has its traceback)"
             )
 
     final: dict[str, str] = {}
