@@ -21,7 +21,7 @@ from aiohttp import web
 import inventory
 from flashsale.ledger import archived_order
 from flashsale.service.errors import ApiError
-from flashsale.service.http import bearer, read_json
+from flashsale.service.http import bearer, json_answer, read_json
 from flashsale.service.sales import SaleSettings, iso, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import Buyer, InvalidToken
@@ -97,7 +97,7 @@ def order_json(hold: inventory.Hold, *, status: int = 200) -> web.Response:
         "request_id": hold.request_id,
         "replayed": hold.replayed,
     }
-    return web.json_response(body, status=status)
+    return json_answer(body, status=status)
 
 
 @routes.get("/api/skus/{sku}")
@@ -113,10 +113,10 @@ async def get_sku(request: web.Request) -> web.Response:
     sku = request.match_info["sku"]
     cached = state.sku_cache.get(sku)
     if cached is not None and cached[0] > time.monotonic():
-        return web.json_response(cached[1])
+        return json_answer(cached[1])
     # Viewers arriving while the page is being read wait for that read: a lapsed cache at
     # the peak costs one read of the stock (64 on a 64-bucket SKU), not one per viewer.
-    return web.json_response(await state.page_loads.load(sku, lambda: _product_page(state, sku)))
+    return json_answer(await state.page_loads.load(sku, lambda: _product_page(state, sku)))
 
 
 async def _product_page(state: ServiceState, sku: str) -> dict[str, Any]:
@@ -397,4 +397,4 @@ async def _close_order(request: web.Request, *, pay: bool) -> web.Response:
         except inventory.InvalidRequest:
             # Not an order id at all (too long, odd characters): as for GET, no such order.
             raise ApiError(404, "order_not_found", "no such order") from None
-    return web.json_response({"order_id": hold.hold_id, "status": hold.state.value})
+    return json_answer({"order_id": hold.hold_id, "status": hold.state.value})

@@ -1,7 +1,12 @@
 """What every handler reads off a request the same way: the bearer token and the JSON
 body — read under the read deadline (``FLASHSALE_READ_TIMEOUT``, 408 when it passes), within
 the size limit, and a 4xx for anything that is not one JSON object: a body that is not in
-its declared ``Content-Encoding``, broken chunked framing, a body cut short."""
+its declared ``Content-Encoding``, broken chunked framing, a body cut short — and the JSON
+answer of the buyer endpoints.
+
+JSON is parsed and written by orjson; a body orjson refuses is judged by the stdlib's
+parser, as before orjson: it also reads NaN, Infinity, lone surrogates and UTF-16/32, and
+what it makes of them (a NaN quantity: 422 ``invalid_quantity``) stays the answer."""
 
 from __future__ import annotations
 
@@ -9,13 +14,14 @@ import asyncio
 import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError, HttpProcessingError
 
 from flashsale.service.errors import ApiError
 from flashsale.service.state import STATE
 
-__all__ = ["bearer", "payload_refusal", "read_body", "read_json"]
+__all__ = ["bearer", "json_answer", "payload_refusal", "read_body", "read_json"]
 
 
 def bearer(request: web.Request) -> str:
@@ -74,9 +80,23 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw:
         raise ApiError(422, "malformed_json", "the request needs a JSON object body")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]] nested deep
-        raise ApiError(422, "malformed_json", "the body is not valid JSON") from None
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]] nested deep
+            raise ApiError(422, "malformed_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, "malformed_json", "the body must be a JSON object")
     return body
+
+
+def json_answer(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """``body`` as a JSON answer (as ``web.json_response`` would write it, only faster)."""
+    return web.Response(
+        body=orjson.dumps(body),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+        charset="utf-8",
+    )

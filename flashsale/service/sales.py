@@ -18,6 +18,7 @@ the reservation scripts):
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -75,7 +76,15 @@ class SaleSettings:
 
 
 def iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+    """``ms`` (epoch milliseconds, UTC) as ISO 8601: ``2026-12-03T06:12:41.123Z``."""
+    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_second(second: int) -> str:
+    # Orders placed in the same second have their pay-by deadlines in the same second:
+    # the formatting of that second is done once, not once per order.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 class SaleBook:
