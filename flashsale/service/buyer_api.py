@@ -10,7 +10,6 @@ turns, never the slots every other buyer's order needs.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -256,8 +255,8 @@ async def _reserve(
     )
     inv = state.engine(settings)
     try:
-        # asyncio.timeout, not wait_for: no extra task per order on the hot path.
-        async with asyncio.timeout(state.settings.redis_timeout_s * 2):
+        # One timer for every order's deadline, not one per order (nor a task, as wait_for).
+        async with state.redis_deadline():
             # The sold-out shortcut refuses without running the reserve script, but not a
             # retry whose first answer was lost (a 504, a cut connection) and whose hold
             # exists: one read of the buyer's own idempotency record tells them apart,
