@@ -29,7 +29,7 @@ AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 class ServiceRequestHandler(web.RequestHandler):
     """aiohttp's HTTP/1 protocol, answering requests its parser refused (and anything that
-    escaped the app, which the error middleware makes a should-not-happen) with the JSON
+    escaped the app, which the app's middleware makes a should-not-happen) with the JSON
     error. The connection is closed after it, as aiohttp does."""
 
     __slots__ = ()
