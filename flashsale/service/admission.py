@@ -124,6 +124,11 @@ class SharedLoads(Generic[T]):
             running.add_done_callback(lambda done: self._finished(key, done))
         return await asyncio.shield(running)
 
+    def forget(self, key: str) -> None:
+        """The next caller starts a new load of ``key`` (what it reads changed); callers
+        already waiting keep theirs."""
+        self._running.pop(key, None)
+
     def _finished(self, key: str, done: asyncio.Future[T]) -> None:
         if self._running.get(key) is done:
             del self._running[key]
