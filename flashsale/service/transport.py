@@ -72,9 +72,14 @@ def first_look(app_handler: AppHandler) -> AppHandler:
     middlewares run: an ``Expect`` other than ``100-continue``, and a refusal raised
     there (both plain text from aiohttp)."""
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    def handle(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         expect = request.headers.get("Expect")
-        if expect is not None and expect.lower() != "100-continue":
+        if expect is None:  # nothing is answered before the middlewares: no layer of our own
+            return app_handler(request)
+        return expecting(request, expect)
+
+    async def expecting(request: web.BaseRequest, expect: str) -> web.StreamResponse:
+        if expect.lower() != "100-continue":
             return error_response(
                 417, "expectation_failed", "the only expectation understood is 100-continue"
             )
