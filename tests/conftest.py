@@ -23,7 +23,7 @@ from redis_mode import ENGINE_SUITES, TEST_ENGINES, engine_for, engines_vary, on
 
 from flashsale.runtime.cluster import RedisClusterServer
 from flashsale.runtime.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack
-from flashsale.runtime.engines import ENGINE_ENV, find_engine
+from flashsale.runtime.engines import ENGINE_ENV, EngineError, find_engine
 
 ALLOW_FLUSH_ENV = "FLASHSALE_TEST_ALLOW_FLUSH"
 
@@ -288,8 +288,11 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     mode = (
         "embedded Redis Cluster, 3 masters (FLASHSALE_TEST_REDIS=cluster)" if on_cluster() else "one server"
     )
-    engine = os.environ.get(ENGINE_ENV, "").strip() or "valkey"
+    try:
+        engine = f"{find_engine()} ({ENGINE_ENV}={os.environ.get(ENGINE_ENV, '')})"
+    except EngineError as exc:
+        engine = str(exc)
     return [
-        f"redis: {mode}; default engine: {engine} ({ENGINE_ENV})",
+        f"redis: {mode}; default engine: {engine}",
         f"engines: {', '.join(TEST_ENGINES)} for {', '.join(ENGINE_SUITES)}",
     ]
