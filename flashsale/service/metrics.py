@@ -14,7 +14,8 @@ stream backlog, dead letters waiting and the fence, per sale; for a sale behind 
 room, the room's queue, admissions, tickets, waits and "sold out" tellings (read from the
 room's own counters in Redis: :class:`inventory.RoomFigures`); the order writer's counters and
 its last commit (the writer publishes them to Redis; it serves no ``/metrics`` of its own);
-the last audit's violations. A sale's series leave ``/metrics`` once it has ended — nothing
+the last audit's violations. Whether this process reaches PostgreSQL (``flashsale_postgres_up``,
+asked at each scrape by :mod:`flashsale.service.probes`; absent without a database). A sale's series leave ``/metrics`` once it has ended — nothing
 decided for ``ended_sale_s`` (closed, or simply over) with nothing left to write, no dead
 letter and no fence — so a deployment that ran many drills does not keep a series per sale
 forever; a deleted sale leaves at once.
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTCOMES",
     "ServiceMetrics",
+    "postgres_up",
     "Published",
     "read_deployment",
     "read_published",
@@ -313,6 +315,16 @@ async def _read_deployment(state: ServiceState) -> list[Metric]:
             )
         )
     return families
+
+
+def postgres_up(up: bool) -> Metric:
+    """1 while this process's PostgreSQL answers: orders go on without it, so readiness
+    only reports it; this gauge is what the FlashsalePostgresDown alert reads."""
+    return GaugeMetricFamily(
+        "flashsale_postgres_up",
+        "1 if PostgreSQL answered this scrape's SELECT 1 within a second",
+        value=int(up),
+    )
 
 
 def _le(seconds: float) -> str:
