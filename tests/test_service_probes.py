@@ -10,9 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
+import re
 import socket
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -335,3 +338,11 @@ async def test_writer_progress_and_the_last_audit_reach_metrics(
     assert report["violations_by_kind"]["dead_letter"] == 1
     samples = await scrape(service)
     assert samples[("flashsale_audit_violations", (("kind", "dead_letter"),))] == 1
+
+
+def test_the_documented_readiness_body_fits_the_schema() -> None:
+    """docs/http-api.md's example /readyz body is one the schema (and so the service) allows."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "http-api.md").read_text(encoding="utf-8")
+    probes = doc.split("## Probes", 1)[1]
+    (example,) = re.findall(r"```json\n(.*?)```", probes, re.S)
+    _ready_body(json.loads(example))
