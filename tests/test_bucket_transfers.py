@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from inventory_support import PausedTransfer
 from redis.asyncio import Redis
 
 from flashsale.fence import verify as fence
@@ -102,30 +103,6 @@ async def test_the_audit_reports_units_stranded_between_buckets(
     assert len(stranded) == 1 and stranded[0].units == 30 and not report.ok
 
 
-class _Paused:
-    """Holds a live transfer between its intent and the donor's write-off (the window a
-    settle step must not judge by a clock), and can make its process die after the
-    write-off, before the receiver's add."""
-
-    def __init__(
-        self, monkeypatch: Any, source: Inventory, target: Inventory, *, crash: bool = False
-    ) -> None:
-        self.at_donor, self.go = asyncio.Event(), asyncio.Event()
-        self.crash = crash
-        real = Inventory._mutate
-
-        async def mutate(inv: Inventory, script: str, *args: Any, **kw: Any) -> Any:
-            if inv is source and not self.at_donor.is_set():
-                self.at_donor.set()
-                await self.go.wait()
-            elif inv is target and self.crash and script in ("adjust", "transfer_in"):
-                self.crash = False  # only the transferring process dies
-                raise RuntimeError("process killed before the receiver's add")
-            return await real(inv, script, *args, **kw)
-
-        monkeypatch.setattr(Inventory, "_mutate", mutate)
-
-
 async def test_a_worker_clock_ahead_of_the_services_leaves_a_live_transfer_alone(
     redis_client: Redis, monkeypatch: Any
 ) -> None:
@@ -136,7 +113,7 @@ async def test_a_worker_clock_ahead_of_the_services_leaves_a_live_transfer_alone
     inv = BucketedInventory(redis_client, "drop", 2)
     await inv.stock("hot", 100)
     source, target = inv.buckets
-    paused = _Paused(monkeypatch, source, target, crash=True)
+    paused = PausedTransfer(monkeypatch, source, target, crash=True)
     moving = asyncio.ensure_future(inv.transfer("hot", 30, source=source, target=target))
     await paused.at_donor.wait()
 
@@ -162,7 +139,7 @@ async def test_a_transfer_settled_while_its_process_is_paused_is_aborted_whole(
     inv = BucketedInventory(redis_client, "drop", 2)
     await inv.stock("hot", 100)
     source, target = inv.buckets
-    paused = _Paused(monkeypatch, source, target)
+    paused = PausedTransfer(monkeypatch, source, target)
     moving = asyncio.ensure_future(inv.transfer("hot", 30, source=source, target=target))
     await paused.at_donor.wait()
     assert await inv.settle_transfers(older_than_s=0) == 1  # taken for a crashed process's
