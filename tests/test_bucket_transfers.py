@@ -103,6 +103,31 @@ async def test_the_audit_reports_units_stranded_between_buckets(
     assert len(stranded) == 1 and stranded[0].units == 30 and not report.ok
 
 
+async def test_an_audit_clock_ahead_does_not_take_an_older_versions_live_transfer_for_leaked(
+    redis_client: Redis, pipeline_pool: Any, monkeypatch: Any
+) -> None:
+    """An intent left by a version before transfer ids is stamped in the service process's
+    seconds ("at"), not by Redis. The audit once aged it on its own clock: run from a
+    machine 30 s fast, a transfer started a moment ago was reported as leaked. Such an
+    intent is now aged on the Redis clock the audit reads with its snapshot (the clock the
+    services' hosts keep to), as every newer intent is; a really stranded one still shows."""
+    inv = BucketedInventory(redis_client, "drop", 2)
+    await inv.stock("hot", 100)
+    await _register(redis_client, inv)
+    source, target = inv.buckets
+    now_s, now_us = await redis_client.time()
+    stamps = {"live": now_s + now_us / 1e6, "stranded": now_s + now_us / 1e6 - 60}
+    for name, at in stamps.items():
+        intent = {"from": source.sale, "sku": "hot", "units": 10, "at": at}
+        await redis_client.hset(target.keys.transfers, f"old-{name}", json.dumps(intent))
+
+    ahead = time.time
+    monkeypatch.setattr(time, "time", lambda: ahead() + 30)  # the audit's machine, 30 s fast
+    report = await run_audit(redis_client, pipeline_pool, sales=[b.sale for b in inv.buckets], wait_drain_s=0)
+    leaked = sorted(v.detail.split()[1] for v in report.violations if v.kind == "leaked")
+    assert leaked == ["old-stranded"], report.violations
+
+
 async def test_a_worker_clock_ahead_of_the_services_leaves_a_live_transfer_alone(
     redis_client: Redis, monkeypatch: Any
 ) -> None:
