@@ -29,7 +29,10 @@ _READINESS = {
             "additionalProperties": False,
             "properties": {
                 "redis": {"type": "string", "description": "ok; not a primary: …; unreachable: …"},
-                "scripts": {"type": "string", "description": "ok; unknown; unreachable: …"},
+                "scripts": {
+                    "type": "string",
+                    "description": "ok; unknown (Redis failed first); not loaded: …",
+                },
             },
         },
         "reported": {

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from flashsale.redis_client import as_text
 from flashsale.service.fence_guard import GUARD
@@ -37,33 +39,43 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _role(redis: Any) -> str | None:
+    """The server's ROLE; None where it cannot be told but the server answers: a cluster
+    client (it sends every key to its slot's primary itself), or a managed Redis or proxy
+    that renames or refuses ROLE (PING decides there, rather than no pod ever being ready)."""
+    if not isinstance(redis, RedisCluster):
+        try:
+            return as_text((await redis.execute_command("ROLE"))[0])
+        except ResponseError:
+            pass
+    await redis.ping()
+    return None
+
+
 async def _redis_checks(state: ServiceState) -> dict[str, str]:
     """``redis``: reachable and a primary (a replica refuses every write); ``scripts``:
     cached, loaded again if a restart or a failover emptied the cache."""
     checks = {"redis": "unknown", "scripts": "unknown"}
-    step = "redis"
+    step, failed = "redis", "unreachable"
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            if isinstance(state.redis, RedisCluster):
-                await state.redis.ping()  # the cluster client sends every key to its primary
-            else:
-                role = as_text((await state.redis.execute_command("ROLE"))[0])
-                if role != "master":
-                    checks["redis"] = f"not a primary: its role is {role}"
-                    return checks
+            role = await _role(state.redis)
+            if role not in ("master", None):
+                checks["redis"] = f"not a primary: its role is {role}"
+                return checks
             checks["redis"] = "ok"
-            step = "scripts"
+            step, failed = "scripts", "not loaded"
             await state.probe_inventory().load_scripts()
             checks["scripts"] = "ok"
     except TimeoutError:
-        checks[step] = f"unreachable: no answer within {READY_TIMEOUT_S:g} s"
+        checks[step] = f"{failed}: no answer within {READY_TIMEOUT_S:g} s"
     except Exception as exc:  # noqa: BLE001 - any failure is "not ready", said in the body
-        checks[step] = f"unreachable: {type(exc).__name__}"
+        checks[step] = f"{failed}: {type(exc).__name__}"
     return checks
 
 
 async def postgres_state(state: ServiceState) -> str | None:
-    """ "ok", or why PostgreSQL does not answer; None when no database is configured."""
+    """PostgreSQL's state: "ok", or why it does not answer; None without a database."""
     if state.pg is None:
         return None
     try:
