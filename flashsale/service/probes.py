@@ -105,8 +105,7 @@ async def readyz(request: web.Request) -> web.Response:
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    families = await read_deployment(state)
-    postgres = await postgres_state(state)
+    families, postgres = await asyncio.gather(read_deployment(state), postgres_state(state))
     if postgres is not None:
         families.append(postgres_up(postgres == "ok"))
     return web.Response(
