@@ -104,7 +104,7 @@ def worker_ahead(redis_url: str, tmp_path: Path) -> Iterator[Any]:
 
 async def _strand_unsent(redis: Redis, inv: BucketedInventory) -> str:
     """A transfer whose process died before the donor's write-off, a minute ago on every
-    clock: due on this worker's first settle pass, which aborts it (nothing moved). Its
+    clock: due at the worker's next settle pass, which aborts it (nothing moved). Its
     intent's disappearing shows that pass ran — it sits in the same hash as the live one,
     which the same ``transfer_due`` call judged."""
     source, target = inv.buckets
@@ -139,19 +139,27 @@ async def test_a_worker_clock_ahead_leaves_a_live_transfer_alone_and_finishes_it
     await redis_client.sadd("fs:sales", *(b.sale for b in inv.buckets))
     source, target = inv.buckets
 
+    async def settle_pass() -> None:
+        """Wait for the worker's next settle pass: a dead intent planted now, aborted."""
+        dead = await _strand_unsent(redis_client, inv)
+
+        async def aborted() -> bool:
+            return not await redis_client.hexists(target.keys.transfers, dead)
+
+        await _until("the worker's settle pass (a dead transfer aborted)", aborted, worker_ahead)
+
+    # The worker first, warmed up by one pass: its start-up (slow on a busy machine) must not
+    # count into the live transfer's age, which the Redis clock judges against SETTLE_AFTER_S.
+    worker_ahead.start()
+    await settle_pass()
+
     # The service's transfer: its intent is recorded, then it pauses before the write-off.
     paused = PausedTransfer(monkeypatch, source, target, crash=True)
     moving = asyncio.ensure_future(inv.transfer("hot", 30, source=source, target=target))
     await paused.at_donor.wait()
     (live,) = await redis_client.hkeys(target.keys.transfers)
-    dead = await _strand_unsent(redis_client, inv)
 
-    worker_ahead.start()
-
-    async def dead_one_settled() -> bool:
-        return not await redis_client.hexists(target.keys.transfers, dead)
-
-    await _until("the worker's first settle pass (the dead transfer aborted)", dead_one_settled, worker_ahead)
+    await settle_pass()
     # The pass that aborted the dead transfer judged the live one too, 30 s fast: left alone.
     assert await redis_client.hexists(target.keys.transfers, live), "the live transfer was dropped"
     assert await inv.in_transit() == 30
