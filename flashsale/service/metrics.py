@@ -14,11 +14,13 @@ stream backlog, dead letters waiting and the fence, per sale; for a sale behind 
 room, the room's queue, admissions, tickets, waits and "sold out" tellings (read from the
 room's own counters in Redis: :class:`inventory.RoomFigures`); the order writer's counters and
 its last commit (the writer publishes them to Redis; it serves no ``/metrics`` of its own);
-the last audit's violations. Whether this process reaches PostgreSQL (``flashsale_postgres_up``,
-asked at each scrape by :mod:`flashsale.service.probes`; absent without a database). A sale's series leave ``/metrics`` once it has ended — nothing
+the last audit's violations. A sale's series leave ``/metrics`` once it has ended — nothing
 decided for ``ended_sale_s`` (closed, or simply over) with nothing left to write, no dead
 letter and no fence — so a deployment that ran many drills does not keep a series per sale
 forever; a deleted sale leaves at once.
+
+Whether this process reaches PostgreSQL (:func:`postgres_up`) is asked at each scrape by
+:mod:`flashsale.service.probes`, not read from Redis; absent without a database.
 
 Each process also publishes its outcome counters and recent latency percentiles to
 Redis once a second (``<prefix>:stats:proc:<pid>``, expiring, named in the set
