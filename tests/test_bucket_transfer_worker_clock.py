@@ -15,9 +15,11 @@ Without ``faketime`` the test is skipped locally and fails under ``CI=true`` (CI
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +87,9 @@ def worker_ahead(redis_url: str, tmp_path: Path) -> Iterator[Any]:
                         env=env,
                         stdout=out,
                         stderr=subprocess.STDOUT,
+                        # faketime forks the worker and does not pass signals on: stop the
+                        # whole session, or the worker outlives the test and sweeps others'.
+                        start_new_session=True,
                     )
                 )
 
@@ -94,12 +99,25 @@ def worker_ahead(redis_url: str, tmp_path: Path) -> Iterator[Any]:
 
     yield Worker()
     for proc in procs:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop_session(proc)
+
+
+def _stop_session(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the worker's session (faketime and the worker it forked), SIGKILL to what
+    is left after 20 s; returns once none of it is left (or, for a zombie nobody reaps, soon
+    after the SIGKILL)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=20)
+    started = time.monotonic()
+    with contextlib.suppress(ProcessLookupError):
+        while time.monotonic() - started < 25:
+            killing = time.monotonic() - started > 20
+            os.killpg(proc.pid, signal.SIGKILL if killing else 0)
+            time.sleep(0.05)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
 
 
 async def _strand_unsent(redis: Redis, inv: BucketedInventory) -> str:
