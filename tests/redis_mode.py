@@ -123,10 +123,10 @@ TEST_ENGINES = {
 }
 
 #: Module names (globs) of the suites that run on every engine, chosen for what they show per
-#: second of CI (a second engine may add about a minute and a half): the Lua scripts
-#: (inventory, properties included), the scripts on a cluster, the streams writer (worker),
-#: and one service suite end to end. test_cluster_service (about 20 s per engine, mostly
-#: processes starting) runs on the default engine only.
+#: second of CI (which leaves a second engine about 90 s; these take 40-50 s on it): the Lua
+#: scripts (inventory, properties included), the scripts on a cluster, the streams writer
+#: (worker), and one service suite end to end. test_cluster_service (about 20 s per engine,
+#: mostly processes starting) runs on the default engine only.
 ENGINE_SUITES = ("test_inventory_*", "test_cluster_inventory", "test_worker*", "test_service_orders")
 
 
