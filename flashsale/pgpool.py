@@ -60,6 +60,11 @@ def is_transient(exc: BaseException) -> bool:
         ),
     ):
         return True
+    # A connection dropped mid-query can leave asyncpg's protocol half-way through an
+    # operation; the next use of it says "cannot switch to state …; another operation is
+    # in progress". A broken connection, not the data's fault nor the database's state.
+    if isinstance(exc, asyncpg.exceptions.InternalClientError):
+        return True
     # The client noticed the connection is gone ("connection is closed").
     return isinstance(exc, asyncpg.InterfaceError) and "closed" in str(exc)
 
