@@ -13,7 +13,7 @@ from flashsale import exit_codes
 from flashsale.console import fail
 
 if TYPE_CHECKING:
-    from flashsale.pipeline.writer import WorkerSettings
+    from flashsale.pipeline.worker_settings import WorkerSettings
 from flashsale.redis_client import connect
 
 __all__ = ["run_worker"]
