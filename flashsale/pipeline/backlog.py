@@ -14,6 +14,11 @@ XREADGROUP per slot, all sent in one pipeline (one round trip per shard). A clus
 BLOCK on several shards at once, so an idle cluster read waits ``block_ms`` and asks again.
 Everything else is per stream (XAUTOCLAIM, XACK, XTRIM), and a dead letter's MULTI stays
 in its sale's slot.
+
+A stream deleted under the writer (an operator removing a sale, a sale id used again,
+Redis restarted empty) is gone: :func:`stream_gone` recognises Redis's answers about it,
+the stream is forgotten, and the next :meth:`SaleBacklog.join_sales` creates it and the
+group again, as for a new sale.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import time
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
 from flashsale.keys import ServiceKeys
 from flashsale.pipeline.entries import StreamEntry, entry_fields
@@ -31,7 +37,15 @@ from flashsale.redis_client import as_text
 from flashsale.streams import GROUP, dead_letter_key, ensure_group, events_key
 from inventory import StreamId
 
-__all__ = ["SaleBacklog", "trim_floor"]
+__all__ = ["SaleBacklog", "stream_gone", "trim_floor"]
+
+
+def stream_gone(exc: ResponseError) -> bool:
+    """Redis's answer about a stream (or its group) that is not there any more: ``NOGROUP``
+    from the group commands, ``no such key`` from XINFO, and ``UNBLOCKED the stream key no
+    longer exists`` to a read that was blocked on it."""
+    text = str(exc)
+    return "NOGROUP" in text or text.startswith("UNBLOCKED") or "no such key" in text.lower()
 
 
 class SaleBacklog:
@@ -196,10 +210,16 @@ class SaleBacklog:
 
     async def trim(self) -> int:
         """XTRIM MINID each stream to its oldest entry not acknowledged by every group;
-        returns the entries removed."""
+        returns the entries removed. A stream found deleted is forgotten (see above)."""
         trimmed = 0
         for key in list(self.streams):
-            floor = await trim_floor(self.redis, key)
+            try:
+                floor = await trim_floor(self.redis, key)
+            except ResponseError as exc:
+                if not stream_gone(exc):
+                    raise
+                self.forget(key)
+                continue
             if floor is not None:
                 trimmed += int(await self.redis.xtrim(key, minid=floor, approximate=False))
         return trimmed

@@ -42,7 +42,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale.keys import ServiceKeys
 from flashsale.pgpool import forget_connections, is_data_error, is_transient
-from flashsale.pipeline.backlog import SaleBacklog
+from flashsale.pipeline.backlog import SaleBacklog, stream_gone
 from flashsale.pipeline.entries import EntryError, OrderChange, StockChange, StreamEntry, parse_entry
 from flashsale.pipeline.order_sql import write_changes
 from flashsale.pipeline.worker_settings import WorkerSettings
@@ -184,9 +184,10 @@ class OrderWriter:
                 pending_done.clear()
                 await self._redis_outage(exc)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not stream_gone(exc):
                     raise
-                # The stream or group vanished (Redis restarted empty, key deleted): re-create.
+                # The stream or group vanished (Redis restarted empty, key deleted, even under
+                # a blocked read): forget every stream and join again now, as for new sales.
                 _log("group_missing", level=logging.WARNING, error=str(exc))
                 self.backlog.forget()
                 pending_done.clear()
