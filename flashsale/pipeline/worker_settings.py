@@ -76,7 +76,8 @@ WORKER_ENV_DOC: tuple[tuple[str, str, str], ...] = (
     (
         "FLASHSALE_WORKER_STOP_GRACE_S",
         "stop_grace_s",
-        "after SIGTERM, keep retrying the batch in hand this long (default 10)",
+        "after SIGTERM, finish or keep retrying the batch in hand this long; "
+        "the process exits within this + 5 s (default 10)",
     ),
     (
         "FLASHSALE_WORKER_PROGRESS_INTERVAL_S",

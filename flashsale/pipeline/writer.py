@@ -109,6 +109,7 @@ class OrderWriter:
         self.stats = WriterStats()
         self.backlog = SaleBacklog(redis, settings)
         self._stop = asyncio.Event()
+        self._finished = asyncio.Event()  # the loop is over: the stats publisher ends too
         self._stop_deadline = float("inf")
         self._pg_down_since: float | None = None
         self._redis_down_since: float | None = None
@@ -127,13 +128,17 @@ class OrderWriter:
 
     async def run(self) -> None:
         """Run until :meth:`stop`. Redis and PostgreSQL outages are waited out."""
+        self._finished.clear()
         publisher = asyncio.ensure_future(self._publish_forever())
         try:
             await self._run()
         finally:
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
+            # Ended by an event, not by cancel(): on Python 3.11 a cancel that arrives in the
+            # loop iteration a redis-py reply does is lost (redis-py reads through
+            # asyncio.wait_for, CPython gh-86296), the publisher's loop then never ends, and
+            # neither did the worker after "writer_stopped" (issue 12, item 9).
+            self._finished.set()
+            await publisher
             with contextlib.suppress(*_REDIS_OUTAGE, ResponseError):
                 await self.publish_stats()
 
@@ -151,7 +156,7 @@ class OrderWriter:
             nonlocal in_flight
             if in_flight is not None:
                 done, in_flight = in_flight, None
-                await done
+                await self._within_grace(done)
 
         while not self._stop.is_set():
             try:
@@ -201,6 +206,25 @@ class OrderWriter:
         with contextlib.suppress(_Stopped, *_REDIS_OUTAGE):
             await settle()  # finish the batch in hand (or give up on it after stop_grace_s)
         _log("writer_stopped", **_stats_fields(self.stats))
+
+    async def _within_grace(self, batch: asyncio.Future[None]) -> None:
+        """Await the batch being written; once told to stop, give up on it at the stop
+        deadline (raise :class:`_Stopped`, its entries stay pending for the next worker) —
+        PostgreSQL frozen or a lock held means no error comes to end it otherwise."""
+        if not batch.done():
+            stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait([batch, stopping], return_when=asyncio.FIRST_COMPLETED)
+                if not batch.done():
+                    await asyncio.wait({batch}, timeout=max(self._stop_deadline - time.monotonic(), 0))
+            finally:
+                stopping.cancel()
+            if not batch.done():
+                batch.cancel()  # not awaited: closing the pool ends it if the cancel is lost
+                batch.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+                _log("stopping_with_batch_pending", level=logging.WARNING)
+                raise _Stopped
+        await batch
 
     async def refresh_sales(self) -> None:
         """Join the writers' group on every sale listed in ``<prefix>:sales``."""
@@ -281,8 +305,12 @@ class OrderWriter:
         self._published = dataclasses.replace(now)
 
     async def _publish_forever(self, interval_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
+        """:meth:`publish_stats` every ``interval_s`` until the loop is over."""
+        while not self._finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._finished.wait(), interval_s)
+            if self._finished.is_set():
+                return  # run() publishes the last figures itself
             with contextlib.suppress(*_REDIS_OUTAGE, ResponseError):  # best effort
                 await self.publish_stats()
 
