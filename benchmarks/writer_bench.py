@@ -38,7 +38,8 @@ import asyncpg
 
 from flashsale.pgpool import close_pool, create_pool
 from flashsale.pipeline.migrate import migrate
-from flashsale.pipeline.writer import OrderWriter, WorkerSettings
+from flashsale.pipeline.worker_settings import WorkerSettings
+from flashsale.pipeline.writer import OrderWriter
 from flashsale.runtime.embedded import EmbeddedStack
 from flashsale.streams import ensure_group, events_key
 

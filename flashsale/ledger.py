@@ -1,7 +1,7 @@
 """The PostgreSQL read model: every read of what the order writer recorded (``orders``,
 ``order_lines``, ``stock_events``), and the one fold of stock events into each SKU's stock.
 
-The writer owns the write side (``flashsale.pipeline.writer``); everything that reads the
+The writer owns the write side (``flashsale.pipeline.order_sql``); everything that reads the
 record back — the audit, recovery, the fence's checks, the drills' checker and the
 archived-order lookup — reads it here, so a column or a rule of the fold is
 changed in one place.

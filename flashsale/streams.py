@@ -1,6 +1,11 @@
 """The sale event streams as every wing sees them: the writers' consumer group, the
 dead-letter stream beside each events stream, how to make the group, and the backlog
 (what has not yet reached PostgreSQL). The entry format itself is inventory's contract.
+
+The backlog (for metrics): Redis 6.2's XINFO GROUPS has no ``lag``, so :func:`stream_backlog`
+reports ``pending`` exactly (XPENDING) and ``undelivered`` exactly when it is zero or
+when Redis ≥ 7 reports ``lag``; otherwise as the upper bound ``XLEN - pending``, which is
+close because the worker trims acknowledged entries every ``trim_interval_s``.
 """
 
 from __future__ import annotations

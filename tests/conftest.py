@@ -226,7 +226,8 @@ def writer_running(text_redis: Redis, pipeline_pool, redis_url: str, pipeline_db
     import contextlib
     import dataclasses
 
-    from flashsale.pipeline.writer import OrderWriter, WorkerSettings
+    from flashsale.pipeline.worker_settings import WorkerSettings
+    from flashsale.pipeline.writer import OrderWriter
 
     @contextlib.asynccontextmanager
     async def running(pool=None, **overrides):  # type: ignore[no-untyped-def]

@@ -35,7 +35,8 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from flashsale.pipeline.writer import OrderWriter, WorkerSettings
+from flashsale.pipeline.worker_settings import WorkerSettings
+from flashsale.pipeline.writer import OrderWriter
 from flashsale.runtime.cluster import RedisClusterServer
 from flashsale.streams import events_key, stream_drained
 from inventory import Inventory

@@ -35,7 +35,8 @@ from flashsale.fence import verify as fence
 from flashsale.fence.recovery import _drain, forget, recover
 from flashsale.pipeline.audit import run_audit
 from flashsale.pipeline.sweeper import HoldSweeper
-from flashsale.pipeline.writer import OrderWriter, WorkerSettings
+from flashsale.pipeline.worker_settings import WorkerSettings
+from flashsale.pipeline.writer import OrderWriter
 from flashsale.runtime.embedded import RedisServer
 from flashsale.service import fence_guard
 from flashsale.service.app import create_app

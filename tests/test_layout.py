@@ -51,12 +51,22 @@ def _imports(path: Path) -> list[tuple[str, list[str], int]]:
     return out
 
 
+#: The order writer, one concern a module (flashsale/pipeline/__init__.py maps them).
+WRITER_MODULES = ("writer", "backlog", "entries", "order_sql", "worker_settings")
+
+
 def test_the_service_does_not_load_the_order_writer() -> None:
     """The service answers buyers; the writer runs in the worker process. Nothing the
     service imports at start-up (its OpenAPI document included) pulls the writer loop in."""
     loaded = _loaded_after(["flashsale.service.app", "flashsale.service.serve", "flashsale.service.cli"])
-    assert "flashsale.pipeline.writer" not in loaded
+    assert not loaded & {f"flashsale.pipeline.{m}" for m in WRITER_MODULES}
     assert "flashsale.drills.drill" not in loaded and "flashsale.runtime.embedded" not in loaded
+
+
+def test_fence_recovery_writes_through_the_writers_sql_not_its_loop() -> None:
+    loaded = _loaded_after(["flashsale.fence.recovery"])
+    assert {"flashsale.pipeline.entries", "flashsale.pipeline.order_sql"} <= loaded
+    assert not loaded & {"flashsale.pipeline.writer", "flashsale.pipeline.backlog"}
 
 
 def test_fence_verification_needs_no_aiohttp() -> None:
@@ -118,7 +128,7 @@ def test_postgresql_is_read_in_one_place() -> None:
     bad = [
         f"{path.relative_to(ROOT)}: {m.group(0)}"
         for path in _modules("flashsale")
-        if path.name not in ("ledger.py", "writer.py")
+        if path.name not in ("ledger.py", "order_sql.py")
         for m in reads.finditer(path.read_text(encoding="utf-8"))
     ]
     assert not bad, bad

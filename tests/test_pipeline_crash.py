@@ -6,16 +6,14 @@ PostgreSQL has exactly one row per hold."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from worker_support import WorkerProcess, worker_environment
 
 from flashsale.pgpool import close_pool, create_pool
 from flashsale.pipeline.audit import run_audit
@@ -26,49 +24,9 @@ from inventory import Inventory, Line
 WAVES, WAVE = 40, 100  # 4,000 reservations per run
 
 
-class WorkerProcess:
-    """``python -m flashsale worker`` with its log in a file (a pipe could fill and block it)."""
-
-    def __init__(self, env: dict[str, str], log: Path, consumer: str) -> None:
-        self.log = log
-        with log.open("a") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "flashsale", "worker", "--consumer", consumer, "--batch", "2000"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def events(self) -> str:
-        return self.log.read_text()
-
-
 @pytest.fixture
 def worker_env(redis_url: str, pipeline_db_url: str, pipeline_pool: Any) -> dict[str, str]:
-    return {
-        **os.environ,
-        "FLASHSALE_REDIS_URL": redis_url,
-        "FLASHSALE_DATABASE_URL": pipeline_db_url,
-        "FLASHSALE_WORKER_CLAIM_IDLE_MS": "300",
-        "FLASHSALE_WORKER_CLAIM_INTERVAL_S": "0.2",
-        "FLASHSALE_WORKER_SALES_REFRESH_S": "0.1",
-        "FLASHSALE_WORKER_BLOCK_MS": "20",
-        "FLASHSALE_WORKER_PROGRESS_INTERVAL_S": "1",
-    }
+    return worker_environment(redis_url, pipeline_db_url)
 
 
 async def stream_orders(inv: Inventory, made: list[str], *, pause: float = 0.0, tag: str = "") -> None:

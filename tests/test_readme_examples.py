@@ -54,7 +54,7 @@ def test_readme_commands_are_the_ci_command() -> None:
 
 
 def test_every_setting_is_documented_in_the_readme() -> None:
-    from flashsale.pipeline.writer import WORKER_ENV_DOC
+    from flashsale.pipeline.worker_settings import WORKER_ENV_DOC
     from flashsale.settings import ENV_DOC
 
     missing = [var for var, _, _ in (*ENV_DOC, *WORKER_ENV_DOC) if f"`{var}`" not in README]

@@ -340,7 +340,7 @@ async def test_a_redis_outage_is_waited_out(
 ) -> None:
     """Redis stops answering for a while (frozen: a failover, a long fork): the writer logs
     the outage once, waits, and carries on where it was."""
-    from flashsale.pipeline.writer import WorkerSettings
+    from flashsale.pipeline.worker_settings import WorkerSettings
 
     if engine_stack.redis is None:
         pytest.skip("FLASHSALE_REDIS_URL names an outside Redis: this test must freeze it")
@@ -378,7 +378,7 @@ async def test_a_bytes_client_writes_the_same_rows(
     redis_url: str,
     drained: Any,
 ) -> None:
-    from flashsale.pipeline.writer import WorkerSettings
+    from flashsale.pipeline.worker_settings import WorkerSettings
 
     inv = await pipeline_sale("d11", STOCK)
     await make_orders(inv, 10)

@@ -47,7 +47,8 @@ from redis.exceptions import WatchError
 from flashsale.fence import verify as fence
 from flashsale.keys import ServiceKeys
 from flashsale.ledger import order_timing, read_sales
-from flashsale.pipeline.writer import EntryError, StreamEntry, parse_entry, write_changes
+from flashsale.pipeline.entries import EntryError, StreamEntry, parse_entry
+from flashsale.pipeline.order_sql import write_changes
 from flashsale.redis_client import as_text
 from flashsale.streams import ensure_group
 from inventory import SaleKeys, StreamId

@@ -170,7 +170,7 @@ async def _migrate_async(url: str, *, status_only: bool) -> int:
 
 # ---------------------------------------------------------------------- worker
 def _worker(args: argparse.Namespace) -> int:
-    from flashsale.pipeline.writer import WorkerSettings
+    from flashsale.pipeline.worker_settings import WorkerSettings
     from flashsale.settings import SettingsError
 
     env = {**os.environ, **store_overrides(args, os.environ)}

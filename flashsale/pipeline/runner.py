@@ -1,11 +1,20 @@
 """The worker process: signals, waiting for Redis and PostgreSQL to come up, the schema
-check, then the order writer and the hold sweeper side by side until told to stop."""
+check, then the order writer and the hold sweeper side by side until told to stop.
+
+Stopping is bounded: after SIGTERM/SIGINT the writer has ``stop_grace_s`` to finish the
+batch in hand, and closing the pool, the Redis client and the tasks :data:`STOP_TEARDOWN_S`
+more. A process still running after both logs ``stop_overran`` and kills itself: what it
+had not acknowledged stays pending and the next worker writes it, as after any crash.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import signal
+import threading
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -13,16 +22,19 @@ from flashsale import exit_codes
 from flashsale.console import fail
 
 if TYPE_CHECKING:
-    from flashsale.pipeline.writer import WorkerSettings
+    from flashsale.pipeline.worker_settings import WorkerSettings
 from flashsale.redis_client import connect
 
-__all__ = ["run_worker"]
+__all__ = ["STOP_TEARDOWN_S", "run_worker"]
+
+#: Seconds a stopping worker may take beyond its stop grace (see the module docstring).
+STOP_TEARDOWN_S = 5.0
 
 
 async def run_worker(settings: WorkerSettings, *, writer: bool = True, sweeper: bool = True) -> int:
-    """Run the order writer and/or the sweeper until SIGTERM/SIGINT; returns an exit code."""
-    import logging
-
+    """Run the order writer and/or the sweeper until SIGTERM/SIGINT; returns an exit code.
+    The main of a worker process (``flashsale worker``): once signalled, the process ends
+    within the bound in the module docstring, by itself if need be."""
     from flashsale.pgpool import close_pool, create_pool
     from flashsale.pipeline.sweeper import HoldSweeper
     from flashsale.pipeline.writer import OrderWriter
@@ -36,8 +48,11 @@ async def run_worker(settings: WorkerSettings, *, writer: bool = True, sweeper: 
     stops: list[Callable[[], None]] = []
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    deadline = _StopDeadline(settings.stop_grace_s + STOP_TEARDOWN_S, log)
 
     def on_signal() -> None:
+        if not stopping.is_set():
+            deadline.start()
         stopping.set()
         for stop in stops:
             stop()
@@ -76,8 +91,31 @@ async def run_worker(settings: WorkerSettings, *, writer: bool = True, sweeper: 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)
         if pool is not None:
-            await close_pool(pool)
-        await redis.aclose()
+            await close_pool(pool, timeout_s=STOP_TEARDOWN_S / 2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(redis.aclose(), STOP_TEARDOWN_S / 2)
+        # The deadline stays armed until the process exits: asyncio.run still cancels and
+        # awaits what is left, and a task that loses its cancel would hold the exit forever.
+
+
+class _StopDeadline:
+    """Kills this process ``after_s`` seconds after :meth:`start` if it is still running:
+    the last bound on a stop, for a task that does not end when asked. A daemon thread, so
+    that it fires even if the event loop is stuck, and dies with a process that exited."""
+
+    def __init__(self, after_s: float, log: logging.Logger) -> None:
+        self._timer = threading.Timer(after_s, self._overran, args=(after_s, log))
+        self._timer.daemon = True
+
+    def start(self) -> None:
+        self._timer.start()
+
+    @staticmethod
+    def _overran(after_s: float, log: logging.Logger) -> None:
+        log.error("stop_overran", extra={"after_s": after_s, "hint": "unacknowledged entries stay pending"})
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 async def _wait_for_cluster(redis: Any, stopping: asyncio.Event, log: Any) -> bool:

@@ -1,13 +1,14 @@
 """The order writer: drains every sale's event stream into PostgreSQL at the pace
-PostgreSQL can take, without losing or doubling an order.
+PostgreSQL can take, without losing or doubling an order. This module is its loop — what
+happens when, outages, stopping, stats; the streams side is :mod:`.backlog`, the entries
+:mod:`.entries`, the SQL :mod:`.order_sql`, the settings :mod:`.worker_settings`.
 
 How it stays correct
 --------------------
 * One consumer group, ``writers``, on every sale's stream ``{<prefix>:<sale>}:events``;
   sales are discovered from the set ``<prefix>:sales`` and re-checked periodically.
 * A batch is written in one statement (so one transaction), keyed on the order id: a
-  replayed entry updates nothing. Status only moves up a rank (held = 0, paid / cancelled /
-  expired = 1), so a late ``reserved`` entry never takes a paid order back to held.
+  replayed entry updates nothing (:mod:`.order_sql`).
 * XACK only after COMMIT. On start the worker first re-reads its own pending entries
   (``XREADGROUP … 0``); every ``claim_interval_s`` it takes over entries another consumer
   (or itself) left unacknowledged for ``claim_idle_ms`` (XAUTOCLAIM, Redis 6.2).
@@ -19,21 +20,9 @@ How it stays correct
   PostgreSQL refuses (SQLSTATE class 22/23) even alone — the batch is split in halves
   down to single entries to find it — ``max_attempts`` times, or that was delivered
   ``max_deliveries`` times without being committed (it keeps crashing workers) goes to the
-  dead-letter stream ``{<prefix>:<sale>}:dead`` with the error — its original fields plus
-  ``dead_*`` fields — and is acknowledged in the same MULTI.
-* The stream is trimmed with ``XTRIM MINID`` below the oldest entry any group has not
-  acknowledged (never MAXLEN, which can drop entries not yet written).
-* On a Redis Cluster (a ``RedisCluster`` client) each sale's stream lives in its sale's
-  hash slot, and one XREADGROUP may only name streams of one slot: new entries are read
-  with one XREADGROUP per slot, all sent in one pipeline (one round trip per shard). A
-  cluster cannot BLOCK on several shards at once, so an idle cluster read waits
-  ``block_ms`` and asks again. Everything else is per stream (XAUTOCLAIM, XACK, XTRIM),
-  and a dead letter's MULTI stays in its sale's slot.
-
-Backlog (for metrics): Redis 6.2's XINFO GROUPS has no ``lag``, so :func:`stream_backlog`
-reports ``pending`` exactly (XPENDING) and ``undelivered`` exactly when it is zero or
-when Redis ≥ 7 reports ``lag``; otherwise as the upper bound ``XLEN - pending``, which is
-close because the worker trims acknowledged entries every ``trim_interval_s``.
+  dead-letter stream ``{<prefix>:<sale>}:dead`` with the error, acknowledged in the same MULTI.
+* The streams are trimmed with ``XTRIM MINID`` every ``trim_interval_s``, below what every
+  group has acknowledged.
 """
 
 from __future__ import annotations
@@ -42,33 +31,24 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-import os
-import socket
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ClusterDownError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from flashsale.keys import ServiceKeys
 from flashsale.pgpool import forget_connections, is_data_error, is_transient
-from flashsale.redis_client import as_text
-from flashsale.settings import Settings, SettingsError
-from flashsale.settings import parse_env_value as parse_setting
-from flashsale.streams import GROUP, dead_letter_key, ensure_group, events_key
-from inventory import EventError, OrderEvent, StreamId, parse_event
+from flashsale.pipeline.backlog import SaleBacklog, stream_gone
+from flashsale.pipeline.entries import EntryError, OrderChange, StockChange, StreamEntry, parse_entry
+from flashsale.pipeline.order_sql import write_changes
+from flashsale.pipeline.worker_settings import WorkerSettings
+from flashsale.streams import GROUP
 
-__all__ = [
-    "OrderWriter",
-    "WORKER_ENV_DOC",
-    "WorkerSettings",
-    "WriterStats",
-]
+__all__ = ["OrderWriter", "WriterStats"]
 
 
 logger = logging.getLogger("flashsale.worker")
@@ -76,469 +56,8 @@ logger = logging.getLogger("flashsale.worker")
 # A cluster whose slots are not all served (a shard down, a failover in progress) answers
 # CLUSTERDOWN / TRYAGAIN: an outage to wait out like a lost connection, not a bug.
 _REDIS_OUTAGE = (RedisConnectionError, RedisTimeoutError, OSError, ClusterDownError, TryAgainError)
-_RANK = {"held": 0, "paid": 1, "cancelled": 1, "expired": 1}
 
 
-# ------------------------------------------------------------------------ settings
-#: The worker's own settings: (environment variable, field, meaning). The shared ones
-#: (FLASHSALE_REDIS_URL, FLASHSALE_REDIS_CLUSTER, FLASHSALE_DATABASE_URL,
-#: FLASHSALE_KEY_PREFIX) come from :class:`flashsale.settings.Settings`.
-WORKER_ENV_DOC: tuple[tuple[str, str, str], ...] = (
-    (
-        "FLASHSALE_WORKER_CONSUMER",
-        "consumer",
-        "consumer name in the writers' group (default: host name); one per worker",
-    ),
-    ("FLASHSALE_WORKER_BATCH", "batch", "stream entries per PostgreSQL transaction, at most (default 1000)"),
-    (
-        "FLASHSALE_WORKER_BLOCK_MS",
-        "block_ms",
-        "how long an idle worker waits for new entries per read (default 100)",
-    ),
-    (
-        "FLASHSALE_WORKER_LINGER_MS",
-        "linger_ms",
-        "after a short read, wait this long for more entries to fill the batch (default 2)",
-    ),
-    (
-        "FLASHSALE_WORKER_CLAIM_IDLE_MS",
-        "claim_idle_ms",
-        "take over entries another worker left unacknowledged this long (default 60000)",
-    ),
-    (
-        "FLASHSALE_WORKER_CLAIM_INTERVAL_S",
-        "claim_interval_s",
-        "how often to look for such entries (default 5)",
-    ),
-    (
-        "FLASHSALE_WORKER_MAX_DELIVERIES",
-        "max_deliveries",
-        "deliveries without a commit before an entry is dead-lettered (default 10)",
-    ),
-    (
-        "FLASHSALE_WORKER_MAX_ATTEMPTS",
-        "max_attempts",
-        "failed writes of an entry on its own before it is dead-lettered (default 3)",
-    ),
-    (
-        "FLASHSALE_WORKER_TRIM_INTERVAL_S",
-        "trim_interval_s",
-        "how often to trim committed entries off the streams; 0 = never (default 5)",
-    ),
-    ("FLASHSALE_WORKER_SALES_REFRESH_S", "sales_refresh_s", "how often to look for new sales (default 2)"),
-    (
-        "FLASHSALE_WORKER_WRITE_METHOD",
-        "write_method",
-        "unnest (one statement per batch, default) or copy (COPY into temp tables)",
-    ),
-    (
-        "FLASHSALE_WORKER_STATEMENT_TIMEOUT_MS",
-        "statement_timeout_ms",
-        "PostgreSQL statement timeout for the worker (default 30000)",
-    ),
-    ("FLASHSALE_WORKER_POOL_SIZE", "pool_size", "PostgreSQL connections per worker (default 4)"),
-    (
-        "FLASHSALE_WORKER_STOP_GRACE_S",
-        "stop_grace_s",
-        "after SIGTERM, keep retrying the batch in hand this long (default 10)",
-    ),
-    (
-        "FLASHSALE_WORKER_PROGRESS_INTERVAL_S",
-        "progress_interval_s",
-        "one progress log line this often (default 10)",
-    ),
-    ("FLASHSALE_SWEEPER_INTERVAL_MS", "sweep_interval_ms", "pause between hold-expiry sweeps (default 200)"),
-    ("FLASHSALE_SWEEPER_LIMIT", "sweep_limit", "holds expired per script call, 1..1000 (default 500)"),
-)
-
-
-@dataclass(frozen=True, slots=True)
-class WorkerSettings:
-    """The order writer's and sweeper's settings; :meth:`from_env` reads ``FLASHSALE_*``."""
-
-    redis_url: str
-    database_url: str = ""  # the order writer needs it; the sweeper alone does not
-    redis_cluster: bool = False  # redis_url names a node of a Redis Cluster
-    prefix: str = "fs"
-    #: Consumer name in the group. Stable across restarts (so a restarted worker finds its
-    #: own pending entries); give each worker on one host its own.
-    consumer: str = field(default_factory=socket.gethostname)
-    batch: int = 1000
-    block_ms: int = 100
-    linger_ms: int = 2
-    claim_idle_ms: int = 60_000
-    claim_interval_s: float = 5.0
-    max_deliveries: int = 10
-    max_attempts: int = 3
-    trim_interval_s: float = 5.0
-    sales_refresh_s: float = 2.0
-    write_method: str = "unnest"
-    statement_timeout_ms: int = 30_000
-    pool_size: int = 4
-    stop_grace_s: float = 10.0
-    progress_interval_s: float = 10.0
-    sweep_interval_ms: int = 200
-    sweep_limit: int = 500
-
-    def __post_init__(self) -> None:
-        problems = []
-        if not self.redis_url:
-            problems.append(
-                "FLASHSALE_REDIS_URL must name the service's Redis, e.g. redis://127.0.0.1:6379/0"
-            )
-        if not 1 <= self.batch <= 100_000:
-            problems.append("FLASHSALE_WORKER_BATCH must be 1..100000")
-        if self.write_method not in ("unnest", "copy"):
-            problems.append("FLASHSALE_WORKER_WRITE_METHOD must be 'unnest' or 'copy'")
-        if not 1 <= self.sweep_limit <= 1000:
-            problems.append("FLASHSALE_SWEEPER_LIMIT must be 1..1000 (the expire script's bound)")
-        if (
-            min(
-                self.max_deliveries,
-                self.max_attempts,
-                self.block_ms,
-                self.claim_idle_ms,
-                self.statement_timeout_ms,
-                self.pool_size,
-                self.sweep_interval_ms,
-            )
-            < 1
-        ):
-            problems.append("counts, sizes and times in ms must be at least 1")
-        if (
-            min(
-                self.linger_ms,
-                self.claim_interval_s,
-                self.trim_interval_s,
-                self.sales_refresh_s,
-                self.stop_grace_s,
-                self.progress_interval_s,
-            )
-            < 0
-        ):
-            problems.append("intervals must not be negative")
-        if problems:
-            raise SettingsError("; ".join(problems))
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
-        """Settings from ``FLASHSALE_*`` variables; ``overrides`` (CLI flags) win."""
-        env = os.environ if environ is None else environ
-        shared = Settings.from_env(env)
-        values: dict[str, Any] = {
-            "redis_url": shared.redis_url,
-            "redis_cluster": shared.redis_cluster,
-            "database_url": shared.database_url or "",
-            "prefix": shared.key_prefix,
-        }
-        types = {f.name: str(f.type) for f in fields(cls)}
-        for var, name, _meaning in WORKER_ENV_DOC:
-            raw = env.get(var, "").strip()
-            if raw:
-                values[name] = parse_setting(var, raw, types[name])
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
-
-
-def _fields(raw: Mapping[Any, Any] | None) -> dict[str, str] | None:
-    """Entry fields as str, whichever way the client decodes replies."""
-    if not raw or isinstance(next(iter(raw)), str):
-        return raw  # type: ignore[return-value]
-    return {
-        as_text(k): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for k, v in raw.items()
-    }
-
-
-# ------------------------------------------------------------------------ entries
-class EntryError(ValueError):
-    """A stream entry that can never be written: malformed or of an unknown type."""
-
-
-@dataclass(slots=True)
-class StreamEntry:
-    sale: str
-    key: str
-    stream_id: str
-    fields: dict[str, str] | None  # None: the entry was deleted while pending
-
-
-@dataclass(frozen=True, slots=True)
-class OrderChange:
-    order_id: str
-    sale: str
-    user: str
-    request_id: str
-    status: str
-    lines: tuple[tuple[str, int], ...]
-    pay_by_ms: int
-    at_ms: int
-    stream_id: str
-
-
-@dataclass(frozen=True, slots=True)
-class StockChange:
-    sale: str
-    stream_id: str
-    type: str
-    sku: str
-    total: int | None
-    reserve: int | None
-    per_user_limit: int | None
-    low_stock_line: int | None
-    delta: int | None
-    units: int | None
-    at_ms: int
-    transfer: str | None = None  # the bucket transfer that moved the units, if one did
-
-
-def parse_entry(entry: StreamEntry) -> OrderChange | StockChange:
-    """The change a stream entry records; :class:`EntryError` if it cannot be written. The
-    fields are read by inventory's entry contract (``inventory.parse_event``); what is
-    checked here is the writer's own: the entry's order belongs to the stream's sale."""
-    if entry.fields is None:
-        raise EntryError("the entry was deleted from the stream before it was written")
-    try:
-        event = parse_event(entry.fields)
-    except EventError as exc:
-        raise EntryError(str(exc)) from None
-    if isinstance(event, OrderEvent):
-        if not event.hold_id.startswith(entry.sale + "."):
-            raise EntryError(f"order id {event.hold_id[:80]!r} is not from sale {entry.sale!r}")
-        return OrderChange(
-            order_id=event.hold_id,
-            sale=entry.sale,
-            user=event.user,
-            request_id=event.request_id,
-            status=event.state.value,
-            lines=tuple((line.sku, line.qty) for line in event.lines),
-            pay_by_ms=event.deadline_ms,
-            at_ms=event.at_ms,
-            stream_id=entry.stream_id,
-        )
-    return StockChange(
-        sale=entry.sale,
-        stream_id=entry.stream_id,
-        type=event.type,
-        sku=event.sku,
-        total=event.total,
-        reserve=event.reserve,
-        per_user_limit=event.limit_per_user,
-        low_stock_line=event.low_stock_line,
-        delta=event.delta,
-        units=event.units,
-        at_ms=event.at_ms,
-        transfer=event.transfer,
-    )
-
-
-# ---------------------------------------------------------------------- SQL
-# A batch is folded to one row per order first (ON CONFLICT cannot touch a row twice in
-# one statement), then written by one statement: orders, their lines and the stock
-# events, each idempotent. One statement is one transaction and one round trip.
-_ORDER_UPSERT = """
-INSERT INTO orders AS cur (order_id, sale, user_id, request_id, status, status_rank,
-                           created_at, pay_by, status_at, last_stream_id)
-SELECT order_id, sale, user_id, request_id, status, status_rank,
-       to_timestamp(created_ms / 1000.0), to_timestamp(pay_by_ms / 1000.0),
-       to_timestamp(status_ms / 1000.0), stream_id
-FROM {source}
-ORDER BY order_id  -- one lock order for every writer: concurrent batches cannot deadlock
-ON CONFLICT (order_id) DO UPDATE SET
-    status = CASE WHEN excluded.status_rank > cur.status_rank THEN excluded.status ELSE cur.status END,
-    status_at = CASE WHEN excluded.status_rank > cur.status_rank THEN excluded.status_at ELSE cur.status_at END,
-    last_stream_id = CASE WHEN excluded.status_rank > cur.status_rank
-                          THEN excluded.last_stream_id ELSE cur.last_stream_id END,
-    status_rank = GREATEST(cur.status_rank, excluded.status_rank),
-    created_at = COALESCE(cur.created_at, excluded.created_at),
-    written_at = now()
-WHERE excluded.status_rank > cur.status_rank
-   OR (cur.created_at IS NULL AND excluded.created_at IS NOT NULL)
-RETURNING 1
-"""
-
-_LINES_INSERT = """
-INSERT INTO order_lines (order_id, sku, qty)
-SELECT order_id, sku, qty FROM {source} ORDER BY order_id, sku
-ON CONFLICT (order_id, sku) DO NOTHING
-RETURNING 1
-"""
-
-_STOCK_INSERT = """
-INSERT INTO stock_events (sale, stream_id, type, sku, total, reserve, per_user_limit,
-                          low_stock_line, delta, units, at, transfer)
-SELECT sale, stream_id, type, sku, total, reserve, per_user_limit, low_stock_line, delta,
-       units, to_timestamp(at_ms / 1000.0), transfer
-FROM {source}
-ON CONFLICT (sale, stream_id) DO NOTHING
-RETURNING 1
-"""
-
-_ORDER_COLUMNS = (
-    ("order_id", "text"),
-    ("sale", "text"),
-    ("user_id", "text"),
-    ("request_id", "text"),
-    ("status", "text"),
-    ("status_rank", "int2"),
-    ("created_ms", "int8"),
-    ("pay_by_ms", "int8"),
-    ("status_ms", "int8"),
-    ("stream_id", "text"),
-)
-_LINE_COLUMNS = (("order_id", "text"), ("sku", "text"), ("qty", "int4"))
-_STOCK_COLUMNS = (
-    ("sale", "text"),
-    ("stream_id", "text"),
-    ("type", "text"),
-    ("sku", "text"),
-    ("total", "int4"),
-    ("reserve", "int4"),
-    ("per_user_limit", "int4"),
-    ("low_stock_line", "int4"),
-    ("delta", "int4"),
-    ("units", "int4"),
-    ("at_ms", "int8"),
-    ("transfer", "text"),
-)
-
-
-def _unnest(columns: Sequence[tuple[str, str]], first_param: int) -> str:
-    args = ", ".join(f"${first_param + i}::{kind}[]" for i, (_, kind) in enumerate(columns))
-    names = ", ".join(name for name, _ in columns)
-    return f"unnest({args}) AS t({names})"
-
-
-def _unnest_statement() -> str:
-    orders = _unnest(_ORDER_COLUMNS, 1)
-    lines = _unnest(_LINE_COLUMNS, 1 + len(_ORDER_COLUMNS))
-    stock = _unnest(_STOCK_COLUMNS, 1 + len(_ORDER_COLUMNS) + len(_LINE_COLUMNS))
-    return f"""
-WITH o AS ({_ORDER_UPSERT.format(source=orders)}),
-     l AS ({_LINES_INSERT.format(source=lines)}),
-     s AS ({_STOCK_INSERT.format(source=stock)})
-SELECT (SELECT count(*) FROM o) AS orders, (SELECT count(*) FROM l) AS lines,
-       (SELECT count(*) FROM s) AS stock_events
-"""
-
-
-_UNNEST_SQL = _unnest_statement()
-
-
-def _temp_table(name: str, columns: Sequence[tuple[str, str]]) -> str:
-    cols = ", ".join(f"{n} {kind}" for n, kind in columns)
-    return f"CREATE TEMP TABLE IF NOT EXISTS {name} ({cols}) ON COMMIT DELETE ROWS"
-
-
-_COPY_SETUP = ";\n".join(
-    [
-        "SET LOCAL client_min_messages = warning",  # no NOTICE for an existing temp table
-        _temp_table("incoming_orders", _ORDER_COLUMNS),
-        _temp_table("incoming_lines", _LINE_COLUMNS),
-        _temp_table("incoming_stock", _STOCK_COLUMNS),
-    ]
-)
-_COPY_SQL = f"""
-WITH o AS ({_ORDER_UPSERT.format(source="incoming_orders")}),
-     l AS ({_LINES_INSERT.format(source="incoming_lines")}),
-     s AS ({_STOCK_INSERT.format(source="incoming_stock")})
-SELECT (SELECT count(*) FROM o) AS orders, (SELECT count(*) FROM l) AS lines,
-       (SELECT count(*) FROM s) AS stock_events
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Rows:
-    """Rows one batch wrote (rows already present and unchanged are not counted)."""
-
-    orders: int = 0
-    lines: int = 0
-    stock_events: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.orders + self.lines + self.stock_events
-
-
-def _fold(
-    changes: Sequence[OrderChange | StockChange],
-) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    """Rows for orders, lines and stock events; one order row per order id."""
-    best: dict[str, OrderChange] = {}
-    created: dict[str, int] = {}
-    stock: list[tuple[Any, ...]] = []
-    for c in changes:
-        if isinstance(c, StockChange):
-            stock.append(
-                (
-                    c.sale,
-                    c.stream_id,
-                    c.type,
-                    c.sku,
-                    c.total,
-                    c.reserve,
-                    c.per_user_limit,
-                    c.low_stock_line,
-                    c.delta,
-                    c.units,
-                    c.at_ms,
-                    c.transfer,
-                )
-            )
-            continue
-        if c.status == "held":
-            created[c.order_id] = c.at_ms
-        seen = best.get(c.order_id)
-        # The first change of the highest rank wins, as in the database: the first
-        # terminal status an order reaches is the one it keeps.
-        if seen is None or _RANK[c.status] > _RANK[seen.status]:
-            best[c.order_id] = c
-    orders: list[tuple[Any, ...]] = []
-    lines: list[tuple[Any, ...]] = []
-    for order_id, c in best.items():
-        orders.append(
-            (
-                order_id,
-                c.sale,
-                c.user,
-                c.request_id,
-                c.status,
-                _RANK[c.status],
-                created.get(order_id),
-                c.pay_by_ms,
-                c.at_ms,
-                c.stream_id,
-            )
-        )
-        lines.extend((order_id, sku, qty) for sku, qty in c.lines)
-    return orders, lines, stock
-
-
-async def write_changes(
-    conn: asyncpg.Connection, changes: Sequence[OrderChange | StockChange], method: str = "unnest"
-) -> Rows:
-    """Write one batch in one transaction, idempotently. Raises on any failure (nothing written)."""
-    orders, lines, stock = _fold(changes)
-    if method == "unnest":
-        columns = [list(col) for col in zip(*orders)] if orders else [[] for _ in _ORDER_COLUMNS]
-        columns += [list(col) for col in zip(*lines)] if lines else [[] for _ in _LINE_COLUMNS]
-        columns += [list(col) for col in zip(*stock)] if stock else [[] for _ in _STOCK_COLUMNS]
-        row = await conn.fetchrow(_UNNEST_SQL, *columns)
-    else:
-        async with conn.transaction():
-            await conn.execute(_COPY_SETUP)
-            for table, records, cols in (
-                ("incoming_orders", orders, _ORDER_COLUMNS),
-                ("incoming_lines", lines, _LINE_COLUMNS),
-                ("incoming_stock", stock, _STOCK_COLUMNS),
-            ):
-                if records:
-                    await conn.copy_records_to_table(table, records=records, columns=[n for n, _ in cols])
-            row = await conn.fetchrow(_COPY_SQL)
-    assert row is not None
-    return Rows(row["orders"], row["lines"], row["stock_events"])
-
-
-# -------------------------------------------------------------------- the writer
 @dataclass(slots=True)
 class WriterStats:
     """Counters for metrics and progress logs (monotonic, since the worker started)."""
@@ -588,11 +107,9 @@ class OrderWriter:
         self.pool = pool
         self.settings = settings
         self.stats = WriterStats()
-        self._streams: dict[str, str] = {}  # stream key -> sale
-        # Cluster only: the streams grouped by hash slot, one XREADGROUP each (None: regroup).
-        self._on_cluster = isinstance(redis, RedisCluster)
-        self._slot_reads: list[dict[str, str]] | None = None
+        self.backlog = SaleBacklog(redis, settings)
         self._stop = asyncio.Event()
+        self._finished = asyncio.Event()  # the loop is over: the stats publisher ends too
         self._stop_deadline = float("inf")
         self._pg_down_since: float | None = None
         self._redis_down_since: float | None = None
@@ -601,7 +118,7 @@ class OrderWriter:
     # -- public
     @property
     def sales(self) -> list[str]:
-        return sorted(self._streams.values())
+        return self.backlog.sales
 
     def stop(self) -> None:
         """Finish the current batch, then return from :meth:`run`."""
@@ -611,13 +128,17 @@ class OrderWriter:
 
     async def run(self) -> None:
         """Run until :meth:`stop`. Redis and PostgreSQL outages are waited out."""
+        self._finished.clear()
         publisher = asyncio.ensure_future(self._publish_forever())
         try:
             await self._run()
         finally:
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
+            # Ended by an event, not by cancel(): on Python 3.11 a cancel that arrives in the
+            # loop iteration a redis-py reply does is lost (redis-py reads through
+            # asyncio.wait_for, CPython gh-86296), the publisher's loop then never ends, and
+            # neither did the worker after "writer_stopped" (issue 12, item 9).
+            self._finished.set()
+            await publisher
             with contextlib.suppress(*_REDIS_OUTAGE, ResponseError):
                 await self.publish_stats()
 
@@ -635,7 +156,7 @@ class OrderWriter:
             nonlocal in_flight
             if in_flight is not None:
                 done, in_flight = in_flight, None
-                await done
+                await self._within_grace(done)
 
         while not self._stop.is_set():
             try:
@@ -643,7 +164,7 @@ class OrderWriter:
                 if now >= next_sales:
                     await self.refresh_sales()
                     next_sales = now + s.sales_refresh_s
-                for key in [k for k in self._streams if k not in pending_done]:
+                for key in [k for k in self.backlog.streams if k not in pending_done]:
                     await settle()  # its entries are pending too: do not read them twice
                     await self.drain_own_pending(key)  # first, before anything new
                     pending_done.add(key)
@@ -654,7 +175,7 @@ class OrderWriter:
                 if now >= next_trim and s.trim_interval_s > 0:
                     await self.trim()
                     next_trim = now + s.trim_interval_s
-                entries = await self._read_new()
+                entries = await self.backlog.read_new()
                 await settle()
                 if entries:
                     in_flight = asyncio.ensure_future(self.commit(entries))
@@ -668,12 +189,12 @@ class OrderWriter:
                 pending_done.clear()
                 await self._redis_outage(exc)
             except ResponseError as exc:
-                if "NOGROUP" not in str(exc):
+                if not stream_gone(exc):
                     raise
-                # The stream or group vanished (Redis restarted empty, key deleted): re-create.
+                # The stream or group vanished (Redis restarted empty, key deleted, even under
+                # a blocked read): forget every stream and join again now, as for new sales.
                 _log("group_missing", level=logging.WARNING, error=str(exc))
-                self._streams.clear()
-                self._slot_reads = None
+                self.backlog.forget()
                 pending_done.clear()
                 next_sales = 0.0
             if now >= next_progress and s.progress_interval_s > 0:
@@ -686,25 +207,35 @@ class OrderWriter:
             await settle()  # finish the batch in hand (or give up on it after stop_grace_s)
         _log("writer_stopped", **_stats_fields(self.stats))
 
+    async def _within_grace(self, batch: asyncio.Future[None]) -> None:
+        """Await the batch being written; once told to stop, give up on it at the stop
+        deadline (raise :class:`_Stopped`, its entries stay pending for the next worker) —
+        PostgreSQL frozen or a lock held means no error comes to end it otherwise."""
+        if not batch.done():
+            stopping: asyncio.Future[Any] = asyncio.ensure_future(self._stop.wait())
+            try:
+                await asyncio.wait([batch, stopping], return_when=asyncio.FIRST_COMPLETED)
+                if not batch.done():
+                    await asyncio.wait({batch}, timeout=max(self._stop_deadline - time.monotonic(), 0))
+            finally:
+                stopping.cancel()
+            if not batch.done():
+                batch.cancel()  # not awaited: closing the pool ends it if the cancel is lost
+                batch.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+                _log("stopping_with_batch_pending", level=logging.WARNING)
+                raise _Stopped
+        await batch
+
     async def refresh_sales(self) -> None:
         """Join the writers' group on every sale listed in ``<prefix>:sales``."""
-        prefix = self.settings.prefix
-        for sale in sorted(as_text(m) for m in await self.redis.smembers(ServiceKeys(prefix).sales)):
-            key = events_key(prefix, sale)
-            if key not in self._streams:
-                await ensure_group(self.redis, key)
-                self._streams[key] = sale
-                self._slot_reads = None
-                _log("sale_joined", sale=sale, stream=key)
+        for sale, key in await self.backlog.join_sales():
+            _log("sale_joined", sale=sale, stream=key)
 
     async def drain_own_pending(self, key: str) -> None:
         """Write the entries this consumer read before (a previous run) but never acknowledged."""
         after = "0"
         while not self._stop.is_set():
-            reply = await self.redis.xreadgroup(
-                GROUP, self.settings.consumer, {key: after}, count=self.settings.batch
-            )
-            entries = self._entries(reply)
+            entries = await self.backlog.read_own_pending(key, after)
             if not entries:
                 return
             after = entries[-1].stream_id
@@ -713,31 +244,21 @@ class OrderWriter:
 
     async def reclaim(self) -> None:
         """XAUTOCLAIM entries idle longer than ``claim_idle_ms`` (a dead consumer's) and write them."""
-        s = self.settings
-        for key, sale in list(self._streams.items()):
+        for key in list(self.backlog.streams):
             start = "0-0"
             while not self._stop.is_set():
-                reply = await self.redis.xautoclaim(
-                    key, GROUP, s.consumer, s.claim_idle_ms, start, count=s.batch
-                )
-                start = as_text(reply[0])
-                entries = [
-                    StreamEntry(sale, key, as_text(i), _fields(f)) for i, f in reply[1] if i is not None
-                ]
+                start, entries = await self.backlog.claim_idle(key, start)
                 if entries:
                     self.stats.reclaimed += len(entries)
                     _log("reclaimed", stream=key, entries=len(entries))
                     await self.commit(entries, check_deliveries=True)
                 if start == "0-0":
                     break
-            await self._forget_idle_consumers(key)
+            await self.backlog.forget_idle_consumers(key)
 
     async def trim(self) -> None:
         """XTRIM MINID each stream to its oldest entry not acknowledged by every group."""
-        for key in list(self._streams):
-            floor = await _trim_floor(self.redis, key)
-            if floor is not None:
-                self.stats.trimmed += int(await self.redis.xtrim(key, minid=floor, approximate=False))
+        self.stats.trimmed += await self.backlog.trim()
 
     async def commit(self, entries: list[StreamEntry], *, check_deliveries: bool = False) -> None:
         """Write ``entries`` to PostgreSQL, dead-letter the ones that cannot be, then XACK."""
@@ -784,59 +305,14 @@ class OrderWriter:
         self._published = dataclasses.replace(now)
 
     async def _publish_forever(self, interval_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
+        """:meth:`publish_stats` every ``interval_s`` until the loop is over."""
+        while not self._finished.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._finished.wait(), interval_s)
+            if self._finished.is_set():
+                return  # run() publishes the last figures itself
             with contextlib.suppress(*_REDIS_OUTAGE, ResponseError):  # best effort
                 await self.publish_stats()
-
-    # -- reading
-    def _entries(self, reply: Any) -> list[StreamEntry]:
-        out: list[StreamEntry] = []
-        for key, items in reply or []:
-            key = as_text(key)
-            sale = self._streams[key]
-            out.extend(StreamEntry(sale, key, as_text(i), _fields(f)) for i, f in items)
-        return out
-
-    async def _read_new(self) -> list[StreamEntry]:
-        if not self._streams:
-            await asyncio.sleep(self.settings.block_ms / 1000)
-            return []
-        s = self.settings
-        read = self._read_per_slot if self._on_cluster else self._read_together
-        entries = await read(s.batch, s.block_ms)
-        if entries and len(entries) < s.batch and s.linger_ms > 0:
-            # A short read: wait a moment so the next transaction carries more than a few rows.
-            await asyncio.sleep(s.linger_ms / 1000)
-            entries += await read(s.batch - len(entries), None)
-        return entries
-
-    async def _read_together(self, count: int, block: int | None) -> list[StreamEntry]:
-        """One server: every stream in one XREADGROUP (``count`` per stream)."""
-        streams = {key: ">" for key in self._streams}
-        return self._entries(
-            await self.redis.xreadgroup(GROUP, self.settings.consumer, streams, count=count, block=block)
-        )
-
-    async def _read_per_slot(self, count: int, block: int | None) -> list[StreamEntry]:
-        """A cluster: one XREADGROUP per hash slot (``count`` per stream, as above), in one
-        pipeline that redis-py sends to the shards in parallel. BLOCK would hold one shard's
-        answer while the others have entries, so when nothing is new anywhere the read
-        waits ``block`` ms instead (a cancelled blocking read could also drop entries Redis
-        had already delivered to this consumer)."""
-        if self._slot_reads is None:
-            by_slot: dict[int, dict[str, str]] = {}
-            for key in self._streams:
-                by_slot.setdefault(self.redis.keyslot(key), {})[key] = ">"
-            self._slot_reads = list(by_slot.values())
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for streams in self._slot_reads:
-                pipe.xreadgroup(GROUP, self.settings.consumer, streams, count=count)
-            replies = await pipe.execute()
-        entries = [entry for reply in replies for entry in self._entries(reply)]
-        if not entries and block:
-            await asyncio.sleep(block / 1000)
-        return entries
 
     # -- writing
     async def _write_isolating(
@@ -907,28 +383,13 @@ class OrderWriter:
                 delay = min(delay * 2, 2.0)
 
     async def _ack(self, entries: list[StreamEntry]) -> None:
-        by_stream: dict[str, list[str]] = {}
-        for e in entries:
-            by_stream.setdefault(e.key, []).append(e.stream_id)
-        if not by_stream:
-            return
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for key, ids in by_stream.items():
-                pipe.xack(key, GROUP, *ids)
-            await pipe.execute()
+        await self.backlog.ack(entries)
         self.stats.entries_committed += len(entries)
 
     # -- dead letters
-    async def _delivery_counts(self, entries: list[StreamEntry]) -> list[int]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for e in entries:
-                pipe.xpending_range(e.key, GROUP, e.stream_id, e.stream_id, 1)
-            replies = await pipe.execute()
-        return [int(r[0]["times_delivered"]) if r else 0 for r in replies]
-
     async def _dead_letter_redelivered(self, entries: list[StreamEntry]) -> list[StreamEntry]:
         keep: list[StreamEntry] = []
-        for entry, count in zip(entries, await self._delivery_counts(entries)):
+        for entry, count in zip(entries, await self.backlog.delivery_counts(entries)):
             if count > self.settings.max_deliveries:
                 reason = EntryError(
                     f"delivered {count} times without being committed (does it crash the worker?)"
@@ -941,41 +402,20 @@ class OrderWriter:
     async def _dead_letter(
         self, entry: StreamEntry, error: BaseException, *, deliveries: int | None, attempts: int | None = None
     ) -> None:
-        meta = {
-            "dead_stream_id": entry.stream_id,
-            "dead_error": _describe(error)[:1000],
-            "dead_consumer": self.settings.consumer,
-            "dead_at": str(int(time.time() * 1000)),
-        }
-        if deliveries is not None:
-            meta["dead_deliveries"] = str(deliveries)
-        if attempts is not None:
-            meta["dead_attempts"] = str(attempts)
-        body = {**(entry.fields or {}), **meta}
-        async with self.redis.pipeline(transaction=True) as pipe:  # dead-letter and ack together
-            pipe.xadd(dead_letter_key(self.settings.prefix, entry.sale), body)
-            pipe.xack(entry.key, GROUP, entry.stream_id)
-            await pipe.execute()
+        recorded = await self.backlog.dead_letter(
+            entry, _describe(error), deliveries=deliveries, attempts=attempts
+        )
         self.stats.dead_letters += 1
         _log(
             "dead_letter",
             level=logging.ERROR,
             sale=entry.sale,
             stream_id=entry.stream_id,
-            error=meta["dead_error"],
+            error=recorded,
             type=(entry.fields or {}).get("type"),
         )
 
-    # -- upkeep
-    async def _forget_idle_consumers(self, key: str) -> None:
-        """Remove consumers that own nothing and were idle far longer than the claim time
-        (workers that died and whose entries were taken over): XINFO stays readable."""
-        limit = self.settings.claim_idle_ms * 10
-        for c in await self.redis.xinfo_consumers(key, GROUP):
-            name = as_text(c["name"])
-            if name != self.settings.consumer and int(c["pending"]) == 0 and int(c["idle"]) > limit:
-                await self.redis.xgroup_delconsumer(key, GROUP, name)
-
+    # -- outages
     async def _redis_outage(self, exc: BaseException) -> None:
         if self._redis_down_since is None:
             self._redis_down_since = time.monotonic()
@@ -990,28 +430,6 @@ class OrderWriter:
         if self._redis_down_since is not None:
             _log("redis_recovered", down_s=round(time.monotonic() - self._redis_down_since, 3))
             self._redis_down_since = None
-
-
-async def _trim_floor(redis: Any, key: str) -> str | None:
-    """The lowest id any group has not acknowledged yet: everything below it is committed.
-
-    Read the groups first, then each group's oldest pending entry: entries delivered after
-    the first read are above the last-delivered id read first, so the floor never passes
-    an uncommitted entry.
-    """
-    groups = await redis.xinfo_groups(key)
-    if not groups:
-        return None
-    floor: StreamId | None = None
-    for g in groups:
-        candidates = [StreamId.parse(g["last-delivered-id"]).next()]
-        summary = await redis.xpending(key, as_text(g["name"]))
-        if summary and int(summary["pending"]) > 0 and summary["min"] is not None:
-            candidates.append(StreamId.parse(summary["min"]))
-        low = min(candidates)
-        floor = low if floor is None else min(floor, low)
-    assert floor is not None
-    return str(floor)
 
 
 def _describe(exc: BaseException) -> str:

@@ -173,7 +173,7 @@ def _service_pids() -> list[int]:
 
 
 async def stream_backlog(redis: Any, stream: str) -> int:
-    """Entries the order writer has not committed yet (see ``flashsale.pipeline.writer.stream_backlog``:
+    """Entries the order writer has not committed yet (see ``flashsale.streams.stream_backlog``:
     exact on Redis >= 7, and on 6.2 exact up to 10,000 undelivered entries)."""
     from flashsale.streams import stream_backlog as backlog_of  # the writer owns what "committed" means
 
