@@ -60,9 +60,9 @@ _CART = "a cart is a SKU, a Line, or a list of Line(sku, qty) or (sku, qty) pair
 
 def lines(value: Iterable[Line | tuple[str, int]] | Line | str) -> tuple[Line, ...]:
     """A cart: 1-20 lines, one per SKU, sorted so the same cart has one fingerprint."""
-    if isinstance(value, str):
-        value = [Line(value, 1)]
-    elif isinstance(value, Line):
+    if isinstance(value, str):  # one unit of one SKU: the usual cart, so the short way
+        return (Line(sku(value), 1),)
+    if isinstance(value, Line):
         value = [value]
     elif not isinstance(value, Iterable):
         raise InvalidRequest(_CART, field="lines")
