@@ -49,3 +49,23 @@ async def test_a_batch_runs_one_xadd_per_hold_and_a_fixed_number_of_other_comman
         snap = await inv.snapshot("hot")
         assert snap is not None and snap.held == BATCH
         assert await audit_sale(inv.redis, inv.keys) == []
+
+
+async def test_the_largest_batch_reads_and_writes_in_slices(redis_url: str) -> None:
+    """1,000 carts of 20 lines in one call: 20,000 per-user counts to read and write, more
+    than Lua's unpack() takes at once, so the script reads and writes them in slices."""
+    skus = [f"s{i:02d}" for i in range(20)]
+    async with open_sale(redis_url, "slices", max_batch=1000, max_connections=4) as inv:
+        for sku in skus:
+            await inv.stock(sku, 1000, limit_per_user=1)
+        await inv.load_scripts()
+        before = await commands_run(inv)
+        holds = await asyncio.gather(
+            *(inv.reserve(f"u{i}", [(sku, 1) for sku in skus], request_id="r") for i in range(1000))
+        )
+        assert (await commands_run(inv))["evalsha"] - before["evalsha"] == 1
+        assert len({h.hold_id for h in holds}) == 1000
+        for sku in skus:
+            snap = await inv.snapshot(sku)
+            assert snap is not None and (snap.available, snap.held) == (0, 1000)
+        assert await audit_sale(inv.redis, inv.keys) == []

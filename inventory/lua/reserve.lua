@@ -52,15 +52,15 @@ Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per c
 
 local stock_key, holds_key, requests_key, users_key, deadlines_key, events_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
--- Per reservation, what costs is Lua's own work more than Redis's: a number turned into
--- text (~0.4 µs), a pattern match, a table.concat. So the same values are converted once
--- per batch (TTLs, quantities and deadlines repeat), JSON strings come from cjson.encode
--- (the fastest way to quote one) and a one-line cart, the usual one, is joined by hand.
-local encode, format, concat, tostring = cjson.encode, string.format, table.concat, tostring
+-- Per reservation, what costs is Lua's own work as much as Redis's: a number turned into
+-- text (~0.4 µs), a pattern match, a table.concat, every table built. So the same values
+-- are converted once per batch (TTLs, quantities and deadlines repeat), JSON strings come
+-- from cjson.encode (the fastest way to quote one), a one-line cart (the usual one) is
+-- joined by hand, and the batch is kept in columns rather than a table per request.
+local encode, format, concat, tonumber = cjson.encode, string.format, table.concat, tonumber
 
--- whole() of each distinct ARGV text once per batch: false when it is not one.
+-- whole() of each distinct ARGV text once per batch (false: not a whole number in range).
 local function whole_once(seen, value, low, high)
-  if value == nil then return nil end
   local v = seen[value]
   if v == nil then
     v = whole(value, low, high) or false
@@ -68,37 +68,45 @@ local function whole_once(seen, value, low, high)
   end
   return v or nil
 end
-local ttls, line_counts, quantities, quantity_texts = {}, {}, {}, {}
+local ttls_seen, line_counts_seen, quantities_seen, quantity_texts = {}, {}, {}, {}
 
 -- Parse the whole batch before deciding any request: a runtime error after one request
 -- was decided would tell every caller "error" while its hold is about to be written.
--- A request: {request id, hold id, user, ttl, lines, record field}; a line: {sku, qty,
--- qty as text}.
-local requests = {}
+-- Request r: request_ids[r], hold_ids[r], users[r], ttls[r] (nil: not valid),
+-- record_fields[r], and its lines first_lines[r] .. last_lines[r]. Line k: skus[k],
+-- qtys[k] (nil: not valid), qty_texts[k], count_fields[k] ("<user>:<sku>").
+local request_ids, hold_ids, users, ttls, record_fields, first_lines, last_lines = {}, {}, {}, {}, {}, {}, {}
+local skus, qtys, qty_texts, count_fields = {}, {}, {}, {}
 local n = whole(ARGV[1], 1, MAX_BATCH)
-local pos = 2
+local pos, k = 2, 0
 for r = 1, n or 0 do
-  local request_id, hold_id, user = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
-  local n_lines = whole_once(line_counts, ARGV[pos + 4], 1, MAX_LINES)
+  local request_id, hold_id, user, n_lines = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 4]
+  n_lines = n_lines and whole_once(line_counts_seen, n_lines, 1, MAX_LINES)
   -- ':' is refused in request ids and users: "r:<user>:<request id>" must name one
   -- record, and "op:<id>" records of stock changes share the hash.
   if n_lines == nil or request_id == nil or request_id == '' or request_id:find(':', 1, true)
-      or hold_id == nil or hold_id == '' or user == nil or user == '' or user:find(':', 1, true) then
+      or hold_id == nil or hold_id == '' or user == nil or user == '' or user:find(':', 1, true)
+      or ARGV[pos + 4 + 2 * n_lines] == nil then
     n = nil
     break
   end
-  local lines = {}
+  request_ids[r], hold_ids[r], users[r] = request_id, hold_id, user
+  ttls[r] = whole_once(ttls_seen, ARGV[pos + 3], 1, MAX_TTL_MS)
+  record_fields[r] = 'r:' .. user .. ':' .. request_id
+  first_lines[r], last_lines[r] = k + 1, k + n_lines
   for i = 1, n_lines do
-    local qty = whole_once(quantities, ARGV[pos + 4 + 2 * i], 1, MAX_QTY)
-    local qty_text = qty and quantity_texts[qty]
-    if qty and not qty_text then
-      qty_text = format('%d', qty)
-      quantity_texts[qty] = qty_text
+    local sku, qty = ARGV[pos + 3 + 2 * i], whole_once(quantities_seen, ARGV[pos + 4 + 2 * i], 1, MAX_QTY)
+    k = k + 1
+    skus[k], qtys[k], count_fields[k] = sku, qty, user .. ':' .. sku
+    if qty then
+      local text = quantity_texts[qty]
+      if text == nil then
+        text = format('%d', qty)
+        quantity_texts[qty] = text
+      end
+      qty_texts[k] = text
     end
-    lines[i] = {ARGV[pos + 3 + 2 * i], qty, qty_text}
   end
-  requests[r] = {request_id, hold_id, user, whole_once(ttls, ARGV[pos + 3], 1, MAX_TTL_MS), lines,
-    'r:' .. user .. ':' .. request_id}
   pos = pos + 5 + 2 * n_lines
 end
 if n == nil or pos - 1 ~= #ARGV then return {{INVALID, 'bad_batch'}} end
@@ -124,35 +132,21 @@ local function read_all(key, fields, count)
 end
 
 -- Read: everything the batch may touch, one HMGET per hash.
-local record_fields, hold_ids, count_fields, stock_fields = {}, {}, {}, {}
-local n_counts, n_stock = 0, 0
-local listed = {}
-for r = 1, n do
-  local req = requests[r]
-  record_fields[r] = req[6]
-  hold_ids[r] = req[2]
-  local user, lines = req[3], req[5]
-  for i = 1, #lines do
-    local sku = lines[i][1]
-    local field = user .. ':' .. sku
-    if not listed[field] then
-      listed[field] = true
-      n_counts = n_counts + 1
-      count_fields[n_counts] = field
-    end
-    if not listed[sku] then
-      listed[sku] = true
-      stock_fields[n_stock + 1] = sku .. ':total'
-      stock_fields[n_stock + 2] = sku .. ':available'
-      stock_fields[n_stock + 3] = sku .. ':held'
-      stock_fields[n_stock + 4] = sku .. ':limit'
-      n_stock = n_stock + 4
-    end
+local stock_fields, n_stock, listed = {}, 0, {}
+for i = 1, k do
+  local sku = skus[i]
+  if not listed[sku] then
+    listed[sku] = true
+    stock_fields[n_stock + 1] = sku .. ':total'
+    stock_fields[n_stock + 2] = sku .. ':available'
+    stock_fields[n_stock + 3] = sku .. ':held'
+    stock_fields[n_stock + 4] = sku .. ':limit'
+    n_stock = n_stock + 4
   end
 end
 local records = read_all(requests_key, record_fields, n)
 local holds_found = read_all(holds_key, hold_ids, n)
-local counts = read_all(users_key, count_fields, n_counts)
+local counts = read_all(users_key, count_fields, k)
 local stock = read_all(stock_key, stock_fields, n_stock)
 
 local now = now_ms()
@@ -184,75 +178,74 @@ end
 -- What the batch writes, gathered as it decides: field/value pairs of the holds and the
 -- request records, score/member pairs of the deadlines, and five values per event.
 local hold_writes, record_writes, deadline_writes, events, n_writes, n_events = {}, {}, {}, {}, 0, 0
--- Holds (id -> deadline) and request records (field -> {hold id, fingerprint}) this batch
--- made: a later request of the batch sees them as if they were stored.
-local made_holds, made_records = {}, {}
+-- What this batch made, seen by its later requests as if stored: hold id -> deadline,
+-- record field -> hold id, record field -> fingerprint.
+local made_holds, made_record_holds, made_fingerprints = {}, {}, {}
 
-local function decide(req)
-  local request_id, hold_id, user, ttl, lines, record_field = req[1], req[2], req[3], req[4], req[5], req[6]
+local function decide(r)
+  local ttl, first, last = ttls[r], first_lines[r], last_lines[r]
   if ttl == nil then return {INVALID, 'bad_ttl'} end
-  local n_lines = #lines
-  local lines_text
-  for i = 1, n_lines do
-    local line = lines[i]
-    if line[2] == nil then return {INVALID, 'invalid_quantity'} end
-    for j = 1, i - 1 do
-      if lines[j][1] == line[1] then return {INVALID, 'duplicate_line'} end
+  for i = first, last do
+    if qtys[i] == nil then return {INVALID, 'invalid_quantity'} end
+    for j = first, i - 1 do
+      if skus[j] == skus[i] then return {INVALID, 'duplicate_line'} end
     end
   end
-  if n_lines == 1 then
-    lines_text = lines[1][1] .. ':' .. lines[1][3]
+  local user, lines_text, fingerprint = users[r]
+  if first == last then
+    lines_text = skus[first] .. ':' .. qty_texts[first]
+    fingerprint = user .. '|' .. lines_text
   else
     local parts = {}
-    for i = 1, n_lines do parts[i] = lines[i][1] .. ':' .. lines[i][3] end
+    for i = first, last do parts[i - first + 1] = skus[i] .. ':' .. qty_texts[i] end
     lines_text = concat(parts, ',')
+    fingerprint = user .. '|' .. concat(parts, '|')
   end
-  -- user|<sku>:<qty>|...: the same text as lines_text, '|' for ','.
-  local fingerprint = user .. '|' .. (n_lines == 1 and lines_text or lines_text:gsub(',', '|'))
 
-  local made = made_records[record_field]
+  local hold_id, record_field = hold_ids[r], record_fields[r]
+  local made = made_record_holds[record_field]
   if made then
-    if made[2] ~= fingerprint then return {REQUEST_CONFLICT, made[1]} end
-    return {REPLAYED, made[1], made_holds[made[1]], 'held', now_text}
+    if made_fingerprints[record_field] ~= fingerprint then return {REQUEST_CONFLICT, made} end
+    return {REPLAYED, made, made_holds[made], 'held', now_text}
   end
   local seen = records[record_field]
   if seen then
     -- A record that does not decode, or names a hold that is gone, is refused rather
     -- than raised: an error here would tell every caller of the batch "error" while the
     -- holds decided before it are about to be written.
-    local ok, first = pcall(cjson.decode, seen)
-    if not ok or type(first) ~= 'table' or type(first.h) ~= 'string' then
+    local ok, first_outcome = pcall(cjson.decode, seen)
+    if not ok or type(first_outcome) ~= 'table' or type(first_outcome.h) ~= 'string' then
       return {INVALID, 'bad_request_record'}
     end
-    if first.f ~= fingerprint then return {REQUEST_CONFLICT, first.h} end
-    if made_holds[first.h] then return {REPLAYED, first.h, made_holds[first.h], 'held', now_text} end
-    local raw = redis.call('HGET', holds_key, first.h)
+    local first_hold = first_outcome.h
+    if first_outcome.f ~= fingerprint then return {REQUEST_CONFLICT, first_hold} end
+    if made_holds[first_hold] then return {REPLAYED, first_hold, made_holds[first_hold], 'held', now_text} end
+    local raw = redis.call('HGET', holds_key, first_hold)
     if not raw then return {INVALID, 'bad_request_record'} end
     local decoded, hold = pcall(cjson.decode, raw)
     if not decoded or type(hold) ~= 'table' then return {INVALID, 'bad_request_record'} end
-    return {REPLAYED, first.h, hold.d, hold.s, hold.c}
+    return {REPLAYED, first_hold, hold.d, hold.s, hold.c}
   end
   if holds_found[hold_id] or made_holds[hold_id] then
     return {INVALID, 'hold_id_taken'}
   end
 
   -- Validate every line before the first change.
-  for i = 1, n_lines do
-    local sku, qty = lines[i][1], lines[i][2]
+  for i = first, last do
+    local sku, qty = skus[i], qtys[i]
     local row = sku_row(sku)
     if not row.exists then return {UNKNOWN_SKU, sku} end
     if row.available < qty then return {SOLD_OUT, sku, row.available} end
     if row.limit > 0 then
-      local already = counted(user .. ':' .. sku)
+      local already = counted(count_fields[i])
       if already + qty > row.limit then return {LIMIT_EXCEEDED, sku, row.limit, already} end
     end
   end
 
   -- Change the batch's view; the writes follow once every request is decided.
   local record_lines
-  for i = 1, n_lines do
-    local line = lines[i]
-    local sku, qty = line[1], line[2]
+  for i = first, last do
+    local sku, qty, field = skus[i], qtys[i], count_fields[i]
     local row = rows[sku]
     if not row.changed then
       row.changed = true
@@ -261,14 +254,13 @@ local function decide(req)
     end
     row.available = row.available - qty
     row.held = row.held + qty
-    local field = user .. ':' .. sku
-    if changed_counts[field] == nil then
+    if not changed_counts[field] then
       changed_counts[field] = true
       n_changed_counts = n_changed_counts + 1
       changed_counts[n_changed_counts] = field
     end
     counts[field] = counted(field) + qty
-    local record_line = '[' .. encode(sku) .. ',' .. line[3] .. ']'
+    local record_line = '[' .. encode(sku) .. ',' .. qty_texts[i] .. ']'
     record_lines = record_lines and (record_lines .. ',' .. record_line) or record_line
   end
   local deadline_text = deadline_texts[ttl]
@@ -276,8 +268,10 @@ local function decide(req)
     deadline_text = format('%d', now + ttl)
     deadline_texts[ttl] = deadline_text
   end
+  local request_id = request_ids[r]
   made_holds[hold_id] = deadline_text
-  made_records[record_field] = {hold_id, fingerprint}
+  made_record_holds[record_field] = hold_id
+  made_fingerprints[record_field] = fingerprint
   -- The hold record and the request record: the JSON cjson.encode would write for
   -- {u, l, s, d, c, r} and {h, f}, put together without building the tables.
   hold_writes[n_writes + 1] = hold_id
@@ -299,7 +293,7 @@ end
 
 local results = {}
 for r = 1, n do
-  results[r] = decide(requests[r])
+  results[r] = decide(r)
 end
 
 -- Write: one command per hash for the whole batch, then one event per hold.
