@@ -121,12 +121,14 @@ local function write_all(command, key, args, count)
   end
 end
 
--- field -> value (false when absent) for every field named, one HMGET per slice.
+-- The values of fields[1..count] (false when absent), in the same order: one HMGET per
+-- slice. Kept by position, not by name: the requests' and lines' columns index them.
 local function read_all(key, fields, count)
-  local values = {}
-  for i = 1, count, SLICE do
+  if count == 0 then return {} end
+  local values = redis.call('HMGET', key, unpack(fields, 1, math.min(SLICE, count)))
+  for i = SLICE + 1, count, SLICE do
     local got = redis.call('HMGET', key, unpack(fields, i, math.min(i + SLICE - 1, count)))
-    for j = 1, #got do values[fields[i + j - 1]] = got[j] end
+    for j = 1, #got do values[i + j - 1] = got[j] end
   end
   return values
 end
@@ -147,7 +149,8 @@ end
 local records = read_all(requests_key, record_fields, n)
 local holds_found = read_all(holds_key, hold_ids, n)
 local counts = read_all(users_key, count_fields, k)
-local stock = read_all(stock_key, stock_fields, n_stock)
+local stock = {}
+for i, value in ipairs(read_all(stock_key, stock_fields, n_stock)) do stock[stock_fields[i]] = value end
 
 local now = now_ms()
 local now_text = format('%d', now)
@@ -164,15 +167,10 @@ local function sku_row(sku)
   end
   return row
 end
--- Units each "<user>:<sku>" holds or bought, as numbers once read.
-local changed_counts, n_changed_counts = {}, 0
-local function counted(field)
-  local c = counts[field]
-  if type(c) ~= 'number' then
-    c = tonumber(c or '0')
-    counts[field] = c
-  end
-  return c
+-- Units "<user>:<sku>" of line k holds or bought: as read, or as this batch left them.
+local counts_now, changed_counts, n_changed_counts = {}, {}, 0
+local function counted(k)
+  return counts_now[count_fields[k]] or tonumber(counts[k] or '0')
 end
 
 -- What the batch writes, gathered as it decides: field/value pairs of the holds and the
@@ -208,7 +206,7 @@ local function decide(r)
     if made_fingerprints[record_field] ~= fingerprint then return {REQUEST_CONFLICT, made} end
     return {REPLAYED, made, made_holds[made], 'held', now_text}
   end
-  local seen = records[record_field]
+  local seen = records[r]
   if seen then
     -- A record that does not decode, or names a hold that is gone, is refused rather
     -- than raised: an error here would tell every caller of the batch "error" while the
@@ -226,7 +224,7 @@ local function decide(r)
     if not decoded or type(hold) ~= 'table' then return {INVALID, 'bad_request_record'} end
     return {REPLAYED, first_hold, hold.d, hold.s, hold.c}
   end
-  if holds_found[hold_id] or made_holds[hold_id] then
+  if holds_found[r] or made_holds[hold_id] then
     return {INVALID, 'hold_id_taken'}
   end
 
@@ -237,7 +235,7 @@ local function decide(r)
     if not row.exists then return {UNKNOWN_SKU, sku} end
     if row.available < qty then return {SOLD_OUT, sku, row.available} end
     if row.limit > 0 then
-      local already = counted(count_fields[i])
+      local already = counted(i)
       if already + qty > row.limit then return {LIMIT_EXCEEDED, sku, row.limit, already} end
     end
   end
@@ -254,12 +252,11 @@ local function decide(r)
     end
     row.available = row.available - qty
     row.held = row.held + qty
-    if not changed_counts[field] then
-      changed_counts[field] = true
+    if counts_now[field] == nil then
       n_changed_counts = n_changed_counts + 1
       changed_counts[n_changed_counts] = field
     end
-    counts[field] = counted(field) + qty
+    counts_now[field] = counted(i) + qty
     local record_line = '[' .. encode(sku) .. ',' .. qty_texts[i] .. ']'
     record_lines = record_lines and (record_lines .. ',' .. record_line) or record_line
   end
@@ -311,7 +308,7 @@ if n_writes > 0 then
   for i = 1, n_changed_counts do
     local field = changed_counts[i]
     count_writes[2 * i - 1] = field
-    count_writes[2 * i] = format('%d', counts[field])
+    count_writes[2 * i] = format('%d', counts_now[field])
   end
   write_all('HSET', stock_key, stock_writes, 4 * n_changed_skus)
   write_all('HSET', users_key, count_writes, 2 * n_changed_counts)
