@@ -19,6 +19,9 @@ decided for ``ended_sale_s`` (closed, or simply over) with nothing left to write
 letter and no fence — so a deployment that ran many drills does not keep a series per sale
 forever; a deleted sale leaves at once.
 
+Whether this process reaches PostgreSQL (:func:`postgres_up`) is asked at each scrape by
+:mod:`flashsale.service.probes`, not read from Redis; absent without a database.
+
 Each process also publishes its outcome counters and recent latency percentiles to
 Redis once a second (``<prefix>:stats:proc:<pid>``, expiring, named in the set
 ``<prefix>:stats:procs``), so ``/api/admin/stats`` can add up all processes whichever one
@@ -61,6 +64,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTCOMES",
     "ServiceMetrics",
+    "postgres_up",
     "Published",
     "read_deployment",
     "read_published",
@@ -313,6 +317,16 @@ async def _read_deployment(state: ServiceState) -> list[Metric]:
             )
         )
     return families
+
+
+def postgres_up(up: bool) -> Metric:
+    """1 while this process's PostgreSQL answers: orders go on without it, so readiness
+    only reports it; this gauge is what the FlashsalePostgresDown alert reads."""
+    return GaugeMetricFamily(
+        "flashsale_postgres_up",
+        "1 if PostgreSQL answered this scrape's SELECT 1 within a second",
+        value=int(up),
+    )
 
 
 def _le(seconds: float) -> str:

@@ -7,7 +7,8 @@ Before the first process starts, :func:`check_stores` asks Redis and PostgreSQL 
 store that refuses this service for good (wrong password, no such database, not a
 PostgreSQL server) stops the start with one line: restarting would only repeat it. A store
 that does not answer yet is said in the log and the service starts anyway — a database
-that comes up later must not need a restart, and ``/readyz`` answers 503 meanwhile.
+that comes up later must not need a restart. Meanwhile ``/readyz`` answers 503 for Redis
+(nothing can be sold without it) and reports PostgreSQL (orders never wait on it).
 
 Each process serves the app through :class:`flashsale.service.transport.ServiceRunner`
 (JSON answers even to requests aiohttp's parser refuses).
@@ -90,8 +91,9 @@ async def _ask_postgres(database_url: str, timeout_s: float) -> None:
 
 
 def _not_answering(store: str, url: str, exc: BaseException) -> None:
+    meanwhile = "/readyz answers 503" if store == "Redis" else "orders go on, /readyz reports it"
     log.error(
-        f"{store} at {url} does not answer at start: serving anyway; /readyz answers 503 until it does",
+        f"{store} at {url} does not answer at start: serving anyway; {meanwhile} until it does",
         extra={"store": store.lower(), "error": f"{type(exc).__name__}: {exc}"},
     )
 
