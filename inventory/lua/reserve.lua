@@ -18,9 +18,9 @@ Cost: Redis charges per command a script runs, so the batch is read once and wri
 once. Every hash is read with one HMGET for the whole batch (requests, holds, users,
 stock), the requests are decided in memory against that view, and then each hash is
 written with one HSET (the deadlines with one ZADD); only the events are one XADD per
-hold, as the stream's contract says. A write that fails fails on the first one (Redis
-refuses a script's first write when out of memory), so a batch is written whole or not
-at all.
+hold, as the stream's contract says. The writes come after every decision, and Redis
+refuses only a script's first write when out of memory, so a batch that meets a full
+Redis writes nothing rather than part of itself.
 
 KEYS[1] stock      hash  "<sku>:total|available|held|sold|reserve|limit|low"
 KEYS[2] holds      hash  hold id -> JSON hold record
