@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -58,11 +59,18 @@ def quantity(value: object, *, field: str = "qty", low: int = 1, high: int = MAX
 _CART = "a cart is a SKU, a Line, or a list of Line(sku, qty) or (sku, qty) pairs"
 
 
+@functools.lru_cache(maxsize=4096)
+def _one_unit(value: str) -> tuple[Line, ...]:
+    """The cart of one unit of SKU ``value``. Carts are immutable, so one per SKU serves
+    every reservation of it (a surge is thousands per second of the same few SKUs)."""
+    return (Line(sku(value), 1),)
+
+
 def lines(value: Iterable[Line | tuple[str, int]] | Line | str) -> tuple[Line, ...]:
     """A cart: 1-20 lines, one per SKU, sorted so the same cart has one fingerprint."""
-    if isinstance(value, str):
-        value = [Line(value, 1)]
-    elif isinstance(value, Line):
+    if isinstance(value, str):  # one unit of one SKU: the usual cart, so the short way
+        return _one_unit(value)
+    if isinstance(value, Line):
         value = [value]
     elif not isinstance(value, Iterable):
         raise InvalidRequest(_CART, field="lines")

@@ -446,3 +446,19 @@ async def test_hold_ttl_is_configurable(
         hold = await inv.reserve("alice", "phone", request_id="r", hold_ttl=call_ttl)
         assert hold.deadline_ms - hold.created_ms == expected_ms
         assert await inv.redis.zscore(inv.keys.deadlines, hold.hold_id) == hold.deadline_ms
+
+
+async def test_every_hold_a_batch_makes_is_what_redis_stores(redis_url: str) -> None:
+    """The engine answers a hold it made from what it sent (its id, drawn 64 at a time,
+    and its state) and the script's clock: every answer must equal the stored hold, and
+    ids stay unique and '<sale>.<24 hex digits>' across draws."""
+    async with open_sale(redis_url, "answers") as inv:
+        await inv.stock("phone", 1000)
+        holds = await asyncio.gather(
+            *(inv.reserve(f"u{i}", "phone", request_id=f"r{i}", hold_ttl=60 + i % 3) for i in range(200))
+        )
+        assert len({h.hold_id for h in holds}) == 200
+        for hold in holds:
+            assert re.fullmatch(re.escape(inv.sale) + r"\.[0-9a-f]{24}", hold.hold_id)
+            assert await inv.hold(hold.hold_id) == hold
+            assert hold.deadline_ms - hold.created_ms == (60 + int(hold.user[1:]) % 3) * 1000

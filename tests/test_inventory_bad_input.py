@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from inventory_support import audit_sale, dump_sale, open_sale
 
-from inventory import Hold, Inventory, InventoryError, Line, SaleKeys
+from inventory import Hold, InvalidRequest, Inventory, InventoryError, Line, SaleKeys
 from inventory._errors import (
     HOLD_NOT_FOUND,
     INSUFFICIENT_STOCK,
@@ -378,3 +378,14 @@ async def test_other_scripts_refuse_bad_argv_before_writing(sale: Sale, case: st
     if detail is not None:
         assert reply[1] == detail, reply
     assert await dump_sale(sale.inv.redis, sale.inv.keys) == before
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "x" * 65, "ü"])
+def test_a_one_sku_cart_is_checked_every_time(bad: str) -> None:
+    """One-unit carts are kept per SKU (the usual cart of a surge): a refused SKU is
+    refused again, never remembered as a cart, and a good one is the same cart each time."""
+    for _ in range(2):
+        with pytest.raises(InvalidRequest):
+            Inventory.check_reserve("alice", bad, "r1")
+    assert Inventory.check_reserve("alice", "phone", "r1") == (Line("phone", 1),)
+    assert Inventory.check_reserve("bob", "phone", "r2") is Inventory.check_reserve("alice", "phone", "r1")

@@ -50,8 +50,10 @@ async def test_tasks_hammering_one_hot_sku_hold_exactly_the_stock(redis_url: str
 
 def test_processes_hammering_one_hot_sku_hold_exactly_the_stock(redis_url: str) -> None:
     """Four spawned processes, each with its own event loop and client (two coalescing,
-    two not), 400 buyers each, released at one barrier on 1,000 units."""
-    total, workers, tasks = 1000, 4, 400
+    two not), 1,000 buyers each, released at one barrier on 3,000 units. The sale must last
+    long against the processes' uneven wake-up from the barrier on a busy machine, or the
+    first one awake sells most of it alone in a few coalesced batches."""
+    total, workers, tasks = 3000, 4, 1000
     sale = new_sale_id("procs")
 
     async def setup() -> None:

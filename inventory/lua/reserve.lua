@@ -14,6 +14,14 @@ SaleKeys.request_field), so another buyer's use of the same id is no replay, no 
 and no clue. A buyer reusing their own id with other lines is refused (REQUEST_CONFLICT).
 Refusals are not stored: they changed nothing, so a retry is decided afresh.
 
+Cost: Redis charges per command a script runs, so the batch is read once and written
+once. Every hash is read with one HMGET for the whole batch (requests, holds, users,
+stock), the requests are decided in memory against that view, and then each hash is
+written with one HSET (the deadlines with one ZADD); only the events are one XADD per
+hold, as the stream's contract says. The writes come after every decision, and Redis
+refuses only a script's first write when out of memory, so a batch that meets a full
+Redis writes nothing rather than part of itself.
+
 KEYS[1] stock      hash  "<sku>:total|available|held|sold|reserve|limit|low"
 KEYS[2] holds      hash  hold id -> JSON hold record
 KEYS[3] requests   hash  "r:<user>:<request id>" -> JSON {h = hold id, f = fingerprint}
@@ -41,122 +49,275 @@ Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per c
 -- @include codes
 -- @include clock
 -- @include counts
--- @include stock_fields
 
 local stock_key, holds_key, requests_key, users_key, deadlines_key, events_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local now = now_ms()
+-- Per reservation, what costs is Lua's own work as much as Redis's: a number turned into
+-- text (~0.4 µs), a pattern match, a table.concat, every table built. So the same values
+-- are converted once per batch (TTLs, quantities and deadlines repeat), JSON strings come
+-- from cjson.encode (the fastest way to quote one), a one-line cart (the usual one) is
+-- joined by hand, and the batch is kept in columns rather than a table per request.
+local encode, format, concat, tonumber = cjson.encode, string.format, table.concat, tonumber
 
--- The batch's view of each SKU it touches: read once (one HMGET) and kept in step with
--- every write, so each request of the batch is decided against what the previous ones
--- left without reading the stock hash again. Most of a surge's batch is one hot SKU, so
--- this saves three commands per reservation. The counters themselves are written with
--- each hold (not deferred to the end of the batch): whatever happens later in the
--- script, every hold written so far has its counters.
-local sku_rows = {}
-local function sku_row(sku)
-  local row = sku_rows[sku]
-  if row == nil then
-    local v = redis.call('HMGET', stock_key, sku .. ':total', sku .. ':available', sku .. ':limit')
-    row = {exists = v[1] ~= false, available = tonumber(v[2] or '0'), limit = tonumber(v[3] or '0')}
-    sku_rows[sku] = row
+-- whole() of each distinct ARGV text once per batch (false: not a whole number in range).
+local function whole_once(seen, value, low, high)
+  local v = seen[value]
+  if v == nil then
+    v = whole(value, low, high) or false
+    seen[value] = v
   end
-  return row
+  return v or nil
 end
-
-local function decide(request_id, hold_id, user, ttl, lines)
-  if ttl == nil then return {INVALID, 'bad_ttl'} end
-  local fingerprint = user
-  for i, line in ipairs(lines) do
-    if line[2] == nil then return {INVALID, 'invalid_quantity'} end
-    for j = 1, i - 1 do
-      if lines[j][1] == line[1] then return {INVALID, 'duplicate_line'} end
-    end
-    fingerprint = fingerprint .. '|' .. line[1] .. ':' .. line[2]
-  end
-
-  local record_field = 'r:' .. user .. ':' .. request_id
-  local seen = redis.call('HGET', requests_key, record_field)
-  if seen then
-    -- A record that does not decode, or names a hold that is gone, is refused rather
-    -- than raised: an error here, after earlier requests of the batch wrote their holds,
-    -- would tell their callers "error" while the holds exist.
-    local ok, first = pcall(cjson.decode, seen)
-    if not ok or type(first) ~= 'table' or type(first.h) ~= 'string' then
-      return {INVALID, 'bad_request_record'}
-    end
-    if first.f ~= fingerprint then return {REQUEST_CONFLICT, first.h} end
-    local raw = redis.call('HGET', holds_key, first.h)
-    if not raw then return {INVALID, 'bad_request_record'} end
-    local hold = cjson.decode(raw)
-    return {REPLAYED, first.h, hold.d, hold.s, hold.c}
-  end
-  if redis.call('HEXISTS', holds_key, hold_id) == 1 then
-    return {INVALID, 'hold_id_taken'}
-  end
-
-  -- Validate every line before the first write.
-  for _, line in ipairs(lines) do
-    local sku, qty = line[1], line[2]
-    local row = sku_row(sku)
-    if not row.exists then return {UNKNOWN_SKU, sku} end
-    if row.available < qty then return {SOLD_OUT, sku, row.available} end
-    if row.limit > 0 then
-      local counted = tonumber(redis.call('HGET', users_key, user .. ':' .. sku) or '0')
-      if counted + qty > row.limit then return {LIMIT_EXCEEDED, sku, row.limit, counted} end
-    end
-  end
-
-  -- Write.
-  local parts, record_lines = {}, {}
-  for _, line in ipairs(lines) do
-    local sku, qty = line[1], line[2]
-    local row = sku_row(sku)
-    row.available = row.available - qty
-    stock_incr(stock_key, sku, 'available', -qty)
-    stock_incr(stock_key, sku, 'held', qty)
-    redis.call('HINCRBY', users_key, user .. ':' .. sku, qty)
-    parts[#parts + 1] = sku .. ':' .. qty
-    record_lines[#record_lines + 1] = {sku, qty}
-  end
-  local deadline = now + ttl
-  redis.call('HSET', holds_key, hold_id, cjson.encode({
-    u = user, l = record_lines, s = 'held', d = tostring(deadline), c = tostring(now),
-    r = request_id}))
-  redis.call('HSET', requests_key, record_field, cjson.encode({h = hold_id, f = fingerprint}))
-  redis.call('ZADD', deadlines_key, deadline, hold_id)
-  redis.call('XADD', events_key, '*', 'type', 'reserved', 'order', hold_id, 'user', user,
-    'lines', table.concat(parts, ','), 'request', request_id, 'deadline', tostring(deadline),
-    'at', tostring(now))
-  return {OK, hold_id, tostring(deadline), 'held', tostring(now)}
-end
+local ttls_seen, line_counts_seen, quantities_seen, quantity_texts = {}, {}, {}, {}
 
 -- Parse the whole batch before deciding any request: a runtime error after one request
--- wrote its hold would leave that hold in place while every caller is told "error".
-local requests = {}
+-- was decided would tell every caller "error" while its hold is about to be written.
+-- Request r: request_ids[r], hold_ids[r], users[r], ttls[r] (nil: not valid),
+-- record_fields[r], and its lines first_lines[r] .. last_lines[r]. Line k: skus[k],
+-- qtys[k] (nil: not valid), qty_texts[k], count_fields[k] ("<user>:<sku>").
+local request_ids, hold_ids, users, ttls, record_fields, first_lines, last_lines = {}, {}, {}, {}, {}, {}, {}
+local skus, qtys, qty_texts, count_fields = {}, {}, {}, {}
 local n = whole(ARGV[1], 1, MAX_BATCH)
-local pos = 2
+local pos, k = 2, 0
 for r = 1, n or 0 do
-  local request_id, hold_id, user = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2]
-  local n_lines = whole(ARGV[pos + 4], 1, MAX_LINES)
+  local request_id, hold_id, user, n_lines = ARGV[pos], ARGV[pos + 1], ARGV[pos + 2], ARGV[pos + 4]
+  n_lines = n_lines and whole_once(line_counts_seen, n_lines, 1, MAX_LINES)
   -- ':' is refused in request ids and users: "r:<user>:<request id>" must name one
   -- record, and "op:<id>" records of stock changes share the hash.
   if n_lines == nil or request_id == nil or request_id == '' or request_id:find(':', 1, true)
-      or hold_id == nil or hold_id == '' or user == nil or user == '' or user:find(':', 1, true) then
+      or hold_id == nil or hold_id == '' or user == nil or user == '' or user:find(':', 1, true)
+      or ARGV[pos + 4 + 2 * n_lines] == nil then
     n = nil
     break
   end
-  local lines = {}
+  request_ids[r], hold_ids[r], users[r] = request_id, hold_id, user
+  ttls[r] = whole_once(ttls_seen, ARGV[pos + 3], 1, MAX_TTL_MS)
+  record_fields[r] = 'r:' .. user .. ':' .. request_id
+  first_lines[r], last_lines[r] = k + 1, k + n_lines
   for i = 1, n_lines do
-    lines[i] = {ARGV[pos + 3 + 2 * i], whole(ARGV[pos + 4 + 2 * i], 1, MAX_QTY)}
+    local sku, qty = ARGV[pos + 3 + 2 * i], whole_once(quantities_seen, ARGV[pos + 4 + 2 * i], 1, MAX_QTY)
+    k = k + 1
+    skus[k], qtys[k], count_fields[k] = sku, qty, user .. ':' .. sku
+    if qty then
+      local text = quantity_texts[qty]
+      if text == nil then
+        text = format('%d', qty)
+        quantity_texts[qty] = text
+      end
+      qty_texts[k] = text
+    end
   end
-  requests[r] = {request_id, hold_id, user, whole(ARGV[pos + 3], 1, MAX_TTL_MS), lines}
   pos = pos + 5 + 2 * n_lines
 end
 if n == nil or pos - 1 ~= #ARGV then return {{INVALID, 'bad_batch'}} end
 
+-- Lua's unpack() stops at a few thousand values: a big batch's reads and writes travel
+-- in slices of SLICE arguments (even, so field/value pairs stay together).
+local SLICE = 4000
+
+local function write_all(command, key, args, count)
+  for i = 1, count, SLICE do
+    redis.call(command, key, unpack(args, i, math.min(i + SLICE - 1, count)))
+  end
+end
+
+-- The values of fields[1..count] (false when absent), in the same order: one HMGET per
+-- slice. Kept by position, not by name: the requests' and lines' columns index them.
+local function read_all(key, fields, count)
+  if count == 0 then return {} end
+  local values = redis.call('HMGET', key, unpack(fields, 1, math.min(SLICE, count)))
+  for i = SLICE + 1, count, SLICE do
+    local got = redis.call('HMGET', key, unpack(fields, i, math.min(i + SLICE - 1, count)))
+    for j = 1, #got do values[i + j - 1] = got[j] end
+  end
+  return values
+end
+
+-- Read: everything the batch may touch, one HMGET per hash.
+local stock_fields, n_stock, listed = {}, 0, {}
+for i = 1, k do
+  local sku = skus[i]
+  if not listed[sku] then
+    listed[sku] = true
+    stock_fields[n_stock + 1] = sku .. ':total'
+    stock_fields[n_stock + 2] = sku .. ':available'
+    stock_fields[n_stock + 3] = sku .. ':held'
+    stock_fields[n_stock + 4] = sku .. ':limit'
+    n_stock = n_stock + 4
+  end
+end
+local records = read_all(requests_key, record_fields, n)
+local holds_found = read_all(holds_key, hold_ids, n)
+local counts = read_all(users_key, count_fields, k)
+local stock = {}
+for i, value in ipairs(read_all(stock_key, stock_fields, n_stock)) do stock[stock_fields[i]] = value end
+
+local now = now_ms()
+local now_text = format('%d', now)
+local deadline_texts = {}
+
+-- The batch's view of each SKU it touches, kept in step with every hold it makes.
+local rows, changed_skus, n_changed_skus = {}, {}, 0
+local function sku_row(sku)
+  local row = rows[sku]
+  if row == nil then
+    row = {exists = stock[sku .. ':total'] ~= false, available = tonumber(stock[sku .. ':available'] or '0'),
+      held = tonumber(stock[sku .. ':held'] or '0'), limit = tonumber(stock[sku .. ':limit'] or '0')}
+    rows[sku] = row
+  end
+  return row
+end
+-- Units "<user>:<sku>" of line k holds or bought: as read, or as this batch left them.
+local counts_now, changed_counts, n_changed_counts = {}, {}, 0
+local function counted(k)
+  return counts_now[count_fields[k]] or tonumber(counts[k] or '0')
+end
+
+-- What the batch writes, gathered as it decides: field/value pairs of the holds and the
+-- request records, score/member pairs of the deadlines, and five values per event.
+local hold_writes, record_writes, deadline_writes, events, n_writes, n_events = {}, {}, {}, {}, 0, 0
+-- What this batch made, seen by its later requests as if stored: hold id -> deadline,
+-- record field -> hold id, record field -> fingerprint.
+local made_holds, made_record_holds, made_fingerprints = {}, {}, {}
+
+local function decide(r)
+  local ttl, first, last = ttls[r], first_lines[r], last_lines[r]
+  if ttl == nil then return {INVALID, 'bad_ttl'} end
+  for i = first, last do
+    if qtys[i] == nil then return {INVALID, 'invalid_quantity'} end
+    for j = first, i - 1 do
+      if skus[j] == skus[i] then return {INVALID, 'duplicate_line'} end
+    end
+  end
+  local user, lines_text, fingerprint = users[r]
+  if first == last then
+    lines_text = skus[first] .. ':' .. qty_texts[first]
+    fingerprint = user .. '|' .. lines_text
+  else
+    local parts = {}
+    for i = first, last do parts[i - first + 1] = skus[i] .. ':' .. qty_texts[i] end
+    lines_text = concat(parts, ',')
+    fingerprint = user .. '|' .. concat(parts, '|')
+  end
+
+  local hold_id, record_field = hold_ids[r], record_fields[r]
+  local made = made_record_holds[record_field]
+  if made then
+    if made_fingerprints[record_field] ~= fingerprint then return {REQUEST_CONFLICT, made} end
+    return {REPLAYED, made, made_holds[made], 'held', now_text}
+  end
+  local seen = records[r]
+  if seen then
+    -- A record that does not decode, or names a hold that is gone, is refused rather
+    -- than raised: an error here would tell every caller of the batch "error" while the
+    -- holds decided before it are about to be written.
+    local ok, first_outcome = pcall(cjson.decode, seen)
+    if not ok or type(first_outcome) ~= 'table' or type(first_outcome.h) ~= 'string' then
+      return {INVALID, 'bad_request_record'}
+    end
+    local first_hold = first_outcome.h
+    if first_outcome.f ~= fingerprint then return {REQUEST_CONFLICT, first_hold} end
+    if made_holds[first_hold] then return {REPLAYED, first_hold, made_holds[first_hold], 'held', now_text} end
+    local raw = redis.call('HGET', holds_key, first_hold)
+    if not raw then return {INVALID, 'bad_request_record'} end
+    local decoded, hold = pcall(cjson.decode, raw)
+    if not decoded or type(hold) ~= 'table' then return {INVALID, 'bad_request_record'} end
+    return {REPLAYED, first_hold, hold.d, hold.s, hold.c}
+  end
+  if holds_found[r] or made_holds[hold_id] then
+    return {INVALID, 'hold_id_taken'}
+  end
+
+  -- Validate every line before the first change.
+  for i = first, last do
+    local sku, qty = skus[i], qtys[i]
+    local row = sku_row(sku)
+    if not row.exists then return {UNKNOWN_SKU, sku} end
+    if row.available < qty then return {SOLD_OUT, sku, row.available} end
+    if row.limit > 0 then
+      local already = counted(i)
+      if already + qty > row.limit then return {LIMIT_EXCEEDED, sku, row.limit, already} end
+    end
+  end
+
+  -- Change the batch's view; the writes follow once every request is decided.
+  local record_lines
+  for i = first, last do
+    local sku, qty, field = skus[i], qtys[i], count_fields[i]
+    local row = rows[sku]
+    if not row.changed then
+      row.changed = true
+      n_changed_skus = n_changed_skus + 1
+      changed_skus[n_changed_skus] = sku
+    end
+    row.available = row.available - qty
+    row.held = row.held + qty
+    if counts_now[field] == nil then
+      n_changed_counts = n_changed_counts + 1
+      changed_counts[n_changed_counts] = field
+    end
+    counts_now[field] = counted(i) + qty
+    local record_line = '[' .. encode(sku) .. ',' .. qty_texts[i] .. ']'
+    record_lines = record_lines and (record_lines .. ',' .. record_line) or record_line
+  end
+  local deadline_text = deadline_texts[ttl]
+  if deadline_text == nil then
+    deadline_text = format('%d', now + ttl)
+    deadline_texts[ttl] = deadline_text
+  end
+  local request_id = request_ids[r]
+  made_holds[hold_id] = deadline_text
+  made_record_holds[record_field] = hold_id
+  made_fingerprints[record_field] = fingerprint
+  -- The hold record and the request record: the JSON cjson.encode would write for
+  -- {u, l, s, d, c, r} and {h, f}, put together without building the tables.
+  hold_writes[n_writes + 1] = hold_id
+  hold_writes[n_writes + 2] = '{"u":' .. encode(user) .. ',"l":[' .. record_lines .. '],"s":"held","d":"'
+    .. deadline_text .. '","c":"' .. now_text .. '","r":' .. encode(request_id) .. '}'
+  record_writes[n_writes + 1] = record_field
+  record_writes[n_writes + 2] = '{"h":' .. encode(hold_id) .. ',"f":' .. encode(fingerprint) .. '}'
+  deadline_writes[n_writes + 1] = deadline_text
+  deadline_writes[n_writes + 2] = hold_id
+  n_writes = n_writes + 2
+  events[n_events + 1] = hold_id
+  events[n_events + 2] = user
+  events[n_events + 3] = lines_text
+  events[n_events + 4] = request_id
+  events[n_events + 5] = deadline_text
+  n_events = n_events + 5
+  return {OK, hold_id, deadline_text, 'held', now_text}
+end
+
 local results = {}
-for r, req in ipairs(requests) do
-  results[r] = decide(req[1], req[2], req[3], req[4], req[5])
+for r = 1, n do
+  results[r] = decide(r)
+end
+
+-- Write: one command per hash for the whole batch, then one event per hold.
+if n_writes > 0 then
+  local stock_writes = {}
+  for i = 1, n_changed_skus do
+    local sku = changed_skus[i]
+    local row = rows[sku]
+    stock_writes[4 * i - 3] = sku .. ':available'
+    stock_writes[4 * i - 2] = format('%d', row.available)
+    stock_writes[4 * i - 1] = sku .. ':held'
+    stock_writes[4 * i] = format('%d', row.held)
+  end
+  local count_writes = {}
+  for i = 1, n_changed_counts do
+    local field = changed_counts[i]
+    count_writes[2 * i - 1] = field
+    count_writes[2 * i] = format('%d', counts_now[field])
+  end
+  write_all('HSET', stock_key, stock_writes, 4 * n_changed_skus)
+  write_all('HSET', users_key, count_writes, 2 * n_changed_counts)
+  write_all('HSET', holds_key, hold_writes, n_writes)
+  write_all('HSET', requests_key, record_writes, n_writes)
+  write_all('ZADD', deadlines_key, deadline_writes, n_writes)
+  for e = 1, n_events, 5 do
+    redis.call('XADD', events_key, '*', 'type', 'reserved', 'order', events[e], 'user', events[e + 1],
+      'lines', events[e + 2], 'request', events[e + 3], 'deadline', events[e + 4], 'at', now_text)
+  end
 end
 return results

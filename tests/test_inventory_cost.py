@@ -1,0 +1,71 @@
+"""What a coalesced batch costs Redis: the commands reserve.lua runs per batch. Redis
+charges per command a script runs, so the script reads each hash once per batch (one
+HMGET), writes each once (one HSET, one ZADD for the deadlines) and appends one event per
+hold, as the stream's contract says: a batch of N holds runs N XADDs and a handful of
+other commands, whatever N is (issue 15: the engine's Redis CPU per reservation)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from inventory_support import audit_sale, open_sale
+from redis_mode import command_calls
+
+from inventory import Inventory
+
+#: What a script may run: the commands counted as the batch's cost.
+SCRIPT_COMMANDS = ("time", "hget", "hmget", "hexists", "hset", "hincrby", "zadd", "xadd")
+#: Reads, writes and the clock of one batch, besides its XADDs: an HMGET and an HSET of the
+#: requests, users and stock hashes, an HMGET of the holds, an HSET of them, a ZADD, TIME.
+FIXED = 10
+BATCH = 64
+
+
+async def commands_run(inv: Inventory) -> dict[str, int]:
+    counts = await asyncio.gather(*(command_calls(inv.redis, c) for c in ("evalsha", *SCRIPT_COMMANDS)))
+    return dict(zip(("evalsha", *SCRIPT_COMMANDS), counts))
+
+
+@pytest.mark.parametrize("limit", [0, 10])
+async def test_a_batch_runs_one_xadd_per_hold_and_a_fixed_number_of_other_commands(
+    redis_url: str, limit: int
+) -> None:
+    async with open_sale(redis_url, "cost", max_batch=BATCH) as inv:
+        await inv.stock("hot", 1000, limit_per_user=limit)
+        await inv.stock("cold", 1000)
+        await inv.load_scripts()  # a NOSCRIPT round trip would count as a second call
+        carts: list[Any] = [[("hot", 1), ("cold", 2)] if i % 3 == 0 else "hot" for i in range(BATCH)]
+        before = await commands_run(inv)
+        holds = await asyncio.gather(
+            *(inv.reserve(f"u{i % 20}", cart, request_id=f"r{i}") for i, cart in enumerate(carts))
+        )
+        ran = {name: calls - before[name] for name, calls in (await commands_run(inv)).items()}
+        assert ran.pop("evalsha") == 1, "the batch travelled as one script call"
+        assert len({h.hold_id for h in holds}) == BATCH
+        assert ran.pop("xadd") == BATCH, "one event per hold"
+        assert sum(ran.values()) <= FIXED, ran
+        snap = await inv.snapshot("hot")
+        assert snap is not None and snap.held == BATCH
+        assert await audit_sale(inv.redis, inv.keys) == []
+
+
+async def test_the_largest_batch_reads_and_writes_in_slices(redis_url: str) -> None:
+    """1,000 carts of 20 lines in one call: 20,000 per-user counts to read and write, more
+    than Lua's unpack() takes at once, so the script reads and writes them in slices."""
+    skus = [f"s{i:02d}" for i in range(20)]
+    async with open_sale(redis_url, "slices", max_batch=1000, max_connections=4) as inv:
+        for sku in skus:
+            await inv.stock(sku, 1000, limit_per_user=1)
+        await inv.load_scripts()
+        before = await commands_run(inv)
+        holds = await asyncio.gather(
+            *(inv.reserve(f"u{i}", [(sku, 1) for sku in skus], request_id="r") for i in range(1000))
+        )
+        assert (await commands_run(inv))["evalsha"] - before["evalsha"] == 1
+        assert len({h.hold_id for h in holds}) == 1000
+        for sku in skus:
+            snap = await inv.snapshot(sku)
+            assert snap is not None and (snap.available, snap.held) == (0, 1000)
+        assert await audit_sale(inv.redis, inv.keys) == []
