@@ -36,7 +36,7 @@ from typing import Any
 import gevent
 
 from loadtests.arrivals import Arrival
-from loadtests.history import Operation, OutcomeType
+from loadtests.history import OutcomeType, history_line
 from loadtests.recording import ProcessRecorder
 
 __all__ = ["Call", "Visit"]
@@ -363,8 +363,5 @@ class Visit:
         shared = self._shared
         for t in ("intended", "invoke", "complete"):
             fields[t] = round(fields[t], 6)
-        shared.recorder.log(
-            Operation(
-                op=next(shared.ops), proc=shared.proc_id, visit=self.id, persona=self.persona, **fields
-            ).to_json()
-        )
+        fields.update(op=next(shared.ops), proc=shared.proc_id, visit=self.id, persona=self.persona)
+        shared.recorder.log(history_line(fields))
