@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import os
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
@@ -124,6 +124,45 @@ def summarize(histogram: HdrHistogram) -> dict[str, float | int]:
     return out
 
 
+def _bucket_index(significant_figures: int) -> Callable[[int], int]:
+    """The counts index ``record_value`` finds for a value, for histograms of this module's
+    range at this precision: the same arithmetic, without its method calls."""
+    h = new_histogram(significant_figures)
+    mask: int = h.sub_bucket_mask
+    unit: int = h.unit_magnitude
+    half_magnitude: int = h.sub_bucket_half_count_magnitude
+    half: int = h.sub_bucket_half_count
+
+    def index(value: int) -> int:
+        bucket = (value | mask).bit_length() - unit - half_magnitude - 1
+        return ((bucket + 1) << half_magnitude) + (value >> (bucket + unit)) - half
+
+    return index
+
+
+_RUN_INDEX = _bucket_index(SIGNIFICANT_FIGURES)
+_SECOND_INDEX = _bucket_index(INTERVAL_SIGNIFICANT_FIGURES)
+
+
+def _count(h: HdrHistogram, index: int, value: int) -> None:
+    """``h.record_value(value)`` for a value in range whose index is known."""
+    h.counts[index] += 1
+    h.total_count += 1
+    if value < h.min_value:
+        h.min_value = value
+    if value > h.max_value:
+        h.max_value = value
+
+
+#: Per request name, its whole-run keys (built once, not per request).
+_KEYS: dict[str, tuple[str, str]] = {}
+
+
+def _keys(name: str) -> tuple[str, str]:
+    keys = _KEYS[name] = (f"{name}.raw", f"{name}.corrected")
+    return keys
+
+
 @dataclass
 class _Interval:
     raw: HdrHistogram
@@ -151,21 +190,37 @@ class LatencyBook:
 
     # -- recording -------------------------------------------------------------------
     def record(self, name: str, *, intended: float, sent: float, done: float) -> None:
-        """One request: ``intended``/``sent``/``done`` are wall-clock epoch seconds."""
+        """One request: ``intended``/``sent``/``done`` are wall-clock epoch seconds.
+
+        Eight histograms take each request (raw and corrected; the whole run and its second;
+        its name and ``all``): each value's bucket is found once per precision and counted
+        in all of them (``_count``), as ``record_value`` would count it in each."""
         raw_s, corrected_s = done - sent, done - min(intended, sent)
         raw, corrected = to_us(raw_s), to_us(corrected_s)
         self.clamped += (raw_s * 1e6 > HIGHEST_US) + (corrected_s * 1e6 > HIGHEST_US)
-        for key in (f"{name}.raw", "all.raw"):
-            self._total(key).record_value(raw)
-        for key in (f"{name}.corrected", "all.corrected"):
-            self._total(key).record_value(corrected)
-        second = self.intervals.setdefault(int(done - self.start_epoch), {})
-        for key in {name, "all"}:
+        totals = self.totals
+        keys = _KEYS.get(name) or _keys(name)
+        raw_at, corrected_at = _RUN_INDEX(raw), _RUN_INDEX(corrected)
+        for key, value, at in (
+            (keys[0], raw, raw_at),
+            (keys[1], corrected, corrected_at),
+            ("all.raw", raw, raw_at),
+            ("all.corrected", corrected, corrected_at),
+        ):
+            h = totals.get(key)
+            if h is None:
+                h = totals[key] = new_histogram()
+            _count(h, at, value)
+        second = self.intervals.get(int(done - self.start_epoch))
+        if second is None:
+            second = self.intervals[int(done - self.start_epoch)] = {}
+        raw_at, corrected_at = _SECOND_INDEX(raw), _SECOND_INDEX(corrected)
+        for key in (name, "all") if name != "all" else ("all",):
             interval = second.get(key)
             if interval is None:
                 interval = second[key] = _new_interval()
-            interval.raw.record_value(raw)
-            interval.corrected.record_value(corrected)
+            _count(interval.raw, raw_at, raw)
+            _count(interval.corrected, corrected_at, corrected)
 
     def record_value(self, key: str, seconds: float) -> None:
         """A value that is not a request latency (e.g. the dispatcher's own lateness)."""

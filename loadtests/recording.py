@@ -80,6 +80,7 @@ class ProcessRecorder:
         self.book = LatencyBook(start_epoch)
         self.seconds: dict[int, Counter[str]] = defaultdict(Counter)
         self.cpu: dict[int, float] = {}
+        self._counted: dict[tuple[str, str, str, bool], tuple[str, ...]] = {}
         self._lines: list[str] = []
         self._lock = threading.Lock()  # CPU sampling may come from a thread in some hosts
         self._file: TextIO | None = None
@@ -121,12 +122,14 @@ class ProcessRecorder:
         """One request finished; ``label`` is its answer (``201``, ``409:sold_out``, ``0:no_answer`` …),
         ``bucket`` its outcome for the timeline (``created``, ``replayed``, a refusal's code, ``unknown``)."""
         c = self.seconds[self.second(done)]
-        c[f"req.{name}"] += 1
-        c[f"out.{name}.{label}"] += 1
-        if bucket:
-            c[f"res.{name}.{bucket}"] += 1
-        if not expected:
-            c[f"err.{name}"] += 1
+        keys = self._counted.get((name, label, bucket, expected))
+        if keys is None:  # the counters one kind of answer adds to, named once
+            keys = (f"req.{name}", f"out.{name}.{label}")
+            keys += (f"res.{name}.{bucket}",) if bucket else ()
+            keys += () if expected else (f"err.{name}",)
+            self._counted[(name, label, bucket, expected)] = keys
+        for key in keys:
+            c[key] += 1
         self.book.record(name, intended=intended, sent=sent, done=done)
 
     def log(self, line: Mapping[str, Any]) -> None:
