@@ -163,6 +163,22 @@ def _keys(name: str) -> tuple[str, str]:
     return keys
 
 
+def _as_is(histogram: HdrHistogram) -> HdrHistogram:
+    return histogram
+
+
+def _unpack(blob: str | HdrHistogram) -> HdrHistogram:
+    return decode(blob) if isinstance(blob, str) else blob
+
+
+def _add(into: dict[str, HdrHistogram], key: str, blob: str | HdrHistogram) -> None:
+    h = into.get(key)
+    if h is None:
+        into[key] = _unpack(blob)  # adopted: an export's histograms belong to nobody else
+    else:
+        h.add(_unpack(blob))
+
+
 @dataclass
 class _Interval:
     raw: HdrHistogram
@@ -186,6 +202,7 @@ class LatencyBook:
         self.totals: dict[str, HdrHistogram] = {}
         self.intervals: dict[int, dict[str, _Interval]] = {}
         self._sealed: dict[int, dict[str, tuple[str, str]]] = {}
+        self._p99: dict[int, tuple[int, tuple[float, float]]] = {}
         self.clamped = 0
 
     # -- recording -------------------------------------------------------------------
@@ -233,12 +250,15 @@ class LatencyBook:
         return h
 
     # -- shipping between processes ------------------------------------------------------
-    def export(self) -> dict[str, Any]:
-        """Everything recorded since the last export, encoded; the book starts afresh."""
+    def export(self, *, encoded: bool = True) -> dict[str, Any]:
+        """Everything recorded since the last export; the book starts afresh. Encoded for
+        another process (a message); ``encoded=False`` hands the histograms themselves to a
+        collector in this process (a local run), which saves encoding and decoding them."""
+        pack = encode if encoded else _as_is
         payload = {
-            "totals": {k: encode(h) for k, h in self.totals.items() if h.get_total_count()},
+            "totals": {k: pack(h) for k, h in self.totals.items() if h.get_total_count()},
             "intervals": {
-                str(s): {name: [encode(i.raw), encode(i.corrected)] for name, i in by_name.items()}
+                str(s): {name: [pack(i.raw), pack(i.corrected)] for name, i in by_name.items()}
                 for s, by_name in self.intervals.items()
             },
             "clamped": self.clamped,
@@ -247,16 +267,18 @@ class LatencyBook:
         return payload
 
     def absorb(self, payload: Mapping[str, Any]) -> None:
+        """Add an export (encoded or not) to this book."""
         for key, blob in payload.get("totals", {}).items():
-            self._total(key).add(decode(blob))
+            _add(self.totals, key, blob)
         for sec, by_name in payload.get("intervals", {}).items():
             second = self._second_for_update(int(sec))
             for name, (raw_blob, corr_blob) in by_name.items():
                 interval = second.get(name)
-                if interval is None:
-                    interval = second[name] = _new_interval()
-                interval.raw.add(decode(raw_blob))
-                interval.corrected.add(decode(corr_blob))
+                if interval is None:  # adopted as they come: nothing to add them to
+                    second[name] = _Interval(_unpack(raw_blob), _unpack(corr_blob))
+                else:
+                    interval.raw.add(_unpack(raw_blob))
+                    interval.corrected.add(_unpack(corr_blob))
         self.clamped += int(payload.get("clamped", 0))
         self._seal_old()
 
@@ -295,11 +317,29 @@ class LatencyBook:
         its last line, so a one-second spike never falls between two lines."""
         out = []
         for second in range(first, last + 1):
-            raw, corrected = self.interval(second)
-            if raw.get_total_count():
-                p99 = raw.get_value_at_percentile(99) / 1000
-                out.append((second, p99, corrected.get_value_at_percentile(99) / 1000))
+            p99 = self.p99(second)
+            if p99 is not None:
+                out.append((second, *p99))
         return out
+
+    def p99(self, second: int) -> tuple[float, float] | None:
+        """(raw, corrected) p99 in ms of every request that completed in ``second``; None if
+        none did. Kept until the second changes: the live line asks for the last ten seconds
+        every second, and a second changes only while its requests are still being shipped."""
+        live = self.intervals.get(second, {}).get("all")
+        count = live.raw.get_total_count() if live is not None else None
+        cached = self._p99.get(second)
+        if cached is not None and (count is None or cached[0] == count):
+            return cached[1]
+        raw, corrected = self.interval(second)
+        if not raw.get_total_count():
+            return None
+        p99 = (
+            percentiles_us(raw, (99.0,))[99.0] / 1000,
+            percentiles_us(corrected, (99.0,))[99.0] / 1000,
+        )
+        self._p99[second] = (raw.get_total_count(), p99)
+        return p99
 
     def interval(self, second: int, name: str = "all") -> tuple[HdrHistogram, HdrHistogram]:
         """(raw, corrected) of one second of the run, of every request or of one request

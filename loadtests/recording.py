@@ -144,7 +144,9 @@ class ProcessRecorder:
         s = self.second(epoch)
         self.cpu[s] = max(self.cpu.get(s, 0.0), percent)
 
-    def export(self) -> dict[str, Any]:
+    def export(self, *, encoded: bool = True) -> dict[str, Any]:
+        """Everything since the last export, JSON-able for a message to the master; with
+        ``encoded=False``, for a collector in this process (``LatencyBook.export``)."""
         with self._lock:
             lines, self._lines = self._lines, []
             if self._file is not None:
@@ -153,7 +155,7 @@ class ProcessRecorder:
             "proc": self.proc_id,
             "seconds": {str(s): dict(c) for s, c in self.seconds.items()},
             "cpu": {str(s): v for s, v in self.cpu.items()},
-            "latency": self.book.export(),
+            "latency": self.book.export(encoded=encoded),
             "requests": lines,
             "done": self.done,
             "dispatch": dict(self.dispatch),

@@ -45,8 +45,11 @@ def test_merging_process_histograms_equals_one_histogram_of_all_samples() -> Non
         if i % 7_000 == 0:
             for p in processes:
                 collector.absorb(json.loads(json.dumps(p.export())))
+        elif i % 5_000 == 0:  # a local run hands its histograms over unencoded
+            for p in processes:
+                collector.absorb(p.export(encoded=False))
     for p in processes:
-        collector.absorb(p.export())
+        collector.absorb(p.export(encoded=False))
 
     raw_all, corrected_all = new_histogram(), new_histogram()
     for intended, sent, done in samples:
@@ -103,6 +106,26 @@ def test_a_request_counts_in_every_histogram_exactly_as_record_value_would() -> 
             expected.max_value,
         ), key
         assert got.encode() == expected.encode(), key
+
+
+def test_a_seconds_p99_follows_late_reports() -> None:
+    # The live line's p99 of a second is kept between asks, but a report that adds to that
+    # second (a process ships late) must change it: it is always the second's p99 as it stands.
+    collector, early, late = LatencyBook(0.0), LatencyBook(0.0), LatencyBook(0.0)
+    for i in range(200):
+        early.record("order", intended=5.0, sent=5.0, done=5.0 + 0.001 + i * 0.0001)
+        late.record("order", intended=5.0, sent=5.0, done=5.5 + i * 0.002)
+    collector.absorb(early.export())
+
+    def expected() -> tuple[float, float]:
+        raw, corrected = collector.interval(5)
+        return raw.get_value_at_percentile(99) / 1000, corrected.get_value_at_percentile(99) / 1000
+
+    first = collector.p99(5)
+    assert first == expected() and collector.p99_by_second(4, 6) == [(5, *first)]
+    collector.absorb(late.export())
+    assert collector.p99(5) == expected() != first
+    assert collector.p99(4) is None
 
 
 def test_old_seconds_are_sealed_and_still_readable_and_reopenable() -> None:
