@@ -31,6 +31,7 @@ import random
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from http.cookiejar import CookieJar
 from typing import Any
 
 import gevent
@@ -78,6 +79,19 @@ def _json_body(handle: Any) -> Any:
         return None
 
 
+#: Every HTTP status: none makes the HTTP client raise (``_Sessions``).
+_ANY_STATUS = frozenset(range(100, 1000))
+
+
+class _Cookies(CookieJar):
+    """Locust's cookie jar, skipped while it holds nothing: a backend that sets no cookie
+    (flashsale's API takes a bearer token) costs no cookie work per request."""
+
+    def add_cookie_header(self, request: Any) -> None:
+        if self._cookies:  # type: ignore[attr-defined]
+            super().add_cookie_header(request)
+
+
 class _Sessions:
     """Locust FastHttpSessions of one process, one per timeout a persona asks for."""
 
@@ -90,16 +104,26 @@ class _Sessions:
         from locust.contrib.fasthttp import FastHttpSession
 
         t = self.timeout_s if timeout_s is None else float(timeout_s)
-        if t not in self._by_timeout:
-            self._by_timeout[t] = FastHttpSession(
+        session = self._by_timeout.get(t)
+        if session is None:
+            session = self._by_timeout[t] = FastHttpSession(
                 self.host,
                 request_event=self.request_event,
                 user=None,
                 concurrency=self.connections,
                 network_timeout=t,
                 connection_timeout=t,
+                # One call is one request (as FastHttpUser's default): a retry is the persona's
+                # to make, and to time and write to the history.
+                max_retries=0,
             )
-        return self._by_timeout[t]
+            agent: Any = session.client
+            # Every status is an answer the persona judges (the call reports the outcome), not
+            # an error for the HTTP client to raise, describe and catch again (a surge's
+            # sold-out answers all took that path).
+            agent.valid_response_codes = _ANY_STATUS
+            session.cookiejar = agent.cookiejar = _Cookies()
+        return session
 
 
 @dataclass
