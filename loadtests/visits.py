@@ -84,12 +84,17 @@ _ANY_STATUS = frozenset(range(100, 1000))
 
 
 class _Cookies(CookieJar):
-    """Locust's cookie jar, skipped while it holds nothing: a backend that sets no cookie
-    (flashsale's API takes a bearer token) costs no cookie work per request."""
+    """Locust's cookie jar, skipped while it holds nothing to send or an answer sets none: a
+    backend that sets no cookie (flashsale's API takes a bearer token) costs no cookie work."""
 
     def add_cookie_header(self, request: Any) -> None:
         if self._cookies:  # type: ignore[attr-defined]
             super().add_cookie_header(request)
+
+    def extract_cookies(self, response: Any, request: Any) -> None:
+        headers = getattr(response, "headers", None)  # case-insensitive, as the jar reads them
+        if headers is None or "set-cookie" in headers or "set-cookie2" in headers:
+            super().extract_cookies(response, request)
 
 
 class _Sessions:
@@ -101,11 +106,11 @@ class _Sessions:
         self._by_timeout: dict[float, Any] = {}
 
     def get(self, timeout_s: float | None) -> Any:
-        from locust.contrib.fasthttp import FastHttpSession
-
         t = self.timeout_s if timeout_s is None else float(timeout_s)
         session = self._by_timeout.get(t)
         if session is None:
+            from locust.contrib.fasthttp import FastHttpSession
+
             session = self._by_timeout[t] = FastHttpSession(
                 self.host,
                 request_event=self.request_event,
