@@ -1,6 +1,6 @@
-"""A visit's calls over real HTTP: what the backend receives (JSON body, its headers, cookies it
-set) and what the persona reads back (status, body, text), whatever the status; one call is one
-request, seen once by Locust's statistics."""
+"""A visit's calls over real HTTP: what the backend receives (JSON body, its headers, the
+cookies it set for that visit) and what the persona reads back (status, body, text), whatever
+the status; one call is one request, seen once by Locust's statistics."""
 
 from __future__ import annotations
 
@@ -34,12 +34,18 @@ async def echo(request):
         response.set_cookie("visit", request.query["cookie"])
     return response
 
+async def slow(request):
+    import asyncio
+    await asyncio.sleep(2)
+    return web.json_response({})
+
 async def plain(request):
     return web.Response(text="not json", status=503)
 
 app = web.Application()
 app.router.add_route("*", "/echo", echo)
 app.router.add_get("/plain", plain)
+app.router.add_post("/slow", slow)
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), print=None)
 """
 
@@ -110,7 +116,14 @@ with v.post("/echo?status=409", name="order", key="k", json={"qty": 1}) as call:
 answer = v.get("/plain", name="browse", history=False)
 out["plain"] = {"status": answer.status, "body": answer.body, "text": answer.text}
 out["cookies"] = [v.get("/echo").body["cookie"], v.get("/echo?cookie=v1").status, v.get("/echo").body["cookie"]]
+late = v.post("/slow", name="order", key="s", json={}, timeout=0.2)
+out["timeout"] = {"status": late.status, "error": late.error, "body": late.body}
+late.unknown("impatient_timeout", expected=True)
+out["after_timeout"] = v.get("/echo").status
 v._finish()
+other = visit(Seen())
+out["other_visit_cookie"] = other.get("/echo").body["cookie"]
+other._finish()
 out["fired"] = seen.fired
 print(json.dumps(out))
 """
@@ -150,9 +163,18 @@ def test_any_status_is_an_answer_read_once(calls: dict[str, Any]) -> None:
         "/echo",
         "/echo?cookie=v1",
         "/echo",
+        "order",
+        "/echo",
     ]
     assert fired[2]["exception"] is None and fired[3]["exception"] is not None
 
 
-def test_cookies_the_backend_sets_are_sent_back(calls: dict[str, Any]) -> None:
+def test_no_answer_in_time_is_status_0_and_the_next_call_goes_through(calls: dict[str, Any]) -> None:
+    assert calls["timeout"]["status"] == 0 and calls["timeout"]["body"] is None
+    assert calls["timeout"]["error"]  # the transport's reason, for the history
+    assert calls["after_timeout"] == 200
+
+
+def test_cookies_the_backend_sets_are_sent_back_by_that_visit_only(calls: dict[str, Any]) -> None:
     assert calls["cookies"] == [None, 200, "visit=v1"]
+    assert calls["other_visit_cookie"] is None  # another visitor: another browser
