@@ -241,7 +241,8 @@ class LatencyBook:
 
     def record_value(self, key: str, seconds: float) -> None:
         """A value that is not a request latency (e.g. the dispatcher's own lateness)."""
-        self._total(key).record_value(to_us(seconds))
+        value = to_us(seconds)
+        _count(self._total(key), _RUN_INDEX(value), value)
 
     def _total(self, key: str) -> HdrHistogram:
         h = self.totals.get(key)

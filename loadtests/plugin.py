@@ -25,6 +25,7 @@ length; ``--duration`` or ``--time-scale`` change it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -334,6 +335,9 @@ class ProcessPart:
         arrival_plan = ArrivalPlan(
             shape, start_epoch, plan["index"], plan["count"], opt["arrival_process"], opt["seed"]
         )
+        # What exists now (Locust, the kit, the process setup's state) lives as long as the run:
+        # out of the collector's sight, a full collection mid-surge does not walk all of it again.
+        gc.freeze()
         self.dispatcher = ArrivalDispatcher(
             arrival_plan,
             visit,
