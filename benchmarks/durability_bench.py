@@ -210,7 +210,7 @@ def _machine(sample_dir: Path) -> dict[str, Any]:
         "load_average": [round(x, 2) for x in os.getloadavg()],
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "redis": ".".join(map(str, server.version)),
+        "redis": str(server.engine),  # e.g. "Valkey 9.1.2"
         "data_dir_filesystem": fs or "unknown",
     }
 
@@ -247,14 +247,12 @@ def table(results: list[ModeResult]) -> str:
 
 async def run(seconds: float, trials: int, concurrency: int, modes: list[str], seed: int) -> list[ModeResult]:
     rng = random.Random(seed)
-    version = RedisServer().version
+    engine = RedisServer().engine
     # Trials interleave the modes (everysec, always, …, everysec, always, …) so a burst of
     # load from a neighbour on a shared machine does not land on one mode only.
     by_mode = {m: ModeResult(m) for m in modes}
-    if "replica-waitaof" in by_mode and version < (7, 2):
-        by_mode[
-            "replica-waitaof"
-        ].skipped = f"WAITAOF needs Redis >= 7.2, this is {'.'.join(map(str, version))}"
+    if "replica-waitaof" in by_mode and engine.redis_version < (7, 2):
+        by_mode["replica-waitaof"].skipped = f"WAITAOF needs Redis >= 7.2 (or Valkey), this is {engine}"
     for _ in range(trials):
         for mode, result in by_mode.items():
             if result.skipped:
@@ -284,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     results = asyncio.run(run(args.seconds, args.trials, args.concurrency, modes, args.seed))
     print(
         f"durability bench: {args.trials} trial(s) x {args.seconds:.0f} s per mode, {args.concurrency} buyers; "
-        f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_average']}, Redis {machine['redis']}, "
+        f"{machine['cpu']}, {machine['cores']} cores, load {machine['load_average']}, {machine['redis']}, "
         f"data dir on {machine['data_dir_filesystem']}"
     )
     print(table(results))

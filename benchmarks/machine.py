@@ -16,7 +16,7 @@ import psutil  # type: ignore[import-untyped]
 
 from .servers import Servers
 
-__all__ = ["describe_machine", "load_average"]
+__all__ = ["describe_machine", "engine_label", "load_average"]
 
 _PACKAGES = ("redis", "hiredis", "asyncpg", "aiohttp", "uvloop", "hdrhistogram", "psutil")
 
@@ -51,6 +51,12 @@ def _tool(name: str, *args: str) -> str | None:
     return first[0] if first else path
 
 
+def engine_label(machine: dict[str, Any]) -> str:
+    """The Redis-protocol server a run was measured on, e.g. "Valkey 9.1.2" or "Redis 7.0.15"."""
+    redis = machine["redis"]
+    return f"{str(redis.get('engine') or 'redis').capitalize()} {redis['version']}"
+
+
 def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -81,7 +87,11 @@ async def describe_machine(servers: Servers, *, event_loop: str) -> dict[str, An
         "event_loop": event_loop,
         "packages": {name: _version(name) for name in _PACKAGES},
         "redis": {
-            "version": info.get("redis_version"),
+            # Valkey says so in server_name (Redis 7.0 has no such field) and reports its own
+            # version beside a redis_version of 7.2.4, the Redis release it forked from.
+            "engine": info.get("server_name", "redis"),
+            "version": info.get("valkey_version", info.get("redis_version")),
+            "redis_version": info.get("redis_version"),
             "embedded": servers.redis_pid is not None,
             "appendonly": persistence.get("appendonly"),
             "appendfsync": fsync.get("appendfsync"),

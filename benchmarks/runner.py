@@ -28,7 +28,7 @@ from flashsale.runtime.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, Embedded
 
 from . import burst_bench, ceilings, generator_bench, inventory_bench, service_bench, strategies
 from .goals import judge, render_goals
-from .machine import describe_machine, load_average
+from .machine import describe_machine, engine_label, load_average
 from .report import GENERATOR_BOUND, Claim, Figure, check_claims, render_table, write_json
 from .servers import Servers, open_servers
 from .settings import BenchSettings
@@ -205,7 +205,7 @@ def _headline(machine: dict[str, Any], settings: BenchSettings) -> str:
         f"flashsale benchmarks ({'quick' if settings.quick else 'full'}: {settings.rounds} round(s) of "
         f"{settings.seconds:g} s per figure) on {machine['cpu_model']}, "
         f"{machine['cores']} cores, load average {machine['load_average_at_start']} at start; "
-        f"Python {machine['python']} ({machine['event_loop']}), Redis {machine['redis']['version']}, "
+        f"Python {machine['python']} ({machine['event_loop']}), {engine_label(machine)}, "
         f"PostgreSQL {machine['postgresql']['version']} (fsync={machine['postgresql']['fsync']})\n"
         "Absolute figures move with whatever else the machine runs (a shared 2-core machine moves a lot); "
         "ratios measured in one run are what to compare."

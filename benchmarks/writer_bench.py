@@ -42,7 +42,7 @@ from flashsale.pipeline.writer import OrderWriter, WorkerSettings
 from flashsale.runtime.embedded import EmbeddedStack
 from flashsale.streams import ensure_group, events_key
 
-from .machine import describe_machine
+from .machine import describe_machine, engine_label
 from .servers import open_servers
 
 SALE = "bench"
@@ -215,7 +215,7 @@ def render(report: dict[str, Any]) -> str:
         f"batch {report['batch']}, {len(rounds)} rounds",
         f"machine: {m['cpu_model']}, {m['cores']} cores, load average at start {m['load_average_at_start']}; "
         f"PostgreSQL {pg.get('version')} (fsync {pg.get('fsync')}, synchronous_commit "
-        f"{pg.get('synchronous_commit')}), Redis {m['redis']['version']}",
+        f"{pg.get('synchronous_commit')}), {engine_label(m)}",
         "",
         f"{'what':<34} {'time s':>7} {'orders/s':>9} {'rows/s':>9} {'vs COPY':>8}   {'vs COPY by round':<24}",
     ]

@@ -4,43 +4,117 @@
 instead of starting its own (see ``flashsale.runtime.embedded.EmbeddedStack``).
 ``FLASHSALE_TEST_REDIS=cluster`` runs the Redis fixtures against an embedded three-master
 Redis Cluster instead (see ``redis_mode.py`` and the section at the end).
+
+The engine suites (``redis_mode.ENGINE_SUITES``) run once per engine: their tests get
+``redis_engine`` parametrized, and ``engine_stack`` (behind ``redis_url``, ``redis_client``,
+``text_redis``…) and ``redis_cluster_server`` start that engine's servers once per session.
+PostgreSQL is one server for all.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
-from redis_mode import on_cluster, redis_from_url
+from redis_mode import ENGINE_SUITES, TEST_ENGINES, engine_for, engines_vary, on_cluster, redis_from_url
 
-from flashsale.runtime.embedded import EmbeddedStack
+from flashsale.runtime.cluster import RedisClusterServer
+from flashsale.runtime.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack
+from flashsale.runtime.engines import ENGINE_ENV, EngineError, find_engine
 
 ALLOW_FLUSH_ENV = "FLASHSALE_TEST_ALLOW_FLUSH"
 
 
+class EngineServers:
+    """The servers of each engine for the session, started on first use: a stack (its own
+    Redis, the default stack's PostgreSQL) and a three-master cluster. The default engine's
+    stack is ``embedded_stack`` itself."""
+
+    def __init__(self) -> None:
+        self._stacks: dict[Path, EmbeddedStack] = {}
+        self._clusters: dict[Path, RedisClusterServer] = {}
+
+    def stack(self, engine_id: str | None, default: EmbeddedStack) -> EmbeddedStack:
+        if engine_id is None:
+            return default
+        binary = engine_for(engine_id).binary
+        if default.redis is not None and default.redis.binary == binary:
+            return default
+        if binary not in self._stacks:
+            environ = {DATABASE_URL_ENV: default.database_url, ENGINE_ENV: str(binary)}
+            self._stacks[binary] = EmbeddedStack(environ=environ).start()
+        return self._stacks[binary]
+
+    def cluster(self, engine_id: str | None) -> RedisClusterServer:
+        binary = find_engine().binary if engine_id is None else engine_for(engine_id).binary
+        if binary not in self._clusters:
+            self._clusters[binary] = RedisClusterServer(masters=3, binary=binary).start()
+        return self._clusters[binary]
+
+    def stop(self) -> None:
+        for server in [*self._stacks.values(), *self._clusters.values()]:
+            server.stop()
+
+
 @pytest.fixture(scope="session")
-def embedded_stack(request: pytest.FixtureRequest) -> Iterator[EmbeddedStack]:
+def engine_servers() -> Iterator[EngineServers]:
+    servers = EngineServers()
+    try:
+        yield servers
+    finally:
+        servers.stop()
+
+
+@pytest.fixture(scope="session")
+def embedded_stack(engine_servers: EngineServers) -> Iterator[EmbeddedStack]:
+    """The session's servers on the default engine; tests take ``engine_stack`` (or the URLs)."""
     environ = None
     if on_cluster():  # the stack's Redis is the session's embedded cluster
-        environ = {**os.environ, "FLASHSALE_REDIS_URL": request.getfixturevalue("redis_cluster_server").url}
+        environ = {**os.environ, REDIS_URL_ENV: engine_servers.cluster(None).url}
     with EmbeddedStack(environ=environ) as stack:
         yield stack
 
 
-@pytest.fixture
-def redis_url(embedded_stack: EmbeddedStack) -> str:
-    return embedded_stack.redis_url
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "redis_engine" in metafunc.fixturenames and engines_vary(metafunc.module.__name__):
+        metafunc.parametrize("redis_engine", list(TEST_ENGINES), indirect=True)
 
 
 @pytest.fixture
-def database_url(embedded_stack: EmbeddedStack) -> str:
-    return embedded_stack.database_url
+def redis_engine(request: pytest.FixtureRequest) -> str | None:
+    """The engine this test runs on (a ``redis_mode.TEST_ENGINES`` id), None for the default."""
+    return getattr(request, "param", None)
 
 
 @pytest.fixture
-async def redis_client(embedded_stack: EmbeddedStack) -> AsyncIterator[Redis]:
+def engine_stack(
+    redis_engine: str | None, engine_servers: EngineServers, embedded_stack: EmbeddedStack
+) -> EmbeddedStack:
+    """The stack of this test's engine: ``embedded_stack`` unless an engine suite says another."""
+    return engine_servers.stack(redis_engine, embedded_stack)
+
+
+@pytest.fixture
+def redis_cluster_server(redis_engine: str | None, engine_servers: EngineServers) -> RedisClusterServer:
+    """The session's cluster of this test's engine."""
+    return engine_servers.cluster(redis_engine)
+
+
+@pytest.fixture
+def redis_url(engine_stack: EmbeddedStack) -> str:
+    return engine_stack.redis_url
+
+
+@pytest.fixture
+def database_url(engine_stack: EmbeddedStack) -> str:
+    return engine_stack.database_url
+
+
+@pytest.fixture
+async def redis_client(engine_stack: EmbeddedStack) -> AsyncIterator[Redis]:
     """A client on an empty database, bytes in and out (``decode_responses=False``).
 
     An embedded server belongs to the suite and is FLUSHALLed before each test. A server named
@@ -48,14 +122,14 @@ async def redis_client(embedded_stack: EmbeddedStack) -> AsyncIterator[Redis]:
     FLASHSALE_TEST_ALLOW_FLUSH=1, and then only FLUSHDB the database the URL names, so
     ``redis://host:6379/15`` keeps the tests away from database 0.
     """
-    embedded = embedded_stack.redis is not None or on_cluster()  # a test cluster is always embedded
+    embedded = engine_stack.redis is not None or on_cluster()  # a test cluster is always embedded
     if not embedded and os.environ.get(ALLOW_FLUSH_ENV) != "1":
         pytest.fail(
-            f"refusing to flush the Redis at {embedded_stack.redis_url} (from FLASHSALE_REDIS_URL): "
+            f"refusing to flush the Redis at {engine_stack.redis_url} (from FLASHSALE_REDIS_URL): "
             f"set {ALLOW_FLUSH_ENV}=1 if its database may be emptied before each test",
             pytrace=False,
         )
-    client = redis_from_url(embedded_stack.redis_url, decode_responses=False)
+    client = redis_from_url(engine_stack.redis_url, decode_responses=False)
     try:
         if embedded:
             await client.flushall()
@@ -200,26 +274,25 @@ def drained():  # type: ignore[no-untyped-def]
 
 
 # ----------------------------------------------------------------------------------------
-# Redis Cluster (owned by the cluster tests). One embedded three-master cluster per
-# session, started on first use: by test_cluster_service.py, and by ``embedded_stack``
-# under FLASHSALE_TEST_REDIS=cluster, which also exports FLASHSALE_REDIS_CLUSTER=1 so that
+# Redis Cluster (owned by the cluster tests). One embedded three-master cluster per engine
+# per session (``EngineServers``), started on first use: by the cluster tests, and by
+# ``embedded_stack`` under FLASHSALE_TEST_REDIS=cluster, which also exports FLASHSALE_REDIS_CLUSTER=1 so that
 # services, workers and audits started by tests (in process or not) use cluster clients.
 # ----------------------------------------------------------------------------------------
-from flashsale.runtime.cluster import RedisClusterServer as _RedisClusterServer  # noqa: E402
-
-
 def pytest_configure(config: pytest.Config) -> None:
     if on_cluster():
         os.environ["FLASHSALE_REDIS_CLUSTER"] = "1"
 
 
-def pytest_report_header(config: pytest.Config) -> str:
-    return "redis: " + (
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    mode = (
         "embedded Redis Cluster, 3 masters (FLASHSALE_TEST_REDIS=cluster)" if on_cluster() else "one server"
     )
-
-
-@pytest.fixture(scope="session")
-def redis_cluster_server() -> Iterator[_RedisClusterServer]:
-    with _RedisClusterServer(masters=3) as cluster:
-        yield cluster
+    try:
+        engine = f"{find_engine()} ({ENGINE_ENV}={os.environ.get(ENGINE_ENV, '')})"
+    except EngineError as exc:
+        engine = str(exc)
+    return [
+        f"redis: {mode}; default engine: {engine}",
+        f"engines: {', '.join(TEST_ENGINES)} for {', '.join(ENGINE_SUITES)}",
+    ]

@@ -299,3 +299,27 @@ async def sweep_until_empty(inv: Inventory, seen: dict[str, str], *, give_up_aft
             return
         await asyncio.sleep(0.001)
     raise AssertionError("holds still open long after their deadlines")
+
+
+class PausedTransfer:
+    """Holds a live transfer between its intent and the donor's write-off (the window a
+    settle step must not judge by a clock), and can make its process die after the
+    write-off, before the receiver's add."""
+
+    def __init__(
+        self, monkeypatch: Any, source: Inventory, target: Inventory, *, crash: bool = False
+    ) -> None:
+        self.at_donor, self.go = asyncio.Event(), asyncio.Event()
+        self.crash = crash
+        real = Inventory._mutate
+
+        async def mutate(inv: Inventory, script: str, *args: Any, **kw: Any) -> Any:
+            if inv is source and not self.at_donor.is_set():
+                self.at_donor.set()
+                await self.go.wait()
+            elif inv is target and self.crash and script in ("adjust", "transfer_in"):
+                self.crash = False  # only the transferring process dies
+                raise RuntimeError("process killed before the receiver's add")
+            return await real(inv, script, *args, **kw)
+
+        monkeypatch.setattr(Inventory, "_mutate", mutate)

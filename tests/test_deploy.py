@@ -39,6 +39,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from flashsale.service.probes import READY_TIMEOUT_S
+
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 COMPOSE_DIR = DEPLOY / "compose"
@@ -682,6 +684,16 @@ def test_service_probes_autoscaling_and_disruption_budget(
     port_names = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    ready = container["readinessProbe"]
+    # /readyz answers within READY_TIMEOUT_S whatever Redis does: a kubelet timeout above it
+    # sees the 503 (and its reasons in the pod's events), not a probe that timed out.
+    assert ready["timeoutSeconds"] >= READY_TIMEOUT_S + 1, ready
+    # A pod leaves the endpoints after a few seconds of failing, not on one slow answer,
+    # and never for PostgreSQL (tests/test_service_probes.py: /readyz stays 200 without it).
+    assert (
+        2 <= ready.get("failureThreshold", 3)
+        and ready["periodSeconds"] * ready.get("failureThreshold", 3) <= 30
+    )
     for probe in ("readinessProbe", "livenessProbe"):
         assert container[probe]["httpGet"]["port"] in port_names
     env = {e["name"]: e.get("value") for e in container.get("env", [])}

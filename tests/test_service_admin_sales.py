@@ -14,6 +14,7 @@ from service_support import (
     Service,
     ServiceFactory,
     changed_keys,
+    command_calls,
     dump_redis,
     expect_json,
     new_id,
@@ -218,3 +219,23 @@ async def test_the_sku_index_is_reread_within_the_cache_time(redis_client: Redis
     while await book.sale_of_sku(sku) != "second":
         assert time.monotonic() < deadline, "the SKU index was never read again"
         await asyncio.sleep(0.01)
+
+
+async def test_orders_arriving_while_the_sale_book_is_read_share_that_read(redis_client: Redis) -> None:
+    """At the peak, a lapsed sale-book entry is read once: the orders that arrive while
+    that read is on its way wait for it instead of each sending their own (one HGET and one
+    HGETALL per order when the entry lapsed, under load, before)."""
+    book = SaleBook(redis_client, "fs", ttl_s=60)
+    sku, sale = new_id("sku"), new_id("sale")
+    await redis_client.hset(ServiceKeys("fs").skus, sku, sale)
+    await redis_client.hset(ServiceKeys("fs").sale(sale), mapping={"opens_at_ms": 1, "state": "open"})
+    hget, hgetall = await command_calls(redis_client, "hget"), await command_calls(redis_client, "hgetall")
+    found = await asyncio.gather(*(book.sale_of_sku(sku) for _ in range(50)))
+    settings = await asyncio.gather(*(book.sale(sale) for _ in range(50)))
+    assert found == [sale] * 50 and {s.state if s else None for s in settings} == {"open"}
+    assert await command_calls(redis_client, "hget") - hget == 1
+    assert await command_calls(redis_client, "hgetall") - hgetall == 1
+    # A read asked to be fresh (after a write) never takes one started before it.
+    await redis_client.hset(ServiceKeys("fs").sale(sale), "state", "closed")
+    stale, fresh = await asyncio.gather(book.sale(sale), book.sale(sale, fresh=True))
+    assert stale is not None and fresh is not None and fresh.state == "closed"

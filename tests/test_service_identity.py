@@ -4,6 +4,7 @@ and member flag are what the service acts on."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -23,7 +24,8 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from flashsale.service.tokens import mint
+from flashsale.service.identity import Identity
+from flashsale.service.tokens import InvalidToken, VerifiedTokens, mint
 
 
 def _signed(payload: str, secret: str = TOKEN_SECRET) -> str:
@@ -129,3 +131,41 @@ async def test_a_token_signed_with_another_services_secret_is_refused(start_serv
         "/api/orders", json={"request_id": "r", "sku": "x"}, headers=buyer("alice")
     )
     await expect_json(resp, 401, "unauthorized")
+
+
+async def _until_past(instant: float) -> None:
+    """Wait for the clock itself to pass ``instant`` (a condition, not a guessed sleep)."""
+    while time.time() <= instant:
+        await asyncio.sleep(0.05)
+
+
+async def test_a_remembered_token_is_refused_once_it_expires(service: Service) -> None:
+    """The service remembers tokens it checked; one that expires is refused from the
+    instant it would have been without that memory."""
+    sku = new_id("sku")
+    await service.create_sale({sku: 5})
+    token = mint(TOKEN_SECRET, "brief", ttl_s=1)
+    headers = {"Authorization": f"Bearer {token}"}
+    resp = await service.client.post("/api/orders", json={"request_id": "r-1", "sku": sku}, headers=headers)
+    await expect_json(resp, 201)
+    await _until_past(int(token.split(".")[1]))
+    resp = await service.client.post("/api/orders", json={"request_id": "r-2", "sku": sku}, headers=headers)
+    body = await expect_json(resp, 401, "unauthorized")
+    assert "expired" in body["message"]
+
+
+def test_remembered_tokens_are_bounded_and_never_stand_in_for_a_check() -> None:
+    identity = Identity(TOKEN_SECRET, verified=VerifiedTokens(limit=3))
+    tokens = [mint(TOKEN_SECRET, f"buyer{i}") for i in range(10)]
+    for _ in range(2):
+        assert [identity.buyer(t).user for t in tokens] == [f"buyer{i}" for i in range(10)]
+        assert len(identity.verified) == 3
+    # The remembered token, one character changed, is checked (and refused), not recalled.
+    user, expires, member, signature = tokens[-1].split(".")
+    with pytest.raises(InvalidToken):
+        identity.buyer(f"{user}.{expires}.{member}.{signature[:-1]}{'A' if signature[-1] != 'A' else 'B'}")
+    # Past its expiry a remembered token is not recalled: the check decides, and refuses.
+    buyer = identity.verified.get(tokens[-1])
+    assert buyer is not None
+    assert identity.verified.get(tokens[-1], now=buyer.expires) is None
+    assert len(identity.verified) == 2

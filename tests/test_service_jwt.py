@@ -6,6 +6,7 @@ on; a forged, expired, wrong-audience, wrong-issuer or wrong-algorithm token is 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ from flashsale.settings import Settings, SettingsError
 
 ISSUER, AUDIENCE = "https://id.shop.example", "flashsale"
 HS_SECRET = "shop-idp-secret-0123456789abcdef"  # 32 bytes: PyJWT's minimum for HS256
+LEEWAY_S = 5  # the clock skew flashsale.service.identity allows past exp
 
 
 def _claims(user: str = "alice", **extra: Any) -> dict[str, Any]:
@@ -202,3 +204,21 @@ async def test_without_jwt_settings_a_jwt_is_refused(start_service: ServiceFacto
 def test_unusable_jwt_settings_are_a_clear_settings_error(overrides: dict[str, str], says: str) -> None:
     with pytest.raises(SettingsError, match=says):
         JwtVerifier.from_settings(Settings(token_secret="x", admin_token="y", **overrides))  # type: ignore[arg-type]
+
+
+async def test_a_remembered_jwt_is_refused_once_past_its_leeway(
+    start_service: ServiceFactory, keys: dict[str, Any]
+) -> None:
+    """A JWT a few seconds past ``exp`` is still inside PyJWT's leeway, so it is accepted
+    (and remembered); it is refused from the instant PyJWT would refuse it."""
+    service = await _jwt_service(start_service, keys)
+    sku = new_id("sku")
+    await service.create_sale([{"sku": sku, "stock": 10}])
+    exp = int(time.time()) - 3
+    token = jwt.encode(_claims("late", exp=exp), HS_SECRET, algorithm="HS256")
+    status, body = await _order(service, token, sku)
+    assert status == 201, body
+    while time.time() <= exp + LEEWAY_S:  # the clock itself passing the instant, not a guessed sleep
+        await asyncio.sleep(0.05)
+    status, body = await _order(service, token, sku)
+    assert (status, body["error"]) == (401, "unauthorized") and "expired" in body["message"], body

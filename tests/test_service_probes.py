@@ -1,18 +1,27 @@
-"""Probes: /healthz (the process is up), /readyz (Redis and PostgreSQL reachable, scripts
-loaded — 503 otherwise) and /metrics (Prometheus text with the names dashboards and
+"""Probes: /healthz (the process is up), /readyz (this process can decide sales: Redis answers
+as a primary within a second and the scripts are loaded — 503 otherwise; PostgreSQL and the
+fence are reported, never a reason to leave the load balancer, as orders never wait on them)
+and /metrics (Prometheus text with the names dashboards and
 alerts use: every route by its template, process metrics, the writer's progress, the last
 audit, and per-sale series that leave once the sale has ended)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import json
+import re
 import socket
 import time
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
+import jsonschema
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
+from redis_mode import on_cluster
 from service_support import (
     ADMIN,
     Service,
@@ -25,6 +34,9 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
+from flashsale.runtime.embedded import RedisServer
+from flashsale.service.openapi import document
+from flashsale.service.probes import READY_TIMEOUT_S
 from flashsale.streams import dead_letter_key
 from inventory._scripts import SCRIPT_NAMES, script_source
 
@@ -70,17 +82,42 @@ async def test_healthz(service: Service) -> None:
     assert await expect_json(await service.client.get("/healthz"), 200) == {"status": "ok"}
 
 
+def _readiness_schema() -> dict[str, Any]:
+    schema: dict[str, Any] = document()["components"]["schemas"]["Readiness"]
+    return schema
+
+
+def _ready_body(body: dict[str, Any]) -> dict[str, Any]:
+    """``body`` after checking it against the Readiness schema /openapi.json publishes."""
+    jsonschema.validate(body, _readiness_schema())
+    return body
+
+
+@contextlib.contextmanager
+def _silent_redis() -> Iterator[int]:
+    """A loopback port that takes connections and never answers: a hung Redis (the kernel
+    completes the handshake; nobody reads)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(64)
+        yield sock.getsockname()[1]
+
+
+async def test_healthz(service: Service) -> None:
+    assert await expect_json(await service.client.get("/healthz"), 200) == {"status": "ok"}
+
+
 async def test_readyz_loads_the_scripts_redis_lost(service: Service, redis_client: Redis) -> None:
     await redis_client.script_flush()  # what a Redis restart or failover leaves
-    ready = await expect_json(await service.client.get("/readyz"), 200)
-    assert ready == {"ready": True, "checks": {"redis": "ok", "scripts": "ok"}}
+    ready = _ready_body(await expect_json(await service.client.get("/readyz"), 200))
+    assert ready == {"ready": True, "checks": {"redis": "ok", "scripts": "ok"}, "reported": {"fence": "off"}}
     shas = [hashlib.sha1(script_source(name).encode()).hexdigest() for name in SCRIPT_NAMES]
     assert await redis_client.script_exists(*shas) == [True] * len(SCRIPT_NAMES)
 
 
 async def test_readyz_is_503_when_redis_is_down(start_service: ServiceFactory) -> None:
     service = await start_service(redis_url=f"redis://127.0.0.1:{_closed_port()}/0", redis_timeout_s=0.5)
-    body = await expect_json(await service.client.get("/readyz"), 503)
+    body = _ready_body(await expect_json(await service.client.get("/readyz"), 503))
     assert body["ready"] is False
     assert body["checks"]["redis"].startswith("unreachable")
     # Liveness is not readiness: the process itself is fine.
@@ -90,23 +127,73 @@ async def test_readyz_is_503_when_redis_is_down(start_service: ServiceFactory) -
     assert resp.status == 200 and "flashsale_orders_total" in await resp.text()
 
 
-async def test_readyz_checks_postgresql(start_service: ServiceFactory, database_url: str) -> None:
-    service = await start_service(database_url=database_url)
-    assert (await expect_json(await service.client.get("/readyz"), 200))["checks"] == {
-        "redis": "ok",
-        "scripts": "ok",
-        "postgres": "ok",
-    }
+async def test_readyz_answers_503_within_its_bound_when_redis_hangs(start_service: ServiceFactory) -> None:
+    """A Redis that takes the connection and never answers: the service's own Redis timeout
+    (30 s here) must not become the probe's — /readyz says 503 within READY_TIMEOUT_S."""
+    with _silent_redis() as port:
+        service = await start_service(
+            redis_url=f"redis://127.0.0.1:{port}/0", redis_cluster=False, redis_timeout_s=30.0
+        )
+        started = time.monotonic()
+        body = _ready_body(await expect_json(await service.client.get("/readyz"), 503))
+        took = time.monotonic() - started
+    assert body["checks"]["redis"].startswith("unreachable") and "no answer" in body["checks"]["redis"]
+    # The bound, and room for a busy machine — far below the client's own 30 s (twice: one re-send).
+    assert took < READY_TIMEOUT_S + 8, f"/readyz took {took:.1f} s against a hung Redis"
 
 
-async def test_readyz_is_503_when_postgresql_is_down_but_orders_go_on(start_service: ServiceFactory) -> None:
-    # The service starts although the database does not answer: orders never wait on it.
+async def test_readyz_is_503_on_a_replica(start_service: ServiceFactory) -> None:
+    """A replica (a failover that left the URL on the old primary, a mis-pointed Service)
+    answers PING but refuses every write: the pod cannot decide sales."""
+    with RedisServer(extra_args=("--replicaof", "127.0.0.1", str(_closed_port()))) as replica:
+        service = await start_service(redis_url=replica.url, redis_cluster=False)
+        body = _ready_body(await expect_json(await service.client.get("/readyz"), 503))
+    assert body["checks"]["redis"] == "not a primary: its role is slave", body
+
+
+async def test_readyz_does_without_role_where_it_is_disabled(start_service: ServiceFactory) -> None:
+    """Some managed Redis services and proxies rename or refuse ROLE: PING decides there,
+    rather than no pod ever being ready."""
+    with RedisServer(extra_args=("--rename-command", "ROLE", "")) as server:
+        service = await start_service(redis_url=server.url, redis_cluster=False)
+        body = _ready_body(await expect_json(await service.client.get("/readyz"), 200))
+    assert body["checks"] == {"redis": "ok", "scripts": "ok"}
+
+
+async def test_readyz_reports_postgresql_and_the_fence(
+    start_service: ServiceFactory, pipeline_db_url: str, pipeline_pool: Any
+) -> None:
+    """With the tables migrated the fence watches this process's Redis: "ok" when verified."""
+    service = await start_service(database_url=pipeline_db_url)
+    body = _ready_body(await expect_json(await service.client.get("/readyz"), 200))
+    assert body["checks"] == {"redis": "ok", "scripts": "ok"}
+    # (On a Redis Cluster the fence is off: it checks one server only.)
+    assert body["reported"] == {"postgres": "ok", "fence": "off" if on_cluster() else "ok"}
+    samples = await scrape(service)
+    assert samples[("flashsale_postgres_up", ())] == 1
+
+
+async def test_readyz_stays_200_when_postgresql_is_down_and_orders_go_on(
+    start_service: ServiceFactory,
+) -> None:
+    """Issue 12, item 8: orders never wait on PostgreSQL, so its outage must not take every
+    pod out of the Service. It is reported (body, flashsale_postgres_up, the alert)."""
+    # The service starts although the database does not answer.
     service = await start_service(database_url=f"postgresql://flashsale@127.0.0.1:{_closed_port()}/flashsale")
-    body = await expect_json(await service.client.get("/readyz"), 503)
-    assert body["checks"]["redis"] == "ok" and body["checks"]["postgres"].startswith("unreachable")
+    body = _ready_body(await expect_json(await service.client.get("/readyz"), 200))
+    assert body["ready"] is True and body["checks"] == {"redis": "ok", "scripts": "ok"}
+    assert body["reported"]["postgres"].startswith("unreachable"), body
+    unverified = "off" if on_cluster() else "unverified: PostgreSQL does not answer"
+    assert body["reported"]["fence"] == unverified, body
+    samples = await scrape(service)
+    assert samples[("flashsale_postgres_up", ())] == 0
     sku = new_id("sku")
     await service.create_sale({sku: 5})
     await expect_json(await service.order("alice", sku), 201)
+
+
+async def test_no_database_no_postgres_series(service: Service) -> None:
+    assert not any(name == "flashsale_postgres_up" for name, _ in await scrape(service))
 
 
 async def test_metrics_name_what_dashboards_use(service: Service) -> None:
@@ -263,3 +350,11 @@ async def test_writer_progress_and_the_last_audit_reach_metrics(
     assert report["violations_by_kind"]["dead_letter"] == 1
     samples = await scrape(service)
     assert samples[("flashsale_audit_violations", (("kind", "dead_letter"),))] == 1
+
+
+def test_the_documented_readiness_body_fits_the_schema() -> None:
+    """docs/http-api.md's example /readyz body is one the schema (and so the service) allows."""
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "http-api.md").read_text(encoding="utf-8")
+    probes = doc.split("## Probes", 1)[1]
+    (example,) = re.findall(r"```json\n(.*?)```", probes, re.S)
+    _ready_body(json.loads(example))

@@ -19,6 +19,7 @@ from typing import Any
 import asyncpg
 import psutil
 
+from flashsale.runtime.embedded import RedisServer
 from flashsale.service.tokens import mint
 
 
@@ -51,8 +52,9 @@ def _order_status_in_postgres(database_url: str, user: str) -> str | None:
     return asyncio.run(read())
 
 
-def test_serve_embedded_starts_everything_and_stops_it_on_ctrl_c() -> None:
-    port = _free_port()
+def _start_tryout(port: int) -> tuple[subprocess.Popen[str], dict[str, str], list[psutil.Process]]:
+    """Start ``flashsale serve --embedded`` and wait until it is ready: the process, the
+    variables it exported, and its children (servers, worker, service processes)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLASHSALE_")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "flashsale", "serve", "--embedded", "--port", str(port)],
@@ -62,34 +64,48 @@ def test_serve_embedded_starts_everything_and_stops_it_on_ctrl_c() -> None:
         text=True,
         start_new_session=True,
     )
+    exported: dict[str, str] = {}
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("export "):
+            name, _, value = line[len("export ") :].strip().partition("=")
+            exported[name] = value
+        if line.startswith("# serving"):
+            break
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
+                if resp.status == 200:
+                    break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "the embedded service never became ready"
+        time.sleep(0.2)
+    return proc, exported, psutil.Process(proc.pid).children(recursive=True)
+
+
+def _stop(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_serve_embedded_starts_everything_and_stops_it_on_ctrl_c() -> None:
+    port = _free_port()
+    proc, exported, children = _start_tryout(port)
     try:
-        exported: dict[str, str] = {}
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if line.startswith("export "):
-                name, _, value = line[len("export ") :].strip().partition("=")
-                exported[name] = value
-            if line.startswith("# serving"):
-                break
         assert set(exported) == {
             "FLASHSALE_REDIS_URL",
             "FLASHSALE_DATABASE_URL",
             "FLASHSALE_TOKEN_SECRET",
             "FLASHSALE_ADMIN_TOKEN",
         }
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as resp:
-                    if resp.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "the embedded service never became ready"
-            time.sleep(0.2)
-        children = psutil.Process(proc.pid).children(recursive=True)
         names = {c.name() for c in children}
-        assert any("redis" in n for n in names) and any("postgres" in n for n in names)
+        engine = RedisServer().binary.name[:15]  # e.g. valkey-server, the default engine
+        assert engine in names and any("postgres" in n for n in names), names
         assert any("worker" in c.cmdline() for c in children), "no worker runs beside the try-out"
 
         # The worker really works: an unpaid hold reaches PostgreSQL, then lapses there.
@@ -107,8 +123,18 @@ def test_serve_embedded_starts_everything_and_stops_it_on_ctrl_c() -> None:
         gone, alive = psutil.wait_procs(children, timeout=15)
         assert not alive, f"left running: {[p.pid for p in alive]}"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout is not None:
-            proc.stdout.close()
+        _stop(proc)
+
+
+def test_a_killed_tryout_leaves_nothing_running() -> None:
+    """``kill -9`` of ``serve --embedded`` (a closed terminal, an OOM kill): its servers and
+    the worker beside it go with it, instead of retrying vanished stores for ever."""
+    proc, _, children = _start_tryout(_free_port())
+    try:
+        assert any("worker" in c.cmdline() for c in children)
+        proc.kill()
+        proc.wait()
+        gone, alive = psutil.wait_procs(children, timeout=60)
+        assert not alive, f"left running after the try-out was killed: {[p.cmdline() for p in alive]}"
+    finally:
+        _stop(proc)

@@ -330,7 +330,7 @@ async def test_stop_finishes_and_publishes_the_counters(
 
 
 async def test_a_redis_outage_is_waited_out(
-    embedded_stack: Any,
+    engine_stack: Any,
     redis_url: str,
     text_redis: Redis,
     pipeline_pool: Any,
@@ -342,7 +342,7 @@ async def test_a_redis_outage_is_waited_out(
     the outage once, waits, and carries on where it was."""
     from flashsale.pipeline.writer import WorkerSettings
 
-    if embedded_stack.redis is None:
+    if engine_stack.redis is None:
         pytest.skip("FLASHSALE_REDIS_URL names an outside Redis: this test must freeze it")
     inv = await pipeline_sale("d11", STOCK)
     await make_orders(inv, 10, prefix="a")
@@ -353,11 +353,11 @@ async def test_a_redis_outage_is_waited_out(
     task = asyncio.ensure_future(writer.run())
     try:
         await drained(text_redis, ["d11"])
-        embedded_stack.redis.pause()
+        engine_stack.redis.pause()
         try:
             await asyncio.sleep(1.5)
         finally:
-            embedded_stack.redis.resume()
+            engine_stack.redis.resume()
         assert not task.done()
         await make_orders(inv, 10, prefix="b")
         await drained(text_redis, ["d11"])

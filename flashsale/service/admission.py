@@ -22,9 +22,8 @@ Everything here is per process and in memory — no round trip:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -92,24 +91,22 @@ class BuyerTurns:
     def in_progress(self, user: str) -> int:
         return self._busy.get(user, 0)
 
-    @contextlib.contextmanager
-    def turn(self, user: str) -> Iterator[bool]:
-        """Yields False (and takes nothing) when ``user`` already has ``limit`` requests in
-        progress; otherwise True, and the turn is given back on leaving."""
+    def take(self, user: str) -> bool:
+        """One of ``user``'s turns (True), or False (and nothing taken) when they already
+        have ``limit`` requests in progress. A turn taken is given back with :meth:`give_back`."""
         busy = self._busy.get(user, 0)
         if self.limit > 0 and busy >= self.limit:
             self.refused += 1
-            yield False
-            return
+            return False
         self._busy[user] = busy + 1
-        try:
-            yield True
-        finally:
-            left = self._busy[user] - 1
-            if left:
-                self._busy[user] = left
-            else:
-                del self._busy[user]  # memory stays bounded by requests in progress
+        return True
+
+    def give_back(self, user: str) -> None:
+        left = self._busy[user] - 1
+        if left:
+            self._busy[user] = left
+        else:
+            del self._busy[user]  # memory stays bounded by requests in progress
 
 
 class SharedLoads(Generic[T]):
@@ -126,6 +123,11 @@ class SharedLoads(Generic[T]):
             running = self._running[key] = asyncio.ensure_future(load())
             running.add_done_callback(lambda done: self._finished(key, done))
         return await asyncio.shield(running)
+
+    def forget(self, key: str) -> None:
+        """The next caller starts a new load of ``key`` (what it reads changed); callers
+        already waiting keep theirs."""
+        self._running.pop(key, None)
 
     def _finished(self, key: str, done: asyncio.Future[T]) -> None:
         if self._running.get(key) is done:

@@ -7,9 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisClusterException, RedisError
@@ -17,7 +19,7 @@ from redis.exceptions import RedisClusterException, RedisError
 from flashsale.redis_client import ConnectWatch, connect
 from flashsale.service import admin_api, buyer_api, fence_guard, probes, waiting_room
 from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SoldOutCache
-from flashsale.service.errors import error_middleware
+from flashsale.service.errors import error_answer
 from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook
@@ -25,7 +27,7 @@ from flashsale.service.state import STATE, ServiceState
 from flashsale.service.warroom import routes as warroom
 from flashsale.settings import Settings
 
-__all__ = ["create_app", "redis_client"]
+__all__ = ["answer_middleware", "create_app", "redis_client"]
 
 log = logging.getLogger("flashsale.service")
 
@@ -76,12 +78,32 @@ async def _pg_pool(settings: Settings):  # type: ignore[no-untyped-def]
     return await asyncpg.create_pool(settings.database_url, min_size=0, max_size=4, command_timeout=10)
 
 
+def answer_middleware(metrics: ServiceMetrics) -> Middleware:
+    """The app's one middleware: every failure becomes its JSON error (:func:`error_answer`),
+    and every answer, as the client gets it, is timed and counted by route. One layer, not
+    one per concern: each layer costs every request a call."""
+
+    @web.middleware
+    async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
+        started = time.perf_counter()
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            try:
+                response = error_answer(request, exc)
+            except web.HTTPException as redirect:  # raised again: not an error, still an answer
+                metrics.record_answer(request, redirect.status, started)
+                raise
+        # (A cancelled request got no answer: nothing is counted.)
+        metrics.record_answer(request, response.status, started)
+        return response
+
+    return answer
+
+
 def create_app(settings: Settings) -> web.Application:
     metrics = ServiceMetrics()
-    # Outermost: the per-route metrics see every answer as the client gets it.
-    app = web.Application(
-        middlewares=[metrics.middleware(), error_middleware], client_max_size=settings.max_body_bytes
-    )
+    app = web.Application(middlewares=[answer_middleware(metrics)], client_max_size=settings.max_body_bytes)
     app.add_routes(buyer_api.routes)
     app.add_routes(waiting_room.routes)
     app.add_routes(admin_api.routes)

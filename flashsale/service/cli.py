@@ -129,11 +129,17 @@ def _serve_embedded(settings: Settings, given: dict[str, str]) -> int:
 def _worker(settings: Settings) -> Iterator[None]:
     """``flashsale worker`` (order writer and hold sweeper) beside the try-out's service,
     on the same stores; stopped before the servers are."""
+    from flashsale.runtime.embedded import parent_death_signal
     from flashsale.service.serve import settings_env
 
     env = {**os.environ, **settings_env(settings)}
     worker = subprocess.Popen(
-        [sys.executable, "-m", "flashsale", "worker"], env=env, stdin=subprocess.DEVNULL
+        [sys.executable, "-m", "flashsale", "worker"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        # Killed with us (kill -9, a closed terminal): the servers it writes to go too, so
+        # it stops rather than retry vanished stores for ever.
+        preexec_fn=parent_death_signal(signal.SIGTERM),
     )
     try:
         yield

@@ -1,5 +1,5 @@
-"""HTTP errors: the one middleware that turns every failure into
-``{"error": "<stable_code>", "message": "…"}`` with the right status.
+"""HTTP errors: what turns every failure into ``{"error": "<stable_code>", "message": "…"}``
+with the right status (:func:`error_answer`, called by the app's one middleware).
 
 Inventory exceptions carry their own stable codes; this module maps each to a status.
 Anything a client can send ends in a 4xx; a 5xx means the server could not decide
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from aiohttp import web
@@ -18,11 +18,15 @@ from redis.exceptions import RedisError
 
 import inventory
 
-__all__ = ["ApiError", "error_middleware", "error_response", "http_exception_response", "status_for"]
+__all__ = [
+    "ApiError",
+    "error_answer",
+    "error_response",
+    "http_exception_response",
+    "status_for",
+]
 
 log = logging.getLogger("flashsale.errors")
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class ApiError(Exception):
@@ -96,28 +100,26 @@ def _from_inventory(exc: inventory.InventoryError) -> web.Response:
     return error_response(status_for(exc), code, exc.message, **details)
 
 
-@web.middleware
-async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    try:
-        return await handler(request)
-    except ApiError as exc:
+def error_answer(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """The JSON answer to what a handler raised (a redirect is raised again: not an error)."""
+    if isinstance(exc, ApiError):
         response = error_response(exc.status, exc.code, exc.message, exc.headers, **exc.details)
         if exc.status == 408:
             response.force_close()  # RFC 9110: after a 408 the connection is closed, not waited on
         return response
-    except inventory.InventoryError as exc:
+    if isinstance(exc, inventory.InventoryError):
         return _from_inventory(exc)
-    except web.HTTPRequestEntityTooLarge:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
         # aiohttp raises this while reading a body sent without Content-Length (chunked);
         # the exception does not keep the limit, the request does.
         return error_response(
             413, "body_too_large", f"request body is larger than {request.client_max_size} bytes"
         )
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400:
-            raise
+            raise exc
         return http_exception_response(exc)
-    except RedisError as exc:
+    if isinstance(exc, RedisError):
         log.warning("redis error on %s: %s", request.path, exc)
         return error_response(
             503,
@@ -125,6 +127,5 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             "the stock store is not answering; try again shortly",
             {"Retry-After": "1"},
         )
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return error_response(500, "internal_error", "unexpected server error; it has been logged")
+    log.error("unhandled error on %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "internal_error", "unexpected server error; it has been logged")

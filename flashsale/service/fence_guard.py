@@ -108,6 +108,18 @@ class FenceGuard:
             return None
         return self.fenced.get(sale)
 
+    def status(self) -> str:
+        """What the fence stands at, for /readyz: "ok" (Redis verified, nothing fenced), or
+        what it is doing instead. Never a reason to take the process out of the load
+        balancer: a fence is per sale and the same in every process."""
+        if self.verifying is not None:
+            return f"verifying: {self.verifying}"
+        if self.fenced:
+            return f"fenced: {', '.join(sorted(self.fenced))}"
+        if self._unverified_run_id is not None:
+            return "unverified: PostgreSQL does not answer"
+        return "ok"
+
     def sale_of_sku(self, sku: str) -> str | None:
         return self._sku_sale.get(sku)
 

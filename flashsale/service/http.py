@@ -1,21 +1,26 @@
 """What every handler reads off a request the same way: the bearer token and the JSON
 body — read under the read deadline (``FLASHSALE_READ_TIMEOUT``, 408 when it passes), within
 the size limit, and a 4xx for anything that is not one JSON object: a body that is not in
-its declared ``Content-Encoding``, broken chunked framing, a body cut short."""
+its declared ``Content-Encoding``, broken chunked framing, a body cut short — and the JSON
+answer of the buyer endpoints.
+
+JSON is parsed and written by orjson; a body orjson refuses is judged by the stdlib's
+parser, as before orjson: it also reads NaN, Infinity, lone surrogates and UTF-16/32, and
+what it makes of them (a NaN quantity: 422 ``invalid_quantity``) stays the answer."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Any
 
+import orjson
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError, DecompressSizeError, HttpProcessingError
 
 from flashsale.service.errors import ApiError
 from flashsale.service.state import STATE
 
-__all__ = ["bearer", "payload_refusal", "read_body", "read_json"]
+__all__ = ["bearer", "json_answer", "payload_refusal", "read_body", "read_json"]
 
 
 def bearer(request: web.Request) -> str:
@@ -52,15 +57,17 @@ async def read_body(request: web.Request) -> bytes:
     it at once)."""
     if request.content_length is not None and request.content_length > request.client_max_size:
         raise ApiError(413, "body_too_large", f"request body is larger than {request.client_max_size} bytes")
-    timeout_s = request.app[STATE].settings.read_timeout_s
+    deadline = request.app[STATE].read_deadline
     try:
-        async with asyncio.timeout(timeout_s):
+        if request.content.is_eof():  # it all came with the headers (nearly every order): no wait
+            return await request.read()
+        async with deadline():
             return await request.read()
     except TimeoutError:
         raise ApiError(
             408,
             "request_timeout",
-            f"the request body did not arrive within {timeout_s:g} s",
+            f"the request body did not arrive within {deadline.seconds:g} s",
         ) from None
     except (web.RequestPayloadError, HttpProcessingError) as exc:
         raise payload_refusal(exc, request.client_max_size) from None
@@ -74,9 +81,23 @@ async def read_json(request: web.Request) -> dict[str, Any]:
     if not raw:
         raise ApiError(422, "malformed_json", "the request needs a JSON object body")
     try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]] nested deep
-        raise ApiError(422, "malformed_json", "the body is not valid JSON") from None
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: [[[[…]]]] nested deep
+            raise ApiError(422, "malformed_json", "the body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, "malformed_json", "the body must be a JSON object")
     return body
+
+
+def json_answer(body: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    """``body`` as a JSON answer (as ``web.json_response`` would write it, only faster)."""
+    return web.Response(
+        body=orjson.dumps(body),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+        charset="utf-8",
+    )

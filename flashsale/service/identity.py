@@ -15,19 +15,23 @@ algorithm's family: an HS256 token signed with the RSA public key as its secret 
 classic algorithm confusion) or ``alg: none`` is refused. Every refusal is
 :class:`~flashsale.service.tokens.InvalidToken` (401 at the HTTP edge), never an error.
 PyJWT does the signature and claim checks: a well-kept library, not code to write again.
+
+A token that passed is remembered (:class:`~flashsale.service.tokens.VerifiedTokens`) until
+the instant its check would refuse it as expired: a buyer's next requests skip the
+signature. Refusals are never remembered.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from flashsale.service.tokens import USER_ID, Buyer, InvalidToken, verify
+from flashsale.service.tokens import USER_ID, Buyer, InvalidToken, VerifiedTokens, verify
 from flashsale.settings import Settings, SettingsError
 
 __all__ = ["Identity", "JwtVerifier"]
@@ -154,14 +158,23 @@ class Identity:
 
     token_secret: str
     jwt: JwtVerifier | None = None
+    verified: VerifiedTokens = field(default_factory=VerifiedTokens, compare=False)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Identity:
         return cls(settings.token_secret or "", JwtVerifier.from_settings(settings))
 
     def buyer(self, token: str) -> Buyer:
+        known = self.verified.get(token)
+        if known is not None:
+            return known
         if self.jwt is not None and token.count(".") == 2:  # header.payload.signature
-            return self.jwt.buyer(token)
+            buyer = self.jwt.buyer(token)
+            # PyJWT refuses once exp <= now - leeway (exp read as an int, as Buyer.expires is).
+            self.verified.add(token, buyer, buyer.expires + _LEEWAY_S)
+            return buyer
         if not self.token_secret:
             raise InvalidToken("unknown token")
-        return verify(self.token_secret, token)
+        buyer = verify(self.token_secret, token)
+        self.verified.add(token, buyer, buyer.expires)  # verify() refuses once expires < now
+        return buyer

@@ -4,7 +4,7 @@ and the live numbers behind ``/api/admin/stats`` (progress lines, the war room).
 Per process (prometheus-client; in multi-process mode merged through
 ``PROMETHEUS_MULTIPROC_DIR``): order outcomes, and for every route — labelled by the
 route's template (``/api/orders/{order_id}``), never the raw path, so the label values
-stay bounded — a latency histogram and the answers by status code (:meth:`ServiceMetrics.middleware`).
+stay bounded — a latency histogram and the answers by status code (:meth:`ServiceMetrics.record_answer`).
 ``process_*``: prometheus-client's process collector; in multi-process mode summed over the
 service processes that share the port (:class:`_ServiceProcesses`).
 
@@ -18,6 +18,9 @@ the last audit's violations. A sale's series leave ``/metrics`` once it has ende
 decided for ``ended_sale_s`` (closed, or simply over) with nothing left to write, no dead
 letter and no fence — so a deployment that ran many drills does not keep a series per sale
 forever; a deleted sale leaves at once.
+
+Whether this process reaches PostgreSQL (:func:`postgres_up`) is asked at each scrape by
+:mod:`flashsale.service.probes`, not read from Redis; absent without a database.
 
 Each process also publishes its outcome counters and recent latency percentiles to
 Redis once a second (``<prefix>:stats:proc:<pid>``, expiring, named in the set
@@ -37,7 +40,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -61,6 +63,7 @@ if TYPE_CHECKING:
 __all__ = [
     "OUTCOMES",
     "ServiceMetrics",
+    "postgres_up",
     "Published",
     "read_deployment",
     "read_published",
@@ -315,6 +318,16 @@ async def _read_deployment(state: ServiceState) -> list[Metric]:
     return families
 
 
+def postgres_up(up: bool) -> Metric:
+    """1 while this process's PostgreSQL answers: orders go on without it, so readiness
+    only reports it; this gauge is what the FlashsalePostgresDown alert reads."""
+    return GaugeMetricFamily(
+        "flashsale_postgres_up",
+        "1 if PostgreSQL answered this scrape's SELECT 1 within a second",
+        value=int(up),
+    )
+
+
 def _le(seconds: float) -> str:
     """A bucket's bound as Prometheus writes it (``+Inf``, ``0.1``, ``1800.0``)."""
     return "+Inf" if seconds == float("inf") else repr(float(seconds))
@@ -444,49 +457,32 @@ class ServiceMetrics:
         # (method, resource, status) -> the histogram and counter children: the hot path pays
         # one dict lookup, not prometheus-client's label resolution, per request.
         self._children: dict[tuple[str, object, int], tuple[Any, Any]] = {}
+        self._outcomes: dict[str, Any] = {}  # outcome -> its counter child, as _children
         self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._recent: list[float] = []  # order latencies since the last publish
 
     def count(self, outcome: str) -> None:
         self.counts[outcome] += 1
-        self.orders.labels(outcome).inc()
+        child = self._outcomes.get(outcome)
+        if child is None:  # made on first use: /metrics shows an outcome once it happened
+            child = self._outcomes[outcome] = self.orders.labels(outcome)
+        child.inc()
 
     def observe(self, route: str, seconds: float) -> None:
         """An order's time to answer, for the war room's percentiles (the histogram is fed
-        for every route by :meth:`middleware`)."""
+        for every route by :meth:`record_answer`)."""
         if route == "orders" and len(self._recent) < 50_000:
             self._recent.append(seconds)
 
-    def middleware(self) -> Middleware:
-        """The outermost middleware: times every request and counts its answer by route."""
-        children = self._children
-
-        @web.middleware
-        async def route_metrics(request: web.Request, handler: Handler) -> web.StreamResponse:
-            started = time.perf_counter()
-
-            def record(status: int) -> None:
-                method = request.method if request.method in _METHODS else "other"
-                resource = request.match_info.route.resource
-                child = children.get((method, resource, status)) or self._children_for(
-                    method, resource, status
-                )
-                child[0].observe(time.perf_counter() - started)
-                child[1].inc()
-
-            try:
-                response = await handler(request)
-            except web.HTTPException as exc:  # redirects (the error middleware answers the rest)
-                record(exc.status)
-                raise
-            except Exception:  # what aiohttp will answer: 500
-                record(500)
-                raise
-            # (A cancelled request got no answer: nothing is counted.)
-            record(response.status)
-            return response
-
-        return route_metrics
+    def record_answer(self, request: web.Request, status: int, started: float) -> None:
+        """A request answered with ``status``, ``started`` at that ``time.perf_counter()``:
+        its time to answer into the route's histogram, its answer into the route's counter.
+        Called by the app's one middleware, for every answer as the client gets it."""
+        method = request.method if request.method in _METHODS else "other"
+        resource = request.match_info.route.resource
+        child = self._children.get((method, resource, status)) or self._children_for(method, resource, status)
+        child[0].observe(time.perf_counter() - started)
+        child[1].inc()
 
     def _children_for(
         self, method: str, resource: web.AbstractResource | None, status: int

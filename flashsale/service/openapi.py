@@ -16,6 +16,45 @@ _ERROR = {
 }
 
 
+#: /readyz's body. ``checks`` decide readiness ("ok" or why not); ``reported`` only tells.
+_READINESS = {
+    "type": "object",
+    "required": ["ready", "checks", "reported"],
+    "additionalProperties": False,
+    "properties": {
+        "ready": {"type": "boolean"},
+        "checks": {
+            "type": "object",
+            "required": ["redis", "scripts"],
+            "additionalProperties": False,
+            "properties": {
+                "redis": {"type": "string", "description": "ok; not a primary: …; unreachable: …"},
+                "scripts": {
+                    "type": "string",
+                    "description": "ok; unknown (Redis failed first); not loaded: …",
+                },
+            },
+        },
+        "reported": {
+            "type": "object",
+            "required": ["fence"],
+            "additionalProperties": False,
+            "properties": {
+                "postgres": {
+                    "type": "string",
+                    "description": "ok; unreachable: … (absent without a database)",
+                },
+                "fence": {
+                    "type": "string",
+                    "description": "ok; off (not in this process); verifying: …; fenced: <sales>; "
+                    "unverified: PostgreSQL does not answer",
+                },
+            },
+        },
+    },
+}
+
+
 def _err(description: str) -> dict[str, Any]:
     return {
         "description": description,
@@ -83,6 +122,7 @@ def _document() -> dict[str, Any]:
             },
             "schemas": {
                 "Error": _ERROR,
+                "Readiness": _READINESS,
                 "Line": {
                     "type": "object",
                     "required": ["sku"],
@@ -556,10 +596,12 @@ def _document() -> dict[str, Any]:
             },
             "/readyz": {
                 "get": {
-                    "summary": "Redis and PostgreSQL reachable, scripts loaded",
+                    "summary": "Can decide sales: Redis answers as a primary, scripts loaded",
+                    "description": "Every check answers within a second. PostgreSQL and the fence "
+                    "are reported, never a reason for 503: orders do not wait on them.",
                     "responses": {
-                        "200": _ok("ready", {"type": "object"}),
-                        "503": _ok("not ready", {"type": "object"}),
+                        "200": _ok("ready", "Readiness"),
+                        "503": _ok("not ready: the checks say why", "Readiness"),
                     },
                 }
             },

@@ -1,17 +1,35 @@
-"""Probes and machine-readable descriptions: /healthz, /readyz, /metrics, /openapi.json."""
+"""Probes and machine-readable descriptions: /healthz, /readyz, /metrics, /openapi.json.
+
+Ready means *this process can decide sales*: its Redis answers as a primary and has the
+inventory scripts. Orders never wait on PostgreSQL (the order writer catches up), so its
+state — and the fence's, which needs PostgreSQL to verify Redis — is *reported* in the body
+and in ``flashsale_postgres_up``, never a reason to answer 503: an outage of PostgreSQL
+must not take every pod out of the load balancer at once. Every check has a deadline
+(:data:`READY_TIMEOUT_S`), so a Redis that hangs gives a 503, not a probe that times out.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from typing import Any
 
 from aiohttp import web
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 
-from flashsale.service.metrics import read_deployment
+from flashsale.redis_client import as_text
+from flashsale.service.fence_guard import GUARD
+from flashsale.service.metrics import postgres_up, read_deployment
 from flashsale.service.openapi import document
-from flashsale.service.state import STATE
+from flashsale.service.state import STATE, ServiceState
 
-__all__ = ["routes"]
+__all__ = ["READY_TIMEOUT_S", "routes"]
+
+#: How long the readiness checks may take, together: Redis (ROLE, then the scripts) within
+#: it, PostgreSQL's report alongside. The kubelet's probe timeout is above it
+#: (deploy/k8s/base/service.yaml; tests/test_deploy.py checks).
+READY_TIMEOUT_S = 1.0
 
 routes = web.RouteTableDef()
 
@@ -21,34 +39,77 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+async def _role(redis: Any) -> str | None:
+    """The server's ROLE; None where it cannot be told but the server answers: a cluster
+    client (it sends every key to its slot's primary itself), or a managed Redis or proxy
+    that renames or refuses ROLE (PING decides there, rather than no pod ever being ready)."""
+    if not isinstance(redis, RedisCluster):
+        try:
+            return as_text((await redis.execute_command("ROLE"))[0])
+        except ResponseError:
+            pass
+    await redis.ping()
+    return None
+
+
+async def _redis_checks(state: ServiceState) -> dict[str, str]:
+    """``redis``: reachable and a primary (a replica refuses every write); ``scripts``:
+    cached, loaded again if a restart or a failover emptied the cache."""
+    checks = {"redis": "unknown", "scripts": "unknown"}
+    step, failed = "redis", "unreachable"
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            role = await _role(state.redis)
+            if role not in ("master", None):
+                checks["redis"] = f"not a primary: its role is {role}"
+                return checks
+            checks["redis"] = "ok"
+            step, failed = "scripts", "not loaded"
+            await state.probe_inventory().load_scripts()
+            checks["scripts"] = "ok"
+    except TimeoutError:
+        checks[step] = f"{failed}: no answer within {READY_TIMEOUT_S:g} s"
+    except Exception as exc:  # noqa: BLE001 - any failure is "not ready", said in the body
+        checks[step] = f"{failed}: {type(exc).__name__}"
+    return checks
+
+
+async def postgres_state(state: ServiceState) -> str | None:
+    """PostgreSQL's state: "ok", or why it does not answer; None without a database."""
+    if state.pg is None:
+        return None
+    try:
+        async with asyncio.timeout(READY_TIMEOUT_S):
+            await state.pg.fetchval("SELECT 1")
+        return "ok"
+    except TimeoutError:
+        return f"unreachable: no answer within {READY_TIMEOUT_S:g} s"
+    except Exception as exc:  # noqa: BLE001 - reported, never raised
+        return f"unreachable: {type(exc).__name__}"
+
+
 @routes.get("/readyz")
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    checks: dict[str, str] = {}
-    try:
-        await asyncio.wait_for(state.redis.ping(), timeout=1.0)
-        checks["redis"] = "ok"
-        # After a Redis restart the script cache is empty: load them, then we are ready.
-        await state.probe_inventory().load_scripts()
-        checks["scripts"] = "ok"
-    except Exception as exc:
-        checks.setdefault("redis", f"unreachable: {type(exc).__name__}")
-        checks.setdefault("scripts", "unknown")
-    if state.pg is not None:
-        try:
-            await asyncio.wait_for(state.pg.fetchval("SELECT 1"), timeout=1.0)
-            checks["postgres"] = "ok"
-        except Exception as exc:
-            checks["postgres"] = f"unreachable: {type(exc).__name__}"
+    checks, postgres = await asyncio.gather(_redis_checks(state), postgres_state(state))
+    guard = request.app.get(GUARD)
+    reported = {"fence": "off" if guard is None else guard.status()}
+    if postgres is not None:
+        reported["postgres"] = postgres
     ready = all(v == "ok" for v in checks.values())
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+    return web.json_response(
+        {"ready": ready, "checks": checks, "reported": reported}, status=200 if ready else 503
+    )
 
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    families, postgres = await asyncio.gather(read_deployment(state), postgres_state(state))
+    if postgres is not None:
+        families.append(postgres_up(postgres == "ok"))
     return web.Response(
-        body=state.metrics.exposition(await read_deployment(state)),
+        body=state.metrics.exposition(families),
         content_type="text/plain",
         charset="utf-8",
         headers={"X-Scraped-At": str(time.time())},

@@ -2,7 +2,9 @@
 access, hold TTL, open/closed, fenced), the SKU → sale index, and the degraded-site
 switches — stored in Redis so every service process sees the same, cached locally for
 a fraction of a second (``ttl_s``: the staleness bound of every cached read here) so the
-hot path does not pay a round trip for them.
+hot path does not pay a round trip for them. When an entry has lapsed, the callers that
+arrive while it is being read again share that one read (at the peak: one read, not one
+per order arriving during its round trip).
 
 Redis keys (outside any sale's hash slot: they are read by the service only, never by
 the reservation scripts):
@@ -18,11 +20,13 @@ the reservation scripts):
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from flashsale.keys import ServiceKeys
+from flashsale.service.admission import SharedLoads
 
 __all__ = ["SaleSettings", "SaleBook", "SWITCHES"]
 
@@ -75,7 +79,15 @@ class SaleSettings:
 
 
 def iso(ms: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ms / 1000)) + f".{ms % 1000:03d}Z"
+    """``ms`` (epoch milliseconds, UTC) as ISO 8601: ``2026-12-03T06:12:41.123Z``."""
+    return f"{_iso_second(ms // 1000)}.{ms % 1000:03d}Z"
+
+
+@functools.lru_cache(maxsize=64)
+def _iso_second(second: int) -> str:
+    # Orders placed in the same second have their pay-by deadlines in the same second:
+    # the formatting of that second is done once, not once per order.
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
 
 
 class SaleBook:
@@ -91,6 +103,9 @@ class SaleBook:
         # index is cached like the settings: for ttl_s at most.
         self._sku_sale: dict[str, tuple[float, str]] = {}
         self._switches: tuple[float, dict[str, bool]] = (0.0, {})
+        # The reads in flight, shared by whoever asks meanwhile (entries leave when done).
+        self._sale_loads: SharedLoads[SaleSettings | None] = SharedLoads()
+        self._sku_loads: SharedLoads[str | None] = SharedLoads()
 
     def sale_key(self, sale: str) -> str:
         return ServiceKeys(self.prefix).sale(sale)
@@ -108,10 +123,17 @@ class SaleBook:
         return ServiceKeys(self.prefix).switches
 
     async def sale(self, sale: str, *, fresh: bool = False) -> SaleSettings | None:
+        """The sale's settings, at most ``ttl_s`` old; ``fresh``: read now (after a write),
+        never from a read started earlier."""
+        if not fresh:
+            cached = self._sales.get(sale)
+            if cached is not None and cached[0] > time.monotonic():
+                return cached[1]
+            return await self._sale_loads.load(sale, lambda: self._read_sale(sale))
+        return await self._read_sale(sale)
+
+    async def _read_sale(self, sale: str) -> SaleSettings | None:
         now = time.monotonic()
-        cached = self._sales.get(sale)
-        if cached is not None and not fresh and cached[0] > now:
-            return cached[1]
         raw = await self.redis.hgetall(self.sale_key(sale))
         settings = SaleSettings.from_hash(sale, raw) if raw else None
         if settings is not None:  # never cache made-up sale ids: memory stays bounded
@@ -119,10 +141,13 @@ class SaleBook:
         return settings
 
     async def sale_of_sku(self, sku: str) -> str | None:
-        now = time.monotonic()
         cached = self._sku_sale.get(sku)
-        if cached is not None and cached[0] > now:
+        if cached is not None and cached[0] > time.monotonic():
             return cached[1]
+        return await self._sku_loads.load(sku, lambda: self._read_sale_of_sku(sku))
+
+    async def _read_sale_of_sku(self, sku: str) -> str | None:
+        now = time.monotonic()
         raw = await self.redis.hget(self.skus_key, sku)
         if raw is None:  # never cache made-up SKUs: memory stays bounded
             self._sku_sale.pop(sku, None)
@@ -174,15 +199,22 @@ class SaleBook:
                 "room": settings.room,
             },
         )
-        self._sales.pop(settings.sale, None)
+        self._forget_sale(settings.sale)
         for sku in skus:  # this process knows at once; the others within ttl_s
             self._sku_sale.pop(sku, None)
+            self._sku_loads.forget(sku)
 
     async def update(self, sale: str, **fields: Any) -> SaleSettings | None:
         await self.redis.hset(self.sale_key(sale), mapping=fields)
+        self._forget_sale(sale)
         return await self.sale(sale, fresh=True)
 
     async def bump_epoch(self, sale: str) -> None:
         """Stock came back (restock, reserve release): every process drops its sold-out cache."""
         await self.redis.hincrby(self.sale_key(sale), "epoch", 1)
+        self._forget_sale(sale)
+
+    def _forget_sale(self, sale: str) -> None:
+        """The sale changed: its next reader reads it again (not a read started before)."""
         self._sales.pop(sale, None)
+        self._sale_loads.forget(sale)

@@ -7,7 +7,8 @@ Before the first process starts, :func:`check_stores` asks Redis and PostgreSQL 
 store that refuses this service for good (wrong password, no such database, not a
 PostgreSQL server) stops the start with one line: restarting would only repeat it. A store
 that does not answer yet is said in the log and the service starts anyway — a database
-that comes up later must not need a restart, and ``/readyz`` answers 503 meanwhile.
+that comes up later must not need a restart. Meanwhile ``/readyz`` answers 503 for Redis
+(nothing can be sold without it) and reports PostgreSQL (orders never wait on it).
 
 Each process serves the app through :class:`flashsale.service.transport.ServiceRunner`
 (JSON answers even to requests aiohttp's parser refuses).
@@ -16,6 +17,7 @@ Each process serves the app through :class:`flashsale.service.transport.ServiceR
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import shutil
@@ -34,7 +36,7 @@ from flashsale.redis_client import connect
 from flashsale.service.transport import ServiceRunner
 from flashsale.settings import Settings, SettingsError
 
-__all__ = ["check_stores", "run_one_process", "serve", "settings_env"]
+__all__ = ["GC_YOUNG_THRESHOLD", "check_stores", "run_one_process", "serve", "settings_env", "settle_heap"]
 
 log = logging.getLogger("flashsale.serve")
 
@@ -90,10 +92,30 @@ async def _ask_postgres(database_url: str, timeout_s: float) -> None:
 
 
 def _not_answering(store: str, url: str, exc: BaseException) -> None:
+    meanwhile = "/readyz answers 503" if store == "Redis" else "orders go on, /readyz reports it"
     log.error(
-        f"{store} at {url} does not answer at start: serving anyway; /readyz answers 503 until it does",
+        f"{store} at {url} does not answer at start: serving anyway; {meanwhile} until it does",
         extra={"store": store.lower(), "error": f"{type(exc).__name__}: {exc}"},
     )
+
+
+#: Net allocations between two collections of the collector's youngest generation
+#: (Python's default: 700, a collection every few orders at the peak).
+GC_YOUNG_THRESHOLD = 50_000
+
+
+def settle_heap() -> None:
+    """Called once the process is ready to serve. What start-up built (modules, the app,
+    clients) lives as long as the process: it is frozen out of the cyclic collector's sight,
+    and the youngest generation is collected every :data:`GC_YOUNG_THRESHOLD` allocations.
+    Under ``wrk`` the collector took ~13% of a service process's CPU (26 µs an order): each
+    young collection re-examined every order in progress, each full one ~100,000 start-up
+    objects. Memory is still reclaimed by reference counting as before; only reference
+    cycles wait a little longer for their collection."""
+    gc.collect()
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
 def run_one_process(settings: Settings, *, reuse_port: bool) -> None:
@@ -117,6 +139,7 @@ async def _serve_until_stopped(app: web.Application, settings: Settings, *, reus
     try:
         site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port, backlog=4096)
         await site.start()
+        settle_heap()
         ready = os.environ.get(READY_FILE_ENV)
         if ready:  # it listens: the supervisor's sign that this process started
             _touch(ready)

@@ -10,6 +10,7 @@ from aiohttp import web
 
 from flashsale.redis_client import ConnectWatch
 from flashsale.service.admission import BuyerTurns, InFlight, RateLimiter, SharedLoads, SoldOutCache
+from flashsale.service.deadlines import Deadlines
 from flashsale.service.identity import Identity
 from flashsale.service.metrics import ServiceMetrics
 from flashsale.service.sales import SaleBook, SaleSettings
@@ -39,6 +40,14 @@ class ServiceState:
     sku_cache: dict[str, tuple[float, Any]] = field(default_factory=dict)
     page_loads: SharedLoads[dict[str, Any]] = field(default_factory=SharedLoads)
     rooms: dict[str, WaitingRoom] = field(default_factory=dict)  # sale -> its waiting room
+    #: How long an order waits on Redis (twice the Redis timeout: room for the one re-send)
+    #: and on the rest of its body: one timer each for all requests (flashsale.service.deadlines).
+    redis_deadline: Deadlines = field(init=False)
+    read_deadline: Deadlines = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.redis_deadline = Deadlines(self.settings.redis_timeout_s * 2)
+        self.read_deadline = Deadlines(self.settings.read_timeout_s)
 
     def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> Inventory:
         """The engine for one sale (one per sale per process, so reservations coalesce)."""

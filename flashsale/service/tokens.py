@@ -2,6 +2,9 @@
 
 Stateless, so any service process can check any token without a round trip. The
 signature is base64url (no padding) of HMAC-SHA256 over ``<user>.<expires>.<member>``.
+
+:class:`VerifiedTokens` remembers tokens already checked (each buyer sends theirs again
+with every request), so the signature is not computed again for each one.
 """
 
 from __future__ import annotations
@@ -11,9 +14,10 @@ import hashlib
 import hmac
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
-__all__ = ["USER_ID", "Buyer", "InvalidToken", "mint", "verify"]
+__all__ = ["USER_ID", "Buyer", "InvalidToken", "VerifiedTokens", "mint", "verify"]
 
 #: What a user id may be (the engine keys per-user counts by it).
 USER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_@-]{0,63}")
@@ -64,3 +68,43 @@ def verify(secret: str, token: str, *, now: float | None = None) -> Buyer:
     if int(expires) < (time.time() if now is None else now):
         raise InvalidToken("token expired")
     return Buyer(user, member == "1", int(expires))
+
+
+class VerifiedTokens:
+    """Tokens whose signature was checked, and until when each may be taken on trust:
+    at most ``limit`` of them, the least recently used forgotten first.
+
+    Only a token that passed its check is remembered, keyed by the whole token string
+    (signature included), so a forged or altered token is never found here. A token is
+    taken from here only before ``good_until``, which is no later than the instant its own
+    check starts refusing it as expired; from then on the caller checks it again, and the
+    buyer hears why it is refused. Nothing else can turn a good token bad inside one process: the secret
+    and the JWT keys are read once, at start-up, and there is no revocation list.
+    """
+
+    def __init__(self, limit: int = 32_768) -> None:
+        self.limit = limit
+        self._tokens: OrderedDict[str, tuple[Buyer, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    def get(self, token: str, now: float | None = None) -> Buyer | None:
+        """The buyer of a remembered token still good now, else None."""
+        known = self._tokens.get(token)
+        if known is None:
+            return None
+        if (time.time() if now is None else now) >= known[1]:
+            del self._tokens[token]  # expired: the check refuses it from now on
+            return None
+        self._tokens.move_to_end(token)
+        return known[0]
+
+    def add(self, token: str, buyer: Buyer, good_until: float) -> None:
+        """Remember a token that just passed its check, good strictly before ``good_until``."""
+        if self.limit <= 0:
+            return
+        self._tokens[token] = (buyer, good_until)
+        self._tokens.move_to_end(token)
+        while len(self._tokens) > self.limit:
+            self._tokens.popitem(last=False)

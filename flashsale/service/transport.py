@@ -29,7 +29,7 @@ AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
 class ServiceRequestHandler(web.RequestHandler):
     """aiohttp's HTTP/1 protocol, answering requests its parser refused (and anything that
-    escaped the app, which the error middleware makes a should-not-happen) with the JSON
+    escaped the app, which the app's middleware makes a should-not-happen) with the JSON
     error. The connection is closed after it, as aiohttp does."""
 
     __slots__ = ()
@@ -72,9 +72,14 @@ def first_look(app_handler: AppHandler) -> AppHandler:
     middlewares run: an ``Expect`` other than ``100-continue``, and a refusal raised
     there (both plain text from aiohttp)."""
 
-    async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    def handle(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
         expect = request.headers.get("Expect")
-        if expect is not None and expect.lower() != "100-continue":
+        if expect is None:  # nothing is answered before the middlewares: no layer of our own
+            return app_handler(request)
+        return expecting(request, expect)
+
+    async def expecting(request: web.BaseRequest, expect: str) -> web.StreamResponse:
+        if expect.lower() != "100-continue":
             return error_response(
                 417, "expectation_failed", "the only expectation understood is 100-continue"
             )
