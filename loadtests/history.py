@@ -41,7 +41,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,6 +50,7 @@ __all__ = [
     "HistorySummary",
     "Operation",
     "OutcomeType",
+    "history_line",
     "merge_histories",
     "read_history",
     "summarize_history",
@@ -84,7 +85,7 @@ class Operation:
     error: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v not in (None, "", {}) or k in _ALWAYS}
+        return history_line(asdict(self))
 
     @classmethod
     def from_json(cls, line: Mapping[str, Any]) -> Operation:
@@ -118,6 +119,21 @@ class Operation:
 _ALWAYS = frozenset(
     {"op", "proc", "visit", "persona", "f", "intended", "invoke", "complete", "type", "status"}
 )
+#: Each field with its default (None for the required ones), in the order a line lists them.
+_FIELDS: tuple[tuple[str, Any], ...] = tuple(
+    (f.name, None if f.default is MISSING else f.default) for f in fields(Operation)
+)
+
+
+def history_line(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The line ``Operation(**values).to_json()`` is, without building the ``Operation``: a load
+    process writes one for every request. Empty fields are left out (but those in ``_ALWAYS``)."""
+    line = {}
+    for name, default in _FIELDS:
+        value = values.get(name, default)
+        if value not in (None, "", {}) or name in _ALWAYS:
+            line[name] = value
+    return line
 
 
 def _lines(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import io
 import os
 from bisect import bisect_left
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
@@ -124,6 +124,61 @@ def summarize(histogram: HdrHistogram) -> dict[str, float | int]:
     return out
 
 
+def _bucket_index(significant_figures: int) -> Callable[[int], int]:
+    """The counts index ``record_value`` finds for a value, for histograms of this module's
+    range at this precision: the same arithmetic, without its method calls."""
+    h = new_histogram(significant_figures)
+    mask: int = h.sub_bucket_mask
+    unit: int = h.unit_magnitude
+    half_magnitude: int = h.sub_bucket_half_count_magnitude
+    half: int = h.sub_bucket_half_count
+
+    def index(value: int) -> int:
+        bucket = (value | mask).bit_length() - unit - half_magnitude - 1
+        return ((bucket + 1) << half_magnitude) + (value >> (bucket + unit)) - half
+
+    return index
+
+
+_RUN_INDEX = _bucket_index(SIGNIFICANT_FIGURES)
+_SECOND_INDEX = _bucket_index(INTERVAL_SIGNIFICANT_FIGURES)
+
+
+def _count(h: HdrHistogram, index: int, value: int) -> None:
+    """``h.record_value(value)`` for a value in range whose index is known."""
+    h.counts[index] += 1
+    h.total_count += 1
+    if value < h.min_value:
+        h.min_value = value
+    if value > h.max_value:
+        h.max_value = value
+
+
+#: Per request name, its whole-run keys (built once, not per request).
+_KEYS: dict[str, tuple[str, str]] = {}
+
+
+def _keys(name: str) -> tuple[str, str]:
+    keys = _KEYS[name] = (f"{name}.raw", f"{name}.corrected")
+    return keys
+
+
+def _as_is(histogram: HdrHistogram) -> HdrHistogram:
+    return histogram
+
+
+def _unpack(blob: str | HdrHistogram) -> HdrHistogram:
+    return decode(blob) if isinstance(blob, str) else blob
+
+
+def _add(into: dict[str, HdrHistogram], key: str, blob: str | HdrHistogram) -> None:
+    h = into.get(key)
+    if h is None:
+        into[key] = _unpack(blob)  # adopted: an export's histograms belong to nobody else
+    else:
+        h.add(_unpack(blob))
+
+
 @dataclass
 class _Interval:
     raw: HdrHistogram
@@ -147,29 +202,47 @@ class LatencyBook:
         self.totals: dict[str, HdrHistogram] = {}
         self.intervals: dict[int, dict[str, _Interval]] = {}
         self._sealed: dict[int, dict[str, tuple[str, str]]] = {}
+        self._p99: dict[int, tuple[int, tuple[float, float]]] = {}
         self.clamped = 0
 
     # -- recording -------------------------------------------------------------------
     def record(self, name: str, *, intended: float, sent: float, done: float) -> None:
-        """One request: ``intended``/``sent``/``done`` are wall-clock epoch seconds."""
+        """One request: ``intended``/``sent``/``done`` are wall-clock epoch seconds.
+
+        Eight histograms take each request (raw and corrected; the whole run and its second;
+        its name and ``all``): each value's bucket is found once per precision and counted
+        in all of them (``_count``), as ``record_value`` would count it in each."""
         raw_s, corrected_s = done - sent, done - min(intended, sent)
         raw, corrected = to_us(raw_s), to_us(corrected_s)
         self.clamped += (raw_s * 1e6 > HIGHEST_US) + (corrected_s * 1e6 > HIGHEST_US)
-        for key in (f"{name}.raw", "all.raw"):
-            self._total(key).record_value(raw)
-        for key in (f"{name}.corrected", "all.corrected"):
-            self._total(key).record_value(corrected)
-        second = self.intervals.setdefault(int(done - self.start_epoch), {})
-        for key in {name, "all"}:
+        totals = self.totals
+        keys = _KEYS.get(name) or _keys(name)
+        raw_at, corrected_at = _RUN_INDEX(raw), _RUN_INDEX(corrected)
+        for key, value, at in (
+            (keys[0], raw, raw_at),
+            (keys[1], corrected, corrected_at),
+            ("all.raw", raw, raw_at),
+            ("all.corrected", corrected, corrected_at),
+        ):
+            h = totals.get(key)
+            if h is None:
+                h = totals[key] = new_histogram()
+            _count(h, at, value)
+        second = self.intervals.get(int(done - self.start_epoch))
+        if second is None:
+            second = self.intervals[int(done - self.start_epoch)] = {}
+        raw_at, corrected_at = _SECOND_INDEX(raw), _SECOND_INDEX(corrected)
+        for key in (name, "all") if name != "all" else ("all",):
             interval = second.get(key)
             if interval is None:
                 interval = second[key] = _new_interval()
-            interval.raw.record_value(raw)
-            interval.corrected.record_value(corrected)
+            _count(interval.raw, raw_at, raw)
+            _count(interval.corrected, corrected_at, corrected)
 
     def record_value(self, key: str, seconds: float) -> None:
         """A value that is not a request latency (e.g. the dispatcher's own lateness)."""
-        self._total(key).record_value(to_us(seconds))
+        value = to_us(seconds)
+        _count(self._total(key), _RUN_INDEX(value), value)
 
     def _total(self, key: str) -> HdrHistogram:
         h = self.totals.get(key)
@@ -178,12 +251,15 @@ class LatencyBook:
         return h
 
     # -- shipping between processes ------------------------------------------------------
-    def export(self) -> dict[str, Any]:
-        """Everything recorded since the last export, encoded; the book starts afresh."""
+    def export(self, *, encoded: bool = True) -> dict[str, Any]:
+        """Everything recorded since the last export; the book starts afresh. Encoded for
+        another process (a message); ``encoded=False`` hands the histograms themselves to a
+        collector in this process (a local run), which saves encoding and decoding them."""
+        pack = encode if encoded else _as_is
         payload = {
-            "totals": {k: encode(h) for k, h in self.totals.items() if h.get_total_count()},
+            "totals": {k: pack(h) for k, h in self.totals.items() if h.get_total_count()},
             "intervals": {
-                str(s): {name: [encode(i.raw), encode(i.corrected)] for name, i in by_name.items()}
+                str(s): {name: [pack(i.raw), pack(i.corrected)] for name, i in by_name.items()}
                 for s, by_name in self.intervals.items()
             },
             "clamped": self.clamped,
@@ -192,16 +268,18 @@ class LatencyBook:
         return payload
 
     def absorb(self, payload: Mapping[str, Any]) -> None:
+        """Add an export (encoded or not) to this book."""
         for key, blob in payload.get("totals", {}).items():
-            self._total(key).add(decode(blob))
+            _add(self.totals, key, blob)
         for sec, by_name in payload.get("intervals", {}).items():
             second = self._second_for_update(int(sec))
             for name, (raw_blob, corr_blob) in by_name.items():
                 interval = second.get(name)
-                if interval is None:
-                    interval = second[name] = _new_interval()
-                interval.raw.add(decode(raw_blob))
-                interval.corrected.add(decode(corr_blob))
+                if interval is None:  # adopted as they come: nothing to add them to
+                    second[name] = _Interval(_unpack(raw_blob), _unpack(corr_blob))
+                else:
+                    interval.raw.add(_unpack(raw_blob))
+                    interval.corrected.add(_unpack(corr_blob))
         self.clamped += int(payload.get("clamped", 0))
         self._seal_old()
 
@@ -240,11 +318,29 @@ class LatencyBook:
         its last line, so a one-second spike never falls between two lines."""
         out = []
         for second in range(first, last + 1):
-            raw, corrected = self.interval(second)
-            if raw.get_total_count():
-                p99 = raw.get_value_at_percentile(99) / 1000
-                out.append((second, p99, corrected.get_value_at_percentile(99) / 1000))
+            p99 = self.p99(second)
+            if p99 is not None:
+                out.append((second, *p99))
         return out
+
+    def p99(self, second: int) -> tuple[float, float] | None:
+        """(raw, corrected) p99 in ms of every request that completed in ``second``; None if
+        none did. Kept until the second changes: the live line asks for the last ten seconds
+        every second, and a second changes only while its requests are still being shipped."""
+        live = self.intervals.get(second, {}).get("all")
+        count = live.raw.get_total_count() if live is not None else None
+        cached = self._p99.get(second)
+        if cached is not None and (count is None or cached[0] == count):
+            return cached[1]
+        raw, corrected = self.interval(second)
+        if not raw.get_total_count():
+            return None
+        p99 = (
+            percentiles_us(raw, (99.0,))[99.0] / 1000,
+            percentiles_us(corrected, (99.0,))[99.0] / 1000,
+        )
+        self._p99[second] = (raw.get_total_count(), p99)
+        return p99
 
     def interval(self, second: int, name: str = "all") -> tuple[HdrHistogram, HdrHistogram]:
         """(raw, corrected) of one second of the run, of every request or of one request

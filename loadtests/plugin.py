@@ -25,6 +25,7 @@ length; ``--duration`` or ``--time-scale`` change it.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -334,6 +335,9 @@ class ProcessPart:
         arrival_plan = ArrivalPlan(
             shape, start_epoch, plan["index"], plan["count"], opt["arrival_process"], opt["seed"]
         )
+        # What exists now (Locust, the kit, the process setup's state) lives as long as the run:
+        # out of the collector's sight, a full collection mid-surge does not walk all of it again.
+        gc.freeze()
         self.dispatcher = ArrivalDispatcher(
             arrival_plan,
             visit,
@@ -379,11 +383,11 @@ class ProcessPart:
     def _ship(self) -> None:
         if self.recorder is None:
             return
-        payload = self.recorder.export()
         runner = self.environment.runner
         if isinstance(runner, WorkerRunner):
-            runner.send_message(REPORT_MESSAGE, payload)
+            runner.send_message(REPORT_MESSAGE, self.recorder.export())
         else:
+            payload = self.recorder.export(encoded=False)  # the collector is in this process
             conductor: Conductor | None = getattr(self.environment, "loadtests_conductor", None)
             if conductor is not None and conductor.collector is not None:
                 conductor.collector.absorb(payload)
@@ -568,7 +572,7 @@ class Conductor:
         last = int(now_s) - 2  # a whole second every process has shipped (they ship once a second)
         sec: Mapping[str, int] = c.seconds.get(last, {})
         window = shape.window_at(now_s)
-        raw, corrected = c.book.interval(last)
+        p99 = c.book.p99(last)
         sample = c.service[-1] if c.service else None
         orders = sum(
             n
@@ -586,10 +590,8 @@ class Conductor:
             "dropped_per_s": sec.get("arrivals.dropped", 0),
             "orders_per_s": orders,
             "requests_per_s": sum(n for k, n in sec.items() if k.startswith("req.")),
-            "p99_ms": raw.get_value_at_percentile(99) / 1000 if raw.get_total_count() else None,
-            "p99_corrected_ms": corrected.get_value_at_percentile(99) / 1000
-            if corrected.get_total_count()
-            else None,
+            "p99_ms": p99[0] if p99 else None,
+            "p99_corrected_ms": p99[1] if p99 else None,
             # The last ten whole seconds, so the reader can show the worst since its last line.
             "p99_by_second": [
                 {"t_from_t0_s": round(s - shape.t0_s, 1), "p99_ms": p99, "p99_corrected_ms": corr}

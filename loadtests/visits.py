@@ -11,12 +11,16 @@ uses ``self.client``::
                 call.refused("out_of_stock")      # the backend said no: a correct answer
             # anything not reported: 2xx ok, 4xx refused (an error), no answer or 5xx unknown
 
-Each call goes through Locust's FastHttpSession (so Locust's statistics and web UI see it),
-is timed into the run's HdrHistograms from the instant the schedule meant it to be sent
+Each call goes over geventhttpclient (the client beneath Locust's FastHttpSession) and fires
+Locust's request event once (so Locust's statistics and web UI see it), is timed into the run's HdrHistograms from the instant the schedule meant it to be sent
 (the arrival's instant for the first call, the end of the previous step for the next), and
 is written to the history (``loadtests.history``) with its outcome: **ok** (with the order
 it acknowledged, if any), **refused** with a code (type ``fail``: it definitely did not
 happen), or **unknown** (type ``info``: no answer, a timeout, a 5xx — it may have happened).
+
+A visit keeps the cookies its answers set (``name=value``; their attributes are not read)
+and sends them with its later calls; visits share none. Redirects are not followed: a 3xx
+is an answer like any other.
 
 A refusal is *expected* by default (a sold-out answer is the backend doing its job: a
 success for the error ratio); pass ``expected=False`` for refusals that are errors. An
@@ -34,36 +38,145 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
+import orjson
 
 from loadtests.arrivals import Arrival
-from loadtests.history import Operation, OutcomeType
+from loadtests.history import OutcomeType, history_line
 from loadtests.recording import ProcessRecorder
 
 __all__ = ["Call", "Visit"]
 
 
+def _json_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The headers Locust's ``json=`` sends: the caller's, and JSON's content type and accept."""
+    out = dict(headers) if headers else {}
+    if "Content-Type" not in out and "content-type" not in out:
+        out["Content-Type"] = "application/json"
+    if "Accept" not in out and "accept" not in out:
+        out["Accept"] = "application/json"
+    return out
+
+
+def _decode(content: bytes, content_type: str) -> str:
+    """An answer's body as text, in the charset its content type names (else UTF-8)."""
+    charset = "utf-8"
+    for param in content_type.split(";")[1:]:
+        key, _, value = param.strip().partition("=")
+        if key.lower() == "charset" and value:
+            charset = value.strip('"')
+    try:
+        return content.decode(charset, errors="replace")
+    except LookupError:
+        return content.decode("utf-8", errors="replace")
+
+
+def _json_body(content: bytes, content_type: str) -> Any:
+    """The answer's JSON body, or None if it is not JSON. orjson reads the bytes as they came
+    (UTF-8, as JSON is); what it refuses (another encoding, NaN, an int beyond 64 bits) is
+    read from the text in the answer's declared charset."""
+    if not content:
+        return None
+    try:
+        return orjson.loads(content)
+    except ValueError:
+        pass
+    try:
+        return jsonlib.loads(_decode(content, content_type))
+    except ValueError:  # not JSON: the text stays readable, the persona can still judge it
+        return None
+
+
+class _Answer:
+    """What one request brought back: status (0: none), body, content type, cookies set."""
+
+    __slots__ = ("content", "content_type", "cookies", "error", "status")
+
+    def __init__(
+        self,
+        status: int,
+        content: bytes,
+        content_type: str = "",
+        cookies: tuple[str, ...] = (),
+        error: str = "",
+    ) -> None:
+        self.status, self.content, self.content_type = status, content, content_type
+        self.cookies, self.error = cookies, error
+
+
 class _Sessions:
-    """Locust FastHttpSessions of one process, one per timeout a persona asks for."""
+    """The HTTP connections of one process, a pool per timeout a persona asks for.
+
+    Requests go straight to geventhttpclient's ``HTTPClient`` (what Locust's FastHttpSession
+    sends through) and every call fires Locust's request event once (``Call._report``), so
+    Locust's statistics and web UI see it. Locust's user agent layer (URL objects, header
+    merging, cookie jar, response wrappers, an exception for each 4xx/5xx) cost more than the
+    request itself; none of it is needed here: a status is an answer the persona judges, a
+    call is one request (never retried behind the persona), cookies belong to one visit
+    (``Visit``), redirects are answers like any other."""
 
     def __init__(self, host: str, request_event: Any, *, connections: int, timeout_s: float) -> None:
+        from geventhttpclient.url import URL
+        from locust.exception import CatchResponseError
+
         self.host, self.request_event = host, request_event
         self.connections, self.timeout_s = connections, timeout_s
-        self._by_timeout: dict[float, Any] = {}
+        #: The exception Locust's statistics count a failed call by (``ResponseContextManager.failure``).
+        self.failure: type[Exception] = CatchResponseError
+        self._prefix = URL(host).path.rstrip("/") if host else ""
+        self._clients: dict[tuple[str, float], Any] = {}
 
-    def get(self, timeout_s: float | None) -> Any:
-        from locust.contrib.fasthttp import FastHttpSession
-
+    def client(self, origin: str, timeout_s: float | None) -> Any:
+        """The pool for ``origin`` (the host's, or an absolute URL's) at this timeout."""
         t = self.timeout_s if timeout_s is None else float(timeout_s)
-        if t not in self._by_timeout:
-            self._by_timeout[t] = FastHttpSession(
-                self.host,
-                request_event=self.request_event,
-                user=None,
+        client = self._clients.get((origin, t))
+        if client is None:
+            import gevent.ssl
+            from geventhttpclient import HTTPClient
+
+            client = self._clients[(origin, t)] = HTTPClient.from_url(
+                origin,
                 concurrency=self.connections,
-                network_timeout=t,
                 connection_timeout=t,
+                network_timeout=t,
+                insecure=True,  # as Locust's sessions: a drill is not where certificates are checked
+                ssl_context_factory=gevent.ssl._create_unverified_context,
             )
-        return self._by_timeout[t]
+        return client
+
+    def send(
+        self,
+        method: str,
+        path: str,
+        body: bytes | str | None,
+        headers: Mapping[str, str],
+        timeout_s: float | None,
+    ) -> _Answer:
+        """One request; the answer, or status 0 and why there was none (timeout, refused …).
+        A stop (GreenletExit) goes through to the caller."""
+        if "://" in path:
+            from geventhttpclient.url import URL
+
+            url = URL(path)
+            origin, uri = f"{url.scheme}://{url.netloc}", url.quoted_uri
+        else:
+            origin, uri = self.host, self._prefix + path
+        try:
+            response = self.client(origin, timeout_s).request(method, uri, body=body or b"", headers=headers)
+            try:
+                content = response.read()
+            finally:
+                response.release()  # back to the pool (closed if the answer was cut short)
+        except gevent.GreenletExit:
+            raise
+        except Exception as exc:  # no answer: the backend may have acted; the call says "unknown"
+            return _Answer(0, b"", error=str(exc) or type(exc).__name__)
+        cookies = response.get("set-cookie") if "set-cookie" in response else None
+        return _Answer(
+            int(response.status_code),
+            bytes(content),
+            str(response.get("content-type") or ""),
+            tuple(cookies) if isinstance(cookies, list) else ((cookies,) if cookies else ()),
+        )
 
 
 @dataclass
@@ -92,6 +205,7 @@ class Call:
         visit: Visit,
         *,
         method: str,
+        path: str,
         name: str,
         key: str | None,
         intended: float,
@@ -99,24 +213,27 @@ class Call:
         done: float,
         status: int,
         body: Any,
-        text: str,
         error: str,
-        handle: Any,
+        answer: _Answer,
         history: bool,
     ) -> None:
         self.visit = visit
-        self.method, self.name, self.key = method, name, key
+        self.method, self.name, self.key, self._path = method, name, key, path
         self.intended, self.sent, self.done = intended, sent, done
         #: HTTP status; 0 when no answer came (timeout, connection error).
         self.status = status
         #: The parsed JSON body, or None if the answer was not JSON.
         self.body = body
-        self.text = text
         #: The transport's error text when there was no answer.
         self.error = error
         self.reported = False
-        self._handle = handle
+        self._answer = answer
         self._history = history
+
+    @property
+    def text(self) -> str:
+        """The answer's body as text (decoded when first asked for: most personas read ``body``)."""
+        return _decode(self._answer.content, self._answer.content_type)
 
     @property
     def code(self) -> str:
@@ -191,13 +308,18 @@ class Call:
             label=label,
             bucket=bucket,
         )
-        if self._handle is not None:  # Locust's statistics and web UI
-            self._handle.__enter__()
-            if expected:
-                self._handle.success()
-            else:
-                self._handle.failure(label)
-            self._handle.__exit__(None, None, None)
+        sessions = self.visit._shared.sessions
+        sessions.request_event.fire(  # Locust's statistics and web UI, as a with-block call reports
+            request_type=self.method,
+            name=self.name,
+            response_time=(self.done - self.sent) * 1000,
+            response_length=len(self._answer.content),
+            response=None,
+            context={},
+            exception=None if expected else sessions.failure(label),
+            start_time=self.sent,
+            url=self._path,
+        )
         if self._history:
             self.visit._write(
                 f=self.name,
@@ -230,6 +352,7 @@ class Visit:
         self.id = f"{shared.run_id}-{arrival.seq}"
         self._intended = arrival.intended
         self._open: list[Call] = []
+        self._cookies: dict[str, str] = {}
 
     @property
     def run_id(self) -> str:
@@ -272,17 +395,14 @@ class Visit:
         shared = self._shared
         name = name or path
         intended, sent = self._intended, shared.clock()
-        session = shared.sessions.get(timeout)
+        if json is not None and not data:
+            # What Locust's own json= does, with orjson (several times cheaper than its json.dumps).
+            data = orjson.dumps(json)
+            headers = _json_headers(headers)
+        if self._cookies:
+            headers = {**(headers or {}), "Cookie": "; ".join(f"{k}={v}" for k, v in self._cookies.items())}
         try:
-            handle = session.request(
-                method,
-                path,
-                name=name,
-                json=json,
-                data=data,
-                headers=dict(headers or {}),
-                catch_response=True,
-            )
+            answer = shared.sessions.send(method, path, data, headers or {}, timeout)
         except gevent.GreenletExit:
             # Stopped in flight: the backend may have acted; the history must say "unknown".
             if history:
@@ -299,27 +419,25 @@ class Visit:
             raise
         done = shared.clock()
         self._intended = done
-        status = int(handle.status_code or 0)
-        text, body = "", None
-        if status:
-            try:
-                text = handle.text or ""
-                body = jsonlib.loads(text) if text else None
-            except ValueError:  # not JSON: keep the text, the persona can still judge it
-                body = None
+        for cookie in answer.cookies:  # this visit's from now on (name=value; attributes ignored)
+            pair = cookie.split(";", 1)[0]
+            if "=" in pair:
+                cookie_name, _, cookie_value = pair.partition("=")
+                self._cookies[cookie_name.strip()] = cookie_value.strip()
+        status = answer.status
         call = Call(
             self,
             method=method,
+            path=path,
             name=name,
             key=key,
             intended=intended,
             sent=sent,
             done=done,
             status=status,
-            body=body,
-            text=text,
-            error="" if status else str(getattr(handle, "error", "") or "no answer"),
-            handle=handle,
+            body=_json_body(answer.content, answer.content_type) if status else None,
+            error="" if status else (answer.error or "no answer"),
+            answer=answer,
             history=history,
         )
         self._open.append(call)
@@ -363,8 +481,5 @@ class Visit:
         shared = self._shared
         for t in ("intended", "invoke", "complete"):
             fields[t] = round(fields[t], 6)
-        shared.recorder.log(
-            Operation(
-                op=next(shared.ops), proc=shared.proc_id, visit=self.id, persona=self.persona, **fields
-            ).to_json()
-        )
+        fields.update(op=next(shared.ops), proc=shared.proc_id, visit=self.id, persona=self.persona)
+        shared.recorder.log(history_line(fields))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loadtests import HISTORY_FORMAT, Operation, read_history
-from loadtests.history import merge_histories
+from loadtests.history import history_line, merge_histories
 from loadtests.recording import ProcessRecorder
 
 
@@ -61,6 +61,67 @@ def test_operations_round_trip_through_a_process_recorder(tmp_path: Path) -> Non
     assert all({"op", "proc", "f", "invoke", "complete", "type", "status"} <= set(x) for x in lines)
     assert list(read_history([tmp_path / "w1.requests.jsonl"])) == ops
     assert HISTORY_FORMAT == "loadtests.history/1"
+
+
+def test_a_line_built_from_fields_is_the_operations_own_line(tmp_path: Path) -> None:
+    # A load process writes its lines from the fields without building an Operation (one per
+    # request); they must be the very lines Operation.to_json writes, defaults included.
+    cases = [
+        {
+            "op": 0,
+            "proc": "w1",
+            "visit": "r-1",
+            "persona": "bot",
+            "f": "order",
+            "intended": 1.5,
+            "invoke": 1.5,
+            "complete": 2.0,
+            "type": "ok",
+            "status": 201,
+            "key": "k",
+            "order": "o1",
+            "item": "hot",
+            "units": 0,
+            "replayed": False,
+            "value": {"user": "bot-1", "skus": ["a"]},
+        },
+        {
+            "op": 1,
+            "proc": "w1",
+            "visit": "r-2",
+            "persona": "buyer",
+            "f": "pay",
+            "intended": 3.0,
+            "invoke": 3.0,
+            "complete": 3.1,
+            "type": "info",
+            "status": 0,
+            "code": "stopped",
+            "key": None,
+        },
+        {
+            "op": 2,
+            "proc": "w1",
+            "visit": "",
+            "persona": "",
+            "f": "order",
+            "intended": 0.0,
+            "invoke": 0.0,
+            "complete": 0.0,
+            "type": "fail",
+            "status": 409,
+            "code": "sold_out",
+            "error": "",
+            "value": {},
+        },
+    ]
+    recorder = ProcessRecorder("w1", 0.0, request_log=tmp_path / "w1.requests.jsonl")
+    for fields in cases:
+        assert history_line(fields) == Operation(**fields).to_json()
+        assert list(history_line(fields)) == list(Operation(**fields).to_json())  # same order of keys
+        recorder.log(history_line(fields))
+    recorder.close()
+    assert list(read_history([tmp_path / "w1.requests.jsonl"])) == [Operation(**f) for f in cases]
 
 
 def test_per_process_histories_merge(tmp_path: Path) -> None:

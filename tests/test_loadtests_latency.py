@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 import pytest
+from hdrh.histogram import HdrHistogram
 
 from loadtests.latency import (
     HIGHEST_US,
@@ -44,8 +45,11 @@ def test_merging_process_histograms_equals_one_histogram_of_all_samples() -> Non
         if i % 7_000 == 0:
             for p in processes:
                 collector.absorb(json.loads(json.dumps(p.export())))
+        elif i % 5_000 == 0:  # a local run hands its histograms over unencoded
+            for p in processes:
+                collector.absorb(p.export(encoded=False))
     for p in processes:
-        collector.absorb(p.export())
+        collector.absorb(p.export(encoded=False))
 
     raw_all, corrected_all = new_histogram(), new_histogram()
     for intended, sent, done in samples:
@@ -60,6 +64,68 @@ def test_merging_process_histograms_equals_one_histogram_of_all_samples() -> Non
         assert merged.get_min_value() == reference.get_min_value()
     # Per-second intervals add up to the whole run too.
     assert sum(collector.interval(s)[0].get_total_count() for s in collector.seconds()) == 40_000
+
+
+def test_a_request_counts_in_every_histogram_exactly_as_record_value_would() -> None:
+    # The book finds each value's bucket once and counts it in all its histograms: the
+    # counts, min, max and total must be what HdrHistogram's own record_value makes of it,
+    # over the whole range (clamped ends included) and both precisions.
+    rng = random.Random(7)
+    values_us = [1, 2, 3, 1023, 1024, 2047, 2048, 4095, 4096, 99_999, HIGHEST_US - 1, HIGHEST_US]
+    values_us += [int(rng.lognormvariate(8, 3)) + 1 for _ in range(5_000)]
+    book = LatencyBook(0.0)
+    reference: dict[str, HdrHistogram] = {}
+    for i, value in enumerate(values_us):
+        done = 5.0 + i * 0.001
+        value = min(value, HIGHEST_US)
+        book.record("order", intended=done - value / 1e6 - 0.5, sent=done - value / 1e6, done=done)
+        raw, corrected = to_us(value / 1e6), to_us(value / 1e6 + 0.5)
+        second = int(done)
+        for key, v, figures in (
+            ("order.raw", raw, 3),
+            ("order.corrected", corrected, 3),
+            ("all.raw", raw, 3),
+            ("all.corrected", corrected, 3),
+            (f"{second}.raw", raw, 2),
+            (f"{second}.corrected", corrected, 2),
+        ):
+            reference.setdefault(key, new_histogram(figures)).record_value(v)
+    seconds = {int(5.0 + i * 0.001) for i in range(len(values_us))}
+    books = {key: book.total(key) for key in ("order.raw", "order.corrected", "all.raw", "all.corrected")}
+    for s in seconds:
+        for name in ("order", "all"):
+            raw_h, corrected_h = book.interval(s, name)
+            books[f"{s}.raw"], books[f"{s}.corrected"] = raw_h, corrected_h
+            assert list(raw_h.counts) == list(reference[f"{s}.raw"].counts)
+    for key, expected in reference.items():
+        got = books[key]
+        assert list(got.counts) == list(expected.counts), key
+        assert (got.get_total_count(), got.min_value, got.max_value) == (
+            expected.get_total_count(),
+            expected.min_value,
+            expected.max_value,
+        ), key
+        assert got.encode() == expected.encode(), key
+
+
+def test_a_seconds_p99_follows_late_reports() -> None:
+    # The live line's p99 of a second is kept between asks, but a report that adds to that
+    # second (a process ships late) must change it: it is always the second's p99 as it stands.
+    collector, early, late = LatencyBook(0.0), LatencyBook(0.0), LatencyBook(0.0)
+    for i in range(200):
+        early.record("order", intended=5.0, sent=5.0, done=5.0 + 0.001 + i * 0.0001)
+        late.record("order", intended=5.0, sent=5.0, done=5.5 + i * 0.002)
+    collector.absorb(early.export())
+
+    def expected() -> tuple[float, float]:
+        raw, corrected = collector.interval(5)
+        return raw.get_value_at_percentile(99) / 1000, corrected.get_value_at_percentile(99) / 1000
+
+    first = collector.p99(5)
+    assert first == expected() and collector.p99_by_second(4, 6) == [(5, *first)]
+    collector.absorb(late.export())
+    assert collector.p99(5) == expected() != first
+    assert collector.p99(4) is None
 
 
 def test_old_seconds_are_sealed_and_still_readable_and_reopenable() -> None:
