@@ -198,12 +198,16 @@ class BucketedInventory:
                 short = refusal.sku
                 moved = await self._pull(refusal.sku, wanted[refusal.sku] - refusal.available, into=home)
                 if moved == 0:
-                    raise
+                    # Every other bucket looked empty — but units written off by a donor
+                    # and not yet added to their receiver are in no bucket: that is not
+                    # "sold out". Refuse only if the sale, in transit included, lacks them.
+                    left = await self._left(refusal.sku)
+                    if left < wanted[refusal.sku]:
+                        raise SoldOut(refusal.sku, left) from None
         # Other buyers kept taking what the pulls brought in. The SKU may still have units
         # in other buckets: say how many, so nobody takes this for "sold out" (available 0)
         # and refuses the SKU's later buyers from a cache.
-        snap = await self.snapshot(short)
-        raise SoldOut(short, snap.available if snap is not None else 0)
+        raise SoldOut(short, await self._left(short))
 
     async def made_hold(self, user: str, request_id: str) -> bool:
         return await self.home(user).made_hold(user, request_id)
@@ -328,6 +332,23 @@ class BucketedInventory:
                     await self.redis.hdel(target.keys.transfers, xfer)
                 settled += 1
         return settled
+
+    async def _left(self, sku: str) -> int:
+        """Units of ``sku`` the sale still has: available in a bucket or in transit between
+        two. The transfers are read before the stock: a transfer in flight when a pull read
+        the donors is then either still an intent here or already added (and counted by the
+        stock read after), so 0 means sold out, never "between buckets". (An intent whose
+        write-off has not happened yet is counted in its donor too: an upper bound, which
+        costs a retry at most, never a unit.)"""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for bucket in self.buckets:
+                pipe.hvals(bucket.keys.transfers)
+            replies = await pipe.execute()
+        moving = sum(
+            int(intent["units"]) for raw in replies for intent in map(json.loads, raw) if intent["sku"] == sku
+        )
+        snap = await self.snapshot(sku)
+        return moving + (snap.available if snap is not None else 0)
 
     async def in_transit(self) -> int:
         """Units of intents not yet settled (an upper bound on units written off in a

@@ -274,3 +274,53 @@ async def test_pulls_lost_to_a_crowd_are_not_reported_as_sold_out(redis_client: 
     left = await inv.snapshot("hot")
     assert left is not None and left.available > 0, "the test needs units left elsewhere"
     assert (refused.value.sku, refused.value.available) == ("hot", left.available)
+
+
+async def _between_buckets(redis: Redis, sale: str) -> tuple[BucketedInventory, str, str]:
+    """A 2-bucket sale of 20 ``hot`` where a buyer's home bucket is empty and the other
+    bucket's 10 units are written off on their way to that home bucket (another buyer's
+    pull, between the donor's write-off and the receiver's add). Returns the sale, the
+    buyer and the transfer's id."""
+    inv = BucketedInventory(redis, sale, 2, coalesce=False)
+    donor, home = inv.buckets
+    buyer = next(f"buyer{i}" for i in range(1000) if inv.home(f"buyer{i}") is home)
+    rival = next(f"rival{i}" for i in range(1000) if inv.home(f"rival{i}") is home)
+    await inv.stock("hot", 20)
+    await home.reserve(rival, [("hot", 10)], request_id="grab")
+    xfer = await _strand(redis, inv, 10, age_s=0)
+    snap = await inv.snapshot("hot")
+    assert snap is not None and snap.available == 0 and await inv.in_transit() == 10
+    return inv, buyer, xfer
+
+
+async def test_units_between_buckets_are_not_reported_as_sold_out(redis_client: Redis) -> None:
+    """Every bucket reads 0 while a pull's units are in flight: the refusal counts them, so
+    the service does not cache the SKU as sold out (under load a burst sold 58 of 60 units,
+    2 were in transit when a buyer was refused with available 0 and the rest of the burst
+    was refused from the cache)."""
+    inv, buyer, _ = await _between_buckets(redis_client, "transit")
+    with pytest.raises(SoldOut) as refused:
+        await inv.reserve(buyer, [("hot", 1)], request_id="b-1")
+    assert (refused.value.sku, refused.value.available) == ("hot", 10)
+
+
+async def test_a_buyer_whose_pull_meets_units_in_flight_gets_them(
+    redis_client: Redis, monkeypatch: Any
+) -> None:
+    """The transfer lands just after the buyer's pull found every other bucket empty: the
+    buyer is served from it, not refused."""
+    inv, buyer, xfer = await _between_buckets(redis_client, "landing")
+    home = inv.home(buyer)
+    real_pull = inv._pull
+
+    async def pull_then_land(sku: str, need: int, *, into: Inventory) -> int:
+        moved = await real_pull(sku, need, into=into)
+        if await redis_client.hexists(home.keys.transfers, xfer):
+            await home._mutate("transfer_in", [*home._stock_keys, home.keys.transfers], [sku, 10, xfer], sku)
+        return moved
+
+    monkeypatch.setattr(inv, "_pull", pull_then_land)
+    hold = await inv.reserve(buyer, [("hot", 1)], request_id="b-1")
+    assert hold.lines[0].qty == 1
+    after = await inv.snapshot("hot")
+    assert after is not None and (after.available, after.held) == (9, 11)

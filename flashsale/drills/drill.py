@@ -51,6 +51,7 @@ from flashsale.drills.faultproxy import ProxyThread
 from flashsale.keys import ServiceKeys
 from flashsale.redis_client import connect
 from flashsale.runtime.embedded import PostgresServer, RedisServer, parent_death_signal
+from inventory import SaleKeys
 
 __all__ = ["FAULTS", "DrillReport", "DrillSettings", "DrillStack", "run_drill", "summary_table"]
 
@@ -69,6 +70,8 @@ FAULTS: dict[str, str] = {
 #: Faults that need the drill to run Redis / PostgreSQL itself (not a configured server).
 NEEDS_REDIS_PROCESS = frozenset({"redis-pause", "redis-restart", "redis-data-loss"})
 NEEDS_POSTGRES_PROCESS = frozenset({"postgres-stop"})
+#: How many times net-blackhole opens its blackhole waiting for a script to run behind it.
+BLACKHOLE_WINDOWS = 4
 
 _ADMIN = "drill-admin-" + secrets.token_hex(8)
 _SECRET = "drill-secret-" + secrets.token_hex(8)
@@ -595,6 +598,7 @@ class Faults:
         self.clock = surge.now
 
     async def run(self, fault: str, at: float, length: float, prefix: str, sale: str) -> None:
+        self.requests_key = SaleKeys(prefix, sale).requests  # the sale's idempotency records
         try:
             await self._run(fault, at, length, prefix, sale)
         finally:
@@ -688,13 +692,55 @@ class Faults:
         self.stack.pg_proxy.heal()
 
     async def _net_blackhole(self, length: float) -> None:
-        assert self.stack.redis_proxy and self.stack.pg_proxy
-        self.stack.redis_proxy.blackhole("down")
-        self.stack.pg_proxy.blackhole("both")
-        self.note("blackhole: Redis->service replies held (commands still run), worker<->PostgreSQL held")
-        await asyncio.sleep(length)
-        self.stack.redis_proxy.heal()
-        self.stack.pg_proxy.heal()
+        """What the drill proves needs an order whose script ran while its reply was held.
+        Only orders that reach the reserve script in the first moments of a blackhole can
+        be one: once the service's sale-book cache (0.5 s) lapses, every order waits on
+        that read instead, which never runs a script. A busy machine can send none in
+        that moment, so the blackhole is held again, after a repair, until an order
+        answered 504 ``outcome_unknown`` has its idempotency record in Redis (read
+        directly, not through the proxy): its retry has a real outcome to learn."""
+        redis_proxy, pg_proxy = self.stack.redis_proxy, self.stack.pg_proxy
+        assert redis_proxy and pg_proxy
+        redis = connect(self.stack.redis_url, decode=True, timeout_s=10)
+        try:
+            for window in range(1, BLACKHOLE_WINDOWS + 1):
+                opened = self.clock()
+                redis_proxy.blackhole("down")
+                pg_proxy.blackhole("both")
+                self.note(
+                    "blackhole: Redis->service replies held (commands still run), worker<->PostgreSQL held"
+                )
+                await asyncio.sleep(length)
+                unknown = {
+                    (op.user, op.key)
+                    for op in self.surge.history
+                    if op.kind == "order" and op.status == 504 and op.ended >= opened
+                }
+                ran = 0
+                for user, request_id in unknown:
+                    ran += await redis.hexists(self.requests_key, SaleKeys.request_field(user, request_id))
+                redis_proxy.heal()
+                pg_proxy.heal()
+                if ran:
+                    self.note(f"{ran} of {len(unknown)} order(s) answered 504 had run behind the blackhole")
+                    return
+                self.note(f"window {window}: none of {len(unknown)} order(s) answered 504 had run")
+                await self._an_order_made_after(self.clock())
+        finally:
+            redis_proxy.heal()
+            pg_proxy.heal()
+            await redis.aclose()
+
+    async def _an_order_made_after(self, healed: float, within_s: float = 20.0) -> None:
+        """Until the repaired service has made an order again (so the next blackhole
+        meets fresh caches and connections), at most ``within_s``."""
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            if any(
+                op.kind == "order" and op.outcome == "ok" and op.started > healed for op in self.surge.history
+            ):
+                return
+            await asyncio.sleep(0.05)
 
     async def _redis_data_loss(self, prefix: str, sale: str, length: float) -> None:
         """An older copy is taken, the surge goes on, then the primary is cut off from the
