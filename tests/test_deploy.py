@@ -937,3 +937,26 @@ def test_deploy_runs_commands_the_project_has(
         if argv[:2] == ["locust", "-f"] and not (ROOT / argv[2]).is_file():
             problems.append(f"{where} runs {argv[2]}, which does not exist")
     assert not problems, "\n".join(sorted(set(problems)))
+
+
+def _worker_stop_bound_s(environment: dict[str, str]) -> float:
+    """How long a stopped worker may take: its stop grace, then closing its pools."""
+    from flashsale.pipeline.runner import STOP_TEARDOWN_S
+    from flashsale.pipeline.worker_settings import WorkerSettings
+
+    return WorkerSettings.from_env(environment).stop_grace_s + STOP_TEARDOWN_S
+
+
+def test_compose_lets_a_stopped_worker_finish_its_batch(compose: dict[str, Any]) -> None:
+    worker = compose["services"]["worker"]
+    grace = worker.get("stop_grace_period")
+    assert grace is not None, "the worker takes compose's default 10 s, shorter than its own stop grace"
+    units = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 0.001}
+    seconds = sum(float(n) * units[u] for n, u in re.findall(r"([0-9.]+)(h|ms|m|s)", str(grace)))
+    assert seconds >= _worker_stop_bound_s(worker.get("environment") or {}), grace
+
+
+def test_kubernetes_lets_a_stopped_worker_finish_its_batch(k8s: dict[str, list[dict[str, Any]]]) -> None:
+    for overlay, objects in k8s.items():
+        pod = _one(objects, "Deployment", "flashsale-worker")["spec"]["template"]["spec"]
+        assert pod["terminationGracePeriodSeconds"] >= _worker_stop_bound_s({}), overlay
