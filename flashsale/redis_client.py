@@ -28,6 +28,11 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeAlias
 
+try:
+    import hiredis
+except ImportError:  # redis-py frames commands itself
+    hiredis = None  # type: ignore[assignment]
+
 from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
@@ -52,9 +57,34 @@ RedisClient: TypeAlias = "Redis | RedisCluster"
 PIPELINE_HEADROOM = 64
 
 
+#: What hiredis frames exactly as redis-py's encoder encodes it, given UTF-8 (strict): bytes
+#: as they are, text as UTF-8, whole numbers in decimal (bool, float and the rest go through
+#: redis-py, which refuses or formats them its own way).
+_FRAMED_AS_IS = frozenset((bytes, str, int))
+
+
 class ResetAwareConnection(Connection):
     """A TCP connection to one server whose writes on a transport already closed under it
-    (uvloop's ``RuntimeError``: "the handler is closed") raise ``ConnectionError``."""
+    (uvloop's ``RuntimeError``: "the handler is closed") raise ``ConnectionError``.
+
+    Its commands are framed by hiredis (C) in one buffer when hiredis is installed and
+    every argument is bytes, text or a whole number: redis-py's asyncio connections frame
+    in Python, a step per argument, and the engine's coalesced reserve call carries 7 or
+    more per order (about 7 µs of the service's CPU per order, issue 15). The bytes sent
+    are the same (tests/test_redis_client.py compares them)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        encoder = self.encoder
+        if (
+            hiredis is not None
+            and _FRAMED_AS_IS.issuperset(map(type, args))
+            and encoder.encoding in ("utf-8", "utf8")
+            and encoder.encoding_errors == "strict"
+        ):
+            first = args[0]  # "CONFIG GET": redis-py sends the words apart
+            if (b" " if type(first) is bytes else " ") not in first:
+                return [hiredis.pack_command(args)]
+        return super().pack_command(*args)
 
     async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
         try:

@@ -43,11 +43,13 @@ from ._events import EVENT_FIELDS, EventError, EventField, OrderEvent, StockEven
 from ._keys import SaleKeys
 from ._room import RoomFigures, RoomSettings, RoomStatus, TicketRefused, WaitingRoom, replay_shuffle
 from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, StockState
+from ._validate import Cart
 
 __all__ = [
     "DEFAULT_HOLD_TTL",
     "EVENT_FIELDS",
     "BucketedInventory",
+    "Cart",
     "EventError",
     "EventField",
     "ExpiryBatch",

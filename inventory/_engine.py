@@ -18,6 +18,7 @@ from ._errors import OK, REPLAYED, InvalidRequest, OutcomeUnknown, error_for
 from ._keys import SaleKeys
 from ._scripts import register_all
 from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot
+from ._validate import Cart
 
 __all__ = ["Inventory", "DEFAULT_HOLD_TTL"]
 
@@ -195,10 +196,12 @@ class Inventory:
     @staticmethod
     def check_reserve(
         user: str, lines: str | Line | Iterable[Line | tuple[str, int]], request_id: str
-    ) -> tuple[Line, ...]:
+    ) -> Cart:
         """Validate a reservation without sending it: the cart, normalised (sorted by SKU),
         or :class:`InvalidRequest`. :meth:`reserve` does this too; a service calls it
-        first to refuse bad input before any cheaper shortcut answers."""
+        first to refuse bad input before any cheaper shortcut answers, and hands the
+        :class:`Cart` it returns to :meth:`reserve`, which does not check that cart again
+        (only the user and the request id, which cost little)."""
         check.ident(user, "user")
         check.ident(request_id, "request_id")
         return check.lines(lines)

@@ -56,18 +56,42 @@ def quantity(value: object, *, field: str = "qty", low: int = 1, high: int = MAX
     return int(value)  # type: ignore[call-overload,no-any-return]
 
 
+_MADE_HERE = object()
+
+
+class Cart(tuple[Line, ...]):
+    """A cart :func:`lines` accepted: 1-20 lines, one per SKU, each SKU and quantity
+    valid, sorted by SKU. Only :func:`lines` makes one (``Cart(...)`` raises
+    ``TypeError``), so a Cart is checked once: ``Inventory.reserve`` takes a cart
+    ``Inventory.check_reserve`` returned as it is. A copy or an unpickled cart is a plain
+    tuple, checked again."""
+
+    __slots__ = ()
+
+    def __new__(cls, lines: Iterable[Line], made: object = None) -> Cart:
+        if made is not _MADE_HERE:
+            raise TypeError("a Cart is made by Inventory.check_reserve, not directly")
+        return super().__new__(cls, lines)
+
+    def __reduce__(self) -> tuple[type[tuple[Line, ...]], tuple[tuple[Line, ...]]]:
+        return tuple, (tuple(self),)
+
+
 _CART = "a cart is a SKU, a Line, or a list of Line(sku, qty) or (sku, qty) pairs"
 
 
 @functools.lru_cache(maxsize=4096)
-def _one_unit(value: str) -> tuple[Line, ...]:
+def _one_unit(value: str) -> Cart:
     """The cart of one unit of SKU ``value``. Carts are immutable, so one per SKU serves
     every reservation of it (a surge is thousands per second of the same few SKUs)."""
-    return (Line(sku(value), 1),)
+    return Cart((Line(sku(value), 1),), _MADE_HERE)
 
 
-def lines(value: Iterable[Line | tuple[str, int]] | Line | str) -> tuple[Line, ...]:
-    """A cart: 1-20 lines, one per SKU, sorted so the same cart has one fingerprint."""
+def lines(value: Iterable[Line | tuple[str, int]] | Line | str) -> Cart:
+    """A cart: 1-20 lines, one per SKU, sorted so the same cart has one fingerprint.
+    A :class:`Cart` is one already: it is returned as it is."""
+    if type(value) is Cart:
+        return value
     if isinstance(value, str):  # one unit of one SKU: the usual cart, so the short way
         return _one_unit(value)
     if isinstance(value, Line):
@@ -89,7 +113,7 @@ def lines(value: Iterable[Line | tuple[str, int]] | Line | str) -> tuple[Line, .
         raise InvalidRequest("a cart needs at least one line", field="lines")
     if len({line.sku for line in out}) != len(out):
         raise InvalidRequest("each SKU may appear on one line only", field="lines")
-    return tuple(sorted(out, key=lambda line: line.sku))
+    return Cart(sorted(out, key=lambda line: line.sku), _MADE_HERE)
 
 
 def ttl_ms(value: object) -> int:

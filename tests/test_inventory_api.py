@@ -21,6 +21,7 @@ from inventory._scripts import ROOM_SCRIPT_NAMES, SCRIPT_NAMES, script_source
 
 EXPECTED_EXPORTS = {
     "DEFAULT_HOLD_TTL",
+    "Cart",
     "EVENT_FIELDS",
     "EventError",
     "EventField",

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from inventory_support import audit_sale, dump_sale, open_sale
 
-from inventory import Hold, InvalidRequest, Inventory, InventoryError, Line, SaleKeys
+from inventory import Cart, Hold, InvalidRequest, Inventory, InventoryError, Line, SaleKeys
 from inventory._errors import (
     HOLD_NOT_FOUND,
     INSUFFICIENT_STOCK,
@@ -389,3 +389,36 @@ def test_a_one_sku_cart_is_checked_every_time(bad: str) -> None:
             Inventory.check_reserve("alice", bad, "r1")
     assert Inventory.check_reserve("alice", "phone", "r1") == (Line("phone", 1),)
     assert Inventory.check_reserve("bob", "phone", "r2") is Inventory.check_reserve("alice", "phone", "r1")
+
+
+def test_a_checked_cart_is_a_cart_only_the_check_makes() -> None:
+    """check_reserve hands back a Cart, which reserve trusts without checking it again
+    (the service checks once): so nothing but the check can make one."""
+    cart = Inventory.check_reserve("alice", [Line("tv", 2), ("phone", 1)], "r1")
+    assert isinstance(cart, Cart)
+    assert cart == (Line("phone", 1), Line("tv", 2))
+    assert Inventory.check_reserve("alice", cart, "r2") is cart
+    assert isinstance(Inventory.check_reserve("alice", "phone", "r1"), Cart)
+    with pytest.raises(TypeError):
+        Cart([Line("", -5)])  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        Cart.__new__(Cart, [Line("", -5)])  # type: ignore[call-arg]
+
+
+def test_a_copied_cart_is_checked_again() -> None:
+    """A pickled or copied cart comes back as a plain tuple: trusted only as made."""
+    import copy
+    import pickle
+
+    cart = Inventory.check_reserve("alice", [Line("tv", 2)], "r1")
+    for again in (copy.copy(cart), copy.deepcopy(cart), pickle.loads(pickle.dumps(cart))):
+        assert again == cart and type(again) is tuple
+
+
+async def test_reserve_checks_what_is_not_a_checked_cart(sale: Sale) -> None:
+    with pytest.raises(InvalidRequest):
+        await sale.inv.reserve("alice", (Line("phone", 0),), request_id="r-bad")
+    hold = await sale.inv.reserve(
+        "alice", Inventory.check_reserve("alice", "phone", "r-ok"), request_id="r-ok"
+    )
+    assert hold.lines == (Line("phone", 1),)

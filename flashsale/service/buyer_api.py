@@ -61,7 +61,7 @@ def _too_many_in_progress(state: ServiceState) -> ApiError:
     )
 
 
-def _cart(body: dict[str, Any]) -> list[inventory.Line]:
+def _cart(body: dict[str, Any]) -> list[inventory.Line] | str:
     """Accept {"lines": [{"sku", "qty"}]} or the one-SKU short form {"sku", "qty"}."""
     if "lines" in body:
         lines = body["lines"]
@@ -70,7 +70,10 @@ def _cart(body: dict[str, Any]) -> list[inventory.Line]:
                 422, "invalid_request", '\'lines\' must be a list of {"sku", "qty"}', field="lines"
             )
     elif "sku" in body:
-        lines = [{"sku": body["sku"], "qty": body.get("qty", 1)}]
+        sku, qty = body["sku"], body.get("qty", 1)
+        if isinstance(sku, str) and type(qty) is int and qty == 1:
+            return sku  # one unit of one SKU: the engine keeps that cart per SKU
+        lines = [{"sku": sku, "qty": qty}]
     else:
         raise ApiError(
             422, "invalid_request", "give 'lines' (a list of {\"sku\", \"qty\"}) or 'sku'", field="lines"
@@ -164,7 +167,7 @@ async def _create_order(request: web.Request, state: ServiceState, buyer: Buyer)
     metrics = state.metrics
     try:
         body = await read_json(request)
-        cart = _cart(body)
+        lines = _cart(body)
         request_id = body.get("request_id")
         if not isinstance(request_id, str):
             raise ApiError(
@@ -173,7 +176,8 @@ async def _create_order(request: web.Request, state: ServiceState, buyer: Buyer)
                 "request_id (a string you choose, reused on retries) is required",
                 field="request_id",
             )
-        inventory.Inventory.check_reserve(buyer.user, cart, request_id)
+        # Checked once: the engine takes the Cart it returns as checked.
+        cart = inventory.Inventory.check_reserve(buyer.user, lines, request_id)
     except (ApiError, inventory.InvalidRequest):
         metrics.count("invalid")
         raise
@@ -197,7 +201,7 @@ async def _create_order(request: web.Request, state: ServiceState, buyer: Buyer)
 
 
 async def _place_order(
-    request: web.Request, state: ServiceState, buyer: Buyer, cart: list[inventory.Line], request_id: str
+    request: web.Request, state: ServiceState, buyer: Buyer, cart: inventory.Cart, request_id: str
 ) -> web.Response:
     metrics = state.metrics
     sales = set()
@@ -251,7 +255,7 @@ async def _reserve(
     state: ServiceState,
     settings: SaleSettings,
     buyer: Buyer,
-    cart: list[inventory.Line],
+    cart: inventory.Cart,
     request_id: str,
 ) -> web.Response:
     metrics, sale = state.metrics, settings.sale

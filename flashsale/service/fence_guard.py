@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,7 +32,7 @@ from flashsale.keys import ServiceKeys
 from flashsale.redis_client import ConnectWatch, as_text, connect
 from flashsale.service.buyer_api import buyer_of
 from flashsale.service.errors import ApiError
-from flashsale.service.http import read_body
+from flashsale.service.http import read_body, read_json
 from flashsale.service.state import STATE
 from inventory import parent_sale_id
 
@@ -297,11 +296,10 @@ GUARD = web.AppKey("flashsale_fence_guard", FenceGuard)
 async def _order_sale(request: web.Request, guard: FenceGuard) -> str | None:
     """The sale an order, pay or cancel request is for (None when it cannot be told)."""
     if request.path == "/api/orders":
+        await read_body(request)  # a body that cannot be read (408, 413, 400) is refused here
         try:
-            body = json.loads(await read_body(request))
-        except (ValueError, UnicodeDecodeError, RecursionError):
-            return None
-        if not isinstance(body, dict):
+            body = await read_json(request)  # parsed once: the handler gets this object
+        except ApiError:  # not a JSON object: the handler refuses it
             return None
         lines = body.get("lines")
         skus = (

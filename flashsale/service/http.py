@@ -75,9 +75,23 @@ async def read_body(request: web.Request) -> bytes:
         raise ApiError(400, "malformed_body", "the connection closed before the body ended") from None
 
 
+#: The body of a request as read_json parsed it: the fence guard reads an order's body to
+#: tell its sale, the handler reads it again, and it is parsed once for both.
+_PARSED_BODY = web.RequestKey("flashsale_parsed_body", dict)
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
-    """The body as a JSON object, or a 4xx saying what is wrong with it."""
-    raw = await read_body(request)
+    """The body as a JSON object, or a 4xx saying what is wrong with it. Every reader of
+    one request gets the same object: treat it as read-only."""
+    parsed: dict[str, Any] | None = request.get(_PARSED_BODY)
+    if parsed is not None:
+        return parsed
+    body = _json_object(await read_body(request))
+    request[_PARSED_BODY] = body
+    return body
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
     if not raw:
         raise ApiError(422, "malformed_json", "the request needs a JSON object body")
     try:
