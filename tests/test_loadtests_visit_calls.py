@@ -36,8 +36,7 @@ async def echo(request):
 
 async def slow(request):
     import asyncio
-    await asyncio.sleep(2)
-    return web.json_response({})
+    await asyncio.Event().wait()  # never answers: only the caller's own timeout ends the call
 
 async def plain(request):
     return web.Response(text="not json", status=503)
@@ -74,7 +73,7 @@ def backend(tmp_path: Path) -> Iterator[str]:
                 time.sleep(0.05)
         yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
+        proc.kill()  # a throwaway backend; its /slow handler never ends, so no graceful stop
         proc.wait(10)
 
 
