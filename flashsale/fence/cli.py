@@ -57,7 +57,14 @@ def _recover(args: argparse.Namespace) -> int:
         settings = both_stores(args, why="recovery reads PostgreSQL and rewrites Redis")
     except SettingsError as exc:
         return fail(str(exc))
+    if settings.redis_cluster:
+        from flashsale.fence.verify import ON_A_CLUSTER
+
+        return fail(f"{_REFUSED}FLASHSALE_REDIS_CLUSTER=1 names a Redis Cluster; {ON_A_CLUSTER}")
     return run(_recover_async(settings, args))
+
+
+_REFUSED = "recover refused, nothing was changed: "
 
 
 async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
@@ -77,6 +84,7 @@ async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
         return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
     prefix = settings.key_prefix
     try:
+        await fence.require_one_server(redis, f"the Redis at {settings.redis_url}")
         if args.forget:
             done = await recovery.forget(pool, prefix=prefix, sale=args.forget)
             print(
@@ -103,6 +111,8 @@ async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
                 )
             return exit_codes.OK if verdict.ok else exit_codes.INVARIANT_VIOLATED
         report = await recovery.recover(redis, pool, prefix=prefix, sales=args.sales, force=args.force)
+    except fence.ClusterUnsupported as exc:
+        return fail(f"{_REFUSED}{exc}")
     except fence.FenceUnavailable as exc:
         return fail(str(exc), exit_codes.NOT_READY)
     except recovery.RecoveryError as exc:

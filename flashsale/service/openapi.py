@@ -46,7 +46,8 @@ _READINESS = {
                 },
                 "fence": {
                     "type": "string",
-                    "description": "ok; off (not in this process); verifying: …; fenced: <sales>; "
+                    "description": "ok; off: <why> (not in this process: a Redis Cluster, no database…); "
+                    "verifying: …; fenced: <sales>; "
                     "unverified: PostgreSQL does not answer",
                 },
             },

@@ -19,7 +19,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from flashsale.redis_client import as_text
-from flashsale.service.fence_guard import GUARD
+from flashsale.service import fence_guard
 from flashsale.service.metrics import postgres_up, read_deployment
 from flashsale.service.openapi import document
 from flashsale.service.state import STATE, ServiceState
@@ -92,8 +92,7 @@ async def postgres_state(state: ServiceState) -> str | None:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     checks, postgres = await asyncio.gather(_redis_checks(state), postgres_state(state))
-    guard = request.app.get(GUARD)
-    reported = {"fence": "off" if guard is None else guard.status()}
+    reported = {"fence": fence_guard.status(request.app)}
     if postgres is not None:
         reported["postgres"] = postgres
     ready = all(v == "ok" for v in checks.values())
