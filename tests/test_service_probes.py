@@ -365,3 +365,36 @@ def test_the_documented_readiness_body_fits_the_schema() -> None:
     probes = doc.split("## Probes", 1)[1]
     (example,) = re.findall(r"```json\n(.*?)```", probes, re.S)
     _ready_body(json.loads(example))
+
+
+async def test_a_full_pool_is_not_postgresql_down(
+    start_service: ServiceFactory, pipeline_db_url: str, pipeline_pool: Any
+) -> None:
+    """During a surge every connection of the service's small pool can be busy (buyers'
+    order look-ups read PostgreSQL). The probes then ask PostgreSQL on a connection of their
+    own, closed after, so a busy pool never reads as ``flashsale_postgres_up 0``."""
+    service = await start_service(database_url=pipeline_db_url)
+    pool = service.state.pg
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        assert pool.get_idle_size() == 0 and pool.get_size() == pool.get_max_size()
+        body = _ready_body(await expect_json(await service.client.get("/readyz"), 200))
+        assert body["reported"]["postgres"] == "ok", body
+        samples = await scrape(service)
+        assert samples[("flashsale_postgres_up", ())] == 1
+
+        # The probes' own connections (named so in pg_stat_activity) do not pile up: each
+        # is closed after its check (its backend leaves pg_stat_activity shortly after).
+        async def probes_connected() -> int:
+            n: int = await pipeline_pool.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'flashsale-probe'"
+            )
+            return n
+
+        deadline = time.monotonic() + 30
+        while await probes_connected():
+            assert time.monotonic() < deadline, "the probes' connections stayed open"
+            await asyncio.sleep(0.05)
+    finally:
+        for conn in held:
+            await pool.release(conn)
