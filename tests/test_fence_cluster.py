@@ -120,3 +120,18 @@ async def test_a_service_on_a_cluster_says_its_fence_is_off_and_why(
     body = await expect_json(await service.client.get("/readyz"), 200)
     fence = body["reported"]["fence"]
     assert fence.startswith("off: ") and "Redis Cluster" in fence, fence
+
+
+async def test_a_service_given_a_cluster_node_as_one_server_says_its_fence_is_off(
+    start_service: ServiceFactory,
+    redis_cluster_server: RedisClusterServer,
+    pipeline_db_url: str,
+    pipeline_pool: Any,
+) -> None:
+    """FLASHSALE_REDIS_CLUSTER forgotten: the node's MOVED replies would read as keys that
+    are gone (a loss, or a clean verdict, by chance). The guard asks the node first, stands
+    down, and /readyz says why — not "unverified: PostgreSQL does not answer"."""
+    service = await start_service(redis_url=redis_cluster_server.url, database_url=pipeline_db_url)
+    body = await expect_json(await service.client.get("/readyz"), 200)
+    fence = body["reported"]["fence"]
+    assert fence.startswith("off: ") and "cluster_enabled:1" in fence, fence

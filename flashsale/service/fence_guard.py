@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from flashsale.fence.verify import (
     ON_A_CLUSTER,
+    ClusterUnsupported,
     FenceUnavailable,
     SaleRecord,
     Verdict,
@@ -26,6 +27,7 @@ from flashsale.fence.verify import (
     fallback_record,
     raise_fence,
     record_sales,
+    require_one_server,
     require_tables,
     verify,
 )
@@ -392,6 +394,15 @@ async def _guard_context(app: web.Application, options: dict[str, float]) -> Asy
         return
     except Exception as exc:  # noqa: BLE001 - PostgreSQL down at start-up: orders do not wait on it
         logger.warning("fence_unverified", extra={"why": f"{type(exc).__name__}: {exc}"})
+    try:  # a cluster node named as one server (FLASHSALE_REDIS_CLUSTER forgotten)
+        await require_one_server(guard.redis, "FLASHSALE_REDIS_URL's server")
+    except ClusterUnsupported as exc:
+        _disabled(app, str(exc))
+        await guard.redis.aclose()
+        yield
+        return
+    except (RedisError, OSError):
+        pass  # Redis down at start-up: the guard verifies it once it answers
     await guard.start()
     app[GUARD] = guard
     try:
