@@ -44,16 +44,34 @@ def test_recover_help_says_when_to_run_it_and_what_it_exits_with() -> None:
         "FLASHSALE_DATABASE_URL",
     ):
         assert said in text, (said, done.stdout)
-    statuses: dict[str, str] = {}  # code -> its row, wrapped lines joined
-    for line in done.stdout.split("exit status:")[1].splitlines():
+    statuses = _statuses(done.stdout)
+    assert set(statuses) == {"0", "2", "4", "64"}, done.stdout
+    assert "--forget" in statuses["64"] and "Redis Cluster" in statuses["64"], statuses
+
+
+def _statuses(help_text: str) -> dict[str, str]:
+    """A help's "exit status:" table: code -> its row, wrapped lines joined."""
+    assert "exit status:" in help_text, help_text
+    statuses: dict[str, str] = {}
+    code = ""
+    for line in help_text.split("exit status:")[1].splitlines():
         row = re.match(r"\s+(\d+)\s+(\S.*)$", line)
         if row:
             code = row[1]
             statuses[code] = row[2]
         elif line.strip():
             statuses[code] += " " + line.strip()
-    assert set(statuses) == {"0", "2", "4", "64"}, done.stdout
-    assert "--forget" in statuses["64"] and "Redis Cluster" in statuses["64"], statuses
+    return statuses
+
+
+@pytest.mark.parametrize(
+    ("command", "codes"),
+    [("audit", {"0", "2", "4", "64"}), ("migrate", {"0", "4", "64"})],
+)
+def test_the_commands_an_sre_runs_by_hand_list_their_exit_statuses(command: str, codes: set[str]) -> None:
+    done = flashsale(command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert set(_statuses(done.stdout)) == codes, done.stdout
 
 
 @pytest.mark.parametrize("mode", [["--check"], []], ids=repr)
