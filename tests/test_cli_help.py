@@ -98,3 +98,11 @@ async def test_forget_needs_no_redis(pipeline_db_url: str, pipeline_pool: Any) -
     )
     assert done.returncode == exit_codes.USAGE, done.stderr  # nothing recorded of d11 here
     assert "the fence has no sale 'd11' recorded" in done.stdout, done.stdout + done.stderr
+
+
+def test_serve_help_says_what_the_fence_does_and_where_it_is_off() -> None:
+    done = flashsale("serve", "--help")
+    assert done.returncode == 0, done.stderr
+    text = _flat(done.stdout)
+    for said in ("sale_fenced", "flashsale recover", "Redis Cluster", "/readyz"):
+        assert said in text, (said, done.stdout)
