@@ -51,6 +51,14 @@ Where it runs. :class:`flashsale.service.fence_guard.FenceGuard` lives in every 
   cleared the sale's ``fenced`` field and the data verifies, and records every sale's
   settings and SKUs in ``fence_sales`` (what recovery needs if Redis loses them too).
 
+One Redis server only. A run id, a lineage marker and a connection watch are one server's;
+on a Redis Cluster each shard would need its own, which this module does not keep. So
+:func:`verify` (and :func:`require_one_server`, which recovery and the guard ask first)
+raise :class:`ClusterUnsupported` on a cluster client or on a node that says
+``cluster_enabled:1`` — whose MOVED replies would otherwise read as keys that are gone —
+rather than judge the part of the data one node holds (:data:`ON_A_CLUSTER` says what to do
+there instead).
+
 The order writer needs no guard: every write it makes is idempotent and a status only
 moves up, so replaying an older stream into PostgreSQL changes nothing; recovery drains
 the stream itself before rebuilding (see :mod:`flashsale.fence.recovery`).
