@@ -66,7 +66,14 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
     (
         "FLASHSALE_READ_TIMEOUT",
         "read_timeout_s",
-        "seconds a client has to send a request body before 408 request_timeout (default 5)",
+        "seconds a client has to send a request head, and then its body, before 408 "
+        "request_timeout and the connection closed (default 5)",
+    ),
+    (
+        "FLASHSALE_IDLE_TIMEOUT",
+        "idle_timeout_s",
+        "seconds a connection may stay open without sending a request before it is closed "
+        "(default 75: longer than a load balancer's usual 60)",
     ),
     (
         "FLASHSALE_REDIS_TIMEOUT",
@@ -148,6 +155,7 @@ class Settings:
     user_burst: int = 10
     max_body_bytes: int = 16384
     read_timeout_s: float = 5.0
+    idle_timeout_s: float = 75.0
     redis_timeout_s: float = 2.0
     sku_cache_s: float = 0.25
     sold_out_cache_s: float = 0.5

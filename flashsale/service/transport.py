@@ -9,10 +9,20 @@ serves the app with :class:`ServiceRequestHandler` protocols and a first look at
 request, so these answers are ``{"error": "<stable_code>", "message": "…"}`` too:
 400 ``malformed_http``, ``malformed_body`` or ``bad_content_encoding``, 413
 ``body_too_large``, 417 ``expectation_failed``. ``flashsale serve`` and the tests use it.
+
+It also bounds how long a connection is held without a whole request. aiohttp has no
+deadline for a request head: a client trickling one byte at a time held its connection (a
+file descriptor) until the keep-alive timer. Here a head must be complete within
+``FLASHSALE_READ_TIMEOUT`` of its first byte (408 ``request_timeout``, then closed), a
+connection that sends nothing is closed after ``FLASHSALE_IDLE_TIMEOUT`` (aiohttp's
+keep-alive timer, which also runs from the connection's start), and after a 408 the
+connection is closed at once instead of lingering to read the rest of a body.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,6 +31,7 @@ from aiohttp.http_exceptions import PayloadEncodingError
 
 from flashsale.service.errors import ApiError, error_response, http_exception_response
 from flashsale.service.http import payload_refusal
+from flashsale.service.state import STATE
 
 __all__ = ["ServiceRequestHandler", "ServiceRunner", "first_look"]
 
@@ -30,9 +41,59 @@ AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 class ServiceRequestHandler(web.RequestHandler):
     """aiohttp's HTTP/1 protocol, answering requests its parser refused (and anything that
     escaped the app, which the app's middleware makes a should-not-happen) with the JSON
-    error. The connection is closed after it, as aiohttp does."""
+    error. The connection is closed after it, as aiohttp does. ``head_timeout_s``: see the
+    module docstring (0: no head deadline)."""
 
-    __slots__ = ()
+    __slots__ = ("head_timeout_s", "_head_timer")
+
+    def __init__(self, *args: Any, head_timeout_s: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # a whole head came (or a request is running)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif self._head_timer is None and self.head_timeout_s > 0 and data.strip(b"\r\n"):
+            # Part of a head, and the protocol waits for the rest (blank lines between
+            # requests are no head: RFC 9112 lets a server ignore them).
+            self._head_timer = self._loop.call_later(self.head_timeout_s, self._head_overdue, waiter)
+
+    def _head_overdue(self, waiter: asyncio.Future[None]) -> None:
+        self._head_timer = None
+        if waiter is not self._waiter or waiter.done() or self.transport is None:
+            return  # the head came after all
+        body = json.dumps(
+            {
+                "error": "request_timeout",
+                "message": f"the request head did not arrive within {self.head_timeout_s:g} s",
+            }
+        ).encode()
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.force_close()  # closes once the answer is written
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        answered = await super().finish_response(request, resp, start_time)
+        if resp.status == 408:
+            # RFC 9110: closed after a 408. aiohttp would linger (10 s) reading the rest of
+            # a body from the very client that ran out its deadline sending it.
+            self.force_close()
+        return answered
 
     def handle_error(
         self,
@@ -103,13 +164,18 @@ class _ServiceServer(web.Server):
 class ServiceRunner(web.AppRunner):
     """``web.AppRunner`` whose connections speak :class:`ServiceRequestHandler` and give
     each request :func:`first_look`. Handlers are not cancelled when a client hangs up
-    (aiohttp's default for servers; its TestServer chooses otherwise)."""
+    (aiohttp's default for servers; its TestServer chooses otherwise). The connection's
+    deadlines are the service's settings (read once the app has started), whatever
+    keep-alive the runner was given."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
+        settings = self.app[STATE].settings
         return _ServiceServer(
             first_look(server.request_handler),
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
-            **server._kwargs,  # the protocol options the app and this runner chose
+            # the protocol options the app and this runner chose, then the service's own
+            **{**server._kwargs, "keepalive_timeout": settings.idle_timeout_s},
+            head_timeout_s=settings.read_timeout_s,
         )
