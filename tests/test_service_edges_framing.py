@@ -25,7 +25,6 @@ from service_support import (
     ServiceFactory,
     changed_keys,
     dump_redis,
-    new_id,
     read_response,
     start_service,  # noqa: F401  (fixture)
 )
@@ -62,7 +61,7 @@ async def test_a_head_trickled_byte_by_byte_gets_408_json_and_the_connection_clo
     start_service: ServiceFactory, redis_client: Redis
 ) -> None:
     service = await patient(start_service, read_timeout_s=0.3)
-    sku = new_id("sku")
+    sku = "phone"
     await service.create_sale({sku: 5})
     before = await dump_redis(redis_client)
     body = json.dumps({"request_id": "r-slowloris", "sku": sku}).encode()
@@ -134,7 +133,7 @@ async def test_after_a_408_for_a_body_the_connection_is_closed_at_once(
     """The client that ran out its read deadline is not given aiohttp's lingering time (an
     hour here, 10 s by default) to send the rest: RFC 9110 closes after a 408."""
     service = await patient(start_service, read_timeout_s=0.3)
-    sku = new_id("sku")
+    sku = "phone"
     await service.create_sale({sku: 5})
     body = json.dumps({"request_id": "r-sloth", "sku": sku}).encode()
     await refused_as_too_slow(
@@ -147,7 +146,7 @@ async def test_heads_in_pieces_and_pipelined_requests_are_served(start_service: 
     """The head deadline does not touch a well-behaved client: a head split over several
     packets, and requests pipelined on one kept-alive connection, are answered."""
     service = await patient(start_service, read_timeout_s=30.0)
-    sku = new_id("sku")
+    sku = "phone"
     sale = (await service.create_sale({sku: 5}))["sale"]
     token = mint(TOKEN_SECRET, "tidy")
     first = order_request(token, json.dumps({"request_id": "r-1", "sku": sku}).encode())
