@@ -10,7 +10,7 @@ Everything here is per process and in memory — no round trip:
   known and the body is read (under a deadline): a slow client never holds it;
 * the sold-out cache: once Redis said a SKU has nothing available, refuse it locally for
   a short while, and at once forget it when the sale's epoch moves (restock, reserve
-  release). The short expiry matters because lapsed and cancelled holds put units back
+  release) or the sale id is created again (its generation). The short expiry matters because lapsed and cancelled holds put units back
   on sale without an operator doing anything. A refusal from the cache runs no script,
   but it is not quite free: the order path first reads the buyer's own idempotency record
   (one HMGET per loop turn), so a retry whose first answer was lost still gets its hold.
@@ -140,12 +140,14 @@ class SharedLoads(Generic[T]):
 class SoldOutCache:
     ttl_s: float
     _until: dict[tuple[str, str], float] = field(default_factory=dict)
-    _epochs: dict[str, int] = field(default_factory=dict)
+    _epochs: dict[str, tuple[int, int]] = field(default_factory=dict)
     hits: int = 0
 
-    def observe_epoch(self, sale: str, epoch: int) -> None:
-        if self._epochs.get(sale) != epoch:
-            self._epochs[sale] = epoch
+    def observe_epoch(self, sale: str, epoch: int, generation: int = 0) -> None:
+        """What the sale's stock is at now: its epoch, of which creation of the sale id (a
+        sale id used again starts at epoch 0 once more). Anything else forgets the sale."""
+        if self._epochs.get(sale) != (generation, epoch):
+            self._epochs[sale] = (generation, epoch)
             for key in [k for k in self._until if k[0] == sale]:
                 del self._until[key]
 
