@@ -16,7 +16,6 @@ from service_support import (
     changed_keys,
     dump_redis,
     expect_json,
-    new_id,
     service,  # noqa: F401  (fixture)
     start_service,  # noqa: F401  (fixture)
 )
@@ -46,7 +45,7 @@ def tampered(token: str) -> dict[str, str]:
 async def test_a_remembered_token_altered_anywhere_is_refused_and_changes_nothing(
     service: Service, redis_client: Redis
 ) -> None:
-    sku = new_id("sku")
+    sku = "phone"
     await service.create_sale({sku: 5})
     token = mint(TOKEN_SECRET, "alice")
     await expect_json(
@@ -74,7 +73,7 @@ async def test_the_memory_at_its_bound_under_many_buyers_at_once_keeps_each_orde
     service: Service,
 ) -> None:
     service.state.identity.verified.limit = 4  # far fewer than the buyers: every turn evicts
-    sku = new_id("sku")
+    sku = "phone"
     await service.create_sale({sku: 200})
     tokens = {f"buyer{i}": mint(TOKEN_SECRET, f"buyer{i}") for i in range(40)}
 
@@ -109,7 +108,7 @@ def test_at_its_expiry_a_remembered_token_goes_back_to_the_check_which_decides()
 
 
 async def test_a_token_is_its_buyers_in_every_sale(service: Service) -> None:
-    skus = [new_id("sku"), new_id("sku")]
+    skus = ["phone", "case"]
     for sku in skus:
         await service.create_sale({sku: 5})
     token = mint(TOKEN_SECRET, "alice")
@@ -118,4 +117,3 @@ async def test_a_token_is_its_buyers_in_every_sale(service: Service) -> None:
             "/api/orders", json={"request_id": "r-1", "sku": sku}, headers=bearer(token)
         )
         await expect_json(resp, 201)
-
