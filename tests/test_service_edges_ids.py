@@ -124,3 +124,33 @@ async def test_a_sale_id_used_again_is_not_sold_out_from_its_earlier_creation(
     answer = await expect_json(await service.order("carol", sku), 201)
     assert answer["sale"] == "d11"
     assert (await service.sku_counters("d11", sku))["held"] == 1
+
+
+async def test_pay_and_cancel_of_one_order_fifty_at_once_have_one_winner(service_with_cap: Service) -> None:
+    service = service_with_cap
+    sku = new_id("sku")
+    sale = (await service.create_sale({sku: 5}))["sale"]
+    order_id = (await expect_json(await service.order("alice", sku), 201))["order_id"]
+
+    async def close(action: str) -> tuple[str, int, Any]:
+        resp = await service.client.post(f"/api/orders/{order_id}/{action}", headers=buyer("alice"))
+        return action, resp.status, json.loads(await resp.text())
+
+    answers = await asyncio.gather(*(close(a) for a in ["pay", "cancel"] * 25))
+    winner = "pay" if any(a == "pay" and s == 200 for a, s, _ in answers) else "cancel"
+    final = {"pay": "paid", "cancel": "cancelled"}[winner]
+    loser_code = {"pay": "hold_paid", "cancel": "hold_cancelled"}[winner]
+    for action, status, body in answers:
+        if action == winner:
+            assert (status, body["status"]) == (200, final), (action, status, body)
+        else:
+            assert (status, body["error"]) == (409, loser_code), (action, status, body)
+    counters = await service.sku_counters(sale, sku)
+    sold = 1 if winner == "pay" else 0
+    assert (counters["sold"], counters["held"], counters["available"]) == (sold, 0, 5 - sold), counters
+
+
+@pytest.fixture
+async def service_with_cap(start_service: ServiceFactory) -> Service:
+    """A service that lets one buyer have 64 requests in progress (a burst of 50 all in)."""
+    return await start_service(buyer_in_flight=64)
