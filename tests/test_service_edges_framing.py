@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Awaitable
+import socket
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
@@ -174,3 +175,38 @@ def test_the_idle_time_is_a_documented_setting() -> None:
     # Longer than a load balancer's usual 60 s idle time: a balancer must never send a
     # request on a connection the service has just closed.
     assert Settings().idle_timeout_s > 60
+
+
+async def test_a_client_that_never_reads_its_answers_is_cut_off_after_the_idle_time(
+    start_service: ServiceFactory,
+) -> None:
+    """The slow-read attack: requests pipelined and answers never read. Once the answers
+    fill the socket, the service waits for the client to take them - for at most
+    ``FLASHSALE_IDLE_TIMEOUT``, then the connection is dropped (a close would wait to send
+    what the client does not take). Before, the connection was held for ever."""
+    service = await patient(start_service, idle_timeout_s=0.3)
+    server = service.client.server.runner.server if service.client.server.runner else None
+    assert server is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (service.client.host, service.client.port))
+    _, writer = await asyncio.open_connection(sock=sock, limit=16)  # reads (almost) nothing
+    requests = b"GET /openapi.json HTTP/1.1\r\nHost: flashsale\r\n\r\n" * 10
+    try:
+        for _ in range(2000):
+            if any(protocol.writing_paused for protocol in server.connections):
+                break  # the service's answers are stuck: the client does not take them
+            writer.write(requests)
+            await asyncio.wait([asyncio.ensure_future(writer.drain())], timeout=0.05)
+        assert any(protocol.writing_paused for protocol in server.connections), "answers never backed up"
+        await until(lambda: not server.connections, "the service dropped the connection")
+    finally:
+        writer.transport.abort()
+
+
+async def until(check: Callable[[], bool], what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + BOUND_S
+    while not check():
+        assert asyncio.get_running_loop().time() < deadline, f"never happened: {what}"
+        await asyncio.sleep(0.01)

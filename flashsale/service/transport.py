@@ -15,8 +15,10 @@ deadline for a request head: a client trickling one byte at a time held its conn
 file descriptor) until the keep-alive timer. Here a head must be complete within
 ``FLASHSALE_READ_TIMEOUT`` of its first byte (408 ``request_timeout``, then closed), a
 connection that sends nothing is closed after ``FLASHSALE_IDLE_TIMEOUT`` (aiohttp's
-keep-alive timer, which also runs from the connection's start), and after a 408 the
-connection is closed at once instead of lingering to read the rest of a body.
+keep-alive timer, which also runs from the connection's start), as is one whose client
+takes none of its answers for that long (the slow-read attack: pipelined requests, answers
+never read, which held a connection for ever), and after a 408 the connection is closed
+at once instead of lingering to read the rest of a body.
 """
 
 from __future__ import annotations
@@ -44,12 +46,33 @@ class ServiceRequestHandler(web.RequestHandler):
     error. The connection is closed after it, as aiohttp does. ``head_timeout_s``: see the
     module docstring (0: no head deadline)."""
 
-    __slots__ = ("head_timeout_s", "_head_timer")
+    __slots__ = ("head_timeout_s", "_head_timer", "_taken_timer")
 
     def __init__(self, *args: Any, head_timeout_s: float = 0.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.head_timeout_s = head_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
+        self._taken_timer: asyncio.TimerHandle | None = None
+
+    def pause_writing(self) -> None:
+        # The answers fill the socket: the client is not taking them. It has the idle time
+        # to take some (a timer only now, so an answer that is taken at once costs none).
+        super().pause_writing()
+        if self._taken_timer is None and self.keepalive_timeout > 0:
+            self._taken_timer = self._loop.call_later(self.keepalive_timeout, self._answers_not_taken)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._taken_timer is not None:
+            self._taken_timer.cancel()
+            self._taken_timer = None
+
+    def _answers_not_taken(self) -> None:
+        self._taken_timer = None
+        self.log_debug("dropped a connection whose client took no answer for %g s", self.keepalive_timeout)
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait to send what the client does not take
+        self.force_close()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -80,9 +103,10 @@ class ServiceRequestHandler(web.RequestHandler):
         self.force_close()  # closes once the answer is written
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        for timer in (self._head_timer, self._taken_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._taken_timer = None
         super().connection_lost(exc)
 
     async def finish_response(
