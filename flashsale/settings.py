@@ -70,6 +70,13 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
         "request_timeout and the connection closed (default 5)",
     ),
     (
+        "FLASHSALE_MAX_CONNECTIONS",
+        "max_connections",
+        "client connections per process; past it a new one replaces the oldest waiting for a "
+        "request, else is closed (default 0: the open-file limit less a quarter, at most 1024, "
+        "kept for the process's own connections to Redis and PostgreSQL)",
+    ),
+    (
         "FLASHSALE_IDLE_TIMEOUT",
         "idle_timeout_s",
         "seconds a connection may stay open without sending a request before it is closed "
@@ -156,6 +163,7 @@ class Settings:
     max_body_bytes: int = 16384
     read_timeout_s: float = 5.0
     idle_timeout_s: float = 75.0
+    max_connections: int = 0
     redis_timeout_s: float = 2.0
     sku_cache_s: float = 0.25
     sold_out_cache_s: float = 0.5

@@ -210,3 +210,70 @@ async def until(check: Callable[[], bool], what: str) -> None:
     while not check():
         assert asyncio.get_running_loop().time() < deadline, f"never happened: {what}"
         await asyncio.sleep(0.01)
+
+
+async def test_at_its_connection_cap_the_service_reclaims_a_waiting_connection_first(
+    start_service: ServiceFactory,
+) -> None:
+    """File descriptors are the bound under every connection: past them the process can
+    open no connection to Redis either. At ``FLASHSALE_MAX_CONNECTIONS`` a new connection
+    takes the place of the oldest one waiting for a request (idle, or a head still coming);
+    with none waiting, the new one is closed at once - the requests in progress go on."""
+    service = await patient(start_service, max_connections=3, read_timeout_s=BOUND_S)
+    waiting = [await service.open_raw() for _ in range(3)]
+    try:
+        waiting[1][1].write(b"GET /healthz HTTP/1.1\r\nHost: flashsale\r\nX-Hal")  # a head still coming
+        await waiting[1][1].drain()
+        reader, writer = await service.open_raw()
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: flashsale\r\nConnection: close\r\n\r\n")
+        await writer.drain()
+        assert (await asyncio.wait_for(read_response(reader), BOUND_S))[0] == 200
+        writer.close()
+        assert await closed_by_service(waiting[0][0]) == b"", "the oldest waiting connection made room"
+    finally:
+        for _, w in waiting:
+            w.close()
+
+
+async def test_at_its_connection_cap_with_every_connection_busy_a_new_one_is_closed(
+    start_service: ServiceFactory,
+) -> None:
+    service = await patient(start_service, max_connections=2, read_timeout_s=BOUND_S)
+    server = service.client.server.runner.server if service.client.server.runner else None
+    assert server is not None
+    body = b'{"request_id": "r-1", "sku": "phone"}'
+    busy = []
+    for user in ("slow1", "slow2"):  # two orders whose bodies are still coming
+        reader, writer = await service.open_raw()
+        writer.write(order_request(mint(TOKEN_SECRET, user), body[:5], length=len(body)))
+        await writer.drain()
+        busy.append((reader, writer))
+    try:
+        await until(lambda: service.state.buyers.in_progress("slow2") == 1, "both orders in progress")
+        reader, writer = await service.open_raw()
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: flashsale\r\n\r\n")
+        try:
+            rest = await closed_by_service(reader)
+        except ConnectionResetError:  # closed with the request unread: the kernel says reset
+            rest = b""
+        assert rest == b"", "no room: the new connection is closed without an answer"
+        writer.close()
+        for reader, writer in busy:  # the orders in progress go on
+            writer.write(body[5:])
+            await writer.drain()
+            assert (await asyncio.wait_for(read_response(reader), BOUND_S))[0] == 422  # no such SKU
+    finally:
+        for _, w in busy:
+            w.close()
+
+
+def test_the_connection_cap_is_below_the_open_file_limit_by_default() -> None:
+    import resource
+
+    from flashsale.service.transport import connection_cap
+    from flashsale.settings import Settings
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    cap = connection_cap(Settings())
+    assert 0 < cap < soft and soft - cap >= min(1024, soft // 4)
+    assert connection_cap(Settings(max_connections=10)) == 10

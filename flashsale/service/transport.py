@@ -18,13 +18,17 @@ connection that sends nothing is closed after ``FLASHSALE_IDLE_TIMEOUT`` (aiohtt
 keep-alive timer, which also runs from the connection's start), as is one whose client
 takes none of its answers for that long (the slow-read attack: pipelined requests, answers
 never read, which held a connection for ever), and after a 408 the connection is closed
-at once instead of lingering to read the rest of a body.
+at once instead of lingering to read the rest of a body. Under all of them lies the
+process's open-file limit, which its own connections to Redis need too: at
+``FLASHSALE_MAX_CONNECTIONS`` (:func:`connection_cap`) a new connection takes the place of
+the oldest one waiting for a request, or, with none waiting, is closed at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import resource
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,8 +38,9 @@ from aiohttp.http_exceptions import PayloadEncodingError
 from flashsale.service.errors import ApiError, error_response, http_exception_response
 from flashsale.service.http import payload_refusal
 from flashsale.service.state import STATE
+from flashsale.settings import Settings
 
-__all__ = ["ServiceRequestHandler", "ServiceRunner", "first_look"]
+__all__ = ["ServiceRequestHandler", "ServiceRunner", "connection_cap", "first_look"]
 
 AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -53,6 +58,10 @@ class ServiceRequestHandler(web.RequestHandler):
         self.head_timeout_s = head_timeout_s
         self._head_timer: asyncio.TimerHandle | None = None
         self._taken_timer: asyncio.TimerHandle | None = None
+
+    def waiting_for_request(self) -> bool:
+        """Idle between requests, or a head still coming: no request is being served."""
+        return self._waiter is not None and not self._waiter.done()
 
     def pause_writing(self) -> None:
         # The answers fill the socket: the client is not taking them. It has the idle time
@@ -178,11 +187,40 @@ def first_look(app_handler: AppHandler) -> AppHandler:
     return handle
 
 
+def connection_cap(settings: Settings) -> int:
+    """Client connections one process keeps: ``FLASHSALE_MAX_CONNECTIONS``, or the
+    open-file limit less a quarter of it (at most 1024), kept for the process's own
+    connections (Redis, PostgreSQL) and files."""
+    if settings.max_connections > 0:
+        return settings.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - min(1024, soft // 4))
+
+
 class _ServiceServer(web.Server):
-    """aiohttp's connection factory, making :class:`ServiceRequestHandler` protocols."""
+    """aiohttp's connection factory, making :class:`ServiceRequestHandler` protocols, at
+    most ``max_connections`` of them at once (see the module docstring)."""
+
+    max_connections = 0  # 0: no cap
 
     def __call__(self) -> web.RequestHandler:
         return ServiceRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        if not self.max_connections or len(self._connections) <= self.max_connections:
+            return
+        for other in self._connections:  # the oldest first
+            if isinstance(other, ServiceRequestHandler) and other.waiting_for_request():
+                other.log_debug("closed a waiting connection to make room for a new one")
+                other.force_close()
+                return
+        handler.log_debug("closed a new connection: every connection is serving a request")
+        # Once its protocol has started (it does right after this): closed now, the protocol
+        # would start on a connection already lost.
+        asyncio.get_running_loop().call_soon(handler.force_close)
 
 
 class ServiceRunner(web.AppRunner):
@@ -195,7 +233,7 @@ class ServiceRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         settings = self.app[STATE].settings
-        return _ServiceServer(
+        service_server = _ServiceServer(
             first_look(server.request_handler),
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
@@ -203,3 +241,5 @@ class ServiceRunner(web.AppRunner):
             **{**server._kwargs, "keepalive_timeout": settings.idle_timeout_s},
             head_timeout_s=settings.read_timeout_s,
         )
+        service_server.max_connections = connection_cap(settings)
+        return service_server
