@@ -265,6 +265,8 @@ async def test_at_its_connection_cap_with_every_connection_busy_a_new_one_is_clo
     finally:
         for _, w in busy:
             w.close()
+    counted = lambda: getattr(server, "open_connections", None) == len(server.connections)  # noqa: E731
+    await until(counted, "the service's count of its connections is right once they closed")
 
 
 def test_the_connection_cap_is_below_the_open_file_limit_by_default() -> None:

@@ -204,15 +204,21 @@ class _ServiceServer(web.Server):
     most ``max_connections`` of them at once (see the module docstring)."""
 
     max_connections = 0  # 0: no cap
+    open_connections = 0  # counted here: aiohttp's list of them is a copy per look
 
     def __call__(self) -> web.RequestHandler:
         return ServiceRequestHandler(self, loop=self._loop, **self._kwargs)
 
+    def connection_lost(self, handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open_connections -= 1
+
     def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
         super().connection_made(handler, transport)
-        if not self.max_connections or len(self._connections) <= self.max_connections:
+        self.open_connections += 1
+        if not self.max_connections or self.open_connections <= self.max_connections:
             return
-        for other in self._connections:  # the oldest first
+        for other in self.connections:  # the oldest first
             if isinstance(other, ServiceRequestHandler) and other.waiting_for_request():
                 other.log_debug("closed a waiting connection to make room for a new one")
                 other.force_close()
