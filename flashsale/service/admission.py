@@ -6,7 +6,7 @@ Everything here is per process and in memory — no round trip:
   thousand slow sockets hold that buyer's few turns, not everyone's;
 * a per-buyer token bucket (bots and retry storms are refused with 429 ``rate_limited``),
   for at most ``max_keys`` buyers at once: past that, those seen least recently are forgotten;
-* a global in-flight limit: past it, shed with 503 ``overloaded`` and ``Retry-After``,
+* a global in-flight limit: past it, shed with 429 ``overloaded`` and ``Retry-After``,
   instead of queueing until every request times out. It is taken only once the buyer is
   known and the body is read (under a deadline): a slow client never holds it;
 * the sold-out cache: once Redis said a SKU has nothing available, refuse it locally for

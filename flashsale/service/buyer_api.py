@@ -4,7 +4,7 @@ paying and cancelling.
 Admission, in this order, on every buyer endpoint: the token (401), one of the buyer's
 few turns (429 ``too_many_in_progress``), the body read under the read deadline (408) and
 checked (4xx) — and only then, for orders, the rate limit and one of the process's
-in-flight slots (503 ``overloaded``). So a slow or hostile client holds at most its own
+in-flight slots (429 ``overloaded``). So a slow or hostile client holds at most its own
 turns, never the slots every other buyer's order needs.
 """
 
@@ -188,10 +188,12 @@ async def _create_order(request: web.Request, state: ServiceState, buyer: Buyer)
         )
     if not state.in_flight.enter():
         metrics.count("shed")
+        # A 4xx: concurrency is what clients send (RFC 6585), not a fault of the service.
         raise ApiError(
-            503,
+            429,
             "overloaded",
-            "too many orders in progress; retry shortly with the same request_id",
+            "the service is at capacity (too many orders in progress); "
+            "retry after Retry-After seconds with the same request_id",
             headers={"Retry-After": "1"},
         )
     try:
