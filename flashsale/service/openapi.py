@@ -381,7 +381,10 @@ def _document() -> dict[str, Any]:
                         **_AUTH_ERRORS,
                         "404": _err("no such order of yours"),
                         **_BUSY_BUYER,
-                        "503": _err("lookup switched off"),
+                        "503": _err(
+                            "degraded (lookup switched off) or archive_unavailable (PostgreSQL, "
+                            "which keeps archived orders, did not answer in time; Retry-After)"
+                        ),
                     },
                 }
             },
