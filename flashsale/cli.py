@@ -8,7 +8,8 @@ missing extra is named (``pip install 'flashsale[service]'``), never a traceback
 
 Shared here by every wing's commands: :func:`add_store_options` (``--redis-url`` /
 ``--database-url``, the same two flags and meanings on every command that talks to the
-stores).
+stores) and :func:`exit_status` (a help's table of the statuses a command ends with, in
+the words of :mod:`flashsale.exit_codes`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import importlib.metadata
 import os
 import re
 import sys
+import textwrap
 from collections.abc import Mapping, Sequence
 from typing import Any, NoReturn
 
@@ -30,6 +32,7 @@ __all__ = [
     "add_store_options",
     "both_stores",
     "build_parser",
+    "exit_status",
     "extra_providing",
     "main",
     "store_overrides",
@@ -47,13 +50,37 @@ COMMAND_MODULES: tuple[str, ...] = (
 _IMPORT_NAMES = {"hdrhistogram": "hdrh", "prometheus-client": "prometheus_client", "pyjwt": "jwt"}
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """argparse's, but a description or epilog keeps its line breaks: each line is wrapped
+    on its own, and a line that starts with a space (a table row) is kept as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        fill = super()._fill_text
+        return "\n".join(
+            indent + line if line.startswith(" ") or not line else fill(line, width, indent)
+            for line in text.split("\n")
+        )
+
+
+def exit_status(codes: Mapping[int, str] | None = None, *, heading: str = "exit status") -> str:
+    """A help's table of exit statuses: ``codes`` (code -> what it means for this command),
+    by default every status with its meaning from :mod:`flashsale.exit_codes`."""
+    rows = [
+        textwrap.fill(meaning, 78, initial_indent=f"  {code:<4}", subsequent_indent=" " * 6)
+        for code, meaning in (exit_codes.MEANING if codes is None else codes).items()
+    ]
+    return f"{heading}:\n" + "\n".join(rows)
+
+
 class CommandParser(argparse.ArgumentParser):
     """argparse with this project's conventions: a usage error exits 64 (never a verdict's
-    code: see :mod:`flashsale.exit_codes`), and an abbreviated option is refused rather
-    than taken for the one it starts (``--peak`` is not ``--peak-rps``)."""
+    code: see :mod:`flashsale.exit_codes`), an abbreviated option is refused rather than
+    taken for the one it starts (``--peak`` is not ``--peak-rps``), and help text keeps
+    its line breaks (:class:`HelpFormatter`)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
         super().__init__(*args, **kwargs)
         self.commands: Mapping[str, argparse.ArgumentParser] = {}  # name -> sub-command parser
 
@@ -112,7 +139,13 @@ def build_parser() -> CommandParser:
             "drains orders into PostgreSQL at its own pace, and Locust drills that replay "
             "a Double 11 midnight opening and check nothing was oversold, lost or duplicated."
         ),
-        epilog="Start with `flashsale rehearse`; every sub-command has its own --help.",
+        epilog=(
+            "Start with `flashsale rehearse`; every sub-command has its own --help.\n\n"
+            "In production: `flashsale migrate` once per upgrade, then `flashsale serve` and "
+            "`flashsale worker`. If Redis lost data (orders answer 503 sale_fenced, /readyz "
+            'reports "fenced: <sales>"): `flashsale recover --check`, then `flashsale recover`. '
+            "After an incident: `flashsale audit`.\n\n" + exit_status(heading="exit status (every command)")
+        ),
     )
     parser.add_argument("--version", action="version", version=f"flashsale {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CommandParser)

@@ -66,7 +66,21 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
     (
         "FLASHSALE_READ_TIMEOUT",
         "read_timeout_s",
-        "seconds a client has to send a request body before 408 request_timeout (default 5)",
+        "seconds a client has to send a request head, and then its body, before 408 "
+        "request_timeout and the connection closed (default 5)",
+    ),
+    (
+        "FLASHSALE_MAX_CONNECTIONS",
+        "max_connections",
+        "client connections per process; past it a new one replaces the oldest waiting for a "
+        "request, else is closed (default 0: the open-file limit less a quarter, at most 1024, "
+        "kept for the process's own connections to Redis and PostgreSQL)",
+    ),
+    (
+        "FLASHSALE_IDLE_TIMEOUT",
+        "idle_timeout_s",
+        "seconds a connection may stay open without sending a request before it is closed "
+        "(default 75: longer than a load balancer's usual 60)",
     ),
     (
         "FLASHSALE_REDIS_TIMEOUT",
@@ -148,6 +162,8 @@ class Settings:
     user_burst: int = 10
     max_body_bytes: int = 16384
     read_timeout_s: float = 5.0
+    idle_timeout_s: float = 75.0
+    max_connections: int = 0
     redis_timeout_s: float = 2.0
     sku_cache_s: float = 0.25
     sold_out_cache_s: float = 0.5

@@ -220,14 +220,17 @@ class ServiceTestServer(TestServer):
 @pytest.fixture
 async def start_service(redis_client: Redis, redis_url: str) -> AsyncIterator[ServiceFactory]:
     """``await start_service(**settings_overrides)`` runs one more service process on the
-    suite's (freshly flushed) Redis — or the ``redis_url`` given; all of them are stopped
-    after the test."""
+    suite's (freshly flushed) Redis — or the ``redis_url`` given, with aiohttp's
+    ``runner_options`` if given; all of them are stopped after the test."""
     running: list[TestClient[web.Request, web.Application]] = []
 
     async def start(**overrides: Any) -> Service:
+        runner_options = overrides.pop("runner_options", {})
         settings = service_settings(overrides.pop("redis_url", redis_url), **overrides)
-        client = TestClient(ServiceTestServer(create_app(settings)))
+        server = ServiceTestServer(create_app(settings))
+        client = TestClient(server)
         try:
+            await server.start_server(**runner_options)  # aiohttp's protocol options, if any
             await client.start_server()
         except BaseException:
             await client.close()

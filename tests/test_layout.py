@@ -146,6 +146,9 @@ LIBRARY_INTERNALS = {
     "_make_server",
     "_kwargs",
     "_loop",
+    # nor for "this connection waits for its next request head" (the future its protocol
+    # awaits): the head deadline and the connection cap in that module need exactly that
+    "_waiter",
 }
 
 

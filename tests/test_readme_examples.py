@@ -71,6 +71,36 @@ def test_every_command_the_readme_names_exists() -> None:
     assert named <= commands, f"README names commands that do not exist: {sorted(named - commands)}"
 
 
+def _code_in(text: str) -> list[str]:
+    """The lines of a Markdown text's code blocks, and its inline code spans."""
+    lines = [line for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S) for line in block.splitlines()]
+    return lines + re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+
+
+def test_every_command_and_flag_the_docs_show_exists() -> None:
+    """``flashsale <command> --flag`` as README and docs/ show it, in code: the command
+    exists and takes the flag (an SRE copies these during an incident)."""
+    from flashsale.cli import build_parser
+
+    commands = dict(build_parser().commands)
+    shown, wrong = 0, []
+    for doc in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for code in _code_in(doc.read_text(encoding="utf-8")):
+            for command, rest in re.findall(r"(?:^|[\s;|&(])flashsale ([a-z][a-z-]*)([^;|&#\n]*)", code):
+                shown += 1
+                if command not in commands:
+                    wrong.append(f"{doc.name}: flashsale {command}")
+                    continue
+                flags = {o for a in commands[command]._actions for o in a.option_strings}
+                wrong += [
+                    f"{doc.name}: flashsale {command} {flag}"
+                    for flag in re.findall(r"(?<![\w-])(--[a-z][\w-]*)", rest)
+                    if flag not in flags
+                ]
+    assert shown > 50, f"only {shown} commands found in the docs: the pattern broke"
+    assert not wrong, f"the docs show commands or flags that do not exist: {wrong}"
+
+
 def test_the_exit_code_table_is_one_table() -> None:
     """Every judging command shares flashsale.exit_codes; the drill kit's 0-3 mean the same,
     and a usage error never shares a code with a verdict."""

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
-from flashsale.cli import add_store_options, both_stores
+from flashsale.cli import add_store_options, both_stores, exit_status
 from flashsale.console import fail, run, store_failed, write_json
 
 if TYPE_CHECKING:
@@ -22,12 +22,35 @@ def register(sub: Any) -> None:
         "recover",
         help="rebuild sales in Redis from PostgreSQL after Redis lost data, then reopen them",
         description=(
-            "Compare Redis with what PostgreSQL has committed (lineage marker, hold records, "
-            "sold counters, stream ids). For every sale found lost, or fenced, or named: fence "
-            "it, write whatever its stream still holds to PostgreSQL, rebuild its stock, holds, "
-            "idempotency records, per-user counts and deadlines from PostgreSQL, and reopen it. "
-            "Settings: FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL, FLASHSALE_KEY_PREFIX. Safe to "
-            "run again; run it with the worker running or stopped."
+            "Rebuild sales in Redis from PostgreSQL after Redis lost data, and reopen them.\n\n"
+            "When: the service fenced a sale (orders, payments and cancellations answer 503 "
+            'sale_fenced; /readyz reports "fenced: <sales>"; the FlashsaleSaleFenced alert '
+            "fires), or Redis came back empty or from an older copy. First `flashsale recover "
+            "--check` (changes nothing), then `flashsale recover`. Safe to run again; run it with "
+            "the service and the worker running or stopped.\n\n"
+            "What: compare Redis with what PostgreSQL has committed (lineage marker, hold "
+            "records, sold counters, stream ids). For every sale found lost, or fenced, or named: "
+            "fence it, write whatever its stream still holds to PostgreSQL, rebuild its stock, "
+            "holds, idempotency records, per-user counts and deadlines from PostgreSQL, and "
+            "reopen it.\n\n"
+            "One Redis server only: on a Redis Cluster (FLASHSALE_REDIS_CLUSTER=1, or a node that "
+            "says cluster_enabled:1) it refuses and changes nothing; see "
+            "docs/running-at-scale.md for what keeps a cluster safe instead.\n\n"
+            "Settings: FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL, FLASHSALE_KEY_PREFIX (the "
+            "flags win)."
+        ),
+        epilog=exit_status(
+            {
+                exit_codes.OK: "Redis agrees with PostgreSQL (--check); the sales were rebuilt and "
+                "reopened, or there was nothing to recover; --forget done",
+                exit_codes.INVARIANT_VIOLATED: "--check found a loss; or a sale could not be rebuilt "
+                "(the report says which and what to do)",
+                exit_codes.NOT_READY: "Redis or PostgreSQL does not answer, or the schema is not "
+                "migrated (`flashsale migrate`): run it again once they do",
+                exit_codes.USAGE: "bad flags or settings; a Redis Cluster (refused, nothing changed); "
+                "a Redis that refused (a replica: point at the primary); --forget of a sale the "
+                "fence never recorded",
+            }
         ),
     )
     add_store_options(r)
@@ -57,11 +80,21 @@ def _recover(args: argparse.Namespace) -> int:
         settings = both_stores(args, why="recovery reads PostgreSQL and rewrites Redis")
     except SettingsError as exc:
         return fail(str(exc))
+    if settings.redis_cluster:
+        from flashsale.fence.verify import ON_A_CLUSTER
+
+        return fail(f"{_REFUSED}FLASHSALE_REDIS_CLUSTER=1 names a Redis Cluster; {ON_A_CLUSTER}")
     return run(_recover_async(settings, args))
+
+
+_REFUSED = "recover refused, nothing was changed: "
 
 
 async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
     import asyncpg
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import RedisError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from flashsale.fence import recovery
     from flashsale.fence import verify as fence
@@ -77,7 +110,7 @@ async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
         return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
     prefix = settings.key_prefix
     try:
-        if args.forget:
+        if args.forget:  # PostgreSQL only: a Redis that is down does not stop it
             done = await recovery.forget(pool, prefix=prefix, sale=args.forget)
             print(
                 f"sale {args.forget} forgotten by the fence"
@@ -85,6 +118,7 @@ async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
                 else f"the fence has no sale {args.forget!r} recorded"
             )
             return exit_codes.OK if done else exit_codes.USAGE
+        await fence.require_one_server(redis, f"the Redis at {settings.redis_url}")
         if args.check:
             verdict = await fence.verify(redis, pool, prefix=prefix)
             body: dict[str, Any] = {
@@ -103,10 +137,18 @@ async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
                 )
             return exit_codes.OK if verdict.ok else exit_codes.INVARIANT_VIOLATED
         report = await recovery.recover(redis, pool, prefix=prefix, sales=args.sales, force=args.force)
+    except fence.ClusterUnsupported as exc:
+        return fail(f"{_REFUSED}{exc}")
     except fence.FenceUnavailable as exc:
         return fail(str(exc), exit_codes.NOT_READY)
     except recovery.RecoveryError as exc:
         return fail(str(exc), exit_codes.INVARIANT_VIOLATED)
+    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:  # (safe to run again)
+        return store_failed("Redis", settings.redis_url, exc, transient=True)
+    except RedisError as exc:  # answered and refused: a replica (READONLY), say
+        return store_failed("Redis", settings.redis_url, exc, transient=False)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
     finally:
         await close_pool(pool)
         await redis.aclose()

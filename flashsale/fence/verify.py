@@ -51,6 +51,14 @@ Where it runs. :class:`flashsale.service.fence_guard.FenceGuard` lives in every 
   cleared the sale's ``fenced`` field and the data verifies, and records every sale's
   settings and SKUs in ``fence_sales`` (what recovery needs if Redis loses them too).
 
+One Redis server only. A run id, a lineage marker and a connection watch are one server's;
+on a Redis Cluster each shard would need its own, which this module does not keep. So
+:func:`verify` (and :func:`require_one_server`, which recovery and the guard ask first)
+raise :class:`ClusterUnsupported` on a cluster client or on a node that says
+``cluster_enabled:1`` — whose MOVED replies would otherwise read as keys that are gone —
+rather than judge the part of the data one node holds (:data:`ON_A_CLUSTER` says what to do
+there instead).
+
 The order writer needs no guard: every write it makes is idempotent and a status only
 moves up, so replaying an older stream into PostgreSQL changes nothing; recovery drains
 the stream itself before rebuilding (see :mod:`flashsale.fence.recovery`).
@@ -66,6 +74,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 from flashsale.keys import ServiceKeys
@@ -74,6 +84,8 @@ from flashsale.redis_client import RedisClient, as_text
 from inventory import SaleKeys, StreamId, bucket_sale_id, parent_sale_id
 
 __all__ = [
+    "ON_A_CLUSTER",
+    "ClusterUnsupported",
     "FenceUnavailable",
     "Loss",
     "SaleRecord",
@@ -87,6 +99,7 @@ __all__ = [
     "log_fence",
     "raise_fence",
     "record_sales",
+    "require_one_server",
     "require_tables",
     "verify",
 ]
@@ -99,6 +112,41 @@ _SETTINGS_FIELDS = ("opens_at_ms", "early_access_ms", "hold_ttl_ms", "state", "b
 
 class FenceUnavailable(RuntimeError):
     """PostgreSQL lacks the fence's tables (run ``flashsale migrate``)."""
+
+
+#: Why the fence and recovery stop short of a Redis Cluster, and what to do there instead.
+ON_A_CLUSTER = (
+    "the fence and recovery work on one Redis server only: they compare one server's run id "
+    "and one lineage marker with PostgreSQL and rebuild through that server, so on a Redis "
+    "Cluster they would check or rewrite only what one node holds. On a cluster, keep every "
+    "shard from losing acknowledged reservations instead (appendfsync always, or WAIT/WAITAOF: "
+    "docs/running-at-scale.md); if a shard lost data, close its sales "
+    "(POST /api/admin/sales/<sale>/close) and run `flashsale audit` to see what was oversold or lost"
+)
+
+
+class ClusterUnsupported(RuntimeError):
+    """The Redis is a Redis Cluster (or one of its nodes): see :data:`ON_A_CLUSTER`."""
+
+
+def _cluster_enabled(info: Any) -> bool:
+    """True if an ``INFO cluster`` reply says the server is a cluster node."""
+    return not isinstance(info, Exception) and str(info.get("cluster_enabled", 0)) == "1"
+
+
+async def require_one_server(redis: RedisClient, where: str = "the Redis named") -> None:
+    """:class:`ClusterUnsupported` unless ``redis`` is one server, not a Redis Cluster nor a
+    node of one (a node answers a plain client too, with MOVED for most keys)."""
+    if isinstance(redis, RedisCluster):
+        raise ClusterUnsupported(f"{where} is a Redis Cluster; {ON_A_CLUSTER}")
+    try:
+        info: Any = await redis.info("cluster")
+    except ResponseError as exc:  # a proxy that refuses INFO cluster: not a cluster node
+        info = exc
+    if _cluster_enabled(info):
+        raise ClusterUnsupported(
+            f"{where} is a node of a Redis Cluster (its INFO says cluster_enabled:1); {ON_A_CLUSTER}"
+        )
 
 
 def lineage_key(prefix: str) -> str:
@@ -278,9 +326,12 @@ async def verify(redis: RedisClient, pool: Any, *, prefix: str = "fs") -> Verdic
     """Compare Redis with what PostgreSQL has committed; see the module docstring.
 
     ``redis`` is a ``redis.asyncio.Redis`` (bytes or decoded replies) that is *not* hooked
-    by a guard, ``pool`` an asyncpg pool. Raises :class:`FenceUnavailable` without the
+    by a guard, ``pool`` an asyncpg pool. Raises :class:`ClusterUnsupported` on a Redis
+    Cluster or one of its nodes, :class:`FenceUnavailable` without the
     fence's tables, and the drivers' errors when a server does not answer.
     """
+    if isinstance(redis, RedisCluster):
+        raise ClusterUnsupported(f"the Redis verified is a Redis Cluster; {ON_A_CLUSTER}")
     pg = await _read_postgres(pool, prefix)
     engines = sorted(
         set(pg.stocked) | {e for rec in pg.registry.values() if not rec.forgotten for e in rec.engine_sales}
@@ -297,9 +348,12 @@ async def verify(redis: RedisClient, pool: Any, *, prefix: str = "fs") -> Verdic
             pipe.hgetall(keys.stock)
             pipe.hlen(keys.holds)
             pipe.xinfo_stream(keys.events)
+        pipe.info("cluster")
         replies = await pipe.execute(raise_on_error=False)
     if isinstance(replies[0], Exception):
         raise replies[0]
+    if _cluster_enabled(replies[-1]):  # its MOVED replies would read as keys that are gone
+        raise ClusterUnsupported(f"the Redis verified is a node of a Redis Cluster; {ON_A_CLUSTER}")
     run_id = as_text(replies[0]["run_id"])
     token = None if replies[1] is None or isinstance(replies[1], Exception) else as_text(replies[1])
     losses: list[Loss] = []

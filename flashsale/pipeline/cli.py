@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from flashsale import exit_codes
-from flashsale.cli import add_store_options, both_stores, store_overrides
+from flashsale.cli import add_store_options, both_stores, exit_status, store_overrides
 from flashsale.console import fail, run, store_failed, write_json
 from flashsale.redis_client import connect
 from flashsale.settings import SettingsError, check_database_url
@@ -34,6 +34,14 @@ def register(sub: Any) -> None:
             "Apply every pending schema migration to the PostgreSQL named by "
             "FLASHSALE_DATABASE_URL (or --database-url), each in its own transaction. "
             "Run it before the first `flashsale worker`, and after every upgrade."
+        ),
+        epilog=exit_status(
+            {
+                exit_codes.OK: "every migration applied (or already was); --status listed them",
+                exit_codes.NOT_READY: "PostgreSQL does not answer, or a migration failed (the error "
+                "says which): run it again once fixed",
+                exit_codes.USAGE: "bad flags, or a database URL that cannot work (refused: check it)",
+            }
         ),
     )
     add_store_options(m, redis=False)
@@ -83,7 +91,19 @@ def register(sub: Any) -> None:
             "Wait until the order writer has committed the streams, then compare each sale in "
             "Redis with PostgreSQL, per SKU and per order: oversold units, lost orders, "
             "duplicates and conflicts, per-user limit breaches, leaked stock, dead letters. "
-            "Prints a table; exits 0 when clean, 2 on any violation."
+            "Prints a table.\n\n"
+            "When: after a sale has ended, after an incident (a `flashsale recover`, a failover), "
+            "or on a schedule; `POST /api/admin/audit` runs the same over the admin API."
+        ),
+        epilog=exit_status(
+            {
+                exit_codes.OK: "clean: nothing oversold, lost, duplicated or leaked",
+                exit_codes.INVARIANT_VIOLATED: "a violation (the table says what and where); "
+                "not_drained: the writer had not committed the streams within --wait",
+                exit_codes.NOT_READY: "Redis or PostgreSQL does not answer, or the schema is not "
+                "migrated (`flashsale migrate`)",
+                exit_codes.USAGE: "bad flags or settings",
+            }
         ),
     )
     add_store_options(a)

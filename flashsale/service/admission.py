@@ -4,13 +4,14 @@ Everything here is per process and in memory — no round trip:
 
 * a per-buyer cap on requests in progress (429 ``too_many_in_progress``): one buyer's
   thousand slow sockets hold that buyer's few turns, not everyone's;
-* a per-buyer token bucket (bots and retry storms are refused with 429 ``rate_limited``);
+* a per-buyer token bucket (bots and retry storms are refused with 429 ``rate_limited``),
+  for at most ``max_keys`` buyers at once: past that, those seen least recently are forgotten;
 * a global in-flight limit: past it, shed with 503 ``overloaded`` and ``Retry-After``,
   instead of queueing until every request times out. It is taken only once the buyer is
   known and the body is read (under a deadline): a slow client never holds it;
 * the sold-out cache: once Redis said a SKU has nothing available, refuse it locally for
   a short while, and at once forget it when the sale's epoch moves (restock, reserve
-  release). The short expiry matters because lapsed and cancelled holds put units back
+  release) or the sale id is created again (its generation). The short expiry matters because lapsed and cancelled holds put units back
   on sale without an operator doing anything. A refusal from the cache runs no script,
   but it is not quite free: the order path first reads the buyer's own idempotency record
   (one HMGET per loop turn), so a retry whose first answer was lost still gets its hold.
@@ -56,9 +57,17 @@ class RateLimiter:
         return allowed
 
     def _prune(self, now: float) -> None:
-        # Buckets that have refilled completely carry no information: drop them.
+        # Buckets that have refilled completely carry no information: drop them. When the
+        # table is still over half full (more buyers at once than it keeps), keep only the
+        # half seen most recently: the next prune is max_keys / 2 new buyers away (O(1) per
+        # buyer, amortized, not a pass over the table each), and a buyer forgotten starts
+        # again with a full bucket - lenient, never a refusal of everyone new.
         full_after = self.burst / self.rate
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+        kept = {k: v for k, v in self._buckets.items() if now - v[1] < full_after}
+        half = self.max_keys // 2
+        if len(kept) > half:
+            kept = dict(sorted(kept.items(), key=lambda item: item[1][1])[len(kept) - half :])
+        self._buckets = kept
 
 
 @dataclass
@@ -149,12 +158,14 @@ class SharedLoads(Generic[T]):
 class SoldOutCache:
     ttl_s: float
     _until: dict[tuple[str, str], float] = field(default_factory=dict)
-    _epochs: dict[str, int] = field(default_factory=dict)
+    _epochs: dict[str, tuple[int, int]] = field(default_factory=dict)
     hits: int = 0
 
-    def observe_epoch(self, sale: str, epoch: int) -> None:
-        if self._epochs.get(sale) != epoch:
-            self._epochs[sale] = epoch
+    def observe_epoch(self, sale: str, epoch: int, generation: int = 0) -> None:
+        """What the sale's stock is at now: its epoch, of which creation of the sale id (a
+        sale id used again starts at epoch 0 once more). Anything else forgets the sale."""
+        if self._epochs.get(sale) != (generation, epoch):
+            self._epochs[sale] = (generation, epoch)
             for key in [k for k in self._until if k[0] == sale]:
                 del self._until[key]
 

@@ -259,7 +259,7 @@ async def _reserve(
     request_id: str,
 ) -> web.Response:
     metrics, sale = state.metrics, settings.sale
-    state.sold_out.observe_epoch(sale, settings.epoch)
+    state.sold_out.observe_epoch(sale, settings.epoch, settings.generation)
     # Not behind a waiting room, which admits a buyer only when a unit is there: a stale
     # "sold out" would refuse them.
     cached_out = (

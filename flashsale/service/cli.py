@@ -31,7 +31,11 @@ def register(sub: Any) -> None:
             "Run the order service. Settings come from FLASHSALE_* environment variables "
             "(see README), overridden by these flags. FLASHSALE_REDIS_URL, "
             "FLASHSALE_TOKEN_SECRET and FLASHSALE_ADMIN_TOKEN are required unless --embedded "
-            "starts Redis and PostgreSQL here and generates the secrets (printed once)."
+            "starts Redis and PostgreSQL here and generates the secrets (printed once).\n\n"
+            "With a migrated database, every process runs the fence: if Redis comes back without its "
+            "data, the sales it lost answer 503 sale_fenced until `flashsale recover` rebuilds "
+            "them. The fence checks one Redis server: on a Redis Cluster "
+            "(FLASHSALE_REDIS_CLUSTER=1) it is off, and /readyz says so."
         ),
     )
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")

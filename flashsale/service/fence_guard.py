@@ -18,6 +18,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from flashsale.fence.verify import (
+    ON_A_CLUSTER,
+    ClusterUnsupported,
     FenceUnavailable,
     SaleRecord,
     Verdict,
@@ -25,6 +27,7 @@ from flashsale.fence.verify import (
     fallback_record,
     raise_fence,
     record_sales,
+    require_one_server,
     require_tables,
     verify,
 )
@@ -36,7 +39,7 @@ from flashsale.service.http import read_body, read_json
 from flashsale.service.state import STATE
 from inventory import parent_sale_id
 
-__all__ = ["GUARD", "FenceGuard", "install", "installed", "uninstall"]
+__all__ = ["GUARD", "FenceGuard", "install", "installed", "status", "uninstall"]
 
 logger = logging.getLogger("flashsale.fence")
 
@@ -338,25 +341,39 @@ async def fence_middleware(
     raise ApiError(503, "sale_fenced", f"sales are paused: {reason}", headers={"Retry-After": "5"}, sale=sale)
 
 
+#: Why the fence is off in this process (absent: it is on, or it was never installed).
+_OFF = web.AppKey("flashsale_fence_off", str)
+
+
+def status(app: web.Application) -> str:
+    """What the fence stands at in this process, for /readyz: the guard's
+    :meth:`FenceGuard.status`, or "off: <why>" (bare "off" when it was never installed)."""
+    guard = app.get(GUARD)
+    if guard is not None:
+        return guard.status()
+    why = app.get(_OFF)
+    return f"off: {why}" if why else "off"
+
+
+def _disabled(app: web.Application, why: str) -> None:
+    app[_OFF] = why
+    logger.warning("fence_disabled", extra={"why": why})
+
+
 async def _guard_context(app: web.Application, options: dict[str, float]) -> AsyncIterator[None]:
     state = app[STATE]
     if state.settings.redis_cluster:
         # verify() reads one server's INFO and one lineage key for the whole store: on a
-        # Redis Cluster it would need doing per shard, which it does not do yet.
-        logger.warning("fence_disabled", extra={"why": "a Redis Cluster: the fence checks one server only"})
+        # Redis Cluster it would need doing per shard, which it does not do.
+        _disabled(app, "a Redis Cluster (FLASHSALE_REDIS_CLUSTER=1): " + ON_A_CLUSTER)
         yield
         return
     if state.redis_watch is None:
-        logger.warning(
-            "fence_disabled", extra={"why": "the service's Redis client was built without a connect watch"}
-        )
+        _disabled(app, "the service's Redis client was built without a connect watch")
         yield
         return
     if state.pg is None:
-        logger.warning(
-            "fence_disabled",
-            extra={"why": "no database (FLASHSALE_DATABASE_URL): a Redis data loss cannot be detected"},
-        )
+        _disabled(app, "no database (FLASHSALE_DATABASE_URL): a Redis data loss cannot be detected")
         yield
         return
     guard = FenceGuard(
@@ -371,12 +388,21 @@ async def _guard_context(app: web.Application, options: dict[str, float]) -> Asy
         async with state.pg.acquire() as conn:
             await require_tables(conn)
     except FenceUnavailable as exc:
-        logger.warning("fence_disabled", extra={"why": str(exc)})
+        _disabled(app, str(exc))
         await guard.redis.aclose()
         yield
         return
     except Exception as exc:  # noqa: BLE001 - PostgreSQL down at start-up: orders do not wait on it
         logger.warning("fence_unverified", extra={"why": f"{type(exc).__name__}: {exc}"})
+    try:  # a cluster node named as one server (FLASHSALE_REDIS_CLUSTER forgotten)
+        await require_one_server(guard.redis, "FLASHSALE_REDIS_URL's server")
+    except ClusterUnsupported as exc:
+        _disabled(app, str(exc))
+        await guard.redis.aclose()
+        yield
+        return
+    except (RedisError, OSError):
+        pass  # Redis down at start-up: the guard verifies it once it answers
     await guard.start()
     app[GUARD] = guard
     try:

@@ -24,13 +24,17 @@ __all__ = ["bearer", "json_answer", "payload_refusal", "read_body", "read_json"]
 
 
 def bearer(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
+    """The bearer token of the request's one Authorization header. Two are refused (RFC
+    9110 allows one): a proxy that reads the last and this service, the first, would
+    disagree on who is asking."""
+    headers = request.headers
+    header = headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token:
+    if scheme.lower() != "bearer" or not token or len(headers.getall("Authorization")) > 1:
         raise ApiError(
             401,
             "unauthorized",
-            "send 'Authorization: Bearer <token>'",
+            "send one 'Authorization: Bearer <token>' header",
             headers={"WWW-Authenticate": "Bearer"},
         )
     return token.strip()

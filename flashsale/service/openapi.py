@@ -46,7 +46,8 @@ _READINESS = {
                 },
                 "fence": {
                     "type": "string",
-                    "description": "ok; off (not in this process); verifying: …; fenced: <sales>; "
+                    "description": "ok; off: <why> (not in this process: a Redis Cluster, no database…); "
+                    "verifying: …; fenced: <sales>; "
                     "unverified: PostgreSQL does not answer",
                 },
             },
@@ -77,7 +78,7 @@ _AUTH_ERRORS = {"401": _err("missing, forged or expired token")}
 _ROOM_STATE = {"enum": ["pre", "waiting", "admitted", "used", "expired", "sold_out"]}
 _BODY_ERRORS = {
     "400": _err("bad_content_encoding or malformed_body"),
-    "408": _err("request_timeout: the body did not arrive within FLASHSALE_READ_TIMEOUT"),
+    "408": _err("request_timeout: the request head or body did not arrive within FLASHSALE_READ_TIMEOUT"),
     "413": _err("body too large"),
     "422": _err("invalid request"),
 }

@@ -4,7 +4,9 @@ Ready means *this process can decide sales*: its Redis answers as a primary and 
 inventory scripts. Orders never wait on PostgreSQL (the order writer catches up), so its
 state — and the fence's, which needs PostgreSQL to verify Redis — is *reported* in the body
 and in ``flashsale_postgres_up``, never a reason to answer 503: an outage of PostgreSQL
-must not take every pod out of the load balancer at once. Every check has a deadline
+must not take every pod out of the load balancer at once. PostgreSQL is asked through the
+service's pool, or on a connection of the probe's own while every pooled one is busy: a
+full pool is load, not an outage, and must not read as one. Every check has a deadline
 (:data:`READY_TIMEOUT_S`), so a Redis that hangs gives a 503, not a probe that times out.
 """
 
@@ -19,7 +21,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from flashsale.redis_client import as_text
-from flashsale.service.fence_guard import GUARD
+from flashsale.service import fence_guard
 from flashsale.service.metrics import postgres_up, read_deployment
 from flashsale.service.openapi import document
 from flashsale.service.state import STATE, ServiceState
@@ -74,13 +76,39 @@ async def _redis_checks(state: ServiceState) -> dict[str, str]:
     return checks
 
 
+def _pool_full(pool: Any) -> bool:
+    """Every connection of the pool is checked out (and it may open no more): a check
+    through it would wait behind the requests holding them, not on PostgreSQL."""
+    return bool(pool.get_idle_size() == 0 and pool.get_size() >= pool.get_max_size())
+
+
+async def _select_one_alone(database_url: str) -> None:
+    """``SELECT 1`` on a connection of the probe's own, closed after (named
+    ``flashsale-probe`` in ``pg_stat_activity``); the caller's deadline bounds it all."""
+    import asyncpg
+
+    conn = await asyncpg.connect(database_url, server_settings={"application_name": "flashsale-probe"})
+    try:
+        await conn.fetchval("SELECT 1")
+    finally:
+        await conn.close()  # (asyncpg aborts the connection if this fails or is cancelled)
+
+
 async def postgres_state(state: ServiceState) -> str | None:
-    """PostgreSQL's state: "ok", or why it does not answer; None without a database."""
+    """PostgreSQL's state: "ok", or why it does not answer; None without a database.
+
+    Asked through the service's pool, unless every connection of it is busy (a surge of
+    order look-ups): then on a connection of its own, so a full pool — the service's load,
+    not PostgreSQL's health — never reads as PostgreSQL down. A PostgreSQL that takes new
+    connections but cannot answer within the deadline still does."""
     if state.pg is None:
         return None
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            await state.pg.fetchval("SELECT 1")
+            if _pool_full(state.pg) and state.settings.database_url:
+                await _select_one_alone(state.settings.database_url)
+            else:
+                await state.pg.fetchval("SELECT 1")
         return "ok"
     except TimeoutError:
         return f"unreachable: no answer within {READY_TIMEOUT_S:g} s"
@@ -92,8 +120,7 @@ async def postgres_state(state: ServiceState) -> str | None:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     checks, postgres = await asyncio.gather(_redis_checks(state), postgres_state(state))
-    guard = request.app.get(GUARD)
-    reported = {"fence": "off" if guard is None else guard.status()}
+    reported = {"fence": fence_guard.status(request.app)}
     if postgres is not None:
         reported["postgres"] = postgres
     ready = all(v == "ok" for v in checks.values())

@@ -132,7 +132,6 @@ async def _serve_until_stopped(app: web.Application, settings: Settings, *, reus
     runner = ServiceRunner(
         app,
         access_log=logging.getLogger("aiohttp.access") if settings.access_log else None,
-        keepalive_timeout=75.0,  # web.run_app's default (aiohttp's protocol alone keeps an hour)
         shutdown_timeout=5.0,
     )
     await runner.setup()

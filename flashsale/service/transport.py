@@ -9,10 +9,26 @@ serves the app with :class:`ServiceRequestHandler` protocols and a first look at
 request, so these answers are ``{"error": "<stable_code>", "message": "…"}`` too:
 400 ``malformed_http``, ``malformed_body`` or ``bad_content_encoding``, 413
 ``body_too_large``, 417 ``expectation_failed``. ``flashsale serve`` and the tests use it.
+
+It also bounds how long a connection is held without a whole request. aiohttp has no
+deadline for a request head: a client trickling one byte at a time held its connection (a
+file descriptor) until the keep-alive timer. Here a head must be complete within
+``FLASHSALE_READ_TIMEOUT`` of its first byte (408 ``request_timeout``, then closed), a
+connection that sends nothing is closed after ``FLASHSALE_IDLE_TIMEOUT`` (aiohttp's
+keep-alive timer, which also runs from the connection's start), as is one whose client
+takes none of its answers for that long (the slow-read attack: pipelined requests, answers
+never read, which held a connection for ever), and after a 408 the connection is closed
+at once instead of lingering to read the rest of a body. Under all of them lies the
+process's open-file limit, which its own connections to Redis need too: at
+``FLASHSALE_MAX_CONNECTIONS`` (:func:`connection_cap`) a new connection takes the place of
+the oldest one waiting for a request, or, with none waiting, is closed at once.
 """
 
 from __future__ import annotations
 
+import asyncio
+import json
+import resource
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -21,8 +37,10 @@ from aiohttp.http_exceptions import PayloadEncodingError
 
 from flashsale.service.errors import ApiError, error_response, http_exception_response
 from flashsale.service.http import payload_refusal
+from flashsale.service.state import STATE
+from flashsale.settings import Settings
 
-__all__ = ["ServiceRequestHandler", "ServiceRunner", "first_look"]
+__all__ = ["ServiceRequestHandler", "ServiceRunner", "connection_cap", "first_look"]
 
 AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 
@@ -30,9 +48,85 @@ AppHandler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 class ServiceRequestHandler(web.RequestHandler):
     """aiohttp's HTTP/1 protocol, answering requests its parser refused (and anything that
     escaped the app, which the app's middleware makes a should-not-happen) with the JSON
-    error. The connection is closed after it, as aiohttp does."""
+    error. The connection is closed after it, as aiohttp does. ``head_timeout_s``: see the
+    module docstring (0: no head deadline)."""
 
-    __slots__ = ()
+    __slots__ = ("head_timeout_s", "_head_timer", "_taken_timer")
+
+    def __init__(self, *args: Any, head_timeout_s: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_timeout_s = head_timeout_s
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._taken_timer: asyncio.TimerHandle | None = None
+
+    def waiting_for_request(self) -> bool:
+        """Idle between requests, or a head still coming: no request is being served."""
+        return self._waiter is not None and not self._waiter.done()
+
+    def pause_writing(self) -> None:
+        # The answers fill the socket: the client is not taking them. It has the idle time
+        # to take some (a timer only now, so an answer that is taken at once costs none).
+        super().pause_writing()
+        if self._taken_timer is None and self.keepalive_timeout > 0:
+            self._taken_timer = self._loop.call_later(self.keepalive_timeout, self._answers_not_taken)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._taken_timer is not None:
+            self._taken_timer.cancel()
+            self._taken_timer = None
+
+    def _answers_not_taken(self) -> None:
+        self._taken_timer = None
+        self.log_debug("dropped a connection whose client took no answer for %g s", self.keepalive_timeout)
+        if self.transport is not None:
+            self.transport.abort()  # close() would wait to send what the client does not take
+        self.force_close()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        waiter = self._waiter
+        if waiter is None or waiter.done():  # a whole head came (or a request is running)
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+        elif self._head_timer is None and self.head_timeout_s > 0 and data.strip(b"\r\n"):
+            # Part of a head, and the protocol waits for the rest (blank lines between
+            # requests are no head: RFC 9112 lets a server ignore them).
+            self._head_timer = self._loop.call_later(self.head_timeout_s, self._head_overdue, waiter)
+
+    def _head_overdue(self, waiter: asyncio.Future[None]) -> None:
+        self._head_timer = None
+        if waiter is not self._waiter or waiter.done() or self.transport is None:
+            return  # the head came after all
+        body = json.dumps(
+            {
+                "error": "request_timeout",
+                "message": f"the request head did not arrive within {self.head_timeout_s:g} s",
+            }
+        ).encode()
+        self.transport.write(
+            b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+            b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+        )
+        self.force_close()  # closes once the answer is written
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        for timer in (self._head_timer, self._taken_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._taken_timer = None
+        super().connection_lost(exc)
+
+    async def finish_response(
+        self, request: web.BaseRequest, resp: web.StreamResponse, start_time: float | None
+    ) -> tuple[web.StreamResponse, bool]:
+        answered = await super().finish_response(request, resp, start_time)
+        if resp.status == 408:
+            # RFC 9110: closed after a 408. aiohttp would linger (10 s) reading the rest of
+            # a body from the very client that ran out its deadline sending it.
+            self.force_close()
+        return answered
 
     def handle_error(
         self,
@@ -93,23 +187,65 @@ def first_look(app_handler: AppHandler) -> AppHandler:
     return handle
 
 
+def connection_cap(settings: Settings) -> int:
+    """Client connections one process keeps: ``FLASHSALE_MAX_CONNECTIONS``, or the
+    open-file limit less a quarter of it (at most 1024), kept for the process's own
+    connections (Redis, PostgreSQL) and files."""
+    if settings.max_connections > 0:
+        return settings.max_connections
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    return max(1, soft - min(1024, soft // 4))
+
+
 class _ServiceServer(web.Server):
-    """aiohttp's connection factory, making :class:`ServiceRequestHandler` protocols."""
+    """aiohttp's connection factory, making :class:`ServiceRequestHandler` protocols, at
+    most ``max_connections`` of them at once (see the module docstring)."""
+
+    max_connections = 0  # 0: no cap
+    open_connections = 0  # counted here: aiohttp's list of them is a copy per look
 
     def __call__(self) -> web.RequestHandler:
         return ServiceRequestHandler(self, loop=self._loop, **self._kwargs)
+
+    def connection_lost(self, handler: web.RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self.open_connections -= 1
+
+    def connection_made(self, handler: web.RequestHandler, transport: asyncio.Transport) -> None:
+        super().connection_made(handler, transport)
+        self.open_connections += 1
+        if not self.max_connections or self.open_connections <= self.max_connections:
+            return
+        for other in self.connections:  # the oldest first
+            if isinstance(other, ServiceRequestHandler) and other.waiting_for_request():
+                other.log_debug("closed a waiting connection to make room for a new one")
+                other.force_close()
+                return
+        handler.log_debug("closed a new connection: every connection is serving a request")
+        # Once its protocol has started (it does right after this): closed now, the protocol
+        # would start on a connection already lost.
+        asyncio.get_running_loop().call_soon(handler.force_close)
 
 
 class ServiceRunner(web.AppRunner):
     """``web.AppRunner`` whose connections speak :class:`ServiceRequestHandler` and give
     each request :func:`first_look`. Handlers are not cancelled when a client hangs up
-    (aiohttp's default for servers; its TestServer chooses otherwise)."""
+    (aiohttp's default for servers; its TestServer chooses otherwise). The connection's
+    deadlines are the service's settings (read once the app has started), whatever
+    keep-alive the runner was given."""
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
-        return _ServiceServer(
+        settings = self.app[STATE].settings
+        service_server = _ServiceServer(
             first_look(server.request_handler),
             request_factory=server.request_factory,
             handler_cancellation=server.handler_cancellation,
-            **server._kwargs,  # the protocol options the app and this runner chose
+            # the protocol options the app and this runner chose, then the service's own
+            **{**server._kwargs, "keepalive_timeout": settings.idle_timeout_s},
+            head_timeout_s=settings.read_timeout_s,
         )
+        service_server.max_connections = connection_cap(settings)
+        return service_server
