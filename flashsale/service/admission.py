@@ -127,11 +127,20 @@ class SharedLoads(Generic[T]):
         self._running: dict[str, asyncio.Future[T]] = {}
 
     async def load(self, key: str, load: Callable[[], Awaitable[T]]) -> T:
+        return await asyncio.shield(self.start(key, load))
+
+    def start(self, key: str, load: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """The load of ``key`` running now, started if none is: for a caller that does not
+        wait for it (a refresh ahead of a lapse)."""
         running = self._running.get(key)
         if running is None:
             running = self._running[key] = asyncio.ensure_future(load())
             running.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(running)
+        return running
+
+    async def settle(self) -> None:
+        """Wait for every load running now (their errors are their callers')."""
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
 
     def forget(self, key: str) -> None:
         """The next caller starts a new load of ``key`` (what it reads changed); callers

@@ -86,6 +86,7 @@ class ServiceState:
         return next(iter(self._inventories.values()), None) or self.inventory("probe")
 
     async def aclose(self) -> None:
+        await self.sales.settle()  # a read started ahead of a lapse: not left behind the loop
         for inv in self._inventories.values():
             await inv.aclose()
         for engine in self._bucketed.values():
