@@ -77,7 +77,7 @@ class _Buyer(asyncio.Protocol):
         self._buffer = bytearray()
         self._need: int | None = None  # bytes of head + body, once the head is complete
         self.status = 0
-        #: The status with the stable error code of a refusal ("503 overloaded").
+        #: The status with the stable error code of a refusal ("429 overloaded").
         self.outcome = ""
         self.answered_at: float | None = None
         self.error: str | None = None
@@ -148,7 +148,7 @@ class Burst:
     send_s: float
     #: Per answered buyer: seconds from the release to the last byte of its answer.
     answers: tuple[float, ...]
-    #: Answers by outcome: "201", "503 overloaded" …
+    #: Answers by outcome: "201", "429 overloaded" …
     outcomes: Counter[str]
     unanswered: int
     first_error: str | None

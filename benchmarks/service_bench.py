@@ -18,6 +18,13 @@ its spread, and the ratio is the median of the per-round ratios (issue 15: one 5
 round read 0.19x where quiet runs read 0.33x). The server columns give each process's CPU
 share and its CPU µs per request (issue 15's ~280 µs per order against ~100 µs).
 
+Two notes say why a ratio is what it is. The service's CPU per order beside the trivial
+endpoint's per request (a ratio of costs: the goal itself stays on throughput). And, for
+each server, where its process's wall time went (Linux schedstat): on a core, waiting for
+a core (the machine's neighbours, Redis and wrk share the cores), or idle — nothing to run
+because its requests were all at Redis or at wrk. Neither server runs beside an order
+writer: no PostgreSQL writing competes for the cores during these rounds.
+
 Figures count only 201 answers. ``wrk`` runs as a child process, and its CPU share is
 its own CPU time (``wait4``) over its wall time: above ~90 % the figure measures ``wrk``.
 After each of the service's rounds, the holds Redis gained are compared with the 201s
@@ -32,21 +39,31 @@ import asyncio
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .harness import PidTreeCpu
+from .harness import PidTreeCpu, run_queue_seconds
 from .report import Figure
 from .rounds import combine
 from .served import HOT_SKU, OrderService, Served, forget_prefix, hello_app, order_service
 from .servers import Servers
 from .settings import BenchSettings
 
-__all__ = ["WRK_SCRIPT", "WrkRun", "measure_service", "run_wrk"]
+__all__ = [
+    "WRK_SCRIPT",
+    "ServerTime",
+    "WrkRun",
+    "cost_ratio_note",
+    "measure_service",
+    "run_wrk",
+    "server_time_note",
+]
 
 SECTION = "service"
 CEILING = "trivial aiohttp endpoint (HTTP ceiling)"
@@ -154,17 +171,66 @@ def _args(tokens: Path, phase: str) -> list[str]:
     return [str(tokens), f"{phase}-", HOT_SKU]
 
 
-async def _drive(server: Served, script: Path, seconds: float, args: list[str]) -> tuple[WrkRun, float]:
-    """One timed wrk run, with the server's CPU share over it."""
+@dataclass(frozen=True)
+class ServerTime:
+    """Where a server process's wall time went over one round, as shares of it."""
+
+    #: On a core (its CPU time).
+    cpu: float
+    #: Runnable, but waiting for a core (None where schedstat cannot be read).
+    waiting: float | None
+
+    @property
+    def idle(self) -> float | None:
+        """Nothing to run: its requests were at Redis or at the load generator."""
+        return None if self.waiting is None else max(0.0, 1.0 - self.cpu - self.waiting)
+
+
+def server_time_note(rounds: Sequence[ServerTime]) -> str:
+    """The medians of :class:`ServerTime` over the rounds, as one note."""
+    text = f"server process: on a core {statistics.median(r.cpu for r in rounds):.0%}"
+    known = [(r.waiting, r.idle) for r in rounds if r.waiting is not None and r.idle is not None]
+    if not known:
+        return text
+    waiting = statistics.median(w for w, _ in known)
+    idle = statistics.median(i for _, i in known)
+    return (
+        f"{text}, waiting for a core {waiting:.0%}, idle {idle:.0%} "
+        "(medians of the rounds; idle: nothing to run, waiting on Redis or on the generator)"
+    )
+
+
+def cost_ratio_note(ceilings: Sequence[Figure], orders: Sequence[Figure]) -> str | None:
+    """The trivial endpoint's CPU µs per request over the service's per order, round by
+    round (median and spread), or None when a server's CPU could not be read."""
+    ratios = []
+    for ceiling, order in zip(ceilings, orders, strict=True):
+        trivial, service = ceiling.server_us_per_op, order.server_us_per_op
+        if trivial is None or service is None or not service > 0:
+            return None
+        ratios.append(trivial / service)
+    return (
+        f"CPU per order vs the trivial endpoint's per request: {statistics.median(ratios):.2f}x "
+        f"[{min(ratios):.2f}-{max(ratios):.2f}] "
+        "(trivial µs per request / service µs per order; the goal judges throughput)"
+    )
+
+
+async def _drive(
+    server: Served, script: Path, seconds: float, args: list[str]
+) -> tuple[WrkRun, float, ServerTime]:
+    """One timed wrk run, with the server's CPU share over it and where its time went."""
     meter = PidTreeCpu(server.pid)
-    before = await meter.seconds()
+    before, queued = await meter.seconds(), run_queue_seconds(server.pid)
     started = time.perf_counter()
     run = await asyncio.to_thread(
         run_wrk, server.url, script, seconds=max(1, round(seconds)), connections=CONNECTIONS, args=args
     )
     wall = time.perf_counter() - started
-    after = await meter.seconds()
-    return run, (after - before) / wall if before is not None and after is not None else float("nan")
+    after, queued_after = await meter.seconds(), run_queue_seconds(server.pid)
+    cpu = (after - before) / wall if before is not None and after is not None else float("nan")
+    waiting = (queued_after - queued) / wall if queued is not None and queued_after is not None else None
+    return run, cpu, ServerTime(cpu, waiting)
 
 
 def _figure(name: str, run: WrkRun, server_cpu: float, unit: str) -> Figure:
@@ -196,6 +262,7 @@ async def measure_service(servers: Servers, settings: BenchSettings) -> list[Fig
     workdir = Path(tempfile.mkdtemp(prefix="flashsale-service-bench-"))
     ceilings: list[Figure] = []
     orders: list[Figure] = []
+    times: dict[str, list[ServerTime]] = {CEILING: [], SERVICE: []}
     acknowledged = holds = 0
     try:
         script = workdir / "orders.lua"
@@ -215,19 +282,29 @@ async def measure_service(servers: Servers, settings: BenchSettings) -> list[Fig
                     args=_args(tokens, "warm"),
                 )
             for n in range(settings.rounds):
-                run, cpu = await _drive(hello, script, settings.seconds, _args(tokens, f"h{n}"))
+                run, cpu, spent = await _drive(hello, script, settings.seconds, _args(tokens, f"h{n}"))
                 ceilings.append(_figure(CEILING, run, cpu, "requests/s"))
+                times[CEILING].append(spent)
                 held_before = await service.held(served.url)
-                run, cpu = await _drive(served, script, settings.seconds, _args(tokens, f"s{n}"))
+                run, cpu, spent = await _drive(served, script, settings.seconds, _args(tokens, f"s{n}"))
+                times[SERVICE].append(spent)
                 held = await service.held(served.url) - held_before
                 acknowledged, holds = acknowledged + run.ok, holds + held
                 orders.append(_service_round(run, cpu, held, ceilings[-1]))
     finally:
         await forget_prefix(servers, service.prefix)
         shutil.rmtree(workdir, ignore_errors=True)
+    costs = cost_ratio_note(ceilings, orders)
     return [
-        combine(ceilings),
-        combine(orders, notes=[f"{acknowledged:,} orders acknowledged, {holds:,} holds made"]),
+        combine(ceilings, notes=[server_time_note(times[CEILING])]),
+        combine(
+            orders,
+            notes=[
+                f"{acknowledged:,} orders acknowledged, {holds:,} holds made",
+                *([costs] if costs else []),
+                server_time_note(times[SERVICE]),
+            ],
+        ),
     ]
 
 

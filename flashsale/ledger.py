@@ -203,9 +203,11 @@ class ArchivedOrder:
     lines: tuple[tuple[str, int], ...]
 
 
-async def archived_order(pool: Any, order_id: str) -> ArchivedOrder | None:
-    """One order and its lines, or None when PostgreSQL has no such order."""
-    async with pool.acquire() as conn:
+async def archived_order(pool: Any, order_id: str, *, timeout: float | None = None) -> ArchivedOrder | None:
+    """One order and its lines, or None when PostgreSQL has no such order. ``timeout``
+    bounds the wait for a connection and, asyncpg's rule, its release: a caller cancelled
+    mid-query (a deadline) is not then held for as long as the cancellation takes."""
+    async with pool.acquire(timeout=timeout) as conn:
         row = await conn.fetchrow(
             "SELECT user_id, status, request_id, pay_by, coalesce(created_at, status_at) AS created_at"
             " FROM orders WHERE order_id = $1",

@@ -53,7 +53,7 @@ ENV_DOC: tuple[tuple[str, str, str], ...] = (
     (
         "FLASHSALE_MAX_IN_FLIGHT",
         "max_in_flight",
-        "order requests in progress per process before shedding with 503 (default 1000)",
+        "order requests in progress per process before shedding with 429 overloaded (default 1000)",
     ),
     (
         "FLASHSALE_BUYER_IN_FLIGHT",

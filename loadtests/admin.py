@@ -2,15 +2,18 @@
 mint buyer tokens, create and steer the drill's sale (and its waiting room), poll live stats
 (``parse_stats``), ask for the audit and the waiting room's record.
 
-Plain ``urllib`` so it works in a Locust process (gevent-patched sockets) and in a plain
-Python process (the oracle run on its own) alike.
+Plain ``urllib`` (``http.client`` for the once-a-second stats poll, ``StatsReader``) so it
+works in a Locust process (gevent-patched sockets) and in a plain Python process (the oracle
+run on its own) alike.
 """
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,7 +21,14 @@ from typing import Any
 
 from loadtests.recording import ServiceSample
 
-__all__ = ["AdminClient", "AdminError", "admin_token_from_env", "parse_stats", "parse_tokens"]
+__all__ = [
+    "AdminClient",
+    "AdminError",
+    "StatsReader",
+    "admin_token_from_env",
+    "parse_stats",
+    "parse_tokens",
+]
 
 
 class AdminError(RuntimeError):
@@ -73,25 +83,9 @@ class AdminClient:
         except urllib.error.HTTPError as exc:
             payload = exc.read()
             exc.close()
-            try:
-                err = json.loads(payload)
-            except ValueError:
-                err = {}
-            code = err.get("error", "") if isinstance(err, Mapping) else ""
-            hint = ""
-            if exc.code == 401:
-                hint = " — pass the service's admin token (FLASHSALE_ADMIN_TOKEN or --admin-token)"
-            raise AdminError(
-                f"{method} {path} answered {exc.code} {code or exc.reason}: "
-                f"{err.get('message', '') if isinstance(err, Mapping) else ''}{hint}",
-                status=exc.code,
-                code=code,
-            ) from None
+            raise _refused(method, path, exc.code, str(exc.reason), payload) from None
         except (urllib.error.URLError, OSError) as exc:
-            raise AdminError(
-                f"{method} {path}: cannot reach the service at {self.host} ({exc}); "
-                "check --host and that the service is running"
-            ) from None
+            raise _unreachable(method, path, self.host, exc) from None
         return json.loads(raw) if raw else {}
 
     def mint_tokens(self, prefix: str, count: int, ttl_s: int = 3600) -> dict[str, str]:
@@ -146,6 +140,79 @@ class AdminClient:
             {"acknowledged": list(acknowledged), "wait_s": wait_s},
             timeout_s=wait_s + self.timeout_s,
         )
+
+
+def _refused(method: str, path: str, status: int, reason: str, payload: bytes) -> AdminError:
+    """The error for an answer that is not a 2xx: the service's code and message, and a hint."""
+    try:
+        err = json.loads(payload)
+    except ValueError:
+        err = {}
+    code = err.get("error", "") if isinstance(err, Mapping) else ""
+    hint = ""
+    if status == 401:
+        hint = " — pass the service's admin token (FLASHSALE_ADMIN_TOKEN or --admin-token)"
+    return AdminError(
+        f"{method} {path} answered {status} {code or reason}: "
+        f"{err.get('message', '') if isinstance(err, Mapping) else ''}{hint}",
+        status=status,
+        code=code,
+    )
+
+
+def _unreachable(method: str, path: str, host: str, exc: Exception) -> AdminError:
+    return AdminError(
+        f"{method} {path}: cannot reach the service at {host} ({exc}); "
+        "check --host and that the service is running"
+    )
+
+
+class StatsReader:
+    """``GET /api/admin/stats`` over one kept-alive connection, for a sampler that asks once a
+    second from the load process: a fresh ``urllib`` connection each time (a name lookup on
+    gevent's thread pool, a connect, urllib's opener) costs that process more than the
+    answer. Used by one greenlet at a time; a connection the service closed is opened again."""
+
+    PATH = "/api/admin/stats"
+
+    def __init__(self, host: str, token: str, timeout_s: float = 5.0) -> None:
+        url = urllib.parse.urlsplit(host)
+        self.host = host
+        self._https = url.scheme == "https"
+        self._netloc = url.netloc
+        self._path = url.path.rstrip("/") + self.PATH
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self.timeout_s = timeout_s
+        self._conn: http.client.HTTPConnection | None = None
+
+    def stats(self) -> Any:
+        while True:
+            reused = self._conn is not None
+            conn = self._conn or self._connect()
+            try:
+                conn.request("GET", self._path, headers=self._headers)
+                resp = conn.getresponse()
+                raw = resp.read()
+            except (http.client.HTTPException, OSError) as exc:
+                self.close()
+                if reused:  # the service closed it since the last poll: once more, on a new one
+                    continue
+                raise _unreachable("GET", self.PATH, self.host, exc) from None
+            if resp.will_close:
+                self.close()
+            if not 200 <= resp.status < 300:
+                raise _refused("GET", self.PATH, resp.status, resp.reason, raw)
+            return json.loads(raw) if raw else {}
+
+    def _connect(self) -> http.client.HTTPConnection:
+        kind = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+        self._conn = kind(self._netloc, timeout=self.timeout_s)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
 
 
 def _int(value: Any) -> int | None:

@@ -1,7 +1,9 @@
 """What a ``capacity_step`` drill says about this machine, and what a given peak would need.
 
 The highest step that stayed within the SLO (corrected p99, error ratio, achieved arrival
-ratio, no dropped arrivals beyond a bound) is the sustained rate. Divided by the service
+ratio, no dropped arrivals beyond a bound) is the sustained rate. A step that missed says
+what limited it: the load generator (its busiest second near a full core, or arrivals it
+could not send) or the service (the SLO missed while the generator had room to spare). Divided by the service
 processes that served it, it gives a rate per process; a plan for a target peak follows,
 with its assumptions spelled out (it is an extrapolation, not a measurement).
 """
@@ -37,6 +39,9 @@ class CapacityLimits:
     max_error_ratio: float = 0.01
     min_arrival_ratio: float = 0.95
     max_dropped_ratio: float = 0.01
+    #: A load process at or above this share of one core (its busiest second) in a step
+    #: measured itself, not the service (the rehearsal's validity bound).
+    generator_saturated_percent: float = 90.0
 
 
 @dataclass(frozen=True)
@@ -51,6 +56,11 @@ class StepResult:
     dropped_ratio: float
     within_slo: bool
     why_not: str
+    #: The busiest second of the busiest load process in the step, % of one core (None: not kept).
+    generator_cpu_max: float | None = None
+    #: What ran out in a step that missed: "service", "load generator", or "" (within the SLO,
+    #: or the generator's CPU was not kept so it cannot be told).
+    limited_by: str = ""
 
 
 def read_steps(summary: Mapping[str, Any], limits: CapacityLimits = CapacityLimits()) -> list[StepResult]:
@@ -74,6 +84,20 @@ def read_steps(summary: Mapping[str, Any], limits: CapacityLimits = CapacityLimi
             why.append(f"sent only {arrival_ratio:.0%} of the target")
         if dropped_ratio > limits.max_dropped_ratio:
             why.append(f"dropped {dropped_ratio:.1%}")
+        cpu = w.get("generator_cpu_max")
+        limited_by = ""
+        if why and cpu is not None:
+            if cpu >= limits.generator_saturated_percent:
+                limited_by = "load generator"
+                why.append(
+                    f"limited by the load generator ({cpu:.0f}% of a core in its busiest second: "
+                    "add --locust-workers or a machine)"
+                )
+            else:
+                limited_by = "service"
+                why.append(
+                    f"limited by the service and its databases (load generator at most {cpu:.0f}% of a core)"
+                )
         out.append(
             StepResult(
                 w["name"],
@@ -86,6 +110,8 @@ def read_steps(summary: Mapping[str, Any], limits: CapacityLimits = CapacityLimi
                 dropped_ratio,
                 not why,
                 "; ".join(why),
+                None if cpu is None else float(cpu),
+                limited_by,
             )
         )
     return out

@@ -17,8 +17,10 @@ percentiles equal those of one histogram holding every sample.
 
 from __future__ import annotations
 
+import ctypes
 import io
 import os
+import sys
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -167,16 +169,31 @@ def _as_is(histogram: HdrHistogram) -> HdrHistogram:
     return histogram
 
 
+def _clear(h: HdrHistogram) -> HdrHistogram:
+    """``h.reset()`` in one memset (hdrh's loops over every count: ~20,000 at 3 digits)."""
+    ctypes.memset(ctypes.addressof(h.counts), 0, ctypes.sizeof(h.counts))
+    h.total_count, h.min_value, h.max_value = 0, sys.maxsize, 0
+    h.start_time_stamp_msec, h.end_time_stamp_msec = sys.maxsize, 0
+    return h
+
+
 def _unpack(blob: str | HdrHistogram) -> HdrHistogram:
     return decode(blob) if isinstance(blob, str) else blob
 
 
-def _add(into: dict[str, HdrHistogram], key: str, blob: str | HdrHistogram) -> None:
+def _add_total(into: dict[str, HdrHistogram], key: str, blob: str | HdrHistogram) -> None:
+    """Add an export's whole-run histogram. A decoded one is adopted (nobody else has it); one
+    handed over as it is stays its book's (``LatencyBook.export``): its counts are added."""
     h = into.get(key)
+    if isinstance(blob, str):
+        if h is None:
+            into[key] = decode(blob)
+        else:
+            h.add(decode(blob))
+        return
     if h is None:
-        into[key] = _unpack(blob)  # adopted: an export's histograms belong to nobody else
-    else:
-        h.add(_unpack(blob))
+        h = into[key] = HdrHistogram(LOWEST_US, HIGHEST_US, blob.significant_figures)
+    h.add(blob)
 
 
 @dataclass
@@ -200,6 +217,9 @@ class LatencyBook:
     def __init__(self, start_epoch: float = 0.0) -> None:
         self.start_epoch = start_epoch
         self.totals: dict[str, HdrHistogram] = {}
+        #: Whole-run histograms already exported, cleared for reuse when their key comes again:
+        #: a 3-digit histogram costs ~0.3 ms to allocate, and a process exports every second.
+        self._spare: dict[str, HdrHistogram] = {}
         self.intervals: dict[int, dict[str, _Interval]] = {}
         self._sealed: dict[int, dict[str, tuple[str, str]]] = {}
         self._p99: dict[int, tuple[int, tuple[float, float]]] = {}
@@ -224,9 +244,7 @@ class LatencyBook:
             ("all.raw", raw, raw_at),
             ("all.corrected", corrected, corrected_at),
         ):
-            h = totals.get(key)
-            if h is None:
-                h = totals[key] = new_histogram()
+            h = totals.get(key) or self._total(key)
             _count(h, at, value)
         second = self.intervals.get(int(done - self.start_epoch))
         if second is None:
@@ -247,14 +265,17 @@ class LatencyBook:
     def _total(self, key: str) -> HdrHistogram:
         h = self.totals.get(key)
         if h is None:
-            h = self.totals[key] = new_histogram()
+            spare = self._spare.pop(key, None)
+            h = self.totals[key] = new_histogram() if spare is None else _clear(spare)
         return h
 
     # -- shipping between processes ------------------------------------------------------
     def export(self, *, encoded: bool = True) -> dict[str, Any]:
         """Everything recorded since the last export; the book starts afresh. Encoded for
         another process (a message); ``encoded=False`` hands the histograms themselves to a
-        collector in this process (a local run), which saves encoding and decoding them."""
+        collector in this process (a local run), which saves encoding and decoding them. The
+        whole-run ones (``totals``) stay this book's and are cleared for reuse once it records
+        again: ``absorb`` them before that (the per-second ones are the collector's to keep)."""
         pack = encode if encoded else _as_is
         payload = {
             "totals": {k: pack(h) for k, h in self.totals.items() if h.get_total_count()},
@@ -264,13 +285,14 @@ class LatencyBook:
             },
             "clamped": self.clamped,
         }
-        self.totals, self.intervals, self.clamped = {}, {}, 0
+        self._spare, self.totals = self.totals, {}
+        self.intervals, self.clamped = {}, 0
         return payload
 
     def absorb(self, payload: Mapping[str, Any]) -> None:
         """Add an export (encoded or not) to this book."""
         for key, blob in payload.get("totals", {}).items():
-            _add(self.totals, key, blob)
+            _add_total(self.totals, key, blob)
         for sec, by_name in payload.get("intervals", {}).items():
             second = self._second_for_update(int(sec))
             for name, (raw_blob, corr_blob) in by_name.items():

@@ -273,6 +273,12 @@ def build_summary(
                 "latency_corrected": summarize(
                     merge((i[1] for i in intervals), INTERVAL_SIGNIFICANT_FIGURES)
                 ),
+                # The busiest second of the busiest load process in the window (% of one core):
+                # whether the generator or the backend ran out in it (``loadtests.capacity``).
+                "generator_cpu_max": max(
+                    (v for cpu in collector.cpu.values() for s, v in cpu.items() if lo <= s < hi),
+                    default=None,
+                ),
             }
         )
     cpu_max = {p: max(v.values(), default=0.0) for p, v in collector.cpu.items()}

@@ -44,7 +44,7 @@ from loadtests import (
     SetupError,
     Truth,
 )
-from loadtests.admin import AdminClient, AdminError, admin_token_from_env, parse_stats
+from loadtests.admin import AdminClient, AdminError, StatsReader, admin_token_from_env, parse_stats
 from loadtests.drill import DrillSale, default_sale, expected_orders, sale_from_settings
 from loadtests.oracle import ORDER_OPERATIONS, judge_waiting_room, run_oracle
 from loadtests.personas import (
@@ -218,9 +218,15 @@ def mint_tokens(ctx: ProcessContext) -> Shop:
     )
 
 
+#: The sampler's kept-alive connection, per service and token (it polls once a second).
+_stats_readers: dict[tuple[str, str], StatsReader] = {}
+
+
 @rehearsal.sampler
 def stats(ctx: RunContext) -> ServiceSample:
-    return parse_stats(_admin(ctx).stats(), time.time(), sale=ctx.shared.get("sale"))
+    key = (ctx.host, ctx.options.admin_token)
+    reader = _stats_readers.get(key) or _stats_readers.setdefault(key, StatsReader(*key))
+    return parse_stats(reader.stats(), time.time(), sale=ctx.shared.get("sale"))
 
 
 @rehearsal.oracle

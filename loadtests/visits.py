@@ -195,6 +195,10 @@ class _ProcessVisits:
     ops: Any = field(default_factory=itertools.count)
 
 
+#: A call's body not parsed yet (None is a parsed answer: not JSON).
+_UNPARSED: Any = object()
+
+
 class Call:
     """One HTTP call and its answer; report its outcome with ``ok``, ``refused`` or ``unknown``
     (or use it as a context manager: an outcome not reported is classified on exit)."""
@@ -211,7 +215,6 @@ class Call:
         sent: float,
         done: float,
         status: int,
-        body: Any,
         error: str,
         answer: _Answer,
         history: bool,
@@ -221,13 +224,21 @@ class Call:
         self.intended, self.sent, self.done = intended, sent, done
         #: HTTP status; 0 when no answer came (timeout, connection error).
         self.status = status
-        #: The parsed JSON body, or None if the answer was not JSON.
-        self.body = body
         #: The transport's error text when there was no answer.
         self.error = error
         self.reported = False
         self._answer = answer
+        self._body: Any = _UNPARSED
         self._history = history
+
+    @property
+    def body(self) -> Any:
+        """The parsed JSON body, or None if the answer was not JSON (or there was none).
+        Parsed when first asked for: a page view judged by its status never pays for it."""
+        if self._body is _UNPARSED:
+            answer = self._answer
+            self._body = _json_body(answer.content, answer.content_type) if self.status else None
+        return self._body
 
     @property
     def text(self) -> str:
@@ -434,7 +445,6 @@ class Visit:
             sent=sent,
             done=done,
             status=status,
-            body=_json_body(answer.content, answer.content_type) if status else None,
             error="" if status else (answer.error or "no answer"),
             answer=answer,
             history=history,

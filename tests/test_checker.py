@@ -84,9 +84,10 @@ def test_outcomes_are_classified_by_what_the_answer_proves() -> None:
         classify(409, "sold_out")
         == classify(429, "limit_exceeded")
         == classify(422, "invalid_request")
+        == classify(429, "overloaded")  # shed at the in-flight limit, before any stock
         == "failed"
     )
-    assert classify(503, "sale_fenced") == classify(503, "overloaded") == "failed"
+    assert classify(503, "sale_fenced") == classify(503, "degraded") == "failed"
     # The service could not decide, or never answered: either way is possible.
     assert classify(504, "outcome_unknown") == classify(503, "redis_unavailable") == "unknown"
     assert classify(500, "internal_error") == classify(0, "ClientConnectionError") == "unknown"

@@ -59,7 +59,7 @@ EXPECTED_ALERTS = {
     "FlashsaleWriterStalled",  # no commit for a while, backlog > 0
     "FlashsaleBacklogGrowing",
     "FlashsalePostgresDown",  # issue 12 item 8: reported, no longer a readiness failure
-    "FlashsaleOrdersShed",  # 503 overloaded / 429
+    "FlashsaleOrdersShed",  # 429 overloaded / rate_limited
     "FlashsaleOrderLatencyOverSLO",  # order p99
     "FlashsaleSaleFenced",
     "FlashsaleDeadLetters",

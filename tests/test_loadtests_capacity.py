@@ -7,16 +7,26 @@ import math
 from typing import Any
 
 import pytest
+from report_support import two_kinds
 
 from flashsale.drills.cli import register
 from loadtests.capacity import PUBLISHED_PEAKS, CapacityLimits, plan_for, read_steps, sustained
+from loadtests.report import build_summary
 
 
 def _window(
-    name: str, rps: float, p99: float, errors: int = 0, sent: float = 1.0, dropped: int = 0
+    name: str,
+    rps: float,
+    p99: float,
+    errors: int = 0,
+    sent: float = 1.0,
+    dropped: int = 0,
+    cpu: float | None = None,
 ) -> dict[str, Any]:
     target = rps * 20
+    more = {} if cpu is None else {"generator_cpu_max": cpu}
     return {
+        **more,
         "name": name,
         "start_s": 0.0,
         "end_s": 20.0,
@@ -54,6 +64,42 @@ def test_sustained_is_the_highest_step_within_the_slo_with_all_below_it() -> Non
 def test_other_slo_limits(kw: dict[str, Any], why: str) -> None:
     (step,) = read_steps({"arrivals": {"windows": [_window("s", 100, 10, **kw)]}})
     assert not step.within_slo and why in step.why_not
+
+
+def test_a_failed_step_names_what_limited_it() -> None:
+    # An SRE reading the steps must not have to guess whether the service or the load
+    # generator ran out: the step that missed says which, with the generator's busiest second.
+    service, generator, unknown = read_steps(
+        {
+            "arrivals": {
+                "windows": [
+                    _window("s1", 400, 1500, cpu=38.0),
+                    _window("s2", 800, 1500, sent=0.8, cpu=97.0),
+                    _window("s3", 900, 1500),  # a summary written before the CPU was kept
+                ]
+            }
+        }
+    )
+    assert service.generator_cpu_max == 38.0
+    assert service.limited_by == "service"
+    assert "limited by the service" in service.why_not and "38% of a core" in service.why_not
+    assert generator.limited_by == "load generator"
+    assert "limited by the load generator" in generator.why_not and "--locust-workers" in generator.why_not
+    assert unknown.limited_by == "" and "limited by" not in unknown.why_not
+    (fine,) = read_steps({"arrivals": {"windows": [_window("s", 100, 10, cpu=20.0)]}})
+    assert fine.within_slo and fine.limited_by == "" and fine.why_not == ""
+
+
+def test_the_summary_keeps_each_windows_busiest_generator_second() -> None:
+    # What read_steps judges the limit by: per window, the busiest second of the busiest
+    # load process (report_support's processes sample 40 + s % in second s).
+    collector, shape, _ = two_kinds()
+    summary = build_summary(collector, shape, {"id": "c1"}, elapsed_s=12.0, thresholds=[])
+    windows = summary["arrivals"]["windows"]
+    assert windows
+    for w in windows:
+        seconds = range(int(math.floor(w["start_s"])), min(int(math.ceil(w["end_s"])), 12))
+        assert w["generator_cpu_max"] == (max(40.0 + s for s in seconds) if seconds else None)
 
 
 def test_plan_for_the_published_peaks() -> None:

@@ -170,3 +170,23 @@ def test_log_files_round_trip(tmp_path: Path) -> None:
         ref = book.total(f"order.{which}")
         # Interval histograms keep two significant digits: within 1 % of the run's own.
         assert back.get_value_at_percentile(99) == pytest.approx(ref.get_value_at_percentile(99), rel=0.01)
+
+
+def test_a_process_book_reuses_its_whole_run_histograms_after_each_export() -> None:
+    # A Locust process exports every second; allocating its 3-digit histograms afresh each
+    # time cost ~0.3 ms apiece. The book clears and reuses them: nothing of the last second
+    # may leak into the next (counts, min, max), and a collector that was handed them as they
+    # are (a local run) keeps what they held.
+    book, collector = LatencyBook(1000.0), LatencyBook(1000.0)
+    book.record("order", intended=1000.0, sent=1000.0, done=1000.9)
+    first = book.totals["order.raw"]
+    collector.absorb(book.export(encoded=False))
+    book.record("order", intended=1001.0, sent=1001.0, done=1001.002)
+    assert book.totals["order.raw"] is first  # reused, not allocated again
+    assert first.get_total_count() == 1
+    assert first.get_min_value() == first.get_max_value() == pytest.approx(2_000, rel=1e-3)
+    collector.absorb(book.export(encoded=False))
+    merged = collector.total("order.raw")
+    assert merged.get_total_count() == 2
+    assert merged.get_min_value() == pytest.approx(2_000, rel=1e-3)
+    assert merged.get_max_value() == pytest.approx(900_000, rel=1e-3)

@@ -70,7 +70,7 @@ def test_the_mix_follows_the_window() -> None:
         ("order", "buyer", 409, "sale_not_open", True),
         ("order", "buyer", 429, "rate_limited", False),
         ("order", "bot", 429, "rate_limited", True),
-        ("order", "buyer", 503, "overloaded", False),
+        ("order", "buyer", 429, "overloaded", False),
         ("order", "buyer", 504, "outcome_unknown", False),
         ("order", "buyer", 0, "", False),
         ("order", "buyer", 422, "invalid_request", False),

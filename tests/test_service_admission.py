@@ -1,5 +1,6 @@
 """Admission before inventory, and what a buyer hears when Redis does not answer: the
-per-buyer rate limit, shedding past the in-flight limit (503 + Retry-After), the local
+per-buyer rate limit, shedding past the in-flight limit (429 + Retry-After: concurrency is
+what clients send, so its refusal is a 4xx), the local
 sold-out shortcut (answered without running the reserve script, yet a retry still finds
 its order), and 504 outcome_unknown followed by a retry with the same request id that
 learns the truth."""
@@ -56,9 +57,11 @@ async def test_invalid_requests_do_not_spend_the_buyers_rate(start_service: Serv
     await expect_json(await service.order("alice", sku, 1), 201)
 
 
-async def test_sheds_with_503_past_the_in_flight_limit(
+async def test_sheds_with_429_past_the_in_flight_limit(
     start_service: ServiceFactory, redis_client: Redis, redis_url: str
 ) -> None:
+    """Concurrency is something clients send, so being at capacity is answered with a 4xx
+    (429 ``overloaded``, RFC 6585) and a Retry-After, never a 5xx, and touches nothing."""
     service = await start_service(max_in_flight=1, redis_timeout_s=5.0)
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 10}))["sale"]
@@ -68,11 +71,14 @@ async def test_sheds_with_503_past_the_in_flight_limit(
         while service.state.in_flight.current < 1:
             await asyncio.sleep(0.005)
         shed = await service.order("bob", sku, request_id="r-shed")
-        body = await expect_json(shed, 503, "overloaded")
+        body = await expect_json(shed, 429, "overloaded")
         assert int(shed.headers["Retry-After"]) >= 1
-        assert "request_id" in body["message"]
+        assert "request_id" in body["message"] and "capacity" in body["message"]
     await expect_json(await stuck, 201)
+    # The shed order reached no stock: no hold, and nothing of Bob's anywhere in Redis.
     assert await holds_of_request(redis_client, sale, "r-shed") == [], "a shed order left a hold"
+    dump = await dump_redis(redis_client)
+    assert not [key for key, (_, payload, _) in dump.items() if b"bob" in key or b"r-shed" in payload]
     # Shedding is about load, not about the buyer: the same request goes through now.
     await expect_json(await service.order("bob", sku, request_id="r-shed"), 201)
     assert service.state.in_flight.current == 0

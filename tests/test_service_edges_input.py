@@ -155,6 +155,30 @@ REFUSED: list[tuple[str, Callable[[str, str], bytes], list[tuple[int, str]]]] = 
         [(422, "malformed_json")],
     ),
     (
+        # Two codings in one field: one is decoded at most, so the body cannot be read as
+        # declared - said as such, not as the "not JSON" it would otherwise look like.
+        "gzip twice, declared as two codings",
+        lambda token, sku: order(
+            token, gzip.compress(gzip.compress(order_body(sku, "r-gzip3"))), b"Content-Encoding: gzip, gzip"
+        ),
+        [(400, "bad_content_encoding")],
+    ),
+    (
+        "gzip twice, declared in two fields",
+        lambda token, sku: order(
+            token,
+            gzip.compress(gzip.compress(order_body(sku, "r-gzip4"))),
+            b"Content-Encoding: gzip",
+            b"Content-Encoding: gzip",
+        ),
+        [(400, "bad_content_encoding")],
+    ),
+    (
+        "plain JSON declared as gzip, then deflate",
+        lambda token, sku: order(token, order_body(sku, "r-stack"), b"Content-Encoding: gzip, deflate"),
+        [(400, "bad_content_encoding")],
+    ),
+    (
         "gzip bomb: 10 kB that decode to 10 MB",
         lambda token, sku: order(
             token, gzip.compress(b" " * 10_000_000 + order_body(sku, "r-bomb")), b"Content-Encoding: gzip"

@@ -180,15 +180,9 @@ async def test_order_lookup_can_be_switched_off(start_service: ServiceFactory) -
 # ------------------------------------------------------------- with PostgreSQL
 
 
-async def test_order_redis_no_longer_has_is_read_from_postgresql(
-    start_service: ServiceFactory, pipeline_db_url: str, pipeline_pool: Any
-) -> None:
-    """pipeline_pool: the test's own schema with every migration (flashsale.pipeline.migrate) applied."""
-    service = await start_service(database_url=pipeline_db_url)
-    sku = new_id("sku")
-    sale = (await service.create_sale({sku: 5}))["sale"]
+async def _archived(pipeline_pool: Any, sale: str, sku: str, pay_by: datetime) -> str:
+    """An order of Alice's that only PostgreSQL has (its sale was archived): its id."""
     order_id = f"{sale}.archived1"
-    pay_by = datetime(2026, 11, 11, 0, 30, tzinfo=UTC)
     await pipeline_pool.execute(
         "INSERT INTO orders (order_id, sale, user_id, request_id, status, status_rank, created_at, pay_by,"
         " status_at, last_stream_id) VALUES ($1, $2, 'alice', 'r-old', 'paid', 1, $3, $3, $3, '1-0')",
@@ -199,6 +193,18 @@ async def test_order_redis_no_longer_has_is_read_from_postgresql(
     await pipeline_pool.execute(
         "INSERT INTO order_lines (order_id, sku, qty) VALUES ($1, $2, 2)", order_id, sku
     )
+    return order_id
+
+
+async def test_order_redis_no_longer_has_is_read_from_postgresql(
+    start_service: ServiceFactory, pipeline_db_url: str, pipeline_pool: Any
+) -> None:
+    """pipeline_pool: the test's own schema with every migration (flashsale.pipeline.migrate) applied."""
+    service = await start_service(database_url=pipeline_db_url)
+    sku = new_id("sku")
+    sale = (await service.create_sale({sku: 5}))["sale"]
+    pay_by = datetime(2026, 11, 11, 0, 30, tzinfo=UTC)
+    order_id = await _archived(pipeline_pool, sale, sku, pay_by)
     shown = await expect_json(
         await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200
     )
@@ -213,3 +219,63 @@ async def test_order_redis_no_longer_has_is_read_from_postgresql(
     await expect_json(
         await plain.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 404, "order_not_found"
     )
+
+
+#: Far past the look-up's deadline (twice the Redis timeout the archive tests give): a
+#: look-up not answered by then waits on PostgreSQL without a bound.
+UNBOUNDED_S = 15.0
+
+
+async def _archive_unavailable(service: Service, order_id: str) -> None:
+    lookup = service.client.get(f"/api/orders/{order_id}", headers=buyer("alice"))
+    resp = await asyncio.wait_for(lookup, UNBOUNDED_S)
+    await expect_json(resp, 503, "archive_unavailable")
+    assert int(resp.headers["Retry-After"]) >= 1
+
+
+async def test_an_archived_order_with_every_pool_connection_taken_is_503_not_a_wait(
+    start_service: ServiceFactory, pipeline_db_url: str, pipeline_pool: Any
+) -> None:
+    """The service's PostgreSQL pool full: the look-up waits for a connection no longer than
+    its deadline, then says the archive cannot answer (an outage: 503) - never "no such
+    order", which would tell the buyer their order does not exist."""
+    service = await start_service(database_url=pipeline_db_url, redis_timeout_s=0.5)
+    sku = new_id("sku")
+    sale = (await service.create_sale({sku: 5}))["sale"]
+    order_id = await _archived(pipeline_pool, sale, sku, datetime(2026, 11, 11, 0, 30, tzinfo=UTC))
+    pool = service.state.pg
+    held = [await pool.acquire() for _ in range(pool.get_max_size())]
+    try:
+        await _archive_unavailable(service, order_id)
+    finally:
+        for conn in held:
+            await pool.release(conn)
+    await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
+
+
+async def test_an_archived_order_while_postgresql_is_frozen_is_503_not_404(
+    start_service: ServiceFactory, pipeline_db_url: str, pipeline_pool: Any, engine_stack: Any
+) -> None:
+    """PostgreSQL frozen (SIGSTOP: connections accepted, never answered): the connect and
+    the query are bounded by the look-up's deadline and the answer is 503, not 404."""
+    if engine_stack.postgres is None:
+        pytest.skip("FLASHSALE_DATABASE_URL names an outside PostgreSQL: this test must freeze it")
+    service = await start_service(database_url=pipeline_db_url, redis_timeout_s=0.5)
+    sku = new_id("sku")
+    sale = (await service.create_sale({sku: 5}))["sale"]
+    order_id = await _archived(pipeline_pool, sale, sku, datetime(2026, 11, 11, 0, 30, tzinfo=UTC))
+    # One look-up first, so the pool keeps a connection: the query is frozen, not only a connect.
+    await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
+    engine_stack.postgres.pause()
+    try:
+        await _archive_unavailable(service, order_id)  # the pooled connection's query
+        await _archive_unavailable(service, f"{sale}.other")  # not known either way: not a 404
+    finally:
+        engine_stack.postgres.resume()
+    await expect_json(await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200)
+    await expect_json(
+        await service.client.get(f"/api/orders/{sale}.other", headers=buyer("alice")), 404, "order_not_found"
+    )
+    # Stopped before the schema is dropped: the service's own work on PostgreSQL (its fence
+    # check), put off by the freeze, deadlocked with DROP SCHEMA in the fixture's teardown.
+    await service.client.close()

@@ -5,8 +5,9 @@ Every request a drill client sends is one :class:`Operation` with an outcome:
 
 * **ok** — a 2xx answer: the service acknowledged it (the order exists, the payment
   happened);
-* **failed** — a definite refusal: a 4xx, or a 503 the service answers before touching
-  stock (``overloaded``, ``sale_fenced``, ``degraded``); nothing was done;
+* **failed** — a definite refusal: a 4xx (among them 429 ``overloaded``, the in-flight
+  limit), or a 503 the service answers before touching stock (``sale_fenced``,
+  ``degraded``); nothing was done;
 * **unknown** — anything else: 504 ``outcome_unknown``, another 5xx, a timeout, a reset
   connection. It may or may not have happened; a retry with the same request id tells.
 
@@ -75,7 +76,7 @@ CHECKS = (
     "no_internal_error",
 )
 #: 503 answers given before stock is touched: the request definitely did nothing.
-DEFINITE_503 = frozenset({"overloaded", "sale_fenced", "degraded", "rate_limited"})
+DEFINITE_503 = frozenset({"sale_fenced", "degraded", "rate_limited"})
 #: Violations listed per check (the count is always exact).
 LISTED = 20
 

@@ -6,7 +6,7 @@ Everything here is per process and in memory — no round trip:
   thousand slow sockets hold that buyer's few turns, not everyone's;
 * a per-buyer token bucket (bots and retry storms are refused with 429 ``rate_limited``),
   for at most ``max_keys`` buyers at once: past that, those seen least recently are forgotten;
-* a global in-flight limit: past it, shed with 503 ``overloaded`` and ``Retry-After``,
+* a global in-flight limit: past it, shed with 429 ``overloaded`` and ``Retry-After``,
   instead of queueing until every request times out. It is taken only once the buyer is
   known and the body is read (under a deadline): a slow client never holds it;
 * the sold-out cache: once Redis said a SKU has nothing available, refuse it locally for
@@ -127,11 +127,20 @@ class SharedLoads(Generic[T]):
         self._running: dict[str, asyncio.Future[T]] = {}
 
     async def load(self, key: str, load: Callable[[], Awaitable[T]]) -> T:
+        return await asyncio.shield(self.start(key, load))
+
+    def start(self, key: str, load: Callable[[], Awaitable[T]]) -> asyncio.Future[T]:
+        """The load of ``key`` running now, started if none is: for a caller that does not
+        wait for it (a refresh ahead of a lapse)."""
         running = self._running.get(key)
         if running is None:
             running = self._running[key] = asyncio.ensure_future(load())
             running.add_done_callback(lambda done: self._finished(key, done))
-        return await asyncio.shield(running)
+        return running
+
+    async def settle(self) -> None:
+        """Wait for every load running now (their errors are their callers')."""
+        await asyncio.gather(*self._running.values(), return_exceptions=True)
 
     def forget(self, key: str) -> None:
         """The next caller starts a new load of ``key`` (what it reads changed); callers

@@ -4,13 +4,14 @@ paying and cancelling.
 Admission, in this order, on every buyer endpoint: the token (401), one of the buyer's
 few turns (429 ``too_many_in_progress``), the body read under the read deadline (408) and
 checked (4xx) — and only then, for orders, the rate limit and one of the process's
-in-flight slots (503 ``overloaded``). So a slow or hostile client holds at most its own
+in-flight slots (429 ``overloaded``). So a slow or hostile client holds at most its own
 turns, never the slots every other buyer's order needs.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -25,6 +26,8 @@ from flashsale.service.sales import SaleSettings, iso, now_ms
 from flashsale.service.state import STATE, ServiceState
 from flashsale.service.tokens import Buyer, InvalidToken
 from flashsale.service.waiting_room import admit_order, settle_ticket
+
+log = logging.getLogger("flashsale.service")
 
 __all__ = ["routes", "read_json", "bearer"]
 
@@ -188,10 +191,12 @@ async def _create_order(request: web.Request, state: ServiceState, buyer: Buyer)
         )
     if not state.in_flight.enter():
         metrics.count("shed")
+        # A 4xx: concurrency is what clients send (RFC 6585), not a fault of the service.
         raise ApiError(
-            503,
+            429,
             "overloaded",
-            "too many orders in progress; retry shortly with the same request_id",
+            "the service is at capacity (too many orders in progress); "
+            "retry after Retry-After seconds with the same request_id",
             headers={"Retry-After": "1"},
         )
     try:
@@ -358,11 +363,23 @@ async def _get_order(request: web.Request, state: ServiceState, buyer: Buyer) ->
 
 
 async def _archived_order(state: ServiceState, order_id: str) -> inventory.Hold | None:
-    """An order Redis no longer has (its sale was archived) as PostgreSQL recorded it."""
+    """An order Redis no longer has (its sale was archived) as PostgreSQL recorded it: None
+    only when PostgreSQL answered that it has no such order. PostgreSQL not answering within
+    the look-up's deadline (a full pool, a connect or a query that hangs) or failing is an
+    outage, answered 503 - never "no such order" to a buyer whose order may well exist."""
+    deadline = state.archive_deadline
     try:
-        order = await archived_order(state.pg, order_id)
-    except Exception:
-        return None
+        async with deadline():
+            order = await archived_order(state.pg, order_id, timeout=deadline.seconds)
+    except Exception as exc:  # the deadline's TimeoutError, asyncpg's errors, OSError
+        log.warning("order archive (PostgreSQL) did not answer for %s: %r", order_id, exc)
+        raise ApiError(
+            503,
+            "archive_unavailable",
+            "the order archive is not answering, so whether this order exists is not known here; "
+            "try again shortly",
+            headers={"Retry-After": "5"},
+        ) from None
     if order is None:
         return None
     return inventory.Hold(

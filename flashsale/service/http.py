@@ -61,6 +61,8 @@ async def read_body(request: web.Request) -> bytes:
     it at once)."""
     if request.content_length is not None and request.content_length > request.client_max_size:
         raise ApiError(413, "body_too_large", f"request body is larger than {request.client_max_size} bytes")
+    if "Content-Encoding" in request.headers:
+        _one_coding(request)
     deadline = request.app[STATE].read_deadline
     try:
         if request.content.is_eof():  # it all came with the headers (nearly every order): no wait
@@ -77,6 +79,22 @@ async def read_body(request: web.Request) -> bytes:
         raise payload_refusal(exc, request.client_max_size) from None
     except ConnectionError:  # the client went away mid-body: nobody reads this answer
         raise ApiError(400, "malformed_body", "the connection closed before the body ended") from None
+
+
+def _one_coding(request: web.Request) -> None:
+    """Refuse a body declared in more than one coding (``gzip, gzip``, or two fields):
+    aiohttp decodes one coding at most (the first field's, and only a name it knows), so
+    such a body cannot be read as declared; "not JSON" would hide why."""
+    codings = [
+        c for field in request.headers.getall("Content-Encoding") for c in field.split(",") if c.strip()
+    ]
+    if len(codings) > 1:
+        raise ApiError(
+            400,
+            "bad_content_encoding",
+            "the body is declared in more than one Content-Encoding; send it in one "
+            "(gzip, deflate or br), or plain JSON without the header",
+        )
 
 
 #: The body of a request as read_json parsed it: the fence guard reads an order's body to

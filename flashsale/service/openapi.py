@@ -361,8 +361,11 @@ def _document() -> dict[str, Any]:
                         **_AUTH_ERRORS,
                         **_BODY_ERRORS,
                         "409": _err("sold_out, sale_not_open or sale_closed"),
-                        "429": _err("limit_exceeded, rate_limited or too_many_in_progress"),
-                        "503": _err("overloaded or sale_fenced (Retry-After)"),
+                        "429": _err(
+                            "limit_exceeded, rate_limited, too_many_in_progress or overloaded "
+                            "(at capacity; Retry-After)"
+                        ),
+                        "503": _err("sale_fenced (Retry-After)"),
                         "504": _err("outcome_unknown: retry with the same request_id"),
                         "403": _err("ticket_not_yours, ticket_used or ticket_invalid (waiting room)"),
                     },
@@ -378,7 +381,10 @@ def _document() -> dict[str, Any]:
                         **_AUTH_ERRORS,
                         "404": _err("no such order of yours"),
                         **_BUSY_BUYER,
-                        "503": _err("lookup switched off"),
+                        "503": _err(
+                            "degraded (lookup switched off) or archive_unavailable (PostgreSQL, "
+                            "which keeps archived orders, did not answer in time; Retry-After)"
+                        ),
                     },
                 }
             },

@@ -6,6 +6,13 @@ hot path does not pay a round trip for them. When an entry has lapsed, the calle
 arrive while it is being read again share that one read (at the peak: one read, not one
 per order arriving during its round trip).
 
+A sale's settings and its SKU index (what every order reads) are read again ahead of
+their lapse: a caller past half of ``ttl_s`` gets the cached answer at once and starts the
+read in the background, so at the peak no order waits for a round trip when an entry
+lapses (every order arriving during that round trip used to wait for it, twice a
+``ttl_s``). Nothing older than ``ttl_s`` is answered: an entry nobody asked for in time
+lapses as before, and its next caller waits for the read.
+
 Redis keys (outside any sale's hash slot: they are read by the service only, never by
 the reservation scripts):
 
@@ -20,8 +27,10 @@ the reservation scripts):
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,6 +41,8 @@ __all__ = ["SaleSettings", "SaleBook", "SWITCHES"]
 
 #: Non-essential endpoints an operator can switch off under load (the degraded site).
 SWITCHES = ("browse", "order_lookup")
+#: What SaleBook._cached answers for an entry that is missing or has lapsed.
+_LAPSED: Any = object()
 
 
 def now_ms() -> int:
@@ -93,11 +104,19 @@ def _iso_second(second: int) -> str:
 class SaleBook:
     """Reads and writes sale settings; caches reads for ``ttl_s``."""
 
-    def __init__(self, redis: Any, prefix: str, *, ttl_s: float = 0.5) -> None:
+    def __init__(
+        self, redis: Any, prefix: str, *, ttl_s: float = 0.5, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.redis = redis
         self.prefix = prefix
         self.keys = ServiceKeys(prefix)
         self.ttl_s = ttl_s
+        self._clock = clock
+        #: How long before its lapse an entry asked for is read again (see the module docstring).
+        self._ahead_s = ttl_s / 2
+        #: Bumped whenever this process changes the book: a read that started before a
+        #: change does not overwrite what was cached after it.
+        self._changes = 0
         self._sales: dict[str, tuple[float, SaleSettings | None]] = {}
         # A SKU can change sale (its sale removed, the SKU put on sale again), so the
         # index is cached like the settings: for ttl_s at most.
@@ -126,35 +145,60 @@ class SaleBook:
         """The sale's settings, at most ``ttl_s`` old; ``fresh``: read now (after a write),
         never from a read started earlier."""
         if not fresh:
-            cached = self._sales.get(sale)
-            if cached is not None and cached[0] > time.monotonic():
-                return cached[1]
+            cached = self._cached(self._sales, sale, self._sale_loads, self._read_sale)
+            if cached is not _LAPSED:
+                return cached  # type: ignore[no-any-return]
             return await self._sale_loads.load(sale, lambda: self._read_sale(sale))
         return await self._read_sale(sale)
 
+    def _cached(
+        self,
+        entries: dict[str, tuple[float, Any]],
+        key: str,
+        loads: SharedLoads[Any],
+        read: Callable[[str], Awaitable[Any]],
+    ) -> Any:
+        """The cached answer for ``key``, or ``_LAPSED``; past the refresh point, ``read``
+        starts again in the background (see the module docstring)."""
+        cached = entries.get(key)
+        if cached is None:
+            return _LAPSED
+        left = cached[0] - self._clock()
+        if left <= 0:
+            return _LAPSED
+        if left < self._ahead_s:
+            loads.start(key, lambda: read(key))
+        return cached[1]
+
     async def _read_sale(self, sale: str) -> SaleSettings | None:
-        now = time.monotonic()
+        now, changes = self._clock(), self._changes
         raw = await self.redis.hgetall(self.sale_key(sale))
         settings = SaleSettings.from_hash(sale, raw) if raw else None
-        if settings is not None:  # never cache made-up sale ids: memory stays bounded
+        # Never cache made-up sale ids: memory stays bounded.
+        if settings is not None and changes == self._changes:
             self._sales[sale] = (now + self.ttl_s, settings)
         return settings
 
     async def sale_of_sku(self, sku: str) -> str | None:
-        cached = self._sku_sale.get(sku)
-        if cached is not None and cached[0] > time.monotonic():
-            return cached[1]
+        cached = self._cached(self._sku_sale, sku, self._sku_loads, self._read_sale_of_sku)
+        if cached is not _LAPSED:
+            return cached  # type: ignore[no-any-return]
         return await self._sku_loads.load(sku, lambda: self._read_sale_of_sku(sku))
 
     async def _read_sale_of_sku(self, sku: str) -> str | None:
-        now = time.monotonic()
+        now, changes = self._clock(), self._changes
         raw = await self.redis.hget(self.skus_key, sku)
         if raw is None:  # never cache made-up SKUs: memory stays bounded
             self._sku_sale.pop(sku, None)
             return None
         sale: str = raw.decode()
-        self._sku_sale[sku] = (now + self.ttl_s, sale)
+        if changes == self._changes:
+            self._sku_sale[sku] = (now + self.ttl_s, sale)
         return sale
+
+    async def settle(self) -> None:
+        """Wait for the reads in flight (those started ahead of a lapse included)."""
+        await asyncio.gather(self._sale_loads.settle(), self._sku_loads.settle())
 
     async def all_sales(self) -> list[str]:
         return sorted(s.decode() for s in await self.redis.smembers(self.sales_key))
@@ -216,5 +260,6 @@ class SaleBook:
 
     def _forget_sale(self, sale: str) -> None:
         """The sale changed: its next reader reads it again (not a read started before)."""
+        self._changes += 1
         self._sales.pop(sale, None)
         self._sale_loads.forget(sale)

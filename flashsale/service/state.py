@@ -44,10 +44,14 @@ class ServiceState:
     #: and on the rest of its body: one timer each for all requests (flashsale.service.deadlines).
     redis_deadline: Deadlines = field(init=False)
     read_deadline: Deadlines = field(init=False)
+    #: How long a look-up waits on PostgreSQL for an order Redis no longer has (a connection
+    #: from the pool, a connect, the query): as long as an order waits on Redis.
+    archive_deadline: Deadlines = field(init=False)
 
     def __post_init__(self) -> None:
         self.redis_deadline = Deadlines(self.settings.redis_timeout_s * 2)
         self.read_deadline = Deadlines(self.settings.read_timeout_s)
+        self.archive_deadline = Deadlines(self.settings.redis_timeout_s * 2)
 
     def inventory(self, sale: str, hold_ttl_ms: int | None = None) -> Inventory:
         """The engine for one sale (one per sale per process, so reservations coalesce)."""
@@ -82,6 +86,7 @@ class ServiceState:
         return next(iter(self._inventories.values()), None) or self.inventory("probe")
 
     async def aclose(self) -> None:
+        await self.sales.settle()  # a read started ahead of a lapse: not left behind the loop
         for inv in self._inventories.values():
             await inv.aclose()
         for engine in self._bucketed.values():

@@ -53,10 +53,14 @@ Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per c
 local stock_key, holds_key, requests_key, users_key, deadlines_key, events_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 -- Per reservation, what costs is Lua's own work as much as Redis's: a number turned into
--- text (~0.4 µs), a pattern match, a table.concat, every table built. So the same values
--- are converted once per batch (TTLs, quantities and deadlines repeat), JSON strings come
--- from cjson.encode (the fastest way to quote one), a one-line cart (the usual one) is
--- joined by hand, and the batch is kept in columns rather than a table per request.
+-- text (~0.4 µs), a pattern match, a table.concat, every string made (each is hashed,
+-- interned, allocated and later swept) and every table built. So the same values are
+-- converted once per batch (TTLs, quantities, deadlines, counts and each cart line's
+-- texts repeat), JSON strings come from cjson.encode (the fastest way to quote one) or
+-- are joined by hand from parts already known to need no escaping, the fingerprint is
+-- only made when a request is compared with an earlier one, and the batch is kept in
+-- columns rather than a table per request (issue 15: measured with callgrind, decide()
+-- was a third of Redis's instructions per reservation).
 local encode, format, concat, tonumber = cjson.encode, string.format, table.concat, tonumber
 
 -- whole() of each distinct ARGV text once per batch (false: not a whole number in range).
@@ -68,15 +72,19 @@ local function whole_once(seen, value, low, high)
   end
   return v or nil
 end
-local ttls_seen, line_counts_seen, quantities_seen, quantity_texts = {}, {}, {}, {}
+local ttls_seen, line_counts_seen, quantities_seen = {}, {}, {}
+-- Per SKU: its JSON string, whether that needed no escaping, and per quantity the line's
+-- texts "<sku>:<qty>" (events, fingerprints) and '["<sku>",<qty>]' (hold records).
+local sku_jsons, sku_plain, line_texts_seen, line_jsons_seen = {}, {}, {}, {}
 
 -- Parse the whole batch before deciding any request: a runtime error after one request
 -- was decided would tell every caller "error" while its hold is about to be written.
 -- Request r: request_ids[r], hold_ids[r], users[r], ttls[r] (nil: not valid),
 -- record_fields[r], and its lines first_lines[r] .. last_lines[r]. Line k: skus[k],
--- qtys[k] (nil: not valid), qty_texts[k], count_fields[k] ("<user>:<sku>").
+-- qtys[k] (nil: not valid), line_texts[k] and line_jsons[k] (when qtys[k] is valid),
+-- count_fields[k] ("<user>:<sku>").
 local request_ids, hold_ids, users, ttls, record_fields, first_lines, last_lines = {}, {}, {}, {}, {}, {}, {}
-local skus, qtys, qty_texts, count_fields = {}, {}, {}, {}
+local skus, qtys, line_texts, line_jsons, count_fields = {}, {}, {}, {}, {}
 local n = whole(ARGV[1], 1, MAX_BATCH)
 local pos, k = 2, 0
 for r = 1, n or 0 do
@@ -99,12 +107,21 @@ for r = 1, n or 0 do
     k = k + 1
     skus[k], qtys[k], count_fields[k] = sku, qty, user .. ':' .. sku
     if qty then
-      local text = quantity_texts[qty]
-      if text == nil then
-        text = format('%d', qty)
-        quantity_texts[qty] = text
+      local texts = line_texts_seen[sku]
+      if texts == nil then
+        local json = encode(sku)
+        sku_jsons[sku], sku_plain[sku] = json, #json == #sku + 2
+        texts = {}
+        line_texts_seen[sku], line_jsons_seen[sku] = texts, {}
       end
-      qty_texts[k] = text
+      local text = texts[qty]
+      if text == nil then
+        local qty_text = format('%d', qty)
+        text = sku .. ':' .. qty_text
+        texts[qty] = text
+        line_jsons_seen[sku][qty] = '[' .. sku_jsons[sku] .. ',' .. qty_text .. ']'
+      end
+      line_texts[k], line_jsons[k] = text, line_jsons_seen[sku][qty]
     end
   end
   pos = pos + 5 + 2 * n_lines
@@ -174,11 +191,26 @@ local function counted(k)
 end
 
 -- What the batch writes, gathered as it decides: field/value pairs of the holds and the
--- request records, score/member pairs of the deadlines, and five values per event.
-local hold_writes, record_writes, deadline_writes, events, n_writes, n_events = {}, {}, {}, {}, 0, 0
+-- request records, score/member pairs of the deadlines, and per hold made (in order) its
+-- request and its lines' text for the event.
+local hold_writes, record_writes, deadline_writes, n_writes = {}, {}, {}, 0
+local made_requests, made_lines, n_made = {}, {}, 0
 -- What this batch made, seen by its later requests as if stored: hold id -> deadline,
--- record field -> hold id, record field -> fingerprint.
-local made_holds, made_record_holds, made_fingerprints = {}, {}, {}
+-- record field -> the request that made it.
+local made_holds, made_by = {}, {}
+
+-- Request r's lines joined by sep: "<sku>:<qty>" each.
+local function lines_joined(r, sep)
+  local first, last = first_lines[r], last_lines[r]
+  if first == last then return line_texts[first] end
+  local parts = {}
+  for i = first, last do parts[i - first + 1] = line_texts[i] end
+  return concat(parts, sep)
+end
+-- The request's fingerprint, stored in its record: made only when compared.
+local function fingerprint(r)
+  return users[r] .. '|' .. lines_joined(r, '|')
+end
 
 local function decide(r)
   local ttl, first, last = ttls[r], first_lines[r], last_lines[r]
@@ -189,21 +221,12 @@ local function decide(r)
       if skus[j] == skus[i] then return {INVALID, 'duplicate_line'} end
     end
   end
-  local user, lines_text, fingerprint = users[r]
-  if first == last then
-    lines_text = skus[first] .. ':' .. qty_texts[first]
-    fingerprint = user .. '|' .. lines_text
-  else
-    local parts = {}
-    for i = first, last do parts[i - first + 1] = skus[i] .. ':' .. qty_texts[i] end
-    lines_text = concat(parts, ',')
-    fingerprint = user .. '|' .. concat(parts, '|')
-  end
 
   local hold_id, record_field = hold_ids[r], record_fields[r]
-  local made = made_record_holds[record_field]
-  if made then
-    if made_fingerprints[record_field] ~= fingerprint then return {REQUEST_CONFLICT, made} end
+  local earlier = made_by[record_field]
+  if earlier then
+    local made = hold_ids[earlier]
+    if fingerprint(earlier) ~= fingerprint(r) then return {REQUEST_CONFLICT, made} end
     return {REPLAYED, made, made_holds[made], 'held', now_text}
   end
   local seen = records[r]
@@ -216,7 +239,7 @@ local function decide(r)
       return {INVALID, 'bad_request_record'}
     end
     local first_hold = first_outcome.h
-    if first_outcome.f ~= fingerprint then return {REQUEST_CONFLICT, first_hold} end
+    if first_outcome.f ~= fingerprint(r) then return {REQUEST_CONFLICT, first_hold} end
     if made_holds[first_hold] then return {REPLAYED, first_hold, made_holds[first_hold], 'held', now_text} end
     local raw = redis.call('HGET', holds_key, first_hold)
     if not raw then return {INVALID, 'bad_request_record'} end
@@ -241,7 +264,7 @@ local function decide(r)
   end
 
   -- Change the batch's view; the writes follow once every request is decided.
-  local record_lines
+  local plain = true
   for i = first, last do
     local sku, qty, field = skus[i], qtys[i], count_fields[i]
     local row = rows[sku]
@@ -257,34 +280,46 @@ local function decide(r)
       changed_counts[n_changed_counts] = field
     end
     counts_now[field] = counted(i) + qty
-    local record_line = '[' .. encode(sku) .. ',' .. qty_texts[i] .. ']'
-    record_lines = record_lines and (record_lines .. ',' .. record_line) or record_line
+    plain = plain and sku_plain[sku]
   end
   local deadline_text = deadline_texts[ttl]
   if deadline_text == nil then
     deadline_text = format('%d', now + ttl)
     deadline_texts[ttl] = deadline_text
   end
-  local request_id = request_ids[r]
+  local user, request_id = users[r], request_ids[r]
   made_holds[hold_id] = deadline_text
-  made_record_holds[record_field] = hold_id
-  made_fingerprints[record_field] = fingerprint
+  made_by[record_field] = r
   -- The hold record and the request record: the JSON cjson.encode would write for
-  -- {u, l, s, d, c, r} and {h, f}, put together without building the tables.
+  -- {u, l, s, d, c, r} and {h, f}, put together without building the tables. The
+  -- fingerprint "<user>|<sku>:<qty>|…" is quoted by hand when the user and every SKU
+  -- quoted alone needed no escaping (their JSON is two bytes longer), else by cjson.
+  local user_json = encode(user)
+  local lines_json, fingerprint_lines
+  if first == last then
+    lines_json, fingerprint_lines = line_jsons[first], line_texts[first]
+  else
+    local parts = {}
+    for i = first, last do parts[i - first + 1] = line_jsons[i] end
+    lines_json, fingerprint_lines = concat(parts, ','), lines_joined(r, '|')
+  end
+  local fingerprint_json
+  if plain and #user_json == #user + 2 then
+    fingerprint_json = '"' .. user .. '|' .. fingerprint_lines .. '"'
+  else
+    fingerprint_json = encode(user .. '|' .. fingerprint_lines)
+  end
   hold_writes[n_writes + 1] = hold_id
-  hold_writes[n_writes + 2] = '{"u":' .. encode(user) .. ',"l":[' .. record_lines .. '],"s":"held","d":"'
+  hold_writes[n_writes + 2] = '{"u":' .. user_json .. ',"l":[' .. lines_json .. '],"s":"held","d":"'
     .. deadline_text .. '","c":"' .. now_text .. '","r":' .. encode(request_id) .. '}'
   record_writes[n_writes + 1] = record_field
-  record_writes[n_writes + 2] = '{"h":' .. encode(hold_id) .. ',"f":' .. encode(fingerprint) .. '}'
+  record_writes[n_writes + 2] = '{"h":' .. encode(hold_id) .. ',"f":' .. fingerprint_json .. '}'
   deadline_writes[n_writes + 1] = deadline_text
   deadline_writes[n_writes + 2] = hold_id
   n_writes = n_writes + 2
-  events[n_events + 1] = hold_id
-  events[n_events + 2] = user
-  events[n_events + 3] = lines_text
-  events[n_events + 4] = request_id
-  events[n_events + 5] = deadline_text
-  n_events = n_events + 5
+  n_made = n_made + 1
+  made_requests[n_made] = r
+  made_lines[n_made] = first == last and fingerprint_lines or lines_joined(r, ',')
   return {OK, hold_id, deadline_text, 'held', now_text}
 end
 
@@ -304,20 +339,27 @@ if n_writes > 0 then
     stock_writes[4 * i - 1] = sku .. ':held'
     stock_writes[4 * i] = format('%d', row.held)
   end
-  local count_writes = {}
+  local count_writes, count_texts = {}, {}
   for i = 1, n_changed_counts do
     local field = changed_counts[i]
+    local count = counts_now[field]
+    local text = count_texts[count]
+    if text == nil then
+      text = format('%d', count)
+      count_texts[count] = text
+    end
     count_writes[2 * i - 1] = field
-    count_writes[2 * i] = format('%d', counts_now[field])
+    count_writes[2 * i] = text
   end
   write_all('HSET', stock_key, stock_writes, 4 * n_changed_skus)
   write_all('HSET', users_key, count_writes, 2 * n_changed_counts)
   write_all('HSET', holds_key, hold_writes, n_writes)
   write_all('HSET', requests_key, record_writes, n_writes)
   write_all('ZADD', deadlines_key, deadline_writes, n_writes)
-  for e = 1, n_events, 5 do
-    redis.call('XADD', events_key, '*', 'type', 'reserved', 'order', events[e], 'user', events[e + 1],
-      'lines', events[e + 2], 'request', events[e + 3], 'deadline', events[e + 4], 'at', now_text)
+  for m = 1, n_made do
+    local r = made_requests[m]
+    redis.call('XADD', events_key, '*', 'type', 'reserved', 'order', hold_ids[r], 'user', users[r],
+      'lines', made_lines[m], 'request', request_ids[r], 'deadline', deadline_texts[ttls[r]], 'at', now_text)
   end
 end
 return results
