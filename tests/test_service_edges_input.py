@@ -131,6 +131,11 @@ def order(token: str, body: bytes, *headers: bytes, length: int | None = None) -
     return order_head(token, len(body) if length is None else length, *headers) + body
 
 
+def gzipped_twice(sku: str, request_id: str) -> bytes:
+    """An order body compressed twice: one ``gzip`` coding leaves it unreadable."""
+    return gzip.compress(gzip.compress(order_body(sku, request_id)))
+
+
 # (case, data from (token, sku), expected answers (status, code) on the connection)
 REFUSED: list[tuple[str, Callable[[str, str], bytes], list[tuple[int, str]]]] = [
     (
@@ -149,25 +154,21 @@ REFUSED: list[tuple[str, Callable[[str, str], bytes], list[tuple[int, str]]]] = 
     ),
     (
         "gzip twice, declared once",
-        lambda token, sku: order(
-            token, gzip.compress(gzip.compress(order_body(sku, "r-gzip2"))), b"Content-Encoding: gzip"
-        ),
+        lambda token, sku: order(token, gzipped_twice(sku, "r-gzip2"), b"Content-Encoding: gzip"),
         [(422, "malformed_json")],
     ),
     (
         # Two codings in one field: one is decoded at most, so the body cannot be read as
         # declared - said as such, not as the "not JSON" it would otherwise look like.
         "gzip twice, declared as two codings",
-        lambda token, sku: order(
-            token, gzip.compress(gzip.compress(order_body(sku, "r-gzip3"))), b"Content-Encoding: gzip, gzip"
-        ),
+        lambda token, sku: order(token, gzipped_twice(sku, "r-gzip3"), b"Content-Encoding: gzip, gzip"),
         [(400, "bad_content_encoding")],
     ),
     (
         "gzip twice, declared in two fields",
         lambda token, sku: order(
             token,
-            gzip.compress(gzip.compress(order_body(sku, "r-gzip4"))),
+            gzipped_twice(sku, "r-gzip4"),
             b"Content-Encoding: gzip",
             b"Content-Encoding: gzip",
         ),
