@@ -20,6 +20,7 @@ whatever the response times:
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import time
@@ -83,8 +84,10 @@ class ArrivalPlan:
             points: Iterator[tuple[int, float]] = ((i, i + 0.5) for i in _count_from(self.share_index, n))
         else:
             points = self._poisson_points()
-        for seq, a in points:
-            t, in_impulse = self.shape.locate(a)
+        # The curve's pieces are walked once for the whole plan, not searched per arrival.
+        numbered, areas = itertools.tee(points)
+        instants = self.shape.locate_each(a for _, a in areas)
+        for (seq, _), (t, in_impulse) in zip(numbered, instants, strict=False):
             if math.isinf(t):
                 return
             kind: WindowKind = "open"
