@@ -157,3 +157,18 @@ def test_t0_rendezvous_lands_within_a_bounded_skew_across_processes() -> None:
     # timers by hundreds of ms), and nothing fires early.
     assert all(abs(r[4] - t0) < 0.001 and abs(r[5] - t0) < 0.001 for r in results)
     assert all(r[1] >= t0 - 0.001 for r in results)
+
+
+def test_visits_run_without_the_spawn_tree_and_the_setting_comes_back() -> None:
+    # A spawn that records its spawner and stack costs a third more; visits need neither. The
+    # process's own setting holds again once the plan is dispatched.
+    assert gevent.config.track_greenlet_tree
+    seen: list[object] = []
+
+    def visit(a: Arrival, at: float) -> None:
+        seen.append(gevent.getcurrent().spawning_stack)
+
+    ArrivalDispatcher(ArrivalPlan(_constant(100.0, 0.1), time.time()), visit).run()
+    assert len(seen) == 10 and seen == [None] * 10
+    assert gevent.config.track_greenlet_tree
+    assert gevent.spawn(lambda: None).spawning_stack is not None
