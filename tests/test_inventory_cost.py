@@ -15,7 +15,6 @@ from inventory_support import audit_sale, open_sale
 from redis_mode import command_calls
 
 from inventory import Inventory
-from inventory._errors import OK
 from inventory._keys import SaleKeys
 from inventory._scripts import script_source
 
@@ -109,7 +108,7 @@ async def test_records_joined_by_hand_are_the_json_cjson_writes(redis_url: str) 
             1,
         ]
         replies = await reserve(keys=inv.keys.for_reserve(), args=args)
-        assert [int(reply[0]) for reply in replies] == [OK, OK]
+        assert all(isinstance(reply, int) for reply in replies), replies  # two holds made: their deadlines
         escaped = await inv.redis.hget(inv.keys.requests, SaleKeys.request_field(user, "q1"))
         plain = await inv.redis.hget(inv.keys.requests, SaleKeys.request_field("plain", "q2"))
         assert _text(escaped) == '{"h":"' + hold_a + '","f":"b\\/o\\"b\\\\|hot:1|s\\/x:2"}'

@@ -34,8 +34,8 @@ then N groups: request_id, hold_id, user, ttl_ms, n_lines, sku_1, qty_1, ..., sk
 
 Event entry: see inventory/_events.py (EVENT_FIELDS['reserved'])
 
-Returns one array per request:
-  {OK, hold_id, deadline_ms, 'held', created_ms}
+Returns one element per request:
+  deadline_ms                                           an integer: a hold made by this call
   {REPLAYED, hold_id, deadline_ms, state, created_ms}   same request id seen before
   {SOLD_OUT, sku, available}
   {LIMIT_EXCEEDED, sku, limit, already_counted}
@@ -44,6 +44,9 @@ Returns one array per request:
   {REQUEST_CONFLICT, hold_id}
 A malformed batch (count, line counts or ids that do not match ARGV, a request id or user
 with ':') writes nothing and returns the single result {{INVALID, 'bad_batch'}}.
+A made hold is answered by its deadline alone: the client sent its id, knows its state
+('held') and its creation time (the deadline less the TTL it sent), and an array of five
+per reservation was ~9% of Redis's instructions per reservation (callgrind, issue 15).
 Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per call.
 ]]
 -- @include codes
@@ -320,7 +323,7 @@ local function decide(r)
   n_made = n_made + 1
   made_requests[n_made] = r
   made_lines[n_made] = first == last and fingerprint_lines or lines_joined(r, ',')
-  return {OK, hold_id, deadline_text, 'held', now_text}
+  return now + ttl
 end
 
 local results = {}
