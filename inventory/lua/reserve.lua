@@ -55,15 +55,16 @@ Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per c
 
 local stock_key, holds_key, requests_key, users_key, deadlines_key, events_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
--- Per reservation, what costs is Lua's own work as much as Redis's: a number turned into
--- text (~0.4 µs), a pattern match, a table.concat, a function call, every string made
--- (each is hashed, interned, allocated and later swept) and every table slot added. So
--- the same values are converted once per batch (TTLs, quantities, deadlines, counts and
--- each cart line's texts repeat: memo tables, a plain table read once filled), the JSON
--- records are joined by hand in one concatenation each, the fingerprint is only made when
--- a request is compared with an earlier one, and the batch is kept in few columns rather
--- than a table per request (issue 15: measured with callgrind, decide() was a third of
--- Redis's instructions per reservation).
+-- Per reservation, what costs is Lua's own work as much as Redis's (issue 15, callgrind):
+-- every table slot written (~300 instructions), every function call (~600), every string
+-- made (each is hashed, interned, allocated and later swept: ~1,200 for a short one), a
+-- number turned into text, a pattern match. So the same values are converted once per
+-- batch (TTLs, quantities, deadlines, counts and each cart line's texts repeat: memo
+-- tables, plain tables once filled), the JSON records are joined by hand in one
+-- concatenation each, the fingerprint is only made when a request is compared with an
+-- earlier one, and a request's ids, TTL and lines are read from ARGV where they are, not
+-- copied into columns: only what an HMGET needs (hold ids, record fields, count fields)
+-- is gathered.
 local encode, format, concat, find, tonumber = cjson.encode, string.format, table.concat, string.find, tonumber
 local call, argv = redis.call, ARGV
 
@@ -79,6 +80,15 @@ end
 local line_counts = memo(function(text) return whole(text, 1, MAX_LINES) or false end)
 local ttls = memo(function(text) return whole(text, 1, MAX_TTL_MS) or false end)
 local quantities = memo(function(text) return whole(text, 1, MAX_QTY) or false end)
+-- Per SKU and quantity: the line's text "<sku>:<qty>" (events, fingerprints) and its JSON
+-- '["<sku>",<qty>]' (hold records).
+local line_texts = memo(function(sku)
+  return memo(function(qty) return sku .. ':' .. format('%d', qty) end)
+end)
+local line_jsons = memo(function(sku)
+  local sku_json = encode(sku)
+  return memo(function(qty) return '[' .. sku_json .. ',' .. format('%d', qty) .. ']' end)
+end)
 
 -- The batch's text, all ARGV joined: one cjson pass over it tells whether any user,
 -- request id, hold id or SKU needs escaping, and one plain search whether any has a ':'.
@@ -90,29 +100,14 @@ local argv_plain = #encode(argv_text) == #argv_text + 2
 local argv_colons = find(argv_text, ':', 1, true) ~= nil
 argv_text = nil
 
--- Per SKU: its JSON string, and per quantity the line's texts "<sku>:<qty>" (events,
--- fingerprints) and '["<sku>",<qty>]' (hold records).
-local line_texts, line_jsons = {}, {}
-local function line_seen(sku, qty)
-  local texts = line_texts[sku]
-  if texts == nil then
-    texts = {}
-    line_texts[sku], line_jsons[sku] = texts, {json = encode(sku)}
-  end
-  if texts[qty] == nil then
-    local qty_text = format('%d', qty)
-    texts[qty] = sku .. ':' .. qty_text
-    line_jsons[sku][qty] = '[' .. line_jsons[sku].json .. ',' .. qty_text .. ']'
-  end
-end
-
 -- Parse the whole batch before deciding any request: a runtime error after one request
 -- was decided would tell every caller "error" while its hold is about to be written.
--- Request r starts at argv[starts[r]] (request_id, hold_id, user, ttl, n_lines, lines);
--- hold_ids[r], record_fields[r], and its lines first_lines[r] .. last_lines[r]. Line k:
--- skus[k], qtys[k] (false: not valid), count_fields[k] ("<user>:<sku>").
-local starts, hold_ids, record_fields, first_lines, last_lines = {}, {}, {}, {}, {}
-local skus, qtys, count_fields = {}, {}, {}
+-- Request r is at argv[pos]: request_id, hold_id, user, ttl, n_lines, then n_lines pairs
+-- sku, qty; its lines are k + 1 .. k + n_lines of the batch. Gathered for the reads:
+-- hold_ids[r], record_fields[r] ("r:<user>:<request id>"), count_fields[k]
+-- ("<user>:<sku>"), and each SKU's stock fields.
+local hold_ids, record_fields, count_fields = {}, {}, {}
+local stock_fields, n_stock = {}, 0
 local n = whole(argv[1], 1, MAX_BATCH)
 local pos, k = 2, 0
 for r = 1, n or 0 do
@@ -127,13 +122,19 @@ for r = 1, n or 0 do
     n = nil
     break
   end
-  starts[r], hold_ids[r], record_fields[r] = pos, hold_id, 'r:' .. user .. ':' .. request_id
-  first_lines[r], last_lines[r] = k + 1, k + n_lines
-  for i = 1, n_lines do
-    local sku, qty = argv[pos + 3 + 2 * i], quantities[argv[pos + 4 + 2 * i]]
+  hold_ids[r], record_fields[r] = hold_id, 'r:' .. user .. ':' .. request_id
+  for at = pos + 5, pos + 3 + 2 * n_lines, 2 do
+    local sku = argv[at]
     k = k + 1
-    skus[k], qtys[k], count_fields[k] = sku, qty, user .. ':' .. sku
-    if qty then line_seen(sku, qty) end
+    count_fields[k] = user .. ':' .. sku
+    if stock_fields[sku] == nil then
+      stock_fields[sku] = true
+      stock_fields[n_stock + 1] = sku .. ':total'
+      stock_fields[n_stock + 2] = sku .. ':available'
+      stock_fields[n_stock + 3] = sku .. ':held'
+      stock_fields[n_stock + 4] = sku .. ':limit'
+      n_stock = n_stock + 4
+    end
   end
   pos = pos + 5 + 2 * n_lines
 end
@@ -162,18 +163,6 @@ local function read_all(key, fields, count)
 end
 
 -- Read: everything the batch may touch, one HMGET per hash.
-local stock_fields, n_stock, listed = {}, 0, {}
-for i = 1, k do
-  local sku = skus[i]
-  if not listed[sku] then
-    listed[sku] = true
-    stock_fields[n_stock + 1] = sku .. ':total'
-    stock_fields[n_stock + 2] = sku .. ':available'
-    stock_fields[n_stock + 3] = sku .. ':held'
-    stock_fields[n_stock + 4] = sku .. ':limit'
-    n_stock = n_stock + 4
-  end
-end
 local records = read_all(requests_key, record_fields, n)
 local holds_found = read_all(holds_key, hold_ids, n)
 local counts = read_all(users_key, count_fields, k)
@@ -197,38 +186,39 @@ local function counted(k)
 end
 
 -- What the batch writes, gathered as it decides: field/value pairs of the holds and the
--- request records, score/member pairs of the deadlines, and per hold made (in order) its
--- request and its lines' text for the event.
+-- request records, score/member pairs of the deadlines.
 local hold_writes, record_writes, deadline_writes, n_writes = {}, {}, {}, 0
-local made_requests, made_lines, n_made = {}, {}, 0
 -- What this batch made, seen by its later requests as if stored: hold id -> deadline,
--- record field -> the request that made it.
+-- record field -> the request that made it (so request r made a hold if made_by of its
+-- record field is r).
 local made_holds, made_by = {}, {}
 -- Values stand in the records as they are between quotes q when the batch needs no
 -- escaping; else each is cjson's JSON string and q is empty.
 local q = argv_plain and '"' or ''
 
--- Request r's lines joined by sep: "<sku>:<qty>" each.
-local function lines_joined(r, sep)
-  local first, last = first_lines[r], last_lines[r]
-  if first == last then return line_texts[skus[first]][qtys[first]] end
+-- The lines of the request at argv[at] joined by sep: "<sku>:<qty>" each.
+local function lines_joined(at, sep)
+  local n_lines = line_counts[argv[at + 4]]
+  if n_lines == 1 then return line_texts[argv[at + 5]][quantities[argv[at + 6]]] end
   local parts = {}
-  for i = first, last do parts[i - first + 1] = line_texts[skus[i]][qtys[i]] end
+  for i = 1, n_lines do parts[i] = line_texts[argv[at + 3 + 2 * i]][quantities[argv[at + 4 + 2 * i]]] end
   return concat(parts, sep)
 end
 -- The request's fingerprint, stored in its record: made only when compared.
-local function fingerprint(r)
-  return argv[starts[r] + 2] .. '|' .. lines_joined(r, '|')
+local function fingerprint(at)
+  return argv[at + 2] .. '|' .. lines_joined(at, '|')
 end
 
-local function decide(r)
-  local start, first, last = starts[r], first_lines[r], last_lines[r]
-  local ttl = ttls[argv[start + 3]]
+-- Request r, at argv[at], its lines first .. last of the batch: a deadline (a hold made)
+-- or a refusal.
+local starts, event_lines = {}, {}
+local function decide(r, at, first, last)
+  local ttl = ttls[argv[at + 3]]
   if not ttl then return {INVALID, 'bad_ttl'} end
-  for i = first, last do
-    if not qtys[i] then return {INVALID, 'invalid_quantity'} end
-    for j = first, i - 1 do
-      if skus[j] == skus[i] then return {INVALID, 'duplicate_line'} end
+  for i = at + 6, at + 4 + 2 * (last - first + 1), 2 do
+    if not quantities[argv[i]] then return {INVALID, 'invalid_quantity'} end
+    for j = at + 5, i - 3, 2 do
+      if argv[j] == argv[i - 1] then return {INVALID, 'duplicate_line'} end
     end
   end
 
@@ -236,7 +226,7 @@ local function decide(r)
   local earlier = made_by[record_field]
   if earlier then
     local made = hold_ids[earlier]
-    if fingerprint(earlier) ~= fingerprint(r) then return {REQUEST_CONFLICT, made} end
+    if fingerprint(starts[earlier]) ~= fingerprint(at) then return {REQUEST_CONFLICT, made} end
     return {REPLAYED, made, made_holds[made], 'held', now_text}
   end
   local seen = records[r]
@@ -249,7 +239,7 @@ local function decide(r)
       return {INVALID, 'bad_request_record'}
     end
     local first_hold = first_outcome.h
-    if first_outcome.f ~= fingerprint(r) then return {REQUEST_CONFLICT, first_hold} end
+    if first_outcome.f ~= fingerprint(at) then return {REQUEST_CONFLICT, first_hold} end
     if made_holds[first_hold] then return {REPLAYED, first_hold, made_holds[first_hold], 'held', now_text} end
     local raw = call('HGET', holds_key, first_hold)
     if not raw then return {INVALID, 'bad_request_record'} end
@@ -261,9 +251,10 @@ local function decide(r)
     return {INVALID, 'hold_id_taken'}
   end
 
-  -- Validate every line before the first change.
+  -- Validate every line before the first change. Line i of the batch is at argv[a].
   for i = first, last do
-    local sku, qty = skus[i], qtys[i]
+    local a = at + 5 + 2 * (i - first)
+    local sku, qty = argv[a], quantities[argv[a + 1]]
     local row = rows[sku]
     if not row.exists then return {UNKNOWN_SKU, sku} end
     if row.available < qty then return {SOLD_OUT, sku, row.available} end
@@ -273,14 +264,17 @@ local function decide(r)
     end
   end
 
-  -- Change the batch's view; the writes follow once every request is decided.
+  -- Change the batch's view; the writes follow once every request is decided. The
+  -- hold record's lines '["<sku>",<qty>]' are joined on the way.
+  local lines_json, fingerprint_lines, parts = nil, nil, nil
   for i = first, last do
-    local qty, field = qtys[i], count_fields[i]
-    local row = rows[skus[i]]
+    local a = at + 5 + 2 * (i - first)
+    local sku, qty, field = argv[a], quantities[argv[a + 1]], count_fields[i]
+    local row = rows[sku]
     if not row.changed then
       row.changed = true
       n_changed_skus = n_changed_skus + 1
-      changed_skus[n_changed_skus] = skus[i]
+      changed_skus[n_changed_skus] = sku
     end
     row.available = row.available - qty
     row.held = row.held + qty
@@ -291,47 +285,47 @@ local function decide(r)
       count = tonumber(counts[i] or '0')
     end
     counts_now[field] = count + qty
+    if first == last then
+      lines_json, fingerprint_lines = line_jsons[sku][qty], line_texts[sku][qty]
+    else
+      parts = parts or {}
+      parts[i - first + 1] = line_jsons[sku][qty]
+    end
   end
+  if parts then lines_json, fingerprint_lines = concat(parts, ','), lines_joined(at, '|') end
+  event_lines[r] = parts and lines_joined(at, ',') or fingerprint_lines
   local deadline_text = deadline_texts[ttl]
   made_holds[hold_id] = deadline_text
   made_by[record_field] = r
   -- The hold record and the request record: the JSON cjson.encode would write for
   -- {u, l, s, d, c, r} and {h, f}, put together without building the tables. The
   -- fingerprint is "<user>|<sku>:<qty>|…".
-  local user, request_id = argv[start + 2], argv[start]
-  local lines_json, fingerprint_lines
-  if first == last then
-    local sku, qty = skus[first], qtys[first]
-    lines_json, fingerprint_lines = line_jsons[sku][qty], line_texts[sku][qty]
-  else
-    local parts = {}
-    for i = first, last do parts[i - first + 1] = line_jsons[skus[i]][qtys[i]] end
-    lines_json, fingerprint_lines = concat(parts, ','), lines_joined(r, '|')
-  end
+  local user, request_id = argv[at + 2], argv[at]
   local user_json, request_json, hold_json = user, request_id, hold_id
-  local fingerprint_json, bar, fingerprint_rest = user, '|', fingerprint_lines
+  local fingerprint_json, bar = user, '|'
   if not argv_plain then
     user_json, request_json, hold_json = encode(user), encode(request_id), encode(hold_id)
-    fingerprint_json, bar, fingerprint_rest = encode(user .. '|' .. fingerprint_lines), '', ''
+    fingerprint_json, bar, fingerprint_lines = encode(user .. '|' .. fingerprint_lines), '', ''
   end
   hold_writes[n_writes + 1] = hold_id
   hold_writes[n_writes + 2] = '{"u":' .. q .. user_json .. q .. ',"l":[' .. lines_json .. '],"s":"held","d":"'
     .. deadline_text .. '","c":"' .. now_text .. '","r":' .. q .. request_json .. q .. '}'
   record_writes[n_writes + 1] = record_field
   record_writes[n_writes + 2] = '{"h":' .. q .. hold_json .. q .. ',"f":' .. q .. fingerprint_json
-    .. bar .. fingerprint_rest .. q .. '}'
+    .. bar .. fingerprint_lines .. q .. '}'
   deadline_writes[n_writes + 1] = deadline_text
   deadline_writes[n_writes + 2] = hold_id
   n_writes = n_writes + 2
-  n_made = n_made + 1
-  made_requests[n_made] = r
-  made_lines[n_made] = first == last and fingerprint_lines or lines_joined(r, ',')
   return now + ttl
 end
 
 local results = {}
+pos, k = 2, 0
 for r = 1, n do
-  results[r] = decide(r)
+  local n_lines = line_counts[argv[pos + 4]]
+  starts[r] = pos
+  results[r] = decide(r, pos, k + 1, k + n_lines)
+  pos, k = pos + 5 + 2 * n_lines, k + n_lines
 end
 
 -- Write: one command per hash for the whole batch, then one event per hold.
@@ -357,11 +351,12 @@ if n_writes > 0 then
   write_all('HSET', holds_key, hold_writes, n_writes)
   write_all('HSET', requests_key, record_writes, n_writes)
   write_all('ZADD', deadlines_key, deadline_writes, n_writes)
-  for m = 1, n_made do
-    local r = made_requests[m]
-    local start, hold_id = starts[r], hold_ids[r]
-    redis.call('XADD', events_key, '*', 'type', 'reserved', 'order', hold_id, 'user', argv[start + 2],
-      'lines', made_lines[m], 'request', argv[start], 'deadline', made_holds[hold_id], 'at', now_text)
+  for r = 1, n do
+    if made_by[record_fields[r]] == r then
+      local at, hold_id = starts[r], hold_ids[r]
+      redis.call('XADD', events_key, '*', 'type', 'reserved', 'order', hold_id, 'user', argv[at + 2],
+        'lines', event_lines[r], 'request', argv[at], 'deadline', made_holds[hold_id], 'at', now_text)
+    end
   end
 end
 return results
