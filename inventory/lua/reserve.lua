@@ -282,7 +282,8 @@ local function decide(r, at, first, last)
     if count == nil then
       n_changed_counts = n_changed_counts + 1
       changed_counts[n_changed_counts] = field
-      count = tonumber(counts[i] or '0')
+      count = counts[i]  -- tonumber('0') for each new buyer would be a C call and a strtod
+      count = count and tonumber(count) or 0
     end
     counts_now[field] = count + qty
     if first == last then
