@@ -56,15 +56,15 @@ Bounded: at most 1000 requests (MAX_BATCH) of at most 20 lines (MAX_LINES) per c
 local stock_key, holds_key, requests_key, users_key, deadlines_key, events_key =
   KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 -- Per reservation, what costs is Lua's own work as much as Redis's (issue 15, callgrind):
--- every table slot written (~300 instructions), every function call (~600), every string
--- made (each is hashed, interned, allocated and later swept: ~1,200 for a short one), a
--- number turned into text, a pattern match. So the same values are converted once per
--- batch (TTLs, quantities, deadlines, counts and each cart line's texts repeat: memo
--- tables, plain tables once filled), the JSON records are joined by hand in one
--- concatenation each, the fingerprint is only made when a request is compared with an
--- earlier one, and a request's ids, TTL and lines are read from ARGV where they are, not
--- copied into columns: only what an HMGET needs (hold ids, record fields, count fields)
--- is gathered.
+-- every table slot written (~300 instructions), every Lua function call (~700), a C one
+-- such as tonumber() (~1,300 with its strtod), every string made (each is hashed,
+-- interned, allocated and later swept: ~1,200 for a short one), a pattern match. So the
+-- same values are converted once per batch (TTLs, quantities, deadlines, counts and each
+-- cart line's texts repeat: memo tables, plain tables once filled), the JSON records are
+-- joined by hand in one concatenation each, the fingerprint is only made when a request
+-- is compared with an earlier one, and a request's ids, TTL and lines are read from ARGV
+-- where they are, not copied into columns: only what an HMGET needs (hold ids, record
+-- fields, count fields) is gathered.
 local encode, format, concat, find, tonumber = cjson.encode, string.format, table.concat, string.find, tonumber
 local call, argv = redis.call, ARGV
 
