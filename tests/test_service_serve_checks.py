@@ -14,6 +14,7 @@ from urllib.parse import urlsplit, urlunsplit
 from service_support import ADMIN_TOKEN, TOKEN_SECRET
 
 from flashsale import exit_codes
+from flashsale.runtime.cluster import RedisClusterServer
 
 PASSWORD = "s3cretpw"
 
@@ -66,6 +67,15 @@ def test_a_url_that_is_not_postgresql_is_one_line(redis_url: str) -> None:
     assert "FLASHSALE_DATABASE_URL" in line and "postgresql://" in line, line
     line = _one_clear_line(_serve("--redis-url", f"http://:{PASSWORD}@cache:6379"))
     assert "FLASHSALE_REDIS_URL" in line and "redis://" in line, line
+
+
+def test_a_cluster_node_given_as_one_server_stops_serve_at_start(
+    redis_cluster_server: RedisClusterServer,
+) -> None:
+    """FLASHSALE_REDIS_CLUSTER forgotten: the node answers PING, so the service would start
+    and most keys would answer MOVED. It refuses, saying what to set (exit 64: a setting)."""
+    line = _one_clear_line(_serve("--redis-url", redis_cluster_server.url))
+    assert "Redis Cluster" in line and "set FLASHSALE_REDIS_CLUSTER=1" in line, line
 
 
 def test_an_unreachable_redis_is_said_at_start() -> None:
