@@ -11,6 +11,7 @@ import subprocess
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
+from redis_mode import on_cluster
 from service_support import ADMIN_TOKEN, TOKEN_SECRET
 
 from flashsale import exit_codes
@@ -31,10 +32,12 @@ def _env() -> dict[str, str]:
     return {**env, "FLASHSALE_TOKEN_SECRET": TOKEN_SECRET, "FLASHSALE_ADMIN_TOKEN": ADMIN_TOKEN}
 
 
-def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+def _serve(*args: str, cluster: bool = on_cluster()) -> subprocess.CompletedProcess[str]:
+    """``flashsale serve`` with ``args``; ``cluster``: FLASHSALE_REDIS_CLUSTER=1 (the suite's
+    Redis is a cluster under FLASHSALE_TEST_REDIS=cluster)."""
     return subprocess.run(
         [sys.executable, "-m", "flashsale", "serve", "--port", str(_free_port()), *args],
-        env=_env(),
+        env={**_env(), "FLASHSALE_REDIS_CLUSTER": "1"} if cluster else _env(),
         capture_output=True,
         text=True,
         timeout=90,
@@ -74,7 +77,7 @@ def test_a_cluster_node_given_as_one_server_stops_serve_at_start(
 ) -> None:
     """FLASHSALE_REDIS_CLUSTER forgotten: the node answers PING, so the service would start
     and most keys would answer MOVED. It refuses, saying what to set (exit 64: a setting)."""
-    line = _one_clear_line(_serve("--redis-url", redis_cluster_server.url))
+    line = _one_clear_line(_serve("--redis-url", redis_cluster_server.url, cluster=False))
     assert "Redis Cluster" in line and "set FLASHSALE_REDIS_CLUSTER=1" in line, line
 
 
