@@ -177,10 +177,9 @@ class Inventory:
                 "Retry with the same request id to learn the outcome.",
                 request_id=request_id,
             ) from exc
-        code = int(reply[0])
-        if code == OK:  # the hold this call made: its id and state are known here
-            return Hold(hold_id, user, cart, HoldState.HELD, int(reply[2]), int(reply[4]), request_id)
-        if code != REPLAYED:
+        if isinstance(reply, int):  # the hold this call made: its deadline; the rest is known here
+            return Hold(hold_id, user, cart, HoldState.HELD, reply, reply - ttl, request_id)
+        if int(reply[0]) != REPLAYED:
             raise error_for(reply, subject=request_id)
         return Hold(
             hold_id=_text(reply[1]),
