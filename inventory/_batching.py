@@ -50,7 +50,7 @@ class Coalescer:
             task.add_done_callback(self._in_flight.discard)
 
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
-        argv: list[Any] = [len(batch)]
+        argv: list[Any] = [b"%d" % len(batch)]
         for group, _ in batch:
             argv.extend(group)
         try:
