@@ -8,7 +8,7 @@ NOSCRIPT reload, same re-send policy), at a fraction of the client's CPU."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Sequence
 from functools import cache
 from importlib import resources
 from typing import Any
@@ -66,17 +66,30 @@ def register_room(redis: Any) -> dict[str, Any]:
     return {name: redis.register_script(script_source(name)) for name in ROOM_SCRIPT_NAMES}
 
 
-#: ``$<length>\r\n`` for the lengths most arguments have, made once.
-_BULK_HEADS = [b"$%d\r\n" % n for n in range(512)]
+class _BulkHeads(dict[int, bytes]):
+    """``\\r\\n$<length>\\r\\n`` by length: the end of the previous element and the head
+    of a bulk string, made once per length (lengths past 4096 are made each time)."""
+
+    def __missing__(self, length: int) -> bytes:
+        head = b"\r\n$%d\r\n" % length
+        if length <= 4096:
+            self[length] = head
+        return head
 
 
-def frame(args: Iterable[bytes]) -> bytes:
-    """Arguments framed as RESP bulk strings (``$<len>\\r\\n<bytes>\\r\\n`` each), in one
-    pass: what redis-py's asyncio connection builds argument by argument, re-joining its
-    buffer each time (its cost grows with the square of a batch's size)."""
-    heads = _BULK_HEADS
-    framed = [(heads[n] if (n := len(arg)) < 512 else b"$%d\r\n" % n) + arg for arg in args]
-    return b"\r\n".join(framed) + b"\r\n" if framed else b""
+_BULK_HEADS = _BulkHeads()
+
+
+def frame(args: Sequence[bytes]) -> bytes:
+    """Arguments framed as RESP bulk strings, each led by the CRLF that ends the element
+    before it (``\\r\\n$<len>\\r\\n<bytes>``): a command is ``*<n>\\r\\n``, its first
+    element, these, and a last CRLF. One pass, its loops in C: redis-py's asyncio connection
+    frames argument by argument in Python, re-joining its buffer each time (its cost grows
+    with the square of a batch's size)."""
+    parts: list[bytes] = [b""] * (2 * len(args))
+    parts[::2] = map(_BULK_HEADS.__getitem__, map(len, args))
+    parts[1::2] = args
+    return b"".join(parts)
 
 
 class BatchScript:
@@ -95,14 +108,16 @@ class BatchScript:
         self._script = script  # redis-py's Script: its sha and source, the generic path
         self._keys = keys
         # Everything before the arguments: EVALSHA <sha> <numkeys> <keys...>.
-        self._head = frame([b"EVALSHA", script.sha.encode(), b"%d" % len(keys), *(k.encode() for k in keys)])
+        self._head = b"$7\r\nEVALSHA" + frame(
+            [script.sha.encode(), b"%d" % len(keys), *(k.encode() for k in keys)]
+        )
         self._head_argc = 3 + len(keys)
         self._direct = isinstance(redis, Redis) and not redis.single_connection_client
 
     async def __call__(self, args: list[bytes]) -> Any:
         if not self._direct:
             return await self._script(keys=self._keys, args=args)
-        command = b"*%d\r\n%b%b" % (self._head_argc + len(args), self._head, frame(args))
+        command = b"*%d\r\n%b%b\r\n" % (self._head_argc + len(args), self._head, frame(args))
         pool = self._redis.connection_pool
         connection = await pool.get_connection()
         try:

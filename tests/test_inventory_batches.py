@@ -36,11 +36,12 @@ def test_frame_is_what_redis_py_sends() -> None:
         b"x" * 70_000,
         b"with\r\nnewline",
         b"%d",
-        b"y" * 511,
-        b"z" * 512,
+        b"y" * 4096,
+        b"z" * 4097,
+        b"z" * 4097,
     ]
     packed = b"".join(Connection().pack_command(*args))
-    assert b"*%d\r\n" % len(args) + frame(args) == packed
+    assert b"*%d\r\n$7\r\nEVALSHA%b\r\n" % (len(args), frame(args[1:])) == packed
     assert frame([]) == b""
 
 
