@@ -21,7 +21,7 @@ from redis.backoff import NoBackoff
 from redis_mode import command_calls, on_cluster, single_server_only
 
 from flashsale.drills.faultproxy import FaultProxy
-from inventory import Hold, Inventory, OutcomeUnknown, SoldOut
+from inventory import Hold, HoldState, Inventory, OutcomeUnknown, SoldOut
 from inventory._scripts import frame
 
 through_a_proxy = single_server_only("cuts the connection to one server with a TCP proxy")
@@ -186,3 +186,18 @@ async def test_a_client_with_one_dedicated_connection_batches_too(redis_url: str
         await client.delete(*inv.keys.all())
     finally:
         await client.aclose()
+
+
+async def test_a_batch_on_a_decoding_client_reads_its_replies(text_redis: Redis) -> None:
+    """A client built with decode_responses=True hands back text: batches parse it as they
+    parse bytes (a replay's hold id and state are text in its reply)."""
+    inv = Inventory(text_redis, new_sale_id("text"))
+    try:
+        await inv.stock("phone", 10)
+        first = await asyncio.gather(*(inv.reserve(f"u{i}", "phone", request_id="r") for i in range(3)))
+        again = await asyncio.gather(*(inv.reserve(f"u{i}", "phone", request_id="r") for i in range(3)))
+        assert [h.hold_id for h in again] == [h.hold_id for h in first]
+        assert all(h.replayed and h.state is HoldState.HELD for h in again)
+    finally:
+        await inv.aclose()
+        await text_redis.delete(*inv.keys.all())
