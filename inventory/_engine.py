@@ -16,7 +16,7 @@ from . import _validate as check
 from ._batching import Coalescer
 from ._errors import OK, REPLAYED, InvalidRequest, OutcomeUnknown, error_for
 from ._keys import SaleKeys
-from ._scripts import register_all
+from ._scripts import BatchScript, register_all
 from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot
 from ._validate import Cart
 
@@ -89,7 +89,8 @@ class Inventory:
         self._reserve_keys = self.keys.for_reserve()
         self._close_keys = self.keys.for_hold_close()
         self._stock_keys = self.keys.for_stock_change()
-        self._coalescer = Coalescer(self._reserve_call, max_batch=max_batch) if coalesce else None
+        self._batch_reserve = BatchScript(redis, self._scripts["reserve"], self._reserve_keys)
+        self._coalescer = Coalescer(self._batch_reserve, max_batch=max_batch) if coalesce else None
         self._lookups = Coalescer(self._lookup_call, max_batch=check.MAX_BATCH) if coalesce else None
 
     # ----------------------------------------------------------------- stocking
@@ -177,10 +178,9 @@ class Inventory:
                 "Retry with the same request id to learn the outcome.",
                 request_id=request_id,
             ) from exc
-        code = int(reply[0])
-        if code == OK:  # the hold this call made: its id and state are known here
-            return Hold(hold_id, user, cart, HoldState.HELD, int(reply[2]), int(reply[4]), request_id)
-        if code != REPLAYED:
+        if isinstance(reply, int):  # the hold this call made: its deadline; the rest is known here
+            return Hold(hold_id, user, cart, HoldState.HELD, reply, reply - ttl, request_id)
+        if int(reply[0]) != REPLAYED:
             raise error_for(reply, subject=request_id)
         return Hold(
             hold_id=_text(reply[1]),
