@@ -28,6 +28,7 @@ A bucket transfer's id is on both of its stock events (``transfer``).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -203,21 +204,43 @@ class ArchivedOrder:
     lines: tuple[tuple[str, int], ...]
 
 
+#: Connections of cancelled look-ups on their way back to their pool (asyncio keeps only
+#: weak references to tasks: one nobody holds may vanish mid-way).
+_RETURNING: set[asyncio.Task[None]] = set()
+
+
 async def archived_order(pool: Any, order_id: str, *, timeout: float | None = None) -> ArchivedOrder | None:
     """One order and its lines, or None when PostgreSQL has no such order. ``timeout``
-    bounds the wait for a connection and, asyncpg's rule, its release: a caller cancelled
-    mid-query (a deadline) is not then held for as long as the cancellation takes."""
-    async with pool.acquire(timeout=timeout) as conn:
+    bounds the wait for a connection and, asyncpg's rule, its way back to the pool.
+
+    A caller cancelled mid-query (its deadline) goes at once. asyncpg then cancels the
+    query on the server and gives the connection back only once PostgreSQL confirmed that
+    (or, after ``timeout``, by terminating it): a PostgreSQL stuck or cut off, which never
+    confirms, would hold the caller about as long again. So that wait goes on without the
+    caller; the connection is back in the pool when it ends."""
+    conn = await pool.acquire(timeout=timeout)
+    try:
         row = await conn.fetchrow(
             "SELECT user_id, status, request_id, pay_by, coalesce(created_at, status_at) AS created_at"
             " FROM orders WHERE order_id = $1",
             order_id,
         )
-        if row is None:
-            return None
-        lines = await conn.fetch(
-            "SELECT sku, qty FROM order_lines WHERE order_id = $1 ORDER BY sku", order_id
+        lines = (
+            []
+            if row is None
+            else await conn.fetch(
+                "SELECT sku, qty FROM order_lines WHERE order_id = $1 ORDER BY sku", order_id
+            )
         )
+    except asyncio.CancelledError:
+        _release_unawaited(pool, conn)
+        raise
+    except BaseException:
+        await pool.release(conn)
+        raise
+    await pool.release(conn)
+    if row is None:
+        return None
     return ArchivedOrder(
         order_id,
         row["user_id"],
@@ -227,6 +250,20 @@ async def archived_order(pool: Any, order_id: str, *, timeout: float | None = No
         row["created_at"],
         tuple((r["sku"], int(r["qty"])) for r in lines),
     )
+
+
+def _release_unawaited(pool: Any, conn: Any) -> None:
+    """``pool.release(conn)`` in a task of its own (its failure, a connection asyncpg had to
+    terminate, is asyncpg's to clean up and nobody's to hear)."""
+    returning = asyncio.ensure_future(pool.release(conn))
+    _RETURNING.add(returning)
+    returning.add_done_callback(_returned)
+
+
+def _returned(task: asyncio.Task[None]) -> None:
+    _RETURNING.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: asyncio logs an exception nobody retrieved
 
 
 # ------------------------------------------------- aggregates (the fence and recovery)

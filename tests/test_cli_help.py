@@ -66,7 +66,7 @@ def _statuses(help_text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("command", "codes"),
-    [("audit", {"0", "2", "4", "64"}), ("migrate", {"0", "4", "64"})],
+    [("audit", {"0", "2", "4", "64"}), ("migrate", {"0", "4", "64"}), ("serve", {"0", "64"})],
 )
 def test_the_commands_an_sre_runs_by_hand_list_their_exit_statuses(command: str, codes: set[str]) -> None:
     done = flashsale(command, "--help")
@@ -106,3 +106,4 @@ def test_serve_help_says_what_the_fence_does_and_where_it_is_off() -> None:
     text = _flat(done.stdout)
     for said in ("sale_fenced", "flashsale recover", "Redis Cluster", "/readyz"):
         assert said in text, (said, done.stdout)
+    assert "FLASHSALE_REDIS_CLUSTER=1" in _statuses(done.stdout)["64"], done.stdout

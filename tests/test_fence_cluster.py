@@ -130,8 +130,12 @@ async def test_a_service_given_a_cluster_node_as_one_server_says_its_fence_is_of
 ) -> None:
     """FLASHSALE_REDIS_CLUSTER forgotten: the node's MOVED replies would read as keys that
     are gone (a loss, or a clean verdict, by chance). The guard asks the node first, stands
-    down, and /readyz says why — not "unverified: PostgreSQL does not answer"."""
-    service = await start_service(redis_url=redis_cluster_server.url, database_url=pipeline_db_url)
-    body = await expect_json(await service.client.get("/readyz"), 200)
+    down, and /readyz says why — not "unverified: PostgreSQL does not answer". (The process
+    is not ready either: ``flashsale serve`` refuses such a start, tests/test_service_probes.py.)"""
+    service = await start_service(
+        redis_url=redis_cluster_server.url, redis_cluster=False, database_url=pipeline_db_url
+    )
+    body = await expect_json(await service.client.get("/readyz"), 503)
+    assert "FLASHSALE_REDIS_CLUSTER=1" in body["checks"]["redis"], body
     fence = body["reported"]["fence"]
     assert fence.startswith("off: ") and "cluster_enabled:1" in fence, fence

@@ -5,6 +5,7 @@ order Redis no longer has is looked up where the order writer put it."""
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -279,3 +280,95 @@ async def test_an_archived_order_while_postgresql_is_frozen_is_503_not_404(
     # Stopped before the schema is dropped: the service's own work on PostgreSQL (its fence
     # check), put off by the freeze, deadlocked with DROP SCHEMA in the fixture's teardown.
     await service.client.close()
+
+
+#: The table behind the test's ``orders`` view, and the view's gate: a wait on an advisory
+#: lock the test holds that swallows every cancel PostgreSQL is sent (as a backend stuck in
+#: I/O, or cut off from the client by the network, never confirms one), until the test lets go.
+_STUBBORN_ARCHIVE = """
+CREATE TABLE archived_rows (
+    order_id text PRIMARY KEY, user_id text, status text, request_id text,
+    pay_by timestamptz, created_at timestamptz, status_at timestamptz);
+CREATE TABLE order_lines (order_id text, sku text, qty int);
+CREATE FUNCTION stubborn_gate(key bigint) RETURNS boolean LANGUAGE plpgsql AS $$
+BEGIN
+    LOOP
+        BEGIN
+            PERFORM pg_advisory_xact_lock_shared(key);
+            RETURN true;
+        EXCEPTION WHEN query_canceled THEN
+            NULL;  -- the cancel is not obeyed: wait on
+        END;
+    END LOOP;
+END $$;
+CREATE VIEW orders AS SELECT * FROM archived_rows WHERE stubborn_gate({key});
+"""
+
+
+async def test_an_archived_order_stuck_in_postgresql_is_503_within_its_deadline(
+    start_service: ServiceFactory, pipeline_db_url: str
+) -> None:
+    """The look-up's query stuck in PostgreSQL, which does not confirm the cancel asyncpg
+    sends at the deadline: the buyer hears 503 archive_unavailable at the deadline, not
+    once asyncpg has waited as long again for the confirmation before it gives the
+    connection up; and the pool has every connection back afterwards."""
+    import asyncpg
+
+    key = int.from_bytes(new_id("k").encode()[-6:], "big")
+    admin = await asyncpg.connect(pipeline_db_url)
+    try:
+        await admin.execute(_STUBBORN_ARCHIVE.replace("{key}", str(key)))
+        service = await start_service(database_url=pipeline_db_url, redis_timeout_s=2.5)
+        deadline_s = service.state.archive_deadline.seconds
+        sku = new_id("sku")
+        sale = (await service.create_sale({sku: 5}))["sale"]
+        order_id = f"{sale}.archived1"
+        at = datetime(2026, 11, 11, 0, 30, tzinfo=UTC)
+        await admin.execute(
+            "INSERT INTO archived_rows VALUES ($1, 'alice', 'paid', 'r-old', $2, $2, $2)", order_id, at
+        )
+        await admin.execute("INSERT INTO order_lines VALUES ($1, $2, 2)", order_id, sku)
+        await admin.execute("SELECT pg_advisory_lock($1)", key)
+        try:
+            started = time.monotonic()
+            await _archive_unavailable(service, order_id)
+            took = time.monotonic() - started
+        finally:
+            await admin.execute("SELECT pg_advisory_unlock($1)", key)
+        # Asked at the deadline, the cancel is never confirmed: waiting for it (as long as
+        # the deadline again) doubled the answer. Room is left for a busy machine, not that.
+        assert deadline_s <= took < deadline_s * 1.6, f"answered in {took:.1f} s, deadline {deadline_s} s"
+
+        pool = service.state.pg
+        assert pool is not None
+
+        async def every_connection_back() -> bool:
+            return pool.get_idle_size() == pool.get_size()
+
+        await _eventually(every_connection_back, "a look-up's connection never came back to the pool")
+        shown = await expect_json(
+            await service.client.get(f"/api/orders/{order_id}", headers=buyer("alice")), 200
+        )
+        assert (shown["order_id"], shown["status"]) == (order_id, "paid")
+        await _eventually(every_connection_back, "the pool is not whole after a look-up")
+        assert pool.get_size() <= pool.get_max_size()
+
+        async def nothing_stuck() -> bool:  # (before the fixture drops the schema)
+            stuck = await admin.fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objsubid = 1"
+                " AND classid::bigint = $1::bigint >> 32 AND objid::bigint = $1::bigint & 4294967295",
+                key,
+            )
+            return bool(stuck == 0)
+
+        await _eventually(nothing_stuck, "the stuck look-up still runs in PostgreSQL")
+    finally:
+        await admin.close()
+
+
+async def _eventually(check: Any, what: str, timeout: float = 30.0) -> None:
+    """Wait until ``await check()`` (PostgreSQL and the pool settle on their own time)."""
+    give_up = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < give_up, what
+        await asyncio.sleep(0.02)

@@ -34,6 +34,7 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
+from flashsale.runtime.cluster import RedisClusterServer
 from flashsale.runtime.embedded import RedisServer
 from flashsale.service.openapi import document
 from flashsale.service.probes import READY_TIMEOUT_S
@@ -152,11 +153,31 @@ async def test_readyz_is_503_on_a_replica(start_service: ServiceFactory) -> None
     assert body["checks"]["redis"] == "not a primary: its role is slave", body
 
 
+async def test_readyz_is_503_on_a_cluster_node_addressed_as_one_server(
+    start_service: ServiceFactory, redis_cluster_server: RedisClusterServer
+) -> None:
+    """FLASHSALE_REDIS_CLUSTER forgotten, and the node did not answer when the service started
+    (so ``flashsale serve`` could not refuse): the node answers PING and ROLE ("master"), but
+    most keys answer MOVED — the pod cannot decide sales, and the body says what to set."""
+    service = await start_service(redis_url=redis_cluster_server.url, redis_cluster=False)
+    body = _ready_body(await expect_json(await service.client.get("/readyz"), 503))
+    assert body["ready"] is False, body
+    said = body["checks"]["redis"]
+    assert said.startswith("a Redis Cluster node") and "FLASHSALE_REDIS_CLUSTER=1" in said, body
+
+
 async def test_readyz_does_without_role_where_it_is_disabled(start_service: ServiceFactory) -> None:
-    """Some managed Redis services and proxies rename or refuse ROLE: PING decides there,
-    rather than no pod ever being ready."""
+    """Some managed Redis services and proxies rename or refuse ROLE (and INFO): their
+    refusal is an answer, rather than no pod ever being ready."""
     with RedisServer(extra_args=("--rename-command", "ROLE", "")) as server:
         service = await start_service(redis_url=server.url, redis_cluster=False)
+        body = _ready_body(await expect_json(await service.client.get("/readyz"), 200))
+        assert body["checks"] == {"redis": "ok", "scripts": "ok"}
+        admin = Redis.from_url(server.url)
+        try:  # INFO refused too (NOPERM): no cluster node would refuse it
+            await admin.execute_command("ACL", "SETUSER", "default", "-info")
+        finally:
+            await admin.aclose()
         body = _ready_body(await expect_json(await service.client.get("/readyz"), 200))
     assert body["checks"] == {"redis": "ok", "scripts": "ok"}
 

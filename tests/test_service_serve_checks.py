@@ -11,9 +11,11 @@ import subprocess
 import sys
 from urllib.parse import urlsplit, urlunsplit
 
+from redis_mode import on_cluster
 from service_support import ADMIN_TOKEN, TOKEN_SECRET
 
 from flashsale import exit_codes
+from flashsale.runtime.cluster import RedisClusterServer
 
 PASSWORD = "s3cretpw"
 
@@ -30,10 +32,12 @@ def _env() -> dict[str, str]:
     return {**env, "FLASHSALE_TOKEN_SECRET": TOKEN_SECRET, "FLASHSALE_ADMIN_TOKEN": ADMIN_TOKEN}
 
 
-def _serve(*args: str) -> subprocess.CompletedProcess[str]:
+def _serve(*args: str, cluster: bool = on_cluster()) -> subprocess.CompletedProcess[str]:
+    """``flashsale serve`` with ``args``; ``cluster``: FLASHSALE_REDIS_CLUSTER=1 (the suite's
+    Redis is a cluster under FLASHSALE_TEST_REDIS=cluster)."""
     return subprocess.run(
         [sys.executable, "-m", "flashsale", "serve", "--port", str(_free_port()), *args],
-        env=_env(),
+        env={**_env(), "FLASHSALE_REDIS_CLUSTER": "1"} if cluster else _env(),
         capture_output=True,
         text=True,
         timeout=90,
@@ -66,6 +70,15 @@ def test_a_url_that_is_not_postgresql_is_one_line(redis_url: str) -> None:
     assert "FLASHSALE_DATABASE_URL" in line and "postgresql://" in line, line
     line = _one_clear_line(_serve("--redis-url", f"http://:{PASSWORD}@cache:6379"))
     assert "FLASHSALE_REDIS_URL" in line and "redis://" in line, line
+
+
+def test_a_cluster_node_given_as_one_server_stops_serve_at_start(
+    redis_cluster_server: RedisClusterServer,
+) -> None:
+    """FLASHSALE_REDIS_CLUSTER forgotten: the node answers PING, so the service would start
+    and most keys would answer MOVED. It refuses, saying what to set (exit 64: a setting)."""
+    line = _one_clear_line(_serve("--redis-url", redis_cluster_server.url, cluster=False))
+    assert "Redis Cluster" in line and "set FLASHSALE_REDIS_CLUSTER=1" in line, line
 
 
 def test_an_unreachable_redis_is_said_at_start() -> None:

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from flashsale.cli import add_store_options, store_overrides
+from flashsale import exit_codes
+from flashsale.cli import add_store_options, exit_status, store_overrides
 from flashsale.console import fail, redact
 from flashsale.settings import Settings, SettingsError
 
@@ -35,7 +36,19 @@ def register(sub: Any) -> None:
             "With a migrated database, every process runs the fence: if Redis comes back without its "
             "data, the sales it lost answer 503 sale_fenced until `flashsale recover` rebuilds "
             "them. The fence checks one Redis server: on a Redis Cluster "
-            "(FLASHSALE_REDIS_CLUSTER=1) it is off, and /readyz says so."
+            "(FLASHSALE_REDIS_CLUSTER=1) it is off, and /readyz says so.\n\n"
+            "Before it starts, serve asks Redis and PostgreSQL once. One that does not answer yet "
+            "is logged and waited for (/readyz answers 503 until Redis does); one that can never "
+            "work stops the start with one line."
+        ),
+        epilog=exit_status(
+            {
+                exit_codes.OK: "stopped by SIGTERM or Ctrl-C",
+                exit_codes.USAGE: "bad flags or settings; a store that refused this service (a "
+                "password, a database that does not exist); a node of a Redis Cluster given as one "
+                "server (set FLASHSALE_REDIS_CLUSTER=1); a service process that exited before it "
+                "listened (is the port taken?)",
+            }
         ),
     )
     p.add_argument("--host", help="address to bind (default 127.0.0.1)")

@@ -28,7 +28,11 @@ _READINESS = {
             "required": ["redis", "scripts"],
             "additionalProperties": False,
             "properties": {
-                "redis": {"type": "string", "description": "ok; not a primary: …; unreachable: …"},
+                "redis": {
+                    "type": "string",
+                    "description": "ok; not a primary: …; a Redis Cluster node addressed as one "
+                    "server (…): set FLASHSALE_REDIS_CLUSTER=1; unreachable: …",
+                },
                 "scripts": {
                     "type": "string",
                     "description": "ok; unknown (Redis failed first); not loaded: …",

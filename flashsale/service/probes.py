@@ -1,7 +1,13 @@
 """Probes and machine-readable descriptions: /healthz, /readyz, /metrics, /openapi.json.
 
 Ready means *this process can decide sales*: its Redis answers as a primary and has the
-inventory scripts. Orders never wait on PostgreSQL (the order writer catches up), so its
+inventory scripts. A node of a Redis Cluster addressed as one server (FLASHSALE_REDIS_CLUSTER
+unset) answers PING and ROLE as a primary but MOVED for most keys: not ready either. This
+module owns that rule (:func:`server_role`): ``flashsale serve`` asks it once before it
+starts and refuses such a node, and ``/readyz`` answers 503 for a process that got there
+anyway (its Redis did not answer at start, or another server took its address since).
+
+Orders never wait on PostgreSQL (the order writer catches up), so its
 state — and the fence's, which needs PostgreSQL to verify Redis — is *reported* in the body
 and in ``flashsale_postgres_up``, never a reason to answer 503: an outage of PostgreSQL
 must not take every pod out of the load balancer at once. PostgreSQL is asked through the
@@ -26,7 +32,7 @@ from flashsale.service.metrics import postgres_up, read_deployment
 from flashsale.service.openapi import document
 from flashsale.service.state import STATE, ServiceState
 
-__all__ = ["READY_TIMEOUT_S", "routes"]
+__all__ = ["CLUSTER_NODE", "CLUSTER_NODE_AS_ONE_SERVER", "READY_TIMEOUT_S", "routes", "server_role"]
 
 #: How long the readiness checks may take, together: Redis (ROLE, then the scripts) within
 #: it, PostgreSQL's report alongside. The kubelet's probe timeout is above it
@@ -41,27 +47,50 @@ async def healthz(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
-async def _role(redis: Any) -> str | None:
-    """The server's ROLE; None where it cannot be told but the server answers: a cluster
-    client (it sends every key to its slot's primary itself), or a managed Redis or proxy
-    that renames or refuses ROLE (PING decides there, rather than no pod ever being ready)."""
-    if not isinstance(redis, RedisCluster):
-        try:
-            return as_text((await redis.execute_command("ROLE"))[0])
-        except ResponseError:
-            pass
-    await redis.ping()
-    return None
+#: :func:`server_role` of a node of a Redis Cluster reached by a client of one server.
+CLUSTER_NODE = "cluster node"
+#: Why such a server cannot decide sales, and what to set (``/readyz``, ``flashsale serve``).
+CLUSTER_NODE_AS_ONE_SERVER = (
+    "a Redis Cluster node addressed as one server (its INFO says cluster_enabled:1; most keys "
+    "would answer MOVED): set FLASHSALE_REDIS_CLUSTER=1"
+)
+
+
+async def server_role(redis: Any) -> str | None:
+    """The role of the server ``redis`` reaches, in one round trip: its ROLE ("master",
+    "slave"), or :data:`CLUSTER_NODE` for a node of a Redis Cluster reached by a client of
+    one server, whatever its ROLE says. None where it cannot be told but the server answers:
+    a cluster client (it sends every key to its slot's primary itself), or a managed Redis
+    or proxy that renames or refuses ROLE (a refusal is an answer: rather than no pod ever
+    being ready). A refused ``INFO cluster`` (some proxies) is no cluster node."""
+    if isinstance(redis, RedisCluster):
+        await redis.ping()
+        return None
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.execute_command("ROLE")
+        pipe.info("cluster")
+        role, info = await pipe.execute(raise_on_error=False)
+    if not isinstance(info, Exception) and str(info.get("cluster_enabled", 0)) == "1":
+        return CLUSTER_NODE
+    if isinstance(role, ResponseError):
+        return None
+    if isinstance(role, Exception):
+        raise role
+    return as_text(role[0])
 
 
 async def _redis_checks(state: ServiceState) -> dict[str, str]:
-    """``redis``: reachable and a primary (a replica refuses every write); ``scripts``:
+    """``redis``: reachable, a primary (a replica refuses every write) and, unless the client
+    is a cluster client, no node of a Redis Cluster; ``scripts``:
     cached, loaded again if a restart or a failover emptied the cache."""
     checks = {"redis": "unknown", "scripts": "unknown"}
     step, failed = "redis", "unreachable"
     try:
         async with asyncio.timeout(READY_TIMEOUT_S):
-            role = await _role(state.redis)
+            role = await server_role(state.redis)
+            if role == CLUSTER_NODE:
+                checks["redis"] = CLUSTER_NODE_AS_ONE_SERVER
+                return checks
             if role not in ("master", None):
                 checks["redis"] = f"not a primary: its role is {role}"
                 return checks

@@ -5,7 +5,9 @@ import.
 
 Before the first process starts, :func:`check_stores` asks Redis and PostgreSQL once. A
 store that refuses this service for good (wrong password, no such database, not a
-PostgreSQL server) stops the start with one line: restarting would only repeat it. A store
+PostgreSQL server; a node of a Redis Cluster given as one server, FLASHSALE_REDIS_CLUSTER
+forgotten, whose MOVED replies would fail most orders) stops the start with one line and
+exit status 64 (a setting to fix): restarting would only repeat it. A store
 that does not answer yet is said in the log and the service starts anyway — a database
 that comes up later must not need a restart. Meanwhile ``/readyz`` answers 503 for Redis
 (nothing can be sold without it) and reports PostgreSQL (orders never wait on it).
@@ -30,9 +32,11 @@ from dataclasses import replace
 
 from aiohttp import web
 
+from flashsale import exit_codes
 from flashsale.console import install_uvloop, redact
 from flashsale.logs import configure
 from flashsale.redis_client import connect
+from flashsale.service.probes import CLUSTER_NODE, CLUSTER_NODE_AS_ONE_SERVER, server_role
 from flashsale.service.transport import ServiceRunner
 from flashsale.settings import Settings, SettingsError
 
@@ -61,7 +65,7 @@ async def _ask_redis(settings: Settings, timeout_s: float) -> None:
     url = redact(settings.redis_url)
     redis = connect(settings.redis_url, cluster=settings.redis_cluster, timeout_s=timeout_s, resends=0)
     try:
-        await asyncio.wait_for(redis.ping(), timeout_s * 2)
+        role = await asyncio.wait_for(server_role(redis), timeout_s * 2)
     except ResponseError as exc:  # it answered, and said no: a password, a database number
         raise SettingsError(f"Redis at {url} refused this service: {exc}") from None
     except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
@@ -69,8 +73,11 @@ async def _ask_redis(settings: Settings, timeout_s: float) -> None:
         if "Authentication" in type(exc).__name__:
             raise SettingsError(f"Redis at {url} refused this service: {exc}") from None
         _not_answering("Redis", url, exc)
+        return
     finally:
         await redis.aclose()
+    if role == CLUSTER_NODE:  # (a replica may be promoted: /readyz says 503 until then)
+        raise SettingsError(f"Redis at {url} is {CLUSTER_NODE_AS_ONE_SERVER}")
 
 
 async def _ask_postgres(database_url: str, timeout_s: float) -> None:
@@ -152,7 +159,8 @@ async def _serve_until_stopped(app: web.Application, settings: Settings, *, reus
 
 
 def serve(settings: Settings, *, ready_file: str | None = None) -> int:
-    """Run ``settings.workers`` service processes; return when told to stop."""
+    """Run ``settings.workers`` service processes; return when told to stop: the exit status
+    (0, or 64 when a process exited before it listened)."""
     settings.require_secrets()
     configure(settings.log_level)
     check_stores(settings)
@@ -227,7 +235,9 @@ def serve(settings: Settings, *, ready_file: str | None = None) -> int:
                 child.wait()
         shutil.rmtree(metrics_dir, ignore_errors=True)
         log.info("service stopped")
-    return 1 if failed else 0
+    # A process that could not start is a setting to fix (the port, a flag), as for the
+    # checks before the start: never 1, which the exit-status table keeps for "SLO missed".
+    return exit_codes.USAGE if failed else exit_codes.OK
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
