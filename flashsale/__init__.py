@@ -17,8 +17,8 @@ its public functions, never its internals):
                  and drills (``flashsale servers``).
 
 Shared root: ``cli`` (registers each wing's commands), ``settings``, ``logs``, ``keys``
-(every service-level Redis key), ``redis_client`` (the one Redis client factory and reply
-decoding), ``pgpool`` (the asyncpg pool and what counts as a passing outage), ``streams``
+(every service-level Redis key), ``redis_client`` (the one Redis client factory, reply
+decoding, and the one test for a node of a Redis Cluster named as one server), ``pgpool`` (the asyncpg pool and what counts as a passing outage), ``streams``
 (the writers' group, dead letters, backlog), ``exit_codes`` and ``console`` (what a command
 prints and how it exits). The event-entry contract itself is ``inventory``'s.
 

@@ -20,6 +20,11 @@ available.")``, as redis-py's ``BlockingConnectionPool`` words it). The turns ar
 ``asyncio.Semaphore``: free when a connection is free, so the common case costs what the
 plain pool costs (``BlockingConnectionPool`` takes a lock, a condition and a timer per
 command: measured about a third more client time for 200 GETs at once).
+
+A node of a Redis Cluster reached by a client of one server (FLASHSALE_REDIS_CLUSTER
+forgotten) answers PING and ROLE like any primary but MOVED for most keys: whether a server
+is one is told here, once (:func:`says_cluster_node`, :func:`reaches_cluster_node`), for
+every command and probe that asks, with the one line they stop with.
 """
 
 from __future__ import annotations
@@ -38,15 +43,20 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
 
 __all__ = [
+    "CLUSTER_NODE_AS_ONE_SERVER",
     "ConnectWatch",
     "RedisClient",
     "ResetAwareConnection",
     "TurnTakingCluster",
     "TurnTakingPool",
     "as_text",
+    "cluster_node_as_one_server",
     "connect",
+    "reaches_cluster_node",
+    "says_cluster_node",
 ]
 
 #: What :func:`connect` builds: a client of one server, or of a Redis Cluster.
@@ -250,3 +260,38 @@ def connect(
 def as_text(value: Any) -> str:
     """A Redis reply (bytes, or whatever a decoding client gave) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# ------------------------------------------- a node of a Redis Cluster addressed as one server
+#: Why a node of a Redis Cluster reached by a client of one server cannot be used, and what
+#: to set: it answers PING and ROLE like any primary, but MOVED for most keys.
+CLUSTER_NODE_AS_ONE_SERVER = (
+    "a Redis Cluster node addressed as one server (its INFO says cluster_enabled:1; most keys "
+    "would answer MOVED): set FLASHSALE_REDIS_CLUSTER=1"
+)
+
+
+def says_cluster_node(info: Any) -> bool:
+    """True if a reply to ``INFO cluster`` says the server is a node of a Redis Cluster. The
+    reply may be the error a pipeline kept in its place: a refused INFO (some proxies, an ACL
+    without it) is no cluster node. The one test of the rule, for callers that pipeline INFO
+    with their own commands (the readiness probe, the fence)."""
+    return not isinstance(info, Exception) and str(info.get("cluster_enabled", 0)) == "1"
+
+
+async def reaches_cluster_node(redis: RedisClient) -> bool:
+    """True if ``redis``, a client of one server, reaches a node of a Redis Cluster (one round
+    trip, ``INFO cluster``); False for a cluster client, which routes every key itself. The
+    drivers' errors pass, but a refused INFO: see :func:`says_cluster_node`."""
+    if isinstance(redis, RedisCluster):
+        return False
+    try:
+        info: Any = await redis.info("cluster")
+    except ResponseError as exc:
+        info = exc
+    return says_cluster_node(info)
+
+
+def cluster_node_as_one_server(url: str) -> str:
+    """The one line every command stops with on such a node (``url`` as it may be shown)."""
+    return f"Redis at {url} is {CLUSTER_NODE_AS_ONE_SERVER}"

@@ -66,12 +66,27 @@ def _statuses(help_text: str) -> dict[str, str]:
 
 @pytest.mark.parametrize(
     ("command", "codes"),
-    [("audit", {"0", "2", "4", "64"}), ("migrate", {"0", "4", "64"}), ("serve", {"0", "64"})],
+    [
+        ("audit", {"0", "2", "4", "64"}),
+        ("migrate", {"0", "4", "64"}),
+        ("serve", {"0", "64"}),
+        ("worker", {"0", "4", "64"}),
+    ],
 )
 def test_the_commands_an_sre_runs_by_hand_list_their_exit_statuses(command: str, codes: set[str]) -> None:
     done = flashsale(command, "--help")
     assert done.returncode == 0, done.stderr
     assert set(_statuses(done.stdout)) == codes, done.stdout
+
+
+@pytest.mark.parametrize("command", ["serve", "worker", "audit"])
+def test_the_commands_that_refuse_a_cluster_node_as_one_server_say_so_under_64(command: str) -> None:
+    """Each stops with exit 64 on a node of a Redis Cluster named as one server
+    (tests/test_cluster_node_as_one_server.py): its help says so, and what to set."""
+    done = flashsale(command, "--help")
+    assert done.returncode == 0, done.stderr
+    said = _statuses(done.stdout)["64"]
+    assert "Redis Cluster" in said and "FLASHSALE_REDIS_CLUSTER=1" in said, said
 
 
 @pytest.mark.parametrize("mode", [["--check"], []], ids=repr)
@@ -106,4 +121,3 @@ def test_serve_help_says_what_the_fence_does_and_where_it_is_off() -> None:
     text = _flat(done.stdout)
     for said in ("sale_fenced", "flashsale recover", "Redis Cluster", "/readyz"):
         assert said in text, (said, done.stdout)
-    assert "FLASHSALE_REDIS_CLUSTER=1" in _statuses(done.stdout)["64"], done.stdout

@@ -10,12 +10,14 @@ Runs on the session's embedded three-master cluster, whatever FLASHSALE_TEST_RED
 
 from __future__ import annotations
 
-import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from cli_support import flashsale
+from cluster_support import (
+    SALES,
+    cluster_sales,  # noqa: F401  (fixture)
+)
 from redis.asyncio.cluster import RedisCluster
 from service_support import (
     ServiceFactory,
@@ -25,45 +27,17 @@ from service_support import (
 
 from flashsale import exit_codes
 from flashsale.runtime.cluster import RedisClusterServer
-from inventory import Inventory
-
-SALES = ("d11", "d12", "d13")  # on more than one shard
-
-
-@pytest.fixture
-async def cluster_sales(
-    redis_cluster_server: RedisClusterServer, pipeline_pool: Any
-) -> AsyncIterator[RedisCluster]:
-    """Three stocked sales on the cluster, each recorded by the fence in PostgreSQL."""
-    rc = RedisCluster.from_url(redis_cluster_server.url, decode_responses=True)
-    await rc.initialize()
-    await rc.flushall()
-    for sale in SALES:
-        await Inventory(rc, sale).stock(f"phone-{sale}", 10)
-        await rc.sadd("fs:sales", sale)
-        await rc.hset(f"fs:sale:{sale}", mapping={"opens_at_ms": 0, "state": "open", "generation": 0})
-        async with pipeline_pool.acquire() as conn:
-            await conn.execute(
-                "INSERT INTO fence_sales (prefix, sale, generation, settings, skus) "
-                "VALUES ('fs', $1, 0, $2::jsonb, $3)",
-                sale,
-                json.dumps({"buckets": 1, "state": "open"}),
-                [f"phone-{sale}"],
-            )
-    try:
-        yield rc
-    finally:
-        await rc.aclose()
 
 
 async def _untouched(rc: RedisCluster, pool: Any) -> None:
-    """Neither store was changed: no sale fenced, nothing logged by the fence."""
+    """Neither store was changed: no sale fenced, nothing logged by the fence, none retired."""
     for sale in SALES:
         assert not await rc.hget(f"fs:sale:{sale}", "fenced"), sale
         assert await rc.hget(f"{{fs:{sale}}}:stock", f"phone-{sale}:available") == "10"
     async with pool.acquire() as conn:
         assert await conn.fetchval("SELECT count(*) FROM fence_log") == 0
         assert await conn.fetchval("SELECT count(*) FROM fence_lineage") == 0
+        assert await conn.fetchval("SELECT count(*) FROM fence_sales WHERE forgotten_at IS NOT NULL") == 0
 
 
 def _refused(result: Any, *also: str) -> None:
@@ -85,6 +59,8 @@ def _refused(result: Any, *also: str) -> None:
         # recovery believes it rather than the settings.
         ("", ["--check"], "cluster_enabled"),
         ("", [], "cluster_enabled"),
+        # --forget writes PostgreSQL only, but a cluster is refused in every mode, however named.
+        ("", ["--forget", "d11"], "cluster_enabled"),
     ],
     ids=repr,
 )

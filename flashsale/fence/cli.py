@@ -89,8 +89,15 @@ def _recover(args: argparse.Namespace) -> int:
 
 _REFUSED = "recover refused, nothing was changed: "
 
+#: How long ``--forget`` asks Redis whether it is a node of a Redis Cluster (refused, as in
+#: every mode) before it goes on without: retiring a sale needs only PostgreSQL.
+FORGET_ASKS_REDIS_S = 10.0
+
 
 async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
+    import asyncio
+    import contextlib
+
     import asyncpg
     from redis.exceptions import ConnectionError as RedisConnectionError
     from redis.exceptions import RedisError
@@ -110,7 +117,10 @@ async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
         return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
     prefix = settings.key_prefix
     try:
-        if args.forget:  # PostgreSQL only: a Redis that is down does not stop it
+        where = f"the Redis at {settings.redis_url}"
+        if args.forget:  # PostgreSQL only: a Redis that is down does not stop it, a cluster does
+            with contextlib.suppress(RedisConnectionError, RedisTimeoutError, OSError, TimeoutError):
+                await asyncio.wait_for(fence.require_one_server(redis, where), FORGET_ASKS_REDIS_S)
             done = await recovery.forget(pool, prefix=prefix, sale=args.forget)
             print(
                 f"sale {args.forget} forgotten by the fence"
@@ -118,7 +128,7 @@ async def _recover_async(settings: Settings, args: argparse.Namespace) -> int:
                 else f"the fence has no sale {args.forget!r} recorded"
             )
             return exit_codes.OK if done else exit_codes.USAGE
-        await fence.require_one_server(redis, f"the Redis at {settings.redis_url}")
+        await fence.require_one_server(redis, where)
         if args.check:
             verdict = await fence.verify(redis, pool, prefix=prefix)
             body: dict[str, Any] = {

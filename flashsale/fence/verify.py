@@ -75,12 +75,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import ResponseError
 from redis.typing import EncodableT, FieldT
 
 from flashsale.keys import ServiceKeys
 from flashsale.ledger import newest_stock_event_ms, order_counts, paid_units
-from flashsale.redis_client import RedisClient, as_text
+from flashsale.redis_client import RedisClient, as_text, reaches_cluster_node, says_cluster_node
 from inventory import SaleKeys, StreamId, bucket_sale_id, parent_sale_id
 
 __all__ = [
@@ -129,21 +128,12 @@ class ClusterUnsupported(RuntimeError):
     """The Redis is a Redis Cluster (or one of its nodes): see :data:`ON_A_CLUSTER`."""
 
 
-def _cluster_enabled(info: Any) -> bool:
-    """True if an ``INFO cluster`` reply says the server is a cluster node."""
-    return not isinstance(info, Exception) and str(info.get("cluster_enabled", 0)) == "1"
-
-
 async def require_one_server(redis: RedisClient, where: str = "the Redis named") -> None:
     """:class:`ClusterUnsupported` unless ``redis`` is one server, not a Redis Cluster nor a
     node of one (a node answers a plain client too, with MOVED for most keys)."""
     if isinstance(redis, RedisCluster):
         raise ClusterUnsupported(f"{where} is a Redis Cluster; {ON_A_CLUSTER}")
-    try:
-        info: Any = await redis.info("cluster")
-    except ResponseError as exc:  # a proxy that refuses INFO cluster: not a cluster node
-        info = exc
-    if _cluster_enabled(info):
+    if await reaches_cluster_node(redis):
         raise ClusterUnsupported(
             f"{where} is a node of a Redis Cluster (its INFO says cluster_enabled:1); {ON_A_CLUSTER}"
         )
@@ -352,7 +342,7 @@ async def verify(redis: RedisClient, pool: Any, *, prefix: str = "fs") -> Verdic
         replies = await pipe.execute(raise_on_error=False)
     if isinstance(replies[0], Exception):
         raise replies[0]
-    if _cluster_enabled(replies[-1]):  # its MOVED replies would read as keys that are gone
+    if says_cluster_node(replies[-1]):  # its MOVED replies would read as keys that are gone
         raise ClusterUnsupported(f"the Redis verified is a node of a Redis Cluster; {ON_A_CLUSTER}")
     run_id = as_text(replies[0]["run_id"])
     token = None if replies[1] is None or isinstance(replies[1], Exception) else as_text(replies[1])

@@ -3,7 +3,9 @@ commands (the worker process itself is :mod:`flashsale.pipeline.runner`).
 
 Exit codes (:mod:`flashsale.exit_codes`): 0 done (audit: clean), 2 the audit found
 violations, 4 the stores are unreachable or the schema is not ready (run ``flashsale
-migrate``), 64 bad settings or arguments.
+migrate``), 64 bad settings or arguments — among them a node of a Redis Cluster named as
+one server (FLASHSALE_REDIS_CLUSTER forgotten), which the worker and the audit refuse before
+they read or write anything.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from flashsale import exit_codes
 from flashsale.cli import add_store_options, both_stores, exit_status, store_overrides
 from flashsale.console import fail, run, store_failed, write_json
-from flashsale.redis_client import connect
+from flashsale.redis_client import cluster_node_as_one_server, connect, reaches_cluster_node
 from flashsale.settings import SettingsError, check_database_url
 
 if TYPE_CHECKING:
@@ -62,7 +64,17 @@ def register(sub: Any) -> None:
             "--no-sweeper. Runs until SIGTERM or Ctrl-C, finishing the batch in hand. "
             "Settings: FLASHSALE_REDIS_URL (FLASHSALE_REDIS_CLUSTER=1 when it names a node of a "
             "Redis Cluster: the streams of every shard are read), FLASHSALE_DATABASE_URL, "
-            "FLASHSALE_KEY_PREFIX and FLASHSALE_WORKER_* / FLASHSALE_SWEEPER_* (see README); flags win."
+            "FLASHSALE_KEY_PREFIX and FLASHSALE_WORKER_* / FLASHSALE_SWEEPER_* (see README); flags win. "
+            "A store that does not answer yet is logged and waited for."
+        ),
+        epilog=exit_status(
+            {
+                exit_codes.OK: "stopped by SIGTERM or Ctrl-C (the batch in hand finished)",
+                exit_codes.NOT_READY: "the schema is not migrated (`flashsale migrate`)",
+                exit_codes.USAGE: "bad flags or settings; a PostgreSQL that refused this worker (a "
+                "password, a database that does not exist); a node of a Redis Cluster given as one "
+                "server (set FLASHSALE_REDIS_CLUSTER=1; nothing was read or written)",
+            }
         ),
     )
     add_store_options(w)
@@ -102,7 +114,8 @@ def register(sub: Any) -> None:
                 "not_drained: the writer had not committed the streams within --wait",
                 exit_codes.NOT_READY: "Redis or PostgreSQL does not answer, or the schema is not "
                 "migrated (`flashsale migrate`)",
-                exit_codes.USAGE: "bad flags or settings",
+                exit_codes.USAGE: "bad flags or settings; a node of a Redis Cluster given as one "
+                "server (set FLASHSALE_REDIS_CLUSTER=1; nothing was judged)",
             }
         ),
     )
@@ -264,6 +277,8 @@ async def _audit_async(settings: Settings, args: argparse.Namespace, acknowledge
         await redis.aclose()
         return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
     try:
+        if await reaches_cluster_node(redis):  # it would judge one shard's sales, the rest "lost"
+            return fail(cluster_node_as_one_server(settings.redis_url))
         report = await run_audit(
             redis,
             pool,

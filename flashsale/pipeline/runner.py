@@ -1,5 +1,7 @@
 """The worker process: signals, waiting for Redis and PostgreSQL to come up, the schema
-check, then the order writer and the hold sweeper side by side until told to stop.
+check, then the order writer and the hold sweeper side by side until told to stop. A node of
+a Redis Cluster named as one server (FLASHSALE_REDIS_CLUSTER forgotten) stops it with exit
+64 once Redis answers, before anything is read or written.
 
 Stopping is bounded: after SIGTERM/SIGINT the writer has ``stop_grace_s`` to finish the
 batch in hand, and closing the pool, the Redis client and the tasks :data:`STOP_TEARDOWN_S`
@@ -23,7 +25,7 @@ from flashsale.console import fail
 
 if TYPE_CHECKING:
     from flashsale.pipeline.worker_settings import WorkerSettings
-from flashsale.redis_client import connect
+from flashsale.redis_client import cluster_node_as_one_server, connect, reaches_cluster_node
 
 __all__ = ["STOP_TEARDOWN_S", "run_worker"]
 
@@ -61,8 +63,11 @@ async def run_worker(settings: WorkerSettings, *, writer: bool = True, sweeper: 
         loop.add_signal_handler(sig, on_signal)
     try:
         jobs: list[Awaitable[None]] = []
-        if settings.redis_cluster and not await _wait_for_cluster(redis, stopping, log):
+        usable = await _wait_for_redis(redis, stopping, log)
+        if usable is None:
             return 0
+        if not usable:  # before the writer makes its groups: nothing changed
+            return fail(cluster_node_as_one_server(settings.redis_url))
         if writer:
             pool = await _wait_for_pool(settings, stopping, create_pool, log)
             if pool is None:
@@ -118,17 +123,27 @@ class _StopDeadline:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-async def _wait_for_cluster(redis: Any, stopping: asyncio.Event, log: Any) -> bool:
-    """Learn the cluster's slot map before the writer and the sweeper share the client:
-    redis-py 8.1 breaks commands that race a cold cluster client's first use (AttributeError
-    on a connection it closed meanwhile). Waits for the cluster like for PostgreSQL; False
-    if told to stop first."""
+async def _wait_for_redis(redis: Any, stopping: asyncio.Event, log: Any) -> bool | None:
+    """Wait for Redis like for PostgreSQL, then say whether the writer and the sweeper can use
+    it: False for a node of a Redis Cluster reached by a client of one server
+    (FLASHSALE_REDIS_CLUSTER forgotten: most keys would answer MOVED); None if told to stop
+    first. A cluster client learns the slot map here, before the writer and the sweeper
+    share it: redis-py 8.1 breaks commands that race a cold cluster client's first use
+    (AttributeError on a connection it closed meanwhile)."""
+    from redis.asyncio.cluster import RedisCluster
     from redis.exceptions import RedisClusterException, RedisError
+
+    async def ask() -> bool:
+        if isinstance(redis, RedisCluster):
+            await redis.initialize()
+            return True
+        return not await reaches_cluster_node(redis)
 
     def outage(exc: Exception) -> bool:
         return isinstance(exc, (RedisError, RedisClusterException, OSError))
 
-    return await _keep_trying(redis.initialize, outage, "redis_unavailable", stopping, log) is not None
+    usable: bool | None = await _keep_trying(ask, outage, "redis_unavailable", stopping, log)
+    return usable
 
 
 async def _wait_for_pool(

@@ -2,10 +2,11 @@
 
 Ready means *this process can decide sales*: its Redis answers as a primary and has the
 inventory scripts. A node of a Redis Cluster addressed as one server (FLASHSALE_REDIS_CLUSTER
-unset) answers PING and ROLE as a primary but MOVED for most keys: not ready either. This
-module owns that rule (:func:`server_role`): ``flashsale serve`` asks it once before it
-starts and refuses such a node, and ``/readyz`` answers 503 for a process that got there
-anyway (its Redis did not answer at start, or another server took its address since).
+unset) answers PING and ROLE as a primary but MOVED for most keys: not ready either. The
+rule is :func:`flashsale.redis_client.says_cluster_node` (every command that talks to one
+server asks it); :func:`server_role` asks it in the same round trip as ROLE: ``flashsale
+serve`` once before it starts, refusing such a node, and ``/readyz`` for a process that got
+there anyway (its Redis did not answer at start, or another server took its address since).
 
 Orders never wait on PostgreSQL (the order writer catches up), so its
 state — and the fence's, which needs PostgreSQL to verify Redis — is *reported* in the body
@@ -26,13 +27,13 @@ from aiohttp import web
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
-from flashsale.redis_client import as_text
+from flashsale.redis_client import CLUSTER_NODE_AS_ONE_SERVER, as_text, says_cluster_node
 from flashsale.service import fence_guard
 from flashsale.service.metrics import postgres_up, read_deployment
 from flashsale.service.openapi import document
 from flashsale.service.state import STATE, ServiceState
 
-__all__ = ["CLUSTER_NODE", "CLUSTER_NODE_AS_ONE_SERVER", "READY_TIMEOUT_S", "routes", "server_role"]
+__all__ = ["CLUSTER_NODE", "READY_TIMEOUT_S", "routes", "server_role"]
 
 #: How long the readiness checks may take, together: Redis (ROLE, then the scripts) within
 #: it, PostgreSQL's report alongside. The kubelet's probe timeout is above it
@@ -49,11 +50,6 @@ async def healthz(request: web.Request) -> web.Response:
 
 #: :func:`server_role` of a node of a Redis Cluster reached by a client of one server.
 CLUSTER_NODE = "cluster node"
-#: Why such a server cannot decide sales, and what to set (``/readyz``, ``flashsale serve``).
-CLUSTER_NODE_AS_ONE_SERVER = (
-    "a Redis Cluster node addressed as one server (its INFO says cluster_enabled:1; most keys "
-    "would answer MOVED): set FLASHSALE_REDIS_CLUSTER=1"
-)
 
 
 async def server_role(redis: Any) -> str | None:
@@ -70,7 +66,7 @@ async def server_role(redis: Any) -> str | None:
         pipe.execute_command("ROLE")
         pipe.info("cluster")
         role, info = await pipe.execute(raise_on_error=False)
-    if not isinstance(info, Exception) and str(info.get("cluster_enabled", 0)) == "1":
+    if says_cluster_node(info):
         return CLUSTER_NODE
     if isinstance(role, ResponseError):
         return None

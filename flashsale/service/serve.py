@@ -35,8 +35,8 @@ from aiohttp import web
 from flashsale import exit_codes
 from flashsale.console import install_uvloop, redact
 from flashsale.logs import configure
-from flashsale.redis_client import connect
-from flashsale.service.probes import CLUSTER_NODE, CLUSTER_NODE_AS_ONE_SERVER, server_role
+from flashsale.redis_client import cluster_node_as_one_server, connect
+from flashsale.service.probes import CLUSTER_NODE, server_role
 from flashsale.service.transport import ServiceRunner
 from flashsale.settings import Settings, SettingsError
 
@@ -77,7 +77,7 @@ async def _ask_redis(settings: Settings, timeout_s: float) -> None:
     finally:
         await redis.aclose()
     if role == CLUSTER_NODE:  # (a replica may be promoted: /readyz says 503 until then)
-        raise SettingsError(f"Redis at {url} is {CLUSTER_NODE_AS_ONE_SERVER}")
+        raise SettingsError(cluster_node_as_one_server(url))
 
 
 async def _ask_postgres(database_url: str, timeout_s: float) -> None:
