@@ -57,6 +57,7 @@ from . import _validate as check
 from ._engine import DEFAULT_HOLD_TTL, Inventory, _text
 from ._errors import InsufficientStock, InvalidRequest, SoldOut
 from ._types import ExpiryBatch, Hold, Line, Snapshot
+from ._validate import Cart
 
 __all__ = ["BucketedInventory", "bucket_sale_id", "parent_sale_id"]
 
@@ -190,12 +191,10 @@ class BucketedInventory:
         cart = Inventory.check_reserve(user, lines, request_id)
         home = self.home(user)
         wanted = {line.sku: line.qty for line in cart}
-        short = cart[0].sku
         for _ in range(len(cart) * len(self.buckets) + 1):
             try:
                 return await home.reserve(user, cart, request_id=request_id, hold_ttl=hold_ttl)
             except SoldOut as refusal:
-                short = refusal.sku
                 moved = await self._pull(refusal.sku, wanted[refusal.sku] - refusal.available, into=home)
                 if moved == 0:
                     # Every other bucket looked empty — but units written off by a donor
@@ -203,11 +202,23 @@ class BucketedInventory:
                     # "sold out". Refuse only if the sale, in transit included, lacks them.
                     left = await self._left(refusal.sku)
                     if left < wanted[refusal.sku]:
-                        raise SoldOut(refusal.sku, left) from None
+                        return await self._last_word(home, user, cart, request_id, hold_ttl)
         # Other buyers kept taking what the pulls brought in. The SKU may still have units
-        # in other buckets: say how many, so nobody takes this for "sold out" (available 0)
-        # and refuses the SKU's later buyers from a cache.
-        raise SoldOut(short, await self._left(short))
+        # in other buckets: the refusal says how many, so nobody takes this for "sold out"
+        # (available 0) and refuses the SKU's later buyers from a cache.
+        return await self._last_word(home, user, cart, request_id, hold_ttl)
+
+    async def _last_word(
+        self, home: Inventory, user: str, cart: Cart, request_id: str, hold_ttl: float | timedelta | None
+    ) -> Hold:
+        """The refusal, decided by the home bucket's script rather than here: the same
+        request id, sent again or twice at once, may have made a hold since this call's
+        last try (it is then replayed, as on a plain sale), or units may have come in.
+        A refusal names the units the sale still has, in transit included."""
+        try:
+            return await home.reserve(user, cart, request_id=request_id, hold_ttl=hold_ttl)
+        except SoldOut as refusal:
+            raise SoldOut(refusal.sku, await self._left(refusal.sku)) from None
 
     async def made_hold(self, user: str, request_id: str) -> bool:
         return await self.home(user).made_hold(user, request_id)

@@ -22,7 +22,7 @@ from flashsale.pipeline import sweeper as sweeper_module
 from flashsale.pipeline.audit import run_audit
 from flashsale.pipeline.sweeper import HoldSweeper
 from flashsale.service.sales import SaleBook, SaleSettings, now_ms
-from inventory import BucketedInventory, Inventory, SoldOut
+from inventory import BucketedInventory, Hold, Inventory, SoldOut
 
 
 async def _strand(redis: Redis, inv: BucketedInventory, units: int, age_s: float) -> str:
@@ -274,6 +274,38 @@ async def test_pulls_lost_to_a_crowd_are_not_reported_as_sold_out(redis_client: 
     left = await inv.snapshot("hot")
     assert left is not None and left.available > 0, "the test needs units left elsewhere"
     assert (refused.value.sku, refused.value.available) == ("hot", left.available)
+
+
+class SentTwice(BucketedInventory):
+    """A bucketed sale where the buyer's same request, sent twice at once, is decided for
+    the other copy while this one looks for units: the other copy pulls the last unit and
+    holds it before this copy's own pull looks (what a retry racing its original does)."""
+
+    twin: Hold | None = None
+    sent = False
+
+    async def _pull(self, sku: str, need: int, *, into: Inventory) -> int:
+        if not self.sent:
+            self.sent = True
+            self.twin = await self.reserve("alice", [(sku, need)], request_id="a-twice")
+        return await super()._pull(sku, need, into=into)
+
+
+async def test_a_request_whose_copy_took_the_last_unit_replays_that_hold(redis_client: Redis) -> None:
+    """Under a burst one request id sent 50 times at once got 47 answers naming its hold and
+    3 "sold out": a copy whose pull found every bucket empty refused, from outside the
+    script, although the same request id had made a hold meanwhile. Idempotency is the
+    script's to decide: that copy now hears the hold, as on a plain sale."""
+    inv = SentTwice(redis_client, f"twice{secrets.token_hex(4)}", 2, coalesce=False)
+    home = inv.home("alice")
+    rival = next(f"rival{i}" for i in range(1000) if inv.home(f"rival{i}") is home)
+    await inv.stock("hot", 2)
+    await home.reserve(rival, [("hot", 1)], request_id="grab")  # alice's bucket is empty
+    hold = await inv.reserve("alice", [("hot", 1)], request_id="a-twice")
+    assert inv.twin is not None and not inv.twin.replayed
+    assert (hold.hold_id, hold.replayed) == (inv.twin.hold_id, True)
+    after = await inv.snapshot("hot")
+    assert after is not None and (after.available, after.held) == (0, 2)
 
 
 async def _between_buckets(redis: Redis, sale: str) -> tuple[BucketedInventory, str, str]:

@@ -556,6 +556,20 @@ async def test_without_postgresql_the_guard_sells_on_unverified(redis_client: Re
         await client.close()
 
 
+def test_the_fence_adds_no_layer_of_its_own_and_comes_out_whole() -> None:
+    """The fence is a check inside the app's one middleware, not a middleware of its own
+    (a layer every request pays for): installed by create_app, tuned by install() again,
+    taken out whole by uninstall() (the drills' counterfactual)."""
+    app = create_app(Settings(redis_url="redis://127.0.0.1:1", token_secret=SECRET, admin_token=ADMIN))
+    assert len(app.middlewares) == 1 and fence_guard.installed(app)
+    fence_guard.install(app, poll_s=0.1)
+    assert len(app.middlewares) == 1 and fence_guard.installed(app)
+    fence_guard.uninstall(app)
+    assert len(app.middlewares) == 1 and not fence_guard.installed(app)
+    fence_guard.install(app)
+    assert fence_guard.installed(app)
+
+
 # ------------------------------------------------------------------- generations
 async def redis_now_ms(r: Redis) -> int:
     seconds, micros = await r.time()

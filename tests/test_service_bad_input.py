@@ -208,11 +208,20 @@ async def test_a_body_is_parsed_once_for_all_its_readers(service: Service) -> No
             return web.json_response({"refused": [exc.code, None]})
         return web.json_response({"same": first is await read_json(request), "body": first})
 
+    other = web.RequestKey("something_else", str)
+
+    async def holding_something_else(request: web.Request) -> web.Response:
+        request[other] = "not a body"  # a request that holds other keys: still parsed once
+        return await twice(request)
+
     app = web.Application()
     app[STATE] = service.state
     app.router.add_post("/twice", twice)
+    app.router.add_post("/other", holding_something_else)
     async with TestClient(TestServer(app)) as client:
         answer = await (await client.post("/twice", data=b'{"sku": "phone", "qty": 1}')).json()
         assert answer == {"same": True, "body": {"sku": "phone", "qty": 1}}
+        answer = await (await client.post("/other", data=b'{"sku": "tablet"}')).json()
+        assert answer == {"same": True, "body": {"sku": "tablet"}}
         answer = await (await client.post("/twice", data=b"[1, 2]")).json()
         assert answer == {"refused": ["malformed_json", "malformed_json"]}

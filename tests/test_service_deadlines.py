@@ -1,7 +1,8 @@
 """Deadlines on one timer (flashsale.service.deadlines) keep asyncio.timeout's contract: a
 block that outlasts its deadline raises TimeoutError and leaves its task uncancelled, a
 block that ends in time is untouched, a cancellation from elsewhere stays a cancellation —
-whatever the other deadlines sharing the timer do."""
+whatever the other deadlines sharing the timer do. Each holds for ``async with`` and for a
+plain ``with`` inside a task (the order path's form)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,24 @@ import pytest
 
 from flashsale.service.deadlines import Deadlines
 
+ENTRIES = pytest.mark.parametrize("entry", ["async with", "with"])
 
-async def _outlast(deadlines: Deadlines) -> None:
-    async with deadlines() as deadline:
-        await asyncio.Event().wait()  # never set: only the deadline ends this
+
+async def _outlast(deadlines: Deadlines, entry: str = "async with") -> None:
+    if entry == "async with":
+        async with deadlines() as deadline:
+            await asyncio.Event().wait()  # never set: only the deadline ends this
+    else:
+        with deadlines() as deadline:
+            await asyncio.Event().wait()
     raise AssertionError(f"the block ended without its deadline ({deadline.expired()=})")
 
 
-async def test_a_block_that_outlasts_its_deadline_raises_timeout_error() -> None:
+@ENTRIES
+async def test_a_block_that_outlasts_its_deadline_raises_timeout_error(entry: str) -> None:
     deadlines = Deadlines(0.05)
     with pytest.raises(TimeoutError):
-        await _outlast(deadlines)
+        await _outlast(deadlines, entry)
     task = asyncio.current_task()
     assert task is not None and task.cancelling() == 0  # the cancellation was the deadline's own
     await asyncio.sleep(0)  # and no cancellation is left pending on the task
@@ -29,9 +37,13 @@ async def test_a_block_that_outlasts_its_deadline_raises_timeout_error() -> None
 
 async def test_blocks_that_end_in_time_are_untouched_and_forgotten_by_the_timer() -> None:
     deadlines = Deadlines(0.05)
-    for _ in range(1000):
-        async with deadlines() as deadline:
-            await asyncio.sleep(0)
+    for n in range(1000):
+        if n % 2:
+            with deadlines() as deadline:
+                await asyncio.sleep(0)
+        else:
+            async with deadlines() as deadline:
+                await asyncio.sleep(0)
         assert not deadline.expired()
     # A later deadline comes due after all of them: once it has, the timer has passed over
     # (and dropped) every finished one before it.
@@ -62,9 +74,10 @@ async def test_each_deadline_passes_in_its_turn_whatever_the_ones_before_it_did(
     assert await asyncio.gather(quick(), slow(), slow()) == ["in time", "timed out", "timed out"]
 
 
-async def test_a_cancellation_from_elsewhere_stays_a_cancellation() -> None:
+@ENTRIES
+async def test_a_cancellation_from_elsewhere_stays_a_cancellation(entry: str) -> None:
     deadlines = Deadlines(30.0)
-    task = asyncio.ensure_future(_outlast(deadlines))
+    task = asyncio.ensure_future(_outlast(deadlines, entry))
     await asyncio.sleep(0)  # the task runs first, up to its wait inside the block
     assert len(deadlines) == 1 and not task.done()
     task.cancel()
@@ -77,3 +90,15 @@ async def test_an_error_inside_the_block_passes_through() -> None:
     with pytest.raises(KeyError):
         async with deadlines():
             raise KeyError("mine")
+    with pytest.raises(KeyError), deadlines():
+        raise KeyError("mine too")
+
+
+def test_a_deadline_is_kept_inside_a_task_only() -> None:
+    async def outside() -> None:
+        with Deadlines(1.0)():
+            pass
+
+    coroutine = outside()
+    with pytest.raises(RuntimeError):  # run by hand: no task, and no loop either
+        coroutine.send(None)

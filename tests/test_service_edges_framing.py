@@ -158,9 +158,12 @@ async def test_heads_in_pieces_and_pipelined_requests_are_served(start_service: 
             writer.write(piece)
             await writer.drain()
         assert (await asyncio.wait_for(read_response(reader), BOUND_S))[0] == 201
-        writer.write(second + b"GET /healthz HTTP/1.1\r\nHost: flashsale\r\n\r\n")
+        # A refusal other than a 408 keeps the connection too: only a 408 closes it.
+        refused = order_request(token, b'{"sku": "phone"}')
+        writer.write(second + refused + b"GET /healthz HTTP/1.1\r\nHost: flashsale\r\n\r\n")
         await writer.drain()
         assert (await asyncio.wait_for(read_response(reader), BOUND_S))[0] == 201
+        assert (await asyncio.wait_for(read_response(reader), BOUND_S))[0] == 422
         assert (await asyncio.wait_for(read_response(reader), BOUND_S))[0] == 200
     finally:
         writer.close()

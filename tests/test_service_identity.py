@@ -25,7 +25,7 @@ from service_support import (
 )
 
 from flashsale.service.identity import Identity
-from flashsale.service.tokens import InvalidToken, VerifiedTokens, mint
+from flashsale.service.tokens import InvalidToken, VerifiedTokens, mint, verify
 
 
 def _signed(payload: str, secret: str = TOKEN_SECRET) -> str:
@@ -169,3 +169,18 @@ def test_remembered_tokens_are_bounded_and_never_stand_in_for_a_check() -> None:
     assert buyer is not None
     assert identity.verified.get(tokens[-1], now=buyer.expires) is None
     assert len(identity.verified) == 2
+
+
+def test_signatures_start_afresh_for_every_token_and_secret() -> None:
+    """Each secret's key is prepared once and every signature starts from a copy of it: a
+    signature never carries a previous token's bytes, nor another secret's key."""
+    secrets_ = [TOKEN_SECRET, "another-secret", TOKEN_SECRET]
+    now = time.time()
+    for n, secret in enumerate(secrets_ * 3):
+        payload = f"buyer{n}.{int(now + 3600)}.{n % 2}"
+        token = mint(secret, f"buyer{n}", member=bool(n % 2), now=now)
+        assert token == _signed(payload, secret)
+        assert verify(secret, token).user == f"buyer{n}"
+        for other in {TOKEN_SECRET, "another-secret"} - {secret}:
+            with pytest.raises(InvalidToken, match="bad signature"):
+                verify(other, token)

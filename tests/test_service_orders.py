@@ -6,6 +6,7 @@ malformed input in test_service_bad_input.py)."""
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import UTC, datetime
 from typing import cast
 
@@ -276,3 +277,33 @@ async def test_orders_are_recorded_in_the_sale_stream(service: Service, redis_cl
     assert len(reserved) == 1
     assert reserved[0][b"order"].decode() == order["order_id"]
     assert reserved[0][b"lines"].decode() == f"{sku}:2"
+
+
+def test_an_order_is_written_field_by_field_from_its_hold() -> None:
+    """What an order's JSON says, for every state, a cart of several lines, a bucket's
+    hold id, a first answer and a replay: each field straight from the hold."""
+    from flashsale.service.buyer_api import order_json
+    from inventory import Hold, HoldState, Line
+
+    for state, hold_id, replayed in [
+        (HoldState.HELD, "spring.abc123", False),
+        (HoldState.PAID, "spring-b3.xyz789", True),
+        (HoldState.CANCELLED, "s1.q", False),
+        (HoldState.EXPIRED, "s1.r", True),
+    ]:
+        lines = (Line("a-sku", 2), Line("b-sku", 1))
+        hold = Hold(hold_id, "alice", lines, state, 1_767_225_600_123, 1_767_223_800_000, "r-9", replayed)
+        response = order_json(hold, status=201)
+        assert response.status == 201 and response.content_type == "application/json"
+        assert response.charset == "utf-8"
+        assert response.body is not None and json.loads(bytes(response.body)) == {
+            "order_id": hold_id,
+            "status": state.value,
+            "sale": hold_id.split(".")[0],
+            "lines": [{"sku": "a-sku", "qty": 2}, {"sku": "b-sku", "qty": 1}],
+            "pay_by": "2026-01-01T00:00:00.123Z",
+            "pay_by_ms": 1_767_225_600_123,
+            "created_ms": 1_767_223_800_000,
+            "request_id": "r-9",
+            "replayed": replayed,
+        }

@@ -65,3 +65,32 @@ async def test_nothing_older_than_the_ttl_is_answered(redis_client: Redis) -> No
     clock.now += 10.5
     settings = await book.sale("stale")
     assert settings is not None and settings.state == "closed"
+
+
+@single_server_only("one server's keys are enough to show the cache's timing")
+async def test_the_cached_peeks_answer_what_the_book_holds_and_read_ahead_as_it_does(
+    redis_client: Redis,
+) -> None:
+    """``cached_sale`` / ``cached_sale_of_sku`` answer from memory what ``sale`` /
+    ``sale_of_sku`` would, start the same read ahead of a lapse, and say None — ask the
+    book — for what it does not hold now: never a lapsed answer."""
+    clock = Clock()
+    book = SaleBook(redis_client, "fs", ttl_s=10.0, clock=clock)
+    await book.create(SaleSettings("peek", now_ms(), state="open"), ["peek-sku"], ["peek"])
+    assert book.cached_sale("peek") is None and book.cached_sale_of_sku("peek-sku") is None
+    assert (await book.sale("peek")) is not None and await book.sale_of_sku("peek-sku") == "peek"
+    assert book.cached_sale("peek") == await book.sale("peek")
+    assert book.cached_sale_of_sku("peek-sku") == "peek"
+
+    await redis_client.hset("fs:sale:peek", "state", "closed")
+    clock.now += 7  # past the refresh point: the cached answer, and a read ahead started
+    cached = book.cached_sale("peek")
+    assert cached is not None and cached.state == "open"
+    await book.settle()
+    clock.now += 5  # the first read lapsed; the one made ahead of it is what is held
+    cached = book.cached_sale("peek")
+    assert cached is not None and cached.state == "closed"
+
+    clock.now += 11  # nobody asked meanwhile: everything lapsed, nothing stale is answered
+    assert book.cached_sale("peek") is None and book.cached_sale_of_sku("peek-sku") is None
+    assert book.cached_sale_of_sku("no-such-sku") is None

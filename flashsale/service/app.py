@@ -79,14 +79,18 @@ async def _pg_pool(settings: Settings):  # type: ignore[no-untyped-def]
 
 
 def answer_middleware(metrics: ServiceMetrics) -> Middleware:
-    """The app's one middleware: every failure becomes its JSON error (:func:`error_answer`),
-    and every answer, as the client gets it, is timed and counted by route. One layer, not
+    """The app's one middleware: the fence's refusal while it refuses anything
+    (:func:`fence_guard.refusing`), every failure as its JSON error (:func:`error_answer`),
+    and every answer, as the client gets it, timed and counted by route. One layer, not
     one per concern: each layer costs every request a call."""
 
     @web.middleware
     async def answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         started = time.perf_counter()
         try:
+            guard = fence_guard.refusing(request.app)
+            if guard is not None:
+                await fence_guard.refuse_fenced(request, guard)
             response = await handler(request)
         except Exception as exc:
             try:

@@ -95,11 +95,14 @@ def _cart(body: dict[str, Any]) -> list[inventory.Line] | str:
 
 
 def order_json(hold: inventory.Hold, *, status: int = 200) -> web.Response:
+    # orjson writes the state (a str enum) as its value and each line (a dataclass) as
+    # {"sku", "qty"}: no per-order copies of them. The sale is the hold id's own prefix
+    # (the engine makes every hold id ``<sale>.<random>``).
     body = {
         "order_id": hold.hold_id,
-        "status": hold.state.value,
-        "sale": inventory.Inventory.sale_of(hold.hold_id),
-        "lines": [{"sku": line.sku, "qty": line.qty} for line in hold.lines],
+        "status": hold.state,
+        "sale": hold.hold_id.partition(".")[0],
+        "lines": list(hold.lines),
         "pay_by": iso(hold.deadline_ms),
         "pay_by_ms": hold.deadline_ms,
         "created_ms": hold.created_ms,
@@ -200,27 +203,42 @@ async def _create_order(request: web.Request, state: ServiceState, buyer: Buyer)
             headers={"Retry-After": "1"},
         )
     try:
-        return await _place_order(request, state, buyer, cart, request_id)
+        settings = await _open_sale(state, buyer, cart)
+        if not settings.room:
+            return await _reserve(request, state, settings, buyer, cart, request_id)
+        # Behind the sale's waiting room: the buyer's ticket first.
+        try:
+            await admit_order(request, state, settings, buyer, request_id, [line.sku for line in cart])
+        except ApiError:
+            metrics.count("no_ticket")
+            raise
+        try:
+            return await _reserve(request, state, settings, buyer, cart, request_id)
+        finally:  # reserved or refused: the ticket stops counting against the stock
+            await settle_ticket(state, settings, buyer, request_id)
     finally:
         state.in_flight.leave()
 
 
-async def _place_order(
-    request: web.Request, state: ServiceState, buyer: Buyer, cart: inventory.Cart, request_id: str
-) -> web.Response:
-    metrics = state.metrics
-    sales = set()
+async def _open_sale(state: ServiceState, buyer: Buyer, cart: inventory.Cart) -> SaleSettings:
+    """The one sale every line of the cart is from, open to this buyer now, or the answer
+    saying why not. Read from what the sale book holds (no wait, nearly every order)."""
+    metrics, book = state.metrics, state.sales
+    sale: str | None = None
+    spans = False
     for line in cart:
-        sale = await state.sales.sale_of_sku(line.sku)
-        if sale is None:
+        of_line = book.cached_sale_of_sku(line.sku) or await book.sale_of_sku(line.sku)
+        if of_line is None:
             metrics.count("invalid")
             raise ApiError(422, "unknown_sku", f"no SKU {line.sku!r} is on sale", sku=line.sku)
-        sales.add(sale)
-    if len(sales) != 1:
+        if sale is None:
+            sale = of_line
+        elif of_line != sale:
+            spans = True
+    if sale is None or spans:
         metrics.count("invalid")
         raise ApiError(422, "cart_spans_sales", "every line of one order must come from the same sale")
-    sale = sales.pop()
-    settings = await state.sales.sale(sale)
+    settings = book.cached_sale(sale) or await book.sale(sale)
     if settings is None:
         metrics.count("invalid")
         raise ApiError(422, "unknown_sku", f"sale {sale!r} no longer exists")
@@ -241,18 +259,7 @@ async def _place_order(
             opens_at=iso(settings.opens_at_ms),
             opens_at_ms=settings.opens_at_ms,
         )
-
-    if settings.room:
-        try:
-            await admit_order(request, state, settings, buyer, request_id, [line.sku for line in cart])
-        except ApiError:
-            metrics.count("no_ticket")
-            raise
-        try:
-            return await _reserve(request, state, settings, buyer, cart, request_id)
-        finally:  # reserved or refused: the ticket stops counting against the stock
-            await settle_ticket(state, settings, buyer, request_id)
-    return await _reserve(request, state, settings, buyer, cart, request_id)
+    return settings
 
 
 async def _reserve(
@@ -267,15 +274,17 @@ async def _reserve(
     state.sold_out.observe_epoch(sale, settings.epoch, settings.generation)
     # Not behind a waiting room, which admits a buyer only when a unit is there: a stale
     # "sold out" would refuse them.
-    cached_out = (
-        None
-        if settings.room
-        else next((line.sku for line in cart if state.sold_out.is_sold_out(sale, line.sku)), None)
-    )
+    cached_out = None
+    if not settings.room:
+        for line in cart:
+            if state.sold_out.is_sold_out(sale, line.sku):
+                cached_out = line.sku
+                break
     inv = state.engine(settings)
     try:
-        # One timer for every order's deadline, not one per order (nor a task, as wait_for).
-        async with state.redis_deadline():
+        # One timer for every order's deadline, not one per order (nor a task, as wait_for);
+        # entered without the two coroutines of ``async with``.
+        with state.redis_deadline():
             # The sold-out shortcut refuses without running the reserve script, but not a
             # retry whose first answer was lost (a 504, a cut connection) and whose hold
             # exists: one read of the buyer's own idempotency record tells them apart,

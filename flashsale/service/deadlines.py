@@ -9,7 +9,9 @@ the timer drops finished entries when it fires.
 
 ``async with deadlines():`` behaves as ``async with asyncio.timeout(seconds):`` does: when
 the deadline passes, the task is cancelled and the block raises :class:`TimeoutError`; a
-cancellation from elsewhere stays a cancellation.
+cancellation from elsewhere stays a cancellation. Entering and leaving a deadline never
+waits, so a plain ``with deadlines():`` inside a task does the same without the two
+coroutines ``async with`` makes (the order path's choice).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ _RESOLUTION_S = 0.001
 
 
 class Deadline:
-    """One task's deadline (from :class:`Deadlines`), entered with ``async with``."""
+    """One task's deadline (from :class:`Deadlines`), entered with ``with`` or ``async with``."""
 
     __slots__ = ("_deadlines", "_task", "_cancelling", "_state", "when")
 
@@ -41,16 +43,17 @@ class Deadline:
     def expired(self) -> bool:
         return self._state == _EXPIRED
 
-    async def __aenter__(self) -> Deadline:
-        task = asyncio.current_task()
+    def __enter__(self) -> Deadline:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("a deadline is kept inside a task")
         self._task = task
         self._cancelling = task.cancelling()
-        self._deadlines._arm(self)
+        self._deadlines._arm(self, loop)
         return self
 
-    async def __aexit__(
+    def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         task, self._task = self._task, None  # the queue may keep the entry a while: not the task
@@ -62,6 +65,14 @@ class Deadline:
                 raise TimeoutError from exc
         else:
             self._state = _DONE
+
+    async def __aenter__(self) -> Deadline:
+        return self.__enter__()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.__exit__(exc_type, exc, tb)
 
     def _expire(self) -> None:
         assert self._task is not None
@@ -85,8 +96,7 @@ class Deadlines:
         """Entries kept: running deadlines, and finished ones the timer has not dropped yet."""
         return len(self._queue)
 
-    def _arm(self, deadline: Deadline) -> None:
-        loop = asyncio.get_running_loop()
+    def _arm(self, deadline: Deadline, loop: asyncio.AbstractEventLoop) -> None:
         deadline.when = loop.time() + self.seconds
         self._queue.append(deadline)
         if self._timer is None or self._loop is not loop:  # (a timer of a loop gone is no timer)

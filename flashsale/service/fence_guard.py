@@ -1,5 +1,5 @@
-"""The fence guard: the fence's eye in one service process (an aiohttp middleware and the
-background task behind it). What a fence is, and how a loss is noticed, is
+"""The fence guard: the fence's eye in one service process (a check the app's one middleware
+makes of each request, and the background task behind it). What a fence is, and how a loss is noticed, is
 :mod:`flashsale.fence.verify`; this module only decides, per request, whether the sale may
 be sold from the Redis it is connected to, and keeps watching that Redis.
 """
@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -39,7 +39,7 @@ from flashsale.service.http import read_body, read_json
 from flashsale.service.state import STATE
 from inventory import parent_sale_id
 
-__all__ = ["GUARD", "FenceGuard", "install", "installed", "status", "uninstall"]
+__all__ = ["GUARD", "FenceGuard", "install", "installed", "refuse_fenced", "refusing", "status", "uninstall"]
 
 logger = logging.getLogger("flashsale.fence")
 
@@ -320,25 +320,30 @@ async def _order_sale(request: web.Request, guard: FenceGuard) -> str | None:
     return parsed[0] if parsed and parsed[0] in guard.registry else engine
 
 
-@web.middleware
-async def fence_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Answer 503 ``sale_fenced`` to orders, payments and cancellations of a fenced sale."""
-    guard = request.app.get(GUARD)
-    if guard is None or not guard.active or request.method != "POST":
-        return await handler(request)
+def refusing(app: web.Application) -> FenceGuard | None:
+    """The app's fence guard while it refuses anything (a sale fenced, or Redis being
+    verified), else None. The app's one middleware asks this of every request, and only
+    then awaits :func:`refuse_fenced`: no layer of the fence's own on the order path."""
+    guard = app.get(GUARD)
+    return guard if guard is not None and guard.active else None
+
+
+async def refuse_fenced(request: web.Request, guard: FenceGuard) -> None:
+    """Raise 503 ``sale_fenced`` for an order, payment or cancellation of a fenced sale."""
+    if request.method != "POST":
+        return
     path = request.path
     if path != "/api/orders" and not (path.startswith("/api/orders/") and path.endswith(_ORDER_PATHS)):
-        return await handler(request)
+        return
     # The buyer first (401 before a byte of the body is read), then the body under the read
     # deadline, as the handler would (aiohttp keeps the body for the handler).
     buyer_of(request, request.app[STATE])
     sale = await _order_sale(request, guard)
     reason = guard.refusal(sale)
-    if reason is None:
-        return await handler(request)
-    raise ApiError(503, "sale_fenced", f"sales are paused: {reason}", headers={"Retry-After": "5"}, sale=sale)
+    if reason is not None:
+        raise ApiError(
+            503, "sale_fenced", f"sales are paused: {reason}", headers={"Retry-After": "5"}, sale=sale
+        )
 
 
 #: Why the fence is off in this process (absent: it is on, or it was never installed).
@@ -427,7 +432,6 @@ def install(app: web.Application, **guard_options: float) -> None:
         app[_GUARD_OPTIONS].update(guard_options)
         return
     app[_GUARD_OPTIONS] = dict(guard_options)
-    app.middlewares.append(fence_middleware)
     app.cleanup_ctx.append(_app_guard_context)
 
 
@@ -435,10 +439,9 @@ def uninstall(app: web.Application) -> None:
     """Take the fence out again, before the app starts: only for showing what happens
     without it (the drills' counterfactual)."""
     if installed(app):
-        app.middlewares.remove(fence_middleware)
         app.cleanup_ctx.remove(_app_guard_context)
 
 
 def installed(app: web.Application) -> bool:
     """True if :func:`install` ran on ``app`` (the drill checks the service has the fence)."""
-    return fence_middleware in app.middlewares
+    return _app_guard_context in app.cleanup_ctx
