@@ -54,6 +54,7 @@ __all__ = [
     "merge_histories",
     "read_history",
     "summarize_history",
+    "to_micros",
 ]
 
 HISTORY_FORMAT = "loadtests.history/1"
@@ -123,17 +124,30 @@ _ALWAYS = frozenset(
 _FIELDS: tuple[tuple[str, Any], ...] = tuple(
     (f.name, None if f.default is MISSING else f.default) for f in fields(Operation)
 )
+#: The fields every line has, then the others with their defaults: ``Operation`` lists the
+#: required ones first, so a line keeps the dataclass's order of fields.
+_REQUIRED = tuple(name for name, _ in _FIELDS if name in _ALWAYS)
+_OPTIONAL = tuple((name, default) for name, default in _FIELDS if name not in _ALWAYS)
+assert [n for n, _ in _FIELDS] == [*_REQUIRED, *(n for n, _ in _OPTIONAL)], "required fields come first"
 
 
 def history_line(values: Mapping[str, Any]) -> dict[str, Any]:
     """The line ``Operation(**values).to_json()`` is, without building the ``Operation``: a load
     process writes one for every request. Empty fields are left out (but those in ``_ALWAYS``)."""
-    line = {}
-    for name, default in _FIELDS:
-        value = values.get(name, default)
-        if value not in (None, "", {}) or name in _ALWAYS:
+    line = {name: values.get(name) for name in _REQUIRED}
+    get = values.get
+    for name, default in _OPTIONAL:
+        value = get(name, default)
+        if value is not None and value != "" and value != {}:
             line[name] = value
     return line
+
+
+def to_micros(epoch: float) -> float:
+    """An instant rounded to the microsecond, as the history writes it: ``round(t, 6)`` but
+    for ties, in a fifth of its time (a load process rounds three per request). Monotonic,
+    so a line's ``intended <= invoke <= complete`` survive it."""
+    return (epoch * 1e6 + 0.5) // 1 / 1e6
 
 
 def _lines(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:

@@ -318,10 +318,10 @@ class ProcessPart:
             options=options,
             order_operations=frozenset(self.rehearsal.order_operations),
         )
-        weights = plan["weights"]
+        pick = self.rehearsal.picker(plan["weights"])
 
         def visit(arrival: Arrival, started_at: float) -> None:
-            persona = self.rehearsal.pick(arrival, weights, shared.rng)
+            persona = pick(arrival, shared.rng)
             v = Visit(arrival, persona.name, shared)
             try:
                 persona.visit(v)

@@ -134,7 +134,8 @@ class ProcessRecorder:
 
     def log(self, line: Mapping[str, Any]) -> None:
         """One history line: encoded once, written to this process's file and shipped as that text."""
-        text = encode_line({"proc": self.proc_id, **line})
+        # A visit's line names this process already: encoded as it is, not copied to say so.
+        text = encode_line(line if line.get("proc") == self.proc_id else {**line, "proc": self.proc_id})
         with self._lock:
             self._lines.append(text)
             if self._file is not None:

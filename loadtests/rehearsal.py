@@ -39,8 +39,10 @@ from __future__ import annotations
 
 import random
 import time
+from bisect import bisect
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, TypeVar, overload
 
@@ -305,12 +307,24 @@ class Rehearsal:
     def pick(self, arrival: Arrival, weights: Mapping[str, float], rng: random.Random) -> Persona:
         """The persona for one arrival: by weight among those allowed in its window's kind
         (if none is, among all)."""
-        eligible = [
-            p for p in self.personas.values() if arrival.kind in p.kinds and weights.get(p.name, 0) > 0
-        ]
-        if not eligible:
-            eligible = [p for p in self.personas.values() if weights.get(p.name, 0) > 0]
-        return rng.choices(eligible, weights=[weights[p.name] for p in eligible])[0]
+        return self.picker(weights)(arrival, rng)
+
+    def picker(self, weights: Mapping[str, float]) -> Callable[[Arrival, random.Random], Persona]:
+        """``pick`` with these weights, its choices among each window kind's personas made once:
+        a load process picks for every arrival. The same draw from ``rng`` as ``pick`` (one
+        ``random()``, as ``rng.choices`` takes), so a seeded run picks the same personas."""
+        draws: dict[str, tuple[list[Persona], list[float]]] = {}
+        for kind in ALL_KINDS:
+            eligible = [p for p in self.personas.values() if kind in p.kinds and weights.get(p.name, 0) > 0]
+            if not eligible:
+                eligible = [p for p in self.personas.values() if weights.get(p.name, 0) > 0]
+            draws[kind] = (eligible, list(accumulate(weights[p.name] for p in eligible)))
+
+        def pick(arrival: Arrival, rng: random.Random) -> Persona:
+            eligible, cumulative = draws[arrival.kind]
+            return eligible[bisect(cumulative, rng.random() * (cumulative[-1] + 0.0), 0, len(eligible) - 1)]
+
+        return pick
 
     def locust_classes(self) -> tuple[type[Any], type[Any]]:
         """Register the rehearsal's options and event listeners with Locust and return the

@@ -34,7 +34,7 @@ with rendezvous impulses of its own.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -179,22 +179,37 @@ class Shape:
         Returns ``(t, in_impulse)``; ``in_impulse`` marks arrivals that belong to a rendezvous.
         ``a`` beyond the total returns ``(inf, False)``.
         """
-        acc = 0.0
+        return next(self.locate_each((a,)))
+
+    def locate_each(self, areas: Iterable[float]) -> Iterator[tuple[float, bool]]:
+        """``locate`` of each of ``areas``, which must not decrease: the pieces of the curve are
+        walked once for all of them (an arrival plan locates every arrival of the drill), with
+        the same arithmetic, so each answer is exactly ``locate``'s."""
+        # An impulse comes before the segment starting at its instant.
         events: list[tuple[float, int, Segment | Impulse]] = [(s.start, 1, s) for s in self.segments]
-        events += [
-            (i.at, 0, i) for i in self.impulses
-        ]  # an impulse comes before the segment starting at its instant
-        for _, _, ev in sorted(events, key=lambda e: (e[0], e[1])):
-            if isinstance(ev, Impulse):
-                if a < acc + ev.count:
-                    return ev.at, True
-                acc += ev.count
-                continue
-            seg_area = ev.area(ev.end)
-            if seg_area > 0.0 and a < acc + seg_area:
-                return ev.time_at_area(a - acc), False
-            acc += seg_area
-        return math.inf, False
+        events += [(i.at, 0, i) for i in self.impulses]
+        pieces = [
+            (ev, ev.count if isinstance(ev, Impulse) else ev.area(ev.end))
+            for _, _, ev in sorted(events, key=lambda e: (e[0], e[1]))
+        ]
+        index, acc, last = 0, 0.0, -math.inf
+        for a in areas:
+            if a < last:
+                raise ValueError(f"locate_each: {a} after {last}: the areas must not decrease")
+            last = a
+            while index < len(pieces):
+                piece, area = pieces[index]
+                if isinstance(piece, Impulse):
+                    if a < acc + area:
+                        yield piece.at, True
+                        break
+                elif area > 0.0 and a < acc + area:
+                    yield piece.time_at_area(a - acc), False
+                    break
+                acc += area
+                index += 1
+            else:
+                yield math.inf, False
 
     def window_at(self, t: float) -> Window | None:
         """The named window ``t`` falls in, if any."""

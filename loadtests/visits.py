@@ -41,7 +41,7 @@ import gevent
 import orjson
 
 from loadtests.arrivals import Arrival
-from loadtests.history import OutcomeType, history_line
+from loadtests.history import OutcomeType, history_line, to_micros
 from loadtests.recording import ProcessRecorder
 
 __all__ = ["Call", "Visit"]
@@ -331,7 +331,7 @@ class Call:
             url=self._path,
         )
         if self._history:
-            self.visit._write(
+            fields.update(
                 f=self.name,
                 type=kind,
                 status=self.status,
@@ -341,8 +341,8 @@ class Call:
                 invoke=self.sent,
                 complete=self.done,
                 error=self.error,
-                **fields,
             )
+            self.visit._write(fields)
 
 
 class Visit:
@@ -417,14 +417,16 @@ class Visit:
             # Stopped in flight: the backend may have acted; the history must say "unknown".
             if history:
                 self._write(
-                    f=name,
-                    type="info",
-                    status=0,
-                    code="stopped",
-                    key=key,
-                    intended=intended,
-                    invoke=sent,
-                    complete=shared.clock(),
+                    {
+                        "f": name,
+                        "type": "info",
+                        "status": 0,
+                        "code": "stopped",
+                        "key": key,
+                        "intended": intended,
+                        "invoke": sent,
+                        "complete": shared.clock(),
+                    }
                 )
             raise
         done = shared.clock()
@@ -485,11 +487,13 @@ class Visit:
         """The persona returned (or raised): every call gets an outcome."""
         self._settle_open()
 
-    def _write(self, **fields: Any) -> None:
-        """One history line (``loadtests.history``): this visit's, numbered in its process."""
+    def _write(self, fields: dict[str, Any]) -> None:
+        """One history line (``loadtests.history``) from ``fields`` (this call's, changed in
+        place): this visit's, numbered in its process, its instants to the microsecond."""
         shared = self._shared
-        for t in ("intended", "invoke", "complete"):
-            fields[t] = round(fields[t], 6)
+        fields["intended"] = to_micros(fields["intended"])
+        fields["invoke"] = to_micros(fields["invoke"])
+        fields["complete"] = to_micros(fields["complete"])
         fields.update(op=next(shared.ops), proc=shared.proc_id, visit=self.id, persona=self.persona)
         shared.recorder.log(history_line(fields))
 

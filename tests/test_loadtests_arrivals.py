@@ -157,3 +157,38 @@ def test_t0_rendezvous_lands_within_a_bounded_skew_across_processes() -> None:
     # timers by hundreds of ms), and nothing fires early.
     assert all(abs(r[4] - t0) < 0.001 and abs(r[5] - t0) < 0.001 for r in results)
     assert all(r[1] >= t0 - 0.001 for r in results)
+
+
+def test_visitors_are_reused_and_a_failing_visit_stops_no_other() -> None:
+    # A greenlet per visit maps and unmaps memory for its frames each time; visitors run one
+    # visit after another, so 300 short visits need about as many greenlets as ran at once.
+    runners: set[object] = set()  # the greenlets themselves: kept alive, never mistaken for a new one
+    done: list[int] = []
+    at_once = [0, 0]
+
+    def visit(a: Arrival, at: float) -> None:
+        runners.add(gevent.getcurrent())
+        at_once[0] += 1
+        at_once[1] = max(at_once)
+        gevent.sleep(0.01)
+        at_once[0] -= 1
+        if a.seq % 50 == 7:
+            raise RuntimeError("a broken visit")
+        done.append(a.seq)
+
+    dispatcher = ArrivalDispatcher(ArrivalPlan(_constant(300.0, 1.0), time.time()), visit)
+    totals = dispatcher.run(drain_timeout_s=30)
+    assert totals.started == 300 and len(done) == 300 - 6
+    assert len(runners) <= at_once[1] + 2 < 100, (len(runners), at_once)
+    assert dispatcher.in_flight == 0
+
+
+def test_the_drain_waits_for_the_last_visits() -> None:
+    ended: list[int] = []
+
+    def visit(a: Arrival, at: float) -> None:
+        gevent.sleep(0.3)
+        ended.append(a.seq)
+
+    totals = ArrivalDispatcher(ArrivalPlan(_constant(50.0, 0.2), time.time()), visit).run(drain_timeout_s=30)
+    assert totals.started == len(ended) == 10

@@ -4,12 +4,13 @@ same operations, per-process files merge, and lines that are not the format are 
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import pytest
 
 from loadtests import HISTORY_FORMAT, Operation, read_history
-from loadtests.history import history_line, merge_histories
+from loadtests.history import history_line, merge_histories, to_micros
 from loadtests.recording import ProcessRecorder
 
 
@@ -137,3 +138,33 @@ def test_a_line_of_another_format_is_refused(tmp_path: Path) -> None:
     old.write_text(json.dumps({"kind": "order", "rid": "r1", "outcome": "ok", "order_id": "o1"}) + "\n")
     with pytest.raises(ValueError, match="loadtests.history/1"):
         list(read_history([old]))
+
+
+def test_instants_are_written_to_the_microsecond_keeping_their_order() -> None:
+    # A load process rounds three instants per request: ``to_micros`` must be round(t, 6) but
+    # for ties, and never swap two instants (a line's intended <= invoke <= complete).
+    rng = random.Random(7)
+    instants = sorted(1.7e9 + rng.random() * 1e5 for _ in range(20_000))
+    instants += [1.7e9 + k / 1e6 for k in range(1000)]  # exact microseconds stay as they are
+    instants.sort()
+    micros = [to_micros(t) for t in instants]
+    # Within a microsecond of round(t, 6), at the resolution of a float near 1.7e9 (2.4e-7).
+    assert all(abs(m - round(t, 6)) <= 1.5e-6 for m, t in zip(micros, instants, strict=True))
+    assert all(abs(m - t) <= 0.75e-6 for m, t in zip(micros, instants, strict=True))
+    assert micros == sorted(micros)
+    assert to_micros(1_700_000_000.123456) == 1_700_000_000.123456
+    assert len(json.dumps(to_micros(1_700_000_000.1234567891))) <= len("1700000000.123457")
+
+
+def test_a_line_is_written_with_its_process_whatever_it_says(tmp_path: Path) -> None:
+    recorder = ProcessRecorder("w2", 0.0, request_log=tmp_path / "w2.requests.jsonl")
+    recorder.log(Operation(0, "w2", "v", "p", "f", 1, 1, 2, "ok", 200).to_json())
+    recorder.log(Operation(1, "elsewhere", "v", "p", "f", 1, 1, 2, "ok", 200).to_json())
+    line = {
+        k: v
+        for k, v in Operation(2, "w2", "v", "p", "f", 1, 1, 2, "ok", 200).to_json().items()
+        if k != "proc"
+    }
+    recorder.log(line)
+    recorder.close()
+    assert [o.proc for o in read_history([tmp_path / "w2.requests.jsonl"])] == ["w2", "w2", "w2"]

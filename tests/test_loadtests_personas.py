@@ -21,7 +21,7 @@ from loadtests.personas import (
     classify,
     order_outcome,
 )
-from loadtests.rehearsal import Rehearsal, parse_weights
+from loadtests.rehearsal import ALL_KINDS, Rehearsal, parse_weights
 
 
 def _drill() -> Rehearsal:
@@ -125,3 +125,21 @@ def test_loadtests_never_import_the_service() -> None:
             )
             for name in names:
                 assert not name.startswith(("flashsale", "inventory")), f"{path.name} imports {name}"
+
+
+def test_a_picker_draws_what_rng_choices_drew_for_a_seed() -> None:
+    # The load process picks with a picker made once; a seeded run must pick the personas it
+    # picked when each pick called rng.choices over that window's personas.
+    rehearsal = _drill()
+    for text in ("", "browser=1, bot=3", "buyer=2"):
+        weights = rehearsal.weights(text)
+        arrivals = [Arrival(i, 0.0, 0.0, "w", kind) for i, kind in enumerate(ALL_KINDS * 2000)]
+        before, after = random.Random(9), random.Random(9)
+        expected = []
+        for arrival in arrivals:
+            eligible = [
+                p for p in rehearsal.personas.values() if arrival.kind in p.kinds and weights[p.name] > 0
+            ] or [p for p in rehearsal.personas.values() if weights[p.name] > 0]
+            expected.append(before.choices(eligible, weights=[weights[p.name] for p in eligible])[0].name)
+        pick = rehearsal.picker(weights)
+        assert [pick(a, after).name for a in arrivals] == expected

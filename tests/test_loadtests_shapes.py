@@ -165,3 +165,36 @@ def test_a_rate_function_is_followed_to_its_resolution() -> None:
     assert shape.total == pytest.approx(100 * math.pi, rel=1e-3)
     assert shape.rate(math.pi / 2) == pytest.approx(100, rel=1e-3)
     assert rate_function(lambda t: -5, 1.0).total == 0  # a negative rate is no arrivals
+
+
+def _locate_afresh(shape: Shape, a: float) -> tuple[float, bool]:
+    """The inverse as ``locate`` once computed it: a fresh walk over the pieces for every ``a``."""
+    acc = 0.0
+    events: list[tuple[float, int, Segment | Impulse]] = [(s.start, 1, s) for s in shape.segments]
+    events += [(i.at, 0, i) for i in shape.impulses]
+    for _, _, ev in sorted(events, key=lambda e: (e[0], e[1])):
+        if isinstance(ev, Impulse):
+            if a < acc + ev.count:
+                return ev.at, True
+            acc += ev.count
+            continue
+        seg_area = ev.area(ev.end)
+        if seg_area > 0.0 and a < acc + seg_area:
+            return ev.time_at_area(a - acc), False
+        acc += seg_area
+    return math.inf, False
+
+
+@pytest.mark.parametrize("name", sorted(SHAPES))
+def test_locating_a_plan_at_once_is_locating_each_arrival_afresh(name: str) -> None:
+    # An arrival plan walks the curve once (locate_each); every instant must be the one a fresh
+    # search gives, to the bit, rendezvous flags included, through the end of the curve.
+    shape = build_shape(name, 137.0, 0.3)
+    rng = random.Random(11)
+    areas = sorted(
+        [i + 0.5 for i in range(int(shape.total) + 3)] + [rng.uniform(0, shape.total) for _ in range(500)]
+    )
+    assert list(shape.locate_each(areas)) == [_locate_afresh(shape, a) for a in areas]
+    assert [shape.locate(a) for a in areas[::7]] == [_locate_afresh(shape, a) for a in areas[::7]]
+    with pytest.raises(ValueError, match="must not decrease"):
+        list(shape.locate_each([5.0, 4.0]))
