@@ -1,6 +1,6 @@
 """Issue 12, item 10.4: a worker whose clock runs ahead of the services' must not take a live
 bucket transfer for a stranded one. Here the worker is the real ``flashsale worker
---sweeper-only`` process, its clock 30 s fast under Debian's ``faketime`` (libfaketime), on
+--sweeper-only`` process, its clock 30 s fast under Debian's libfaketime (package ``faketime``), on
 the suite's Redis; the transferring "service" is this test, paused between the transfer's
 intent and the donor's write-off, then killed before the receiver's add.
 
@@ -41,6 +41,11 @@ AHEAD_S = 30
 SETTLED_WITHIN_S = 60
 
 
+#: Where Debian's ``faketime`` wrapper preloads libfaketime from (``$LIB``: the dynamic
+#: linker's own library directory, e.g. ``lib/x86_64-linux-gnu``).
+LIBFAKETIME = "/usr/$LIB/faketime/libfaketime.so.1"
+
+
 def _faketime() -> str:
     """The ``faketime`` wrapper: skip here without it, fail in CI (as browser and deploy tools)."""
     path = shutil.which("faketime")
@@ -52,43 +57,54 @@ def _faketime() -> str:
     return path
 
 
-def _ahead(faketime: str) -> list[str]:
-    """The argv prefix that runs a command with its clock AHEAD_S fast — after checking that
-    it does, so a wrapper that fakes nothing cannot make this test pass vacuously."""
-    argv = [faketime, "-f", f"+{AHEAD_S}s"]
+def _ahead(faketime: str) -> dict[str, str]:
+    """The environment that runs a command with its clock AHEAD_S fast — after checking that
+    it does, so a preload that fakes nothing cannot make this test pass vacuously.
+
+    libfaketime is preloaded directly rather than through the ``faketime`` wrapper (the
+    package ``faketime`` is the wrapper's, its library comes with it): the wrapper makes a
+    semaphore and a shared-memory segment named by its own pid and removes them when its
+    child exits, so a wrapper stopped by a signal leaves them behind, and a later wrapper
+    given the same pid fails at once with exit 1 (seen: 24 left on a dev machine, then this
+    check failed in a full run). Preloaded directly, there is no wrapper process and nothing
+    to leave, and the stopping signal goes to the worker itself."""
+    env = {**os.environ, "LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"+{AHEAD_S}s"}
     before = time.time()
     seen = subprocess.run(
-        [*argv, sys.executable, "-c", "import time; print(time.time())"],
+        [sys.executable, "-c", "import time; print(time.time())"],
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
-    assert float(seen.stdout) - before >= AHEAD_S - 5, f"faketime did not move the clock: {seen!r}"
-    return argv
+    assert float(seen.stdout) - before >= AHEAD_S - 5, (
+        f"libfaketime ({LIBFAKETIME}, installed with {faketime}) did not move the clock: {seen!r}"
+    )
+    return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": f"+{AHEAD_S}s"}
 
 
 @pytest.fixture
 def worker_ahead(redis_url: str, tmp_path: Path) -> Iterator[Any]:
     """``start()`` runs ``flashsale worker --sweeper-only`` with its clock AHEAD_S fast;
     ``check()`` fails if it has exited. Stopped (SIGTERM) after the test."""
-    argv = _ahead(_faketime())
+    ahead = _ahead(_faketime())
     log = tmp_path / "worker.log"
     procs: list[subprocess.Popen[bytes]] = []
 
     class Worker:
         def start(self) -> None:
             env = {k: v for k, v in os.environ.items() if k != "FLASHSALE_DATABASE_URL"}
-            env.update(FLASHSALE_REDIS_URL=redis_url, FLASHSALE_SWEEPER_INTERVAL_MS="50")
+            env.update(ahead, FLASHSALE_REDIS_URL=redis_url, FLASHSALE_SWEEPER_INTERVAL_MS="50")
             with log.open("wb") as out:
                 procs.append(
                     subprocess.Popen(
-                        [*argv, sys.executable, "-m", "flashsale", "worker", "--sweeper-only"],
+                        [sys.executable, "-m", "flashsale", "worker", "--sweeper-only"],
                         env=env,
                         stdout=out,
                         stderr=subprocess.STDOUT,
-                        # faketime forks the worker and does not pass signals on: stop the
-                        # whole session, or the worker outlives the test and sweeps others'.
+                        # Its own session, stopped whole: nothing of it outlives the test
+                        # to sweep others' transfers.
                         start_new_session=True,
                     )
                 )
@@ -103,7 +119,7 @@ def worker_ahead(redis_url: str, tmp_path: Path) -> Iterator[Any]:
 
 
 def _stop_session(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the worker's session (faketime and the worker it forked), SIGKILL to what
+    """SIGTERM to the worker's session (the worker and anything it started), SIGKILL to what
     is left after 20 s; returns once none of it is left (or, for a zombie nobody reaps, soon
     after the SIGKILL)."""
     with contextlib.suppress(ProcessLookupError):
