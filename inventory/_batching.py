@@ -13,6 +13,7 @@ one HMGET.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -22,13 +23,19 @@ Call = Callable[[list[Any]], Awaitable[list[Any]]]
 
 
 class Coalescer:
-    """Collects argument groups and sends them together; one future per caller."""
+    """Collects argument groups and sends them together; one future per caller.
+
+    The first caller of a batch starts the batch's task, and the task's first step closes
+    the batch and sends it: every caller of the same loop turn runs before that step, so
+    they travel together (at most ``max_batch`` per batch: the next caller starts another).
+    The task sends the batch itself, not a callback that starts a task: under load a loop
+    turn runs many requests, and each hop between turns delays every order of the batch
+    by a turn (issue 15: orders that all wait on Redis leave a service nothing to run)."""
 
     def __init__(self, call: Call, *, max_batch: int) -> None:
         self._call = call
         self._max_batch = max_batch
-        self._queue: list[tuple[list[Any], asyncio.Future[Any]]] = []
-        self._scheduled = False
+        self._open: list[tuple[list[Any], asyncio.Future[Any]]] | None = None  # taking callers
         self._in_flight: set[asyncio.Task[None]] = set()
 
     def submit(self, group: list[Any]) -> asyncio.Future[Any]:
@@ -36,20 +43,29 @@ class Coalescer:
         (A plain function, not a coroutine: one object and one await fewer per caller.)"""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Any] = loop.create_future()
-        self._queue.append((group, future))
-        if not self._scheduled:
-            self._scheduled = True
-            loop.call_soon(self._flush)
+        batch = self._open
+        if batch is None or len(batch) >= self._max_batch:
+            batch = self._open = []
+            task = loop.create_task(self._close_and_send(batch))
+            self._in_flight.add(task)
+            task.add_done_callback(functools.partial(self._done, batch))
+        batch.append((group, future))
         return future
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        while self._queue:
-            batch = self._queue[: self._max_batch]
-            del self._queue[: self._max_batch]
-            task = asyncio.ensure_future(self._send(batch))
-            self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+    async def _close_and_send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
+        if self._open is batch:
+            self._open = None
+        await self._send(batch)
+
+    def _done(self, batch: list[tuple[list[Any], asyncio.Future[Any]]], task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        if task.cancelled():
+            # Cancelled before its first step (a loop shutting down): the batch never left.
+            # Its callers learn it rather than wait, and the next caller starts a batch.
+            if self._open is batch:
+                self._open = None
+            for _, future in batch:
+                future.cancel()
 
     async def _send(self, batch: list[tuple[list[Any], asyncio.Future[Any]]]) -> None:
         argv: list[Any] = [b"%d" % len(batch)]

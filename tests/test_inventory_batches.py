@@ -22,6 +22,7 @@ from redis_mode import command_calls, on_cluster, single_server_only
 
 from flashsale.drills.faultproxy import FaultProxy
 from inventory import Hold, HoldState, Inventory, OutcomeUnknown, SoldOut
+from inventory._batching import Coalescer
 from inventory._scripts import frame
 
 through_a_proxy = single_server_only("cuts the connection to one server with a TCP proxy")
@@ -201,3 +202,62 @@ async def test_a_batch_on_a_decoding_client_reads_its_replies(text_redis: Redis)
     finally:
         await inv.aclose()
         await text_redis.delete(*inv.keys.all())
+
+
+async def test_a_batch_leaves_for_redis_in_the_loop_turn_after_its_callers(redis_url: str) -> None:
+    """The callers of one loop turn start the batch's task, and that task sends the batch
+    at its first step, one turn later: not a callback that starts a task a turn later
+    still. Under load a turn runs many requests, so every hop delays the whole batch."""
+    redis = Redis.from_url(redis_url)
+    loop = asyncio.get_running_loop()
+    turns = 0
+
+    def count_turns() -> None:
+        nonlocal turns
+        turns += 1
+        loop.call_soon(count_turns)
+
+    sent_at: list[int] = []
+
+    async def call(argv: list[Any]) -> list[Any]:
+        sent_at.append(turns)
+        replies: list[Any] = await redis.eval("return ARGV", 0, *argv[1:])
+        return replies
+
+    coalescer = Coalescer(call, max_batch=2)
+    try:
+        loop.call_soon(count_turns)
+        await asyncio.sleep(0)  # the counter runs from here on, once per turn
+        started = turns
+        futures = [coalescer.submit([b"v%d" % i]) for i in range(5)]
+        assert [await f for f in futures] == [b"v0", b"v1", b"v2", b"v3", b"v4"]
+        # Three batches of at most two, all sent in the turn after their callers'.
+        assert len(sent_at) == 3 and all(at <= started + 1 for at in sent_at), (started, sent_at)
+    finally:
+        await redis.aclose()
+
+
+async def test_a_batch_task_cancelled_before_it_ran_cancels_its_callers_and_the_next_batch_goes(
+    redis_url: str,
+) -> None:
+    """A loop shutting down may cancel the batch's task before its first step: its callers
+    are cancelled rather than left waiting, and the next caller starts a batch again."""
+    redis = Redis.from_url(redis_url)
+
+    async def call(argv: list[Any]) -> list[Any]:
+        replies: list[Any] = await redis.eval("return ARGV", 0, *argv[1:])
+        return replies
+
+    coalescer = Coalescer(call, max_batch=16)
+    try:
+        first = coalescer.submit([b"lost"])
+        this = asyncio.current_task()
+        for task in asyncio.all_tasks():
+            if task is not this:
+                task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        assert await coalescer.submit([b"next"]) == b"next"
+        await coalescer.drain()
+    finally:
+        await redis.aclose()
