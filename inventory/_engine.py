@@ -17,7 +17,7 @@ from ._batching import Coalescer
 from ._errors import OK, REPLAYED, InvalidRequest, OutcomeUnknown, error_for
 from ._keys import SaleKeys
 from ._scripts import BatchScript, register_all
-from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot
+from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, made_hold
 from ._validate import Cart
 
 __all__ = ["Inventory", "DEFAULT_HOLD_TTL"]
@@ -27,6 +27,7 @@ DEFAULT_HOLD_TTL = timedelta(minutes=30)
 
 _STOCK_FIELDS = ("total", "available", "held", "sold", "reserve", "limit", "low")
 _UNCERTAIN = (RedisTimeoutError, RedisConnectionError)
+_HELD = HoldState.HELD
 
 
 def _text(value: Any) -> str:
@@ -179,18 +180,18 @@ class Inventory:
                 request_id=request_id,
             ) from exc
         if isinstance(reply, int):  # the hold this call made: its deadline; the rest is known here
-            return Hold(hold_id, user, cart, HoldState.HELD, reply, reply - ttl, request_id)
+            return made_hold(hold_id, user, cart, _HELD, reply, reply - ttl, request_id, False)
         if int(reply[0]) != REPLAYED:
             raise error_for(reply, subject=request_id)
-        return Hold(
-            hold_id=_text(reply[1]),
-            user=user,
-            lines=cart,
-            state=HoldState(_text(reply[3])),
-            deadline_ms=int(reply[2]),
-            created_ms=int(reply[4]),
-            request_id=request_id,
-            replayed=True,
+        return made_hold(
+            _text(reply[1]),
+            user,
+            cart,
+            HoldState(_text(reply[3])),
+            int(reply[2]),
+            int(reply[4]),
+            request_id,
+            True,
         )
 
     @staticmethod

@@ -40,6 +40,43 @@ class Hold:
     replayed: bool = False
 
 
+# A hold made by a reservation, built without the dataclass's __init__: a frozen dataclass
+# sets each field through object.__setattr__, ~1.7 us for a Hold against ~0.5 us through
+# the slots' own setters, and the engine builds one per reservation (issue 15: the client's
+# CPU per coalesced reservation). The same object, equal to one Hold(...) makes.
+_HOLD_FIELDS = ("hold_id", "user", "lines", "state", "deadline_ms", "created_ms", "request_id", "replayed")
+if tuple(Hold.__dataclass_fields__) != _HOLD_FIELDS:  # a field added to Hold goes here too
+    raise TypeError("made_hold() must set every field of Hold")
+_set_hold_id, _set_user, _set_lines, _set_state, _set_deadline, _set_created, _set_request, _set_replayed = (
+    Hold.__dict__[name].__set__ for name in _HOLD_FIELDS
+)
+_new = object.__new__
+
+
+def made_hold(
+    hold_id: str,
+    user: str,
+    lines: tuple[Line, ...],
+    state: HoldState,
+    deadline_ms: int,
+    created_ms: int,
+    request_id: str,
+    replayed: bool,
+) -> Hold:
+    """``Hold(hold_id, user, lines, state, deadline_ms, created_ms, request_id, replayed)``,
+    built the fast way (the engine's reservations)."""
+    hold: Hold = _new(Hold)
+    _set_hold_id(hold, hold_id)
+    _set_user(hold, user)
+    _set_lines(hold, lines)
+    _set_state(hold, state)
+    _set_deadline(hold, deadline_ms)
+    _set_created(hold, created_ms)
+    _set_request(hold, request_id)
+    _set_replayed(hold, replayed)
+    return hold
+
+
 class StockState(str, enum.Enum):
     """What a product page shows."""
 

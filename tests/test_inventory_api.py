@@ -5,6 +5,7 @@ every call against a real Redis."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import re
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from inventory_support import audit_sale, events, open_sale
 import inventory
 from inventory import _errors, _validate
 from inventory._scripts import ROOM_SCRIPT_NAMES, SCRIPT_NAMES, script_source
+from inventory._types import _HOLD_FIELDS, Hold, HoldState, made_hold
 
 EXPECTED_EXPORTS = {
     "DEFAULT_HOLD_TTL",
@@ -463,3 +465,18 @@ async def test_every_hold_a_batch_makes_is_what_redis_stores(redis_url: str) -> 
             assert re.fullmatch(re.escape(inv.sale) + r"\.[0-9a-f]{24}", hold.hold_id)
             assert await inv.hold(hold.hold_id) == hold
             assert hold.deadline_ms - hold.created_ms == (60 + int(hold.user[1:]) % 3) * 1000
+
+
+def test_a_hold_built_the_fast_way_is_the_hold_the_dataclass_makes() -> None:
+    """The engine builds each reservation's Hold through the slots' setters, not the frozen
+    dataclass's __init__: the same fields, equal, hashed alike, still frozen."""
+    cart = inventory.Inventory.check_reserve("buyer-1", [("b", 2), ("a", 1)], "req-1")
+    for replayed in (False, True):
+        values = ("sale.abc", "buyer-1", cart, HoldState.HELD, 1_800_000_000_000, 1_799_999_000_000, "req-1")
+        fast = made_hold(*values, replayed)
+        slow = Hold(*values, replayed=replayed)
+        assert fast == slow and hash(fast) == hash(slow) and repr(fast) == repr(slow)
+        assert tuple(getattr(fast, name) for name in _HOLD_FIELDS) == (*values, replayed)
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            fast.state = HoldState.PAID  # type: ignore[misc]
+    assert [f.name for f in dataclasses.fields(Hold)] == list(_HOLD_FIELDS)
