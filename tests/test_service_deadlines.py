@@ -52,6 +52,24 @@ async def test_blocks_that_end_in_time_are_untouched_and_forgotten_by_the_timer(
     assert len(deadlines) == 0
 
 
+async def test_a_finished_block_leaves_nothing_behind_and_none_passes_early() -> None:
+    """A block that ends takes its deadline out at once: nothing a deadline's length of
+    requests built up stays for the collector to walk (issue 15). And however the deadlines
+    share their timers, none passes before its time."""
+    deadlines = Deadlines(30.0)
+    for _ in range(1000):
+        with deadlines():
+            await asyncio.sleep(0)
+    assert len(deadlines) == 0
+    loop = asyncio.get_running_loop()
+    short = Deadlines(0.05)
+    for _ in range(5):
+        entered = loop.time()
+        with pytest.raises(TimeoutError):
+            await _outlast(short)
+        assert loop.time() >= entered + 0.05
+
+
 async def test_each_deadline_passes_in_its_turn_whatever_the_ones_before_it_did() -> None:
     deadlines = Deadlines(0.1)
     started = asyncio.Event()
