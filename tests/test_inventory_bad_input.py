@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from inventory_support import audit_sale, dump_sale, open_sale
 
-from inventory import Cart, Hold, InvalidRequest, Inventory, InventoryError, Line, SaleKeys
+from inventory import Cart, Hold, InvalidRequest, Inventory, InventoryError, Line, SaleKeys, _validate
 from inventory._errors import (
     HOLD_NOT_FOUND,
     INSUFFICIENT_STOCK,
@@ -428,3 +428,28 @@ async def test_reserve_checks_what_is_not_a_checked_cart(sale: Sale) -> None:
         "alice", Inventory.check_reserve("alice", "phone", "r-ok"), request_id="r-ok"
     )
     assert hold.lines == (Line("phone", 1),)
+
+
+@pytest.mark.parametrize("bad", ["", "has space", "has:colon", "x" * 65, "ü", 7, None, ["a"]])
+def test_an_id_is_refused_every_time_and_a_passed_one_is_remembered_within_bounds(bad: object) -> None:
+    """Ids that passed are remembered (the service and reserve check the same ids), so a
+    bad id is never let through by what the good ones left: whatever came before, and
+    however often. What is remembered stays bounded."""
+    for good in ("alice", "r-1.x@y_z", "A" * 64):
+        assert _validate.ident(good, "user") == good
+        assert _validate.ident(good, "user") == good
+    for _ in range(2):
+        with pytest.raises(InvalidRequest):
+            _validate.ident(bad, "request_id")
+
+    class Pretender(str):  # a str whose text is bad, however it compares
+        def __eq__(self, other: object) -> bool:
+            return True
+
+        __hash__ = str.__hash__
+
+    with pytest.raises(InvalidRequest):
+        _validate.ident(Pretender("has space"), "user")
+    for n in range(_validate._PASSED_IDS_MAX + 10):
+        _validate.ident(f"u{n}", "user")
+    assert len(_validate._PASSED_IDS) <= _validate._PASSED_IDS_MAX
