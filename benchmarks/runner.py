@@ -111,6 +111,7 @@ BENCHMARKS: tuple[Benchmark, ...] = (
 EXTERNAL: dict[str, str] = {
     "writer": "writer_bench",
     "buckets": "buckets_bench",
+    "instructions": "instructions_bench",
 }
 
 

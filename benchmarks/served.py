@@ -44,8 +44,11 @@ def free_port() -> int:
 class Served:
     """A server process of this run: started, awaited until it answers, always stopped."""
 
-    def __init__(self, command: list[str], env: dict[str, str], ready_path: str, log: Path) -> None:
+    def __init__(
+        self, command: list[str], env: dict[str, str], ready_path: str, log: Path, *, ready_s: float = 60.0
+    ) -> None:
         self.port = free_port()
+        self._ready_s = ready_s
         self.url = f"http://127.0.0.1:{self.port}"
         self._command = [*command, "--port", str(self.port)]
         self._env = env
@@ -68,7 +71,7 @@ class Served:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self._ready_s
         async with aiohttp.ClientSession() as session:
             while True:
                 if self.proc.poll() is not None:
@@ -83,7 +86,7 @@ class Served:
                     pass
                 if time.monotonic() > deadline:
                     raise RuntimeError(
-                        f"{' '.join(self._command)} did not become ready in 60 s:\n{self._tail()}"
+                        f"{' '.join(self._command)} did not become ready in {self._ready_s:g} s:\n{self._tail()}"
                     )
                 await asyncio.sleep(0.1)
 

@@ -26,6 +26,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a directory of the repo, not an 
 from benchmarks import inventory_bench  # noqa: E402
 from benchmarks.generator_bench import CpuTrace, requests_window  # noqa: E402
 from benchmarks.goals import GOALS, judge, render_goals  # noqa: E402
+from benchmarks.instructions_bench import Reading, render, totals  # noqa: E402
 from benchmarks.report import Claim, Figure, check_claims  # noqa: E402
 from benchmarks.rounds import combine  # noqa: E402
 from benchmarks.service_bench import ServerTime, cost_ratio_note, server_time_note  # noqa: E402
@@ -218,9 +219,38 @@ def test_the_service_is_measured_beside_the_http_ceiling_with_the_same_generator
 def test_the_programs_beside_it_ran_against_the_same_servers(quick: tuple[Any, dict[str, Any]]) -> None:
     external = {e["name"]: e for e in quick[1]["external"]}
     for name in set(external) | set(quick[1]["skipped"]):
-        assert name in ("writer", "buckets")
+        assert name in ("writer", "buckets", "instructions")
     for e in external.values():
         assert e["exit_code"] == 0 and e["output"].strip(), e
+
+
+def test_instructions_are_counted_per_order_net_of_what_the_server_does_idle(
+    quick: tuple[Any, dict[str, Any]], tmp_path: Path
+) -> None:
+    """The instruction counts: the idle rate over the same length of time is taken off the
+    loaded window, then divided by the requests answered; the ratio is trivial over service.
+    And in the quick run, both servers were counted under callgrind (valgrind is installed by
+    .ci/run), or the program said why not."""
+    trivial = Reading("trivial", 1_000, 2.0, 250_000_000, 4.0, 0)
+    service = Reading("service", 1_000, 2.0, 402_000_000, 4.0, 4_000_000)  # 1M/s idle: 2M off
+    assert trivial.per_request == 250_000 and service.per_request == 400_000
+    table = render([trivial, service])
+    assert "| service | 1,000 | 400.0k | 1.00M |" in table and "0.62x" in table
+    dump = tmp_path / "callgrind.out.1"
+    dump.write_text("events: Ir\nsummary: 12345\nfn=x\n1 5\ntotals: 12345\n")
+    assert totals(dump) == 12345
+    dump.write_text("not a dump\n")
+    with pytest.raises(ValueError):
+        totals(dump)
+    run = next(e for e in quick[1]["external"] if e["name"] == "instructions")
+    assert run["exit_code"] == 0
+    if "skipped" not in run["output"]:
+        readings = {r["server"]: r for r in run["report"]["readings"]}
+        assert set(readings) == {"trivial", "service"}
+        assert all(r["requests"] > 0 and r["per_request"] > 0 for r in readings.values())
+        assert run["report"]["ratio"] == pytest.approx(
+            readings["trivial"]["per_request"] / readings["service"]["per_request"], rel=0.01
+        )
 
 
 def test_a_broken_claim_or_a_miscount_fails_the_run() -> None:
