@@ -14,11 +14,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+from aiohttp.web_urldispatcher import SystemRoute
 from prometheus_client import CollectorRegistry, generate_latest, multiprocess
 from prometheus_client.parser import text_string_to_metric_families
 from service_support import Service, buyer, expect_json
@@ -81,35 +83,63 @@ def _ours(text: str) -> str:
     return "".join(_families(text).values())
 
 
+class _Routes:
+    """Real aiohttp routes for the steps' answers: one per method and template on an app's
+    router — and a twin, the same template on another app's router (two routes, one label
+    set) — or, for no template, the route aiohttp makes for a request none matched (a new
+    one each time, as aiohttp does)."""
+
+    def __init__(self) -> None:
+        self.routers = (web.Application().router, web.Application().router)
+        self.made: dict[tuple[str, str, int], web.AbstractRoute] = {}
+
+    def __call__(self, method: str, template: str | None, twin: bool) -> web.AbstractRoute:
+        if template is None:
+            return SystemRoute(web.HTTPNotFound())
+        key = (method, template, int(twin))
+        if key not in self.made:
+            self.made[key] = self.routers[int(twin)].add_route(method, template, _never_called)
+        return self.made[key]
+
+
+async def _never_called(request: web.Request) -> web.StreamResponse:
+    raise AssertionError("no request is served here")
+
+
+def _feed(
+    steps: list[Step], metrics: ServiceMetrics | None, direct: PrometheusMetrics | None
+) -> Iterator[None]:
+    """Feeds the steps to ``metrics`` (the service's way) and/or ``direct``
+    (prometheus-client's children, fed as the service once fed them); yields at each scrape."""
+    routes = _Routes()
+    for n, (kind, *args) in enumerate(steps):
+        if kind == "count":
+            if metrics is not None:
+                metrics.count(args[0])
+            if direct is not None:
+                direct.orders.labels(args[0]).inc()
+        elif kind == "answer":
+            method, template, status, seconds = args
+            if metrics is not None:
+                metrics.answered(method, routes(method, template, twin=n % 2 == 1), status, seconds)
+            if direct is not None:
+                label = template or "unmatched"
+                direct.latency.labels(method, label).observe(seconds)
+                direct.responses.labels(method, label, str(status)).inc()
+        else:
+            yield
+
+
 def test_slots_read_as_prometheus_client_children_would() -> None:
     """One process alone: at every scrape, the same text as the old direct path."""
-    app = web.Application()
-    resources: dict[str | None, Any] = {t: app.router.add_resource(t) for t in TEMPLATES}
-    resources[None] = None
-    # A second resource with the same template (aiohttp makes one when routes for a path
-    # are added apart): one label set, whichever of the two answered.
-    twin = app.router.add_resource(TEMPLATES[1])
-    assert twin is not resources[TEMPLATES[1]] and twin.canonical == TEMPLATES[1]
-
     metrics = ServiceMetrics()
     assert not metrics.multiprocess
     registry = CollectorRegistry()
     direct = PrometheusMetrics(registry)
     scrapes = 0
-    for n, (kind, *args) in enumerate(_steps()):
-        if kind == "count":
-            metrics.count(args[0])
-            direct.orders.labels(args[0]).inc()
-        elif kind == "answer":
-            method, template, status, seconds = args
-            resource = twin if template == TEMPLATES[1] and n % 2 else resources[template]
-            metrics.answered(method, resource, status, seconds)
-            route = template or "unmatched"
-            direct.latency.labels(method, route).observe(seconds)
-            direct.responses.labels(method, route, str(status)).inc()
-        else:
-            scrapes += 1
-            assert _ours(metrics.exposition([]).decode()) == generate_latest(registry).decode()
+    for _ in _feed(_steps(), metrics, direct):
+        scrapes += 1
+        assert _ours(metrics.exposition([]).decode()) == generate_latest(registry).decode()
     text = _ours(metrics.exposition([]).decode())
     assert text == generate_latest(registry).decode()
     assert scrapes == sum(step == ["scrape"] for step in _steps()) > 1
@@ -121,59 +151,53 @@ def test_slots_read_as_prometheus_client_children_would() -> None:
     assert metrics.counts["created"] == len(BOUNDS) and metrics.counts["sold_out"] == 2
 
 
-#: Run in a process of its own, in multi-process mode (prometheus-client picks its value
-#: class on import): the steps from stdin, one way ("slots": the service's, "direct":
-#: prometheus-client's children as the service once fed them); prints, at each scrape and at
-#: the end, the text the process's files hold (a scrape: this process's /metrics text).
-_PROCESS = """
-import asyncio, json, os, sys
-from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-from flashsale.service.metrics import PrometheusMetrics, ServiceMetrics
-
-way, steps = sys.argv[1], json.load(sys.stdin)
-def files():
+def _files() -> str:
+    """What this process's PROMETHEUS_MULTIPROC_DIR holds, as text."""
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)
     return generate_latest(registry).decode()
-app = web.Application()
-resources = {None: None}
-metrics = ServiceMetrics()
-assert metrics.multiprocess
-direct = PrometheusMetrics(None) if way == "direct" else None
-seen = []
-for kind, *args in steps:
-    if kind == "count":
-        metrics.count(args[0]) if way == "slots" else direct.orders.labels(args[0]).inc()
-    elif kind == "answer":
-        method, template, status, seconds = args
-        if template not in resources:
-            resources[template] = app.router.add_resource(template)
-        if way == "slots":
-            metrics.answered(method, resources[template], status, seconds)
-        else:
-            direct.latency.labels(method, template or "unmatched").observe(seconds)
-            direct.responses.labels(method, template or "unmatched", str(status)).inc()
+
+
+def _one_way_in_multi_process_mode(way: str) -> None:
+    """Run in a process of its own, in multi-process mode (prometheus-client picks its value
+    class on import): the steps from stdin, one way ("slots": the service's, "direct":
+    prometheus-client's children); prints, at each scrape and at the end, the text the
+    process's files hold (at a scrape, for "slots", this process's /metrics text)."""
+    metrics = ServiceMetrics()
+    assert metrics.multiprocess
+    steps = json.load(sys.stdin)
+    seen = []
+    if way == "slots":
+        for _ in _feed(steps, metrics, None):
+            seen.append(metrics.exposition([]).decode())
+        before = _files()
+
+        async def stop() -> None:  # the app stops: its flusher, cancelled, writes the last answers
+            flusher = asyncio.ensure_future(metrics.flush_forever(interval_s=3600))
+            await asyncio.sleep(0)
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+
+        asyncio.run(stop())
+        assert before != _files(), "the last answers were written before the app stopped"
     else:
-        seen.append(metrics.exposition([]).decode() if way == "slots" else files())
-if way == "slots":
-    before = files()
-    async def stop():  # the app stops: its flusher, cancelled, writes the last answers
-        flusher = asyncio.ensure_future(metrics.flush_forever(interval_s=3600))
-        await asyncio.sleep(0)
-        flusher.cancel()
-        await asyncio.gather(flusher, return_exceptions=True)
-    asyncio.run(stop())
-    assert before != files(), "the last answers were written before the app stopped"
-seen.append(files())
-print(json.dumps(seen))
-"""
+        for _ in _feed(steps, None, PrometheusMetrics(None)):
+            seen.append(_files())
+    seen.append(_files())
+    print(json.dumps(seen))
 
 
 def _run_process(way: str, steps: list[Step], directory: Path) -> list[dict[str, str]]:
     directory.mkdir()
+    tests = str(Path(__file__).parent)
     done = subprocess.run(
-        [sys.executable, "-c", _PROCESS, way],
+        [
+            sys.executable,
+            "-c",
+            f"import sys; sys.path.insert(0, {tests!r}); import {Path(__file__).stem} as t; "
+            "t._one_way_in_multi_process_mode(sys.argv[1])",
+            way,
+        ],
         input=json.dumps(steps),
         env=dict(os.environ, PROMETHEUS_MULTIPROC_DIR=str(directory)),
         capture_output=True,

@@ -542,8 +542,8 @@ class ServiceMetrics:
 
     Answers and outcomes are counted in plain Python numbers, one small slot per label set
     (a request pays a dict lookup, a ``bisect`` and three additions; prometheus-client's
-    children took a lock per update and a linear scan of the buckets: ~6 % of an order's
-    CPU). One process alone serves them from the slots at each scrape (:class:`_Figures`),
+    children took a lock per update and a linear scan of the buckets: ~4 % of an order's
+    instructions). One process alone serves them from the slots at each scrape (:class:`_Figures`),
     exact; in multi-process mode they are written to this process's files in
     ``PROMETHEUS_MULTIPROC_DIR`` by :meth:`flush`: before each scrape this process answers,
     every :data:`FLUSH_INTERVAL_S` (:meth:`flush_forever`) and when the app stops."""
@@ -565,8 +565,8 @@ class ServiceMetrics:
         self.registry.register(self.deployment)
         if not self.multiprocess:
             ProcessCollector(registry=self.registry)
-        # (method, resource, status) -> its latency and responses slots: the hot path pays
-        # one dict lookup, not the label values' construction, per request.
+        # (method, route, status) -> its latency and responses slots: the hot path pays one
+        # dict lookup, not the label values' construction, per request.
         self._answers: dict[tuple[str, object, int], tuple[list[float], list[int]]] = {}
         self._files = _FileWriter() if self.multiprocess else None
         self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
@@ -592,32 +592,32 @@ class ServiceMetrics:
         method = request.method
         if method not in _METHODS:
             method = "other"
-        self.answered(method, request.match_info.route.resource, status, time.perf_counter() - started)
+        self.answered(method, request.match_info.route, status, time.perf_counter() - started)
 
-    def answered(
-        self, method: str, resource: web.AbstractResource | None, status: int, seconds: float
-    ) -> None:
-        """An answer (:meth:`record_answer`): ``resource`` None when no route matched."""
-        latency, responses = self._answers.get((method, resource, status)) or self._slots_for(
-            method, resource, status
+    def answered(self, method: str, route: web.AbstractRoute, status: int, seconds: float) -> None:
+        """An answer (:meth:`record_answer`) on ``route``: the route that matched the
+        request, or the one aiohttp makes for a request none matched (404, 405)."""
+        latency, responses = self._answers.get((method, route, status)) or self._slots_for(
+            method, route, status
         )
         # The first bucket whose bound is >= seconds (+Inf past the last), as prometheus-client.
         latency[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
         latency[-1] += seconds  # (the sum, last: see _SUM)
         responses[0] += 1
 
-    def _slots_for(
-        self, method: str, resource: web.AbstractResource | None, status: int
-    ) -> tuple[list[float], list[int]]:
-        route = UNMATCHED if resource is None else resource.canonical
-        # Two resources can share a template (and so a label set): they share its slots.
-        latency = self._latency.get((method, route))
+    def _slots_for(self, method: str, route: web.AbstractRoute, status: int) -> tuple[list[float], list[int]]:
+        resource = route.resource
+        label = UNMATCHED if resource is None else resource.canonical
+        # Two resources of one template (so two routes) share its label set's slots.
+        latency = self._latency.get((method, label))
         if latency is None:
-            latency = self._latency[(method, route)] = [0] * _SUM + [0.0]
-        responses = self._responses.get((method, route, str(status)))
+            latency = self._latency[(method, label)] = [0] * _SUM + [0.0]
+        responses = self._responses.get((method, label, str(status)))
         if responses is None:
-            responses = self._responses[(method, route, str(status))] = [0]
-        slots = self._answers[(method, resource, status)] = (latency, responses)
+            responses = self._responses[(method, label, str(status))] = [0]
+        slots = (latency, responses)
+        if resource is not None:  # (aiohttp makes a route per unmatched request: none kept)
+            self._answers[(method, route, status)] = slots
         return slots
 
     def flush(self) -> None:
