@@ -16,10 +16,12 @@ A missing promtool skips with the reason, except under ``CI=true``, where it fai
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,7 @@ from test_deploy import promtool as promtool  # noqa: F401  (fixture)
 from test_service_serve import _children, _wait_until_serving
 from test_service_serve import serve_two as serve_two  # noqa: F401  (fixture)
 
+from flashsale.service.metrics import FLUSH_INTERVAL_S
 from flashsale.service.waiting_room import TICKET_HEADER
 
 RULES = DEPLOY / "prometheus" / "flashsale.rules.yml"
@@ -280,20 +283,27 @@ async def test_serve_with_two_processes_passes_promtool_check_metrics(
             body = {"request_id": f"r-{i}", "sku": "x", "qty": 0}
             async with http.post(f"{base}/api/orders", json=body, headers=buyer(f"u{i}")) as resp:
                 assert resp.status == 422
-        async with http.get(f"{base}/metrics") as resp:
-            text = await resp.text()
+        # The process that answers the scrape shows the other's answers once that one has
+        # written them (every FLUSH_INTERVAL_S): until both show, bounded.
+        deadline = time.monotonic() + 10 * FLUSH_INTERVAL_S
+        while True:
+            async with http.get(f"{base}/metrics") as resp:
+                text = await resp.text()
+            families = {family.name: family for family in text_string_to_metric_families(text)}
+            answers = [
+                s
+                for s in families["flashsale_responses"].samples
+                if s.labels.get("route") == "/api/orders" and s.labels.get("code") == "422"
+            ]
+            if [s.value for s in answers] == [10] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
     workers = _children(proc.pid)
     _check_metrics(promtool, text)
-    families = {family.name: family for family in text_string_to_metric_families(text)}
     for name in ("process_cpu_seconds", "process_resident_memory_bytes", "process_open_fds"):
         (sample,) = families[name].samples
         assert sample.labels == {}, sample
     (rss,) = families["process_resident_memory_bytes"].samples
     # A sum over both workers: more than either one alone.
     assert len(workers) == 2 and rss.value > max(_rss_bytes(pid) for pid in workers)
-    answers = [
-        s
-        for s in families["flashsale_responses"].samples
-        if s.labels.get("route") == "/api/orders" and s.labels.get("code") == "422"
-    ]
     assert [s.value for s in answers] == [10]

@@ -138,12 +138,14 @@ def create_app(settings: Settings) -> web.Application:
         publisher = asyncio.ensure_future(
             state.metrics.publish_forever(redis, settings.key_prefix, state.in_flight)
         )
+        flusher = asyncio.ensure_future(state.metrics.flush_forever())  # (multi-process mode)
         try:
             yield
         finally:
-            publisher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await publisher
+            for task in (publisher, flusher):  # the flusher writes the last answers as it goes
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await state.aclose()
             if pg is not None:
                 with contextlib.suppress(Exception):

@@ -8,6 +8,14 @@ stay bounded — a latency histogram and the answers by status code (:meth:`Serv
 ``process_*``: prometheus-client's process collector; in multi-process mode summed over the
 service processes that share the port (:class:`_ServiceProcesses`).
 
+A request does not touch prometheus-client: its answer and outcome are counted in plain
+numbers (:class:`ServiceMetrics`), which become the same families, value for value and
+byte for byte, when /metrics is rendered. One process alone (``--workers 1``) reads them at
+each scrape: exact. With ``--workers N`` each process writes its figures to its files in
+``PROMETHEUS_MULTIPROC_DIR`` before each scrape it answers, every :data:`FLUSH_INTERVAL_S`
+(0.5 s) and when it stops: a scrape answered by another process shows this one's answers
+at most about half a second late (a process killed outright loses that last half second).
+
 Numbers that belong to the whole deployment are read from Redis at scrape time, so every
 process reports the same truth (:func:`read_deployment`): stock per SKU, holds pending,
 stream backlog, dead letters waiting and the fence, per sale; for a sale behind its waiting
@@ -32,8 +40,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import time
+from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +71,9 @@ if TYPE_CHECKING:
     from flashsale.service.state import ServiceState
 
 __all__ = [
+    "FLUSH_INTERVAL_S",
     "OUTCOMES",
+    "PrometheusMetrics",
     "ServiceMetrics",
     "postgres_up",
     "Published",
@@ -70,6 +82,8 @@ __all__ = [
     "stream_backlog",
     "sum_published",
 ]
+
+log = logging.getLogger("flashsale.service")
 
 #: Outcomes of POST /api/orders, as counted everywhere (metrics, stats, the war room).
 OUTCOMES = (
@@ -103,6 +117,10 @@ _LATENCY_BUCKETS = (
     5.0,
 )
 
+
+#: How often, at most, a process of ``flashsale serve --workers N`` lets its figures wait
+#: before writing them where the other processes read them (:meth:`ServiceMetrics.flush`).
+FLUSH_INTERVAL_S = 0.5
 
 #: Methods counted under their own name; any other becomes "other" (label values stay bounded).
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -424,9 +442,111 @@ async def _last_decision_ms(redis: Any, stream: str) -> int:
     return int((last.decode() if isinstance(last, bytes) else str(last)).split("-")[0])
 
 
+#: (name, help, labels) of the service's own families, as /metrics has always shown them.
+_ORDERS = ("flashsale_orders", "POST /api/orders answers by outcome", ("outcome",))
+_LATENCY = ("flashsale_request_seconds", "time to answer, by method and route template", ("method", "route"))
+_RESPONSES = (
+    "flashsale_responses",
+    "answers by method, route template and status code",
+    ("method", "route", "code"),
+)
+#: A latency slot: the answers per bucket (``+Inf`` last), then the sum of their seconds.
+_SUM = len(_LATENCY_BUCKETS) + 1
+_LE = tuple(_le(bound) for bound in (*_LATENCY_BUCKETS, float("inf")))
+
+
+class PrometheusMetrics:
+    """The service's own families as prometheus-client's metric objects: in multi-process
+    mode, what a process writes its figures into (:meth:`ServiceMetrics.flush`), for the
+    other processes to read from its files. (A test feeds them directly, the way the
+    service once did for every request, to check that the figures read the same.)"""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.orders = Counter(*_ORDERS, registry=registry)
+        self.latency = Histogram(*_LATENCY, buckets=_LATENCY_BUCKETS, registry=registry)
+        self.responses = Counter(*_RESPONSES, registry=registry)
+
+
+class _Figures(Collector):
+    """The service's own families, read from a :class:`ServiceMetrics`'s slots at each
+    scrape: what prometheus-client's Counter and Histogram would show for the same answers."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        orders = CounterMetricFamily(*_ORDERS[:2], labels=_ORDERS[2])
+        for outcome, n in self.metrics._orders.items():
+            orders.add_metric([outcome], float(n))
+        latency = HistogramMetricFamily(*_LATENCY[:2], labels=_LATENCY[2])
+        for route, slot in self.metrics._latency.items():
+            cumulative, rows = 0.0, []
+            for le, answers in zip(_LE, slot):
+                cumulative += answers
+                rows.append((le, cumulative))
+            latency.add_metric(route, rows, slot[_SUM])
+        responses = CounterMetricFamily(*_RESPONSES[:2], labels=_RESPONSES[2])
+        for code, (answers,) in self.metrics._responses.items():
+            responses.add_metric(code, float(answers))
+        yield from (orders, latency, responses)
+
+
+class _FileWriter:
+    """Multi-process mode: a process's slots written into prometheus-client's mmap-backed
+    children (this process's files in ``PROMETHEUS_MULTIPROC_DIR``), what changed since the
+    last write. A histogram child's ``_buckets`` and ``_sum`` are prometheus-client's private
+    attributes (it has no public way to add n answers to one bucket):
+    tests/test_service_metrics_slots.py compares the files written here with those the
+    direct ``observe()``/``inc()`` path writes, so an upgrade that changes them fails there."""
+
+    def __init__(self) -> None:
+        self.metrics = PrometheusMetrics(registry=None)
+        # What the files hold of each label set (a latency series: its child, the sum its
+        # file held before this process wrote to it, and the slot as last written).
+        self.orders: dict[str, int] = {}
+        self.latency: dict[tuple[str, str], tuple[Any, float, list[float]]] = {}
+        self.responses: dict[tuple[str, str, str], int] = {}
+
+    def write(self, figures: ServiceMetrics) -> None:
+        for outcome, n in figures._orders.items():
+            written = self.orders.get(outcome, 0)
+            if n != written:
+                self.metrics.orders.labels(outcome).inc(n - written)
+                self.orders[outcome] = n
+        for labels, slot in figures._latency.items():
+            series = self.latency.get(labels)
+            if series is None:
+                child = self.metrics.latency.labels(*labels)
+                series = self.latency[labels] = (child, child._sum.get(), [0] * _SUM + [0.0])
+            child, base, written_slot = series
+            if slot == written_slot:
+                continue
+            for i in range(_SUM):
+                if slot[i] != written_slot[i]:
+                    child._buckets[i].inc(slot[i] - written_slot[i])
+            # The sum is written whole, not as a delta: the same float, bit for bit, that
+            # observe() would have added up one answer at a time (base is 0.0 unless a
+            # process with this pid wrote before).
+            child._sum.set(base + slot[_SUM])
+            written_slot[:] = slot
+        for key, (n,) in figures._responses.items():
+            written = self.responses.get(key, 0)
+            if n != written:
+                self.metrics.responses.labels(*key).inc(n - written)
+                self.responses[key] = n
+
+
 class ServiceMetrics:
     """One per process. ``ended_sale_s``: how long after its last decision an ended sale's
-    series stay (see the module docstring)."""
+    series stay (see the module docstring).
+
+    Answers and outcomes are counted in plain Python numbers, one small slot per label set
+    (a request pays a dict lookup, a ``bisect`` and three additions; prometheus-client's
+    children took a lock per update and a linear scan of the buckets: ~4 % of an order's
+    instructions). One process alone serves them from the slots at each scrape (:class:`_Figures`),
+    exact; in multi-process mode they are written to this process's files in
+    ``PROMETHEUS_MULTIPROC_DIR`` by :meth:`flush`: before each scrape this process answers,
+    every :data:`FLUSH_INTERVAL_S` (:meth:`flush_forever`) and when the app stops."""
 
     def __init__(self, *, ended_sale_s: float = 900.0) -> None:
         # The *_created series (one timestamp per label set) is noise on a dashboard.
@@ -434,39 +554,30 @@ class ServiceMetrics:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
         self.ended_sale_s = ended_sale_s
         self.registry = CollectorRegistry()
-        self.orders = Counter(
-            "flashsale_orders", "POST /api/orders answers by outcome", ["outcome"], registry=self.registry
-        )
-        self.latency = Histogram(
-            "flashsale_request_seconds",
-            "time to answer, by method and route template",
-            ["method", "route"],
-            buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
-        )
-        self.responses = Counter(
-            "flashsale_responses",
-            "answers by method, route template and status code",
-            ["method", "route", "code"],
-            registry=self.registry,
-        )
+        # The slots, by label values, in the order each label set was first seen (the
+        # order prometheus-client showed its children in): outcome -> orders; (method,
+        # route) -> a latency slot (see _SUM); (method, route, code) -> [answers].
+        self._orders: dict[str, int] = {}
+        self._latency: dict[tuple[str, str], list[float]] = {}
+        self._responses: dict[tuple[str, str, str], list[int]] = {}
+        self.registry.register(_Figures(self))
         self.deployment = _Deployment()
         self.registry.register(self.deployment)
         if not self.multiprocess:
             ProcessCollector(registry=self.registry)
-        # (method, resource, status) -> the histogram and counter children: the hot path pays
-        # one dict lookup, not prometheus-client's label resolution, per request.
-        self._children: dict[tuple[str, object, int], tuple[Any, Any]] = {}
-        self._outcomes: dict[str, Any] = {}  # outcome -> its counter child, as _children
+        # (method, route, status) -> its latency and responses slots: the hot path pays one
+        # dict lookup, not the label values' construction, per request.
+        self._answers: dict[tuple[str, object, int], tuple[list[float], list[int]]] = {}
+        self._files = _FileWriter() if self.multiprocess else None
         self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
         self._recent: list[float] = []  # order latencies since the last publish
 
     def count(self, outcome: str) -> None:
         self.counts[outcome] += 1
-        child = self._outcomes.get(outcome)
-        if child is None:  # made on first use: /metrics shows an outcome once it happened
-            child = self._outcomes[outcome] = self.orders.labels(outcome)
-        child.inc()
+        try:
+            self._orders[outcome] += 1
+        except KeyError:  # the first: /metrics shows an outcome once it happened
+            self._orders[outcome] = 1
 
     def observe(self, route: str, seconds: float) -> None:
         """An order's time to answer, for the war room's percentiles (the histogram is fed
@@ -478,25 +589,67 @@ class ServiceMetrics:
         """A request answered with ``status``, ``started`` at that ``time.perf_counter()``:
         its time to answer into the route's histogram, its answer into the route's counter.
         Called by the app's one middleware, for every answer as the client gets it."""
-        method = request.method if request.method in _METHODS else "other"
-        resource = request.match_info.route.resource
-        child = self._children.get((method, resource, status)) or self._children_for(method, resource, status)
-        child[0].observe(time.perf_counter() - started)
-        child[1].inc()
+        method = request.method
+        if method not in _METHODS:
+            method = "other"
+        self.answered(method, request.match_info.route, status, time.perf_counter() - started)
 
-    def _children_for(
-        self, method: str, resource: web.AbstractResource | None, status: int
-    ) -> tuple[Any, Any]:
-        route = UNMATCHED if resource is None else resource.canonical
-        child = (self.latency.labels(method, route), self.responses.labels(method, route, str(status)))
-        self._children[(method, resource, status)] = child
-        return child
+    def answered(self, method: str, route: web.AbstractRoute, status: int, seconds: float) -> None:
+        """An answer (:meth:`record_answer`) on ``route``: the route that matched the
+        request, or the one aiohttp makes for a request none matched (404, 405)."""
+        latency, responses = self._answers.get((method, route, status)) or self._slots_for(
+            method, route, status
+        )
+        # The first bucket whose bound is >= seconds (+Inf past the last), as prometheus-client.
+        latency[bisect_left(_LATENCY_BUCKETS, seconds)] += 1
+        latency[-1] += seconds  # (the sum, last: see _SUM)
+        responses[0] += 1
+
+    def _slots_for(self, method: str, route: web.AbstractRoute, status: int) -> tuple[list[float], list[int]]:
+        resource = route.resource
+        label = UNMATCHED if resource is None else resource.canonical
+        # Two resources of one template (so two routes) share its label set's slots.
+        latency = self._latency.get((method, label))
+        if latency is None:
+            latency = self._latency[(method, label)] = [0] * _SUM + [0.0]
+        responses = self._responses.get((method, label, str(status)))
+        if responses is None:
+            responses = self._responses[(method, label, str(status))] = [0]
+        slots = (latency, responses)
+        if resource is not None:  # (aiohttp makes a route per unmatched request: none kept)
+            self._answers[(method, route, status)] = slots
+        return slots
+
+    def flush(self) -> None:
+        """Multi-process mode: write what this process counted since the last flush to its
+        files, where the other processes read it. (One process alone: nothing to do.)"""
+        if self._files is not None:
+            self._files.write(self)
+
+    async def flush_forever(self, interval_s: float = FLUSH_INTERVAL_S) -> None:
+        """Multi-process mode: :meth:`flush` every ``interval_s``, and once more when
+        cancelled (the app stops: its last answers). One process alone: returns at once."""
+        if self._files is None:
+            return
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                self._flush_or_say()
+        finally:
+            self._flush_or_say()
+
+    def _flush_or_say(self) -> None:
+        try:
+            self.flush()
+        except Exception:  # (a full disk, say) the service goes on; the next flush tries again
+            log.warning("could not write this process's metrics to PROMETHEUS_MULTIPROC_DIR", exc_info=True)
 
     def exposition(self, families: list[Metric]) -> bytes:
         """The text format: this process's metrics (all processes', in multi-process mode)
         and ``families`` (:func:`read_deployment`)."""
         self.deployment.families = families
         if self.multiprocess:
+            self.flush()  # this process's own figures are exact at its own scrapes
             registry = CollectorRegistry()
             multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
             registry.register(self.deployment)
