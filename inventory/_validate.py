@@ -40,27 +40,27 @@ def sku(value: object) -> str:
     return value
 
 
-#: Ids that passed :func:`ident` lately. A reservation's user and request id are checked by
-#: the service and again by ``Inventory.reserve`` (which must: a bad id would spoil the whole
-#: batch it travels in), and a buyer's id comes back with every order: a look-up here costs a
-#: fraction of the regular expression (issue 15: 6k instructions an order went to the four
-#: checks). Emptied when full, so it holds at most this many.
-_PASSED_IDS: dict[str, None] = {}
-_PASSED_IDS_MAX = 65_536
+#: The last two ids that passed :func:`ident`, kept by identity. A reservation's user and
+#: request id are checked by the service (``check_reserve``) and again by ``Inventory.reserve``
+#: in the same step of its task (which must check them: a bad id would spoil the whole batch
+#: it travels in), so the second check of each is the same string object: an identity test
+#: instead of a regular expression, with nothing kept beyond two references (a table of every
+#: id that passed would keep each order's request id alive, issue 15).
+_NOTHING = object()  # (what the two start as: no value a caller can pass)
+_passed: list[object] = [_NOTHING, _NOTHING]
 
 
 def ident(value: object, field: str) -> str:
     """A user, request or hold id: 1-64 ASCII characters."""
-    if type(value) is str and value in _PASSED_IDS:
-        return value
+    if value is _passed[0] or value is _passed[1]:
+        return value  # type: ignore[return-value]  # (only a str ever gets in)
     if not isinstance(value, str) or not _ID.fullmatch(value):
         raise InvalidRequest(
             f"{field} must be 1-64 ASCII characters of A-Z, a-z, 0-9, '_', '.', '@' and '-'",
             field=field,
         )
-    if len(_PASSED_IDS) >= _PASSED_IDS_MAX:
-        _PASSED_IDS.clear()
-    _PASSED_IDS[value] = None
+    _passed[1] = _passed[0]
+    _passed[0] = value
     return value
 
 
