@@ -31,12 +31,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
-import json
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,10 +41,11 @@ from pathlib import Path
 
 from flashsale.runtime.embedded import EmbeddedStack
 
+from .callgrind import Counter, run_counted, wrapper
 from .served import HOT_SKU, OrderService, Served, forget_prefix
 from .servers import Servers, open_servers
 
-__all__ = ["Reading", "lockstep", "main", "measure_instructions", "net_per_request", "totals"]
+__all__ = ["Reading", "lockstep", "main", "measure_instructions", "net_per_request"]
 
 CONNECTIONS = 32
 TOKENS = 2_000
@@ -78,14 +75,6 @@ def net_per_request(r: Reading) -> float:
     over the same length of time."""
     idle_rate = r.idle_instructions / r.idle_s if r.idle_s > 0 else 0.0
     return (r.loaded_instructions - idle_rate * r.loaded_s) / max(r.requests, 1)
-
-
-def totals(dump: Path) -> int:
-    """The instruction count of one callgrind dump (its ``totals:`` line)."""
-    for line in dump.read_text(errors="replace").splitlines():
-        if line.startswith("totals:"):
-            return int(line.split()[1])
-    raise ValueError(f"{dump}: no totals line (not a callgrind dump?)")
 
 
 def _order(token: str, request_id: str) -> bytes:
@@ -127,35 +116,22 @@ class _Counted:
     def __init__(self, name: str, command: list[str], env: dict[str, str], ready: str, workdir: Path) -> None:
         self.name = name
         self._out = workdir / f"callgrind.{name}"
-        wrapped = [
-            "valgrind",
-            "--tool=callgrind",
-            "--instr-atstart=no",
-            f"--callgrind-out-file={self._out}.%p",
-            *command,
-        ]
-        self.served = Served(wrapped, env, ready, workdir / f"{name}.log", ready_s=START_S)
-
-    def _control(self, *args: str) -> None:
-        subprocess.run(["callgrind_control", *args, str(self.served.pid)], capture_output=True, check=True)
-
-    def _newest_dump(self) -> Path:
-        dumps = glob.glob(f"{self._out}.{self.served.pid}.*")
-        return Path(max(dumps, key=lambda d: int(d.rsplit(".", 1)[1])))
+        self.served = Served(
+            [*wrapper(self._out), *command], env, ready, workdir / f"{name}.log", ready_s=START_S
+        )
 
     async def count(self, tokens: list[str], *, warmup_s: float, idle_s: float, seconds: float) -> Reading:
         port = self.served.port
         await lockstep(port, tokens, seconds=warmup_s, prefix=f"w{time.time_ns()}-")
-        await asyncio.to_thread(self._control, "--instr=on")
-        await asyncio.to_thread(self._control, "--dump")  # what switching on cost: not counted
+        counter = Counter(self.served.pid, self._out)
+        await asyncio.to_thread(counter.start)
         started = time.monotonic()
         await asyncio.sleep(idle_s)
-        await asyncio.to_thread(self._control, "--dump")
+        idle = await asyncio.to_thread(counter.window)
         idle_taken = time.monotonic() - started
-        idle = totals(self._newest_dump())
         ok, loaded_s = await lockstep(port, tokens, seconds=seconds, prefix=f"r{time.time_ns()}-")
-        await asyncio.to_thread(self._control, "--dump")
-        return Reading(self.name, ok, loaded_s, totals(self._newest_dump()), idle_taken, idle)
+        loaded = await asyncio.to_thread(counter.window)
+        return Reading(self.name, ok, loaded_s, loaded, idle_taken, idle)
 
 
 async def measure_instructions(
@@ -248,16 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     args.seconds = args.seconds or (3.0 if args.quick else 20.0)
     args.idle = 2.0 if args.quick else 10.0
     args.warmup = 2.0 if args.quick else 10.0
-    missing = [tool for tool in ("valgrind", "callgrind_control") if shutil.which(tool) is None]
-    if missing:
-        print(
-            f"instructions: skipped, {' and '.join(missing)} not on PATH (Debian: apt-get install valgrind)"
-        )
-        return 0
-    report = asyncio.run(_run(args))
-    if args.json:
-        args.json.write_text(json.dumps(report, indent=2))
-    return 0
+    return run_counted("instructions", lambda: _run(args), args.json)
 
 
 if __name__ == "__main__":

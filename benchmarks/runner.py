@@ -112,6 +112,7 @@ EXTERNAL: dict[str, str] = {
     "writer": "writer_bench",
     "buckets": "buckets_bench",
     "instructions": "instructions_bench",
+    "engine-instructions": "engine_instructions",
 }
 
 

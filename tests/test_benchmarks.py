@@ -24,9 +24,12 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a directory of the repo, not an 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import inventory_bench  # noqa: E402
+from benchmarks.callgrind import totals  # noqa: E402
+from benchmarks.engine_instructions import Reading as EngineReading  # noqa: E402
+from benchmarks.engine_instructions import render as render_engine  # noqa: E402
 from benchmarks.generator_bench import CpuTrace, requests_window  # noqa: E402
 from benchmarks.goals import GOALS, judge, render_goals  # noqa: E402
-from benchmarks.instructions_bench import Reading, render, totals  # noqa: E402
+from benchmarks.instructions_bench import Reading, render  # noqa: E402
 from benchmarks.report import Claim, Figure, check_claims  # noqa: E402
 from benchmarks.rounds import combine  # noqa: E402
 from benchmarks.service_bench import ServerTime, cost_ratio_note, server_time_note  # noqa: E402
@@ -219,7 +222,7 @@ def test_the_service_is_measured_beside_the_http_ceiling_with_the_same_generator
 def test_the_programs_beside_it_ran_against_the_same_servers(quick: tuple[Any, dict[str, Any]]) -> None:
     external = {e["name"]: e for e in quick[1]["external"]}
     for name in set(external) | set(quick[1]["skipped"]):
-        assert name in ("writer", "buckets", "instructions")
+        assert name in ("writer", "buckets", "instructions", "engine-instructions")
     for e in external.values():
         assert e["exit_code"] == 0 and e["output"].strip(), e
 
@@ -250,6 +253,30 @@ def test_instructions_are_counted_per_order_net_of_what_the_server_does_idle(
         assert all(r["requests"] > 0 and r["per_request"] > 0 for r in readings.values())
         assert run["report"]["ratio"] == pytest.approx(
             readings["trivial"]["per_request"] / readings["service"]["per_request"], rel=0.01
+        )
+
+
+def test_redis_instructions_are_counted_per_reservation_at_the_default_batch_size(
+    quick: tuple[Any, dict[str, Any]],
+) -> None:
+    """The engine's count: the server's idle rate over the window is taken off, then divided
+    by the reservations made; the batch size reached is reservations over script calls. In
+    the quick run (valgrind is installed by .ci/run) the library's reservations travelled 64
+    to a script call, the default batch the engine goal is about, and the raw ones one each."""
+    library = EngineReading("library", 640, 10, 2.0, 66_000_000, 500_000.0)  # 1M idle taken off
+    raw = EngineReading("raw", 640, 640, 2.0, 21_000_000, 500_000.0)
+    assert library.per_reservation == 101_562.5 and library.per_call == 64.0
+    assert raw.per_reservation == 31_250.0 and raw.per_call == 1.0
+    table = render_engine([library, raw], "Valkey 9.1.2")
+    assert "| library | 640 | 10 | 64.0 | 101.6k |" in table and "3.25x" in table
+    run = next(e for e in quick[1]["external"] if e["name"] == "engine-instructions")
+    assert run["exit_code"] == 0
+    if "skipped" not in run["output"]:
+        coalesced, one_each = run["report"]["readings"]
+        assert coalesced["reservations"] > 0 and coalesced["per_call"] == 64.0
+        assert one_each["reservations"] == coalesced["reservations"] and one_each["per_call"] == 1.0
+        assert run["report"]["ratio"] == pytest.approx(
+            coalesced["per_reservation"] / one_each["per_reservation"], rel=0.01
         )
 
 

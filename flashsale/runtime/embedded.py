@@ -513,7 +513,9 @@ class RedisServer(_ServerProcess):
     Without ``data_dir`` the data lives in a temp dir removed by :meth:`stop`; :meth:`kill`
     keeps it so :meth:`restart` can show what survives a crash (with ``appendonly=True`` and
     ``appendfsync="always"``: every acknowledged write). RDB snapshots are off (``save ''``);
-    pass ``extra_args=("--save", "60", "1")`` to turn them back on.
+    pass ``extra_args=("--save", "60", "1")`` to turn them back on. ``wrapper``: a command
+    the server runs under, e.g. ``("valgrind", "--tool=callgrind")`` (it must exec the server
+    in its own process, as valgrind does: the server is recognised by its pid).
     """
 
     _kind = "redis"
@@ -528,8 +530,10 @@ class RedisServer(_ServerProcess):
         extra_args: Sequence[str] = (),
         binary: Path | str | None = None,
         start_timeout: float = 15.0,
+        wrapper: Sequence[str] = (),
     ) -> None:
         super().__init__(port=port, data_dir=data_dir, start_timeout=start_timeout)
+        self._wrapper = tuple(wrapper)
         self._appendonly = appendonly
         self._appendfsync = appendfsync
         self._extra_args = tuple(extra_args)
@@ -573,6 +577,7 @@ class RedisServer(_ServerProcess):
         data_dir = self.data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         args: list[str | Path] = [
+            *self._wrapper,
             self.binary,
             "--port",
             str(self.port),
