@@ -2,7 +2,8 @@
 scripts writes exactly the fields the contract lists for its type (read statically from
 the scripts, so a new field or type cannot slip in unlisted), the scripts point to the
 contract, the parser refuses what breaks it, and every entry the real engine appends
-through a sale's whole life parses to its type."""
+through a sale's whole life parses to its type — a reservation call's one entry to the
+holds it made."""
 
 from __future__ import annotations
 
@@ -198,11 +199,21 @@ def test_every_xadd_writes_a_field_set_the_contract_lists(append: Append) -> Non
 
 
 def test_every_type_of_the_contract_is_written_by_a_script() -> None:
-    """Every type but ``reserved_batch``, which readers read before reserve.lua writes it."""
+    """Every type but ``reserved``, which reserve.lua wrote before ``reserved_batch`` and
+    readers still read (a stream written before an upgrade is drained after it)."""
     written = set().union(*(a.types for a in every_append()))
-    assert written == set(EVENT_FIELDS) - {"reserved_batch"}
+    assert written == set(EVENT_FIELDS) - {"reserved"}
     assert OrderEvent.TYPES | StockEvent.TYPES | {"reserved_batch"} == set(EVENT_FIELDS)
     assert not OrderEvent.TYPES & StockEvent.TYPES
+
+
+def test_the_reserve_script_appends_one_entry_of_packed_holds() -> None:
+    """reserve.lua's one XADD writes ``type``, ``at`` and the holds' field/value pairs it
+    gathered (the reader's HOLDS), which the contract lists as the one field of kind hold."""
+    (append,) = [a for a in every_append() if a.path == "reserve.lua"]
+    assert append.types == {"reserved_batch"} and append.fields == ("type", "at", HOLDS)
+    holds = [f for spec in EVENT_FIELDS.values() for f in spec.values() if f.kind == "hold"]
+    assert [f.name for f in holds] == [HOLDS] and EVENT_FIELDS["reserved_batch"][HOLDS] is holds[0]
 
 
 def test_the_reader_sees_a_computed_type_and_refuses_an_opaque_one(tmp_path: Path) -> None:
@@ -552,6 +563,8 @@ async def test_every_entry_the_engine_appends_parses(redis_url: str) -> None:
         entries = await inv.redis.xrange(inv.keys.events)
     ids = [StreamId.parse(i) for i, _ in entries]
     assert ids == sorted(set(ids))
+    # Not coalesced: each reservation is a call of its own, so an entry of one hold.
+    assert [len(f) for _, f in entries if f[b"type"] == b"reserved_batch"] == [3] * 5
     events = [e for _, f in entries for e in parse_events(f)]
     assert [e.type for e in events] == [
         "stocked",
@@ -595,6 +608,42 @@ async def test_every_entry_the_engine_appends_parses(redis_url: str) -> None:
         (swept.hold_id, HoldState.EXPIRED),
         (late.hold_id, HoldState.EXPIRED),
         (lapsed.hold_id, HoldState.EXPIRED),
+    ]
+
+
+async def test_a_coalesced_batch_appends_one_entry_of_its_holds(redis_url: str) -> None:
+    """Reservations coalesced into one script call append one entry, whose holds are, in
+    the order the call made them, what the engine reads back of each hold; a refused or
+    replayed request adds none."""
+    async with open_sale(redis_url, "batch") as inv:
+        await inv.stock("phone", 100)
+        await inv.stock("case", 100)
+        await inv.load_scripts()
+        before = await inv.redis.xlen(inv.keys.events)
+        carts = [[("phone", 1)] + ([("case", 1 + i % 4)] if i % 3 == 0 else []) for i in range(40)]
+        answers = await asyncio.gather(
+            *(inv.reserve(f"u{i}", cart, request_id=f"r-{i}") for i, cart in enumerate(carts)),
+            inv.reserve("u7", carts[7], request_id="r-7"),  # the same request again: a replay
+            inv.reserve("zed", [("phone", 101)], request_id="r-x"),  # sold out
+            return_exceptions=True,
+        )
+        replay, holds = answers[-2], answers[:40]
+        assert isinstance(answers[-1], inventory.SoldOut)
+        assert isinstance(replay, Hold) and replay.replayed and replay.hold_id == holds[7].hold_id  # type: ignore[union-attr]
+        entries = await inv.redis.xrange(inv.keys.events)
+        read_back = [await inv.hold(h.hold_id) for h in holds]  # type: ignore[union-attr]
+    assert len(entries) == before + 1
+    (_, fields) = entries[-1]
+    events = parse_events(fields)
+    assert len(fields) == 2 + 40 and len(events) == 40
+    assert all(isinstance(e, OrderEvent) and e.type == "reserved" for e in events)
+    assert [
+        (e.hold_id, e.user, e.lines, e.request_id, e.deadline_ms, e.at_ms)  # type: ignore[union-attr]
+        for e in events
+    ] == [
+        (h.hold_id, h.user, h.lines, h.request_id, h.deadline_ms, h.created_ms)
+        for h in read_back
+        if h is not None
     ]
 
 
