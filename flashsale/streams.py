@@ -2,7 +2,8 @@
 dead-letter stream beside each events stream, how to make the group, and the backlog
 (what has not yet reached PostgreSQL). The entry format itself is inventory's contract.
 
-The backlog (for metrics): Redis 6.2's XINFO GROUPS has no ``lag``, so :func:`stream_backlog`
+The backlog (for metrics) counts entries, not orders: a reservation call appends one entry
+for every hold it made. Redis 6.2's XINFO GROUPS has no ``lag``, so :func:`stream_backlog`
 reports ``pending`` exactly (XPENDING) and ``undelivered`` exactly when it is zero or
 when Redis ≥ 7 reports ``lag``; otherwise as the upper bound ``XLEN - pending``, which is
 close because the worker trims acknowledged entries every ``trim_interval_s``.

@@ -13,8 +13,9 @@ validates first, then writes, and appends the change to the sale's event stream.
 Request ids are each buyer's own (``SaleKeys.request_field``): a retry by the same buyer
 replays the first hold; another buyer using the same id gets a hold of their own.
 
-Every change is appended to the sale's event stream as one entry; ``parse_event`` reads
-an entry back (the fields of each type are the contract in ``_events.py``).
+Every change is appended to the sale's event stream, in the same script; ``parse_events``
+reads an entry back as the changes it records — one per hold of a reservation call's
+``reserved_batch``, else one (the fields of each type are the contract in ``_events.py``).
 
 The only dependency is redis-py.
 """
@@ -39,7 +40,16 @@ from ._errors import (
     SoldOut,
     UnknownSku,
 )
-from ._events import EVENT_FIELDS, EventError, EventField, OrderEvent, StockEvent, StreamId, parse_event
+from ._events import (
+    EVENT_FIELDS,
+    EventError,
+    EventField,
+    OrderEvent,
+    StockEvent,
+    StreamId,
+    parse_event,
+    parse_events,
+)
 from ._keys import SaleKeys
 from ._room import RoomFigures, RoomSettings, RoomStatus, TicketRefused, WaitingRoom, replay_shuffle
 from ._types import ExpiryBatch, Hold, HoldState, Line, Snapshot, StockState
@@ -87,5 +97,6 @@ __all__ = [
     "bucket_sale_id",
     "parent_sale_id",
     "parse_event",
+    "parse_events",
     "replay_shuffle",
 ]

@@ -19,9 +19,10 @@ key                                type    holds
                                            no-op)
 ``{fs:<sale>}:users``              hash    ``<user>:<sku>`` -> units held or bought
 ``{fs:<sale>}:deadlines``          zset    open hold ids scored by deadline (ms)
-``{fs:<sale>}:events``             stream  one entry per state change, appended by the
-                                           same script that made the change (fields:
-                                           see ``_events.py``)
+``{fs:<sale>}:events``             stream  the state changes, appended by the same
+                                           script that made them: one entry each, but
+                                           one per reserve call for all its holds
+                                           (fields: see ``_events.py``)
 ``{fs:<sale>}:transfers``          hash    transfer id -> JSON intent, while units move
                                            between a bucketed sale's buckets
 ``{fs:<sale>}:room``               hash    the waiting room's settings and counters

@@ -174,6 +174,25 @@ async def test_each_planted_violation_is_caught(
     assert report.to_json()["ok"] is False
 
 
+async def test_a_dead_reservation_call_is_named_by_its_holds(
+    sale: Sale, text_redis: Redis, audit: Audit
+) -> None:
+    """A dead-lettered reserved_batch entry has no 'order' field: its holds name it."""
+    await text_redis.xadd(
+        dead_letter_key("fs", "d11"),
+        {
+            "type": "reserved_batch",
+            "at": "1",
+            "d11.a": "alice phone:1 r-1 2",
+            "d11.b": "bob phone:1 r-1 2",
+            "dead_stream_id": "1-0",
+            "dead_error": "DataError: planted",
+        },
+    )
+    (dead,) = [v for v in (await audit()).violations if v.kind == "dead_letter"]
+    assert "(e.g. d11.a and 1 more holds: DataError: planted)" in dead.detail
+
+
 async def test_details_name_the_order_sku_and_units(
     sale: Sale, text_redis: Redis, pipeline_pool: Any, audit: Audit
 ) -> None:

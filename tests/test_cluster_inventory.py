@@ -52,7 +52,9 @@ async def test_full_life_cycle_runs_on_the_cluster(rc: RedisCluster) -> None:
     snap = await inv.snapshot("phone")
     assert snap is not None and snap.balanced
     assert (snap.available, snap.held, snap.sold, snap.reserve) == (9, 0, 1, 0)
-    assert await rc.xlen(inv.keys.events) == 8  # stocked + 3 reserved + 3 closed + released
+    assert (
+        await rc.xlen(inv.keys.events) == 8
+    )  # stocked + 3 reserved_batch (one call each) + 3 closed + released
 
 
 async def test_hammer_on_one_sale_sells_exactly_the_stock(rc: RedisCluster) -> None:

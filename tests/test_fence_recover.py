@@ -419,6 +419,29 @@ async def recorded_sale(text_redis: Redis, pipeline_pool: asyncpg.Pool) -> Inven
     return inv
 
 
+async def test_the_drain_writes_every_hold_of_a_reservation_calls_entry(
+    text_redis: Redis, pipeline_pool: asyncpg.Pool
+) -> None:
+    """Recovery's drain reads a reservation call's entry as one order per hold, beside a
+    single ``reserved`` entry an older stream may still hold."""
+    inv = Inventory(text_redis, "bt1")
+    await inv.stock("bt1-phone", 50)
+    holds = await asyncio.gather(
+        *(inv.reserve(f"u{i}", [("bt1-phone", 1)], request_id=f"r{i}") for i in range(12))
+    )
+    older = {"order": "bt1.older", "user": "ann", "lines": "bt1-phone:2", "request": "r-old"}
+    await text_redis.xadd(
+        inv.keys.events, {"type": "reserved", **older, "deadline": "1900000000000", "at": "1800000000000"}
+    )
+    entries, _, problems = await _drain(text_redis, pipeline_pool, "fs", "bt1", "0-0")
+    assert (entries, problems) == (1 + 1 + 1, [])  # stocked, the 12 holds' entry, the older one
+    rows = await pipeline_pool.fetch("SELECT order_id, user_id, status FROM orders WHERE sale = 'bt1'")
+    assert {tuple(r) for r in rows} == {
+        *((h.hold_id, h.user, "held") for h in holds),
+        ("bt1.older", "ann", "held"),
+    }
+
+
 async def _break_stream(r: Redis) -> None:
     await r.delete("{fs:v1}:events")
     await r.xadd("{fs:v1}:events", {"type": "noise"}, id="1-1")

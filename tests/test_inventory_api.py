@@ -32,6 +32,7 @@ EXPECTED_EXPORTS = {
     "StreamId",
     "TicketRefused",
     "parse_event",
+    "parse_events",
     "replay_shuffle",
     "BucketedInventory",
     "ExpiryBatch",

@@ -271,6 +271,15 @@ RESERVE_ARGV: dict[str, tuple[list[Any], str]] = {
     # Request ids cannot contain ':' ("op:<id>" records of stock changes share the hash).
     "request id of a stock operation": (batch(group("OPID")), "bad_batch"),
     "good request then a stock operation's id": (batch(group("q1"), group("OPID")), "bad_batch"),
+    # The event entry packs each hold's user, lines, request id and deadline with spaces,
+    # under a field named by its hold id beside 'type' and 'at' (inventory/_events.py).
+    "space in a hold id": (batch(group("q1", "h 1")), "bad_batch"),
+    "space in a user": (batch(group("q1", None, "da ve")), "bad_batch"),
+    "space in a request id": (batch(group("q 1")), "bad_batch"),
+    "space in a SKU": (batch(group("q1", None, "dave", 60_000, ("pho ne", 1))), "bad_batch"),
+    "good request then one with a space": (batch(group("q1"), group("q2", "h 2")), "bad_batch"),
+    "hold id 'type'": (batch(group("q1", "type")), "bad_batch"),
+    "hold id 'at'": (batch(group("q1"), group("q2", "at")), "bad_batch"),
 }
 
 

@@ -2,7 +2,8 @@
 scripts writes exactly the fields the contract lists for its type (read statically from
 the scripts, so a new field or type cannot slip in unlisted), the scripts point to the
 contract, the parser refuses what breaks it, and every entry the real engine appends
-through a sale's whole life parses to its type."""
+through a sale's whole life parses to its type — a reservation call's one entry to the
+holds it made."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from inventory import (
     StockEvent,
     StreamId,
     parse_event,
+    parse_events,
 )
 from inventory._scripts import SCRIPT_NAMES, script_source
 
@@ -105,6 +107,11 @@ def _possible_values(code: str, var: str, where: str) -> set[str]:
     return values
 
 
+#: How the contract names a type's one field per hold (kind ``hold``), and how the reader
+#: names what a trailing ``unpack(…)`` of an XADD writes: field/value pairs made at run time.
+HOLDS = "<hold id>"
+
+
 @dataclass(frozen=True)
 class Append:
     """One XADD found in a script."""
@@ -133,6 +140,9 @@ def appends_in(path: Path, root: Path = LUA) -> list[Append]:
         # entries not yet written to PostgreSQL), no explicit ids.
         assert _literal(args[2]) == "*", f"{where}: XADD must be XADD <key> * <fields>, got {args[2]!r}"
         pairs = args[3:]
+        unpacked = bool(pairs) and re.fullmatch(r"unpack\(.*\)", pairs[-1], re.S) is not None
+        if unpacked:
+            pairs = pairs[:-1]
         assert pairs and len(pairs) % 2 == 0, f"{where}: fields and values do not pair up"
         names = []
         for name_expr in pairs[0::2]:
@@ -150,7 +160,7 @@ def appends_in(path: Path, root: Path = LUA) -> list[Append]:
                 f"{where}: type {type_expr!r} is neither literal nor a name"
             )
             types = _possible_values(code, type_expr, where)
-        found.append(Append(rel, line, frozenset(types), tuple(names)))
+        found.append(Append(rel, line, frozenset(types), (*names, HOLDS) if unpacked else tuple(names)))
     mentions = len(re.findall(r"xadd", code, re.I))
     assert mentions == len(found), (
         f"{rel}: {mentions} XADDs in the code, {len(found)} read as redis.call('XADD', …)"
@@ -189,10 +199,21 @@ def test_every_xadd_writes_a_field_set_the_contract_lists(append: Append) -> Non
 
 
 def test_every_type_of_the_contract_is_written_by_a_script() -> None:
+    """Every type but ``reserved``, which reserve.lua wrote before ``reserved_batch`` and
+    readers still read (a stream written before an upgrade is drained after it)."""
     written = set().union(*(a.types for a in every_append()))
-    assert written == set(EVENT_FIELDS)
-    assert OrderEvent.TYPES | StockEvent.TYPES == set(EVENT_FIELDS)
+    assert written == set(EVENT_FIELDS) - {"reserved"}
+    assert OrderEvent.TYPES | StockEvent.TYPES | {"reserved_batch"} == set(EVENT_FIELDS)
     assert not OrderEvent.TYPES & StockEvent.TYPES
+
+
+def test_the_reserve_script_appends_one_entry_of_packed_holds() -> None:
+    """reserve.lua's one XADD writes ``type``, ``at`` and the holds' field/value pairs it
+    gathered (the reader's HOLDS), which the contract lists as the one field of kind hold."""
+    (append,) = [a for a in every_append() if a.path == "reserve.lua"]
+    assert append.types == {"reserved_batch"} and append.fields == ("type", "at", HOLDS)
+    holds = [f for spec in EVENT_FIELDS.values() for f in spec.values() if f.kind == "hold"]
+    assert [f.name for f in holds] == [HOLDS] and EVENT_FIELDS["reserved_batch"][HOLDS] is holds[0]
 
 
 def test_the_reader_sees_a_computed_type_and_refuses_an_opaque_one(tmp_path: Path) -> None:
@@ -271,7 +292,7 @@ def test_the_docstring_table_is_the_contract() -> None:
     assert table == {kind: list(spec) for kind, spec in EVENT_FIELDS.items()}
     for spec in EVENT_FIELDS.values():
         for name, field in spec.items():
-            assert field.name == name and field.meaning and field.kind in ("text", "int", "lines")
+            assert field.name == name and field.meaning and field.kind in ("text", "int", "lines", "hold")
 
 
 def test_the_contract_imports_only_the_standard_library() -> None:
@@ -326,7 +347,15 @@ SAMPLES: dict[str, dict[str, str]] = {
     "restocked": {"type": "restocked", "sku": "a", "delta": "3", "at": "1", "transfer": "x1"},
     "written_off": {"type": "written_off", "sku": "a", "delta": "-3", "at": "1", "transfer": "x1"},
     "reserve_released": {"type": "reserve_released", "sku": "a", "units": "4", "at": "1"},
+    "reserved_batch": {
+        "type": "reserved_batch",
+        "at": "1800000000000",
+        "d11.abc": "alice phone:1,case:2 r-1 1900000000000",
+        "d11.def": "bob case:3 r-1 1900000000500",
+    },
 }
+#: The single-change types (every one but reserved_batch).
+SINGLE = [kind for kind in SAMPLES if kind != "reserved_batch"]
 
 
 def entry(kind: str, **override: str) -> dict[str, str]:
@@ -361,6 +390,56 @@ def test_a_stock_entry_parses_to_its_typed_form() -> None:
     assert parse_event(entry("written_off")) == StockEvent("written_off", "a", 1, delta=-3, transfer="x1")
     assert parse_event(entry("written_off", transfer="")) == StockEvent("written_off", "a", 1, delta=-3)
     assert parse_event(entry("reserve_released")) == StockEvent("reserve_released", "a", 1, units=4)
+
+
+def test_a_batch_entry_parses_to_one_reserved_event_per_hold_in_order() -> None:
+    """Each hold of a reserved_batch reads as the reserved entry it stands for would."""
+    alice = entry("reserved")
+    bob = {**alice, "order": "d11.def", "user": "bob", "lines": "case:3", "deadline": "1900000000500"}
+    assert parse_events(SAMPLES["reserved_batch"]) == (parse_event(alice), parse_event(bob))
+    as_bytes = {k.encode(): v.encode() for k, v in SAMPLES["reserved_batch"].items()}
+    assert parse_events(as_bytes) == parse_events(SAMPLES["reserved_batch"])
+    backwards = {"type": "reserved_batch", "d11.def": SAMPLES["reserved_batch"]["d11.def"], "at": "7"}
+    backwards["d11.abc"] = SAMPLES["reserved_batch"]["d11.abc"]
+    assert [(e.hold_id, e.at_ms) for e in parse_events(backwards)] == [("d11.def", 7), ("d11.abc", 7)]
+
+
+def test_parse_events_reads_a_single_change_as_parse_event_does() -> None:
+    for kind in SINGLE:
+        assert parse_events(SAMPLES[kind]) == (parse_event(SAMPLES[kind]),)
+
+
+def test_parse_event_refuses_a_batch_entry() -> None:
+    with pytest.raises(EventError, match="parse_events"):
+        parse_event(SAMPLES["reserved_batch"])
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"type": "reserved_batch", "at": "1"}, "has no hold"),
+        ({"type": "reserved_batch", "d11.a": "alice phone:1 r-1 2"}, "'at' is missing"),
+        ({"type": "reserved_batch", "at": "", "d11.a": "alice phone:1 r-1 2"}, "'at' is missing"),
+        ({"type": "reserved_batch", "at": "-1", "d11.a": "alice phone:1 r-1 2"}, "out of range"),
+        ({"type": "reserved_batch", "at": "1", "d11.a": "alice phone:1 r-1"}, "is not '<user>"),
+        ({"type": "reserved_batch", "at": "1", "d11.a": "alice phone:1 r-1 2 x"}, "is not '<user>"),
+        ({"type": "reserved_batch", "at": "1", "d11.a": "alice  phone:1 r-1"}, "is not '<user>"),
+        ({"type": "reserved_batch", "at": "1", "d11.a": ""}, "is not '<user>"),
+        ({"type": "reserved_batch", "at": "1", "": "alice phone:1 r-1 2"}, "is not '<user>"),
+        ({"type": "reserved_batch", "at": "1", "d11.a": "alice phone:1 r-1 soon"}, "not a whole number"),
+        ({"type": "reserved_batch", "at": "1", "d11.a": "alice phone:1 r-1 -2"}, "out of range"),
+        ({"type": "reserved_batch", "at": "1", "d11.a": "alice phone r-1 2"}, "not '<sku>:<qty>'"),
+        ({"type": "reserved_batch", "at": "1", "d11.a": "alice phone:1,phone:2 r-1 2"}, "two lines"),
+        # One bad hold spoils the entry, wherever it stands.
+        (
+            {"type": "reserved_batch", "at": "1", "d11.a": "alice phone:1 r-1 2", "d11.b": "bob phone:0 r 2"},
+            "not '<sku>:<qty>'",
+        ),
+    ],
+)
+def test_a_malformed_batch_entry_is_refused(fields: dict[str, str], message: str) -> None:
+    with pytest.raises(EventError, match=re.escape(message)):
+        parse_events(fields)
 
 
 def test_bytes_and_text_read_alike_and_unknown_fields_are_ignored() -> None:
@@ -399,13 +478,16 @@ def test_bytes_and_text_read_alike_and_unknown_fields_are_ignored() -> None:
 def test_a_malformed_entry_is_refused(entry: dict[str, str], message: str) -> None:
     with pytest.raises(EventError, match=re.escape(message)):
         parse_event(entry)
+    with pytest.raises(EventError, match=re.escape(message)):
+        parse_events(entry)
 
 
 def test_every_listed_field_reaches_the_typed_form() -> None:
     """The parser reads every field the table lists (none is listed and then dropped), and
     refuses an entry missing any required one; an optional one may be left out."""
     assert set(SAMPLES) == set(EVENT_FIELDS)
-    for kind, sample in SAMPLES.items():
+    for kind in SINGLE:
+        sample = SAMPLES[kind]
         event = parse_event(sample)
         unset = [f.name for f in fields(event) if getattr(event, f.name) is None]
         set_count = len(fields(event)) - len(unset)
@@ -481,7 +563,9 @@ async def test_every_entry_the_engine_appends_parses(redis_url: str) -> None:
         entries = await inv.redis.xrange(inv.keys.events)
     ids = [StreamId.parse(i) for i, _ in entries]
     assert ids == sorted(set(ids))
-    events = [parse_event(f) for _, f in entries]
+    # Not coalesced: each reservation is a call of its own, so an entry of one hold.
+    assert [len(f) for _, f in entries if f[b"type"] == b"reserved_batch"] == [3] * 5
+    events = [e for _, f in entries for e in parse_events(f)]
     assert [e.type for e in events] == [
         "stocked",
         "stocked",
@@ -524,6 +608,42 @@ async def test_every_entry_the_engine_appends_parses(redis_url: str) -> None:
         (swept.hold_id, HoldState.EXPIRED),
         (late.hold_id, HoldState.EXPIRED),
         (lapsed.hold_id, HoldState.EXPIRED),
+    ]
+
+
+async def test_a_coalesced_batch_appends_one_entry_of_its_holds(redis_url: str) -> None:
+    """Reservations coalesced into one script call append one entry, whose holds are, in
+    the order the call made them, what the engine reads back of each hold; a refused or
+    replayed request adds none."""
+    async with open_sale(redis_url, "batch") as inv:
+        await inv.stock("phone", 100)
+        await inv.stock("case", 100)
+        await inv.load_scripts()
+        before = await inv.redis.xlen(inv.keys.events)
+        carts = [[("phone", 1)] + ([("case", 1 + i % 4)] if i % 3 == 0 else []) for i in range(40)]
+        answers = await asyncio.gather(
+            *(inv.reserve(f"u{i}", cart, request_id=f"r-{i}") for i, cart in enumerate(carts)),
+            inv.reserve("u7", carts[7], request_id="r-7"),  # the same request again: a replay
+            inv.reserve("zed", [("phone", 101)], request_id="r-x"),  # sold out
+            return_exceptions=True,
+        )
+        replay, holds = answers[-2], answers[:40]
+        assert isinstance(answers[-1], inventory.SoldOut)
+        assert isinstance(replay, Hold) and replay.replayed and replay.hold_id == holds[7].hold_id  # type: ignore[union-attr]
+        entries = await inv.redis.xrange(inv.keys.events)
+        read_back = [await inv.hold(h.hold_id) for h in holds]  # type: ignore[union-attr]
+    assert len(entries) == before + 1
+    (_, fields) = entries[-1]
+    events = parse_events(fields)
+    assert len(fields) == 2 + 40 and len(events) == 40
+    assert all(isinstance(e, OrderEvent) and e.type == "reserved" for e in events)
+    assert [
+        (e.hold_id, e.user, e.lines, e.request_id, e.deadline_ms, e.at_ms)  # type: ignore[union-attr]
+        for e in events
+    ] == [
+        (h.hold_id, h.user, h.lines, h.request_id, h.deadline_ms, h.created_ms)
+        for h in read_back
+        if h is not None
     ]
 
 

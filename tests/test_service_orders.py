@@ -28,7 +28,7 @@ from service_support import (
     start_service,  # noqa: F401  (fixture)
 )
 
-from inventory import BucketedInventory
+from inventory import BucketedInventory, Line, OrderEvent, parse_events
 
 
 async def test_created_order_holds_stock_until_pay_by(service: Service, redis_client: Redis) -> None:
@@ -267,16 +267,17 @@ async def test_fenced_sale_refuses_with_503_until_the_fence_is_lifted(
 
 
 async def test_orders_are_recorded_in_the_sale_stream(service: Service, redis_client: Redis) -> None:
-    """The order pipeline's input: one "reserved" event per created order, none for a replay."""
+    """The order pipeline's input: a "reserved_batch" entry holding each created order (one
+    reservation call's holds), none for a replay."""
     sku = new_id("sku")
     sale = (await service.create_sale({sku: 5}))["sale"]
     order = await expect_json(await service.order("alice", sku, 2, request_id="r-ev"), 201)
     await expect_json(await service.order("alice", sku, 2, request_id="r-ev"), 201)
     entries = cast(list[tuple[bytes, dict[bytes, bytes]]], await redis_client.xrange(sale_keys(sale).events))
-    reserved = [fields for _, fields in entries if fields[b"type"] == b"reserved"]
-    assert len(reserved) == 1
-    assert reserved[0][b"order"].decode() == order["order_id"]
-    assert reserved[0][b"lines"].decode() == f"{sku}:2"
+    reserved = [e for _, f in entries for e in parse_events(f) if isinstance(e, OrderEvent)]
+    assert [(e.type, e.hold_id, e.lines) for e in reserved] == [
+        ("reserved", order["order_id"], (Line(sku, 2),))
+    ]
 
 
 def test_an_order_is_written_field_by_field_from_its_hold() -> None:

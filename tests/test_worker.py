@@ -49,19 +49,20 @@ def assert_same_orders(pg: dict[str, dict[str, Any]], holds: dict[str, Any]) -> 
         assert int(row["created_at"].timestamp() * 1000) == hold.created_ms
 
 
-async def make_orders(inv: Inventory, n: int, *, prefix: str = "r") -> list[Any]:
-    return list(
-        await asyncio.gather(
-            *(
-                inv.reserve(
-                    f"u{i % 40}",
-                    [Line("phone", 1)] + ([Line("case", 2)] if i % 3 == 0 else []),
-                    request_id=f"{prefix}{i}",
-                )
-                for i in range(n)
-            )
+async def make_orders(inv: Inventory, n: int, *, prefix: str = "r", one_by_one: bool = False) -> list[Any]:
+    """``n`` orders, made together: coalesced into reservation calls of up to 64, each call
+    one stream entry of its holds. ``one_by_one``: a call, so an entry, per order."""
+    reservations = (
+        inv.reserve(
+            f"u{i % 40}",
+            [Line("phone", 1)] + ([Line("case", 2)] if i % 3 == 0 else []),
+            request_id=f"{prefix}{i}",
         )
+        for i in range(n)
     )
+    if one_by_one:
+        return [await reservation for reservation in reservations]
+    return list(await asyncio.gather(*reservations))
 
 
 @pytest.mark.parametrize("method", ["unnest", "copy"])
@@ -103,6 +104,27 @@ async def test_every_order_and_stock_change_reaches_postgres(
     assert (await stream_backlog(text_redis, inv.keys.events)).total == 0
 
 
+@pytest.mark.parametrize("batch", [8, 1000])
+async def test_every_hold_of_a_reservation_calls_entry_is_written_and_the_entry_acknowledged_once(
+    batch: int, text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, writer_running: Any, drained: Any
+) -> None:
+    """One entry per reservation call, one change per hold: each hold reaches PostgreSQL,
+    each entry is acknowledged once, and a transaction of about ``batch`` changes takes an
+    entry whole (8: the 30 holds' entry is not split)."""
+    inv = await pipeline_sale("d11", STOCK)
+    await make_orders(inv, 30)
+    await make_orders(inv, 1, prefix="s")
+    await make_orders(inv, 5, prefix="m")
+    entries = await text_redis.xrange(inv.keys.events)
+    assert [len(f) - 2 for _, f in entries if f["type"] == "reserved_batch"] == [30, 1, 5]
+    async with writer_running(batch=batch) as writer:
+        await drained(text_redis, ["d11"])
+    assert writer.stats.dead_letters == 0
+    assert writer.stats.entries_committed == 2 + 3 and writer.stats.orders_written == 36
+    assert_same_orders(await orders_in_pg(pipeline_pool), await holds_in_redis(inv))
+    assert (await stream_backlog(text_redis, inv.keys.events)).total == 0
+
+
 async def test_replaying_the_whole_stream_changes_nothing(
     text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, writer_running: Any, drained: Any
 ) -> None:
@@ -116,7 +138,8 @@ async def test_replaying_the_whole_stream_changes_nothing(
     await text_redis.xgroup_setid(inv.keys.events, GROUP, "0")
     async with writer_running(consumer="w2") as writer:
         await drained(text_redis, ["d11"])
-    assert writer.stats.entries_committed == await text_redis.xlen(inv.keys.events) == 2 + 40 + 1
+    # Stocked twice, the 40 holds' one entry, the confirm.
+    assert writer.stats.entries_committed == await text_redis.xlen(inv.keys.events) == 2 + 1 + 1
     assert writer.stats.rows_written == 0
     assert await pipeline_pool.fetch("SELECT * FROM orders ORDER BY order_id") == before
     assert await pipeline_pool.fetchval("SELECT count(*) FROM order_lines") == 40 + 14
@@ -173,7 +196,7 @@ async def test_a_restarted_writer_rereads_its_own_pending_entries_first(
     await make_orders(inv, 25)
     # A previous run of "w1" read everything and died before committing.
     got = await text_redis.xreadgroup(GROUP, "w1", {inv.keys.events: ">"}, count=1000)
-    assert len(got[0][1]) == 27
+    assert len(got[0][1]) == 2 + 1  # stocked twice, the 25 holds' one entry
     # Nothing new arrives, and reclaiming is off: only re-reading its own pending saves them.
     async with writer_running(consumer="w1", claim_interval_s=0) as writer:
         await drained(text_redis, ["d11"])
@@ -190,7 +213,7 @@ async def test_a_dead_consumers_entries_are_reclaimed(
     await text_redis.xreadgroup(GROUP, "dead-worker", {inv.keys.events: ">"}, count=1000)
     async with writer_running(consumer="w2", claim_idle_ms=200, claim_interval_s=0.05) as writer:
         await drained(text_redis, ["d11"])
-        assert writer.stats.reclaimed == 27
+        assert writer.stats.reclaimed == 2 + 1
     assert await pipeline_pool.fetchval("SELECT count(*) FROM orders") == 25
     pending = await text_redis.xpending(inv.keys.events, GROUP)
     assert pending["pending"] == 0
@@ -215,7 +238,7 @@ async def test_nothing_is_acknowledged_before_it_is_committed(
         while writer.stats.retries < 3:
             await asyncio.sleep(0.02)
         backlog = await stream_backlog(text_redis, inv.keys.events)
-        assert backlog.total == 12 and writer.stats.entries_committed == 0
+        assert backlog.total == 2 + 1 and writer.stats.entries_committed == 0
         assert await text_redis.exists("{fs:d11}:dead") == 0
         await pipeline_pool.execute("ALTER TABLE orders_away RENAME TO orders")
         await drained(text_redis, ["d11"])
@@ -260,11 +283,11 @@ async def test_trim_keeps_every_entry_not_yet_committed(
     inv = await pipeline_sale("d11", STOCK)
     key = inv.keys.events
     await ensure_group(text_redis, key)
-    await make_orders(inv, 10, prefix="a")  # with the 2 "stocked" entries: 12
+    await make_orders(inv, 10, prefix="a", one_by_one=True)  # with the 2 "stocked" entries: 12
     # A slow consumer holds the first 3 entries, unacknowledged.
     slow = await text_redis.xreadgroup(GROUP, "slow", {key: ">"}, count=3)
     kept = [i for i, _ in slow[0][1]]
-    await make_orders(inv, 10, prefix="b")
+    await make_orders(inv, 10, prefix="b", one_by_one=True)
     async with writer_running(claim_interval_s=0, trim_interval_s=0) as writer:
         while writer.stats.entries_committed < 22 - 3:
             await asyncio.sleep(0.02)
@@ -277,7 +300,7 @@ async def test_trim_keeps_every_entry_not_yet_committed(
         assert writer.stats.trimmed == 2
     # Undelivered entries are never trimmed either.
     await text_redis.xack(key, GROUP, kept[2])
-    await make_orders(inv, 3, prefix="c")
+    await make_orders(inv, 3, prefix="c", one_by_one=True)
     tail = [i for i, _ in await text_redis.xrange(key)][-3:]
     idle = OrderWriter(text_redis, pipeline_pool, writer.settings)
     await idle.refresh_sales()
@@ -290,7 +313,7 @@ async def test_backlog_counts_pending_and_undelivered(text_redis: Redis, pipelin
     key = inv.keys.events
     assert (await stream_backlog(text_redis, key)).total == 2  # the "stocked" entries, no group yet
     await ensure_group(text_redis, key)
-    await make_orders(inv, 9)
+    await make_orders(inv, 9, one_by_one=True)
     await text_redis.xreadgroup(GROUP, "w", {key: ">"}, count=4)
     b = await stream_backlog(text_redis, key)
     assert (b.length, b.pending) == (11, 4)
@@ -323,7 +346,7 @@ async def test_stop_finishes_and_publishes_the_counters(
     async with writer_running() as writer:
         await drained(text_redis, ["d11"])
     stats = await text_redis.hgetall("fs:writer:stats")
-    assert int(stats["entries_total"]) == writer.stats.entries_committed == 14
+    assert int(stats["entries_total"]) == writer.stats.entries_committed == 2 + 1  # the 12 holds: one entry
     assert int(stats["orders_total"]) == 12
     assert int(stats["rows_total"]) == writer.stats.rows_written == 12 + 16 + 2  # orders, lines, stock events
     assert float(stats["last_batch_ms"]) > 0
@@ -418,7 +441,7 @@ async def test_after_a_redis_outage_the_writer_rereads_its_own_pending_entries(
         # The writer's connections drop (as in a network blip); the test's own client stays.
         await text_redis.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
         await drained(text_redis, ["d11"], timeout=15)
-        assert writer.stats.entries_committed >= 12
+        assert writer.stats.entries_committed >= 2 + 1 + 7  # stocked, the 5 holds' entry, the 7
     pg = await orders_in_pg(pipeline_pool)
     assert len(pg) == 12
     assert_same_orders(pg, await holds_in_redis(inv))

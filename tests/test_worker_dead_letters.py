@@ -1,6 +1,7 @@
 """A bad entry never blocks the others: it is found (the batch is split), set aside in the
 sale's dead-letter stream with the error and its original fields, and acknowledged; the
-rest of the batch is written. Entries that keep coming back uncommitted go there too."""
+rest of the batch is written. Entries that keep coming back uncommitted go there too. A
+reservation call's entry of many holds is set aside once, whole."""
 
 from __future__ import annotations
 
@@ -28,6 +29,14 @@ def reserved(n: int, **override: str) -> dict[str, str]:
         "at": "1800000000000",
         **override,
     }
+
+
+def reserved_batch(first: int, n: int, users: dict[int, str] | None = None) -> dict[str, str]:
+    """A reservation call's entry: holds d11.<first> .. d11.<first + n - 1>."""
+    fields = {"type": "reserved_batch", "at": "1800000000000"}
+    for i in range(first, first + n):
+        fields[f"d11.{i:06d}"] = f"{(users or {}).get(i, f'u{i}')} phone:1 r{i} 1900000000000"
+    return fields
 
 
 async def setup_stream(redis: Redis, entries: list[dict[str, str]]) -> list[str]:
@@ -71,8 +80,20 @@ async def test_a_value_postgres_refuses_is_set_aside_and_the_rest_written(
         reserved(1, deadline="soon"),
         reserved(1, order="other-sale.123"),  # not this sale's order
         {"type": "teleported", "sku": "phone", "at": "1"},  # an event type the writer does not know
+        # A reservation call's entry is read whole: one bad hold refuses all of it.
+        {**reserved_batch(10, 2), "other-sale.123": "u9 phone:1 r9 1900000000000"},
+        {**reserved_batch(10, 2), "d11.000011": "u11 phone:1 r11"},
     ],
-    ids=["missing-fields", "no-qty", "zero-qty", "bad-number", "foreign-order", "unknown-type"],
+    ids=[
+        "missing-fields",
+        "no-qty",
+        "zero-qty",
+        "bad-number",
+        "foreign-order",
+        "unknown-type",
+        "batch-foreign-order",
+        "batch-bad-hold",
+    ],
 )
 async def test_a_malformed_entry_is_set_aside_at_once(
     bad: dict[str, str], text_redis: Redis, pipeline_pool: Any, writer_running: Any, drained: Any
@@ -85,6 +106,33 @@ async def test_a_malformed_entry_is_set_aside_at_once(
     (dead,) = await dead_letters(text_redis)
     assert {k: v for k, v in dead.items() if not k.startswith("dead_")} == bad
     assert dead["dead_error"].startswith("EntryError")
+
+
+async def test_a_reservation_call_with_refused_holds_is_set_aside_once_and_its_other_holds_written(
+    text_redis: Redis, pipeline_pool: Any, writer_running: Any, drained: Any
+) -> None:
+    """Two holds of one entry PostgreSQL refuses: the batch is split down to single holds,
+    the entry is dead-lettered once (not once per refused hold) and acknowledged by it, and
+    its 18 other holds are written like every other entry's."""
+    bad = reserved_batch(100, 20, users={105: "mallory\x00", 112: "trudy\x00"})
+    entries = [reserved(0), bad, reserved_batch(200, 3), reserved(1)]
+    ids = await setup_stream(text_redis, entries)
+    async with writer_running(batch=1000, max_attempts=2) as writer:
+        await drained(text_redis, ["d11"])
+    assert writer.stats.dead_letters == 1 and writer.stats.split_batches >= 1
+    assert writer.stats.entries_committed == 3  # acknowledged once each: the other three
+    (dead,) = await dead_letters(text_redis)
+    assert dead["dead_stream_id"] == ids[1] and dead["dead_attempts"] == "2"
+    assert "CharacterNotInRepertoire" in dead["dead_error"]
+    assert {k: v for k, v in dead.items() if not k.startswith("dead_")} == bad
+    written = {r["order_id"] for r in await pipeline_pool.fetch("SELECT order_id FROM orders")}
+    assert written == {
+        "d11.000000",
+        "d11.000001",
+        *(f"d11.{i:06d}" for i in range(100, 120) if i not in (105, 112)),
+        *(f"d11.{i:06d}" for i in range(200, 203)),
+    }
+    assert (await text_redis.xpending(KEY, GROUP))["pending"] == 0
 
 
 async def test_an_entry_delivered_too_often_is_set_aside(

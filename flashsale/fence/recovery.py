@@ -160,7 +160,7 @@ async def _drain(redis: Any, pool: Any, prefix: str, engine: str, after: str) ->
                 engine, key, as_text(stream_id), {as_text(k): as_text(v) for k, v in fields.items()}
             )
             try:
-                changes.append(parse_entry(entry))
+                changes.extend(parse_entry(entry))  # a reservation call's entry: one per hold
             except EntryError as exc:
                 problems.append(f"{engine} entry {entry.stream_id} skipped: {exc}")
         if changes:

@@ -292,6 +292,15 @@ def _parse_hold(raw: Any) -> _Hold:
     )
 
 
+def _dead_subject(fields: dict[str, str]) -> str:
+    """What a dead letter was about: its order or SKU, or a reservation call's holds (its
+    fields but ``type``, ``at`` and the writer's ``dead_*``)."""
+    if fields.get("type") == "reserved_batch":
+        holds = [k for k in fields if k not in ("type", "at") and not k.startswith("dead_")]
+        return f"{holds[0]} and {len(holds) - 1} more holds" if holds else "?"
+    return fields.get("order") or fields.get("sku") or "?"
+
+
 async def _read_redis(redis: Any, prefix: str, sale: str) -> _RedisSale:
     keys = SaleKeys(prefix, sale)
     dead = dead_letter_key(prefix, sale)
@@ -322,9 +331,7 @@ async def _read_redis(redis: Any, prefix: str, sale: str) -> _RedisSale:
     if dead_len:
         for _, f in await redis.xrange(dead, count=3):
             fields = {as_text(k): as_text(v) for k, v in f.items()}
-            sample.append(
-                f"{fields.get('order') or fields.get('sku') or '?'}: {fields.get('dead_error', '?')}"
-            )
+            sample.append(f"{_dead_subject(fields)}: {fields.get('dead_error', '?')}")
     return _RedisSale(
         sale=sale,
         stock=dict(stock),

@@ -82,7 +82,9 @@ def register(sub: Any) -> None:
         "--consumer", help="this worker's name in the group (default: host name); one per worker process"
     )
     w.add_argument(
-        "--batch", type=int, help="stream entries per PostgreSQL transaction, at most (default 1000)"
+        "--batch",
+        type=int,
+        help="stream entries read at once, and changes per PostgreSQL transaction, about (default 1000)",
     )
     w.add_argument("--write-method", choices=("unnest", "copy"), help="how a batch is sent (default unnest)")
     mode = w.add_mutually_exclusive_group()

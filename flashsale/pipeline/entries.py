@@ -1,8 +1,9 @@
 """A sale stream's entries as the order writer sees them: where an entry came from
-(:class:`StreamEntry`), the change it records (:class:`OrderChange` or
-:class:`StockChange`), and :func:`parse_entry`, which reads the fields through inventory's
-entry contract (``inventory.parse_event``) and adds the writer's own check — the order
-belongs to the stream's sale. An entry that can never be written is an :class:`EntryError`.
+(:class:`StreamEntry`), the changes it records (:class:`OrderChange` or
+:class:`StockChange`: one, or one per hold of a reservation call's ``reserved_batch``), and
+:func:`parse_entry`, which reads the fields through inventory's entry contract
+(``inventory.parse_events``) and adds the writer's own check — each order belongs to the
+stream's sale. An entry that can never be written is an :class:`EntryError`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flashsale.redis_client import as_text
-from inventory import EventError, OrderEvent, parse_event
+from inventory import EventError, OrderEvent, StockEvent, parse_events
 
 __all__ = ["EntryError", "OrderChange", "StockChange", "StreamEntry", "entry_fields", "parse_entry"]
 
@@ -67,16 +68,21 @@ class StockChange:
     transfer: str | None = None  # the bucket transfer that moved the units, if one did
 
 
-def parse_entry(entry: StreamEntry) -> OrderChange | StockChange:
-    """The change a stream entry records; :class:`EntryError` if it cannot be written. The
-    fields are read by inventory's entry contract (``inventory.parse_event``); what is
-    checked here is the writer's own: the entry's order belongs to the stream's sale."""
+def parse_entry(entry: StreamEntry) -> list[OrderChange | StockChange]:
+    """The changes a stream entry records, in order; :class:`EntryError` if it cannot be
+    written. The fields are read by inventory's entry contract (``inventory.parse_events``);
+    what is checked here is the writer's own: every order of the entry belongs to the
+    stream's sale. The entry is one unit: one bad hold of a batch refuses all of it."""
     if entry.fields is None:
         raise EntryError("the entry was deleted from the stream before it was written")
     try:
-        event = parse_event(entry.fields)
+        events = parse_events(entry.fields)
     except EventError as exc:
         raise EntryError(str(exc)) from None
+    return [_change(entry, event) for event in events]
+
+
+def _change(entry: StreamEntry, event: OrderEvent | StockEvent) -> OrderChange | StockChange:
     if isinstance(event, OrderEvent):
         if not event.hold_id.startswith(entry.sale + "."):
             raise EntryError(f"order id {event.hold_id[:80]!r} is not from sale {entry.sale!r}")

@@ -25,7 +25,12 @@ WORKER_ENV_DOC: tuple[tuple[str, str, str], ...] = (
         "consumer",
         "consumer name in the writers' group (default: host name); one per worker",
     ),
-    ("FLASHSALE_WORKER_BATCH", "batch", "stream entries per PostgreSQL transaction, at most (default 1000)"),
+    (
+        "FLASHSALE_WORKER_BATCH",
+        "batch",
+        "stream entries read at once, and changes per PostgreSQL transaction, about (whole entries: "
+        "a reservation call's is one change per hold) (default 1000)",
+    ),
     (
         "FLASHSALE_WORKER_BLOCK_MS",
         "block_ms",
@@ -54,7 +59,7 @@ WORKER_ENV_DOC: tuple[tuple[str, str, str], ...] = (
     (
         "FLASHSALE_WORKER_MAX_ATTEMPTS",
         "max_attempts",
-        "failed writes of an entry on its own before it is dead-lettered (default 3)",
+        "failed writes of a change on its own before its entry is dead-lettered (default 3)",
     ),
     (
         "FLASHSALE_WORKER_TRIM_INTERVAL_S",

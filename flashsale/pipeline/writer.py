@@ -16,11 +16,15 @@ How it stays correct
   connection is replaced (they all went stale); nothing is acknowledged meanwhile. The
   same wait applies to any refusal that is not about the values (no such table, a
   read-only server after a failover): such errors never send entries to dead letters.
-* A bad entry never blocks the others. One that cannot be parsed, or whose values
-  PostgreSQL refuses (SQLSTATE class 22/23) even alone — the batch is split in halves
-  down to single entries to find it — ``max_attempts`` times, or that was delivered
+* An entry may record several changes (a reservation call's ``reserved_batch``: one per
+  hold); it is read, acknowledged and dead-lettered as one, its changes written with the
+  others of the batch.
+* A bad entry never blocks the others. One that cannot be parsed, or with a change whose
+  values PostgreSQL refuses (SQLSTATE class 22/23) even alone — the batch is split in
+  halves down to single changes to find it — ``max_attempts`` times, or that was delivered
   ``max_deliveries`` times without being committed (it keeps crashing workers) goes to the
-  dead-letter stream ``{<prefix>:<sale>}:dead`` with the error, acknowledged in the same MULTI.
+  dead-letter stream ``{<prefix>:<sale>}:dead`` with the error, acknowledged in the same
+  MULTI; once, however many of its changes were refused.
 * The streams are trimmed with ``XTRIM MINID`` every ``trim_interval_s``, below what every
   group has acknowledged.
 """
@@ -261,22 +265,28 @@ class OrderWriter:
         self.stats.trimmed += await self.backlog.trim()
 
     async def commit(self, entries: list[StreamEntry], *, check_deliveries: bool = False) -> None:
-        """Write ``entries`` to PostgreSQL, dead-letter the ones that cannot be, then XACK."""
+        """Write ``entries`` to PostgreSQL, dead-letter the ones that cannot be, then XACK.
+        A transaction takes about ``batch`` changes: whole entries, so a reservation call's
+        entry of many holds is never split between two."""
         started = time.perf_counter()
         self.stats.entries_read += len(entries)
         if check_deliveries:
             entries = await self._dead_letter_redelivered(entries)
-        for chunk_start in range(0, len(entries), self.settings.batch):
-            chunk = entries[chunk_start : chunk_start + self.settings.batch]
-            good: list[tuple[StreamEntry, OrderChange | StockChange]] = []
-            for entry in chunk:
-                try:
-                    good.append((entry, parse_entry(entry)))
-                except EntryError as exc:
-                    await self._dead_letter(entry, exc, deliveries=None)
-            if good:
-                dead = await self._write_isolating(good)
-                await self._ack([e for e, _ in good if (e.key, e.stream_id) not in dead])
+        good: list[tuple[StreamEntry, OrderChange | StockChange]] = []  # one item per change
+        parsed: list[StreamEntry] = []  # the entries of those changes, each once
+        for entry in entries:
+            try:
+                changes = parse_entry(entry)
+            except EntryError as exc:
+                await self._dead_letter(entry, exc, deliveries=None)
+                continue
+            good.extend((entry, change) for change in changes)
+            parsed.append(entry)
+            if len(good) >= self.settings.batch:
+                await self._write_and_ack(good, parsed)
+                good, parsed = [], []
+        if good:
+            await self._write_and_ack(good, parsed)
         self.stats.batches += 1
         self.stats.last_batch_size = len(entries)
         self.stats.last_batch_ms = (time.perf_counter() - started) * 1000
@@ -315,31 +325,48 @@ class OrderWriter:
                 await self.publish_stats()
 
     # -- writing
+    async def _write_and_ack(
+        self, items: list[tuple[StreamEntry, OrderChange | StockChange]], entries: list[StreamEntry]
+    ) -> None:
+        """Write the changes ``items``, then acknowledge each of ``entries`` (theirs) once,
+        but those dead-lettered meanwhile (their dead letter acknowledged them)."""
+        dead: set[tuple[str, str]] = set()
+        await self._write_isolating(items, dead)
+        await self._ack([e for e in entries if (e.key, e.stream_id) not in dead])
+
     async def _write_isolating(
-        self, items: list[tuple[StreamEntry, OrderChange | StockChange]]
-    ) -> set[tuple[str, str]]:
-        """Write a batch; if the data is refused, split it in halves to find the bad entries
-        and dead-letter them. Returns the (stream, id) pairs dead-lettered (already acknowledged)."""
+        self, items: list[tuple[StreamEntry, OrderChange | StockChange]], dead: set[tuple[str, str]]
+    ) -> None:
+        """Write a batch of changes; if the data is refused, split it in halves to find the
+        bad changes and dead-letter their entries, each once: the (stream, id) pairs go in
+        ``dead``. A dead-lettered entry's other changes are still written (before or after):
+        every write is an idempotent upsert keyed on the order id or the stream id
+        (:mod:`.order_sql`), so whatever is written again when the entry is replayed by hand
+        changes nothing, and PostgreSQL meanwhile keeps every hold but the refused one."""
         try:
             await self._write_with_retry([c for _, c in items])
-            return set()
+            return
         except asyncpg.PostgresError as exc:  # the values were refused (see _write_with_retry)
             if len(items) > 1:
                 self.stats.split_batches += 1
-                _log("batch_split", level=logging.WARNING, entries=len(items), error=_describe(exc))
+                _log("batch_split", level=logging.WARNING, changes=len(items), error=_describe(exc))
                 mid = len(items) // 2
-                return await self._write_isolating(items[:mid]) | await self._write_isolating(items[mid:])
+                await self._write_isolating(items[:mid], dead)
+                await self._write_isolating(items[mid:], dead)
+                return
             failure = exc
         entry, change = items[0]
+        if (entry.key, entry.stream_id) in dead:
+            return  # another change of the entry was refused: it is set aside already
         for attempt in range(2, self.settings.max_attempts + 1):
             await asyncio.sleep(0.05 * attempt)  # a failure alone may still have been a fluke
             try:
                 await self._write_with_retry([change])
-                return set()
+                return
             except asyncpg.PostgresError as exc:
                 failure = exc
         await self._dead_letter(entry, failure, deliveries=None, attempts=self.settings.max_attempts)
-        return {(entry.key, entry.stream_id)}
+        dead.add((entry.key, entry.stream_id))
 
     async def _write_with_retry(self, changes: list[OrderChange | StockChange]) -> None:
         """Write, waiting out anything that is not the data's fault; raise only when
