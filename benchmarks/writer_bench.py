@@ -3,8 +3,10 @@ and the time it takes to drain a backlog of orders.
 
     python -m benchmarks.writer_bench [--orders 100000] [--batch 1000] [--quick] [--json FILE]
 
-A backlog of ``--orders`` "reserved" entries (a quarter of the carts with two lines, as the
-inventory engine writes them) is put on a sale's stream before the clock starts. Then:
+A backlog of ``--orders`` holds (a quarter of the carts with two lines) is put on a sale's
+stream before the clock starts, as the inventory engine writes them: ``reserved_batch``
+entries of 64 holds each, one per reservation call at the engine's default batch
+(``inventory/_events.py``). Then:
 
 * raw COPY: ``copy_records_to_table`` of exactly the rows the writer produces (orders and
   their lines) into the empty tables — the ceiling: no parsing, no conflict handling, no
@@ -83,6 +85,23 @@ def _entries(n: int, now_ms: int) -> list[dict[Any, Any]]:
     return out
 
 
+#: Holds per entry: a reservation call's at the engine's default ``max_batch``.
+HOLDS_PER_ENTRY = 64
+
+
+def _batch_entries(holds: list[dict[Any, Any]]) -> list[dict[Any, Any]]:
+    """The holds as reserve.lua appends them: one ``reserved_batch`` entry per call, one
+    field per hold (its id -> "<user> <lines> <request> <deadline>")."""
+    out: list[dict[Any, Any]] = []
+    for start in range(0, len(holds), HOLDS_PER_ENTRY):
+        call = holds[start : start + HOLDS_PER_ENTRY]
+        entry = {"type": "reserved_batch", "at": call[0]["at"]}
+        for h in call:
+            entry[h["order"]] = f"{h['user']} {h['lines']} {h['request']} {h['deadline']}"
+        out.append(entry)
+    return out
+
+
 def _copy_rows(entries: list[dict[Any, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     orders, lines = [], []
     for e in entries:
@@ -127,14 +146,14 @@ async def _raw_copy(
     return Result("raw asyncpg COPY (orders + lines)", len(orders), len(orders) + len(lines), seconds)
 
 
-async def _drain(redis: Any, pool: asyncpg.Pool, settings: WorkerSettings, n: int) -> Result:
+async def _drain(redis: Any, pool: asyncpg.Pool, settings: WorkerSettings, n: int, n_entries: int) -> Result:
     await _truncate(pool)
     key = events_key(settings.prefix, SALE)
     await redis.xgroup_setid(key, "writers", "0")  # the whole backlog is undelivered again
     writer = OrderWriter(redis, pool, settings)
     started = time.perf_counter()
     task = asyncio.ensure_future(writer.run())
-    while writer.stats.entries_committed < n:
+    while writer.stats.entries_committed < n_entries:
         if task.done():
             task.result()
             raise RuntimeError("the writer stopped before draining the backlog")
@@ -166,9 +185,10 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack) -> dict[str, Any]:
             await migrate(conn)
         entries = _entries(args.orders, int(time.time() * 1000))
         await ensure_group(redis, key)
-        for start in range(0, len(entries), 1000):
+        stream = _batch_entries(entries)
+        for start in range(0, len(stream), 100):
             async with redis.pipeline(transaction=False) as pipe:
-                for e in entries[start : start + 1000]:
+                for e in stream[start : start + 100]:
                     pipe.xadd(key, e)
                 await pipe.execute()
         await redis.sadd(f"{prefix}:sales", SALE)
@@ -196,7 +216,7 @@ async def run(args: argparse.Namespace, stack: EmbeddedStack) -> dict[str, Any]:
                     progress_interval_s=0,
                     block_ms=5,
                 )
-                done.append(await _drain(redis, pool, settings, args.orders))
+                done.append(await _drain(redis, pool, settings, args.orders, len(stream)))
             rounds.append(sorted(done, key=lambda r: (not r.what.startswith("raw"), r.what)))
     finally:
         await close_pool(pool)
