@@ -144,7 +144,10 @@ async def test_a_remembered_token_is_refused_once_it_expires(service: Service) -
     instant it would have been without that memory."""
     sku = new_id("sku")
     await service.create_sale({sku: 5})
-    token = mint(TOKEN_SECRET, "brief", ttl_s=1)
+    # A token's expiry is a whole second (mint truncates), so a TTL of n s leaves it n-1 to
+    # n s: with ttl_s=1 it could lapse before the first answer on a busy machine (it did, in
+    # CI: 401 "token expired" for the first order). At least 2 s is left with 3.
+    token = mint(TOKEN_SECRET, "brief", ttl_s=3)
     headers = {"Authorization": f"Bearer {token}"}
     resp = await service.client.post("/api/orders", json={"request_id": "r-1", "sku": sku}, headers=headers)
     await expect_json(resp, 201)
