@@ -42,8 +42,8 @@ from redis.asyncio import Connection, ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
 
 __all__ = [
     "CLUSTER_NODE_AS_ONE_SERVER",
@@ -56,6 +56,7 @@ __all__ = [
     "cluster_node_as_one_server",
     "connect",
     "reaches_cluster_node",
+    "refuses_client",
     "says_cluster_node",
 ]
 
@@ -290,6 +291,13 @@ async def reaches_cluster_node(redis: RedisClient) -> bool:
     except ResponseError as exc:
         info = exc
     return says_cluster_node(info)
+
+
+def refuses_client(exc: BaseException) -> bool:
+    """Whether ``exc`` is Redis refusing this client: a wrong or missing password, or an ACL
+    user without the rights. A setting to fix (exit 64), never an outage to wait out; redis-py
+    makes the first a ``ConnectionError``, so a retry loop must ask this before it waits."""
+    return isinstance(exc, (AuthenticationError, NoPermissionError))
 
 
 def cluster_node_as_one_server(url: str) -> str:

@@ -226,14 +226,20 @@ def _worker(args: argparse.Namespace) -> int:
         )
     _configure_logs()
     import asyncpg
+    from redis.exceptions import RedisError
 
     from flashsale.pgpool import is_transient
     from flashsale.pipeline.runner import run_worker
+    from flashsale.redis_client import refuses_client
 
     try:
         return run(run_worker(settings, writer=not args.sweeper_only, sweeper=not args.no_sweeper))
     except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:  # it waits through outages, not these
         return store_failed("PostgreSQL", settings.database_url, exc, transient=is_transient(exc))
+    except RedisError as exc:  # only a refusal gets here: a wrong or missing password, an ACL
+        if not refuses_client(exc):
+            raise
+        return store_failed("Redis", settings.redis_url, exc, transient=False)
 
 
 # ---------------------------------------------------------------------- audit

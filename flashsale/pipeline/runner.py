@@ -25,7 +25,7 @@ from flashsale.console import fail
 
 if TYPE_CHECKING:
     from flashsale.pipeline.worker_settings import WorkerSettings
-from flashsale.redis_client import cluster_node_as_one_server, connect, reaches_cluster_node
+from flashsale.redis_client import cluster_node_as_one_server, connect, reaches_cluster_node, refuses_client
 
 __all__ = ["STOP_TEARDOWN_S", "run_worker"]
 
@@ -124,8 +124,8 @@ class _StopDeadline:
 
 
 async def _wait_for_redis(redis: Any, stopping: asyncio.Event, log: Any) -> bool | None:
-    """Wait for Redis like for PostgreSQL, then say whether the writer and the sweeper can use
-    it: False for a node of a Redis Cluster reached by a client of one server
+    """Wait for Redis like for PostgreSQL (through an outage, not a refusal: a wrong password
+    is raised), then say whether the writer and the sweeper can use it: False for a node of a Redis Cluster reached by a client of one server
     (FLASHSALE_REDIS_CLUSTER forgotten: most keys would answer MOVED); None if told to stop
     first. A cluster client learns the slot map here, before the writer and the sweeper
     share it: redis-py 8.1 breaks commands that race a cold cluster client's first use
@@ -139,8 +139,8 @@ async def _wait_for_redis(redis: Any, stopping: asyncio.Event, log: Any) -> bool
             return True
         return not await reaches_cluster_node(redis)
 
-    def outage(exc: Exception) -> bool:
-        return isinstance(exc, (RedisError, RedisClusterException, OSError))
+    def outage(exc: Exception) -> bool:  # a refusal (a password) is raised: a setting to fix
+        return isinstance(exc, (RedisError, RedisClusterException, OSError)) and not refuses_client(exc)
 
     usable: bool | None = await _keep_trying(ask, outage, "redis_unavailable", stopping, log)
     return usable

@@ -35,7 +35,7 @@ from aiohttp import web
 from flashsale import exit_codes
 from flashsale.console import install_uvloop, redact
 from flashsale.logs import configure
-from flashsale.redis_client import cluster_node_as_one_server, connect
+from flashsale.redis_client import cluster_node_as_one_server, connect, refuses_client
 from flashsale.service.probes import CLUSTER_NODE, server_role
 from flashsale.service.transport import ServiceRunner
 from flashsale.settings import Settings, SettingsError
@@ -69,8 +69,7 @@ async def _ask_redis(settings: Settings, timeout_s: float) -> None:
     except ResponseError as exc:  # it answered, and said no: a password, a database number
         raise SettingsError(f"Redis at {url} refused this service: {exc}") from None
     except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-        # AuthenticationError is a ConnectionError in redis-py: tell it apart by its class.
-        if "Authentication" in type(exc).__name__:
+        if refuses_client(exc):  # (redis-py makes a wrong password a ConnectionError)
             raise SettingsError(f"Redis at {url} refused this service: {exc}") from None
         _not_answering("Redis", url, exc)
         return
