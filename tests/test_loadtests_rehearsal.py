@@ -65,9 +65,21 @@ def short_rehearsal(stack: EmbeddedStack, folder: Path, prefix: str, **settings:
     return Drill(summary, folder, env, code)
 
 
+def recording_wrapper(folder: Path) -> tuple[Path, Path]:
+    """A wrapper command that writes the command line it was given to a file, then runs it."""
+    wrapper, seen = folder / "wrapper.sh", folder / "wrapped.txt"
+    wrapper.write_text(f'#!/bin/sh\necho "$*" >> "{seen}"\nexec "$@"\n')
+    wrapper.chmod(0o755)
+    return wrapper, seen
+
+
 @pytest.fixture(scope="module")
 def drill(embedded_stack: EmbeddedStack, tmp_path_factory: pytest.TempPathFactory) -> Drill:
-    return short_rehearsal(embedded_stack, tmp_path_factory.mktemp("rehearsal"), "rt")
+    # Locust runs under a wrapper that only records its command line (what a profiler such
+    # as valgrind or py-spy would be): the whole drill must pass all the same.
+    folder = tmp_path_factory.mktemp("rehearsal")
+    wrapper, _ = recording_wrapper(folder)
+    return short_rehearsal(embedded_stack, folder, "rt", locust_wrapper=(str(wrapper),))
 
 
 @pytest.mark.timeout(300)
@@ -94,6 +106,9 @@ def test_short_headless_rehearsal_passes_the_oracle(drill: Drill) -> None:
         assert (drill.folder / name).is_file(), name
     text = (drill.folder / "rehearse.out").read_text()
     assert "VERDICT  exit 0" in text
+    # The Locust process ran under --locust-wrapper, its own command line handed on whole.
+    (wrapped,) = (drill.folder / "wrapped.txt").read_text().splitlines()
+    assert wrapped.startswith(f"{sys.executable} -m locust -f ") and " --headless " in wrapped
     # The report names the run's settings, never the admin token among them.
     assert s["run"]["settings"]["admin_token"] == "(secret)" and s["run"]["settings"]["peak_rps"] == 60.0
     token = drill.env["FLASHSALE_ADMIN_TOKEN"]

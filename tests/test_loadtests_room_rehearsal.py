@@ -8,6 +8,7 @@ violation each."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -213,3 +214,16 @@ def test_the_rehearse_command_takes_the_room_options(monkeypatch: pytest.MonkeyP
     argv = Rehearsal(settings)._locust_argv()
     assert argv[argv.index("--waiting-room") :][: len(room)] == room  # passed on to the locustfile
     assert flashsale_main(["rehearse", "--waiting-room", "--room-rate", "0"]) == 64
+
+
+def test_every_locust_process_runs_under_the_wrapper(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--locust-wrapper`` (split as a shell would) prefixes the master's command line and,
+    run distributed, each worker's: a profiler sees every load-generating process."""
+    seen: list[RehearsalSettings] = []
+    monkeypatch.setattr(Rehearsal, "run", lambda self: seen.append(self.settings) or 0)
+    assert flashsale_main(["rehearse", "--locust-wrapper", "env 'A=b c'", "--locust-workers", "2"]) == 0
+    (settings,) = seen
+    assert settings.locust_wrapper == ("env", "A=b c")
+    assert Rehearsal(settings)._locust_argv()[:4] == ["env", "A=b c", sys.executable, "-m"]
+    worker = Rehearsal(settings)._locust_worker_argv(5557)
+    assert worker[:4] == ["env", "A=b c", sys.executable, "-m"] and "--worker" in worker

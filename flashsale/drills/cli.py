@@ -13,6 +13,8 @@ import importlib.util
 import json
 import math
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -249,6 +251,14 @@ def _common(p: argparse.ArgumentParser, *, peak: float) -> None:
         metavar="S",
         help="seconds the audit may wait for the queue to drain (default 60)",
     )
+    p.add_argument(
+        "--locust-wrapper",
+        type=shlex.split,
+        default=[],
+        metavar="CMD",
+        help="run each Locust process under this command, its own command line appended: "
+        "the load generator profiled in the run it drives (e.g. 'py-spy record -o locust.svg --')",
+    )
     add_store_options(p)
     p.add_argument("locust_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
@@ -265,6 +275,7 @@ def _settings(args: argparse.Namespace, **overrides: Any) -> Any:
         hold_ttl_s=args.hold_ttl,
         audit_wait_s=args.audit_wait,
         locust_args=tuple(_locust_args(args)),
+        locust_wrapper=tuple(args.locust_wrapper),
         env=store_overrides(args, os.environ),
         **overrides,
     )
@@ -315,6 +326,8 @@ def _drill_problem(
             return "--slo is empty: leave it out for the default thresholds"
     if args.report_dir is not None and args.report_dir.exists() and not args.report_dir.is_dir():
         return f"--report-dir {args.report_dir} is a file, not a folder"
+    if args.locust_wrapper and shutil.which(args.locust_wrapper[0]) is None:
+        return f"--locust-wrapper: {args.locust_wrapper[0]!r} is not a command on PATH"
     try:
         _check_store_urls(store_overrides(args, os.environ))
     except SettingsError as exc:

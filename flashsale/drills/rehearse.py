@@ -84,6 +84,11 @@ class RehearsalSettings:
     room_told_within_s: float = 1.0
     #: Extra ``locust`` arguments, passed through as they are (e.g. ``["--personas", "bot=1"]``).
     locust_args: tuple[str, ...] = ()
+    #: A command every Locust process of the drill runs under, its own command line appended
+    #: (e.g. ``("py-spy", "record", "-o", "locust.svg", "--")``): the load generator
+    #: profiled in the run it drives. ``benchmarks/generator_instructions.py`` counts its
+    #: instructions under valgrind this way.
+    locust_wrapper: tuple[str, ...] = ()
     ready_timeout_s: float = 60.0
     env: dict[str, str] = field(default_factory=dict)
 
@@ -248,6 +253,7 @@ class Rehearsal:
     def _locust_argv(self) -> list[str]:
         s = self.settings
         argv = [
+            *s.locust_wrapper,
             sys.executable,
             "-m",
             "locust",
@@ -284,6 +290,21 @@ class Rehearsal:
             ]
         return argv + list(s.locust_args)
 
+    def _locust_worker_argv(self, master_port: int) -> list[str]:
+        return [
+            *self.settings.locust_wrapper,
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(surge_locustfile()),
+            "--worker",
+            "--master-host",
+            "127.0.0.1",
+            "--master-port",
+            str(master_port),
+        ]
+
     def _drill(self, env: dict[str, str]) -> int:
         s = self.settings
         argv = self._locust_argv()
@@ -297,24 +318,7 @@ class Rehearsal:
                 env,
             )
             for k in range(s.locust_workers):
-                workers.append(
-                    self._spawn(
-                        f"locust-worker-{k}",
-                        [
-                            sys.executable,
-                            "-m",
-                            "locust",
-                            "-f",
-                            str(surge_locustfile()),
-                            "--worker",
-                            "--master-host",
-                            "127.0.0.1",
-                            "--master-port",
-                            str(port),
-                        ],
-                        env,
-                    )
-                )
+                workers.append(self._spawn(f"locust-worker-{k}", self._locust_worker_argv(port), env))
         else:
             master = self._spawn("locust", argv, env)
         procs = 1 + len(workers)
