@@ -51,7 +51,10 @@ class Counter:
         self._out = out
 
     def _control(self, *args: str) -> None:
-        subprocess.run(["callgrind_control", *args, str(self.pid)], capture_output=True, check=True)
+        done = subprocess.run(["callgrind_control", *args, str(self.pid)], capture_output=True, text=True)
+        # callgrind_control exits 0 even when it found no such task: its message says so.
+        if done.returncode or "not detected" in done.stdout + done.stderr:
+            raise subprocess.CalledProcessError(done.returncode or 1, done.args, done.stdout, done.stderr)
 
     def start(self) -> None:
         """Switch counting on; what switching on itself cost is dumped and not counted."""

@@ -33,16 +33,17 @@ import asyncio
 import csv
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import psutil  # type: ignore[import-untyped]
 
@@ -53,7 +54,18 @@ from .served import ROOT, OrderService, forget_prefix, hello_app
 from .servers import Servers
 from .settings import BenchSettings
 
-__all__ = ["BASELINE", "SURGE", "CpuTrace", "measure_generators", "requests_window"]
+__all__ = [
+    "BASELINE",
+    "SURGE",
+    "CpuTrace",
+    "Rehearsed",
+    "Trace",
+    "interpolate",
+    "measure_generators",
+    "rehearse",
+    "requests_window",
+    "run_plain",
+]
 
 SECTION = "generator"
 SURGE = "surge harness: flashsale rehearse's Locust -> service"
@@ -63,6 +75,17 @@ PLAIN_USERS = 64
 SAMPLE_S = 0.1
 #: A rehearsal's exit code when the oracle found an invariant broken (loadtests.exit_codes).
 _INVARIANT_VIOLATED = 2
+
+
+def interpolate(points: list[tuple[float, float]], epoch: float) -> float | None:
+    """The value at ``epoch`` of a cumulative series sampled at ``points`` (epoch, value),
+    straight between the samples around it; None outside them."""
+    if len(points) < 2 or not points[0][0] <= epoch <= points[-1][0]:
+        return None
+    for (t0, v0), (t1, v1) in zip(points, points[1:], strict=False):
+        if t0 <= epoch <= t1:
+            return v0 + (v1 - v0) * ((epoch - t0) / (t1 - t0) if t1 > t0 else 0.0)
+    return None
 
 
 class CpuTrace:
@@ -98,13 +121,7 @@ class CpuTrace:
             await self._task
 
     def _at(self, epoch: float, column: int) -> float | None:
-        points = [(s[0], v) for s in self.samples if (v := s[column]) is not None]
-        if len(points) < 2 or not points[0][0] <= epoch <= points[-1][0]:
-            return None
-        for (t0, v0), (t1, v1) in zip(points, points[1:], strict=False):
-            if t0 <= epoch <= t1:
-                return v0 + (v1 - v0) * ((epoch - t0) / (t1 - t0) if t1 > t0 else 0.0)
-        return None
+        return interpolate([(s[0], v) for s in self.samples if (v := s[column]) is not None], epoch)
 
     def between(self, start: float, end: float) -> tuple[float | None, float | None]:
         """(CPU seconds, seconds waited for a core) between two epochs, None when the trace
@@ -175,11 +192,13 @@ async def _stop(proc: asyncio.subprocess.Process, grace_s: float) -> None:
 
 
 async def _find_locust(parent: int, timeout_s: float) -> int:
-    """The Locust process among ``parent``'s descendants (the rehearsal spawns it)."""
+    """The Locust process: ``parent`` or one of its descendants (the rehearsal spawns it; a
+    wrapper such as Debian's ``valgrind`` script starts it as a child of its own)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            for child in psutil.Process(parent).children(recursive=True):
+            top = psutil.Process(parent)
+            for child in [top, *top.children(recursive=True)]:
                 try:
                     cmdline = child.cmdline()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
@@ -193,8 +212,42 @@ async def _find_locust(parent: int, timeout_s: float) -> int:
     raise RuntimeError("the rehearsal started no Locust process (see its log)")
 
 
-async def _surge(servers: Servers, settings: BenchSettings, workdir: Path, n: int) -> _Round:
-    """One rehearsal; the figure of its Locust process."""
+class Trace(Protocol):
+    """What follows the Locust process of a run: started once it is found, stopped when it
+    has exited (:class:`CpuTrace`; ``generator_instructions.InstructionTrace``)."""
+
+    samples: list[Any]
+
+    def start(self) -> Trace: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class Rehearsed:
+    """One rehearsal as the generator benchmarks read it: requests completed per second
+    (epoch of the second's start -> count, from its ``timeline.csv``), its exit code and
+    whether it judged itself valid, and notes saying how it ran."""
+
+    per_second: dict[float, int]
+    code: int
+    valid: bool
+    notes: tuple[str, ...]
+
+
+async def rehearse(
+    servers: Servers,
+    peak_rps: float,
+    seconds: float,
+    workdir: Path,
+    n: int,
+    follow: Callable[[int, Path], Awaitable[Trace]],
+    *,
+    locust_wrapper: Sequence[str] = (),
+) -> tuple[Rehearsed, Trace]:
+    """``flashsale rehearse --peak-rps P --duration S`` against ``servers`` (its own key
+    prefix, removed afterwards); ``follow(pid, report_dir)`` starts what traces its Locust
+    process (run under ``locust_wrapper``)."""
     service = OrderService.for_run(servers, f"gen{n}")
     report = workdir / f"rehearsal-{n}"
     env = service.environ()
@@ -204,23 +257,24 @@ async def _surge(servers: Servers, settings: BenchSettings, workdir: Path, n: in
         "flashsale",
         "rehearse",
         "--peak-rps",
-        f"{settings.surge_peak_rps:g}",
+        f"{peak_rps:g}",
         "--duration",
-        f"{settings.surge_seconds:g}",
+        f"{seconds:g}",
         "--report-dir",
         str(report),
-        "--",
-        "--no-plots",
     ]
+    if locust_wrapper:
+        command += ["--locust-wrapper", shlex.join(locust_wrapper)]
+    command += ["--", "--no-plots"]
     log_path = workdir / f"rehearsal-{n}.log"
     with log_path.open("ab") as log:
         proc = await asyncio.create_subprocess_exec(
             *command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
-        trace = CpuTrace(await _find_locust(proc.pid, 120)).start()
+        trace = await follow(await _find_locust(proc.pid, 300), report)
         try:
-            code = await asyncio.wait_for(proc.wait(), settings.surge_seconds + 300)
+            code = await asyncio.wait_for(proc.wait(), seconds + 600)
         finally:
             await trace.stop()
     except BaseException:
@@ -240,24 +294,48 @@ async def _surge(servers: Servers, settings: BenchSettings, workdir: Path, n: in
             per_second[start_epoch + int(row["second"])] = int(row["requests"] or 0)
     validity = summary["validity"]
     notes = [
-        f"midnight_surge at {settings.surge_peak_rps:g} arrivals/s peak, {settings.surge_seconds:g} s",
+        f"midnight_surge at {peak_rps:g} arrivals/s peak, {seconds:g} s",
         f"rehearsal exit {code} ({summary.get('exit_meaning', '?')})",
     ]
     if not validity["valid"]:
         # The first clause of each reason ("24.7% of arrivals were dropped (bound 5%)").
         notes.append("rehearsal INVALID: " + "; ".join(r.split(":")[0] for r in validity["reasons"]))
+    return Rehearsed(per_second, code, bool(validity["valid"]), tuple(notes)), trace
+
+
+async def _cpu_trace(pid: int, _report: Path) -> CpuTrace:
+    return CpuTrace(pid).start()
+
+
+async def _surge(servers: Servers, settings: BenchSettings, workdir: Path, n: int) -> _Round:
+    """One rehearsal; the figure of its Locust process."""
+    run, trace = await rehearse(
+        servers, settings.surge_peak_rps, settings.surge_seconds, workdir, n, _cpu_trace
+    )
+    assert isinstance(trace, CpuTrace)
     return _figure(
         SURGE,
         trace,
-        per_second,
-        errors=1 if code == _INVARIANT_VIOLATED else 0,
-        invalid_rounds=0 if validity["valid"] else 1,
-        notes=tuple(notes),
+        run.per_second,
+        errors=1 if run.code == _INVARIANT_VIOLATED else 0,
+        invalid_rounds=0 if run.valid else 1,
+        notes=run.notes,
     )
 
 
-async def _plain(url: str, rate: float, seconds: float, workdir: Path, n: int) -> _Round:
-    """The plain user paced to ``rate`` requests/s for ``seconds``; the figure of its Locust."""
+async def run_plain(
+    url: str,
+    rate: float,
+    seconds: float,
+    workdir: Path,
+    n: int,
+    follow: Callable[[int, Path], Awaitable[Trace]],
+    *,
+    wrapper: Sequence[str] = (),
+) -> tuple[dict[float, int], Trace]:
+    """The plain user (run under ``wrapper``) paced to ``rate`` requests/s for ``seconds``:
+    its requests completed per second (epoch -> count, Locust's own statistics) and what
+    ``follow(pid, workdir)`` traced of it."""
     counts = workdir / f"plain-{n}.json"
     env = {
         **os.environ,
@@ -266,6 +344,7 @@ async def _plain(url: str, rate: float, seconds: float, workdir: Path, n: int) -
         "FLASHSALE_BENCH_COUNTS": str(counts),
     }
     command = [
+        *wrapper,
         sys.executable,
         "-m",
         "locust",
@@ -291,18 +370,25 @@ async def _plain(url: str, rate: float, seconds: float, workdir: Path, n: int) -
         proc = await asyncio.create_subprocess_exec(
             *command, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
         )
-    trace = CpuTrace(proc.pid).start()
     try:
-        code = await asyncio.wait_for(proc.wait(), seconds + 120)
+        trace = await follow(await _find_locust(proc.pid, 300), workdir)
+        try:
+            code = await asyncio.wait_for(proc.wait(), seconds + 600)
+        finally:
+            await trace.stop()
     except BaseException:
         await _stop(proc, 10)
         raise
-    finally:
-        await trace.stop()
     if not counts.exists():
         tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
         raise RuntimeError(f"the plain Locust run exited with {code} and counted nothing:\n{tail}")
-    per_second = {float(t): int(c) for t, c in json.loads(counts.read_text()).items()}
+    return {float(t): int(c) for t, c in json.loads(counts.read_text()).items()}, trace
+
+
+async def _plain(url: str, rate: float, seconds: float, workdir: Path, n: int) -> _Round:
+    """The plain user paced to ``rate`` requests/s for ``seconds``; the figure of its Locust."""
+    per_second, trace = await run_plain(url, rate, seconds, workdir, n, _cpu_trace)
+    assert isinstance(trace, CpuTrace)
     return _figure(
         BASELINE,
         trace,

@@ -113,6 +113,7 @@ EXTERNAL: dict[str, str] = {
     "buckets": "buckets_bench",
     "instructions": "instructions_bench",
     "engine-instructions": "engine_instructions",
+    "generator-instructions": "generator_instructions",
 }
 
 

@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ from benchmarks.callgrind import totals  # noqa: E402
 from benchmarks.engine_instructions import Reading as EngineReading  # noqa: E402
 from benchmarks.engine_instructions import render as render_engine  # noqa: E402
 from benchmarks.generator_bench import CpuTrace, requests_window  # noqa: E402
+from benchmarks.generator_instructions import InstructionTrace, count_window  # noqa: E402
+from benchmarks.generator_instructions import render as render_generators  # noqa: E402
 from benchmarks.goals import GOALS, judge, render_goals  # noqa: E402
 from benchmarks.instructions_bench import Reading, render  # noqa: E402
 from benchmarks.report import Claim, Figure, check_claims  # noqa: E402
@@ -222,7 +225,7 @@ def test_the_service_is_measured_beside_the_http_ceiling_with_the_same_generator
 def test_the_programs_beside_it_ran_against_the_same_servers(quick: tuple[Any, dict[str, Any]]) -> None:
     external = {e["name"]: e for e in quick[1]["external"]}
     for name in set(external) | set(quick[1]["skipped"]):
-        assert name in ("writer", "buckets", "instructions", "engine-instructions")
+        assert name in ("writer", "buckets", "instructions", "engine-instructions", "generator-instructions")
     for e in external.values():
         assert e["exit_code"] == 0 and e["output"].strip(), e
 
@@ -278,6 +281,33 @@ def test_redis_instructions_are_counted_per_reservation_at_the_default_batch_siz
         assert run["report"]["ratio"] == pytest.approx(
             coalesced["per_reservation"] / one_each["per_reservation"], rel=0.01
         )
+
+
+def test_generator_instructions_are_counted_over_the_same_busy_seconds(
+    quick: tuple[Any, dict[str, Any]],
+) -> None:
+    """The generators' counts: a cumulative count read every second, judged over the whole
+    seconds with requests less the first and last (as the CPU-time comparison judges), and
+    only those the count covers. In the quick run (valgrind is installed by .ci/run) both
+    Locust processes were counted, the harness's through ``flashsale rehearse
+    --locust-wrapper``, and the ratio is the harness's per request over the plain user's."""
+    trace = InstructionTrace(1, Path("unused"))
+    trace.samples = [(100.0, 0.0), (101.0, 1e6), (102.0, 3e6), (103.0, 4e6), (104.0, 5e6), (105.0, 9e6)]
+    per_second = {99.0: 5, 100.0: 3, 101.0: 10, 102.0: 10, 103.0: 10, 104.0: 2}  # 99: not covered
+    reading = count_window("x", trace, per_second)
+    # Covered and whole: 100..104; judged: 101..103 (first and last left out), 30 requests.
+    assert (reading.requests, reading.seconds, reading.instructions) == (30, 3.0, 4e6)
+    assert reading.per_request == pytest.approx(4e6 / 30) and reading.rate == 10.0
+    assert trace.between(100.5, 101.5) == pytest.approx(1.5e6) and trace.between(99.0, 101.0) is None
+    table = render_generators([reading, replace(reading, generator="y", instructions=2e6)])
+    assert "| x | 30 | 3 | 10.0 | 133.3k | 1.3M |" in table and "does 2.00x the plain user's work" in table
+    run = next(e for e in quick[1]["external"] if e["name"] == "generator-instructions")
+    assert run["exit_code"] == 0, run
+    if "skipped" not in run["output"]:
+        surge, plain = run["report"]["readings"]
+        assert surge["requests"] > 0 and surge["per_request"] > 0, surge
+        assert plain["requests"] > 0 and plain["per_request"] > 0, plain
+        assert run["report"]["ratio"] == pytest.approx(surge["per_request"] / plain["per_request"], rel=0.01)
 
 
 def test_a_broken_claim_or_a_miscount_fails_the_run() -> None:
