@@ -24,6 +24,13 @@ the same fixed costs per second (Locust's own loop and stats), so the ratio is w
 harness adds per request. A Locust process above ~90 % of a core is saturated: its
 figure is flagged, and the rehearsal itself calls such a run invalid.
 
+What the ratio also holds is *when* each generator works. The 64 paced plain users wake
+together and find each answer already there (the trivial endpoint answers within the
+send); the harness's arrivals are spread out and each waits milliseconds for the service,
+so it wakes about once per request, on a core the service and its databases just used.
+``benchmarks.generator_instructions`` counts the work alone (instructions per request,
+under callgrind): see docs/benchmarks.md for both readings side by side.
+
 Run alone: ``python -m benchmarks.generator_bench [--quick]``.
 """
 
