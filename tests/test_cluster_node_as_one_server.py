@@ -119,3 +119,34 @@ async def test_the_rule_answers_for_a_node_a_server_a_cluster_client_and_a_refus
             assert await reaches_cluster_node(plain) is False
         finally:
             await plain.aclose()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["rehearse", "--peak-rps", "20", "--duration", "5"],
+        ["capacity", "--peak-rps", "20", "--steps", "1", "--step-s", "3"],
+        ["drill", "--fault", "worker-kill"],
+    ],
+    ids=lambda c: c[0],
+)
+async def test_the_drills_refuse_a_cluster_node_given_as_one_server_before_starting_anything(
+    command: list[str],
+    redis_cluster_server: RedisClusterServer,
+    pipeline_db_url: str,
+    pipeline_pool: Any,
+    cluster_orders: RedisCluster,
+    tmp_path: Any,
+) -> None:
+    """Without the check a rehearsal started the service and the worker on the node, waited
+    for the service to become ready, and said only "the service exited with 64: see
+    service.log"; the drill ran its surge against it. Now they stop with the one line
+    before any process, folder or key is made."""
+    env = _node_env(redis_cluster_server, pipeline_db_url)
+    folder = tmp_path / "out"
+    where = ["--workdir", str(folder)] if command[0] == "drill" else ["--report-dir", str(folder)]
+    done = flashsale(*command, *where, env=env, timeout=120)
+    _stopped_saying_what_to_set(done)
+    assert done.stdout == "", done.stdout
+    assert not folder.exists(), "a folder was made before the stores were checked"
+    await _untouched(cluster_orders, pipeline_pool)

@@ -9,6 +9,7 @@ violated, 2; bad flags are 64).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import importlib.util
 import json
 import math
@@ -24,8 +25,9 @@ from typing import Any
 
 from flashsale import exit_codes
 from flashsale.cli import add_store_options, store_overrides
-from flashsale.console import fail, write_json
-from flashsale.settings import SettingsError, check_database_url, check_redis_url
+from flashsale.console import fail, redact, write_json
+from flashsale.redis_client import cluster_node_as_one_server, connect, reaches_cluster_node
+from flashsale.settings import Settings, SettingsError, check_database_url, check_redis_url
 
 __all__ = ["register"]
 
@@ -292,6 +294,31 @@ def _check_store_urls(stores: dict[str, str]) -> None:
         check_redis_url(stores["FLASHSALE_REDIS_URL"])
     if "FLASHSALE_DATABASE_URL" in stores:
         check_database_url(stores["FLASHSALE_DATABASE_URL"])
+    _refuse_cluster_node(stores)
+
+
+def _refuse_cluster_node(stores: dict[str, str]) -> None:
+    """SettingsError with the line every command stops with when ``FLASHSALE_REDIS_URL``
+    names a node of a Redis Cluster and ``FLASHSALE_REDIS_CLUSTER`` is not set: the service
+    and the worker a drill starts would each stop on it, after the drill had started them
+    and made its folder. A Redis that does not answer passes: the run says so itself."""
+    url = stores.get("FLASHSALE_REDIS_URL")
+    if not url or Settings.from_env({**os.environ, **stores}).redis_cluster:
+        return  # embedded (one server the drill starts itself), or a cluster client's to route
+
+    async def is_node() -> bool:
+        from redis.exceptions import RedisError
+
+        redis = connect(url, timeout_s=2.0, resends=0)
+        try:
+            return await asyncio.wait_for(reaches_cluster_node(redis), 5.0)
+        except (RedisError, OSError, TimeoutError):
+            return False
+        finally:
+            await redis.aclose()
+
+    if asyncio.run(is_node()):
+        raise SettingsError(cluster_node_as_one_server(redact(url)))
 
 
 def _require(*modules: str) -> None:
