@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import glob
 import json
+import os
 import shutil
+import signal
 import subprocess
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +46,45 @@ def totals(dump: Path) -> int:
 
 class Counter:
     """The counts of the process ``pid`` runs under :func:`wrapper` with this ``out``.
-    Blocking calls (each runs ``callgrind_control``): from a loop, use ``asyncio.to_thread``."""
+    Blocking calls (each runs ``callgrind_control``): from a loop, use ``asyncio.to_thread``.
+    Each raises ``subprocess.CalledProcessError`` when callgrind_control found no such
+    process, and ``subprocess.TimeoutExpired`` when it did not answer within ``timeout_s``."""
 
-    def __init__(self, pid: int, out: Path) -> None:
+    #: callgrind_control's helper (vgdb) can wait for ever on a process that exited while a
+    #: command was on its way: a dump sent as a Locust run ended hung a CI run this way.
+    TIMEOUT_S = 30.0
+
+    def __init__(
+        self,
+        pid: int,
+        out: Path,
+        *,
+        command: Sequence[str] = ("callgrind_control",),
+        timeout_s: float = TIMEOUT_S,
+    ) -> None:
         self.pid = pid
         self._out = out
+        self._command = list(command)
+        self._timeout_s = timeout_s
 
     def _control(self, *args: str) -> None:
-        done = subprocess.run(["callgrind_control", *args, str(self.pid)], capture_output=True, text=True)
+        # A session of its own: on a timeout, vgdb (callgrind_control's child) goes too.
+        proc = subprocess.Popen(
+            [*self._command, *args, str(self.pid)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        try:
+            out, err = proc.communicate(timeout=self._timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
         # callgrind_control exits 0 even when it found no such task: its message says so.
-        if done.returncode or "not detected" in done.stdout + done.stderr:
-            raise subprocess.CalledProcessError(done.returncode or 1, done.args, done.stdout, done.stderr)
+        if proc.returncode or "not detected" in out + err:
+            raise subprocess.CalledProcessError(proc.returncode or 1, proc.args, out, err)
 
     def start(self) -> None:
         """Switch counting on; what switching on itself cost is dumped and not counted."""

@@ -51,6 +51,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import psutil  # type: ignore[import-untyped]
+
 from flashsale.runtime.embedded import EmbeddedStack
 
 from .callgrind import Counter, run_counted, wrapper
@@ -103,16 +105,18 @@ class InstructionTrace:
             try:
                 await asyncio.to_thread(self._counter.start)
                 break
-            except subprocess.CalledProcessError:
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired):
                 if time.monotonic() > deadline or await self._wait(0.5):
                     return
         total = 0
         self.samples.append((time.time(), 0.0))
-        while not await self._wait(READ_S):
+        # Read while it runs; a count asked of a process that is exiting may never come
+        # (Counter's timeout ends the wait): the samples so far are what it did.
+        while not await self._wait(READ_S) and _running(self.pid):
             try:
                 total += await asyncio.to_thread(self._counter.window)
-            except (subprocess.CalledProcessError, ValueError, OSError):
-                return  # it exited: the samples so far are what it did
+            except (subprocess.CalledProcessError, subprocess.TimeoutExpired, ValueError, OSError):
+                return
             self.samples.append((time.time(), float(total)))
 
     async def stop(self) -> None:
@@ -124,6 +128,13 @@ class InstructionTrace:
         """Instructions between two epochs; None when the samples do not cover them."""
         a, b = interpolate(self.samples, start), interpolate(self.samples, end)
         return None if a is None or b is None else b - a
+
+
+def _running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 @dataclass(frozen=True)

@@ -7,15 +7,18 @@ servers; the pure parts (rounds, goals, the CPU window) are checked on made-up f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]
 import pytest
 
 from flashsale.runtime.embedded import EmbeddedStack
@@ -25,7 +28,7 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a directory of the repo, not an 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import inventory_bench  # noqa: E402
-from benchmarks.callgrind import totals  # noqa: E402
+from benchmarks.callgrind import Counter, totals  # noqa: E402
 from benchmarks.engine_instructions import Reading as EngineReading  # noqa: E402
 from benchmarks.engine_instructions import render as render_engine  # noqa: E402
 from benchmarks.generator_bench import CpuTrace, requests_window  # noqa: E402
@@ -308,6 +311,28 @@ def test_generator_instructions_are_counted_over_the_same_busy_seconds(
         assert surge["requests"] > 0 and surge["per_request"] > 0, surge
         assert plain["requests"] > 0 and plain["per_request"] > 0, plain
         assert run["report"]["ratio"] == pytest.approx(surge["per_request"] / plain["per_request"], rel=0.01)
+
+
+def test_a_count_that_never_answers_ends_within_its_timeout(tmp_path: Path) -> None:
+    """callgrind_control's helper can wait for ever on a process that exited while a dump was
+    on its way (it hung a CI run's generator-instructions). The count gives up after its
+    timeout, with the helper's own children; and "not detected", which callgrind_control
+    says with exit 0, is an error, not a count of zero."""
+    child_pid = tmp_path / "child.pid"
+    hang = tmp_path / "hang.sh"
+    hang.write_text(f"#!/bin/sh\nsleep 300 &\necho $! > {child_pid}\nwait\n")
+    hang.chmod(0o755)
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        Counter(os.getpid(), tmp_path / "out", command=[str(hang)], timeout_s=1.0).window()
+    assert time.monotonic() - started < 30
+    with contextlib.suppress(psutil.NoSuchProcess):  # gone already, or going: not left running
+        psutil.Process(int(child_pid.read_text())).wait(timeout=30)
+    absent = tmp_path / "absent.sh"
+    absent.write_text("#!/bin/sh\necho \"Error: Callgrind task with PID/name '$2' not detected.\"\n")
+    absent.chmod(0o755)
+    with pytest.raises(subprocess.CalledProcessError):
+        Counter(os.getpid(), tmp_path / "out", command=[str(absent)]).start()
 
 
 def test_a_broken_claim_or_a_miscount_fails_the_run() -> None:
