@@ -12,6 +12,7 @@ import pytest
 from redis.asyncio import Redis
 from redis_mode import single_server_only
 
+from flashsale.pipeline.worker_settings import WorkerSettings
 from flashsale.pipeline.writer import OrderWriter
 from flashsale.streams import GROUP, ensure_group, events_key, stream_backlog
 from inventory import HoldState, Inventory, Line
@@ -122,6 +123,32 @@ async def test_every_hold_of_a_reservation_calls_entry_is_written_and_the_entry_
     assert writer.stats.dead_letters == 0
     assert writer.stats.entries_committed == 2 + 3 and writer.stats.orders_written == 36
     assert_same_orders(await orders_in_pg(pipeline_pool), await holds_in_redis(inv))
+    assert (await stream_backlog(text_redis, inv.keys.events)).total == 0
+
+
+async def test_a_read_holds_about_a_batch_of_changes_not_a_batch_of_entries(
+    text_redis: Redis, pipeline_pool: Any, pipeline_sale: Any, redis_url: str
+) -> None:
+    """The writer holds about ``batch`` changes at a time, whatever the entries carry: ten
+    reservation calls of 64 holds are read a few entries at a time at batch 128 (they were
+    read whole, 640 holds and more for a batch of 128), and entries of one change each still
+    come about a batch at a time (not one slice of ``batch // 64`` entries per read)."""
+    inv = await pipeline_sale("d11", STOCK)  # two "stocked" entries
+    for call in range(10):
+        await make_orders(inv, 64, prefix=f"c{call}-")
+    await make_orders(inv, 300, prefix="s", one_by_one=True)
+    settings = WorkerSettings(redis_url=redis_url, consumer="w1", batch=128, block_ms=20, linger_ms=0)
+    writer = OrderWriter(text_redis, pipeline_pool, settings)
+    await writer.refresh_sales()
+    reads: list[list[int]] = []  # the changes of each entry, per read
+    while entries := await writer.backlog.read_new():
+        assert all(e.fields is not None for e in entries)
+        reads.append([len(e.fields) - 2 if e.fields["type"] == "reserved_batch" else 1 for e in entries])  # type: ignore[index]
+        await writer.commit(entries)
+    held = [sum(r) for r in reads]
+    assert sum(held) == 2 + 640 + 300 and writer.stats.orders_written == 940
+    assert max(held) <= 128 + 64, held  # at most one entry past the batch
+    assert max(len(r) for r in reads) >= 128, reads  # single entries: a batch's worth per read
     assert (await stream_backlog(text_redis, inv.keys.events)).total == 0
 
 

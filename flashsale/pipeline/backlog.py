@@ -31,13 +31,27 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ResponseError
 
 from flashsale.keys import ServiceKeys
-from flashsale.pipeline.entries import StreamEntry, entry_fields
+from flashsale.pipeline.entries import StreamEntry, change_count, entry_fields
 from flashsale.pipeline.worker_settings import WorkerSettings
 from flashsale.redis_client import as_text
 from flashsale.streams import GROUP, dead_letter_key, ensure_group, events_key
 from inventory import StreamId
 
 __all__ = ["SaleBacklog", "stream_gone", "trim_floor"]
+
+
+#: The holds a reservation call's entry carries at most, as the service makes them: the
+#: library's default ``max_batch``. New entries are read in slices that hold at most the
+#: changes still wanted at that size, and reading goes on while slices come and fewer than
+#: ``batch`` changes are in hand: about ``batch`` changes a read (at most one entry more per
+#: stream), whether the entries carry one change or 64. Reading ``batch`` entries at once
+#: held up to 64 times ``batch`` holds.
+ENTRY_HOLDS = 64
+
+
+def _entries_for(changes: int) -> int:
+    """Entries (per stream) of the next slice: at most ``changes`` changes at :data:`ENTRY_HOLDS` each."""
+    return max(1, changes // ENTRY_HOLDS)
 
 
 def stream_gone(exc: ResponseError) -> bool:
@@ -98,17 +112,27 @@ class SaleBacklog:
         return out
 
     async def read_new(self) -> list[StreamEntry]:
-        """Entries no consumer has read yet, up to a batch; waits ``block_ms`` when none."""
+        """Entries no consumer has read yet, about ``batch`` changes of them (see
+        :func:`_entries_for`); waits ``block_ms`` when there are none."""
         if not self.streams:
             await asyncio.sleep(self.settings.block_ms / 1000)
             return []
         s = self.settings
         read = self._read_per_slot if self._on_cluster else self._read_together
-        entries = await read(s.batch, s.block_ms)
-        if entries and len(entries) < s.batch and s.linger_ms > 0:
-            # A short read: wait a moment so the next transaction carries more than a few rows.
-            await asyncio.sleep(s.linger_ms / 1000)
-            entries += await read(s.batch - len(entries), None)
+        entries = await read(_entries_for(s.batch), s.block_ms)
+        changes = sum(change_count(e) for e in entries)
+        lingered = s.linger_ms <= 0
+        while entries and changes < s.batch:
+            more = await read(_entries_for(s.batch - changes), None)
+            if not more:
+                if lingered:
+                    break
+                # A short read: wait a moment so the next transaction carries more than a few rows.
+                await asyncio.sleep(s.linger_ms / 1000)
+                lingered = True
+                continue
+            entries += more
+            changes += sum(change_count(e) for e in more)
         return entries
 
     async def _read_together(self, count: int, block: int | None) -> list[StreamEntry]:

@@ -84,7 +84,7 @@ def register(sub: Any) -> None:
     w.add_argument(
         "--batch",
         type=int,
-        help="stream entries read at once, and changes per PostgreSQL transaction, about (default 1000)",
+        help="changes read at once and written per PostgreSQL transaction, about (default 1000)",
     )
     w.add_argument("--write-method", choices=("unnest", "copy"), help="how a batch is sent (default unnest)")
     mode = w.add_mutually_exclusive_group()

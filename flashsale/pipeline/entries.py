@@ -15,7 +15,15 @@ from typing import Any
 from flashsale.redis_client import as_text
 from inventory import EventError, OrderEvent, StockEvent, parse_events
 
-__all__ = ["EntryError", "OrderChange", "StockChange", "StreamEntry", "entry_fields", "parse_entry"]
+__all__ = [
+    "EntryError",
+    "OrderChange",
+    "StockChange",
+    "StreamEntry",
+    "change_count",
+    "entry_fields",
+    "parse_entry",
+]
 
 
 def entry_fields(raw: Mapping[Any, Any] | None) -> dict[str, str] | None:
@@ -25,6 +33,15 @@ def entry_fields(raw: Mapping[Any, Any] | None) -> dict[str, str] | None:
     return {
         as_text(k): v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for k, v in raw.items()
     }
+
+
+def change_count(entry: StreamEntry) -> int:
+    """How many changes ``entry`` records, told without parsing it: a ``reserved_batch``'s
+    holds (every field but ``type`` and ``at``: inventory's entry contract), else one."""
+    fields = entry.fields
+    if fields and fields.get("type") == "reserved_batch":
+        return max(len(fields) - 2, 1)
+    return 1
 
 
 class EntryError(ValueError):

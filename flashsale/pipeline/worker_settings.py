@@ -28,8 +28,8 @@ WORKER_ENV_DOC: tuple[tuple[str, str, str], ...] = (
     (
         "FLASHSALE_WORKER_BATCH",
         "batch",
-        "stream entries read at once, and changes per PostgreSQL transaction, about (whole entries: "
-        "a reservation call's is one change per hold) (default 1000)",
+        "changes read at once and written per PostgreSQL transaction, about (whole entries: "
+        "a reservation call's entry is one change per hold) (default 1000)",
     ),
     (
         "FLASHSALE_WORKER_BLOCK_MS",
