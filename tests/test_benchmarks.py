@@ -28,7 +28,8 @@ if str(ROOT) not in sys.path:  # benchmarks/ is a directory of the repo, not an 
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import inventory_bench  # noqa: E402
-from benchmarks.callgrind import Counter, totals  # noqa: E402
+from benchmarks.callgrind import Counter as CallgrindCounter  # noqa: E402
+from benchmarks.callgrind import totals  # noqa: E402
 from benchmarks.engine_instructions import Reading as EngineReading  # noqa: E402
 from benchmarks.engine_instructions import render as render_engine  # noqa: E402
 from benchmarks.generator_bench import CpuTrace, requests_window  # noqa: E402
@@ -324,7 +325,7 @@ def test_a_count_that_never_answers_ends_within_its_timeout(tmp_path: Path) -> N
     hang.chmod(0o755)
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        Counter(os.getpid(), tmp_path / "out", command=[str(hang)], timeout_s=1.0).window()
+        CallgrindCounter(os.getpid(), tmp_path / "out", command=[str(hang)], timeout_s=1.0).window()
     assert time.monotonic() - started < 30
     with contextlib.suppress(psutil.NoSuchProcess):  # gone already, or going: not left running
         psutil.Process(int(child_pid.read_text())).wait(timeout=30)
@@ -332,7 +333,7 @@ def test_a_count_that_never_answers_ends_within_its_timeout(tmp_path: Path) -> N
     absent.write_text("#!/bin/sh\necho \"Error: Callgrind task with PID/name '$2' not detected.\"\n")
     absent.chmod(0o755)
     with pytest.raises(subprocess.CalledProcessError):
-        Counter(os.getpid(), tmp_path / "out", command=[str(absent)]).start()
+        CallgrindCounter(os.getpid(), tmp_path / "out", command=[str(absent)]).start()
 
 
 def test_a_broken_claim_or_a_miscount_fails_the_run() -> None:
